@@ -1,0 +1,41 @@
+# envoyx developer targets. `make help` lists them.
+PYTHON ?= python3
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/envoyx/target
+
+.PHONY: help install install-test test test-rust test-python lint fmt bench run validate
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+install:  ## build the Rust core with maturin and install envoyx
+	$(PYTHON) -m pip install --quiet .
+
+install-test:  ## install envoyx and everything the tests need
+	$(PYTHON) -m pip install --quiet ".[test]"
+
+test: install-test test-rust test-python  ## install test needs, run every test (Rust unit + pytest)
+
+test-rust:  ## Rust unit tests of the core (no Python needed)
+	cargo test --release -p envoyx-core --quiet
+
+test-python:  ## pytest end-to-end, differential and config tests
+	$(PYTHON) -m pytest -q
+
+lint:  ## rustfmt, clippy -D warnings, ruff, mypy --strict, stubtest
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+	$(PYTHON) -m ruff check python tests benches examples
+	$(PYTHON) -m ruff format --check python tests benches examples
+	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy.stubtest envoyx._core
+
+fmt:  ## format Rust and Python sources
+	cargo fmt --all
+	$(PYTHON) -m ruff format python tests benches examples
+
+bench:  ## micro-benchmarks and the side-by-side load harness (envoyx vs Envoy vs nginx)
+	$(PYTHON) -m pytest benches -q --benchmark-enable
+	$(PYTHON) benches/harness.py
+
+run: install  ## run the shipped example
+	envoyx -c examples/front-proxy.yaml

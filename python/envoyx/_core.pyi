@@ -1,0 +1,50 @@
+"""Type stubs for the native extension built from rust/envoyx-py.
+
+The extension holds no proxy logic: it owns one envoyx-core server and exposes it.
+Errors are raised as the classes of ``envoyx.errors`` (never a private ``_core`` class).
+"""
+
+def version() -> str:
+    """envoyx's version string."""
+
+def validate(bootstrap_json: str) -> list[str]:
+    """Map a canonical proto-JSON Bootstrap onto the core's model without serving.
+
+    Returns every error found (each prefixed with its field path); empty when valid.
+    """
+
+class Server:
+    """One envoyx data plane, configured from a canonical proto-JSON Bootstrap.
+
+    Raises ``envoyx.ConfigError`` (with ``.errors``) when the bootstrap cannot be mapped.
+    """
+
+    def __init__(
+        self,
+        bootstrap_json: str,
+        *,
+        concurrency: int = 0,
+        drain_time_s: float = 600.0,
+        log_level: str = "info",
+    ) -> None: ...
+    def start(self) -> None:
+        """Bind every listener and the admin endpoint, start workers; returns once bound.
+
+        Raises ``envoyx.BindError`` (an ``OSError``) when an address cannot be bound.
+        """
+    def stop(self) -> None:
+        """Stop accepting, close connections, join workers. Idempotent."""
+    def drain(self) -> None:
+        """Stop accepting new connections; in-flight requests finish (drain_time_s)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block (GIL released) until the server stops; True if it stopped."""
+    @property
+    def running(self) -> bool: ...
+    def stats(self) -> dict[str, int]:
+        """Every counter and gauge by Envoy's stat name."""
+    def config_dump(self) -> str:
+        """The admin /config_dump document as JSON text."""
+    def listener_addresses(self) -> dict[str, tuple[str, int]]:
+        """Bound address of each listener by name (port 0 resolved)."""
+    def admin_address(self) -> tuple[str, int] | None:
+        """Bound admin address, or None without an admin block."""

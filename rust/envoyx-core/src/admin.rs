@@ -1,0 +1,503 @@
+//! The admin endpoint on `admin.address`, with Envoy's paths and output formats.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use regex::Regex;
+use serde_json::{Value, json};
+
+use crate::access_log::{AccessLogger, LogRecord};
+use crate::config::AccessLogConfig;
+use crate::server::{ServerState, Shared, VERSION};
+
+pub async fn serve(shared: Arc<Shared>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    let loggers: Arc<Vec<Arc<AccessLogger>>> = Arc::new(
+        logs.iter()
+            .filter_map(|c| AccessLogger::open(c).ok())
+            .collect(),
+    );
+    let cx_total = shared.store.counter("listener.admin.downstream_cx_total");
+    let cx_active = shared.store.gauge("listener.admin.downstream_cx_active");
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        cx_total.inc();
+        cx_active.inc();
+        let shared = shared.clone();
+        let loggers = loggers.clone();
+        let cx_active = cx_active.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                let loggers = loggers.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req, peer, &loggers)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            cx_active.dec();
+        });
+    }
+}
+
+fn handle(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    loggers: &[Arc<AccessLogger>],
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let (status, content_type, body) = route(shared, req.method(), &path, &query);
+    let len = body.len();
+    if !loggers.is_empty() {
+        let record = LogRecord {
+            start: Some(SystemTime::now()),
+            method: req.method().to_string(),
+            path: req.uri().to_string(),
+            authority: req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            request_headers: Some(req.headers().clone()),
+            response_code: status.as_u16(),
+            response_flags: "-",
+            bytes_sent: len as u64,
+            duration: started.elapsed(),
+            protocol: "HTTP/1.1",
+            downstream_remote: Some(peer),
+            ..Default::default()
+        };
+        for l in loggers {
+            l.log(&record);
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache, max-age=0"),
+    );
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        header::HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+const TEXT: &str = "text/plain; charset=UTF-8";
+const JSON: &str = "application/json";
+
+/// Endpoints that change server state: Envoy requires POST for them.
+const MUTATING: &[&str] = &[
+    "/quitquitquit",
+    "/healthcheck/fail",
+    "/healthcheck/ok",
+    "/drain_listeners",
+    "/logging",
+    "/reset_counters",
+];
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == key => Some(v),
+        None if kv == key => Some(""),
+        _ => None,
+    })
+}
+
+fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &str,
+) -> (StatusCode, &'static str, String) {
+    if MUTATING.contains(&path)
+        && method != Method::POST
+        && !(path == "/logging" && query.is_empty())
+    {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "This endpoint is only accessible via POST\n".into(),
+        );
+    }
+    let json_format = query_param(query, "format") == Some("json");
+    match path {
+        "/" | "/help" => (StatusCode::OK, TEXT, help()),
+        "/ready" => match shared.state() {
+            ServerState::Live => (StatusCode::OK, TEXT, "LIVE\n".into()),
+            ServerState::Draining => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "DRAINING\n".into()),
+            ServerState::Initializing => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "PRE_INITIALIZING\n".into(),
+            ),
+            ServerState::Stopped => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "STOPPED\n".into()),
+        },
+        "/server_info" => (StatusCode::OK, JSON, pretty(&server_info(shared))),
+        "/stats" => {
+            shared.refresh_gauges();
+            let filter = match query_param(query, "filter").map(|f| Regex::new(&percent_decode(f)))
+            {
+                Some(Ok(re)) => Some(re),
+                Some(Err(e)) => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        TEXT,
+                        format!("Invalid re2 regex: {e}\n"),
+                    );
+                }
+                None => None,
+            };
+            let used_only = query_param(query, "usedonly").is_some();
+            if json_format {
+                (
+                    StatusCode::OK,
+                    JSON,
+                    pretty(&shared.store.render_json(filter.as_ref(), used_only)),
+                )
+            } else if query_param(query, "format") == Some("prometheus") {
+                (StatusCode::OK, TEXT, shared.store.render_prometheus())
+            } else {
+                (
+                    StatusCode::OK,
+                    TEXT,
+                    shared.store.render_text(filter.as_ref(), used_only),
+                )
+            }
+        }
+        "/stats/prometheus" => {
+            shared.refresh_gauges();
+            (StatusCode::OK, TEXT, shared.store.render_prometheus())
+        }
+        "/clusters" => {
+            if json_format {
+                (StatusCode::OK, JSON, pretty(&clusters_json(shared)))
+            } else {
+                (StatusCode::OK, TEXT, clusters_text(shared))
+            }
+        }
+        "/listeners" => {
+            if json_format {
+                (StatusCode::OK, JSON, pretty(&listeners_json(shared)))
+            } else {
+                let mut out = String::new();
+                for l in &shared.listeners {
+                    let addr = l
+                        .bound
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unwrap_or(l.configured);
+                    out.push_str(&format!("{}::{addr}\n", l.name));
+                }
+                (StatusCode::OK, TEXT, out)
+            }
+        }
+        "/config_dump" => (StatusCode::OK, JSON, pretty(&config_dump(shared))),
+        "/quitquitquit" => {
+            shared.request_quit();
+            (StatusCode::OK, TEXT, "OK\n".into())
+        }
+        "/healthcheck/fail" => {
+            shared
+                .healthcheck_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            (StatusCode::OK, TEXT, "OK\n".into())
+        }
+        "/healthcheck/ok" => {
+            shared
+                .healthcheck_failed
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            (StatusCode::OK, TEXT, "OK\n".into())
+        }
+        "/drain_listeners" => {
+            shared.drain();
+            (StatusCode::OK, TEXT, "OK\n".into())
+        }
+        "/logging" => {
+            if let Some(level) = query_param(query, "level") {
+                match crate::log::Level::parse(level) {
+                    Some(l) => crate::log::set_level(l),
+                    None => {
+                        return (
+                            StatusCode::NOT_FOUND,
+                            TEXT,
+                            format!("error: unknown logger level {level}\n"),
+                        );
+                    }
+                }
+            }
+            let name = crate::log::level().name();
+            (
+                StatusCode::OK,
+                TEXT,
+                format!(
+                    "active loggers:\n  admin: {name}\n  conn_handler: {name}\n  main: {name}\n  router: {name}\n  upstream: {name}\n"
+                ),
+            )
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            TEXT,
+            format!("invalid path. admin commands are:\n{}", help()),
+        ),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len() + 0
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn help() -> String {
+    [
+        ("/", "print out list of admin commands"),
+        ("/clusters", "upstream cluster status"),
+        ("/config_dump", "dump current Envoy configs"),
+        ("/drain_listeners", "drain listeners"),
+        (
+            "/healthcheck/fail",
+            "cause the server to fail health checks",
+        ),
+        ("/healthcheck/ok", "cause the server to pass health checks"),
+        ("/listeners", "print listener info"),
+        ("/logging", "query/change logging levels"),
+        ("/quitquitquit", "exit the server"),
+        (
+            "/ready",
+            "print server state, return 200 if LIVE, otherwise return 503",
+        ),
+        ("/server_info", "print server version/status information"),
+        ("/stats", "print server stats"),
+        (
+            "/stats/prometheus",
+            "print server stats in prometheus format",
+        ),
+    ]
+    .iter()
+    .map(|(p, d)| format!("  {p}: {d}\n"))
+    .collect()
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+fn timestamp(t: SystemTime) -> String {
+    let dt: chrono::DateTime<chrono::Utc> = t.into();
+    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn server_info(shared: &Shared) -> Value {
+    let state = match shared.state() {
+        ServerState::Live => "LIVE",
+        ServerState::Draining => "DRAINING",
+        ServerState::Initializing => "INITIALIZING",
+        ServerState::Stopped => "DRAINING",
+    };
+    let uptime = format!("{}s", shared.started_at.elapsed().as_secs());
+    json!({
+        "version": format!("envoyx/{VERSION}/Clean/RELEASE/BoringSSL-free"),
+        "state": state,
+        "hot_restart_version": "disabled",
+        "command_line_options": {
+            "concurrency": shared.options.concurrency,
+            "drain_time": format!("{}s", shared.options.drain_time.as_secs()),
+            "mode": "Serve",
+        },
+        "node": shared.node,
+        "uptime_current_epoch": uptime,
+        "uptime_all_epochs": uptime,
+    })
+}
+
+fn with_type(raw: &Value, type_url: &str) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert(
+        "@type".into(),
+        Value::String(format!("type.googleapis.com/{type_url}")),
+    );
+    if let Value::Object(m) = raw {
+        for (k, v) in m {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(obj)
+}
+
+pub fn config_dump(shared: &Shared) -> Value {
+    let ts = timestamp(shared.loaded_at);
+    let clusters: Vec<Value> = shared
+        .clusters
+        .all()
+        .iter()
+        .map(|c| json!({"cluster": with_type(&c.raw, "envoy.config.cluster.v3.Cluster"), "last_updated": ts}))
+        .collect();
+    let listeners: Vec<Value> = shared
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({"listener": with_type(&l.raw, "envoy.config.listener.v3.Listener"), "last_updated": ts})
+        })
+        .collect();
+    let routes: Vec<Value> = shared
+        .listeners
+        .iter()
+        .filter_map(|l| match &l.filter {
+            crate::server::ListenerFilter::Http(_) => l
+                .raw
+                .pointer("/filter_chains/0/filters/0/typed_config/route_config")
+                .map(|rc| json!({"route_config": with_type(rc, "envoy.config.route.v3.RouteConfiguration"), "last_updated": ts})),
+            crate::server::ListenerFilter::Tcp(_) => None,
+        })
+        .collect();
+    json!({"configs": [
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+            "bootstrap": shared.bootstrap_raw,
+            "last_updated": ts,
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            "static_clusters": clusters,
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            "static_listeners": listeners,
+        },
+        {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+            "static_route_configs": routes,
+        },
+        {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"},
+    ]})
+}
+
+fn clusters_text(shared: &Shared) -> String {
+    let mut out = String::new();
+    for c in shared.clusters.all() {
+        let n = &c.name;
+        out.push_str(&format!("{n}::observability_name::{n}\n"));
+        for prio in ["default_priority", "high_priority"] {
+            out.push_str(&format!(
+                "{n}::{prio}::max_connections::1024\n{n}::{prio}::max_pending_requests::1024\n{n}::{prio}::max_requests::1024\n{n}::{prio}::max_retries::3\n"
+            ));
+        }
+        out.push_str(&format!("{n}::added_via_api::false\n"));
+        for h in c.hosts.load().iter() {
+            let a = h.address;
+            let s = &h.stats;
+            for (k, v) in [
+                ("cx_active", s.cx_active.get().to_string()),
+                ("cx_connect_fail", s.cx_connect_fail.get().to_string()),
+                ("cx_total", s.cx_total.get().to_string()),
+                ("rq_active", s.rq_active.get().to_string()),
+                ("rq_error", s.rq_error.get().to_string()),
+                ("rq_success", s.rq_success.get().to_string()),
+                ("rq_timeout", s.rq_timeout.get().to_string()),
+                ("rq_total", s.rq_total.get().to_string()),
+                ("hostname", h.hostname.clone()),
+                ("health_flags", "healthy".into()),
+                ("weight", "1".into()),
+                ("region", String::new()),
+                ("zone", String::new()),
+                ("sub_zone", String::new()),
+                ("canary", "false".into()),
+                ("priority", "0".into()),
+                ("success_rate", "-1".into()),
+                ("local_origin_success_rate", "-1".into()),
+            ] {
+                out.push_str(&format!("{n}::{a}::{k}::{v}\n"));
+            }
+        }
+    }
+    out
+}
+
+fn clusters_json(shared: &Shared) -> Value {
+    let statuses: Vec<Value> = shared
+        .clusters
+        .all()
+        .iter()
+        .map(|c| {
+            let hosts: Vec<Value> = c
+                .hosts
+                .load()
+                .iter()
+                .map(|h| {
+                    let s = &h.stats;
+                    json!({
+                        "address": {"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}},
+                        "stats": [
+                            {"name": "cx_connect_fail", "value": s.cx_connect_fail.get().to_string()},
+                            {"name": "cx_total", "value": s.cx_total.get().to_string()},
+                            {"name": "rq_error", "value": s.rq_error.get().to_string()},
+                            {"name": "rq_success", "value": s.rq_success.get().to_string()},
+                            {"name": "rq_timeout", "value": s.rq_timeout.get().to_string()},
+                            {"name": "rq_total", "value": s.rq_total.get().to_string()},
+                            {"type": "GAUGE", "name": "cx_active", "value": s.cx_active.get().to_string()},
+                            {"type": "GAUGE", "name": "rq_active", "value": s.rq_active.get().to_string()},
+                        ],
+                        "health_status": {"eds_health_status": "HEALTHY"},
+                        "weight": 1,
+                        "hostname": h.hostname,
+                        "locality": {},
+                    })
+                })
+                .collect();
+            json!({"name": c.name, "observability_name": c.name, "added_via_api": false, "host_statuses": hosts})
+        })
+        .collect();
+    json!({ "cluster_statuses": statuses })
+}
+
+fn listeners_json(shared: &Shared) -> Value {
+    let statuses: Vec<Value> = shared
+        .listeners
+        .iter()
+        .map(|l| {
+            let addr = l.bound.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(l.configured);
+            json!({
+                "name": l.name,
+                "local_address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}},
+            })
+        })
+        .collect();
+    json!({ "listener_statuses": statuses })
+}

@@ -1,0 +1,777 @@
+//! Mapping a canonical proto-JSON `envoy.config.bootstrap.v3.Bootstrap` onto the model.
+//!
+//! The Python layer has already validated the document against Envoy's schema, so the
+//! errors found here are about what envoyx implements (unsupported fields, reported
+//! by [`Obj`]'s drop) and about meaning (unknown cluster references, duplicate names,
+//! invalid regexes). All of them are collected and returned together.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::Value;
+
+use super::model::*;
+use super::reader::{Errors, Obj};
+
+pub const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
+pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
+pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Envoy's default access log format (`DEFAULT_FORMAT` in substitution_format_string).
+pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+/// Maps a bootstrap document; `Err` holds every problem found.
+pub fn map_bootstrap(doc: &Value) -> Result<Bootstrap, Vec<String>> {
+    let errors = Errors::default();
+    let bootstrap = {
+        let Some(root) = Obj::new(doc, String::new(), &errors) else {
+            return Err(errors.into_vec());
+        };
+        map_root(&root)
+    };
+    if errors.is_empty() {
+        Ok(bootstrap)
+    } else {
+        Err(errors.into_vec())
+    }
+}
+
+fn map_root(root: &Obj<'_>) -> Bootstrap {
+    let node = root
+        .raw("node")
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()));
+    let admin = root.obj("admin").and_then(|a| map_admin(&a));
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    if let Some(sr) = root.obj("static_resources") {
+        clusters = sr.list("clusters").iter().filter_map(map_cluster).collect();
+        listeners = sr
+            .list("listeners")
+            .iter()
+            .filter_map(map_listener)
+            .collect();
+        check_references(&sr, &listeners, &clusters);
+    }
+    // Accepted without effect: they only tune Envoy's own internals or name things
+    // that envoyx reports itself; documented in docs/config-support.md.
+    root.ignore(&[
+        "layered_runtime",
+        "stats_flush_interval",
+        "overload_manager",
+    ]);
+    Bootstrap {
+        node,
+        admin,
+        listeners,
+        clusters,
+        raw: root.to_value(),
+    }
+}
+
+fn check_references(sr: &Obj<'_>, listeners: &[ListenerConfig], clusters: &[ClusterConfig]) {
+    let mut names = HashSet::new();
+    for (i, c) in clusters.iter().enumerate() {
+        if !names.insert(c.name.as_str()) {
+            sr.errors().push(
+                &format!("static_resources.clusters[{i}].name"),
+                format!("cluster manager: duplicate cluster '{}'", c.name),
+            );
+        }
+    }
+    let mut listener_names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let path = format!("static_resources.listeners[{i}]");
+        if !listener_names.insert(l.name.as_str()) {
+            sr.errors().push(
+                &format!("{path}.name"),
+                format!(
+                    "error adding listener: duplicate listener '{}' found",
+                    l.name
+                ),
+            );
+        }
+        if l.address.port() != 0 && !addresses.insert(l.address) {
+            sr.errors().push(
+                &format!("{path}.address"),
+                format!(
+                    "error adding listener '{}': address {} is already used by another listener",
+                    l.name, l.address
+                ),
+            );
+        }
+        let fpath = format!("{path}.filter_chains[0].filters[0].typed_config");
+        match &l.filter {
+            NetworkFilter::Http(hcm) => {
+                for (v, vh) in hcm.route_config.virtual_hosts.iter().enumerate() {
+                    for (r, route) in vh.routes.iter().enumerate() {
+                        if let RouteAction::Forward(fwd) = &route.action
+                            && !names.contains(fwd.cluster.as_str())
+                        {
+                            sr.errors().push(
+                                &format!(
+                                    "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].route.cluster"
+                                ),
+                                format!("route: unknown cluster '{}'", fwd.cluster),
+                            );
+                        }
+                    }
+                }
+            }
+            NetworkFilter::Tcp(tcp) => {
+                if !names.contains(tcp.cluster.as_str()) {
+                    sr.errors().push(
+                        &format!("{fpath}.cluster"),
+                        format!("tcp proxy: unknown cluster '{}'", tcp.cluster),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn map_admin(admin: &Obj<'_>) -> Option<AdminConfig> {
+    let access_logs = admin
+        .list("access_log")
+        .iter()
+        .filter_map(map_access_log)
+        .collect();
+    // `access_log_path` is Envoy's deprecated spelling of an admin file log.
+    let mut access_logs: Vec<AccessLogConfig> = access_logs;
+    if let Some(path) = admin.str("access_log_path") {
+        access_logs.push(AccessLogConfig {
+            sink: AccessLogSink::File(path.to_string()),
+            format: AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string()),
+        });
+    }
+    let address = match admin.obj("address") {
+        Some(a) => map_address(&a)?,
+        None => {
+            admin.error("address", "is required");
+            return None;
+        }
+    };
+    Some(AdminConfig {
+        address,
+        access_logs,
+    })
+}
+
+/// `envoy.config.core.v3.Address` with a `socket_address` holding an IP literal.
+fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
+    let Some(sa) = addr.obj("socket_address") else {
+        addr.errors()
+            .push(addr.path(), "only socket_address is supported by envoyx");
+        return None;
+    };
+    if let Some(p) = sa.str("protocol")
+        && p != "TCP"
+    {
+        sa.error(
+            "protocol",
+            format!("{p} listeners are not supported by envoyx"),
+        );
+    }
+    let port = sa.u32("port_value").unwrap_or(0);
+    let host = sa.str("address").unwrap_or("");
+    let ip: IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            sa.error("address", format!("malformed IP address: {host}"));
+            return None;
+        }
+    };
+    sa.ignore(&["ipv4_compat"]);
+    match u16::try_from(port) {
+        Ok(port) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            sa.error("port_value", "port must be at most 65535");
+            None
+        }
+    }
+}
+
+fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
+    let address = map_address(&l.obj("address")?)?;
+    let name = l
+        .str("name")
+        .map(str::to_string)
+        .unwrap_or_else(|| address.to_string());
+    let chains = l.list("filter_chains");
+    if chains.len() != 1 {
+        l.error(
+            "filter_chains",
+            format!(
+                "envoyx supports exactly one filter chain per listener (got {})",
+                chains.len()
+            ),
+        );
+        return None;
+    }
+    let chain = &chains[0];
+    if chain.has("name") {
+        chain.str("name");
+    }
+    let filters = chain.list("filters");
+    if filters.len() != 1 {
+        chain.error(
+            "filters",
+            "envoyx supports exactly one (terminal) network filter: http_connection_manager or tcp_proxy",
+        );
+        return None;
+    }
+    let f = &filters[0];
+    f.str("name");
+    let tc = f.obj("typed_config").or_else(|| {
+        f.error("typed_config", "is required");
+        None
+    })?;
+    let filter = match tc.any_type() {
+        Some(HCM_TYPE) => NetworkFilter::Http(map_hcm(&tc)?),
+        Some(TCP_PROXY_TYPE) => NetworkFilter::Tcp(map_tcp_proxy(&tc)?),
+        Some(other) => {
+            tc.error(
+                "@type",
+                format!("network filter {other} is not supported by envoyx"),
+            );
+            return None;
+        }
+        None => return None,
+    };
+    Some(ListenerConfig {
+        name,
+        address,
+        filter,
+        raw: l.to_value(),
+    })
+}
+
+fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
+    let stat_prefix = hcm.str("stat_prefix").unwrap_or_default().to_string();
+    let codec = match hcm.str("codec_type").unwrap_or("AUTO") {
+        "AUTO" => CodecType::Auto,
+        "HTTP1" => CodecType::Http1,
+        "HTTP2" => CodecType::Http2,
+        other => {
+            hcm.error("codec_type", format!("{other} is not supported by envoyx"));
+            CodecType::Auto
+        }
+    };
+    let filters = hcm.list("http_filters");
+    if filters.is_empty() {
+        hcm.error("http_filters", "must end with envoy.filters.http.router");
+    }
+    for f in &filters {
+        f.str("name");
+        match f.obj("typed_config") {
+            Some(tc) => match tc.any_type() {
+                Some(ROUTER_TYPE) => {}
+                Some(other) => tc.error(
+                    "@type",
+                    format!("HTTP filter {other} is not supported by envoyx"),
+                ),
+                None => {}
+            },
+            None => f.error("typed_config", "is required"),
+        }
+    }
+    let route_config = match hcm.obj("route_config") {
+        Some(rc) => map_route_config(&rc)?,
+        None => {
+            hcm.error("route_config", "is required (rds arrives with xDS support)");
+            return None;
+        }
+    };
+    let access_logs = hcm
+        .list("access_log")
+        .iter()
+        .filter_map(map_access_log)
+        .collect();
+    Some(HttpConnectionManagerConfig {
+        stat_prefix,
+        codec,
+        route_config,
+        access_logs,
+        server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
+        generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
+        use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
+    })
+}
+
+pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
+    let name = rc.str("name").unwrap_or_default().to_string();
+    let vhosts: Vec<VirtualHostConfig> = rc
+        .list("virtual_hosts")
+        .iter()
+        .filter_map(map_virtual_host)
+        .collect();
+    let mut seen = HashSet::new();
+    for (i, vh) in vhosts.iter().enumerate() {
+        for d in &vh.domains {
+            if !seen.insert(d.clone()) {
+                rc.error(
+                    &format!("virtual_hosts[{i}].domains"),
+                    format!(
+                        "Only unique values for domains are permitted. Duplicate entry of domain {d} in route {name}"
+                    ),
+                );
+            }
+        }
+    }
+    Some(RouteConfig {
+        name,
+        virtual_hosts: vhosts,
+        raw: rc.to_value(),
+    })
+}
+
+fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
+    let name = vh.str("name").unwrap_or_default().to_string();
+    let domains: Vec<String> = vh
+        .strings("domains")
+        .iter()
+        .map(|d| d.to_ascii_lowercase())
+        .collect();
+    if domains.is_empty() {
+        vh.error("domains", "must have at least one domain");
+    }
+    for d in &domains {
+        if d.len() > 1 && d[1..d.len() - 1].contains('*') {
+            vh.error("domains", format!("invalid wildcard domain {d}"));
+        }
+    }
+    let routes = vh.list("routes").iter().filter_map(map_route).collect();
+    Some(VirtualHostConfig {
+        name,
+        domains,
+        routes,
+    })
+}
+
+fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
+    let name = r.str("name").unwrap_or_default().to_string();
+    let m = r.obj("match").or_else(|| {
+        r.error("match", "is required");
+        None
+    })?;
+    let case_sensitive = m.bool("case_sensitive").unwrap_or(true);
+    let path_match = if let Some(p) = m.str("prefix") {
+        PathMatch::Prefix(p.to_string())
+    } else if let Some(p) = m.str("path") {
+        PathMatch::Path(p.to_string())
+    } else if let Some(sr) = m.obj("safe_regex") {
+        let re = sr.str("regex").unwrap_or_default();
+        // google_re2 is the only engine and carries no settings Envoy still honours.
+        if let Some(g) = sr.obj("google_re2") {
+            g.ignore(&["max_program_size"]);
+        }
+        match Regex::new(&format!("^(?:{re})$")) {
+            Ok(compiled) => PathMatch::Regex(compiled),
+            Err(e) => {
+                sr.error("regex", format!("invalid regex '{re}': {e}"));
+                return None;
+            }
+        }
+    } else {
+        m.errors().push(
+            m.path(),
+            "one of prefix, path or safe_regex is required by envoyx",
+        );
+        return None;
+    };
+    let action = if let Some(route) = r.obj("route") {
+        let Some(cluster) = route.str("cluster") else {
+            route.error(
+                "cluster",
+                "is required (other cluster specifiers are not supported by envoyx)",
+            );
+            return None;
+        };
+        let timeout = match route.duration("timeout") {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(Duration::from_secs(15)),
+        };
+        RouteAction::Forward(ForwardAction {
+            cluster: cluster.to_string(),
+            timeout,
+            prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),
+            host_rewrite: route.str("host_rewrite_literal").map(str::to_string),
+        })
+    } else if let Some(dr) = r.obj("direct_response") {
+        let status = dr.u32("status").unwrap_or(200);
+        if !(200..=599).contains(&status) {
+            dr.error("status", "must be in [200, 599]");
+        }
+        let body = dr.obj("body").and_then(|b| {
+            if let Some(s) = b.str("inline_string") {
+                Some(s.to_string())
+            } else {
+                b.errors()
+                    .push(b.path(), "only inline_string is supported by envoyx");
+                None
+            }
+        });
+        RouteAction::Direct {
+            status: status as u16,
+            body,
+        }
+    } else {
+        r.errors().push(
+            r.path(),
+            "a route needs `route` or `direct_response` (others are not supported by envoyx)",
+        );
+        return None;
+    };
+    Some(RouteEntry {
+        name,
+        path_match,
+        case_sensitive,
+        action,
+    })
+}
+
+fn map_tcp_proxy(tc: &Obj<'_>) -> Option<TcpProxyConfig> {
+    let stat_prefix = tc.str("stat_prefix").unwrap_or_default().to_string();
+    let Some(cluster) = tc.str("cluster") else {
+        tc.error(
+            "cluster",
+            "is required (weighted_clusters are not supported by envoyx)",
+        );
+        return None;
+    };
+    let access_logs = tc
+        .list("access_log")
+        .iter()
+        .filter_map(map_access_log)
+        .collect();
+    Some(TcpProxyConfig {
+        stat_prefix,
+        cluster: cluster.to_string(),
+        access_logs,
+    })
+}
+
+fn map_access_log(al: &Obj<'_>) -> Option<AccessLogConfig> {
+    al.str("name");
+    let tc = al.obj("typed_config").or_else(|| {
+        al.error("typed_config", "is required");
+        None
+    })?;
+    let sink = match tc.any_type()? {
+        FILE_LOG_TYPE => AccessLogSink::File(tc.str("path").unwrap_or("/dev/stdout").to_string()),
+        STDOUT_LOG_TYPE => AccessLogSink::Stdout,
+        STDERR_LOG_TYPE => AccessLogSink::Stderr,
+        other => {
+            tc.error(
+                "@type",
+                format!("access logger {other} is not supported by envoyx"),
+            );
+            return None;
+        }
+    };
+    let format = if let Some(lf) = tc.obj("log_format") {
+        map_log_format(&lf)
+    } else if let Some(f) = tc.str("format") {
+        AccessLogFormat::Text(f.to_string())
+    } else {
+        AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
+    };
+    let formats: Vec<&str> = match &format {
+        AccessLogFormat::Text(s) => vec![s.as_str()],
+        AccessLogFormat::Json(fields) => fields.iter().map(|(_, v)| v.as_str()).collect(),
+    };
+    for f in formats {
+        if let Err(e) = crate::access_log::Format::parse(f) {
+            tc.errors().push(&tc.field_path("log_format"), e);
+            return None;
+        }
+    }
+    Some(AccessLogConfig { sink, format })
+}
+
+/// `envoy.config.core.v3.SubstitutionFormatString`.
+fn map_log_format(lf: &Obj<'_>) -> AccessLogFormat {
+    if let Some(src) = lf.obj("text_format_source") {
+        if let Some(s) = src.str("inline_string") {
+            return AccessLogFormat::Text(s.to_string());
+        }
+        src.errors()
+            .push(src.path(), "only inline_string is supported by envoyx");
+    } else if let Some(s) = lf.str("text_format") {
+        return AccessLogFormat::Text(s.to_string());
+    } else if let Some(j) = lf.raw("json_format") {
+        if let Value::Object(map) = j {
+            let mut fields = Vec::new();
+            for (k, v) in map {
+                match v {
+                    Value::String(s) => fields.push((k.clone(), s.clone())),
+                    _ => lf.error(
+                        &format!("json_format.{k}"),
+                        "only string values are supported by envoyx",
+                    ),
+                }
+            }
+            return AccessLogFormat::Json(fields);
+        }
+    }
+    AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
+}
+
+fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
+    let name = c.str("name").unwrap_or_default().to_string();
+    if name.is_empty() {
+        c.error("name", "is required");
+    }
+    let discovery = match c.str("type").unwrap_or("STATIC") {
+        "STATIC" => DiscoveryType::Static,
+        "STRICT_DNS" => DiscoveryType::StrictDns,
+        "LOGICAL_DNS" => DiscoveryType::LogicalDns,
+        other => {
+            c.error(
+                "type",
+                format!("{other} clusters are not supported by envoyx yet"),
+            );
+            return None;
+        }
+    };
+    match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
+        "ROUND_ROBIN" => {}
+        other => c.error(
+            "lb_policy",
+            format!("{other} is not supported by envoyx yet"),
+        ),
+    }
+    let connect_timeout = c
+        .duration("connect_timeout")
+        .unwrap_or(Duration::from_secs(5));
+    let dns_refresh_rate = c
+        .duration("dns_refresh_rate")
+        .unwrap_or(Duration::from_secs(5));
+    let dns_lookup_family = match c.str("dns_lookup_family").unwrap_or("AUTO") {
+        "AUTO" => DnsLookupFamily::Auto,
+        "V4_ONLY" => DnsLookupFamily::V4Only,
+        "V6_ONLY" => DnsLookupFamily::V6Only,
+        "V4_PREFERRED" => DnsLookupFamily::V4Preferred,
+        "ALL" => DnsLookupFamily::All,
+        other => {
+            c.error("dns_lookup_family", format!("unknown value {other}"));
+            DnsLookupFamily::Auto
+        }
+    };
+    let mut protocol = UpstreamProtocol::Http1;
+    if let Some(h2) = c.obj("http2_protocol_options") {
+        drop(h2);
+        protocol = UpstreamProtocol::Http2;
+    }
+    for (key, opts) in c.entries("typed_extension_protocol_options") {
+        if key != HTTP_PROTOCOL_OPTIONS_KEY || opts.any_type() != Some(HTTP_PROTOCOL_OPTIONS_TYPE) {
+            opts.errors().push(
+                opts.path(),
+                format!("protocol options {key} are not supported by envoyx"),
+            );
+            continue;
+        }
+        if let Some(explicit) = opts.obj("explicit_http_config") {
+            if let Some(h1) = explicit.obj("http_protocol_options") {
+                drop(h1);
+                protocol = UpstreamProtocol::Http1;
+            } else if let Some(h2) = explicit.obj("http2_protocol_options") {
+                drop(h2);
+                protocol = UpstreamProtocol::Http2;
+            } else {
+                explicit.errors().push(
+                    explicit.path(),
+                    "only HTTP/1.1 or HTTP/2 are supported by envoyx",
+                );
+            }
+        } else {
+            opts.errors()
+                .push(opts.path(), "envoyx supports explicit_http_config only");
+        }
+    }
+    let mut endpoints = Vec::new();
+    if let Some(la) = c.obj("load_assignment") {
+        la.str("cluster_name");
+        for locality in la.list("endpoints") {
+            for lb in locality.list("lb_endpoints") {
+                let Some(ep) = lb.obj("endpoint") else {
+                    lb.error("endpoint", "is required");
+                    continue;
+                };
+                let Some(addr) = ep.obj("address") else {
+                    ep.error("address", "is required");
+                    continue;
+                };
+                let Some(sa) = addr.obj("socket_address") else {
+                    addr.errors()
+                        .push(addr.path(), "only socket_address is supported by envoyx");
+                    continue;
+                };
+                let host = sa.str("address").unwrap_or_default().to_string();
+                let port = sa.u32("port_value").unwrap_or(0);
+                if discovery == DiscoveryType::Static && host.parse::<IpAddr>().is_err() {
+                    sa.error(
+                        "address",
+                        format!("malformed IP address: {host}. Consider setting resolver_name or setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'"),
+                    );
+                    continue;
+                }
+                let Ok(port) = u16::try_from(port) else {
+                    sa.error("port_value", "port must be at most 65535");
+                    continue;
+                };
+                endpoints.push(EndpointConfig {
+                    address: host,
+                    port,
+                });
+            }
+        }
+    }
+    if discovery == DiscoveryType::LogicalDns && endpoints.len() != 1 {
+        c.error(
+            "load_assignment",
+            "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+        );
+    }
+    Some(ClusterConfig {
+        name,
+        discovery,
+        connect_timeout,
+        endpoints,
+        protocol,
+        dns_refresh_rate,
+        dns_lookup_family,
+        raw: c.to_value(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn front_proxy(route: Value) -> Value {
+        json!({
+            "static_resources": {
+                "listeners": [{
+                    "name": "l",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": format!("type.googleapis.com/{HCM_TYPE}"),
+                            "stat_prefix": "ingress",
+                            "route_config": {"name": "local", "virtual_hosts": [
+                                {"name": "all", "domains": ["*"], "routes": [route]}
+                            ]},
+                            "http_filters": [{"name": "envoy.filters.http.router",
+                                "typed_config": {"@type": format!("type.googleapis.com/{ROUTER_TYPE}")}}]
+                        }
+                    }]}]
+                }],
+                "clusters": [{
+                    "name": "backend",
+                    "type": "STATIC",
+                    "connect_timeout": "0.25s",
+                    "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}}}}
+                    ]}]}
+                }]
+            }
+        })
+    }
+
+    #[test]
+    fn maps_a_front_proxy() {
+        let doc = front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}}));
+        let b = map_bootstrap(&doc).unwrap();
+        assert_eq!(b.listeners.len(), 1);
+        assert_eq!(b.clusters[0].connect_timeout, Duration::from_millis(250));
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+            panic!("expected an HTTP listener")
+        };
+        assert_eq!(hcm.stat_prefix, "ingress");
+        assert_eq!(hcm.codec, CodecType::Auto);
+    }
+
+    #[test]
+    fn unknown_cluster_is_named_with_its_path() {
+        let doc = front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "nope"}}));
+        let errs = map_bootstrap(&doc).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route.cluster: route: unknown cluster 'nope'"), "{errs:?}");
+    }
+
+    #[test]
+    fn unsupported_fields_are_all_reported() {
+        let doc = front_proxy(json!({
+            "match": {"prefix": "/", "headers": [{"name": "x"}]},
+            "route": {"cluster": "backend", "retry_policy": {"num_retries": 2}}
+        }));
+        let errs = map_bootstrap(&doc).unwrap_err();
+        let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
+        assert!(
+            errs.contains(&format!("{base}.match.headers: not supported by envoyx")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&format!(
+                "{base}.route.retry_policy: not supported by envoyx"
+            )),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_regex_is_rejected() {
+        let doc = front_proxy(
+            json!({"match": {"safe_regex": {"regex": "(["}}, "route": {"cluster": "backend"}}),
+        );
+        let errs = map_bootstrap(&doc).unwrap_err();
+        assert!(
+            errs[0].contains("safe_regex.regex: invalid regex"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_clusters_are_rejected() {
+        let mut doc =
+            front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}}));
+        let c = doc["static_resources"]["clusters"][0].clone();
+        doc["static_resources"]["clusters"]
+            .as_array_mut()
+            .unwrap()
+            .push(c);
+        let errs = map_bootstrap(&doc).unwrap_err();
+        assert_eq!(
+            errs,
+            vec!["static_resources.clusters[1].name: cluster manager: duplicate cluster 'backend'"]
+        );
+    }
+
+    #[test]
+    fn http2_upstream_from_protocol_options() {
+        let mut doc =
+            front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}}));
+        doc["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = json!({
+            HTTP_PROTOCOL_OPTIONS_KEY: {
+                "@type": format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS_TYPE}"),
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+        let b = map_bootstrap(&doc).unwrap();
+        assert_eq!(b.clusters[0].protocol, UpstreamProtocol::Http2);
+    }
+}

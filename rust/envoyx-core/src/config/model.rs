@@ -1,0 +1,209 @@
+//! The core's typed configuration model: what envoyx implements of Envoy's v3 API.
+//!
+//! Every type here is produced by [`super::bootstrap::map_bootstrap`] from canonical
+//! proto-JSON; each field is documented by the Envoy field it comes from.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::Value;
+
+#[derive(Debug)]
+pub struct Bootstrap {
+    /// `node`, echoed in `/server_info` and `/config_dump`.
+    pub node: Value,
+    /// `admin`.
+    pub admin: Option<AdminConfig>,
+    /// `static_resources.listeners`.
+    pub listeners: Vec<ListenerConfig>,
+    /// `static_resources.clusters`.
+    pub clusters: Vec<ClusterConfig>,
+    /// The whole bootstrap as given, for `/config_dump`.
+    pub raw: Value,
+}
+
+#[derive(Debug)]
+pub struct AdminConfig {
+    /// `admin.address.socket_address`.
+    pub address: SocketAddr,
+    /// `admin.access_log`.
+    pub access_logs: Vec<AccessLogConfig>,
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// `name`; Envoy defaults it to a generated UUID, envoyx to the address.
+    pub name: String,
+    /// `address.socket_address`.
+    pub address: SocketAddr,
+    /// The terminal network filter of the single `filter_chains[0]`.
+    pub filter: NetworkFilter,
+    pub raw: Value,
+}
+
+#[derive(Debug)]
+pub enum NetworkFilter {
+    /// `envoy.filters.network.http_connection_manager`.
+    Http(HttpConnectionManagerConfig),
+    /// `envoy.filters.network.tcp_proxy`.
+    Tcp(TcpProxyConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodecType {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug)]
+pub struct HttpConnectionManagerConfig {
+    /// `stat_prefix`: stats are `http.<stat_prefix>.*`.
+    pub stat_prefix: String,
+    /// `codec_type` (AUTO detects the HTTP/2 connection preface).
+    pub codec: CodecType,
+    /// `route_config`.
+    pub route_config: RouteConfig,
+    /// `access_log`.
+    pub access_logs: Vec<AccessLogConfig>,
+    /// `server_name` (default `envoy`), written into the `server` response header.
+    pub server_name: String,
+    /// `generate_request_id` (default true).
+    pub generate_request_id: bool,
+    /// `use_remote_address` (default false): append the peer to `x-forwarded-for`.
+    pub use_remote_address: bool,
+}
+
+#[derive(Debug)]
+pub struct RouteConfig {
+    /// `name`.
+    pub name: String,
+    /// `virtual_hosts`.
+    pub virtual_hosts: Vec<VirtualHostConfig>,
+    pub raw: Value,
+}
+
+#[derive(Debug)]
+pub struct VirtualHostConfig {
+    pub name: String,
+    /// `domains`: exact, `*.suffix`, `prefix.*` or `*`, lower-cased.
+    pub domains: Vec<String>,
+    pub routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug)]
+pub struct RouteEntry {
+    pub name: String,
+    pub path_match: PathMatch,
+    /// `match.case_sensitive` (default true; regexes are not affected, as in Envoy).
+    pub case_sensitive: bool,
+    pub action: RouteAction,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    /// `match.prefix`.
+    Prefix(String),
+    /// `match.path`: the whole path without the query string.
+    Path(String),
+    /// `match.safe_regex.regex`, anchored: it must match the whole path without query.
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+pub enum RouteAction {
+    /// `route`.
+    Forward(ForwardAction),
+    /// `direct_response`.
+    Direct { status: u16, body: Option<String> },
+}
+
+#[derive(Debug)]
+pub struct ForwardAction {
+    /// `route.cluster`.
+    pub cluster: String,
+    /// `route.timeout` (default 15 s; zero disables).
+    pub timeout: Option<Duration>,
+    /// `route.prefix_rewrite`.
+    pub prefix_rewrite: Option<String>,
+    /// `route.host_rewrite_literal`.
+    pub host_rewrite: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct TcpProxyConfig {
+    /// `stat_prefix`: stats are `tcp.<stat_prefix>.*`.
+    pub stat_prefix: String,
+    /// `cluster`.
+    pub cluster: String,
+    pub access_logs: Vec<AccessLogConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryType {
+    Static,
+    StrictDns,
+    LogicalDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// Envoy's AUTO: IPv6 first, IPv4 if there is none.
+    Auto,
+    V4Only,
+    V6Only,
+    V4Preferred,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// `type`.
+    pub discovery: DiscoveryType,
+    /// `connect_timeout` (default 5 s).
+    pub connect_timeout: Duration,
+    /// `load_assignment.endpoints[*].lb_endpoints[*].endpoint.address.socket_address`.
+    pub endpoints: Vec<EndpointConfig>,
+    /// HTTP/2 when `typed_extension_protocol_options` or `http2_protocol_options` ask.
+    pub protocol: UpstreamProtocol,
+    /// `dns_refresh_rate` (default 5 s).
+    pub dns_refresh_rate: Duration,
+    pub dns_lookup_family: DnsLookupFamily,
+    pub raw: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// An IP literal for STATIC clusters, a host name for DNS clusters.
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum AccessLogSink {
+    File(String),
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone)]
+pub enum AccessLogFormat {
+    /// A text format string with command operators.
+    Text(String),
+    /// `json_format`: keys to format strings.
+    Json(Vec<(String, String)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub sink: AccessLogSink,
+    pub format: AccessLogFormat,
+}

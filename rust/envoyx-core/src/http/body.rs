@@ -1,0 +1,165 @@
+//! Body types that stream straight through the proxy.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// A request or response body as the proxy forwards it: nothing, fixed bytes (local
+/// replies), or the peer's body streamed frame by frame (counted when asked).
+#[derive(Debug)]
+pub enum ProxyBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Incoming),
+    Counted(Incoming, Rc<Cell<u64>>),
+}
+
+impl ProxyBody {
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        let b: Bytes = s.into();
+        if b.is_empty() {
+            ProxyBody::Empty
+        } else {
+            ProxyBody::Full(Some(b))
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            ProxyBody::Counted(inner, count) => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    count.set(count.get() + data.len() as u64);
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.size_hint(),
+        }
+    }
+}
+
+/// How a response stream ended, reported once to its [`ResponseBody`]'s callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Every frame was sent.
+    Complete,
+    /// The upstream failed mid-body.
+    UpstreamError,
+    /// The downstream went away before the end (the body was dropped).
+    DownstreamGone,
+}
+
+type OnEnd = Box<dyn FnOnce(StreamEnd, u64)>;
+
+/// The downstream response body: forwards `inner` and, when the stream ends (or is
+/// dropped), calls `on_end` with the outcome and the body bytes sent. That is where
+/// the access log is written, stats are finished and pooled connections return.
+pub struct ResponseBody {
+    inner: ProxyBody,
+    bytes: u64,
+    on_end: Option<OnEnd>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl ResponseBody {
+    pub fn new(inner: ProxyBody, on_end: Option<OnEnd>) -> Self {
+        let mut body = ResponseBody {
+            inner,
+            bytes: 0,
+            on_end,
+        };
+        // A body that is empty from the start ends now: hyper may never poll it.
+        if body.inner.is_end_stream() {
+            body.finish(StreamEnd::Complete);
+        }
+        body
+    }
+
+    fn finish(&mut self, end: StreamEnd) {
+        if let Some(f) = self.on_end.take() {
+            f(end, self.bytes);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(StreamEnd::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(StreamEnd::UpstreamError),
+            Poll::Ready(None) => this.finish(StreamEnd::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish(StreamEnd::DownstreamGone);
+    }
+}

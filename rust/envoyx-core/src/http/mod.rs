@@ -1,0 +1,6 @@
+//! HTTP: the connection manager, the router and the body types they stream.
+
+pub mod body;
+pub mod connection_manager;
+
+pub use connection_manager::HttpConnectionManager;

@@ -1,0 +1,228 @@
+//! Route tables compiled when configuration is applied; a request only does lookups.
+//!
+//! Virtual host selection follows Envoy's precedence: an exact domain, then the
+//! longest `*.suffix` wildcard, then the longest `prefix.*` wildcard, then `*`.
+//! Within a virtual host the first matching route wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{PathMatch, RouteAction, RouteConfig, RouteEntry, VirtualHostConfig};
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: String,
+    vhosts: Vec<VirtualHost>,
+    exact: HashMap<String, usize>,
+    /// `*.example.com` as (`.example.com`, vhost), longest suffix first.
+    suffixes: Vec<(String, usize)>,
+    /// `example.*` as (`example.`, vhost), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    default: Option<usize>,
+}
+
+impl RouteTable {
+    pub fn new(config: RouteConfig) -> Arc<Self> {
+        let mut table = RouteTable {
+            name: config.name,
+            vhosts: Vec::with_capacity(config.virtual_hosts.len()),
+            exact: HashMap::new(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            default: None,
+        };
+        for (
+            i,
+            VirtualHostConfig {
+                name,
+                domains,
+                routes,
+            },
+        ) in config.virtual_hosts.into_iter().enumerate()
+        {
+            for d in domains {
+                if d == "*" {
+                    table.default = Some(i);
+                } else if let Some(suffix) = d.strip_prefix('*') {
+                    table.suffixes.push((suffix.to_string(), i));
+                } else if let Some(prefix) = d.strip_suffix('*') {
+                    table.prefixes.push((prefix.to_string(), i));
+                } else {
+                    table.exact.insert(d, i);
+                }
+            }
+            table.vhosts.push(VirtualHost { name, routes });
+        }
+        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Arc::new(table)
+    }
+
+    /// The virtual host for a `Host`/`:authority` value.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        let index = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.default)?;
+        Some(&self.vhosts[index])
+    }
+
+    /// The first route of the selected virtual host matching `path` (with its query).
+    pub fn find(&self, host: &str, path: &str) -> Option<&RouteEntry> {
+        let vhost = self.virtual_host(host)?;
+        vhost.routes.iter().find(|r| route_matches(r, path))
+    }
+}
+
+fn route_matches(route: &RouteEntry, path_and_query: &str) -> bool {
+    let path = path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(p, _)| p);
+    match &route.path_match {
+        PathMatch::Prefix(prefix) => {
+            if route.case_sensitive {
+                path_and_query.starts_with(prefix.as_str())
+            } else {
+                path_and_query.len() >= prefix.len()
+                    && path_and_query.as_bytes()[..prefix.len()]
+                        .eq_ignore_ascii_case(prefix.as_bytes())
+            }
+        }
+        PathMatch::Path(exact) => {
+            if route.case_sensitive {
+                path == exact
+            } else {
+                path.eq_ignore_ascii_case(exact)
+            }
+        }
+        PathMatch::Regex(re) => re.is_match(path),
+    }
+}
+
+/// The upstream cluster a route forwards to, if it forwards.
+pub fn cluster_of(route: &RouteEntry) -> Option<&str> {
+    match &route.action {
+        RouteAction::Forward(f) => Some(&f.cluster),
+        RouteAction::Direct { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ForwardAction;
+
+    fn route(m: PathMatch, cluster: &str) -> RouteEntry {
+        RouteEntry {
+            name: String::new(),
+            path_match: m,
+            case_sensitive: true,
+            action: RouteAction::Forward(ForwardAction {
+                cluster: cluster.into(),
+                timeout: None,
+                prefix_rewrite: None,
+                host_rewrite: None,
+            }),
+        }
+    }
+
+    fn vhost(name: &str, domains: &[&str]) -> VirtualHostConfig {
+        VirtualHostConfig {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes: vec![route(PathMatch::Prefix("/".into()), name)],
+        }
+    }
+
+    fn table(vhosts: Vec<VirtualHostConfig>) -> Arc<RouteTable> {
+        RouteTable::new(RouteConfig {
+            name: "t".into(),
+            virtual_hosts: vhosts,
+            raw: serde_json::Value::Null,
+        })
+    }
+
+    #[test]
+    fn domain_precedence_exact_suffix_prefix_default() {
+        let t = table(vec![
+            vhost("default", &["*"]),
+            vhost("prefix", &["api.*"]),
+            vhost("short_suffix", &["*.com"]),
+            vhost("suffix", &["*.example.com"]),
+            vhost("exact", &["api.example.com"]),
+        ]);
+        let name = |h: &str| t.virtual_host(h).map(|v| v.name.clone());
+        assert_eq!(name("api.example.com").as_deref(), Some("exact"));
+        assert_eq!(name("API.Example.com").as_deref(), Some("exact"));
+        assert_eq!(name("www.example.com").as_deref(), Some("suffix"));
+        assert_eq!(name("www.other.com").as_deref(), Some("short_suffix"));
+        assert_eq!(name("api.other.org").as_deref(), Some("prefix"));
+        assert_eq!(name("something.else").as_deref(), Some("default"));
+        // A wildcard must match at least one character.
+        assert_eq!(name(".example.com").as_deref(), Some("short_suffix"));
+    }
+
+    #[test]
+    fn no_default_means_no_virtual_host() {
+        let t = table(vec![vhost("exact", &["a.b"])]);
+        assert!(t.virtual_host("c.d").is_none());
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let t = table(vec![VirtualHostConfig {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            routes: vec![
+                route(PathMatch::Path("/exact".into()), "path"),
+                route(
+                    PathMatch::Regex(regex::Regex::new("^(?:/re/[0-9]+)$").unwrap()),
+                    "regex",
+                ),
+                route(PathMatch::Prefix("/api".into()), "prefix"),
+            ],
+        }]);
+        let cluster = |p: &str| t.find("h", p).and_then(cluster_of).map(str::to_string);
+        assert_eq!(cluster("/exact").as_deref(), Some("path"));
+        assert_eq!(cluster("/exact?x=1").as_deref(), Some("path"));
+        assert_eq!(cluster("/exactly"), None);
+        assert_eq!(cluster("/re/123?q").as_deref(), Some("regex"));
+        assert_eq!(cluster("/re/12a"), None);
+        assert_eq!(cluster("/api/v1").as_deref(), Some("prefix"));
+        assert_eq!(cluster("/other"), None);
+    }
+
+    #[test]
+    fn case_insensitive_prefix() {
+        let mut r = route(PathMatch::Prefix("/API".into()), "c");
+        r.case_sensitive = false;
+        assert!(route_matches(&r, "/api/x"));
+        assert!(!route_matches(&r, "/ap"));
+    }
+}

@@ -1,0 +1,150 @@
+//! `envoy.filters.network.tcp_proxy`: bytes both ways, half-close preserved.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::access_log::{AccessLogger, LogRecord};
+use crate::config::TcpProxyConfig;
+use crate::stats::{Counter, Gauge, StatStore};
+use crate::upstream::{ClusterManager, WorkerPools};
+
+/// `tcp.<stat_prefix>.*` with Envoy's meanings.
+#[derive(Debug)]
+pub struct TcpProxyStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_no_route: Counter,
+    pub downstream_cx_rx_bytes_total: Counter,
+    pub downstream_cx_tx_bytes_total: Counter,
+    pub upstream_flush_total: Counter,
+    pub upstream_flush_active: Gauge,
+}
+
+pub struct TcpProxy {
+    cluster: String,
+    clusters: Arc<ClusterManager>,
+    stats: TcpProxyStats,
+    access_logs: Vec<Arc<AccessLogger>>,
+}
+
+impl TcpProxy {
+    pub fn new(
+        config: TcpProxyConfig,
+        clusters: Arc<ClusterManager>,
+        store: &StatStore,
+    ) -> std::io::Result<Arc<Self>> {
+        let p = &config.stat_prefix;
+        let c = |s: &str| store.counter(&format!("tcp.{p}.{s}"));
+        let stats = TcpProxyStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_no_route: c("downstream_cx_no_route"),
+            downstream_cx_rx_bytes_total: c("downstream_cx_rx_bytes_total"),
+            downstream_cx_tx_bytes_total: c("downstream_cx_tx_bytes_total"),
+            upstream_flush_total: c("upstream_flush_total"),
+            upstream_flush_active: store.gauge(&format!("tcp.{p}.upstream_flush_active")),
+        };
+        let access_logs = config
+            .access_logs
+            .iter()
+            .map(AccessLogger::open)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Arc::new(TcpProxy {
+            cluster: config.cluster,
+            clusters,
+            stats,
+            access_logs,
+        }))
+    }
+
+    /// Proxies one downstream connection until both directions have closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        pools: Rc<WorkerPools>,
+        mut downstream: TcpStream,
+        peer: SocketAddr,
+        mut drain: watch::Receiver<bool>,
+    ) {
+        self.stats.downstream_cx_total.inc();
+        let started = Instant::now();
+        let start_time = SystemTime::now();
+        let mut record = LogRecord {
+            start: Some(start_time),
+            downstream_remote: Some(peer),
+            downstream_local: downstream.local_addr().ok(),
+            response_flags: "-",
+            protocol: "-",
+            upstream_cluster: Some(self.cluster.clone()),
+            ..Default::default()
+        };
+        let Some(cluster) = self.clusters.get(&self.cluster).cloned() else {
+            self.stats.downstream_cx_no_route.inc();
+            record.response_flags = "NR";
+            self.log(record, started);
+            return;
+        };
+        let Some(host) = pools.pick_host(&cluster) else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            record.response_flags = "UH";
+            self.log(record, started);
+            return;
+        };
+        record.upstream_host = Some(host.address);
+        let stats = &cluster.stats;
+        stats.upstream_cx_total.inc();
+        host.stats.cx_total.inc();
+        let connected =
+            tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await;
+        let mut upstream = match connected {
+            Ok(Ok(s)) => s,
+            other => {
+                stats.upstream_cx_connect_fail.inc();
+                host.stats.cx_connect_fail.inc();
+                if other.is_err() {
+                    stats.upstream_cx_connect_timeout.inc();
+                }
+                record.response_flags = "UF";
+                self.log(record, started);
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = downstream.set_nodelay(true);
+        stats.upstream_cx_active.inc();
+        host.stats.cx_active.inc();
+        // copy_bidirectional shuts down each write side when the other read side
+        // ends, which is exactly TCP half-close.
+        let copied = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r.ok(),
+            _ = drain.wait_for(|d| *d) => {
+                let _ = downstream.shutdown().await;
+                None
+            }
+        };
+        let (rx, tx) = copied.unwrap_or((0, 0));
+        self.stats.downstream_cx_rx_bytes_total.add(rx);
+        self.stats.downstream_cx_tx_bytes_total.add(tx);
+        stats.upstream_cx_tx_bytes_total.add(rx);
+        stats.upstream_cx_rx_bytes_total.add(tx);
+        stats.upstream_cx_active.dec();
+        stats.upstream_cx_destroy.inc();
+        host.stats.cx_active.dec();
+        record.bytes_received = rx;
+        record.bytes_sent = tx;
+        self.log(record, started);
+    }
+
+    fn log(&self, mut record: LogRecord, started: Instant) {
+        if self.access_logs.is_empty() {
+            return;
+        }
+        record.duration = started.elapsed();
+        for logger in &self.access_logs {
+            logger.log(&record);
+        }
+    }
+}

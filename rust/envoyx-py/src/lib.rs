@@ -1,0 +1,139 @@
+//! Python bindings for envoyx-core: a `Server` handle and config validation.
+//!
+//! No proxy logic lives here. Every call that may block (start, stop, wait) releases
+//! the GIL; the core's threads never take it.
+
+mod errors;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use envoyx_core::log::{self, Level};
+use envoyx_core::{Server as CoreServer, ServerOptions};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use errors::to_py_err;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// envoyx's version string.
+#[pyfunction]
+fn version() -> &'static str {
+    envoyx_core::server::VERSION
+}
+
+/// Maps a canonical proto-JSON bootstrap; returns every error (empty when valid).
+#[pyfunction]
+fn validate(py: Python<'_>, bootstrap_json: &str) -> Vec<String> {
+    py.detach(|| match envoyx_core::load_bootstrap(bootstrap_json) {
+        Ok(_) => Vec::new(),
+        Err(envoyx_core::Error::Config(errors)) => errors,
+        Err(e) => vec![e.to_string()],
+    })
+}
+
+#[pyclass(module = "envoyx._core", frozen)]
+struct Server {
+    inner: CoreServer,
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (bootstrap_json, *, concurrency = 0, drain_time_s = 600.0, log_level = "info"))]
+    fn new(
+        py: Python<'_>,
+        bootstrap_json: &str,
+        concurrency: usize,
+        drain_time_s: f64,
+        log_level: &str,
+    ) -> PyResult<Self> {
+        let level = Level::parse(log_level)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown log level {log_level:?}")))?;
+        if !(drain_time_s.is_finite() && drain_time_s >= 0.0) {
+            return Err(PyValueError::new_err(
+                "drain_time_s must be a non-negative number",
+            ));
+        }
+        log::set_level(level);
+        let mut options = ServerOptions {
+            drain_time: Duration::from_secs_f64(drain_time_s),
+            ..ServerOptions::default()
+        };
+        if concurrency > 0 {
+            options.concurrency = concurrency;
+        }
+        let inner = py
+            .detach(|| {
+                let bootstrap = envoyx_core::load_bootstrap(bootstrap_json)?;
+                CoreServer::new(bootstrap, options)
+            })
+            .map_err(to_py_err)?;
+        Ok(Server { inner })
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.start()).map_err(to_py_err)
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.inner.stop());
+    }
+
+    fn drain(&self, py: Python<'_>) {
+        py.detach(|| self.inner.drain());
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let timeout = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(PyValueError::new_err(
+                    "timeout must be a non-negative number",
+                ));
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        Ok(py.detach(|| self.inner.wait(timeout)))
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.running()
+    }
+
+    fn stats(&self) -> HashMap<String, i64> {
+        let shared = self.inner.shared();
+        shared.refresh_gauges();
+        shared.store.values().into_iter().collect()
+    }
+
+    fn config_dump(&self) -> String {
+        envoyx_core::admin::config_dump(self.inner.shared()).to_string()
+    }
+
+    fn listener_addresses(&self) -> HashMap<String, (String, u16)> {
+        self.inner
+            .listener_addresses()
+            .into_iter()
+            .map(|(name, a)| (name, (a.ip().to_string(), a.port())))
+            .collect()
+    }
+
+    fn admin_address(&self) -> Option<(String, u16)> {
+        self.inner
+            .admin_address()
+            .map(|a| (a.ip().to_string(), a.port()))
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add_class::<Server>()?;
+    Ok(())
+}
