@@ -59,8 +59,8 @@ impl RouteTable {
             }
             table.vhosts.push(VirtualHost { name, routes });
         }
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Arc::new(table)
     }
 

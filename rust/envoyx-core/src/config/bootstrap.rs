@@ -510,20 +510,18 @@ fn map_log_format(lf: &Obj<'_>) -> AccessLogFormat {
             .push(src.path(), "only inline_string is supported by envoyx");
     } else if let Some(s) = lf.str("text_format") {
         return AccessLogFormat::Text(s.to_string());
-    } else if let Some(j) = lf.raw("json_format") {
-        if let Value::Object(map) = j {
-            let mut fields = Vec::new();
-            for (k, v) in map {
-                match v {
-                    Value::String(s) => fields.push((k.clone(), s.clone())),
-                    _ => lf.error(
-                        &format!("json_format.{k}"),
-                        "only string values are supported by envoyx",
-                    ),
-                }
+    } else if let Some(Value::Object(map)) = lf.raw("json_format") {
+        let mut fields = Vec::new();
+        for (k, v) in map {
+            match v {
+                Value::String(s) => fields.push((k.clone(), s.clone())),
+                _ => lf.error(
+                    &format!("json_format.{k}"),
+                    "only string values are supported by envoyx",
+                ),
             }
-            return AccessLogFormat::Json(fields);
         }
+        return AccessLogFormat::Json(fields);
     }
     AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
 }

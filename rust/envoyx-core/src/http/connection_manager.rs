@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::{ProxyBody, ResponseBody, StreamEnd};
+use super::framing_guard::{FramingGuard, FramingViolations};
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::{CodecType, ForwardAction, HttpConnectionManagerConfig, RouteAction};
 use crate::io::{CountedIo, LocalExec};
@@ -147,17 +148,20 @@ impl HttpConnectionManager {
         stats.downstream_cx_active.inc();
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        let io = TokioIo::new(CountedIo::new(
+        let counted = CountedIo::new(
             stream,
             stats.downstream_cx_rx_bytes_total.clone(),
             stats.downstream_cx_tx_bytes_total.clone(),
-        ));
+        );
+        let violations = Rc::new(FramingViolations::default());
         let conn = Rc::new(DownstreamConnection {
             hcm: self.clone(),
             pools,
             peer,
             local,
             protocol: Cell::new(None),
+            requests: Cell::new(0),
+            violations: violations.clone(),
         });
         let service = ConnectionService(conn.clone());
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match self.codec {
@@ -165,6 +169,7 @@ impl HttpConnectionManager {
                 let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
                 builder.http1().timer(TokioTimer::new()).keep_alive(true);
                 builder.http2().timer(TokioTimer::new());
+                let io = TokioIo::new(FramingGuard::new(counted, violations));
                 let served = builder.serve_connection(io, service);
                 tokio::pin!(served);
                 tokio::select! {
@@ -176,6 +181,7 @@ impl HttpConnectionManager {
                 }
             }
             CodecType::Http1 => {
+                let io = TokioIo::new(FramingGuard::new(counted, violations));
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .serve_connection(io, service);
@@ -189,6 +195,7 @@ impl HttpConnectionManager {
                 }
             }
             CodecType::Http2 => {
+                let io = TokioIo::new(counted);
                 let served = hyper::server::conn::http2::Builder::new(LocalExec)
                     .timer(TokioTimer::new())
                     .serve_connection(io, service);
@@ -225,6 +232,9 @@ struct DownstreamConnection {
     local: Option<SocketAddr>,
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
     protocol: Cell<Option<Version>>,
+    /// Requests seen so far, the index into `violations`.
+    requests: Cell<u64>,
+    violations: Rc<FramingViolations>,
 }
 
 #[derive(Clone)]
@@ -378,6 +388,8 @@ impl DownstreamConnection {
         let hcm = &self.hcm;
         let stats = &hcm.stats;
         let version = req.version();
+        let index = self.requests.get();
+        self.requests.set(index + 1);
         stats.downstream_rq_total.inc();
         stats.downstream_rq_active.inc();
         if version == Version::HTTP_2 {
@@ -442,10 +454,7 @@ impl DownstreamConnection {
 
         // HTTP/1.1 forbids a message with both framings (RFC 9112 §6.3); Envoy
         // answers 400 unless allow_chunked_length is set.
-        if version != Version::HTTP_2
-            && req.headers().contains_key(header::CONTENT_LENGTH)
-            && req.headers().contains_key(header::TRANSFER_ENCODING)
-        {
+        if version != Version::HTTP_2 && self.violations.take(index) {
             stats.downstream_cx_protocol_error.inc();
             let reply = LocalReply::new(
                 400,

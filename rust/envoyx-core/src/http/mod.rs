@@ -2,5 +2,6 @@
 
 pub mod body;
 pub mod connection_manager;
+pub mod framing_guard;
 
 pub use connection_manager::HttpConnectionManager;
