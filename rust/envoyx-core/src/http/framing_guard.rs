@@ -233,7 +233,7 @@ fn trim_crlf(b: &[u8]) -> &[u8] {
 
 impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
