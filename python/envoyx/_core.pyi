@@ -4,6 +4,10 @@ The extension holds no proxy logic: it owns one envoyx-core server and exposes i
 Errors are raised as the classes of ``envoyx.errors`` (never a private ``_core`` class).
 """
 
+from typing import Self, final
+
+__all__ = ["Server", "validate", "version"]
+
 def version() -> str:
     """envoyx's version string."""
 
@@ -13,20 +17,21 @@ def validate(bootstrap_json: str) -> list[str]:
     Returns every error found (each prefixed with its field path); empty when valid.
     """
 
+@final
 class Server:
     """One envoyx data plane, configured from a canonical proto-JSON Bootstrap.
 
     Raises ``envoyx.ConfigError`` (with ``.errors``) when the bootstrap cannot be mapped.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         bootstrap_json: str,
         *,
         concurrency: int = 0,
         drain_time_s: float = 600.0,
         log_level: str = "info",
-    ) -> None: ...
+    ) -> Self: ...
     def start(self) -> None:
         """Bind every listener and the admin endpoint, start workers; returns once bound.
 

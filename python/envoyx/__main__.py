@@ -1,0 +1,5 @@
+"""``python -m envoyx``: the ``envoyx`` command."""
+
+from envoyx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The Python handle of one envoyx data plane.
+
+A thin layer over the native ``_core.Server``: it loads and validates the bootstrap in
+Python (see :mod:`envoyx.config`), hands its canonical proto-JSON to the core, and forwards
+the lifecycle calls. Every blocking call releases the GIL inside the core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import TracebackType
+from typing import Any
+
+from envoyx import _core
+from envoyx.config import Bootstrap, BootstrapSource, bootstrap_to_json, load_bootstrap
+
+__all__ = ["LOG_LEVELS", "Server"]
+
+#: Envoy's ``--log-level`` names; ``warn`` is an alias of ``warning``.
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+class Server:
+    """One envoyx proxy, configured with an Envoy v3 bootstrap.
+
+    ``config`` is a path, YAML/JSON text, a dict or an ``envoy.config.bootstrap.v3.Bootstrap``
+    message. It is validated against Envoy's schema, then against what envoyx implements;
+    every problem is reported together in :class:`~envoyx.ConfigError`.
+
+    ``concurrency`` is the number of worker threads (Envoy's ``--concurrency``; ``None``
+    means one per CPU). ``drain_time_s`` bounds how long :meth:`drain` lets connections
+    finish. ``service_node``, ``service_cluster`` and ``service_zone`` override the
+    bootstrap's node identity like Envoy's flags of the same names.
+
+    Use as a context manager to start on entry and stop on exit::
+
+        with envoyx.Server("front-proxy.yaml", concurrency=2) as server:
+            host, port = server.listener_addresses()["listener_0"]
+    """
+
+    def __init__(
+        self,
+        config: BootstrapSource,
+        *,
+        concurrency: int | None = None,
+        drain_time_s: float = 600,
+        log_level: str = "info",
+        service_node: str | None = None,
+        service_cluster: str | None = None,
+        service_zone: str | None = None,
+    ) -> None:
+        if concurrency is None:
+            concurrency = os.cpu_count() or 1
+        if concurrency < 0:
+            raise ValueError(f"concurrency must be at least 0, got {concurrency}")
+        if drain_time_s < 0:
+            raise ValueError(f"drain_time_s must be at least 0, got {drain_time_s}")
+        level = log_level.lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        self._bootstrap = load_bootstrap(
+            config,
+            service_node=service_node,
+            service_cluster=service_cluster,
+            service_zone=service_zone,
+        )
+        self._core = _core.Server(
+            bootstrap_to_json(self._bootstrap),
+            # Envoy runs one worker when asked for none.
+            concurrency=max(1, concurrency),
+            drain_time_s=float(drain_time_s),
+            log_level="warning" if level == "warn" else level,
+        )
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        """The validated bootstrap this server runs (CLI overrides applied)."""
+        return self._bootstrap
+
+    def start(self) -> None:
+        """Bind every listener and the admin endpoint and start the workers.
+
+        Returns once everything is bound; raises :class:`~envoyx.BindError` otherwise.
+        """
+        self._core.start()
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection and join the workers. Idempotent."""
+        self._core.stop()
+
+    def drain(self) -> None:
+        """Stop accepting new connections and let in-flight requests finish."""
+        self._core.drain()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout`` seconds pass); True if it stopped."""
+        return self._core.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is started and not yet stopped."""
+        return self._core.running
+
+    def stats(self) -> dict[str, int]:
+        """Every counter and gauge by Envoy's stat name (``cluster.<name>.upstream_rq_total``)."""
+        return self._core.stats()
+
+    def config_dump(self) -> dict[str, Any]:
+        """The admin ``/config_dump`` document."""
+        document: dict[str, Any] = json.loads(self._core.config_dump())
+        return document
+
+    def listener_addresses(self) -> dict[str, tuple[str, int]]:
+        """The bound ``(host, port)`` of each listener by name (port 0 resolved)."""
+        return self._core.listener_addresses()
+
+    def admin_address(self) -> tuple[str, int] | None:
+        """The bound admin ``(host, port)``, or None when the bootstrap has no admin."""
+        return self._core.admin_address()
+
+    def __enter__(self) -> Server:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<envoyx.Server {'running' if self.running else 'stopped'}>"
