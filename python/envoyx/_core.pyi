@@ -6,7 +6,7 @@ Errors are raised as the classes of ``envoyx.errors`` (never a private ``_core``
 
 from typing import Self, final
 
-__all__ = ["Server", "validate", "version"]
+__all__ = ["Server", "route_match", "validate", "version"]
 
 def version() -> str:
     """envoyx's version string."""
@@ -16,6 +16,12 @@ def validate(bootstrap_json: str) -> list[str]:
 
     Returns every error found (each prefixed with its field path); empty when valid.
     """
+
+def route_match(
+    bootstrap_json: str, listener: str, authority: str, path: str, iterations: int = 100_000
+) -> tuple[float, str | None]:
+    """Nanoseconds per route lookup on one listener's compiled table, and the cluster
+    matched (``"<direct_response>"`` for a direct response, None for no route)."""
 
 @final
 class Server:
