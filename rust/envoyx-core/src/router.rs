@@ -20,10 +20,11 @@ pub struct RouteTable {
     pub name: String,
     vhosts: Vec<VirtualHost>,
     exact: HashMap<String, usize>,
-    /// `*.example.com` as (`.example.com`, vhost), longest suffix first.
-    suffixes: Vec<(String, usize)>,
-    /// `example.*` as (`example.`, vhost), longest prefix first.
-    prefixes: Vec<(String, usize)>,
+    /// `*.example.com` as `.example.com` → vhost, grouped by suffix length, longest
+    /// first: a lookup costs one hash probe per distinct length, as in Envoy.
+    suffixes: WildcardTable,
+    /// `example.*` as `example.` → vhost, grouped the same way.
+    prefixes: WildcardTable,
     default: Option<usize>,
 }
 
@@ -33,8 +34,8 @@ impl RouteTable {
             name: config.name,
             vhosts: Vec::with_capacity(config.virtual_hosts.len()),
             exact: HashMap::new(),
-            suffixes: Vec::new(),
-            prefixes: Vec::new(),
+            suffixes: WildcardTable::default(),
+            prefixes: WildcardTable::default(),
             default: None,
         };
         for (
@@ -50,17 +51,15 @@ impl RouteTable {
                 if d == "*" {
                     table.default = Some(i);
                 } else if let Some(suffix) = d.strip_prefix('*') {
-                    table.suffixes.push((suffix.to_string(), i));
+                    table.suffixes.insert(suffix, i);
                 } else if let Some(prefix) = d.strip_suffix('*') {
-                    table.prefixes.push((prefix.to_string(), i));
+                    table.prefixes.insert(prefix, i);
                 } else {
                     table.exact.insert(d, i);
                 }
             }
             table.vhosts.push(VirtualHost { name, routes });
         }
-        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Arc::new(table)
     }
 
@@ -77,18 +76,8 @@ impl RouteTable {
             .exact
             .get(host)
             .copied()
-            .or_else(|| {
-                self.suffixes
-                    .iter()
-                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
-                    .map(|(_, i)| *i)
-            })
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
-                    .map(|(_, i)| *i)
-            })
+            .or_else(|| self.suffixes.find(host, |len| host.get(host.len() - len..)))
+            .or_else(|| self.prefixes.find(host, |len| host.get(..len)))
             .or(self.default)?;
         Some(&self.vhosts[index])
     }
@@ -97,6 +86,35 @@ impl RouteTable {
     pub fn find(&self, host: &str, path: &str) -> Option<&RouteEntry> {
         let vhost = self.virtual_host(host)?;
         vhost.routes.iter().find(|r| route_matches(r, path))
+    }
+}
+
+/// Wildcard domains by the length of their fixed part, longest length first.
+#[derive(Debug, Default)]
+struct WildcardTable(Vec<(usize, HashMap<String, usize>)>);
+
+impl WildcardTable {
+    fn insert(&mut self, fixed: &str, vhost: usize) {
+        let len = fixed.len();
+        let pos = match self.0.binary_search_by(|(l, _)| len.cmp(l)) {
+            Ok(pos) => pos,
+            Err(pos) => {
+                self.0.insert(pos, (len, HashMap::new()));
+                pos
+            }
+        };
+        // The first virtual host naming a domain keeps it (duplicates are rejected
+        // when the configuration is mapped).
+        self.0[pos].1.entry(fixed.to_string()).or_insert(vhost);
+    }
+
+    /// `part(len)` cuts the host's candidate fixed part; the wildcard itself must
+    /// match at least one character, so the host must be longer than `len`.
+    fn find<'h>(&self, host: &'h str, part: impl Fn(usize) -> Option<&'h str>) -> Option<usize> {
+        self.0
+            .iter()
+            .filter(|(len, _)| host.len() > *len)
+            .find_map(|(len, map)| part(*len).and_then(|p| map.get(p)).copied())
     }
 }
 
