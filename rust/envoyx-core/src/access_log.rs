@@ -211,11 +211,15 @@ impl Format {
                         None => out.push_str(NONE),
                     },
                     Operator::Req(h, alt, max) => {
-                        let pseudo = |n: &str| match n {
-                            ":method" => Some(r.method.as_str()),
-                            ":path" => Some(r.path.as_str()),
-                            ":authority" | "host" => Some(r.authority.as_str()),
-                            _ => None,
+                        // An empty pseudo-header (a refused request has none) prints as `-`.
+                        let pseudo = |n: &str| {
+                            match n {
+                                ":method" => Some(r.method.as_str()),
+                                ":path" => Some(r.path.as_str()),
+                                ":authority" | "host" => Some(r.authority.as_str()),
+                                _ => None,
+                            }
+                            .filter(|v| !v.is_empty())
                         };
                         let v = header_value(r.request_headers.as_ref(), pseudo, h).or_else(|| {
                             alt.as_deref()

@@ -49,6 +49,8 @@ pub struct ListenerStats {
     pub downstream_cx_total: Counter,
     pub downstream_cx_active: Gauge,
     pub downstream_cx_destroy: Counter,
+    /// `listener.<address>.worker_<i>.downstream_cx_{total,active}`.
+    pub per_worker: Vec<(Counter, Gauge)>,
 }
 
 pub struct Listener {
@@ -175,6 +177,14 @@ impl Server {
                     downstream_cx_total: store.counter(&format!("{prefix}downstream_cx_total")),
                     downstream_cx_active: store.gauge(&format!("{prefix}downstream_cx_active")),
                     downstream_cx_destroy: store.counter(&format!("{prefix}downstream_cx_destroy")),
+                    per_worker: (0..options.concurrency.max(1))
+                        .map(|i| {
+                            (
+                                store.counter(&format!("{prefix}worker_{i}.downstream_cx_total")),
+                                store.gauge(&format!("{prefix}worker_{i}.downstream_cx_active")),
+                            )
+                        })
+                        .collect(),
                 },
                 name: l.name,
                 configured: l.address,
@@ -275,7 +285,7 @@ impl Server {
             let shared = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("envoyx-wrk-{i}"))
-                .spawn(move || worker_thread(shared, worker_sockets))
+                .spawn(move || worker_thread(shared, i, worker_sockets))
                 .map_err(|source| Error::Io {
                     context: "cannot start a worker thread".into(),
                     source,
@@ -463,7 +473,7 @@ impl Drop for TrackedConnection {
     }
 }
 
-fn worker_thread(shared: Arc<Shared>, sockets: Vec<StdTcpListener>) {
+fn worker_thread(shared: Arc<Shared>, worker: usize, sockets: Vec<StdTcpListener>) {
     let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -478,6 +488,7 @@ fn worker_thread(shared: Arc<Shared>, sockets: Vec<StdTcpListener>) {
                 }
             };
             tokio::task::spawn_local(accept_loop(
+                worker,
                 listener.clone(),
                 socket,
                 pools.clone(),
@@ -500,6 +511,7 @@ fn worker_thread(shared: Arc<Shared>, sockets: Vec<StdTcpListener>) {
 }
 
 async fn accept_loop(
+    worker: usize,
     listener: Arc<Listener>,
     socket: tokio::net::TcpListener,
     pools: Rc<WorkerPools>,
@@ -528,6 +540,9 @@ async fn accept_loop(
         let stats = &listener.stats;
         stats.downstream_cx_total.inc();
         stats.downstream_cx_active.inc();
+        let (worker_total, worker_active) = stats.per_worker[worker].clone();
+        worker_total.inc();
+        worker_active.inc();
         let guard = TrackedConnection::new(&tracker);
         let listener = listener.clone();
         let pools = pools.clone();
@@ -538,6 +553,7 @@ async fn accept_loop(
                 ListenerFilter::Tcp(tcp) => tcp.clone().serve(pools, stream, peer, drain).await,
             }
             listener.stats.downstream_cx_active.dec();
+            worker_active.dec();
             listener.stats.downstream_cx_destroy.inc();
             drop(guard);
         });

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::{ProxyBody, ResponseBody, StreamEnd};
-use super::framing_guard::{FramingGuard, FramingViolations};
+use super::framing_guard::{ConnectionScreen, FramingGuard};
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::{CodecType, ForwardAction, HttpConnectionManagerConfig, RouteAction};
 use crate::io::{CountedIo, LocalExec};
@@ -153,23 +153,23 @@ impl HttpConnectionManager {
             stats.downstream_cx_rx_bytes_total.clone(),
             stats.downstream_cx_tx_bytes_total.clone(),
         );
-        let violations = Rc::new(FramingViolations::default());
+        let screen = Rc::new(ConnectionScreen::default());
         let conn = Rc::new(DownstreamConnection {
             hcm: self.clone(),
             pools,
             peer,
             local,
             protocol: Cell::new(None),
-            requests: Cell::new(0),
-            violations: violations.clone(),
+            screen: screen.clone(),
         });
+        let server_name = self.server_name.to_str().unwrap_or("envoy").to_string();
         let service = ConnectionService(conn.clone());
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match self.codec {
             CodecType::Auto => {
                 let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
                 builder.http1().timer(TokioTimer::new()).keep_alive(true);
                 builder.http2().timer(TokioTimer::new());
-                let io = TokioIo::new(FramingGuard::new(counted, violations));
+                let io = TokioIo::new(FramingGuard::new(counted, screen.clone(), &server_name));
                 let served = builder.serve_connection(io, service);
                 tokio::pin!(served);
                 tokio::select! {
@@ -181,7 +181,7 @@ impl HttpConnectionManager {
                 }
             }
             CodecType::Http1 => {
-                let io = TokioIo::new(FramingGuard::new(counted, violations));
+                let io = TokioIo::new(FramingGuard::new(counted, screen.clone(), &server_name));
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .serve_connection(io, service);
@@ -209,12 +209,15 @@ impl HttpConnectionManager {
                 }
             }
         };
+        let never_spoke_h2 = self.codec == CodecType::Http2 && conn.protocol.get().is_none();
         if let Err(e) = result
-            && e.downcast_ref::<hyper::Error>()
-                .is_some_and(|h| h.is_parse() || h.is_parse_too_large())
+            && (never_spoke_h2
+                || e.downcast_ref::<hyper::Error>()
+                    .is_some_and(|h| h.is_parse() || h.is_parse_too_large()))
         {
             stats.downstream_cx_protocol_error.inc();
         }
+        self.record_refusals(&screen, peer, local);
         match conn.protocol.get() {
             Some(Version::HTTP_2) => stats.downstream_cx_http2_active.dec(),
             Some(_) => stats.downstream_cx_http1_active.dec(),
@@ -225,6 +228,44 @@ impl HttpConnectionManager {
     }
 }
 
+impl HttpConnectionManager {
+    /// Stats and access log lines for the requests the framing guard refused.
+    fn record_refusals(
+        &self,
+        screen: &ConnectionScreen,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+    ) {
+        for refusal in screen.refusals.borrow().iter() {
+            let stats = &self.stats;
+            stats.downstream_cx_protocol_error.inc();
+            stats.downstream_rq_total.inc();
+            stats.downstream_rq_http1_total.inc();
+            stats.downstream_rq_completed.inc();
+            stats.response_class(refusal.status);
+            if self.access_logs.is_empty() {
+                continue;
+            }
+            let record = LogRecord {
+                start: Some(SystemTime::now()),
+                method: "-".into(),
+                path: "-".into(),
+                protocol: "HTTP/1.1",
+                response_code: refusal.status,
+                response_flags: "DPE",
+                response_code_details: refusal.details,
+                bytes_sent: refusal.body_len(),
+                downstream_remote: Some(peer),
+                downstream_local: local,
+                ..Default::default()
+            };
+            for logger in &self.access_logs {
+                logger.log(&record);
+            }
+        }
+    }
+}
+
 struct DownstreamConnection {
     hcm: Arc<HttpConnectionManager>,
     pools: Rc<WorkerPools>,
@@ -232,9 +273,7 @@ struct DownstreamConnection {
     local: Option<SocketAddr>,
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
     protocol: Cell<Option<Version>>,
-    /// Requests seen so far, the index into `violations`.
-    requests: Cell<u64>,
-    violations: Rc<FramingViolations>,
+    screen: Rc<ConnectionScreen>,
 }
 
 #[derive(Clone)]
@@ -326,6 +365,7 @@ impl LocalReply {
 /// What finishing a request must update once its response stream ends.
 struct Exchange {
     hcm: Arc<HttpConnectionManager>,
+    screen: Rc<ConnectionScreen>,
     started: Instant,
     record: Option<LogRecord>,
     upstream: Option<UpstreamExchange>,
@@ -344,6 +384,9 @@ impl Exchange {
     fn finish(mut self, end: StreamEnd, bytes_sent: u64, bytes_received: Option<&Rc<Cell<u64>>>) {
         let stats = &self.hcm.stats;
         let elapsed = self.started.elapsed();
+        self.screen
+            .in_flight
+            .set(self.screen.in_flight.get().saturating_sub(1));
         stats.downstream_rq_active.dec();
         stats.downstream_rq_completed.inc();
         stats.downstream_rq_time.record(elapsed.as_millis() as u64);
@@ -388,8 +431,7 @@ impl DownstreamConnection {
         let hcm = &self.hcm;
         let stats = &hcm.stats;
         let version = req.version();
-        let index = self.requests.get();
-        self.requests.set(index + 1);
+        self.screen.in_flight.set(self.screen.in_flight.get() + 1);
         stats.downstream_rq_total.inc();
         stats.downstream_rq_active.inc();
         if version == Version::HTTP_2 {
@@ -447,26 +489,11 @@ impl DownstreamConnection {
         });
         let exchange = Exchange {
             hcm: hcm.clone(),
+            screen: self.screen.clone(),
             started,
             record: None,
             upstream: None,
         };
-
-        // HTTP/1.1 forbids a message with both framings (RFC 9112 §6.3); Envoy
-        // answers 400 unless allow_chunked_length is set.
-        if version != Version::HTTP_2 && self.violations.take(index) {
-            stats.downstream_cx_protocol_error.inc();
-            let reply = LocalReply::new(
-                400,
-                "Bad Request",
-                "DPE",
-                "http1.content_length_and_chunked_not_allowed",
-            );
-            let mut resp = self.local_reply(reply, exchange, record, &bytes_received);
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
-        }
 
         let routes = hcm.routes.load();
         let Some(route) = routes.find(&authority, &path) else {
@@ -509,6 +536,7 @@ impl DownstreamConnection {
         }
         let Some(host) = self.pools.pick_host(&cluster) else {
             cluster.stats.upstream_cx_none_healthy.inc();
+            cluster.stats.response(503);
             return self.local_reply(
                 LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream"),
                 exchange,
@@ -527,6 +555,8 @@ impl DownstreamConnection {
             Ok(s) => s,
             Err(e) => {
                 host.stats.rq_error.inc();
+                cluster.stats.upstream_rq_pending_failure_eject.inc();
+                cluster.stats.response(503);
                 if let Some(r) = record.as_mut() {
                     r.upstream_failure = Some(e.transport_failure());
                 }
@@ -579,9 +609,20 @@ impl DownstreamConnection {
         };
         let response = match response {
             Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if e.is_user() => {
+                // The downstream request body failed (e.g. a malformed chunk):
+                // a downstream protocol error, answered as Envoy's codec does.
+                stats.downstream_cx_protocol_error.inc();
+                let reply = LocalReply::new(400, "Bad Request", "DPE", "http1.codec_error");
+                let mut resp = self.local_reply(reply, exchange, record, &bytes_received);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
             Ok(Err(e)) => {
                 host.stats.rq_error.inc();
                 cluster.stats.upstream_rq_rx_reset.inc();
+                cluster.stats.response(503);
                 let reason = if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
                     "connection termination"
                 } else {
@@ -607,6 +648,7 @@ impl DownstreamConnection {
             }
             Err(_elapsed) => {
                 cluster.stats.upstream_rq_timeout.inc();
+                cluster.stats.response(504);
                 host.stats.rq_timeout.inc();
                 return self.local_reply(
                     LocalReply::new(
@@ -636,6 +678,8 @@ impl DownstreamConnection {
         stats.response_class(status);
 
         let (mut parts, body) = response.into_parts();
+        // Envoy writes its own reason phrase, not the upstream\'s.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),

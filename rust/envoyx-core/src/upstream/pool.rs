@@ -41,10 +41,9 @@ impl ConnectError {
     pub fn reset_reason(&self) -> String {
         match self {
             ConnectError::Timeout => "connection timeout".to_string(),
-            ConnectError::Io(e) => format!(
-                "remote connection failure, transport failure reason: delayed connect error: {}",
-                io_reason(e)
-            ),
+            // Envoy 1.40 names only the reason in the reply body; the transport
+            // failure goes to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
+            ConnectError::Io(_) => "remote connection failure".to_string(),
             ConnectError::Handshake(e) => {
                 format!("connection failure, transport failure reason: {e}")
             }
