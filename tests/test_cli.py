@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import envoyx
 import pytest
 import yaml
+
+import envoyx
 from support.wait import until
 
 RUN_TIMEOUT_S = 60.0

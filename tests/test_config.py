@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import envoyx
 import pytest
 import yaml
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
-from envoyx.config import bootstrap_to_json, load_bootstrap
 from google.protobuf import text_format
+
+import envoyx
+from envoyx.config import bootstrap_to_json, load_bootstrap
 
 HCM = (
     "type.googleapis.com/"
