@@ -59,3 +59,25 @@ class Server:
         """Bound address of each listener by name (port 0 resolved)."""
     def admin_address(self) -> tuple[str, int] | None:
         """Bound admin address, or None without an admin block."""
+    def apply(
+        self,
+        type_url: str,
+        resources: list[tuple[str, str]],
+        removed: list[str],
+        version_info: str,
+    ) -> list[tuple[str, str]]:
+        """Apply xDS resources of one type (Listener, RouteConfiguration, Cluster or
+        ClusterLoadAssignment ``type.googleapis.com/...`` URL).
+
+        ``resources`` are (name, canonical proto-JSON of the resource) to add or
+        replace; ``removed`` names go away. Valid resources are applied even when
+        others are rejected; returns (name, error) for each rejected one. Listeners
+        and clusters warm (until their routes / endpoints arrive) before serving.
+        """
+    def wanted_resources(self, type_url: str) -> list[str]:
+        """Names the core needs of a named-subscription type: route configurations
+        named by listeners (RDS) and EDS service names of clusters (EDS)."""
+    def counter_add(self, name: str, value: int) -> None:
+        """Add to a counter shown with Envoy's stats (created on first use)."""
+    def gauge_set(self, name: str, value: int) -> None:
+        """Set a gauge shown with Envoy's stats (created on first use)."""

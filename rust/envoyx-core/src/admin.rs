@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
+use crate::listener::{Listener, ListenerFilter};
 use crate::server::{ServerState, Shared, VERSION};
+use crate::upstream::Cluster;
 
 pub async fn serve(shared: Arc<Shared>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -201,12 +203,8 @@ fn route(
                 (StatusCode::OK, JSON, pretty(&listeners_json(shared)))
             } else {
                 let mut out = String::new();
-                for l in &shared.listeners {
-                    let addr = l
-                        .bound
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unwrap_or(l.configured);
+                for l in shared.active_listeners() {
+                    let addr = l.address();
                     out.push_str(&format!("{}::{addr}\n", l.name));
                 }
                 (StatusCode::OK, TEXT, out)
@@ -362,49 +360,136 @@ fn with_type(raw: &Value, type_url: &str) -> Value {
 
 pub fn config_dump(shared: &Shared) -> Value {
     let ts = timestamp(shared.loaded_at);
-    let clusters: Vec<Value> = shared
+    let cluster_entry = |c: &Arc<Cluster>| {
+        let mut e = json!({
+            "cluster": with_type(&c.raw, "envoy.config.cluster.v3.Cluster"),
+            "last_updated": timestamp(c.origin.last_updated),
+        });
+        if c.origin.dynamic {
+            e["version_info"] = json!(c.origin.version_info);
+        }
+        e
+    };
+    let clusters = shared.clusters.all();
+    let static_clusters: Vec<Value> = clusters
+        .iter()
+        .filter(|c| !c.origin.dynamic)
+        .map(cluster_entry)
+        .collect();
+    let dynamic_clusters: Vec<Value> = clusters
+        .iter()
+        .filter(|c| c.origin.dynamic)
+        .map(cluster_entry)
+        .collect();
+    let warming_clusters: Vec<Value> = shared
         .clusters
-        .all()
+        .warming()
         .iter()
-        .map(|c| json!({"cluster": with_type(&c.raw, "envoy.config.cluster.v3.Cluster"), "last_updated": ts}))
+        .map(cluster_entry)
         .collect();
-    let listeners: Vec<Value> = shared
-        .listeners
-        .iter()
-        .map(|l| {
-            json!({"listener": with_type(&l.raw, "envoy.config.listener.v3.Listener"), "last_updated": ts})
+    let mut clusters_dump = json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+        "static_clusters": static_clusters,
+    });
+    let cds_version = shared
+        .clusters
+        .cds_version
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !cds_version.is_empty() {
+        clusters_dump["version_info"] = json!(cds_version);
+    }
+    if !dynamic_clusters.is_empty() {
+        clusters_dump["dynamic_active_clusters"] = json!(dynamic_clusters);
+    }
+    if !warming_clusters.is_empty() {
+        clusters_dump["dynamic_warming_clusters"] = json!(warming_clusters);
+    }
+
+    let set = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
+    let state = |l: &Arc<Listener>| {
+        json!({
+            "version_info": l.origin.version_info,
+            "listener": with_type(&l.raw, "envoy.config.listener.v3.Listener"),
+            "last_updated": timestamp(l.origin.last_updated),
         })
-        .collect();
-    let routes: Vec<Value> = shared
-        .listeners
+    };
+    let static_listeners: Vec<Value> = set
+        .active
         .iter()
-        .filter_map(|l| match &l.filter {
-            crate::server::ListenerFilter::Http(_) => l
-                .raw
+        .filter(|l| !l.origin.dynamic)
+        .map(|l| json!({"listener": with_type(&l.raw, "envoy.config.listener.v3.Listener"), "last_updated": ts}))
+        .collect();
+    let mut dynamic_listeners: Vec<Value> = set
+        .active
+        .iter()
+        .filter(|l| l.origin.dynamic)
+        .map(|l| json!({"name": l.name, "active_state": state(l)}))
+        .collect();
+    for l in &set.warming {
+        match dynamic_listeners
+            .iter_mut()
+            .find(|d| d["name"] == json!(l.name))
+        {
+            Some(d) => d["warming_state"] = state(l),
+            None => dynamic_listeners.push(json!({"name": l.name, "warming_state": state(l)})),
+        }
+    }
+    let mut listeners_dump = json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+        "static_listeners": static_listeners,
+    });
+    if !set.lds_version.is_empty() {
+        listeners_dump["version_info"] = json!(set.lds_version);
+    }
+    if !dynamic_listeners.is_empty() {
+        listeners_dump["dynamic_listeners"] = json!(dynamic_listeners);
+    }
+    let static_routes: Vec<Value> = set
+        .active
+        .iter()
+        .filter(|l| !l.origin.dynamic && matches!(l.filter, ListenerFilter::Http(_)))
+        .filter_map(|l| {
+            l.raw
                 .pointer("/filter_chains/0/filters/0/typed_config/route_config")
-                .map(|rc| json!({"route_config": with_type(rc, "envoy.config.route.v3.RouteConfiguration"), "last_updated": ts})),
-            crate::server::ListenerFilter::Tcp(_) => None,
+                .map(|rc| json!({"route_config": with_type(rc, "envoy.config.route.v3.RouteConfiguration"), "last_updated": ts}))
         })
         .collect();
+    drop(set);
+    let dynamic_routes: Vec<Value> = {
+        let routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<&String> = routes.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                let r = &routes[n];
+                json!({
+                    "version_info": r.origin.version_info,
+                    "route_config": with_type(&r.raw, "envoy.config.route.v3.RouteConfiguration"),
+                    "last_updated": timestamp(r.origin.last_updated),
+                })
+            })
+            .collect()
+    };
+    let mut routes_dump = json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+        "static_route_configs": static_routes,
+    });
+    if !dynamic_routes.is_empty() {
+        routes_dump["dynamic_route_configs"] = json!(dynamic_routes);
+    }
     json!({"configs": [
         {
             "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
             "bootstrap": shared.bootstrap_raw,
             "last_updated": ts,
         },
-        {
-            "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-            "static_clusters": clusters,
-        },
-        {
-            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-            "static_listeners": listeners,
-        },
+        clusters_dump,
+        listeners_dump,
         {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
-        {
-            "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
-            "static_route_configs": routes,
-        },
+        routes_dump,
         {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"},
     ]})
 }
@@ -419,7 +504,7 @@ fn clusters_text(shared: &Shared) -> String {
                 "{n}::{prio}::max_connections::1024\n{n}::{prio}::max_pending_requests::1024\n{n}::{prio}::max_requests::1024\n{n}::{prio}::max_retries::3\n"
             ));
         }
-        out.push_str(&format!("{n}::added_via_api::false\n"));
+        out.push_str(&format!("{n}::added_via_api::{}\n", c.origin.dynamic));
         for h in c.hosts.load().iter() {
             let a = h.address;
             let s = &h.stats;
@@ -481,7 +566,7 @@ fn clusters_json(shared: &Shared) -> Value {
                     })
                 })
                 .collect();
-            json!({"name": c.name, "observability_name": c.name, "added_via_api": false, "host_statuses": hosts})
+            json!({"name": c.name, "observability_name": c.name, "added_via_api": c.origin.dynamic, "host_statuses": hosts})
         })
         .collect();
     json!({ "cluster_statuses": statuses })
@@ -489,10 +574,10 @@ fn clusters_json(shared: &Shared) -> Value {
 
 fn listeners_json(shared: &Shared) -> Value {
     let statuses: Vec<Value> = shared
-        .listeners
+        .active_listeners()
         .iter()
         .map(|l| {
-            let addr = l.bound.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(l.configured);
+            let addr = l.address();
             json!({
                 "name": l.name,
                 "local_address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}},

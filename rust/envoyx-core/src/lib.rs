@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod io;
+pub mod listener;
 pub mod log;
 pub mod router;
 pub mod server;
@@ -48,7 +49,12 @@ pub fn route_match_ns(
             "listener '{listener}' is not an HTTP listener"
         )));
     };
-    let table = router::RouteTable::new(hcm.route_config);
+    let config::RouteSource::Inline(route_config) = hcm.routes else {
+        return Err(Error::State(format!(
+            "listener '{listener}' takes its routes from RDS"
+        )));
+    };
+    let table = router::RouteTable::new(route_config);
     let matched = table.find(authority, path).map(|r| {
         router::cluster_of(r)
             .unwrap_or("<direct_response>")

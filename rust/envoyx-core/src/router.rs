@@ -63,6 +63,16 @@ impl RouteTable {
         Arc::new(table)
     }
 
+    /// A table without virtual hosts (every request gets 404), for an RDS listener
+    /// until its route configuration arrives.
+    pub fn empty(name: &str) -> Arc<Self> {
+        RouteTable::new(RouteConfig {
+            name: name.to_string(),
+            virtual_hosts: Vec::new(),
+            raw: serde_json::Value::Null,
+        })
+    }
+
     /// The virtual host for a `Host`/`:authority` value.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         let lowered;

@@ -1,23 +1,25 @@
 //! The server: listeners bound with SO_REUSEPORT, one current-thread tokio runtime per
-//! worker, a control thread for admin and DNS, and drain/stop.
+//! worker, a control thread for admin and DNS, configuration applied while serving
+//! (xDS or `Server.update`), and drain/stop.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
-use socket2::{Domain, Socket, Type};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::config::{AdminConfig, Bootstrap, NetworkFilter};
+use crate::config::{AdminConfig, Bootstrap, RouteConfig};
 use crate::error::{Error, Result};
-use crate::http::HttpConnectionManager;
-use crate::stats::{Counter, Gauge, StatStore};
-use crate::tcp::TcpProxy;
+use crate::listener::{Listener, ListenerFilter, bind};
+use crate::router::RouteTable;
+use crate::stats::{Gauge, StatStore};
+use crate::upstream::cluster::Origin;
 use crate::upstream::{ClusterManager, WorkerPools};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,34 +41,6 @@ impl Default for ServerOptions {
     }
 }
 
-pub enum ListenerFilter {
-    Http(Arc<HttpConnectionManager>),
-    Tcp(Arc<TcpProxy>),
-}
-
-/// `listener.<address>.*`.
-pub struct ListenerStats {
-    pub downstream_cx_total: Counter,
-    pub downstream_cx_active: Gauge,
-    pub downstream_cx_destroy: Counter,
-    /// `listener.<address>.worker_<i>.downstream_cx_{total,active}`.
-    pub per_worker: Vec<(Counter, Gauge)>,
-}
-
-pub struct Listener {
-    pub name: String,
-    pub configured: SocketAddr,
-    pub bound: Mutex<Option<SocketAddr>>,
-    pub filter: ListenerFilter,
-    pub stats: ListenerStats,
-    pub raw: Value,
-}
-
-/// Envoy's stat-name form of an address: `127.0.0.1_10000`, `[__1]_10000`.
-pub fn address_stat_name(addr: &SocketAddr) -> String {
-    addr.to_string().replace(':', "_")
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ServerState {
@@ -76,11 +50,58 @@ pub enum ServerState {
     Stopped = 3,
 }
 
-/// What the admin endpoint and the handle share.
+/// The xDS resource types the core applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    Listener,
+    RouteConfiguration,
+    Cluster,
+    ClusterLoadAssignment,
+}
+
+impl ResourceKind {
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Some(match url.rsplit('/').next().unwrap_or(url) {
+            "envoy.config.listener.v3.Listener" => ResourceKind::Listener,
+            "envoy.config.route.v3.RouteConfiguration" => ResourceKind::RouteConfiguration,
+            "envoy.config.cluster.v3.Cluster" => ResourceKind::Cluster,
+            "envoy.config.endpoint.v3.ClusterLoadAssignment" => ResourceKind::ClusterLoadAssignment,
+            _ => return None,
+        })
+    }
+}
+
+/// A worker's instructions from the control side.
+enum WorkerCommand {
+    /// Start accepting on this worker's socket of a listener.
+    Listen(Arc<Listener>, StdTcpListener),
+}
+
+/// A route configuration received over RDS, shared by every listener naming it.
+pub struct DynamicRoutes {
+    pub table: Arc<RouteTable>,
+    pub origin: Origin,
+    pub raw: Value,
+}
+
+/// Active and warming listeners (static ones are active from the start).
+#[derive(Default)]
+pub struct ListenerSet {
+    pub active: Vec<Arc<Listener>>,
+    /// Waiting for their route configuration (RDS) before they serve.
+    pub warming: Vec<Arc<Listener>>,
+    pub lds_version: String,
+}
+
+/// What the admin endpoint, the workers and the handle share.
 pub struct Shared {
     pub store: Arc<StatStore>,
     pub clusters: Arc<ClusterManager>,
-    pub listeners: Vec<Arc<Listener>>,
+    pub listeners: Mutex<ListenerSet>,
+    pub routes: Mutex<HashMap<String, DynamicRoutes>>,
+    workers: Mutex<Vec<mpsc::UnboundedSender<WorkerCommand>>>,
+    /// Serialises configuration changes.
+    apply_lock: Mutex<()>,
     pub bootstrap_raw: Value,
     pub node: Value,
     pub options: ServerOptions,
@@ -88,12 +109,15 @@ pub struct Shared {
     pub loaded_at: SystemTime,
     state: AtomicU8,
     pub healthcheck_failed: AtomicBool,
-    drain_tx: watch::Sender<bool>,
     stop_tx: watch::Sender<bool>,
     /// Set by `/quitquitquit` or `stop()`; `wait()` blocks on it.
     quit: (Mutex<bool>, Condvar),
     pub admin_address: Mutex<Option<SocketAddr>>,
     uptime: Gauge,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -124,20 +148,281 @@ impl Shared {
         if self.state() == ServerState::Live {
             self.set_state(ServerState::Draining);
         }
-        self.drain_tx.send_replace(true);
+        for l in &lock(&self.listeners).active {
+            l.drain.send_replace(true);
+        }
     }
 
     /// Asks the owner of the handle to stop (what `/quitquitquit` does).
     pub fn request_quit(&self) {
         self.drain();
-        let (lock, cv) = &self.quit;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let (flag, cv) = &self.quit;
+        *lock(flag) = true;
         cv.notify_all();
     }
 
     /// Gauges computed when read.
     pub fn refresh_gauges(&self) {
         self.uptime.set(self.started_at.elapsed().as_secs() as i64);
+        let set = lock(&self.listeners);
+        self.store
+            .gauge("listener_manager.total_listeners_active")
+            .set(set.active.len() as i64);
+        self.store
+            .gauge("listener_manager.total_listeners_warming")
+            .set(set.warming.len() as i64);
+    }
+
+    pub fn active_listeners(&self) -> Vec<Arc<Listener>> {
+        lock(&self.listeners).active.clone()
+    }
+
+    /// Hands a warm listener's sockets to the workers and retires the listener it
+    /// replaces (same name), which drains.
+    fn activate(&self, set: &mut ListenerSet, listener: Arc<Listener>) {
+        let sockets = std::mem::take(&mut *lock(&listener.sockets));
+        let workers = lock(&self.workers);
+        for (worker, socket) in workers.iter().zip(sockets) {
+            let _ = worker.send(WorkerCommand::Listen(listener.clone(), socket));
+        }
+        drop(workers);
+        set.warming.retain(|l| !Arc::ptr_eq(l, &listener));
+        if let Some(pos) = set.active.iter().position(|l| l.name == listener.name) {
+            let old = std::mem::replace(&mut set.active[pos], listener);
+            old.drain.send_replace(true);
+            self.store
+                .counter("listener_manager.listener_modified")
+                .inc();
+        } else {
+            set.active.push(listener);
+            self.store.counter("listener_manager.listener_added").inc();
+        }
+    }
+
+    /// Applies xDS resources of one kind; returns the rejected ones with why.
+    /// Valid resources are applied even when others are rejected.
+    pub fn apply(
+        &self,
+        kind: ResourceKind,
+        resources: Vec<(String, String)>,
+        removed: &[String],
+        version: &str,
+    ) -> Vec<(String, String)> {
+        let _apply = lock(&self.apply_lock);
+        let mut rejected = Vec::new();
+        let mut parsed = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (name, json) in resources {
+            if !seen.insert(name.clone()) {
+                rejected.push((name, "duplicate resource name in one update".to_string()));
+                continue;
+            }
+            match serde_json::from_str::<Value>(&json) {
+                Ok(doc) => parsed.push((name, doc)),
+                Err(e) => rejected.push((name, format!("invalid JSON: {e}"))),
+            }
+        }
+        use crate::config::bootstrap as map;
+        match kind {
+            ResourceKind::Cluster => {
+                let mut upserts = Vec::new();
+                for (name, doc) in parsed {
+                    match map::map_cluster_resource(&doc) {
+                        Ok(c) if c.name == name => upserts.push(c),
+                        Ok(c) => rejected.push((
+                            name,
+                            format!("resource name does not match cluster name '{}'", c.name),
+                        )),
+                        Err(errs) => rejected.push((name, errs.join("; "))),
+                    }
+                }
+                self.clusters.apply(upserts, removed, version);
+            }
+            ResourceKind::ClusterLoadAssignment => {
+                let mut upserts = Vec::new();
+                for (name, doc) in parsed {
+                    match map::map_load_assignment_resource(&doc) {
+                        Ok((_, endpoints)) => {
+                            let addrs = endpoints
+                                .iter()
+                                .filter_map(|e| {
+                                    e.address.parse().ok().map(|ip| SocketAddr::new(ip, e.port))
+                                })
+                                .collect();
+                            upserts.push((name, addrs));
+                        }
+                        Err(errs) => rejected.push((name, errs.join("; "))),
+                    }
+                }
+                self.clusters.apply_endpoints(upserts, removed);
+            }
+            ResourceKind::RouteConfiguration => {
+                let mut upserts: Vec<RouteConfig> = Vec::new();
+                for (name, doc) in parsed {
+                    match map::map_route_config_resource(&doc) {
+                        Ok(rc) if rc.name == name => upserts.push(rc),
+                        Ok(rc) => rejected.push((
+                            name,
+                            format!(
+                                "resource name does not match route configuration name '{}'",
+                                rc.name
+                            ),
+                        )),
+                        Err(errs) => rejected.push((name, errs.join("; "))),
+                    }
+                }
+                self.apply_routes(upserts, removed, version);
+            }
+            ResourceKind::Listener => {
+                for (name, doc) in parsed {
+                    if let Err(e) = self.apply_listener(&name, &doc, version) {
+                        rejected.push((name, e));
+                    }
+                }
+                let mut set = lock(&self.listeners);
+                for name in removed {
+                    if let Some(pos) = set.active.iter().position(|l| &l.name == name) {
+                        let old = set.active.remove(pos);
+                        old.drain.send_replace(true);
+                        self.store
+                            .counter("listener_manager.listener_removed")
+                            .inc();
+                    }
+                    set.warming.retain(|l| &l.name != name);
+                }
+                set.lds_version = version.to_string();
+            }
+        }
+        self.refresh_gauges();
+        rejected
+    }
+
+    fn apply_listener(
+        &self,
+        name: &str,
+        doc: &Value,
+        version: &str,
+    ) -> std::result::Result<(), String> {
+        let config =
+            crate::config::bootstrap::map_listener_resource(doc).map_err(|e| e.join("; "))?;
+        if config.name != name {
+            return Err(format!(
+                "resource name does not match listener name '{}'",
+                config.name
+            ));
+        }
+        let mut set = lock(&self.listeners);
+        // A State-of-the-World response repeats unchanged listeners: leave them be.
+        if set
+            .active
+            .iter()
+            .any(|l| l.name == name && l.raw == config.raw)
+        {
+            return Ok(());
+        }
+        if let Some(other) =
+            set.active.iter().chain(&set.warming).find(|l| {
+                l.name != name && config.address.port() != 0 && l.address() == config.address
+            })
+        {
+            return Err(format!(
+                "error adding listener '{name}': has duplicate address '{}' as existing listener '{}'",
+                config.address, other.name
+            ));
+        }
+        let workers = self.options.concurrency.max(1);
+        let listener = Listener::build(
+            config,
+            &self.clusters,
+            &self.store,
+            workers,
+            Origin::dynamic(version),
+        )
+        .map_err(|e| e.to_string())?;
+        // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
+        let sockets = listener.bind(workers).map_err(|e| e.to_string())?;
+        *lock(&listener.sockets) = sockets;
+        let warm = match listener.rds_name() {
+            None => true,
+            Some(rds) => match lock(&self.routes).get(rds) {
+                Some(routes) => {
+                    if let ListenerFilter::Http(hcm) = &listener.filter {
+                        hcm.routes.store(routes.table.clone());
+                    }
+                    true
+                }
+                None => false,
+            },
+        };
+        set.warming.retain(|l| l.name != name);
+        if warm {
+            self.activate(&mut set, listener);
+        } else {
+            set.warming.push(listener);
+        }
+        Ok(())
+    }
+
+    fn apply_routes(&self, upserts: Vec<RouteConfig>, removed: &[String], version: &str) {
+        let mut routes = lock(&self.routes);
+        let mut set = lock(&self.listeners);
+        for rc in upserts {
+            let name = rc.name.clone();
+            let raw = rc.raw.clone();
+            if routes.get(&name).is_some_and(|r| r.raw == raw) {
+                continue;
+            }
+            let table = RouteTable::new(rc);
+            for l in set.active.iter().chain(&set.warming) {
+                if let ListenerFilter::Http(hcm) = &l.filter
+                    && hcm.rds_name.as_deref() == Some(name.as_str())
+                {
+                    hcm.routes.store(table.clone());
+                }
+            }
+            routes.insert(
+                name.clone(),
+                DynamicRoutes {
+                    table,
+                    origin: Origin::dynamic(version),
+                    raw,
+                },
+            );
+            let now_warm: Vec<Arc<Listener>> = set
+                .warming
+                .iter()
+                .filter(|l| l.rds_name() == Some(name.as_str()))
+                .cloned()
+                .collect();
+            for l in now_warm {
+                self.activate(&mut set, l);
+            }
+        }
+        // Removing a route configuration leaves listeners with the table they have,
+        // as Envoy does; it only stops being offered to new listeners.
+        for name in removed {
+            routes.remove(name);
+        }
+    }
+
+    /// Names of resources the core waits for: RDS route configurations named by
+    /// listeners, EDS services of clusters.
+    pub fn wanted_resources(&self, kind: ResourceKind) -> Vec<String> {
+        let mut names: Vec<String> = match kind {
+            ResourceKind::RouteConfiguration => {
+                let set = lock(&self.listeners);
+                set.active
+                    .iter()
+                    .chain(&set.warming)
+                    .filter_map(|l| l.rds_name().map(str::to_string))
+                    .collect()
+            }
+            ResourceKind::ClusterLoadAssignment => self.clusters.wanted_eds_services(),
+            ResourceKind::Listener | ResourceKind::Cluster => Vec::new(),
+        };
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -152,60 +437,34 @@ impl Server {
     /// Builds every runtime object of a mapped bootstrap; binds nothing yet.
     pub fn new(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self> {
         let store = StatStore::new();
-        let clusters = Arc::new(ClusterManager::new(&bootstrap.clusters, &store));
-        let mut listeners = Vec::new();
+        let clusters = ClusterManager::new(&bootstrap.clusters, &store);
+        let workers = options.concurrency.max(1);
+        let mut active = Vec::new();
         for l in bootstrap.listeners {
-            let filter = match l.filter {
-                NetworkFilter::Http(hcm) => ListenerFilter::Http(
-                    HttpConnectionManager::new(hcm, clusters.clone(), &store).map_err(
-                        |source| Error::Io {
-                            context: format!("listener '{}': cannot open access log", l.name),
-                            source,
-                        },
-                    )?,
-                ),
-                NetworkFilter::Tcp(tcp) => ListenerFilter::Tcp(
-                    TcpProxy::new(tcp, clusters.clone(), &store).map_err(|source| Error::Io {
-                        context: format!("listener '{}': cannot open access log", l.name),
-                        source,
-                    })?,
-                ),
-            };
-            let prefix = format!("listener.{}.", address_stat_name(&l.address));
-            listeners.push(Arc::new(Listener {
-                stats: ListenerStats {
-                    downstream_cx_total: store.counter(&format!("{prefix}downstream_cx_total")),
-                    downstream_cx_active: store.gauge(&format!("{prefix}downstream_cx_active")),
-                    downstream_cx_destroy: store.counter(&format!("{prefix}downstream_cx_destroy")),
-                    per_worker: (0..options.concurrency.max(1))
-                        .map(|i| {
-                            (
-                                store.counter(&format!("{prefix}worker_{i}.downstream_cx_total")),
-                                store.gauge(&format!("{prefix}worker_{i}.downstream_cx_active")),
-                            )
-                        })
-                        .collect(),
-                },
-                name: l.name,
-                configured: l.address,
-                bound: Mutex::new(None),
-                filter,
-                raw: l.raw,
-            }));
+            active.push(Listener::build(
+                l,
+                &clusters,
+                &store,
+                workers,
+                Origin::bootstrap(),
+            )?);
         }
         store
-            .gauge("listener_manager.total_listeners_active")
-            .set(listeners.len() as i64);
-        store
             .counter("listener_manager.listener_added")
-            .add(listeners.len() as u64);
+            .add(active.len() as u64);
         store
             .gauge("server.concurrency")
             .set(options.concurrency as i64);
         let uptime = store.gauge("server.uptime");
         let shared = Arc::new(Shared {
             clusters,
-            listeners,
+            listeners: Mutex::new(ListenerSet {
+                active,
+                ..Default::default()
+            }),
+            routes: Mutex::new(HashMap::new()),
+            workers: Mutex::new(Vec::new()),
+            apply_lock: Mutex::new(()),
             bootstrap_raw: bootstrap.raw,
             node: bootstrap.node,
             options,
@@ -213,7 +472,6 @@ impl Server {
             loaded_at: SystemTime::now(),
             state: AtomicU8::new(ServerState::Initializing as u8),
             healthcheck_failed: AtomicBool::new(false),
-            drain_tx: watch::channel(false).0,
             stop_tx: watch::channel(false).0,
             quit: (Mutex::new(false), Condvar::new()),
             admin_address: Mutex::new(None),
@@ -221,6 +479,7 @@ impl Server {
             store,
         });
         shared.set_state(ServerState::Initializing);
+        shared.refresh_gauges();
         Ok(Server {
             shared,
             admin: bootstrap.admin,
@@ -244,26 +503,19 @@ impl Server {
         let admin_listener = match &self.admin {
             Some(admin) => {
                 let l = bind(admin.address, false)?;
-                *shared
-                    .admin_address
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = l.local_addr().ok();
+                *lock(&shared.admin_address) = l.local_addr().ok();
                 Some(l)
             }
             None => None,
         };
-        // One socket per worker per listener; port 0 is resolved by the first bind.
-        let mut sockets: Vec<Vec<StdTcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-        for listener in &shared.listeners {
-            let first = bind(listener.configured, true)?;
-            let actual = first.local_addr().map_err(|source| Error::Bind {
-                address: listener.configured,
-                source,
-            })?;
-            *listener.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
-            sockets[0].push(first);
-            for worker_sockets in sockets.iter_mut().skip(1) {
-                worker_sockets.push(bind(actual, true)?);
+        // One socket per worker per listener, all bound before anything serves so
+        // that a port in use fails start.
+        let listeners = shared.active_listeners();
+        let mut sockets: Vec<Vec<(Arc<Listener>, StdTcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for listener in &listeners {
+            for (i, socket) in listener.bind(workers)?.into_iter().enumerate() {
+                sockets[i].push((listener.clone(), socket));
             }
         }
 
@@ -281,17 +533,21 @@ impl Server {
         // Workers start after DNS clusters have their first answer, as Envoy's
         // cluster warming does before listeners serve.
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
+        let mut senders = Vec::new();
         for (i, worker_sockets) in sockets.into_iter().enumerate() {
             let shared = shared.clone();
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
             let t = std::thread::Builder::new()
                 .name(format!("envoyx-wrk-{i}"))
-                .spawn(move || worker_thread(shared, i, worker_sockets))
+                .spawn(move || worker_thread(shared, i, worker_sockets, rx))
                 .map_err(|source| Error::Io {
                     context: "cannot start a worker thread".into(),
                     source,
                 })?;
             threads.push(t);
         }
+        *lock(&shared.workers) = senders;
         shared
             .store
             .gauge("listener_manager.workers_started")
@@ -302,8 +558,24 @@ impl Server {
             "main",
             "starting main dispatch loop with {workers} workers"
         );
-        *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
+        *lock(&self.threads) = threads;
         Ok(())
+    }
+
+    /// Applies xDS resources of one kind (see [`Shared::apply`]).
+    pub fn apply(
+        &self,
+        kind: ResourceKind,
+        resources: Vec<(String, String)>,
+        removed: &[String],
+        version: &str,
+    ) -> Result<Vec<(String, String)>> {
+        if !self.started.load(Ordering::SeqCst) {
+            return Err(Error::State(
+                "the server must be started before resources are applied".into(),
+            ));
+        }
+        Ok(self.shared.apply(kind, resources, removed, version))
     }
 
     /// Stops accepting; open connections close as their requests finish.
@@ -315,13 +587,13 @@ impl Server {
     pub fn stop(&self) {
         self.shared.drain();
         self.shared.stop_tx.send_replace(true);
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             let _ = t.join();
         }
         self.shared.set_state(ServerState::Stopped);
-        let (lock, cv) = &self.shared.quit;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let (flag, cv) = &self.shared.quit;
+        *lock(flag) = true;
         cv.notify_all();
     }
 
@@ -361,21 +633,14 @@ impl Server {
 
     pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
         self.shared
-            .listeners
+            .active_listeners()
             .iter()
-            .map(|l| {
-                let bound = *l.bound.lock().unwrap_or_else(|e| e.into_inner());
-                (l.name.clone(), bound.unwrap_or(l.configured))
-            })
+            .map(|l| (l.name.clone(), l.address()))
             .collect()
     }
 
     pub fn admin_address(&self) -> Option<SocketAddr> {
-        *self
-            .shared
-            .admin_address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        *lock(&self.shared.admin_address)
     }
 }
 
@@ -385,25 +650,6 @@ impl Drop for Server {
             self.stop();
         }
     }
-}
-
-fn bind(addr: SocketAddr, reuse_port: bool) -> Result<StdTcpListener> {
-    let err = |source| Error::Bind {
-        address: addr,
-        source,
-    };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
-    socket.set_reuse_address(true).map_err(err)?;
-    if reuse_port {
-        socket.set_reuse_port(true).map_err(err)?;
-    }
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(err)?;
-    }
-    socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(1024).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    Ok(socket.into())
 }
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {
@@ -420,25 +666,11 @@ fn control_thread(
     ready: std::sync::mpsc::Sender<()>,
 ) {
     let rt = current_thread_runtime();
+    shared.clusters.set_control_runtime(rt.handle().clone());
     rt.block_on(async move {
         // First DNS answers before workers serve; then refresh in the background.
-        let dns: Vec<_> = shared
-            .clusters
-            .all()
-            .iter()
-            .filter(|c| c.is_dns())
-            .cloned()
-            .collect();
-        futures_util::future::join_all(dns.iter().map(|c| c.resolve())).await;
+        crate::upstream::cluster::resolve_static_dns(&shared.clusters).await;
         let _ = ready.send(());
-        for cluster in dns {
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(cluster.dns_refresh_rate).await;
-                    cluster.resolve().await;
-                }
-            });
-        }
         if let Some(listener) = admin {
             let logs = admin_logs.unwrap_or_default();
             tokio::spawn(crate::admin::serve(shared.clone(), listener, logs));
@@ -473,31 +705,48 @@ impl Drop for TrackedConnection {
     }
 }
 
-fn worker_thread(shared: Arc<Shared>, worker: usize, sockets: Vec<StdTcpListener>) {
+fn worker_thread(
+    shared: Arc<Shared>,
+    worker: usize,
+    sockets: Vec<(Arc<Listener>, StdTcpListener)>,
+    mut commands: mpsc::UnboundedReceiver<WorkerCommand>,
+) {
     let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let pools = WorkerPools::new();
         let tracker = Rc::new(ConnectionTracker::default());
-        for (listener, socket) in shared.listeners.iter().zip(sockets) {
-            let socket = match tokio::net::TcpListener::from_std(socket) {
-                Ok(s) => s,
-                Err(e) => {
-                    crate::log!(Error, "main", "listener '{}': {e}", listener.name);
-                    continue;
+        let listen = |listener: Arc<Listener>, socket: StdTcpListener| {
+            match tokio::net::TcpListener::from_std(socket) {
+                Ok(s) => {
+                    tokio::task::spawn_local(accept_loop(
+                        worker,
+                        listener,
+                        s,
+                        pools.clone(),
+                        tracker.clone(),
+                    ));
                 }
-            };
-            tokio::task::spawn_local(accept_loop(
-                worker,
-                listener.clone(),
-                socket,
-                pools.clone(),
-                tracker.clone(),
-                shared.drain_tx.subscribe(),
-            ));
+                Err(e) => crate::log!(Error, "main", "listener '{}': {e}", listener.name),
+            }
+        };
+        for (listener, socket) in sockets {
+            listen(listener, socket);
         }
         let mut stop = shared.stop_tx.subscribe();
-        let _ = stop.wait_for(|s| *s).await;
+        // Idle connections to clusters that were removed or replaced are closed
+        // on this beat.
+        let mut prune = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(WorkerCommand::Listen(listener, socket)) => listen(listener, socket),
+                    None => break,
+                },
+                _ = prune.tick() => pools.prune(&shared.clusters.live_ids()),
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
         // In-flight requests may finish within the drain time; then the runtime
         // is dropped, which closes whatever is left.
         let deadline = tokio::time::Instant::now() + shared.options.drain_time;
@@ -516,8 +765,8 @@ async fn accept_loop(
     socket: tokio::net::TcpListener,
     pools: Rc<WorkerPools>,
     tracker: Rc<ConnectionTracker>,
-    mut drain: watch::Receiver<bool>,
 ) {
+    let mut drain = listener.drain.subscribe();
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,

@@ -81,7 +81,7 @@ impl TcpProxy {
             upstream_cluster: Some(self.cluster.clone()),
             ..Default::default()
         };
-        let Some(cluster) = self.clusters.get(&self.cluster).cloned() else {
+        let Some(cluster) = self.clusters.get(&self.cluster) else {
             self.stats.downstream_cx_no_route.inc();
             record.response_flags = "NR";
             self.log(record, started);

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use envoyx_core::log::{self, Level};
+use envoyx_core::server::ResourceKind;
 use envoyx_core::{Server as CoreServer, ServerOptions};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -144,6 +145,42 @@ impl Server {
             .admin_address()
             .map(|a| (a.ip().to_string(), a.port()))
     }
+
+    fn apply(
+        &self,
+        py: Python<'_>,
+        type_url: &str,
+        resources: Vec<(String, String)>,
+        removed: Vec<String>,
+        version_info: &str,
+    ) -> PyResult<Vec<(String, String)>> {
+        let kind = resource_kind(type_url)?;
+        py.detach(|| self.inner.apply(kind, resources, &removed, version_info))
+            .map_err(to_py_err)
+    }
+
+    fn wanted_resources(&self, type_url: &str) -> PyResult<Vec<String>> {
+        Ok(self
+            .inner
+            .shared()
+            .wanted_resources(resource_kind(type_url)?))
+    }
+
+    fn counter_add(&self, name: &str, value: u64) {
+        self.inner.shared().store.counter(name).add(value);
+    }
+
+    fn gauge_set(&self, name: &str, value: i64) {
+        self.inner.shared().store.gauge(name).set(value);
+    }
+}
+
+fn resource_kind(type_url: &str) -> PyResult<ResourceKind> {
+    ResourceKind::from_type_url(type_url).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "envoyx does not apply resources of type {type_url}"
+        ))
+    })
 }
 
 #[pymodule]

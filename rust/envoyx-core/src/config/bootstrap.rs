@@ -113,7 +113,10 @@ fn check_references(sr: &Obj<'_>, listeners: &[ListenerConfig], clusters: &[Clus
         let fpath = format!("{path}.filter_chains[0].filters[0].typed_config");
         match &l.filter {
             NetworkFilter::Http(hcm) => {
-                for (v, vh) in hcm.route_config.virtual_hosts.iter().enumerate() {
+                let RouteSource::Inline(route_config) = &hcm.routes else {
+                    continue;
+                };
+                for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
                     for (r, route) in vh.routes.iter().enumerate() {
                         if let RouteAction::Forward(fwd) = &route.action
                             && !names.contains(fwd.cluster.as_str())
@@ -285,12 +288,22 @@ fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             None => f.error("typed_config", "is required"),
         }
     }
-    let route_config = match hcm.obj("route_config") {
-        Some(rc) => map_route_config(&rc)?,
-        None => {
-            hcm.error("route_config", "is required (rds arrives with xDS support)");
+    let routes = if let Some(rc) = hcm.obj("route_config") {
+        RouteSource::Inline(map_route_config(&rc)?)
+    } else if let Some(rds) = hcm.obj("rds") {
+        let Some(name) = rds.str("route_config_name") else {
+            rds.error("route_config_name", "is required");
             return None;
-        }
+        };
+        // The config source is the Python xDS client's business; it validates it.
+        rds.raw("config_source");
+        RouteSource::Rds(name.to_string())
+    } else {
+        hcm.error(
+            "route_config",
+            "one of route_config or rds is required by envoyx",
+        );
+        return None;
     };
     let access_logs = hcm
         .list("access_log")
@@ -300,7 +313,7 @@ fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
     Some(HttpConnectionManagerConfig {
         stat_prefix,
         codec,
-        route_config,
+        routes,
         access_logs,
         server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
@@ -535,6 +548,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         "STATIC" => DiscoveryType::Static,
         "STRICT_DNS" => DiscoveryType::StrictDns,
         "LOGICAL_DNS" => DiscoveryType::LogicalDns,
+        "EDS" => DiscoveryType::Eds,
         other => {
             c.error(
                 "type",
@@ -598,44 +612,19 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
                 .push(opts.path(), "envoyx supports explicit_http_config only");
         }
     }
-    let mut endpoints = Vec::new();
-    if let Some(la) = c.obj("load_assignment") {
-        la.str("cluster_name");
-        for locality in la.list("endpoints") {
-            for lb in locality.list("lb_endpoints") {
-                let Some(ep) = lb.obj("endpoint") else {
-                    lb.error("endpoint", "is required");
-                    continue;
-                };
-                let Some(addr) = ep.obj("address") else {
-                    ep.error("address", "is required");
-                    continue;
-                };
-                let Some(sa) = addr.obj("socket_address") else {
-                    addr.errors()
-                        .push(addr.path(), "only socket_address is supported by envoyx");
-                    continue;
-                };
-                let host = sa.str("address").unwrap_or_default().to_string();
-                let port = sa.u32("port_value").unwrap_or(0);
-                if discovery == DiscoveryType::Static && host.parse::<IpAddr>().is_err() {
-                    sa.error(
-                        "address",
-                        format!("malformed IP address: {host}. Consider setting resolver_name or setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'"),
-                    );
-                    continue;
-                }
-                let Ok(port) = u16::try_from(port) else {
-                    sa.error("port_value", "port must be at most 65535");
-                    continue;
-                };
-                endpoints.push(EndpointConfig {
-                    address: host,
-                    port,
-                });
-            }
-        }
+    let mut eds_service_name = None;
+    if discovery == DiscoveryType::Eds {
+        let service = c.obj("eds_cluster_config").and_then(|e| {
+            // The config source is the Python xDS client's business.
+            e.raw("eds_config");
+            e.str("service_name").map(str::to_string)
+        });
+        eds_service_name = Some(service.unwrap_or_else(|| name.clone()));
     }
+    let endpoints = match c.obj("load_assignment") {
+        Some(la) => map_load_assignment(&la, discovery == DiscoveryType::Static),
+        None => Vec::new(),
+    };
     if discovery == DiscoveryType::LogicalDns && endpoints.len() != 1 {
         c.error(
             "load_assignment",
@@ -650,7 +639,104 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         protocol,
         dns_refresh_rate,
         dns_lookup_family,
+        eds_service_name,
         raw: c.to_value(),
+    })
+}
+
+/// `envoy.config.endpoint.v3.ClusterLoadAssignment` endpoints (a cluster's
+/// `load_assignment`, or an EDS resource). `ip_only`: addresses must be IP literals.
+fn map_load_assignment(la: &Obj<'_>, ip_only: bool) -> Vec<EndpointConfig> {
+    let mut endpoints = Vec::new();
+    la.str("cluster_name");
+    for locality in la.list("endpoints") {
+        for lb in locality.list("lb_endpoints") {
+            let Some(ep) = lb.obj("endpoint") else {
+                lb.error("endpoint", "is required");
+                continue;
+            };
+            let Some(addr) = ep.obj("address") else {
+                ep.error("address", "is required");
+                continue;
+            };
+            let Some(sa) = addr.obj("socket_address") else {
+                addr.errors()
+                    .push(addr.path(), "only socket_address is supported by envoyx");
+                continue;
+            };
+            let host = sa.str("address").unwrap_or_default().to_string();
+            let port = sa.u32("port_value").unwrap_or(0);
+            if ip_only && host.parse::<IpAddr>().is_err() {
+                sa.error(
+                        "address",
+                        format!("malformed IP address: {host}. Consider setting resolver_name or setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'"),
+                    );
+                continue;
+            }
+            let Ok(port) = u16::try_from(port) else {
+                sa.error("port_value", "port must be at most 65535");
+                continue;
+            };
+            endpoints.push(EndpointConfig {
+                address: host,
+                port,
+            });
+        }
+    }
+
+    endpoints
+}
+
+fn map_resource<T>(doc: &Value, f: impl FnOnce(&Obj<'_>) -> Option<T>) -> Result<T, Vec<String>> {
+    let errors = Errors::default();
+    let mapped = match Obj::new(doc, String::new(), &errors) {
+        Some(obj) => f(&obj),
+        None => None,
+    };
+    match mapped {
+        Some(v) if errors.is_empty() => Ok(v),
+        _ => {
+            let mut errs = errors.into_vec();
+            if errs.is_empty() {
+                errs.push("invalid resource".to_string());
+            }
+            Err(errs)
+        }
+    }
+}
+
+/// One `envoy.config.listener.v3.Listener` resource (LDS).
+pub fn map_listener_resource(doc: &Value) -> Result<ListenerConfig, Vec<String>> {
+    map_resource(doc, map_listener)
+}
+
+/// One `envoy.config.cluster.v3.Cluster` resource (CDS).
+pub fn map_cluster_resource(doc: &Value) -> Result<ClusterConfig, Vec<String>> {
+    map_resource(doc, map_cluster)
+}
+
+/// One `envoy.config.route.v3.RouteConfiguration` resource (RDS).
+pub fn map_route_config_resource(doc: &Value) -> Result<RouteConfig, Vec<String>> {
+    map_resource(doc, map_route_config)
+}
+
+/// One `envoy.config.endpoint.v3.ClusterLoadAssignment` resource (EDS):
+/// its `cluster_name` and endpoints (IP literals, as Envoy requires).
+pub fn map_load_assignment_resource(
+    doc: &Value,
+) -> Result<(String, Vec<EndpointConfig>), Vec<String>> {
+    map_resource(doc, |la| {
+        let name = la
+            .raw("cluster_name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        // Envoy's defaults for these are what envoyx does; other values are refused.
+        if let Some(policy) = la.obj("policy") {
+            policy.ignore(&["overprovisioning_factor"]);
+        }
+        let endpoints = map_load_assignment(la, true);
+        Some((name, endpoints))
     })
 }
 

@@ -63,8 +63,8 @@ pub struct HttpConnectionManagerConfig {
     pub stat_prefix: String,
     /// `codec_type` (AUTO detects the HTTP/2 connection preface).
     pub codec: CodecType,
-    /// `route_config`.
-    pub route_config: RouteConfig,
+    /// `route_config` (inline) or `rds` (by name, over xDS).
+    pub routes: RouteSource,
     /// `access_log`.
     pub access_logs: Vec<AccessLogConfig>,
     /// `server_name` (default `envoy`), written into the `server` response header.
@@ -73,6 +73,13 @@ pub struct HttpConnectionManagerConfig {
     pub generate_request_id: bool,
     /// `use_remote_address` (default false): append the peer to `x-forwarded-for`.
     pub use_remote_address: bool,
+}
+
+#[derive(Debug)]
+pub enum RouteSource {
+    Inline(RouteConfig),
+    /// `rds.route_config_name`: the table arrives as a RouteConfiguration resource.
+    Rds(String),
 }
 
 #[derive(Debug)]
@@ -145,6 +152,8 @@ pub enum DiscoveryType {
     Static,
     StrictDns,
     LogicalDns,
+    /// Endpoints arrive as ClusterLoadAssignment resources for `service_name`.
+    Eds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +186,8 @@ pub struct ClusterConfig {
     /// `dns_refresh_rate` (default 5 s).
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
+    /// `eds_cluster_config.service_name` (default: the cluster's name) for EDS.
+    pub eds_service_name: Option<String>,
     pub raw: Value,
 }
 

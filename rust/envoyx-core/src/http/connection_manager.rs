@@ -27,7 +27,9 @@ use tokio::sync::watch;
 use super::body::{ProxyBody, ResponseBody, StreamEnd};
 use super::framing_guard::{ConnectionScreen, FramingGuard};
 use crate::access_log::{AccessLogger, LogRecord};
-use crate::config::{CodecType, ForwardAction, HttpConnectionManagerConfig, RouteAction};
+use crate::config::{
+    CodecType, ForwardAction, HttpConnectionManagerConfig, RouteAction, RouteSource,
+};
 use crate::io::{CountedIo, LocalExec};
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
@@ -102,6 +104,9 @@ impl HcmStats {
 /// The runtime form of one listener's HTTP connection manager.
 pub struct HttpConnectionManager {
     codec: CodecType,
+    pub stat_prefix: String,
+    /// `rds.route_config_name`: the table arrives later and is swapped into `routes`.
+    pub rds_name: Option<String>,
     pub routes: ArcSwap<RouteTable>,
     pub clusters: Arc<ClusterManager>,
     pub stats: HcmStats,
@@ -122,10 +127,16 @@ impl HttpConnectionManager {
             .iter()
             .map(AccessLogger::open)
             .collect::<std::io::Result<Vec<_>>>()?;
+        let (table, rds_name) = match config.routes {
+            RouteSource::Inline(rc) => (RouteTable::new(rc), None),
+            RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name)),
+        };
         Ok(Arc::new(HttpConnectionManager {
             codec: config.codec,
             stats: HcmStats::new(store, &config.stat_prefix),
-            routes: ArcSwap::new(RouteTable::new(config.route_config)),
+            stat_prefix: config.stat_prefix,
+            rds_name,
+            routes: ArcSwap::new(table),
             clusters,
             access_logs,
             server_name: HeaderValue::from_str(&config.server_name)
@@ -396,7 +407,12 @@ impl Exchange {
             up.host_stats_rq_active.dec();
             match end {
                 StreamEnd::Complete => {
-                    if let Some(sender) = up.reusable {
+                    if let Some(sender) = up.reusable
+                        && !up
+                            .cluster
+                            .removed
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    {
                         up.pools.release(up.cluster.id, up.host, sender);
                     }
                 }
@@ -522,7 +538,7 @@ impl DownstreamConnection {
             RouteAction::Forward(f) => f,
         };
         stats.rq_total.inc();
-        let Some(cluster) = hcm.clusters.get(&action.cluster).cloned() else {
+        let Some(cluster) = hcm.clusters.get(&action.cluster) else {
             stats.no_cluster.inc();
             return self.local_reply(
                 LocalReply::new(503, Bytes::new(), "NC", "cluster_not_found"),

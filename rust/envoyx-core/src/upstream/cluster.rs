@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -142,11 +142,44 @@ pub struct Cluster {
     pub endpoints: Vec<EndpointConfig>,
     pub hosts: ArcSwap<Vec<Arc<Host>>>,
     pub stats: ClusterStats,
+    /// `eds_cluster_config.service_name` for EDS clusters.
+    pub eds_service_name: Option<String>,
+    /// Where it came from, for `/config_dump` and `/clusters`.
+    pub origin: Origin,
+    /// Set once the cluster is removed or replaced: its pools stop reusing
+    /// connections and its DNS refresh ends.
+    pub removed: AtomicBool,
     pub raw: serde_json::Value,
 }
 
+/// Static (bootstrap) or dynamic (xDS / `Server.update`), with its version.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub dynamic: bool,
+    pub version_info: String,
+    pub last_updated: std::time::SystemTime,
+}
+
+impl Origin {
+    pub fn bootstrap() -> Self {
+        Origin {
+            dynamic: false,
+            version_info: String::new(),
+            last_updated: std::time::SystemTime::now(),
+        }
+    }
+
+    pub fn dynamic(version_info: &str) -> Self {
+        Origin {
+            dynamic: true,
+            version_info: version_info.to_string(),
+            last_updated: std::time::SystemTime::now(),
+        }
+    }
+}
+
 impl Cluster {
-    pub fn new(config: &ClusterConfig, store: &Arc<StatStore>) -> Arc<Self> {
+    pub fn new(config: &ClusterConfig, store: &Arc<StatStore>, origin: Origin) -> Arc<Self> {
         let stats = ClusterStats::new(store, &config.name);
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
@@ -173,6 +206,9 @@ impl Cluster {
             endpoints: config.endpoints.clone(),
             hosts: ArcSwap::from_pointee(hosts),
             stats,
+            eds_service_name: config.eds_service_name.clone(),
+            origin,
+            removed: AtomicBool::new(false),
             raw: config.raw.clone(),
         })
     }
@@ -279,38 +315,265 @@ pub fn pick_family(addrs: Vec<SocketAddr>, family: DnsLookupFamily) -> Vec<Socke
     }
 }
 
-/// Every cluster by name.
-#[derive(Debug, Default)]
-pub struct ClusterManager {
-    clusters: HashMap<String, Arc<Cluster>>,
+#[derive(Debug, Default, Clone)]
+struct ClusterMap {
+    by_name: HashMap<String, Arc<Cluster>>,
+    /// In the order they were added, for admin output.
     order: Vec<Arc<Cluster>>,
 }
 
+impl ClusterMap {
+    fn insert(&mut self, cluster: Arc<Cluster>) -> Option<Arc<Cluster>> {
+        let old = self.by_name.insert(cluster.name.clone(), cluster.clone());
+        match &old {
+            Some(prev) => {
+                if let Some(slot) = self.order.iter_mut().find(|c| Arc::ptr_eq(c, prev)) {
+                    *slot = cluster;
+                }
+            }
+            None => self.order.push(cluster),
+        }
+        old
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Cluster>> {
+        let old = self.by_name.remove(name)?;
+        self.order.retain(|c| !Arc::ptr_eq(c, &old));
+        Some(old)
+    }
+}
+
+/// Every cluster by name. Requests read the active set through one `ArcSwap` load;
+/// configuration changes (serialised by `writer`) swap in a new set.
+#[derive(Debug)]
+pub struct ClusterManager {
+    store: Arc<StatStore>,
+    active: ArcSwap<ClusterMap>,
+    /// Clusters waiting for their first hosts (EDS, DNS); an active cluster of the
+    /// same name keeps serving meanwhile.
+    warming: Mutex<ClusterMap>,
+    /// The last endpoints of each EDS service, for clusters that come later.
+    eds: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    writer: Mutex<()>,
+    /// The control thread's runtime, where DNS resolution runs.
+    control: OnceLock<tokio::runtime::Handle>,
+    pub cds_version: Mutex<String>,
+}
+
 impl ClusterManager {
-    pub fn new(configs: &[ClusterConfig], store: &Arc<StatStore>) -> Self {
-        let mut cm = ClusterManager::default();
+    pub fn new(configs: &[ClusterConfig], store: &Arc<StatStore>) -> Arc<Self> {
+        let mut map = ClusterMap::default();
         for c in configs {
-            let cluster = Cluster::new(c, store);
-            cm.clusters.insert(c.name.clone(), cluster.clone());
-            cm.order.push(cluster);
+            map.insert(Cluster::new(c, store, Origin::bootstrap()));
         }
         store
             .counter("cluster_manager.cluster_added")
             .add(configs.len() as u64);
-        store
-            .gauge("cluster_manager.active_clusters")
-            .set(configs.len() as i64);
-        store.gauge("cluster_manager.warming_clusters").set(0);
+        let cm = Arc::new(ClusterManager {
+            store: store.clone(),
+            active: ArcSwap::from_pointee(map),
+            warming: Mutex::new(ClusterMap::default()),
+            eds: Mutex::new(HashMap::new()),
+            writer: Mutex::new(()),
+            control: OnceLock::new(),
+            cds_version: Mutex::new(String::new()),
+        });
+        cm.update_gauges();
         cm
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.clusters.get(name)
+    pub fn set_control_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.control.set(handle);
     }
 
-    pub fn all(&self) -> &[Arc<Cluster>] {
-        &self.order
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.active.load().by_name.get(name).cloned()
     }
+
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        self.active.load().order.clone()
+    }
+
+    /// Ids of every cluster that may still get requests (active or warming).
+    pub fn live_ids(&self) -> std::collections::HashSet<usize> {
+        self.all()
+            .iter()
+            .chain(self.warming().iter())
+            .map(|c| c.id)
+            .collect()
+    }
+
+    pub fn warming(&self) -> Vec<Arc<Cluster>> {
+        lock(&self.warming).order.clone()
+    }
+
+    /// EDS service names of every EDS cluster, active or warming (for EDS requests).
+    pub fn wanted_eds_services(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .all()
+            .into_iter()
+            .chain(self.warming())
+            .filter_map(|c| c.eds_service_name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn update_gauges(&self) {
+        self.store
+            .gauge("cluster_manager.active_clusters")
+            .set(self.active.load().order.len() as i64);
+        self.store
+            .gauge("cluster_manager.warming_clusters")
+            .set(lock(&self.warming).order.len() as i64);
+    }
+
+    /// Adds or replaces clusters and removes others (CDS). A cluster identical to
+    /// the active one is left alone, so its pools survive a State-of-the-World
+    /// response that repeats it.
+    pub fn apply(self: &Arc<Self>, upserts: Vec<ClusterConfig>, removed: &[String], version: &str) {
+        let _writer = lock(&self.writer);
+        let mut active = (**self.active.load()).clone();
+        for config in upserts {
+            if active
+                .by_name
+                .get(&config.name)
+                .is_some_and(|c| c.raw == config.raw)
+            {
+                continue;
+            }
+            let cluster = Cluster::new(&config, &self.store, Origin::dynamic(version));
+            let replacing = active.by_name.contains_key(&config.name);
+            self.store
+                .counter(if replacing {
+                    "cluster_manager.cluster_modified"
+                } else {
+                    "cluster_manager.cluster_added"
+                })
+                .inc();
+            match cluster.discovery {
+                DiscoveryType::Static => {
+                    if let Some(old) = active.insert(cluster) {
+                        old.removed.store(true, Ordering::Relaxed);
+                    }
+                }
+                DiscoveryType::Eds => {
+                    let known = cluster
+                        .eds_service_name
+                        .as_ref()
+                        .and_then(|s| lock(&self.eds).get(s).cloned());
+                    match known {
+                        Some(addrs) => {
+                            cluster
+                                .set_hosts(addrs.into_iter().map(|a| (a, String::new())).collect());
+                            if let Some(old) = active.insert(cluster) {
+                                old.removed.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        None => {
+                            lock(&self.warming).insert(cluster);
+                        }
+                    }
+                }
+                DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
+                    lock(&self.warming).insert(cluster.clone());
+                    let cm = self.clone();
+                    if let Some(rt) = self.control.get() {
+                        rt.spawn(async move {
+                            cluster.resolve().await;
+                            cm.promote(&cluster);
+                            refresh_dns(cluster).await;
+                        });
+                    }
+                }
+            }
+        }
+        for name in removed {
+            if let Some(old) = active.remove(name) {
+                old.removed.store(true, Ordering::Relaxed);
+                self.store.counter("cluster_manager.cluster_removed").inc();
+            }
+            if let Some(old) = lock(&self.warming).remove(name) {
+                old.removed.store(true, Ordering::Relaxed);
+            }
+        }
+        self.active.store(Arc::new(active));
+        *lock(&self.cds_version) = version.to_string();
+        self.update_gauges();
+    }
+
+    /// Moves a warm cluster from warming to active, replacing the old one.
+    fn promote(&self, cluster: &Arc<Cluster>) {
+        let _writer = lock(&self.writer);
+        {
+            let mut warming = lock(&self.warming);
+            match warming.by_name.get(&cluster.name) {
+                Some(w) if Arc::ptr_eq(w, cluster) => {
+                    warming.remove(&cluster.name);
+                }
+                _ => return,
+            }
+        }
+        let mut active = (**self.active.load()).clone();
+        if let Some(old) = active.insert(cluster.clone()) {
+            old.removed.store(true, Ordering::Relaxed);
+        }
+        self.active.store(Arc::new(active));
+        self.update_gauges();
+    }
+
+    /// New endpoints for EDS services (ClusterLoadAssignment resources): in force
+    /// for the next request; warming clusters become active.
+    pub fn apply_endpoints(&self, upserts: Vec<(String, Vec<SocketAddr>)>, removed: &[String]) {
+        let mut warmed = Vec::new();
+        {
+            let _writer = lock(&self.writer);
+            let mut eds = lock(&self.eds);
+            let updates = upserts
+                .into_iter()
+                .chain(removed.iter().map(|name| (name.clone(), Vec::new())));
+            for (service, addrs) in updates {
+                let clusters = self
+                    .active
+                    .load()
+                    .order
+                    .iter()
+                    .cloned()
+                    .chain(lock(&self.warming).order.iter().cloned())
+                    .filter(|c| c.eds_service_name.as_deref() == Some(service.as_str()))
+                    .collect::<Vec<_>>();
+                for c in clusters {
+                    c.set_hosts(addrs.iter().map(|a| (*a, String::new())).collect());
+                    warmed.push(c);
+                }
+                eds.insert(service, addrs);
+            }
+        }
+        for c in warmed {
+            self.promote(&c);
+        }
+    }
+}
+
+async fn refresh_dns(cluster: Arc<Cluster>) {
+    while !cluster.removed.load(Ordering::Relaxed) {
+        tokio::time::sleep(cluster.dns_refresh_rate).await;
+        cluster.resolve().await;
+    }
+}
+
+/// Starts the first resolution and the refresh loop of the bootstrap's DNS clusters.
+pub async fn resolve_static_dns(cm: &ClusterManager) {
+    let dns: Vec<_> = cm.all().into_iter().filter(|c| c.is_dns()).collect();
+    futures_util::future::join_all(dns.iter().map(|c| c.resolve())).await;
+    for cluster in dns {
+        tokio::spawn(refresh_dns(cluster));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

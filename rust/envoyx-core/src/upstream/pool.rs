@@ -147,6 +147,17 @@ impl WorkerPools {
         }
     }
 
+    /// Closes the idle connections of clusters that are gone (removed or replaced).
+    pub fn prune(&self, live: &std::collections::HashSet<usize>) {
+        self.idle_h1
+            .borrow_mut()
+            .retain(|(id, _), _| live.contains(id));
+        self.h2.borrow_mut().retain(|(id, _), _| live.contains(id));
+        self.round_robin
+            .borrow_mut()
+            .retain(|id, _| live.contains(id));
+    }
+
     /// Returns an HTTP/1.1 connection whose exchange finished, for reuse.
     pub fn release(
         &self,
