@@ -69,6 +69,9 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
         "stats_flush_interval",
         "overload_manager",
     ]);
+    // Read and validated by the Python xDS client (python/envoyx/xds), which feeds
+    // the resources it receives to `Server::apply`.
+    root.ignore(&["dynamic_resources"]);
     Bootstrap {
         node,
         admin,
