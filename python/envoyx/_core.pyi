@@ -38,11 +38,15 @@ class Server:
         drain_time_s: float = 600.0,
         log_level: str = "info",
     ) -> Self: ...
-    def start(self) -> None:
+    def start(self, *, live: bool = True) -> None:
         """Bind every listener and the admin endpoint, start workers; returns once bound.
 
+        With ``live=False`` the server stays INITIALIZING (admin ``/ready`` answers 503)
+        until :meth:`mark_live`, as Envoy does during its xDS initial fetch.
         Raises ``envoyx.BindError`` (an ``OSError``) when an address cannot be bound.
         """
+    def mark_live(self) -> None:
+        """End initialization: ``/ready`` answers LIVE."""
     def stop(self) -> None:
         """Stop accepting, close connections, join workers. Idempotent."""
     def drain(self) -> None:

@@ -22,6 +22,7 @@ from envoyx import __version__, _core
 from envoyx.config import Bootstrap, bootstrap_to_json, load_bootstrap
 from envoyx.errors import BindError, ConfigError, EnvoyxError
 from envoyx.server import LOG_LEVELS, Server
+from envoyx.xds.settings import parse_dynamic_resources
 
 __all__ = ["build_parser", "main"]
 
@@ -264,6 +265,11 @@ def _configure_logging(level: str) -> None:
 
 def _validate(bootstrap: Bootstrap, config_path: str) -> int:
     errors = _core.validate(bootstrap_to_json(bootstrap))
+    try:
+        # dynamic_resources is the xDS client's to check (the core only carries it).
+        parse_dynamic_resources(bootstrap)
+    except ConfigError as e:
+        errors = [*errors, *e.errors]
     if errors:
         _print_config_errors(config_path, errors)
         return 1
@@ -281,20 +287,24 @@ def _print_config_errors(config_path: str, errors: Sequence[str]) -> None:
 def _serve(server: Server, admin_address_path: str) -> int:
     stop_requested = threading.Event()
     stopped = threading.Event()
+    started = threading.Event()
     caught = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal caught
         caught += 1
         _log.warning("caught %s", signal.Signals(signum).name)
-        if caught > 1:
-            server.stop()  # a second signal does not wait for the drain
+        if caught > 1 or not started.is_set():
+            # A second signal does not wait for the drain, and a signal during
+            # start-up (an xDS initial fetch may take its timeout) ends it now.
+            server.stop()
         stop_requested.set()
 
     # Installed before start() so that a signal arriving while binding is not lost.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
+        started.set()
         if admin_address_path:
             _write_admin_address(server, admin_address_path)
 

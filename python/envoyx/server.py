@@ -3,22 +3,38 @@
 A thin layer over the native ``_core.Server``: it loads and validates the bootstrap in
 Python (see :mod:`envoyx.config`), hands its canonical proto-JSON to the core, and forwards
 the lifecycle calls. Every blocking call releases the GIL inside the core.
+
+When the bootstrap has ``dynamic_resources``, the xDS client (:mod:`envoyx.xds`) runs
+next to the core from :meth:`Server.start` to :meth:`Server.stop`; :meth:`Server.update`
+applies resources from Python through the same path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+from google.protobuf.message import Message
+
 from envoyx import _core
 from envoyx.config import Bootstrap, BootstrapSource, bootstrap_to_json, load_bootstrap
+from envoyx.errors import ConfigError
+from envoyx.xds.applier import Applier
+from envoyx.xds.client import XdsClient
+from envoyx.xds.local import LocalUpdate, apply_update
+from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from envoyx.xds.settings import XdsSettings, parse_dynamic_resources
 
 __all__ = ["LOG_LEVELS", "Server"]
 
 #: Envoy's ``--log-level`` names; ``warn`` is an alias of ``warning``.
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+#: A resource given to :meth:`Server.update`: a dict in Envoy's v3 spelling or a message.
+Resource = Mapping[str, Any] | Message
 
 
 class Server:
@@ -65,6 +81,7 @@ class Server:
             service_cluster=service_cluster,
             service_zone=service_zone,
         )
+        self._xds_settings: XdsSettings | None = parse_dynamic_resources(self._bootstrap)
         self._core = _core.Server(
             bootstrap_to_json(self._bootstrap),
             # Envoy runs one worker when asked for none.
@@ -72,6 +89,8 @@ class Server:
             drain_time_s=float(drain_time_s),
             log_level="warning" if level == "warn" else level,
         )
+        self._applier = Applier(self._core, self._bootstrap, self._xds_settings)
+        self._xds: XdsClient | None = None  # while started
 
     @property
     def bootstrap(self) -> Bootstrap:
@@ -82,12 +101,95 @@ class Server:
         """Bind every listener and the admin endpoint and start the workers.
 
         Returns once everything is bound; raises :class:`~envoyx.BindError` otherwise.
+        With ``dynamic_resources``, then starts the xDS client and returns once the
+        initial fetch is done as Envoy's initialization does it: clusters (CDS and the
+        endpoints of EDS clusters), then listeners (LDS and the route configurations
+        they name), each answered or past its ``initial_fetch_timeout``.
         """
-        self._core.start()
+        if self._xds_settings is None or self._xds is not None:
+            self._core.start()
+            return
+        # Not LIVE (admin /ready answers 503) until the initial fetch is over.
+        self._core.start(live=False)
+        client = XdsClient(self._xds_settings, self._applier)
+        self._xds = client
+        try:
+            client.start()
+            client.wait_initialized()
+        except BaseException:
+            client.stop()
+            raise
+        self._core.mark_live()
 
     def stop(self) -> None:
-        """Stop accepting, close every connection and join the workers. Idempotent."""
+        """Stop the xDS client, then stop accepting, close every connection and join
+        the workers. Idempotent."""
+        client, self._xds = self._xds, None
+        if client is not None:
+            client.stop()
         self._core.stop()
+
+    def xds_status(self) -> dict[str, dict[str, Any]]:
+        """The state of each xDS subscription, by type URL
+        (``type.googleapis.com/envoy.config.cluster.v3.Cluster``, ...): ``version`` (the
+        ``version_info`` last accepted), ``nonce`` (of the latest response),
+        ``last_error`` (the ``error_detail`` of the latest NACK, None once an update is
+        accepted) and ``resources`` (the names held). Empty without a running xDS client.
+        """
+        client = self._xds
+        if client is None:
+            return {}
+        return client.status()
+
+    def update(
+        self,
+        *,
+        listeners: Iterable[Resource] = (),
+        clusters: Iterable[Resource] = (),
+        routes: Iterable[Resource] = (),
+        endpoints: Iterable[Resource] = (),
+        remove_listeners: Iterable[str] = (),
+        remove_clusters: Iterable[str] = (),
+        remove_routes: Iterable[str] = (),
+        remove_endpoints: Iterable[str] = (),
+        version_info: str | None = None,
+    ) -> None:
+        """Add, replace or remove dynamic resources without a management server.
+
+        ``listeners``, ``clusters``, ``routes`` (RouteConfiguration) and ``endpoints``
+        (ClusterLoadAssignment) are dicts in Envoy's v3 spelling or messages, named by
+        their own ``name`` (``cluster_name``); the ``remove_*`` arguments name resources
+        to remove. They are applied as an xDS update would be (listeners and clusters
+        warm until their routes and endpoints are there), make before break: clusters,
+        endpoints, listeners, routes, then removed clusters and endpoints.
+        ``version_info`` is what ``/config_dump`` shows for them (default
+        ``update-<n>``).
+
+        Raises :class:`~envoyx.ConfigError`: with every schema error (field paths such
+        as ``clusters[0].connect_timeout``) before anything is applied; or, once the
+        other resources are applied, listing those the proxy rejected.
+        """
+        request = LocalUpdate(
+            add={
+                CLUSTER: list(clusters),
+                ENDPOINT: list(endpoints),
+                LISTENER: list(listeners),
+                ROUTE: list(routes),
+            },
+            remove={
+                CLUSTER: list(remove_clusters),
+                ENDPOINT: list(remove_endpoints),
+                LISTENER: list(remove_listeners),
+                ROUTE: list(remove_routes),
+            },
+            version_info=version_info,
+        )
+        rejected = apply_update(self._applier, request)
+        client = self._xds
+        if client is not None:
+            client.refresh()
+        if rejected:
+            raise ConfigError(rejected)
 
     def drain(self) -> None:
         """Stop accepting new connections and let in-flight requests finish."""

@@ -151,7 +151,7 @@ fn route(
             ServerState::Initializing => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 TEXT,
-                "PRE_INITIALIZING\n".into(),
+                "INITIALIZING\n".into(),
             ),
             ServerState::Stopped => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "STOPPED\n".into()),
         },

@@ -495,6 +495,13 @@ impl Server {
     /// Binds the admin endpoint and every listener, resolves DNS clusters once, and
     /// starts the workers. Returns once everything accepts connections.
     pub fn start(&self) -> Result<()> {
+        self.start_with(true)
+    }
+
+    /// Like [`Server::start`]; with `live: false` the server stays INITIALIZING
+    /// (admin `/ready` answers 503) until [`Server::mark_live`], as Envoy does while
+    /// its xDS initial fetch is in progress.
+    pub fn start_with(&self, live: bool) -> Result<()> {
         if self.started.swap(true, Ordering::SeqCst) {
             return Err(Error::State("server already started".into()));
         }
@@ -552,7 +559,9 @@ impl Server {
             .store
             .gauge("listener_manager.workers_started")
             .set(1);
-        shared.set_state(ServerState::Live);
+        if live {
+            shared.set_state(ServerState::Live);
+        }
         crate::log!(
             Info,
             "main",
@@ -560,6 +569,13 @@ impl Server {
         );
         *lock(&self.threads) = threads;
         Ok(())
+    }
+
+    /// Ends initialization: `/ready` answers LIVE.
+    pub fn mark_live(&self) {
+        if self.shared.state() == ServerState::Initializing {
+            self.shared.set_state(ServerState::Live);
+        }
     }
 
     /// Applies xDS resources of one kind (see [`Shared::apply`]).

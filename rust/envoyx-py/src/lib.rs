@@ -91,8 +91,13 @@ impl Server {
         Ok(Server { inner })
     }
 
-    fn start(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.start()).map_err(to_py_err)
+    #[pyo3(signature = (*, live = true))]
+    fn start(&self, py: Python<'_>, live: bool) -> PyResult<()> {
+        py.detach(|| self.inner.start_with(live)).map_err(to_py_err)
+    }
+
+    fn mark_live(&self) {
+        self.inner.mark_live();
     }
 
     fn stop(&self, py: Python<'_>) {

@@ -560,13 +560,17 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
             return None;
         }
     };
-    match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
-        "ROUND_ROBIN" => {}
-        other => c.error(
-            "lb_policy",
-            format!("{other} is not supported by envoyx yet"),
-        ),
-    }
+    let lb_policy = match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
+        "ROUND_ROBIN" => LbPolicy::RoundRobin,
+        "LEAST_REQUEST" => LbPolicy::LeastRequest,
+        other => {
+            c.error(
+                "lb_policy",
+                format!("{other} is not supported by envoyx yet"),
+            );
+            LbPolicy::RoundRobin
+        }
+    };
     let connect_timeout = c
         .duration("connect_timeout")
         .unwrap_or(Duration::from_secs(5));
@@ -642,6 +646,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         protocol,
         dns_refresh_rate,
         dns_lookup_family,
+        lb_policy,
         eds_service_name,
         raw: c.to_value(),
     })

@@ -167,6 +167,15 @@ pub enum DnsLookupFamily {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// `ROUND_ROBIN`, per worker.
+    RoundRobin,
+    /// `LEAST_REQUEST`: the less loaded of two random hosts (Envoy's default
+    /// `choice_count` of 2), by active requests.
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
     Http2,
@@ -186,6 +195,8 @@ pub struct ClusterConfig {
     /// `dns_refresh_rate` (default 5 s).
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
+    /// `lb_policy`.
+    pub lb_policy: LbPolicy,
     /// `eds_cluster_config.service_name` (default: the cluster's name) for EDS.
     pub eds_service_name: Option<String>,
     pub raw: Value,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{
-    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, UpstreamProtocol,
+    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 
@@ -139,6 +139,7 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
+    pub lb_policy: LbPolicy,
     pub endpoints: Vec<EndpointConfig>,
     pub hosts: ArcSwap<Vec<Arc<Host>>>,
     pub stats: ClusterStats,
@@ -203,6 +204,7 @@ impl Cluster {
             connect_timeout: config.connect_timeout,
             dns_refresh_rate: config.dns_refresh_rate,
             dns_lookup_family: config.dns_lookup_family,
+            lb_policy: config.lb_policy,
             endpoints: config.endpoints.clone(),
             hosts: ArcSwap::from_pointee(hosts),
             stats,

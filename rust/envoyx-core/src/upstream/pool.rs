@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::cluster::{Cluster, Host};
-use crate::config::UpstreamProtocol;
+use crate::config::{LbPolicy, UpstreamProtocol};
 use crate::http::body::ProxyBody;
 use crate::io::{CountedIo, LocalExec};
 
@@ -85,6 +85,17 @@ impl WorkerPools {
         let hosts = cluster.hosts.load();
         if hosts.is_empty() {
             return None;
+        }
+        if cluster.lb_policy == LbPolicy::LeastRequest && hosts.len() > 1 {
+            let a = rand::random_range(0..hosts.len());
+            let b = (a + rand::random_range(1..hosts.len())) % hosts.len();
+            let (ha, hb) = (&hosts[a], &hosts[b]);
+            let pick = if hb.stats.rq_active.get() < ha.stats.rq_active.get() {
+                hb
+            } else {
+                ha
+            };
+            return Some(pick.clone());
         }
         let next = self
             .round_robin
