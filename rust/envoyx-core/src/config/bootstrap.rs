@@ -733,6 +733,59 @@ pub fn map_route_config_resource(doc: &Value) -> Result<RouteConfig, Vec<String>
 pub fn map_load_assignment_resource(
     doc: &Value,
 ) -> Result<(String, Vec<EndpointConfig>), Vec<String>> {
+    if let Some(fast) = plain_load_assignment(doc) {
+        return Ok(fast);
+    }
+    map_load_assignment_resource_checked(doc)
+}
+
+/// The common shape of a large EDS update — only `cluster_name` and plain
+/// `endpoint.address.socket_address {address, port_value}` entries with IP
+/// literals — read without the field-tracking reader (no path strings per
+/// element). Anything else returns None and goes through the checked mapping,
+/// which reports every problem with its path.
+fn plain_load_assignment(doc: &Value) -> Option<(String, Vec<EndpointConfig>)> {
+    fn only<'v>(v: &'v Value, allowed: &[&str]) -> Option<&'v serde_json::Map<String, Value>> {
+        let m = v.as_object()?;
+        m.keys().all(|k| allowed.contains(&k.as_str())).then_some(m)
+    }
+    let cla = only(doc, &["cluster_name", "endpoints"])?;
+    let name = match cla.get("cluster_name") {
+        Some(n) => n.as_str()?.to_string(),
+        None => String::new(),
+    };
+    let mut endpoints = Vec::new();
+    for locality in cla
+        .get("endpoints")
+        .map_or(Some(&Vec::new()), Value::as_array)?
+    {
+        let locality = only(locality, &["lb_endpoints"])?;
+        for lb in locality
+            .get("lb_endpoints")
+            .map_or(Some(&Vec::new()), Value::as_array)?
+        {
+            let endpoint = only(lb, &["endpoint"])?.get("endpoint")?;
+            let address = only(endpoint, &["address"])?.get("address")?;
+            let sa = only(address, &["socket_address"])?.get("socket_address")?;
+            let sa = only(sa, &["address", "port_value"])?;
+            let host = sa.get("address")?.as_str()?;
+            host.parse::<IpAddr>().ok()?;
+            let port = match sa.get("port_value") {
+                Some(p) => u16::try_from(p.as_u64()?).ok()?,
+                None => 0,
+            };
+            endpoints.push(EndpointConfig {
+                address: host.to_string(),
+                port,
+            });
+        }
+    }
+    Some((name, endpoints))
+}
+
+fn map_load_assignment_resource_checked(
+    doc: &Value,
+) -> Result<(String, Vec<EndpointConfig>), Vec<String>> {
     map_resource(doc, |la| {
         let name = la
             .raw("cluster_name")
@@ -782,6 +835,27 @@ mod tests {
                 }]
             }
         })
+    }
+
+    #[test]
+    fn plain_and_checked_load_assignments_agree() {
+        let plain = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}}}
+        ]}]});
+        let fast = plain_load_assignment(&plain).unwrap();
+        let checked = map_load_assignment_resource_checked(&plain).unwrap();
+        assert_eq!(format!("{fast:?}"), format!("{checked:?}"));
+        // Anything unusual takes the checked path and its errors.
+        let weighted = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}},
+             "load_balancing_weight": 3}
+        ]}]});
+        assert!(plain_load_assignment(&weighted).is_none());
+        let errs = map_load_assignment_resource(&weighted).unwrap_err();
+        assert_eq!(
+            errs,
+            vec!["endpoints[0].lb_endpoints[0].load_balancing_weight: not supported by envoyx"]
+        );
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! only has to read what it supports.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -47,7 +46,8 @@ pub fn join(path: &str, field: &str) -> String {
 pub struct Obj<'a> {
     path: String,
     map: &'a Map<String, Value>,
-    used: RefCell<HashSet<&'a str>>,
+    /// Fields read so far; objects have few fields, so a Vec beats a set.
+    used: RefCell<Vec<&'a str>>,
     errors: &'a Errors,
 }
 
@@ -58,7 +58,7 @@ impl<'a> Obj<'a> {
             Value::Object(map) => Some(Obj {
                 path,
                 map,
-                used: RefCell::new(HashSet::new()),
+                used: RefCell::new(Vec::new()),
                 errors,
             }),
             _ => {
@@ -92,14 +92,12 @@ impl<'a> Obj<'a> {
     /// Marks fields as accepted without being used (documented no-ops).
     pub fn ignore(&self, keys: &[&'a str]) {
         let mut used = self.used.borrow_mut();
-        for k in keys {
-            used.insert(k);
-        }
+        used.extend_from_slice(keys);
     }
 
     fn take(&self, key: &'a str) -> Option<&'a Value> {
         let (k, v) = self.map.get_key_value(key)?;
-        self.used.borrow_mut().insert(k.as_str());
+        self.used.borrow_mut().push(k.as_str());
         Some(v)
     }
 
@@ -242,7 +240,7 @@ impl Drop for Obj<'_> {
     fn drop(&mut self) {
         let used = self.used.borrow();
         for key in self.map.keys() {
-            if !used.contains(key.as_str()) {
+            if !used.contains(&key.as_str()) {
                 self.errors
                     .push(&self.field_path(key), "not supported by envoyx");
             }

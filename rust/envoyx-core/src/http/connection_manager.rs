@@ -386,7 +386,7 @@ struct UpstreamExchange {
     cluster: Arc<Cluster>,
     pools: Rc<WorkerPools>,
     host: SocketAddr,
-    host_stats_rq_active: Gauge,
+    host_ref: Arc<crate::upstream::Host>,
     /// An HTTP/1.1 connection goes back to the pool when its response has ended.
     reusable: Option<hyper::client::conn::http1::SendRequest<ProxyBody>>,
 }
@@ -404,7 +404,7 @@ impl Exchange {
         let mut flags = None;
         if let Some(up) = self.upstream.take() {
             up.cluster.stats.upstream_rq_active.dec();
-            up.host_stats_rq_active.dec();
+            up.host_ref.stats.rq_active.dec();
             match end {
                 StreamEnd::Complete => {
                     if let Some(sender) = up.reusable
@@ -613,7 +613,7 @@ impl DownstreamConnection {
                 cluster: cluster.clone(),
                 pools: self.pools.clone(),
                 host: host.address,
-                host_stats_rq_active: host.stats.rq_active.clone(),
+                host_ref: host.clone(),
                 reusable: None,
             }),
             ..exchange

@@ -14,17 +14,45 @@ use crate::config::{
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 
-/// Per-host stats, shown by `/clusters`.
+/// Per-host stats, shown by `/clusters`. Plain atomics inside the host (no
+/// registry entry, no allocation each): an EDS update may bring thousands of hosts.
 #[derive(Debug, Default)]
 pub struct HostStats {
-    pub cx_total: Counter,
-    pub cx_active: Gauge,
-    pub cx_connect_fail: Counter,
-    pub rq_total: Counter,
-    pub rq_active: Gauge,
-    pub rq_success: Counter,
-    pub rq_error: Counter,
-    pub rq_timeout: Counter,
+    pub cx_total: HostCounter,
+    pub cx_active: HostGauge,
+    pub cx_connect_fail: HostCounter,
+    pub rq_total: HostCounter,
+    pub rq_active: HostGauge,
+    pub rq_success: HostCounter,
+    pub rq_error: HostCounter,
+    pub rq_timeout: HostCounter,
+}
+
+#[derive(Debug, Default)]
+pub struct HostCounter(std::sync::atomic::AtomicU64);
+
+impl HostCounter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct HostGauge(std::sync::atomic::AtomicI64);
+
+impl HostGauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug)]

@@ -231,13 +231,13 @@ where
 {
     let active = cluster.stats.upstream_cx_active.clone();
     let destroy = cluster.stats.upstream_cx_destroy.clone();
-    let host_active = host.stats.cx_active.clone();
+    let host = host.clone();
     active.inc();
-    host_active.inc();
+    host.stats.cx_active.inc();
     async move {
         let _ = conn.await;
         active.dec();
-        host_active.dec();
+        host.stats.cx_active.dec();
         destroy.inc();
     }
 }
