@@ -69,6 +69,7 @@ impl RouteTable {
         RouteTable::new(RouteConfig {
             name: name.to_string(),
             virtual_hosts: Vec::new(),
+            validate_clusters: None,
             raw: serde_json::Value::Null,
         })
     }
@@ -192,6 +193,7 @@ mod tests {
         RouteTable::new(RouteConfig {
             name: "t".into(),
             virtual_hosts: vhosts,
+            validate_clusters: None,
             raw: serde_json::Value::Null,
         })
     }

@@ -260,14 +260,17 @@ impl Shared {
                 let mut upserts: Vec<RouteConfig> = Vec::new();
                 for (name, doc) in parsed {
                     match map::map_route_config_resource(&doc) {
-                        Ok(rc) if rc.name == name => upserts.push(rc),
-                        Ok(rc) => rejected.push((
+                        Ok(rc) if rc.name != name => rejected.push((
                             name,
                             format!(
                                 "resource name does not match route configuration name '{}'",
                                 rc.name
                             ),
                         )),
+                        Ok(rc) => match self.unknown_clusters(&rc) {
+                            Some(err) => rejected.push((name, err)),
+                            None => upserts.push(rc),
+                        },
                         Err(errs) => rejected.push((name, errs.join("; "))),
                     }
                 }
@@ -361,6 +364,26 @@ impl Shared {
             set.warming.push(listener);
         }
         Ok(())
+    }
+
+    /// With `validate_clusters`, the first route naming a cluster that does not exist.
+    fn unknown_clusters(&self, rc: &RouteConfig) -> Option<String> {
+        if rc.validate_clusters != Some(true) {
+            return None;
+        }
+        let known = |name: &str| {
+            self.clusters.get(name).is_some()
+                || self.clusters.warming().iter().any(|c| c.name == name)
+        };
+        rc.virtual_hosts
+            .iter()
+            .flat_map(|vh| &vh.routes)
+            .find_map(|r| match &r.action {
+                crate::config::RouteAction::Forward(f) if !known(&f.cluster) => {
+                    Some(format!("route: unknown cluster '{}'", f.cluster))
+                }
+                _ => None,
+            })
     }
 
     fn apply_routes(&self, upserts: Vec<RouteConfig>, removed: &[String], version: &str) {

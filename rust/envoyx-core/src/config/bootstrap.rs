@@ -119,6 +119,9 @@ fn check_references(sr: &Obj<'_>, listeners: &[ListenerConfig], clusters: &[Clus
                 let RouteSource::Inline(route_config) = &hcm.routes else {
                     continue;
                 };
+                if route_config.validate_clusters == Some(false) {
+                    continue;
+                }
                 for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
                     for (r, route) in vh.routes.iter().enumerate() {
                         if let RouteAction::Forward(fwd) = &route.action
@@ -347,6 +350,7 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     Some(RouteConfig {
         name,
         virtual_hosts: vhosts,
+        validate_clusters: rc.bool("validate_clusters"),
         raw: rc.to_value(),
     })
 }

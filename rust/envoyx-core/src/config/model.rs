@@ -88,6 +88,9 @@ pub struct RouteConfig {
     pub name: String,
     /// `virtual_hosts`.
     pub virtual_hosts: Vec<VirtualHostConfig>,
+    /// `validate_clusters`: refuse routes naming unknown clusters. Envoy's default
+    /// is on for static route configurations and off for RDS.
+    pub validate_clusters: Option<bool>,
     pub raw: Value,
 }
 

@@ -1,0 +1,120 @@
+"""``Server.update()`` against the real core: resources applied from Python without a
+management server, through the same path as xDS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+import envoyx
+from support.upstreams import HttpUpstream
+from support.xds_resources import cluster_load_assignment, eds_cluster
+
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def listener(name: str, route_name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": HCM,
+                            "stat_prefix": name,
+                            "rds": {"route_config_name": route_name, "config_source": {"ads": {}}},
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {"@type": ROUTER},
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def routes(name: str, cluster: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "virtual_hosts": [
+            {
+                "name": "all",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}],
+            }
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture
+def server(http_upstream: HttpUpstream) -> Iterator[envoyx.Server]:
+    with envoyx.Server({"node": {"id": "update-test"}}, concurrency=1) as s:
+        s.update(
+            clusters=[eds_cluster("backend")],
+            endpoints=[cluster_load_assignment("backend", [("127.0.0.1", http_upstream.port)])],
+            listeners=[listener("main", "main-routes")],
+            routes=[routes("main-routes", "backend")],
+        )
+        yield s
+
+
+def get(server: envoyx.Server, path: str = "/") -> httpx.Response:
+    host, port = server.listener_addresses()["main"]
+    return httpx.get(f"http://{host}:{port}{path}", timeout=5)
+
+
+def test_update_serves_traffic_through_dynamic_resources(
+    server: envoyx.Server, http_upstream: HttpUpstream
+) -> None:
+    resp = get(server)
+    assert resp.status_code == 200
+    assert resp.headers["x-upstream"] == http_upstream.name
+    dump = server.config_dump()["configs"]
+    clusters = next(c for c in dump if c["@type"].endswith("ClustersConfigDump"))
+    assert [c["cluster"]["name"] for c in clusters["dynamic_active_clusters"]] == ["backend"]
+
+
+def test_route_to_unknown_cluster_with_validate_clusters_is_rejected(
+    server: envoyx.Server, http_upstream: HttpUpstream
+) -> None:
+    with pytest.raises(envoyx.ConfigError) as err:
+        server.update(routes=[routes("main-routes", "nope", validate_clusters=True)])
+    assert "route: unknown cluster 'nope'" in str(err.value)
+    # The previous route configuration keeps serving.
+    assert get(server).headers["x-upstream"] == http_upstream.name
+
+
+def test_invalid_regex_is_rejected_and_the_old_routes_serve(
+    server: envoyx.Server, http_upstream: HttpUpstream
+) -> None:
+    bad = routes("main-routes", "backend")
+    bad["virtual_hosts"][0]["routes"][0]["match"] = {"safe_regex": {"regex": "(["}}
+    with pytest.raises(envoyx.ConfigError) as err:
+        server.update(routes=[bad])
+    assert "invalid regex" in str(err.value)
+    assert get(server).headers["x-upstream"] == http_upstream.name
+
+
+def test_listener_on_a_port_in_use_is_rejected(server: envoyx.Server) -> None:
+    _, port = server.listener_addresses()["main"]
+    clash = listener("clash", "main-routes")
+    clash["address"]["socket_address"]["port_value"] = port
+    with pytest.raises(envoyx.ConfigError) as err:
+        server.update(listeners=[clash])
+    assert "duplicate address" in str(err.value)
+    assert "clash" not in server.listener_addresses()
