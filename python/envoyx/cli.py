@@ -284,6 +284,10 @@ def _print_config_errors(config_path: str, errors: Sequence[str]) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+#: How often the main thread wakes to run signal handlers (see _wait_with_signals).
+_SIGNAL_POLL_S = 0.2
+
+
 def _serve(server: Server, admin_address_path: str) -> int:
     stop_requested = threading.Event()
     stopped = threading.Event()
@@ -314,18 +318,25 @@ def _serve(server: Server, admin_address_path: str) -> int:
             stop_requested.set()
 
         threading.Thread(target=watch, name="envoyx-wait", daemon=True).start()
-        # Event.wait() is interrupted by signals, so the handler runs promptly.
-        stop_requested.wait()
+        # A signal may be delivered to any thread (the core's, grpc's), and then
+        # nothing interrupts the main thread's wait: wake up regularly so that
+        # Python runs the handler.
+        _wait_with_signals(stop_requested)
         if not stopped.is_set():
             threading.Thread(
                 target=_drain_then_stop, args=(server,), name="envoyx-drain", daemon=True
             ).start()
-            stopped.wait()
+            _wait_with_signals(stopped)
         return 0
     finally:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_with_signals(event: threading.Event) -> None:
+    while not event.wait(_SIGNAL_POLL_S):
+        pass
 
 
 def _drain_then_stop(server: Server) -> None:

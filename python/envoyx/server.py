@@ -115,7 +115,10 @@ class Server:
         self._xds = client
         try:
             client.start()
-            client.wait_initialized()
+            # In slices: a signal delivered to another thread would not interrupt an
+            # unbounded wait, and the CLI's handler must get to run.
+            while not client.wait_initialized(0.2) and not client.stopping:
+                pass
         except BaseException:
             client.stop()
             raise

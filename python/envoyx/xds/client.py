@@ -352,6 +352,11 @@ class XdsClient:
     def initialized(self) -> bool:
         return self._initialized
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called."""
+        return self._stopping.is_set()
+
     # -- initialization ------------------------------------------------------------------
 
     def _run(self) -> None:
