@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-config = pytest.importorskip("envoyx.config", reason="envoyx.config is not importable")
-core = pytest.importorskip("envoyx._core", reason="the envoyx core is not built")
+from envoyx import _core as core
+from envoyx import config
 
 
 def test_load_bootstrap(benchmark: BenchmarkFixture, harness_bootstrap: Path) -> None:

@@ -9,7 +9,7 @@ and routes of every kind (prefix, path, safe_regex, a final "/" prefix).
 - Match cost: `envoyx._core.route_match(bootstrap_json, listener, authority, path,
   iterations) -> float` compiles the listener's route table once and returns the mean
   nanoseconds of one route selection over `iterations` lookups. It is a hook the core
-  exposes for this benchmark; until it exists those benchmarks are skipped.
+  exposes for this benchmark.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-config = pytest.importorskip("envoyx.config", reason="envoyx.config is not importable")
-core = pytest.importorskip("envoyx._core", reason="the envoyx core is not built")
+from envoyx import _core as core
+from envoyx import config
 
 VIRTUAL_HOSTS = 1000
 ROUTES_PER_HOST = 10
@@ -161,9 +161,7 @@ def test_route_match(
     record_route_match: dict[str, float],
     case: str,
 ) -> None:
-    route_match = getattr(core, "route_match", None)
-    if route_match is None:
-        pytest.skip("envoyx._core.route_match is not exposed by the core yet")
+    route_match = core.route_match
     authority, path, cluster = MATCH_CASES[case]
     ns_per_match, selected = benchmark.pedantic(
         route_match,
