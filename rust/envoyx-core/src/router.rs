@@ -175,6 +175,7 @@ mod tests {
             action: RouteAction::Forward(ForwardAction {
                 cluster: cluster.into(),
                 timeout: None,
+                expected_timeout: None,
                 prefix_rewrite: None,
                 host_rewrite: None,
             }),

@@ -425,6 +425,7 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
         RouteAction::Forward(ForwardAction {
             cluster: cluster.to_string(),
             timeout,
+            expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
             prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),
             host_rewrite: route.str("host_rewrite_literal").map(str::to_string),
         })

@@ -135,6 +135,9 @@ pub struct ForwardAction {
     pub cluster: String,
     /// `route.timeout` (default 15 s; zero disables).
     pub timeout: Option<Duration>,
+    /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than
+    /// formatted for every request.
+    pub expected_timeout: Option<http::HeaderValue>,
     /// `route.prefix_rewrite`.
     pub prefix_rewrite: Option<String>,
     /// `route.host_rewrite_literal`.

@@ -28,7 +28,7 @@ use super::body::{ProxyBody, ResponseBody, StreamEnd};
 use super::framing_guard::{ConnectionScreen, FramingGuard};
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::{
-    CodecType, ForwardAction, HttpConnectionManagerConfig, RouteAction, RouteSource,
+    CodecType, ForwardAction, HttpConnectionManagerConfig, PathMatch, RouteAction, RouteSource,
 };
 use crate::io::{CountedIo, LocalExec};
 use crate::router::RouteTable;
@@ -474,29 +474,27 @@ impl DownstreamConnection {
                 req.headers_mut().insert(X_REQUEST_ID.clone(), v);
             }
         }
-        let authority = req
-            .uri()
+        // Borrowed from a clone of the URI (and Host), which shares the bytes hyper
+        // parsed: no copy per request.
+        let uri = req.uri().clone();
+        let host = match uri.authority() {
+            Some(_) => None,
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        let authority = uri
             .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+            .map(|a| a.as_str())
+            .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
 
         let bytes_received = Rc::new(Cell::new(0u64));
         let mut record = (!hcm.access_logs.is_empty()).then(|| LogRecord {
             start: Some(SystemTime::now()),
             request_headers: Some(req.headers().clone()),
             method: req.method().as_str().to_string(),
-            path: path.clone(),
-            authority: authority.clone(),
+            path: path.to_string(),
+            authority: authority.to_string(),
             protocol: protocol_name(version),
             downstream_remote: Some(self.peer),
             downstream_local: self.local,
@@ -512,7 +510,7 @@ impl DownstreamConnection {
         };
 
         let routes = hcm.routes.load();
-        let Some(route) = routes.find(&authority, &path) else {
+        let Some(route) = routes.find(authority, path) else {
             stats.no_route.inc();
             return self.local_reply(
                 LocalReply::new(404, Bytes::new(), "NR", "route_not_found"),
@@ -592,7 +590,14 @@ impl DownstreamConnection {
 
         // Prepare the upstream request in place: same headers map, same body stream.
         let is_h2_upstream = matches!(sender, Sender::Http2(_));
-        self.rewrite_request_headers(&mut req, action, &authority, &path, is_h2_upstream);
+        self.rewrite_request_headers(
+            &mut req,
+            action,
+            &route.path_match,
+            authority,
+            path,
+            is_h2_upstream,
+        );
         let (mut parts, body) = req.into_parts();
         let upstream_body = if record.is_some() {
             ProxyBody::Counted(body, bytes_received.clone())
@@ -726,30 +731,25 @@ impl DownstreamConnection {
         Response::from_parts(parts, body)
     }
 
+    /// Edits the request in place for the upstream; touches the URI and `Host` only
+    /// when something changes (a rewrite, or the protocol's form of the target).
     fn rewrite_request_headers(
         &self,
         req: &mut Request<Incoming>,
         action: &ForwardAction,
+        matched: &PathMatch,
         authority: &str,
         path: &str,
         h2_upstream: bool,
     ) {
         let hcm = &self.hcm;
-        let mut new_path: Option<String> = None;
-        if let Some(rewrite) = &action.prefix_rewrite {
-            let routes = hcm.routes.load();
-            if let Some(crate::config::PathMatch::Prefix(prefix)) =
-                routes.find(authority, path).map(|r| &r.path_match)
-                && path.len() >= prefix.len()
-            {
-                new_path = Some(format!("{rewrite}{}", &path[prefix.len()..]));
+        let new_path = match (&action.prefix_rewrite, matched) {
+            (Some(rewrite), PathMatch::Prefix(prefix)) if path.len() >= prefix.len() => {
+                Some(format!("{rewrite}{}", &path[prefix.len()..]))
             }
-        }
-        let authority = action
-            .host_rewrite
-            .as_deref()
-            .unwrap_or(authority)
-            .to_string();
+            _ => None,
+        };
+        let authority = action.host_rewrite.as_deref().unwrap_or(authority);
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -765,33 +765,36 @@ impl DownstreamConnection {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-        if let Some(timeout) = action.timeout {
-            headers.insert(
-                X_ENVOY_EXPECTED_TIMEOUT.clone(),
-                HeaderValue::from(timeout.as_millis() as u64),
-            );
+        if let Some(expected) = &action.expected_timeout {
+            headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
         }
-        if new_path.is_some() {
-            if let Ok(v) = HeaderValue::from_str(path) {
-                headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
-            }
+        if new_path.is_some()
+            && let Ok(v) = HeaderValue::from_str(path)
+        {
+            headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
         }
         let final_path = new_path.as_deref().unwrap_or(path);
         if h2_upstream {
             headers.remove(header::HOST);
             if let Ok(uri) = Uri::builder()
                 .scheme("http")
-                .authority(authority.as_str())
+                .authority(authority)
                 .path_and_query(final_path)
                 .build()
             {
                 *req.uri_mut() = uri;
             }
         } else {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
+            // An HTTP/1.1 request already carries Host unless it came over HTTP/2.
+            if (action.host_rewrite.is_some() || !headers.contains_key(header::HOST))
+                && let Ok(v) = HeaderValue::from_str(authority)
+            {
                 headers.insert(header::HOST, v);
             }
-            if let Ok(uri) = final_path.parse::<Uri>() {
+            // Origin form, unless it already is and the path is unchanged.
+            if (new_path.is_some() || req.uri().authority().is_some())
+                && let Ok(uri) = final_path.parse::<Uri>()
+            {
                 *req.uri_mut() = uri;
             }
         }
