@@ -241,3 +241,73 @@ where
         destroy.inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig};
+    use crate::stats::StatStore;
+    use crate::upstream::cluster::Origin;
+
+    fn cluster(lb_policy: LbPolicy) -> Arc<Cluster> {
+        let config = ClusterConfig {
+            name: "c".into(),
+            discovery: DiscoveryType::Static,
+            connect_timeout: Duration::from_secs(1),
+            endpoints: ["127.0.0.1:1", "127.0.0.1:2"]
+                .iter()
+                .map(|a| {
+                    let a: SocketAddr = a.parse().unwrap();
+                    EndpointConfig {
+                        address: a.ip().to_string(),
+                        port: a.port(),
+                    }
+                })
+                .collect(),
+            protocol: UpstreamProtocol::Http1,
+            dns_refresh_rate: Duration::from_secs(5),
+            dns_lookup_family: DnsLookupFamily::Auto,
+            lb_policy,
+            eds_service_name: None,
+            raw: serde_json::Value::Null,
+        };
+        Cluster::new(&config, &StatStore::new(), Origin::bootstrap())
+    }
+
+    #[test]
+    fn least_request_avoids_the_busier_host() {
+        let c = cluster(LbPolicy::LeastRequest);
+        let hosts = c.hosts.load();
+        for _ in 0..5 {
+            hosts[0].stats.rq_active.inc();
+        }
+        let pools = WorkerPools::new();
+        for _ in 0..100 {
+            assert_eq!(pools.pick_host(&c).unwrap().address, hosts[1].address);
+        }
+    }
+
+    #[test]
+    fn round_robin_alternates() {
+        let c = cluster(LbPolicy::RoundRobin);
+        let pools = WorkerPools::new();
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| pools.pick_host(&c).unwrap().address)
+            .collect();
+        assert_ne!(picks[0], picks[1]);
+        assert_eq!(picks[0], picks[2]);
+        assert_eq!(picks[1], picks[3]);
+    }
+
+    #[test]
+    fn prune_forgets_clusters_that_are_gone() {
+        let c = cluster(LbPolicy::RoundRobin);
+        let pools = WorkerPools::new();
+        pools.pick_host(&c);
+        assert!(pools.round_robin.borrow().contains_key(&c.id));
+        pools.prune(&std::collections::HashSet::new());
+        assert!(pools.round_robin.borrow().is_empty());
+    }
+}
