@@ -4,17 +4,35 @@ The extension holds no proxy logic: it owns one envoyx-core server and exposes i
 Errors are raised as the classes of ``envoyx.errors`` (never a private ``_core`` class).
 """
 
-from typing import Self, final
+from collections.abc import Callable, Iterator
+from typing import Any, Self, final
 
-__all__ = ["Server", "route_match", "validate", "version"]
+__all__ = [
+    "Counter",
+    "FilterJob",
+    "Gauge",
+    "Headers",
+    "Histogram",
+    "Server",
+    "StatStore",
+    "filter_jobs",
+    "filter_wakeup_fd",
+    "route_match",
+    "validate",
+    "version",
+]
 
 def version() -> str:
     """envoyx's version string."""
 
-def validate(bootstrap_json: str) -> list[str]:
+def validate(
+    bootstrap_json: str, filter_factory: Callable[[str, StatStore], Any] | None = None
+) -> list[str]:
     """Map a canonical proto-JSON Bootstrap onto the core's model without serving.
 
-    Returns every error found (each prefixed with its field path); empty when valid.
+    With ``filter_factory`` (as for :class:`Server`), the Python filters of static
+    listeners are built too. Returns every error found (each prefixed with its field
+    path); empty when valid.
     """
 
 def route_match(
@@ -37,7 +55,12 @@ class Server:
         concurrency: int = 0,
         drain_time_s: float = 600.0,
         log_level: str = "info",
-    ) -> Self: ...
+        filter_factory: Callable[[str, StatStore], Any] | None = None,
+    ) -> Self:
+        """``filter_factory(specs_json, stats)`` builds the Python filter chain of each
+        HTTP connection manager (``envoyx.filters.build_chain``); it must return an
+        object with ``masks`` (the hook bitmask of each filter) or raise ValueError
+        with one ``"<path>: <problem>"`` per line."""
     def start(self, *, live: bool = True) -> None:
         """Bind every listener and the admin endpoint, start workers; returns once bound.
 
@@ -85,3 +108,100 @@ class Server:
         """Add to a counter shown with Envoy's stats (created on first use)."""
     def gauge_set(self, name: str, value: int) -> None:
         """Set a gauge shown with Envoy's stats (created on first use)."""
+
+def filter_wakeup_fd() -> int:
+    """The descriptor the filter executor's loop watches: readable when jobs are queued."""
+
+def filter_jobs() -> list[FilterJob]:
+    """Take every queued filter job (the executor calls it when woken)."""
+
+@final
+class FilterJob:
+    """One hook phase of one request, queued by a worker for the Python executor."""
+
+    @property
+    def phase(self) -> int: ...
+    @property
+    def chain(self) -> Any: ...
+    @property
+    def context(self) -> Any: ...
+    @context.setter
+    def context(self, value: Any) -> None: ...
+    @property
+    def info(self) -> tuple[str, str, str, str, str, str | None, str | None]:
+        """(method, path, authority, scheme, downstream_address, route_name, cluster)"""
+    @property
+    def active(self) -> tuple[tuple[int, str | None], ...]:
+        """Active filters: (index in the chain, route config override as JSON or None)."""
+    @property
+    def headers(self) -> Headers | None: ...
+    @property
+    def start_headers(self) -> Headers | None:
+        """A copy of the request headers when the chain has no request-headers hook."""
+    @property
+    def message_headers(self) -> Headers | None: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def body(self) -> bytes | None: ...
+    def timeout_s(self, index: int) -> float: ...
+    def log_fields(self) -> dict[str, Any]: ...
+    def done(self, body: bytes | None, cluster: str | None) -> None:
+        """Continue with the phase's headers as left, ``body`` and ``cluster``."""
+    def reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Answer locally; raises ValueError (failing the request) when invalid."""
+    def fail(self, filter: str) -> None:
+        """A hook of ``filter`` raised (the traceback is logged by the caller)."""
+    def timed_out(self) -> None:
+        """A hook overran its timeout."""
+
+@final
+class Headers:
+    """A case-insensitive mutable mapping over the proxy's header map."""
+
+    def __new__(cls, items: list[tuple[str, str]] | None = None) -> Self: ...
+    def __getitem__(self, key: str, /) -> str: ...
+    def __setitem__(self, key: str, value: str, /) -> None: ...
+    def __delitem__(self, key: str, /) -> None: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default``."""
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in order."""
+    def add(self, name: str, value: str) -> None:
+        """Append a value to ``name``, keeping existing ones."""
+    def pop(self, name: str, default: str | None = None) -> str:
+        """Remove ``name``; its first value, or ``default`` (KeyError without one)."""
+    def keys(self) -> list[str]: ...
+    def values(self) -> list[str]: ...
+    def items(self) -> list[tuple[str, str]]: ...
+
+@final
+class StatStore:
+    """A server's stats, as Python filters declare theirs (under ``python.``)."""
+
+    def counter(self, name: str, tags: list[tuple[str, str]] = ...) -> Counter: ...
+    def gauge(self, name: str, tags: list[tuple[str, str]] = ...) -> Gauge: ...
+    def histogram(self, name: str, tags: list[tuple[str, str]] = ...) -> Histogram: ...
+
+@final
+class Counter:
+    def inc(self, n: int = 1) -> None: ...
+    @property
+    def value(self) -> int: ...
+
+@final
+class Gauge:
+    def set(self, value: int) -> None: ...
+    def inc(self, n: int = 1) -> None: ...
+    def dec(self, n: int = 1) -> None: ...
+    @property
+    def value(self) -> int: ...
+
+@final
+class Histogram:
+    def record(self, value: int) -> None: ...
+    @property
+    def count(self) -> int: ...

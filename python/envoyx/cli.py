@@ -10,7 +10,9 @@ existing command lines keep working, and have no effect; ``--help`` says which.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ from types import FrameType
 from envoyx import __version__, _core
 from envoyx.config import Bootstrap, bootstrap_to_json, load_bootstrap
 from envoyx.errors import BindError, ConfigError, EnvoyxError
+from envoyx.filters import build_chain
 from envoyx.server import LOG_LEVELS, Server
 from envoyx.xds.settings import parse_dynamic_resources
 
@@ -203,6 +206,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 1
 
+    # Python filter modules are found from the working directory too, as with
+    # `python -m envoyx` (a console script's sys.path starts at its bin directory).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         bootstrap = load_bootstrap(
             args.config_path or None,
@@ -264,7 +271,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _validate(bootstrap: Bootstrap, config_path: str) -> int:
-    errors = _core.validate(bootstrap_to_json(bootstrap))
+    # Python filters are imported and built, as serving would: a missing module fails here.
+    errors = _core.validate(
+        bootstrap_to_json(bootstrap), functools.partial(build_chain, objects={})
+    )
     try:
         # dynamic_resources is the xDS client's to check (the core only carries it).
         parse_dynamic_resources(bootstrap)

@@ -11,9 +11,11 @@ applies resources from Python through the same path.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -22,16 +24,32 @@ from google.protobuf.message import Message
 from envoyx import _core
 from envoyx.config import Bootstrap, BootstrapSource, bootstrap_to_json, load_bootstrap
 from envoyx.errors import ConfigError
+from envoyx.filters import Filter, build_chain
 from envoyx.xds.applier import Applier
 from envoyx.xds.client import XdsClient
 from envoyx.xds.local import LocalUpdate, apply_update
 from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from envoyx.xds.settings import XdsSettings, parse_dynamic_resources
 
-__all__ = ["LOG_LEVELS", "Server"]
+__all__ = ["LOG_LEVELS", "Server", "Started"]
 
 #: Envoy's ``--log-level`` names; ``warn`` is an alias of ``warning``.
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+class Started:
+    """What :meth:`Server.start` returns: already done in a plain program; inside a
+    running asyncio loop, the start running in a thread, awaitable."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[None] | None) -> None:
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._future is not None:
+            yield from self._future.__await__()
+
 
 #: A resource given to :meth:`Server.update`: a dict in Envoy's v3 spelling or a message.
 Resource = Mapping[str, Any] | Message
@@ -65,6 +83,7 @@ class Server:
         service_node: str | None = None,
         service_cluster: str | None = None,
         service_zone: str | None = None,
+        filters: Mapping[str, Filter] | None = None,
     ) -> None:
         if concurrency is None:
             concurrency = os.cpu_count() or 1
@@ -82,12 +101,17 @@ class Server:
             service_zone=service_zone,
         )
         self._xds_settings: XdsSettings | None = parse_dynamic_resources(self._bootstrap)
+        objects = dict(filters or {})
+        for key, instance in objects.items():
+            if not isinstance(instance, Filter):
+                raise TypeError(f"filters[{key!r}] must be a envoyx.filters.Filter: {instance!r}")
         self._core = _core.Server(
             bootstrap_to_json(self._bootstrap),
             # Envoy runs one worker when asked for none.
             concurrency=max(1, concurrency),
             drain_time_s=float(drain_time_s),
             log_level="warning" if level == "warn" else level,
+            filter_factory=functools.partial(build_chain, objects=objects),
         )
         self._applier = Applier(self._core, self._bootstrap, self._xds_settings)
         self._xds: XdsClient | None = None  # while started
@@ -97,8 +121,12 @@ class Server:
         """The validated bootstrap this server runs (CLI overrides applied)."""
         return self._bootstrap
 
-    def start(self) -> None:
+    def start(self) -> Started:
         """Bind every listener and the admin endpoint and start the workers.
+
+        In a plain program this returns once everything is bound (the result can be
+        ignored). Called inside a running asyncio loop, it does the same work in a
+        thread and returns an awaitable: ``await server.start()`` does not block the loop.
 
         Returns once everything is bound; raises :class:`~envoyx.BindError` otherwise.
         With ``dynamic_resources``, then starts the xDS client and returns once the
@@ -106,6 +134,14 @@ class Server:
         endpoints of EDS clusters), then listeners (LDS and the route configurations
         they name), each answered or past its ``initial_fetch_timeout``.
         """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._start()
+            return Started(None)
+        return Started(loop.run_in_executor(None, self._start))
+
+    def _start(self) -> None:
         if self._xds_settings is None or self._xds is not None:
             self._core.start()
             return
@@ -226,7 +262,7 @@ class Server:
 
     def __enter__(self) -> Server:
         if not self.running:
-            self.start()
+            self._start()
         return self
 
     def __exit__(
@@ -236,6 +272,21 @@ class Server:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+    async def __aenter__(self) -> Server:
+        if not self.running:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # stop() joins the workers: off the loop, so that in-flight requests through
+        # Python filters (which may await on this loop) can finish.
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
 
     def __repr__(self) -> str:
         return f"<envoyx.Server {'running' if self.running else 'stopped'}>"

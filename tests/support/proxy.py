@@ -88,6 +88,9 @@ class ProxyProcess:
             raise AssertionError(
                 f"{self.kind} did not become ready in {timeout}s; log:\n{self.log_text()}"
             ) from None
+        except ProxyExited:
+            self._close_log()
+            raise
         return self
 
     def _ready_or_dead(self) -> bool:

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::config::{ListenerConfig, NetworkFilter, RouteSource};
 use crate::error::{Error, Result};
 use crate::http::HttpConnectionManager;
+use crate::http::filter::FilterFactory;
 use crate::stats::{Counter, Gauge, StatStore};
 use crate::tcp::TcpProxy;
 use crate::upstream::ClusterManager;
@@ -56,16 +57,40 @@ impl Listener {
         store: &Arc<StatStore>,
         workers: usize,
         origin: Origin,
+        filter_factory: Option<&dyn FilterFactory>,
     ) -> Result<Arc<Self>> {
         let access_log_error = |source| Error::Io {
             context: format!("listener '{}': cannot open access log", config.name),
             source,
         };
         let filter = match config.filter {
-            NetworkFilter::Http(hcm) => ListenerFilter::Http(
-                HttpConnectionManager::new(hcm, clusters.clone(), store)
-                    .map_err(access_log_error)?,
-            ),
+            NetworkFilter::Http(hcm) => {
+                let filters = match (hcm.http_filters.is_empty(), filter_factory) {
+                    (true, _) => None,
+                    (false, Some(factory)) => Some(
+                        factory
+                            .build(&hcm.http_filters, store)
+                            .map_err(Error::Config)?,
+                    ),
+                    (false, None) => {
+                        return Err(Error::Config(
+                            hcm.http_filters
+                                .iter()
+                                .map(|f| {
+                                    format!(
+                                        "{}: Python filters need envoyx's Python runtime",
+                                        f.path
+                                    )
+                                })
+                                .collect(),
+                        ));
+                    }
+                };
+                ListenerFilter::Http(
+                    HttpConnectionManager::new(hcm, clusters.clone(), store, filters)
+                        .map_err(access_log_error)?,
+                )
+            }
             NetworkFilter::Tcp(tcp) => ListenerFilter::Tcp(
                 TcpProxy::new(tcp, clusters.clone(), store).map_err(access_log_error)?,
             ),

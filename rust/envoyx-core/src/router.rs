@@ -179,6 +179,7 @@ mod tests {
                 prefix_rewrite: None,
                 host_rewrite: None,
             }),
+            filter_overrides: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{AdminConfig, Bootstrap, RouteConfig};
 use crate::error::{Error, Result};
+use crate::http::filter::FilterFactory;
 use crate::listener::{Listener, ListenerFilter, bind};
 use crate::router::RouteTable;
 use crate::stats::{Gauge, StatStore};
@@ -24,12 +25,25 @@ use crate::upstream::{ClusterManager, WorkerPools};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// `--concurrency`: number of workers (at least 1).
     pub concurrency: usize,
     /// `--drain-time-s`: how long in-flight requests may take once stop begins.
     pub drain_time: Duration,
+    /// Builds the chains of `envoyx.filters.http.python` filters (the Python
+    /// bindings give one); without it such filters are a configuration error.
+    pub filter_factory: Option<Arc<dyn FilterFactory>>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("concurrency", &self.concurrency)
+            .field("drain_time", &self.drain_time)
+            .field("filter_factory", &self.filter_factory.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServerOptions {
@@ -37,6 +51,7 @@ impl Default for ServerOptions {
         ServerOptions {
             concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
             drain_time: Duration::from_secs(600),
+            filter_factory: None,
         }
     }
 }
@@ -340,6 +355,7 @@ impl Shared {
             &self.store,
             workers,
             Origin::dynamic(version),
+            self.options.filter_factory.as_deref(),
         )
         .map_err(|e| e.to_string())?;
         // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
@@ -470,6 +486,7 @@ impl Server {
                 &store,
                 workers,
                 Origin::bootstrap(),
+                options.filter_factory.as_deref(),
             )?);
         }
         store

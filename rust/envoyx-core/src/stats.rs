@@ -3,6 +3,7 @@
 //! Handles are created (and their Prometheus name and tags computed) when
 //! configuration is applied; the request path only touches relaxed atomics.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -123,17 +124,40 @@ impl Histogram {
 }
 
 #[derive(Clone, Debug)]
-enum Metric {
+pub enum Metric {
     Counter(Counter),
     Gauge(Gauge),
     Histogram(Histogram),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Metric {
+    pub fn kind(&self) -> MetricKind {
+        match self {
+            Metric::Counter(_) => MetricKind::Counter,
+            Metric::Gauge(_) => MetricKind::Gauge,
+            Metric::Histogram(_) => MetricKind::Histogram,
+        }
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 #[derive(Debug)]
 struct Entry {
     metric: Metric,
     prom_name: String,
-    tags: Vec<(&'static str, String)>,
+    tags: Vec<(Cow<'static, str>, String)>,
 }
 
 /// The process-wide stat registry, shared by every worker.
@@ -148,12 +172,29 @@ impl StatStore {
     }
 
     fn get_or_insert(&self, name: &str, make: impl FnOnce() -> Metric) -> Metric {
+        self.get_or_insert_with(name, make, || {
+            let (prom_name, tags) = prometheus_name(name);
+            (
+                prom_name,
+                tags.into_iter()
+                    .map(|(k, v)| (Cow::Borrowed(k), v))
+                    .collect(),
+            )
+        })
+    }
+
+    fn get_or_insert_with(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> Metric,
+        naming: impl FnOnce() -> (String, Vec<(Cow<'static, str>, String)>),
+    ) -> Metric {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get(name) {
             return e.metric.clone();
         }
         let metric = make();
-        let (prom_name, tags) = prometheus_name(name);
+        let (prom_name, tags) = naming();
         entries.insert(
             name.to_string(),
             Entry {
@@ -183,6 +224,36 @@ impl StatStore {
         match self.get_or_insert(name, || Metric::Histogram(Histogram::default())) {
             Metric::Histogram(h) => h,
             _ => Histogram::default(),
+        }
+    }
+
+    /// A stat declared with explicit tags (by a Python filter): `base.k1.v1...` in
+    /// `/stats`, `envoy_<base>{k1="v1",...}` in Prometheus, as Envoy names stats
+    /// created with tags. A name already used by another kind gets a detached handle.
+    pub fn tagged(&self, kind: MetricKind, base: &str, tags: &[(String, String)]) -> Metric {
+        let mut name = base.to_string();
+        for (k, v) in tags {
+            name.push('.');
+            name.push_str(k);
+            name.push('.');
+            name.push_str(v);
+        }
+        let make = || match kind {
+            MetricKind::Counter => Metric::Counter(Counter::default()),
+            MetricKind::Gauge => Metric::Gauge(Gauge::default()),
+            MetricKind::Histogram => Metric::Histogram(Histogram::default()),
+        };
+        let metric = self.get_or_insert_with(&name, make, || {
+            let labels = tags
+                .iter()
+                .map(|(k, v)| (Cow::Owned(sanitize(k)), v.clone()))
+                .collect();
+            (format!("envoy_{}", sanitize(base)), labels)
+        });
+        if metric.kind() == kind {
+            metric
+        } else {
+            make()
         }
     }
 
@@ -325,7 +396,7 @@ impl StatStore {
     }
 }
 
-fn render_labels(tags: &[(&'static str, String)], le: Option<&str>) -> String {
+fn render_labels(tags: &[(Cow<'static, str>, String)], le: Option<&str>) -> String {
     if tags.is_empty() && le.is_none() {
         return String::new();
     }
@@ -383,11 +454,7 @@ pub fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
         };
         rest.replace_range(cut, "");
     }
-    let sanitized: String = rest
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    (format!("envoy_{sanitized}"), tags)
+    (format!("envoy_{}", sanitize(&rest)), tags)
 }
 
 #[cfg(test)]

@@ -4,10 +4,14 @@
 //! the GIL; the core's threads never take it.
 
 mod errors;
+mod filters;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use envoyx_core::config::NetworkFilter;
+use envoyx_core::http::filter::FilterFactory;
 use envoyx_core::log::{self, Level};
 use envoyx_core::server::ResourceKind;
 use envoyx_core::{Server as CoreServer, ServerOptions};
@@ -27,10 +31,33 @@ fn version() -> &'static str {
 }
 
 /// Maps a canonical proto-JSON bootstrap; returns every error (empty when valid).
+/// With a `filter_factory`, the Python filters of static listeners are built too
+/// (modules imported, classes instantiated), as serving would.
 #[pyfunction]
-fn validate(py: Python<'_>, bootstrap_json: &str) -> Vec<String> {
+#[pyo3(signature = (bootstrap_json, filter_factory = None))]
+fn validate(
+    py: Python<'_>,
+    bootstrap_json: &str,
+    filter_factory: Option<Py<PyAny>>,
+) -> Vec<String> {
     py.detach(|| match envoyx_core::load_bootstrap(bootstrap_json) {
-        Ok(_) => Vec::new(),
+        Ok(bootstrap) => {
+            let Some(factory) = filter_factory.map(filters::PyFilterFactory::new) else {
+                return Vec::new();
+            };
+            let store = envoyx_core::stats::StatStore::new();
+            bootstrap
+                .listeners
+                .iter()
+                .filter_map(|l| match &l.filter {
+                    NetworkFilter::Http(hcm) if !hcm.http_filters.is_empty() => {
+                        factory.build(&hcm.http_filters, &store).err()
+                    }
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        }
         Err(envoyx_core::Error::Config(errors)) => errors,
         Err(e) => vec![e.to_string()],
     })
@@ -59,13 +86,14 @@ struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bootstrap_json, *, concurrency = 0, drain_time_s = 600.0, log_level = "info"))]
+    #[pyo3(signature = (bootstrap_json, *, concurrency = 0, drain_time_s = 600.0, log_level = "info", filter_factory = None))]
     fn new(
         py: Python<'_>,
         bootstrap_json: &str,
         concurrency: usize,
         drain_time_s: f64,
         log_level: &str,
+        filter_factory: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let level = Level::parse(log_level)
             .ok_or_else(|| PyValueError::new_err(format!("unknown log level {log_level:?}")))?;
@@ -77,6 +105,8 @@ impl Server {
         log::set_level(level);
         let mut options = ServerOptions {
             drain_time: Duration::from_secs_f64(drain_time_s),
+            filter_factory: filter_factory
+                .map(|f| Arc::new(filters::PyFilterFactory::new(f)) as Arc<dyn FilterFactory>),
             ..ServerOptions::default()
         };
         if concurrency > 0 {
@@ -194,5 +224,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate, m)?)?;
     m.add_function(wrap_pyfunction!(route_match, m)?)?;
     m.add_class::<Server>()?;
+    m.add_function(wrap_pyfunction!(filters::filter_wakeup_fd, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::filter_jobs, m)?)?;
+    m.add_class::<filters::FilterJob>()?;
+    m.add_class::<filters::Headers>()?;
+    m.add_class::<filters::StatStore>()?;
+    m.add_class::<filters::Counter>()?;
+    m.add_class::<filters::Gauge>()?;
+    m.add_class::<filters::Histogram>()?;
     Ok(())
 }

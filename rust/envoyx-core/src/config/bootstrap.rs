@@ -19,6 +19,11 @@ pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
+pub const TYPED_STRUCT_TYPE: &str = "xds.type.v3.TypedStruct";
+pub const UDPA_TYPED_STRUCT_TYPE: &str = "udpa.type.v1.TypedStruct";
+pub const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
+/// The TypedStruct `type_url` of a Python HTTP filter.
+pub const PYTHON_FILTER_TYPE: &str = "envoyx.filters.http.python";
 pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
@@ -276,24 +281,7 @@ fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             CodecType::Auto
         }
     };
-    let filters = hcm.list("http_filters");
-    if filters.is_empty() {
-        hcm.error("http_filters", "must end with envoy.filters.http.router");
-    }
-    for f in &filters {
-        f.str("name");
-        match f.obj("typed_config") {
-            Some(tc) => match tc.any_type() {
-                Some(ROUTER_TYPE) => {}
-                Some(other) => tc.error(
-                    "@type",
-                    format!("HTTP filter {other} is not supported by envoyx"),
-                ),
-                None => {}
-            },
-            None => f.error("typed_config", "is required"),
-        }
-    }
+    let http_filters = map_http_filters(hcm);
     let routes = if let Some(rc) = hcm.obj("route_config") {
         RouteSource::Inline(map_route_config(&rc)?)
     } else if let Some(rds) = hcm.obj("rds") {
@@ -324,7 +312,165 @@ fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
         use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
+        http_filters,
     })
+}
+
+/// `http_filters`: Python filters, then the router, which must be last.
+fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
+    let filters = hcm.list("http_filters");
+    let mut specs = Vec::new();
+    let mut names = HashSet::new();
+    for (i, f) in filters.iter().enumerate() {
+        let name = f.str("name").unwrap_or_default();
+        if !names.insert(name) {
+            f.error("name", format!("duplicate HTTP filter name {name:?}"));
+        }
+        let Some(tc) = f.obj("typed_config") else {
+            f.error("typed_config", "is required");
+            continue;
+        };
+        let last = i + 1 == filters.len();
+        match tc.any_type() {
+            Some(ROUTER_TYPE) if last => {}
+            Some(ROUTER_TYPE) => f.error("name", "the router must be the last HTTP filter"),
+            Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
+                if let Some(spec) = map_python_filter(name, &tc) {
+                    specs.push(spec);
+                }
+                if last {
+                    f.error(
+                        "name",
+                        "the last HTTP filter must be envoy.filters.http.router",
+                    );
+                }
+            }
+            Some(other) => tc.error(
+                "@type",
+                format!("HTTP filter {other} is not supported by envoyx"),
+            ),
+            None => {}
+        }
+    }
+    if filters.is_empty() {
+        hcm.error("http_filters", "must end with envoy.filters.http.router");
+    }
+    specs
+}
+
+/// The TypedStruct of an `envoyx.filters.http.python` filter.
+fn map_python_filter(name: &str, tc: &Obj<'_>) -> Option<HttpFilterSpec> {
+    let type_url = tc.str("type_url").unwrap_or_default();
+    if type_url != PYTHON_FILTER_TYPE {
+        tc.error(
+            "type_url",
+            format!(
+                "HTTP filter {type_url:?} is not supported by envoyx (only {PYTHON_FILTER_TYPE})"
+            ),
+        );
+        return None;
+    }
+    let Some(value) = tc.obj("value") else {
+        tc.error("value", "is required: {module, class} or {object}");
+        return None;
+    };
+    let module = value.str("module").map(str::to_string);
+    let class = value.str("class").map(str::to_string);
+    let object = value.str("object").map(str::to_string);
+    match (&module, &class, &object) {
+        (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+        _ => value.errors().push(
+            value.path(),
+            "needs `module` and `class`, or `object` (a filter given to envoyx.Server(filters=...))",
+        ),
+    }
+    let defaults = FilterSettings::default();
+    let settings = FilterSettings {
+        timeout: value.duration("timeout").unwrap_or(defaults.timeout),
+        error_status: struct_uint(&value, "error_status")
+            .map(|n| {
+                if !(200..=599).contains(&n) {
+                    value.error("error_status", "must be in [200, 599]");
+                }
+                n as u16
+            })
+            .unwrap_or(defaults.error_status),
+        max_request_bytes: struct_uint(&value, "max_request_bytes")
+            .map_or(defaults.max_request_bytes, |n| n as usize),
+        max_response_bytes: struct_uint(&value, "max_response_bytes")
+            .map_or(defaults.max_response_bytes, |n| n as usize),
+    };
+    if settings.timeout.is_zero() {
+        value.error("timeout", "must be greater than 0s");
+    }
+    Some(HttpFilterSpec {
+        name: name.to_string(),
+        path: value.path().to_string(),
+        module,
+        class,
+        object,
+        config: value.raw("config").cloned().unwrap_or(Value::Null),
+        settings,
+    })
+}
+
+/// A whole non-negative number in a google.protobuf.Struct (where numbers are doubles).
+fn struct_uint(obj: &Obj<'_>, key: &'static str) -> Option<u64> {
+    let v = obj.raw(key)?;
+    match v.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Some(f as u64),
+        _ => {
+            obj.error(key, "expected a whole non-negative number");
+            None
+        }
+    }
+}
+
+/// `typed_per_filter_config`: per filter name, disabled or a config override.
+fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
+    let mut out = Vec::new();
+    for (name, any) in owner.entries("typed_per_filter_config") {
+        match any.any_type() {
+            Some(FILTER_CONFIG_TYPE) => {
+                // `is_optional` only matters for filters envoyx does not know, which it rejects.
+                any.ignore(&["is_optional"]);
+                if any.raw("config").is_some() {
+                    any.error(
+                        "config",
+                        "not supported by envoyx (use a TypedStruct override)",
+                    );
+                }
+                if any.bool("disabled") == Some(true) {
+                    out.push((name.to_string(), FilterOverride::Disabled));
+                }
+            }
+            Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
+                let type_url = any.str("type_url").unwrap_or_default();
+                if type_url != PYTHON_FILTER_TYPE {
+                    any.error(
+                        "type_url",
+                        format!("{type_url:?} is not supported by envoyx"),
+                    );
+                    continue;
+                }
+                let Some(value) = any.obj("value") else {
+                    any.error("value", "is required: {config: ...}");
+                    continue;
+                };
+                let config = value.raw("config").cloned().unwrap_or(Value::Null);
+                out.push((
+                    name.to_string(),
+                    FilterOverride::Config(config.to_string().into()),
+                ));
+            }
+            Some(other) => any.error(
+                "@type",
+                format!("per-filter config {other} is not supported by envoyx"),
+            ),
+            None => {}
+        }
+    }
+    out
 }
 
 pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
@@ -370,7 +516,15 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
             vh.error("domains", format!("invalid wildcard domain {d}"));
         }
     }
-    let routes = vh.list("routes").iter().filter_map(map_route).collect();
+    let vhost_overrides = map_filter_overrides(vh);
+    let mut routes: Vec<RouteEntry> = vh.list("routes").iter().filter_map(map_route).collect();
+    for route in &mut routes {
+        for (name, o) in &vhost_overrides {
+            if !route.filter_overrides.iter().any(|(n, _)| n == name) {
+                route.filter_overrides.push((name.clone(), o.clone()));
+            }
+        }
+    }
     Some(VirtualHostConfig {
         name,
         domains,
@@ -459,6 +613,7 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
         path_match,
         case_sensitive,
         action,
+        filter_overrides: map_filter_overrides(r),
     })
 }
 

@@ -4,6 +4,7 @@
 //! proto-JSON; each field is documented by the Envoy field it comes from.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
@@ -73,6 +74,57 @@ pub struct HttpConnectionManagerConfig {
     pub generate_request_id: bool,
     /// `use_remote_address` (default false): append the peer to `x-forwarded-for`.
     pub use_remote_address: bool,
+    /// `http_filters` before the router: Python filters, in order.
+    pub http_filters: Vec<HttpFilterSpec>,
+}
+
+/// An `envoyx.filters.http.python` HTTP filter: a TypedStruct's `value`.
+#[derive(Debug, Clone)]
+pub struct HttpFilterSpec {
+    /// The HTTP filter's `name` (the key of `typed_per_filter_config`).
+    pub name: String,
+    /// The field path of the filter's `value`, for errors found when it is built.
+    pub path: String,
+    /// `value.module` and `value.class`, or `value.object`.
+    pub module: Option<String>,
+    pub class: Option<String>,
+    pub object: Option<String>,
+    /// `value.config` (null when absent).
+    pub config: Value,
+    pub settings: FilterSettings,
+}
+
+/// What each filter's TypedStruct says about how the core runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterSettings {
+    /// `timeout`: one hook call may take this long; past it the request gets 504.
+    pub timeout: Duration,
+    /// `error_status`: the local reply's status when a hook raises.
+    pub error_status: u16,
+    /// `max_request_bytes`: the buffered request body limit (413 past it).
+    pub max_request_bytes: usize,
+    /// `max_response_bytes`: the buffered response body limit (500 past it).
+    pub max_response_bytes: usize,
+}
+
+impl Default for FilterSettings {
+    fn default() -> Self {
+        FilterSettings {
+            timeout: Duration::from_secs(1),
+            error_status: 500,
+            max_request_bytes: 1 << 20,
+            max_response_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A route's `typed_per_filter_config` entry for one filter.
+#[derive(Debug, Clone)]
+pub enum FilterOverride {
+    /// `envoy.config.route.v3.FilterConfig` with `disabled: true`.
+    Disabled,
+    /// A TypedStruct whose `value.config` replaces the filter's config (JSON text).
+    Config(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -109,6 +161,8 @@ pub struct RouteEntry {
     /// `match.case_sensitive` (default true; regexes are not affected, as in Envoy).
     pub case_sensitive: bool,
     pub action: RouteAction,
+    /// `typed_per_filter_config` of the route, over its virtual host's, by filter name.
+    pub filter_overrides: Vec<(String, FilterOverride)>,
 }
 
 #[derive(Debug)]

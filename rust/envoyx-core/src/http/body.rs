@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -17,6 +18,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     Stream(Incoming),
     Counted(Incoming, Rc<Cell<u64>>),
+    /// A body a filter buffered (and maybe replaced), then its trailers.
+    Buffered(Option<Bytes>, Option<HeaderMap>),
 }
 
 impl ProxyBody {
@@ -41,6 +44,12 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Buffered(data, trailers) => {
+                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Counted(inner, count) => {
                 let polled = Pin::new(inner).poll_frame(cx);
@@ -58,6 +67,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Buffered(data, trailers) => {
+                data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
+            }
             ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.is_end_stream(),
         }
     }
@@ -66,6 +78,17 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            // Not exact when trailers follow: HTTP/1 must then send it chunked.
+            ProxyBody::Buffered(data, trailers) => {
+                let len = data.as_ref().map_or(0, |b| b.len() as u64);
+                if trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
+            }
             ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.size_hint(),
         }
     }

@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::{ProxyBody, ResponseBody, StreamEnd};
+use super::filter::{FilterChain, FilterStream, HookOutcome, Phase};
+use super::filtering::RequestFilters;
 use super::framing_guard::{ConnectionScreen, FramingGuard};
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::{
@@ -62,10 +64,14 @@ pub struct HcmStats {
     pub no_cluster: Counter,
     pub rq_direct_response: Counter,
     pub rq_total: Counter,
+    /// `python.errors` / `python.timeouts`: hooks that raised or overran (only
+    /// registered when the connection manager has Python filters).
+    pub python_errors: Counter,
+    pub python_timeouts: Counter,
 }
 
 impl HcmStats {
-    fn new(store: &StatStore, prefix: &str) -> Self {
+    fn new(store: &StatStore, prefix: &str, python: bool) -> Self {
         let c = |s: &str| store.counter(&format!("http.{prefix}.{s}"));
         let g = |s: &str| store.gauge(&format!("http.{prefix}.{s}"));
         HcmStats {
@@ -91,10 +97,20 @@ impl HcmStats {
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),
             rq_total: c("rq_total"),
+            python_errors: if python {
+                c("python.errors")
+            } else {
+                Counter::default()
+            },
+            python_timeouts: if python {
+                c("python.timeouts")
+            } else {
+                Counter::default()
+            },
         }
     }
 
-    fn response_class(&self, status: u16) {
+    pub(super) fn response_class(&self, status: u16) {
         if (100..600).contains(&status) {
             self.downstream_rq_class[(status / 100 - 1) as usize].inc();
         }
@@ -114,6 +130,8 @@ pub struct HttpConnectionManager {
     server_name: HeaderValue,
     generate_request_id: bool,
     use_remote_address: bool,
+    /// The Python filters before the router; None on the fast path.
+    filters: Option<Arc<dyn FilterChain>>,
 }
 
 impl HttpConnectionManager {
@@ -121,6 +139,7 @@ impl HttpConnectionManager {
         config: HttpConnectionManagerConfig,
         clusters: Arc<ClusterManager>,
         store: &StatStore,
+        filters: Option<Arc<dyn FilterChain>>,
     ) -> std::io::Result<Arc<Self>> {
         let access_logs = config
             .access_logs
@@ -133,7 +152,7 @@ impl HttpConnectionManager {
         };
         Ok(Arc::new(HttpConnectionManager {
             codec: config.codec,
-            stats: HcmStats::new(store, &config.stat_prefix),
+            stats: HcmStats::new(store, &config.stat_prefix, filters.is_some()),
             stat_prefix: config.stat_prefix,
             rds_name,
             routes: ArcSwap::new(table),
@@ -143,6 +162,7 @@ impl HttpConnectionManager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             generate_request_id: config.generate_request_id,
             use_remote_address: config.use_remote_address,
+            filters,
         }))
     }
 
@@ -350,15 +370,17 @@ fn protocol_name(v: Version) -> &'static str {
 }
 
 /// A response envoyx generates itself, as Envoy's `sendLocalReply` does.
-struct LocalReply {
-    status: StatusCode,
-    body: Bytes,
-    flags: &'static str,
-    details: &'static str,
+pub(super) struct LocalReply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub flags: &'static str,
+    pub details: &'static str,
+    /// Headers a filter asked for, written over the defaults.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl LocalReply {
-    fn new(
+    pub(super) fn new(
         status: u16,
         body: impl Into<Bytes>,
         flags: &'static str,
@@ -369,6 +391,7 @@ impl LocalReply {
             body: body.into(),
             flags,
             details,
+            headers: Vec::new(),
         }
     }
 }
@@ -380,6 +403,8 @@ struct Exchange {
     started: Instant,
     record: Option<LogRecord>,
     upstream: Option<UpstreamExchange>,
+    /// The request's filter stream when a filter has an `on_log` hook.
+    filter_log: Option<Arc<dyn FilterStream>>,
 }
 
 struct UpstreamExchange {
@@ -438,6 +463,9 @@ impl Exchange {
             for logger in &self.hcm.access_logs {
                 logger.log(&record);
             }
+            if let Some(filters) = self.filter_log.take() {
+                filters.log(record);
+            }
         }
     }
 }
@@ -489,7 +517,13 @@ impl DownstreamConnection {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
 
         let bytes_received = Rc::new(Cell::new(0u64));
-        let mut record = (!hcm.access_logs.is_empty()).then(|| LogRecord {
+        let routes = hcm.routes.load();
+        let route = routes.find(authority, path);
+        let filters = hcm.filters.as_ref().and_then(|chain| {
+            RequestFilters::start(chain, route, &req, authority, path, self.peer)
+        });
+        let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
+        let mut record = (!hcm.access_logs.is_empty() || wants_log).then(|| LogRecord {
             start: Some(SystemTime::now()),
             request_headers: Some(req.headers().clone()),
             method: req.method().as_str().to_string(),
@@ -501,16 +535,62 @@ impl DownstreamConnection {
             response_flags: "-",
             ..Default::default()
         });
+        if let (Some(r), Some(route)) = (record.as_mut(), route) {
+            r.route_name = route.name.clone();
+        }
         let exchange = Exchange {
             hcm: hcm.clone(),
             screen: self.screen.clone(),
             started,
             record: None,
             upstream: None,
+            filter_log: filters
+                .as_ref()
+                .filter(|_| wants_log)
+                .map(|f| f.stream.clone()),
         };
+        let (mut parts, body) = req.into_parts();
 
-        let routes = hcm.routes.load();
-        let Some(route) = routes.find(authority, path) else {
+        // Request hooks run before the route's action, as Envoy's decoder filters run
+        // before the router: a filter may answer for a route that does not exist.
+        let mut chosen_cluster = None;
+        let mut request_body = ProxyBody::Stream(body);
+        if let Some(f) = &filters {
+            if f.hooks.has(Phase::RequestHeaders) {
+                let headers = std::mem::take(&mut parts.headers);
+                match f.run(Phase::RequestHeaders, Some(headers), 0, None).await {
+                    HookOutcome::Continue {
+                        headers, cluster, ..
+                    } => {
+                        parts.headers = headers.unwrap_or_default();
+                        chosen_cluster = cluster;
+                    }
+                    other => {
+                        let reply = f.local_reply(other, stats);
+                        return self.local_reply(reply, exchange, record, &bytes_received);
+                    }
+                }
+            }
+            if f.hooks.buffers_request()
+                && let ProxyBody::Stream(body) = request_body
+            {
+                match f
+                    .buffer_request(&mut parts, body, &mut chosen_cluster)
+                    .await
+                {
+                    Ok(b) => {
+                        bytes_received.set(b.len_received);
+                        request_body = b.body;
+                    }
+                    Err(reply) => {
+                        let reply = f.local_reply_or(reply, stats);
+                        return self.local_reply(reply, exchange, record, &bytes_received);
+                    }
+                }
+            }
+        }
+
+        let Some(route) = route else {
             stats.no_route.inc();
             return self.local_reply(
                 LocalReply::new(404, Bytes::new(), "NR", "route_not_found"),
@@ -519,9 +599,6 @@ impl DownstreamConnection {
                 &bytes_received,
             );
         };
-        if let Some(r) = record.as_mut() {
-            r.route_name = route.name.clone();
-        }
         let action = match &route.action {
             RouteAction::Direct { status, body } => {
                 stats.rq_direct_response.inc();
@@ -536,7 +613,8 @@ impl DownstreamConnection {
             RouteAction::Forward(f) => f,
         };
         stats.rq_total.inc();
-        let Some(cluster) = hcm.clusters.get(&action.cluster) else {
+        let cluster_name = chosen_cluster.as_deref().unwrap_or(&action.cluster);
+        let Some(cluster) = hcm.clusters.get(cluster_name) else {
             stats.no_cluster.inc();
             return self.local_reply(
                 LocalReply::new(503, Bytes::new(), "NC", "cluster_not_found"),
@@ -591,18 +669,18 @@ impl DownstreamConnection {
         // Prepare the upstream request in place: same headers map, same body stream.
         let is_h2_upstream = matches!(sender, Sender::Http2(_));
         self.rewrite_request_headers(
-            &mut req,
+            &mut parts,
             action,
             &route.path_match,
             authority,
             path,
             is_h2_upstream,
         );
-        let (mut parts, body) = req.into_parts();
-        let upstream_body = if record.is_some() {
-            ProxyBody::Counted(body, bytes_received.clone())
-        } else {
-            ProxyBody::Stream(body)
+        let upstream_body = match request_body {
+            ProxyBody::Stream(body) if record.is_some() => {
+                ProxyBody::Counted(body, bytes_received.clone())
+            }
+            other => other,
         };
         parts.version = if is_h2_upstream {
             Version::HTTP_2
@@ -613,7 +691,7 @@ impl DownstreamConnection {
 
         cluster.stats.upstream_rq_active.inc();
         host.stats.rq_active.inc();
-        let exchange = Exchange {
+        let mut exchange = Exchange {
             upstream: Some(UpstreamExchange {
                 cluster: cluster.clone(),
                 pools: self.pools.clone(),
@@ -696,7 +774,6 @@ impl DownstreamConnection {
         } else {
             host.stats.rq_error.inc();
         }
-        stats.response_class(status);
 
         let (mut parts, body) = response.into_parts();
         // Envoy writes its own reason phrase, not the upstream\'s.
@@ -710,20 +787,49 @@ impl DownstreamConnection {
             .headers
             .insert(header::SERVER, hcm.server_name.clone());
         parts.version = version;
+        let mut response_body = ProxyBody::Stream(body);
+        if let Some(f) = &filters {
+            // Response hooks: the upstream connection is not reused after a filter
+            // replaces the response (its body is not read).
+            if f.hooks.has(Phase::ResponseHeaders) {
+                let headers = std::mem::take(&mut parts.headers);
+                match f
+                    .run(Phase::ResponseHeaders, Some(headers), status, None)
+                    .await
+                {
+                    HookOutcome::Continue { headers, .. } => {
+                        parts.headers = headers.unwrap_or_default();
+                    }
+                    other => {
+                        let reply = f.local_reply(other, stats);
+                        return self.local_reply(reply, exchange, record, &bytes_received);
+                    }
+                }
+            }
+            if f.hooks.buffers_response() {
+                match f.buffer_response(&mut parts, response_body, status).await {
+                    Ok(b) => response_body = b,
+                    Err(reply) => {
+                        let reply = f.local_reply_or(reply, stats);
+                        return self.local_reply(reply, exchange, record, &bytes_received);
+                    }
+                }
+            }
+        }
+        stats.response_class(status);
         if let Some(r) = record.as_mut() {
             r.response_code = status;
             r.response_headers = Some(parts.headers.clone());
             r.response_duration = Some(started.elapsed());
             r.response_code_details = "via_upstream";
         }
-        let mut exchange = exchange;
         exchange.record = record;
         if let (Sender::Http1(s), Some(up)) = (sender, exchange.upstream.as_mut()) {
             up.reusable = Some(s);
         }
         let counted = bytes_received.clone();
         let body = ResponseBody::new(
-            ProxyBody::Stream(body),
+            response_body,
             Some(Box::new(move |end, bytes| {
                 exchange.finish(end, bytes, Some(&counted))
             })),
@@ -735,7 +841,7 @@ impl DownstreamConnection {
     /// when something changes (a rewrite, or the protocol's form of the target).
     fn rewrite_request_headers(
         &self,
-        req: &mut Request<Incoming>,
+        req: &mut http::request::Parts,
         action: &ForwardAction,
         matched: &PathMatch,
         authority: &str,
@@ -750,7 +856,7 @@ impl DownstreamConnection {
             _ => None,
         };
         let authority = action.host_rewrite.as_deref().unwrap_or(authority);
-        let headers = req.headers_mut();
+        let headers = &mut req.headers;
         strip_hop_by_hop(headers);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -782,7 +888,7 @@ impl DownstreamConnection {
                 .path_and_query(final_path)
                 .build()
             {
-                *req.uri_mut() = uri;
+                req.uri = uri;
             }
         } else {
             // An HTTP/1.1 request already carries Host unless it came over HTTP/2.
@@ -792,10 +898,10 @@ impl DownstreamConnection {
                 headers.insert(header::HOST, v);
             }
             // Origin form, unless it already is and the path is unchanged.
-            if (new_path.is_some() || req.uri().authority().is_some())
+            if (new_path.is_some() || req.uri.authority().is_some())
                 && let Ok(uri) = final_path.parse::<Uri>()
             {
-                *req.uri_mut() = uri;
+                req.uri = uri;
             }
         }
     }
@@ -817,6 +923,9 @@ impl DownstreamConnection {
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         headers.insert(header::SERVER, self.hcm.server_name.clone());
+        for (name, value) in reply.headers {
+            headers.insert(name, value);
+        }
         if let Some(r) = record.as_mut() {
             r.response_code = status;
             r.response_flags = reply.flags;

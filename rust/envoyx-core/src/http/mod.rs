@@ -2,6 +2,8 @@
 
 pub mod body;
 pub mod connection_manager;
+pub mod filter;
+mod filtering;
 pub mod framing_guard;
 
 pub use connection_manager::HttpConnectionManager;

@@ -1,0 +1,741 @@
+//! The Python filter bridge: implements the core's filter traits by queueing jobs
+//! for the Python executor thread (`envoyx.filters._Runtime`).
+//!
+//! A tokio worker calling a hook pushes a [`PendingJob`] onto one process-wide queue,
+//! writes one byte to a socket pair if the executor is not already woken, and awaits
+//! a oneshot answer — it never takes the GIL. The executor's asyncio loop watches the
+//! other end of the socket pair; woken, it drains the queue (`filter_jobs()`), each
+//! job becoming a [`FilterJob`] the Python dispatcher runs and answers.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use envoyx_core::access_log::LogRecord;
+use envoyx_core::config::HttpFilterSpec;
+use envoyx_core::http::filter::{
+    FilterChain, FilterFactory, FilterInfo, FilterStream, HookCall, HookFuture, HookOutcome, Hooks,
+    Phase, StreamStart,
+};
+use envoyx_core::stats::{self, Metric, MetricKind};
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use tokio::sync::oneshot;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------
+// The queue between tokio workers and the executor thread.
+
+struct PendingJob {
+    stream: Arc<PyStream>,
+    work: Work,
+}
+
+enum Work {
+    Hook(Box<HookCall>, oneshot::Sender<HookOutcome>),
+    Log(Box<LogRecord>),
+}
+
+struct Queue {
+    jobs: Mutex<Vec<PendingJob>>,
+    /// Set while a wake-up byte is unread: a burst of jobs costs one write.
+    woken: AtomicBool,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+}
+
+static QUEUE: LazyLock<Queue> = LazyLock::new(|| {
+    let (wake_tx, wake_rx) = UnixStream::pair().expect("socketpair for the filter executor");
+    wake_tx
+        .set_nonblocking(true)
+        .expect("non-blocking wake-up socket");
+    wake_rx
+        .set_nonblocking(true)
+        .expect("non-blocking wake-up socket");
+    Queue {
+        jobs: Mutex::new(Vec::new()),
+        woken: AtomicBool::new(false),
+        wake_tx,
+        wake_rx,
+    }
+});
+
+impl Queue {
+    fn push(&self, job: PendingJob) {
+        lock(&self.jobs).push(job);
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            // A full socket buffer means a wake-up is pending anyway.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    fn drain(&self) -> Vec<PendingJob> {
+        let mut buf = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
+        // Cleared before taking the jobs: a job pushed after the take wakes again.
+        self.woken.store(false, Ordering::Release);
+        std::mem::take(&mut *lock(&self.jobs))
+    }
+}
+
+/// The file descriptor the executor's loop watches for queued jobs.
+#[pyfunction]
+pub fn filter_wakeup_fd() -> i32 {
+    QUEUE.wake_rx.as_raw_fd()
+}
+
+/// Takes every queued job (called by the executor when woken).
+#[pyfunction]
+pub fn filter_jobs(py: Python<'_>) -> PyResult<Vec<Py<FilterJob>>> {
+    QUEUE
+        .drain()
+        .into_iter()
+        .map(|job| Py::new(py, FilterJob::new(py, job)?))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Chains and streams: the core's traits.
+
+/// Builds chains by calling `envoyx.filters.build_chain` (through the callable the
+/// Python `Server` gives, which knows the `filters=` objects).
+pub struct PyFilterFactory {
+    build: Py<PyAny>,
+}
+
+impl PyFilterFactory {
+    pub fn new(build: Py<PyAny>) -> Self {
+        PyFilterFactory { build }
+    }
+}
+
+impl FilterFactory for PyFilterFactory {
+    fn build(
+        &self,
+        specs: &[HttpFilterSpec],
+        store: &Arc<stats::StatStore>,
+    ) -> Result<Arc<dyn FilterChain>, Vec<String>> {
+        let json = serde_json::Value::Array(
+            specs
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "name": s.name, "path": s.path, "module": s.module,
+                        "class": s.class, "object": s.object, "config": s.config,
+                    })
+                })
+                .collect(),
+        )
+        .to_string();
+        let first_path = specs.first().map_or("", |s| s.path.as_str());
+        Python::attach(|py| {
+            let store = Py::new(py, StatStore(store.clone())).map_err(|e| vec![e.to_string()])?;
+            let chain = self
+                .build
+                .call1(py, (json, store))
+                .map_err(|e| python_errors(py, &e, first_path))?;
+            let masks: Vec<u8> = chain
+                .getattr(py, "masks")
+                .and_then(|m| m.extract(py))
+                .map_err(|e| vec![format!("{first_path}: {e}")])?;
+            let filters = specs
+                .iter()
+                .zip(masks)
+                .map(|(s, mask)| FilterInfo {
+                    name: s.name.clone(),
+                    hooks: Hooks(mask),
+                    settings: s.settings,
+                })
+                .collect();
+            Ok(Arc::new(PyChain {
+                filters,
+                chain: Arc::new(chain),
+            }) as Arc<dyn FilterChain>)
+        })
+    }
+}
+
+/// A `ValueError` from `build_chain` carries one "<path>: <problem>" per line.
+fn python_errors(py: Python<'_>, e: &PyErr, path: &str) -> Vec<String> {
+    if e.is_instance_of::<PyValueError>(py) {
+        let text = e.value(py).to_string();
+        return text.lines().map(str::to_string).collect();
+    }
+    vec![format!("{path}: {e}")]
+}
+
+struct PyChain {
+    filters: Vec<FilterInfo>,
+    /// The Python `_Chain` (filter instances and their hooks); in an Arc so that a
+    /// worker starting a stream clones it without the GIL.
+    chain: Arc<Py<PyAny>>,
+}
+
+impl FilterChain for PyChain {
+    fn filters(&self) -> &[FilterInfo] {
+        &self.filters
+    }
+
+    fn start(&self, start: StreamStart) -> Arc<dyn FilterStream> {
+        Arc::new(PyStream {
+            chain: self.chain.clone(),
+            timeouts: self
+                .filters
+                .iter()
+                .map(|f| f.settings.timeout.as_secs_f64())
+                .collect(),
+            start,
+            context: Mutex::new(None),
+        })
+    }
+}
+
+/// One request's state on the Python side.
+struct PyStream {
+    chain: Arc<Py<PyAny>>,
+    timeouts: Vec<f64>,
+    start: StreamStart,
+    /// The `RequestContext`, made by the executor on the first job. Dropped without
+    /// the GIL when the request ends; pyo3 defers the decref to the next GIL holder.
+    context: Mutex<Option<Py<PyAny>>>,
+}
+
+impl FilterStream for PyStream {
+    fn call(self: Arc<Self>, call: HookCall) -> HookFuture {
+        let (tx, rx) = oneshot::channel();
+        QUEUE.push(PendingJob {
+            stream: self,
+            work: Work::Hook(Box::new(call), tx),
+        });
+        // A dropped sender means the runtime lost the job: fail closed.
+        Box::pin(async move {
+            rx.await.unwrap_or(HookOutcome::Failed {
+                filter: String::new(),
+            })
+        })
+    }
+
+    fn log(self: Arc<Self>, record: LogRecord) {
+        QUEUE.push(PendingJob {
+            stream: self,
+            work: Work::Log(Box::new(record)),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// What Python sees.
+
+/// One hook phase of one request, as the executor runs it.
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct FilterJob {
+    stream: Arc<PyStream>,
+    phase: u8,
+    status: u16,
+    headers: Option<Py<Headers>>,
+    message_headers: Option<Py<Headers>>,
+    body: Option<Bytes>,
+    log: Option<Box<LogRecord>>,
+    reply: Mutex<Option<oneshot::Sender<HookOutcome>>>,
+}
+
+impl FilterJob {
+    fn new(py: Python<'_>, job: PendingJob) -> PyResult<Self> {
+        let wrap = |h: Option<HeaderMap>| -> PyResult<Option<Py<Headers>>> {
+            h.map(|map| Py::new(py, Headers::from(map))).transpose()
+        };
+        Ok(match job.work {
+            Work::Hook(call, reply) => FilterJob {
+                stream: job.stream,
+                phase: call.phase as u8,
+                status: call.status,
+                headers: wrap(call.headers)?,
+                message_headers: wrap(call.message_headers)?,
+                body: call.body,
+                log: None,
+                reply: Mutex::new(Some(reply)),
+            },
+            Work::Log(record) => FilterJob {
+                stream: job.stream,
+                phase: Phase::Log as u8,
+                status: record.response_code,
+                headers: None,
+                message_headers: None,
+                body: None,
+                log: Some(record),
+                reply: Mutex::new(None),
+            },
+        })
+    }
+
+    fn answer(&self, outcome: HookOutcome) {
+        if let Some(tx) = lock(&self.reply).take() {
+            // The worker may have given up (timeout, client gone): nothing to do.
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+#[pymethods]
+impl FilterJob {
+    /// The phase number (0 request headers .. 6 log).
+    #[getter]
+    fn phase(&self) -> u8 {
+        self.phase
+    }
+
+    /// The Python `_Chain` of the connection manager.
+    #[getter]
+    fn chain(&self, py: Python<'_>) -> Py<PyAny> {
+        self.stream.chain.clone_ref(py)
+    }
+
+    /// The request's `RequestContext`, None before the first job made it.
+    #[getter]
+    fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        lock(&self.stream.context).as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[setter]
+    fn set_context(&self, context: Py<PyAny>) {
+        *lock(&self.stream.context) = Some(context);
+    }
+
+    /// `(method, path, authority, scheme, downstream_address, route_name, cluster)`.
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let s = &self.stream.start;
+        (
+            s.method.as_str(),
+            s.path.as_str(),
+            s.authority.as_str(),
+            s.scheme,
+            s.downstream.to_string(),
+            s.route_name.as_deref(),
+            s.cluster.as_deref(),
+        )
+            .into_pyobject(py)
+    }
+
+    /// The active filters: `(index, route config override as JSON text or None)`.
+    #[getter]
+    fn active<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let items = self
+            .stream
+            .start
+            .active
+            .iter()
+            .map(|a| (a.index, a.config_override.as_deref()).into_pyobject(py))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyTuple::new(py, items)
+    }
+
+    /// The phase's headers (request or response headers, or trailers).
+    #[getter]
+    fn headers(&self, py: Python<'_>) -> Option<Py<Headers>> {
+        self.headers.as_ref().map(|h| h.clone_ref(py))
+    }
+
+    /// The request headers when the chain has no request-headers hook (a copy).
+    #[getter]
+    fn start_headers(&self, py: Python<'_>) -> PyResult<Option<Py<Headers>>> {
+        self.stream
+            .start
+            .request_headers
+            .as_ref()
+            .map(|h| Py::new(py, Headers::from(h.clone())))
+            .transpose()
+    }
+
+    /// In response body and trailers phases, the response headers if no
+    /// response-headers hook had them.
+    #[getter]
+    fn message_headers(&self, py: Python<'_>) -> Option<Py<Headers>> {
+        self.message_headers.as_ref().map(|h| h.clone_ref(py))
+    }
+
+    #[getter]
+    fn status(&self) -> u16 {
+        self.status
+    }
+
+    #[getter]
+    fn body<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.body.as_ref().map(|b| PyBytes::new(py, b))
+    }
+
+    /// The timeout of the chain's filter `index`, in seconds.
+    fn timeout_s(&self, index: usize) -> f64 {
+        self.stream.timeouts.get(index).copied().unwrap_or(1.0)
+    }
+
+    /// The finished request's fields (the log phase), as `LogEntry` takes them.
+    fn log_fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let Some(r) = self.log.as_deref() else {
+            return Ok(d);
+        };
+        let start = r
+            .start
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        d.set_item("start_time", start)?;
+        d.set_item("method", &r.method)?;
+        d.set_item("path", &r.path)?;
+        d.set_item("authority", &r.authority)?;
+        d.set_item("protocol", r.protocol)?;
+        d.set_item("response_code", r.response_code)?;
+        d.set_item("response_flags", r.response_flags)?;
+        d.set_item("response_code_details", r.response_code_details)?;
+        d.set_item("bytes_received", r.bytes_received)?;
+        d.set_item("bytes_sent", r.bytes_sent)?;
+        d.set_item("duration_ms", r.duration.as_secs_f64() * 1000.0)?;
+        d.set_item("upstream_host", r.upstream_host.map(|a| a.to_string()))?;
+        d.set_item("upstream_cluster", r.upstream_cluster.as_deref())?;
+        d.set_item(
+            "route_name",
+            (!r.route_name.is_empty()).then_some(r.route_name.as_str()),
+        )?;
+        d.set_item(
+            "downstream_remote_address",
+            r.downstream_remote.map(|a| a.to_string()),
+        )?;
+        Ok(d)
+    }
+
+    /// Continue: the phase's headers as the filters left them, the body (body
+    /// phases) and the cluster chosen.
+    #[pyo3(signature = (body, cluster))]
+    fn done(&self, py: Python<'_>, body: Option<Vec<u8>>, cluster: Option<String>) {
+        let headers = self.headers.as_ref().map(|h| h.borrow(py).map.clone());
+        self.answer(HookOutcome::Continue {
+            headers,
+            body: body.map(Bytes::from),
+            cluster,
+        });
+    }
+
+    /// Answer the request locally. Raises ValueError (and fails the request) for a
+    /// status outside [200, 599] or an invalid header.
+    fn reply(&self, status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> PyResult<()> {
+        let checked = (|| {
+            if !(200..=599).contains(&status) {
+                return Err(format!("status {status} is not in [200, 599]"));
+            }
+            headers
+                .iter()
+                .map(|(n, v)| Ok((header_name(n)?, header_value(v)?)))
+                .collect::<Result<Vec<_>, String>>()
+        })();
+        match checked {
+            Ok(headers) => {
+                self.answer(HookOutcome::LocalReply {
+                    status,
+                    headers,
+                    body: Bytes::from(body),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.answer(HookOutcome::Failed {
+                    filter: String::new(),
+                });
+                Err(PyValueError::new_err(format!("invalid LocalReply: {e}")))
+            }
+        }
+    }
+
+    /// A hook of filter `filter` raised (it has been logged).
+    fn fail(&self, filter: String) {
+        self.answer(HookOutcome::Failed { filter });
+    }
+
+    /// A hook overran its timeout.
+    fn timed_out(&self) {
+        self.answer(HookOutcome::TimedOut);
+    }
+}
+
+fn header_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))
+}
+
+fn header_value(value: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_bytes(value.as_bytes()).map_err(|_| format!("invalid header value {value:?}"))
+}
+
+/// A case-insensitive mutable mapping over the proxy's own header map: names are
+/// lower-cased, a name may hold several values (`add`, `get_all`).
+#[pyclass(module = "envoyx._core", mapping)]
+pub struct Headers {
+    map: HeaderMap,
+}
+
+impl From<HeaderMap> for Headers {
+    fn from(map: HeaderMap) -> Self {
+        Headers { map }
+    }
+}
+
+fn text(v: &HeaderValue) -> String {
+    String::from_utf8_lossy(v.as_bytes()).into_owned()
+}
+
+#[pymethods]
+impl Headers {
+    #[new]
+    #[pyo3(signature = (items = None))]
+    fn py_new(items: Option<Vec<(String, String)>>) -> PyResult<Self> {
+        let mut h = Headers {
+            map: HeaderMap::new(),
+        };
+        for (n, v) in items.unwrap_or_default() {
+            h.add(&n, &v)?;
+        }
+        Ok(h)
+    }
+
+    fn __getitem__(&self, name: &str) -> PyResult<String> {
+        self.map
+            .get(name.to_ascii_lowercase().as_str())
+            .map(text)
+            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
+    }
+
+    fn __setitem__(&mut self, name: &str, value: &str) -> PyResult<()> {
+        let n = header_name(name).map_err(PyValueError::new_err)?;
+        let v = header_value(value).map_err(PyValueError::new_err)?;
+        self.map.insert(n, v);
+        Ok(())
+    }
+
+    fn __delitem__(&mut self, name: &str) -> PyResult<()> {
+        match self.map.remove(name.to_ascii_lowercase().as_str()) {
+            Some(_) => Ok(()),
+            None => Err(PyKeyError::new_err(name.to_string())),
+        }
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.map.contains_key(name.to_ascii_lowercase().as_str())
+    }
+
+    /// The number of distinct names.
+    fn __len__(&self) -> usize {
+        self.map.keys_len()
+    }
+
+    fn __iter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let names = PyList::new(py, self.map.keys().map(HeaderName::as_str))?;
+        Ok(names.try_iter()?.into_any().unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        let items: Vec<String> = self
+            .map
+            .iter()
+            .map(|(n, v)| format!("({:?}, {:?})", n.as_str(), text(v)))
+            .collect();
+        format!("Headers([{}])", items.join(", "))
+    }
+
+    /// The first value of `name`, or `default`.
+    #[pyo3(signature = (name, default = None))]
+    fn get(&self, name: &str, default: Option<String>) -> Option<String> {
+        self.map
+            .get(name.to_ascii_lowercase().as_str())
+            .map(text)
+            .or(default)
+    }
+
+    /// Every value of `name`, in order.
+    fn get_all(&self, name: &str) -> Vec<String> {
+        self.map
+            .get_all(name.to_ascii_lowercase().as_str())
+            .iter()
+            .map(text)
+            .collect()
+    }
+
+    /// Appends a value to `name` (keeps the existing ones).
+    fn add(&mut self, name: &str, value: &str) -> PyResult<()> {
+        let n = header_name(name).map_err(PyValueError::new_err)?;
+        let v = header_value(value).map_err(PyValueError::new_err)?;
+        self.map.append(n, v);
+        Ok(())
+    }
+
+    /// Removes `name` and returns its first value, or `default`.
+    #[pyo3(signature = (name, default = None))]
+    fn pop(&mut self, name: &str, default: Option<String>) -> PyResult<String> {
+        match self.map.remove(name.to_ascii_lowercase().as_str()) {
+            Some(v) => Ok(text(&v)),
+            None => default.ok_or_else(|| PyKeyError::new_err(name.to_string())),
+        }
+    }
+
+    /// The distinct names.
+    fn keys(&self) -> Vec<String> {
+        self.map.keys().map(|n| n.as_str().to_string()).collect()
+    }
+
+    /// Every value (several per name when a name repeats).
+    fn values(&self) -> Vec<String> {
+        self.map.values().map(text).collect()
+    }
+
+    /// Every `(name, value)` pair (several per name when a name repeats).
+    fn items(&self) -> Vec<(String, String)> {
+        self.map
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), text(v)))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Metrics declared from Python.
+
+fn checked_name(name: &str) -> PyResult<String> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(format!("python.{name}"))
+    } else {
+        Err(PyValueError::new_err(format!(
+            "invalid metric name {name:?}: use letters, digits, '_', '-' and '.'"
+        )))
+    }
+}
+
+fn checked_tags(tags: Vec<(String, String)>) -> PyResult<Vec<(String, String)>> {
+    for (k, v) in &tags {
+        let k_ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !k_ok || v.is_empty() {
+            return Err(PyValueError::new_err(format!(
+                "invalid tag {k:?}={v:?}: names are letters, digits and '_'; values non-empty"
+            )));
+        }
+    }
+    Ok(tags)
+}
+
+/// The server's stat store, as filters declare stats in it (`python.` prefix).
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct StatStore(Arc<stats::StatStore>);
+
+#[pymethods]
+impl StatStore {
+    #[pyo3(signature = (name, tags = Vec::new()))]
+    fn counter(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Counter> {
+        let metric = self.0.tagged(
+            MetricKind::Counter,
+            &checked_name(name)?,
+            &checked_tags(tags)?,
+        );
+        match metric {
+            Metric::Counter(c) => Ok(Counter(c)),
+            _ => Err(PyValueError::new_err(format!("{name} is not a counter"))),
+        }
+    }
+
+    #[pyo3(signature = (name, tags = Vec::new()))]
+    fn gauge(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Gauge> {
+        let metric = self.0.tagged(
+            MetricKind::Gauge,
+            &checked_name(name)?,
+            &checked_tags(tags)?,
+        );
+        match metric {
+            Metric::Gauge(g) => Ok(Gauge(g)),
+            _ => Err(PyValueError::new_err(format!("{name} is not a gauge"))),
+        }
+    }
+
+    #[pyo3(signature = (name, tags = Vec::new()))]
+    fn histogram(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Histogram> {
+        let metric = self.0.tagged(
+            MetricKind::Histogram,
+            &checked_name(name)?,
+            &checked_tags(tags)?,
+        );
+        match metric {
+            Metric::Histogram(h) => Ok(Histogram(h)),
+            _ => Err(PyValueError::new_err(format!("{name} is not a histogram"))),
+        }
+    }
+}
+
+/// A counter in the proxy's stats (`/stats`, `/stats/prometheus`).
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct Counter(stats::Counter);
+
+#[pymethods]
+impl Counter {
+    #[pyo3(signature = (n = 1))]
+    fn inc(&self, n: u64) {
+        self.0.add(n);
+    }
+
+    #[getter]
+    fn value(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+/// A gauge in the proxy's stats.
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct Gauge(stats::Gauge);
+
+#[pymethods]
+impl Gauge {
+    fn set(&self, value: i64) {
+        self.0.set(value);
+    }
+
+    #[pyo3(signature = (n = 1))]
+    fn inc(&self, n: i64) {
+        self.0.set(self.0.get() + n);
+    }
+
+    #[pyo3(signature = (n = 1))]
+    fn dec(&self, n: i64) {
+        self.0.set(self.0.get() - n);
+    }
+
+    #[getter]
+    fn value(&self) -> i64 {
+        self.0.get()
+    }
+}
+
+/// A histogram in the proxy's stats (Envoy's buckets; values are whole numbers,
+/// conventionally milliseconds).
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct Histogram(stats::Histogram);
+
+#[pymethods]
+impl Histogram {
+    fn record(&self, value: u64) {
+        self.0.record(value);
+    }
+
+    #[getter]
+    fn count(&self) -> u64 {
+        self.0.count()
+    }
+}
