@@ -33,9 +33,10 @@ fmt:  ## format Rust and Python sources
 	cargo fmt --all
 	$(PYTHON) -m ruff format python tests benches examples
 
-bench:  ## micro-benchmarks, the side-by-side load harness and the xDS apply benchmark
+bench:  ## micro-benchmarks, the load harness, the filter cost and the xDS apply benchmark
 	$(PYTHON) -m pytest benches -q --benchmark-enable
 	$(PYTHON) benches/harness.py
+	$(PYTHON) benches/filters.py
 	$(PYTHON) benches/xds_apply.py
 
 run: install  ## run the shipped example

@@ -377,6 +377,8 @@ pub(super) struct LocalReply {
     pub details: &'static str,
     /// Headers a filter asked for, written over the defaults.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The whole header map, when response hooks have edited it.
+    pub edited_headers: Option<HeaderMap>,
 }
 
 impl LocalReply {
@@ -392,6 +394,7 @@ impl LocalReply {
             flags,
             details,
             headers: Vec::new(),
+            edited_headers: None,
         }
     }
 }
@@ -592,23 +595,29 @@ impl DownstreamConnection {
 
         let Some(route) = route else {
             stats.no_route.inc();
-            return self.local_reply(
-                LocalReply::new(404, Bytes::new(), "NR", "route_not_found"),
-                exchange,
-                record,
-                &bytes_received,
-            );
+            return self
+                .router_reply(
+                    filters.as_ref(),
+                    LocalReply::new(404, Bytes::new(), "NR", "route_not_found"),
+                    exchange,
+                    record,
+                    &bytes_received,
+                )
+                .await;
         };
         let action = match &route.action {
             RouteAction::Direct { status, body } => {
                 stats.rq_direct_response.inc();
                 let body = body.clone().map(Bytes::from).unwrap_or_default();
-                return self.local_reply(
-                    LocalReply::new(*status, body, "-", "direct_response"),
-                    exchange,
-                    record,
-                    &bytes_received,
-                );
+                return self
+                    .router_reply(
+                        filters.as_ref(),
+                        LocalReply::new(*status, body, "-", "direct_response"),
+                        exchange,
+                        record,
+                        &bytes_received,
+                    )
+                    .await;
             }
             RouteAction::Forward(f) => f,
         };
@@ -616,12 +625,15 @@ impl DownstreamConnection {
         let cluster_name = chosen_cluster.as_deref().unwrap_or(&action.cluster);
         let Some(cluster) = hcm.clusters.get(cluster_name) else {
             stats.no_cluster.inc();
-            return self.local_reply(
-                LocalReply::new(503, Bytes::new(), "NC", "cluster_not_found"),
-                exchange,
-                record,
-                &bytes_received,
-            );
+            return self
+                .router_reply(
+                    filters.as_ref(),
+                    LocalReply::new(503, Bytes::new(), "NC", "cluster_not_found"),
+                    exchange,
+                    record,
+                    &bytes_received,
+                )
+                .await;
         };
         if let Some(r) = record.as_mut() {
             r.upstream_cluster = Some(cluster.name.clone());
@@ -629,12 +641,15 @@ impl DownstreamConnection {
         let Some(host) = self.pools.pick_host(&cluster) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             cluster.stats.response(503);
-            return self.local_reply(
-                LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream"),
-                exchange,
-                record,
-                &bytes_received,
-            );
+            return self
+                .router_reply(
+                    filters.as_ref(),
+                    LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream"),
+                    exchange,
+                    record,
+                    &bytes_received,
+                )
+                .await;
         };
         if let Some(r) = record.as_mut() {
             r.upstream_host = Some(host.address);
@@ -662,7 +677,9 @@ impl DownstreamConnection {
                     "UF",
                     "upstream_reset_before_response_started{connection_failure}",
                 );
-                return self.local_reply(reply, exchange, record, &bytes_received);
+                return self
+                    .router_reply(filters.as_ref(), reply, exchange, record, &bytes_received)
+                    .await;
             }
         };
 
@@ -733,33 +750,39 @@ impl DownstreamConnection {
                 let body = format!(
                     "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
                 );
-                return self.local_reply(
-                    LocalReply::new(
-                        503,
-                        body,
-                        "UC",
-                        "upstream_reset_before_response_started{connection_termination}",
-                    ),
-                    exchange,
-                    record,
-                    &bytes_received,
-                );
+                return self
+                    .router_reply(
+                        filters.as_ref(),
+                        LocalReply::new(
+                            503,
+                            body,
+                            "UC",
+                            "upstream_reset_before_response_started{connection_termination}",
+                        ),
+                        exchange,
+                        record,
+                        &bytes_received,
+                    )
+                    .await;
             }
             Err(_elapsed) => {
                 cluster.stats.upstream_rq_timeout.inc();
                 cluster.stats.response(504);
                 host.stats.rq_timeout.inc();
-                return self.local_reply(
-                    LocalReply::new(
-                        504,
-                        "upstream request timeout",
-                        "UT",
-                        "upstream_response_timeout",
-                    ),
-                    exchange,
-                    record,
-                    &bytes_received,
-                );
+                return self
+                    .router_reply(
+                        filters.as_ref(),
+                        LocalReply::new(
+                            504,
+                            "upstream request timeout",
+                            "UT",
+                            "upstream_response_timeout",
+                        ),
+                        exchange,
+                        record,
+                        &bytes_received,
+                    )
+                    .await;
             }
         };
         let service_time = sent_at.elapsed();
@@ -906,9 +929,69 @@ impl DownstreamConnection {
         }
     }
 
+    /// A local reply's headers: Envoy's defaults, then those a filter asked for.
+    fn local_reply_headers(&self, reply: &mut LocalReply) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if !reply.body.is_empty() {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        headers.insert(header::SERVER, self.hcm.server_name.clone());
+        for (name, value) in reply.headers.drain(..) {
+            headers.insert(name, value);
+        }
+        headers
+    }
+
+    /// A reply the router makes (no route, direct response, upstream failures): the
+    /// filters' response hooks see it, as Envoy's encoder filters do.
+    async fn router_reply(
+        &self,
+        filters: Option<&RequestFilters>,
+        mut reply: LocalReply,
+        exchange: Exchange,
+        record: Option<LogRecord>,
+        bytes_received: &Rc<Cell<u64>>,
+    ) -> Response<ResponseBody> {
+        let Some(f) = filters
+            .filter(|f| f.hooks.has(Phase::ResponseHeaders) || f.hooks.has(Phase::ResponseBody))
+        else {
+            return self.local_reply(reply, exchange, record, bytes_received);
+        };
+        let status = reply.status.as_u16();
+        let mut headers = self.local_reply_headers(&mut reply);
+        if f.hooks.has(Phase::ResponseHeaders) {
+            match f
+                .run(Phase::ResponseHeaders, Some(headers), status, None)
+                .await
+            {
+                HookOutcome::Continue { headers: h, .. } => headers = h.unwrap_or_default(),
+                other => {
+                    let reply = f.local_reply(other, &self.hcm.stats);
+                    return self.local_reply(reply, exchange, record, bytes_received);
+                }
+            }
+        }
+        if f.hooks.has(Phase::ResponseBody) {
+            let message_headers = (!f.hooks.has(Phase::ResponseHeaders)).then(|| headers.clone());
+            let body = Some(reply.body.clone());
+            match f
+                .run_with(Phase::ResponseBody, None, message_headers, status, body)
+                .await
+            {
+                HookOutcome::Continue { body, .. } => reply.body = body.unwrap_or_default(),
+                other => {
+                    let reply = f.local_reply(other, &self.hcm.stats);
+                    return self.local_reply(reply, exchange, record, bytes_received);
+                }
+            }
+        }
+        reply.edited_headers = Some(headers);
+        self.local_reply(reply, exchange, record, bytes_received)
+    }
+
     fn local_reply(
         &self,
-        reply: LocalReply,
+        mut reply: LocalReply,
         mut exchange: Exchange,
         mut record: Option<LogRecord>,
         bytes_received: &Rc<Cell<u64>>,
@@ -917,15 +1000,12 @@ impl DownstreamConnection {
         self.hcm.stats.response_class(status);
         let mut resp = Response::new(());
         *resp.status_mut() = reply.status;
+        *resp.headers_mut() = match reply.edited_headers.take() {
+            Some(h) => h,
+            None => self.local_reply_headers(&mut reply),
+        };
         let headers = resp.headers_mut();
-        if !reply.body.is_empty() {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
-        headers.insert(header::SERVER, self.hcm.server_name.clone());
-        for (name, value) in reply.headers {
-            headers.insert(name, value);
-        }
         if let Some(r) = record.as_mut() {
             r.response_code = status;
             r.response_flags = reply.flags;
