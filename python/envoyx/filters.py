@@ -125,6 +125,8 @@ class RequestContext:
     """One request as the filters see it; shared by every hook and filter of it."""
 
     __slots__ = (
+        "_order",
+        "_reverse",
         "authority",
         "cluster",
         "config",
@@ -153,6 +155,9 @@ class RequestContext:
     cluster: str | None
     state: dict[str, Any]
     config: Any
+    # The active filters (index, route override) in request and in response order.
+    _order: tuple[tuple[int, str | None], ...]
+    _reverse: tuple[tuple[int, str | None], ...]
 
     def __repr__(self) -> str:
         return f"<RequestContext {self.method} {self.authority}{self.path}>"
@@ -221,21 +226,23 @@ class _Entry:
 class _Chain:
     """The Python filters of one HTTP connection manager, in config order."""
 
-    __slots__ = ("_override_cache", "entries", "masks")
+    __slots__ = ("_override_cache", "by_phase", "configs", "entries", "masks")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
+        self.configs = [e.config for e in entries]
+        #: by_phase[phase][index]: filter ``index``'s hook for ``phase``, or None.
+        self.by_phase = [[e.hooks[p] for e in entries] for p in range(len(_HOOK_NAMES))]
         self.masks = [sum(1 << p for p, h in enumerate(e.hooks) if h is not None) for e in entries]
         self._override_cache: dict[str, Any] = {}
 
-    def config_for(self, index: int, override: str | None) -> Any:
-        if override is None:
-            return self.entries[index].config
+    def override(self, config_json: str) -> Any:
+        """A route's config override (JSON text from the core), parsed once."""
         cache = self._override_cache
         try:
-            return cache[override]
+            return cache[config_json]
         except KeyError:
-            value = cache[override] = _whole_numbers(json.loads(override))
+            value = cache[config_json] = _whole_numbers(json.loads(config_json))
             return value
 
 
@@ -352,17 +359,15 @@ class _Runtime:
                 job.fail("<runtime>")
 
 
-def _context(job: _core.FilterJob) -> RequestContext:
-    ctx = job.context
-    if ctx is not None:
-        return ctx  # type: ignore[no-any-return]
+def _new_context(job: _core.FilterJob, phase: int) -> RequestContext:
+    """The request's context, made on its first job and kept by the core's stream."""
     method, path, authority, scheme, peer, route_name, cluster = job.info
     ctx = RequestContext()
     ctx.method = method
     ctx.path = path
     ctx.authority = authority
     ctx.scheme = scheme
-    first = job.headers if job.phase == REQUEST_HEADERS else job.start_headers
+    first = job.headers if phase == REQUEST_HEADERS else job.start_headers
     ctx.request_headers = first if first is not None else Headers()
     ctx.response_headers = None
     ctx.status = None
@@ -372,34 +377,34 @@ def _context(job: _core.FilterJob) -> RequestContext:
     ctx.cluster = cluster
     ctx.state = {}
     ctx.config = None
+    order = job.active
+    ctx._order = order
+    # Response hooks run in reverse filter order, as Envoy's encoder filters do.
+    ctx._reverse = order[::-1]
     job.context = ctx
     return ctx
 
 
 def _start_job(job: _core.FilterJob) -> None:
     phase = job.phase
-    ctx = _context(job)
+    ctx: RequestContext | None = job.context
+    if ctx is None:
+        ctx = _new_context(job, phase)
+    if phase < RESPONSE_HEADERS:
+        _run_phase(job, phase, job.chain, ctx._order, 0, ctx, job.body)
+        return
+    ctx.status = job.status
     if phase == RESPONSE_HEADERS:
-        ctx.status = job.status
         ctx.response_headers = job.headers
-    elif phase in (RESPONSE_BODY, RESPONSE_TRAILERS, LOG):
-        ctx.status = job.status
-        if ctx.response_headers is None:
-            ctx.response_headers = job.message_headers
-    chain: _Chain = job.chain
-    active = job.active
-    # Response hooks run in reverse filter order, as Envoy's encoder filters do.
-    order = active if phase < RESPONSE_HEADERS or phase == LOG else active[::-1]
+    elif ctx.response_headers is None:
+        ctx.response_headers = job.message_headers
     if phase == LOG:
+        chain: _Chain = job.chain
         entry = LogEntry(**job.log_fields())
-        for index, override in order:
+        for index, override in ctx._order:
             _run_log(chain, index, override, ctx, entry)
         return
-    _run_phase(job, chain, order, 0, ctx, job.body)
-
-
-def _finish(job: _core.FilterJob, ctx: RequestContext, body: bytes | None) -> None:
-    job.done(body, ctx.cluster)
+    _run_phase(job, phase, job.chain, ctx._reverse, 0, ctx, job.body)
 
 
 def _reply(job: _core.FilterJob, reply: LocalReply) -> None:
@@ -407,20 +412,9 @@ def _reply(job: _core.FilterJob, reply: LocalReply) -> None:
     job.reply(reply.status, [(str(k), str(v)) for k, v in reply.headers.items()], body)
 
 
-def _call(
-    entry: _Entry, phase: int, ctx: RequestContext, job: _core.FilterJob, body: bytes | None
-) -> Any:
-    hook = entry.hooks[phase]
-    assert hook is not None
-    if phase in (REQUEST_BODY, RESPONSE_BODY):
-        return hook(ctx, body if body is not None else b"")
-    if phase in (REQUEST_TRAILERS, RESPONSE_TRAILERS):
-        return hook(ctx, job.headers)
-    return hook(ctx)
-
-
 def _run_phase(
     job: _core.FilterJob,
+    phase: int,
     chain: _Chain,
     order: tuple[tuple[int, str | None], ...],
     start: int,
@@ -428,27 +422,37 @@ def _run_phase(
     body: bytes | None,
 ) -> None:
     """Runs the phase's hooks from ``order[start]`` on, inline while they are sync; the
-    first awaitable hands the rest of the phase to a task on this loop."""
-    phase = job.phase
+    first awaitable hands the rest of the phase to a task on this loop.
+
+    This runs for every hook call of every filtered request: keep it lean."""
+    hooks = chain.by_phase[phase]
     for i in range(start, len(order)):
         index, override = order[i]
-        entry = chain.entries[index]
-        if entry.hooks[phase] is None:
+        hook = hooks[index]
+        if hook is None:
             continue
-        ctx.config = chain.config_for(index, override)
+        ctx.config = chain.configs[index] if override is None else chain.override(override)
         try:
-            result = _call(entry, phase, ctx, job, body)
+            if phase in (REQUEST_HEADERS, RESPONSE_HEADERS):
+                result = hook(ctx)
+            elif phase in (REQUEST_BODY, RESPONSE_BODY):
+                result = hook(ctx, b"" if body is None else body)
+            else:
+                result = hook(ctx, job.headers)
         except Exception:
-            _failed(job, entry)
+            _failed(job, chain.entries[index])
             return
+        if result is None:
+            continue
         if inspect.isawaitable(result):
-            _spawn(_run_async(job, chain, order, i, ctx, body, result, job.timeout_s(index)))
+            timeout = job.timeout_s(index)
+            _spawn(_run_async(job, phase, chain, order, i, ctx, body, result, timeout))
             return
-        outcome = _apply(job, entry, result, body)
+        outcome = _apply(job, chain.entries[index], result, body)
         if outcome is _STOP:
             return
         body = outcome  # type: ignore[assignment]
-    _finish(job, ctx, body)
+    job.done(body, ctx.cluster)
 
 
 _STOP = object()
@@ -479,6 +483,7 @@ def _apply(job: _core.FilterJob, entry: _Entry, result: Any, body: bytes | None)
 
 async def _run_async(
     job: _core.FilterJob,
+    phase: int,
     chain: _Chain,
     order: tuple[tuple[int, str | None], ...],
     i: int,
@@ -489,7 +494,9 @@ async def _run_async(
 ) -> None:
     entry = chain.entries[order[i][0]]
     try:
-        result = await asyncio.wait_for(awaitable, timeout)
+        # asyncio.timeout, not wait_for: no second task per call.
+        async with asyncio.timeout(timeout):
+            result = await awaitable
     except TimeoutError:
         job.timed_out()
         return
@@ -499,7 +506,7 @@ async def _run_async(
     outcome = _apply(job, entry, result, body)
     if outcome is _STOP:
         return
-    _run_phase(job, chain, order, i + 1, ctx, outcome)  # type: ignore[arg-type]
+    _run_phase(job, phase, chain, order, i + 1, ctx, outcome)  # type: ignore[arg-type]
 
 
 def _failed(job: _core.FilterJob, entry: _Entry) -> None:
@@ -514,7 +521,7 @@ def _run_log(
     hook = item.hooks[LOG]
     if hook is None:
         return
-    ctx.config = chain.config_for(index, override)
+    ctx.config = chain.configs[index] if override is None else chain.override(override)
     try:
         result = hook(ctx, entry)
         if inspect.isawaitable(result):

@@ -2,14 +2,13 @@
 //! for the Python executor thread (`envoyx.filters._Runtime`).
 //!
 //! A tokio worker calling a hook pushes a [`PendingJob`] onto one process-wide queue,
-//! writes one byte to a socket pair if the executor is not already woken, and awaits
-//! a oneshot answer — it never takes the GIL. The executor's asyncio loop watches the
-//! other end of the socket pair; woken, it drains the queue (`filter_jobs()`), each
-//! job becoming a [`FilterJob`] the Python dispatcher runs and answers.
+//! signals an eventfd if the executor is not already woken, and awaits a oneshot
+//! answer — it never takes the GIL. The executor's asyncio loop watches the eventfd;
+//! woken, it drains the queue (`filter_jobs()`), each job becoming a [`FilterJob`]
+//! the Python dispatcher runs and answers. (An eventfd, not a socket pair: a signal
+//! is a counter increment, not a buffer allocation.)
 
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::UNIX_EPOCH;
@@ -24,6 +23,7 @@ use envoyx_core::http::filter::{
 use envoyx_core::stats::{self, Metric, MetricKind};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -48,50 +48,40 @@ enum Work {
 
 struct Queue {
     jobs: Mutex<Vec<PendingJob>>,
-    /// Set while a wake-up byte is unread: a burst of jobs costs one write.
+    /// Set while a signal is unread: a burst of jobs costs one write.
     woken: AtomicBool,
-    wake_tx: UnixStream,
-    wake_rx: UnixStream,
+    wake: EventFd,
 }
 
-static QUEUE: LazyLock<Queue> = LazyLock::new(|| {
-    let (wake_tx, wake_rx) = UnixStream::pair().expect("socketpair for the filter executor");
-    wake_tx
-        .set_nonblocking(true)
-        .expect("non-blocking wake-up socket");
-    wake_rx
-        .set_nonblocking(true)
-        .expect("non-blocking wake-up socket");
-    Queue {
-        jobs: Mutex::new(Vec::new()),
-        woken: AtomicBool::new(false),
-        wake_tx,
-        wake_rx,
-    }
+static QUEUE: LazyLock<Queue> = LazyLock::new(|| Queue {
+    jobs: Mutex::new(Vec::new()),
+    woken: AtomicBool::new(false),
+    wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+        .expect("eventfd for the filter executor"),
 });
 
 impl Queue {
     fn push(&self, job: PendingJob) {
         lock(&self.jobs).push(job);
         if !self.woken.swap(true, Ordering::AcqRel) {
-            // A full socket buffer means a wake-up is pending anyway.
-            let _ = (&self.wake_tx).write(&[1]);
+            // Fails only on counter overflow, which a pending signal makes harmless.
+            let _ = self.wake.write(1);
         }
     }
 
     fn drain(&self) -> Vec<PendingJob> {
-        let mut buf = [0u8; 64];
-        while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
-        // Cleared before taking the jobs: a job pushed after the take wakes again.
+        // Resets the counter (EAGAIN when it is already 0).
+        let _ = self.wake.read();
+        // Cleared before taking the jobs: a job pushed after the take signals again.
         self.woken.store(false, Ordering::Release);
         std::mem::take(&mut *lock(&self.jobs))
     }
 }
 
-/// The file descriptor the executor's loop watches for queued jobs.
+/// The file descriptor the executor's loop watches for queued jobs (an eventfd).
 #[pyfunction]
 pub fn filter_wakeup_fd() -> i32 {
-    QUEUE.wake_rx.as_raw_fd()
+    QUEUE.wake.as_fd().as_raw_fd()
 }
 
 /// Takes every queued job (called by the executor when woken).
@@ -157,9 +147,13 @@ impl FilterFactory for PyFilterFactory {
                     settings: s.settings,
                 })
                 .collect();
+            let timeouts = specs
+                .iter()
+                .map(|s| s.settings.timeout.as_secs_f64())
+                .collect();
             Ok(Arc::new(PyChain {
                 filters,
-                chain: Arc::new(chain),
+                shared: Arc::new(ChainShared { chain, timeouts }),
             }) as Arc<dyn FilterChain>)
         })
     }
@@ -176,9 +170,15 @@ fn python_errors(py: Python<'_>, e: &PyErr, path: &str) -> Vec<String> {
 
 struct PyChain {
     filters: Vec<FilterInfo>,
-    /// The Python `_Chain` (filter instances and their hooks); in an Arc so that a
-    /// worker starting a stream clones it without the GIL.
-    chain: Arc<Py<PyAny>>,
+    /// In an Arc so that a worker starting a stream clones it without the GIL.
+    shared: Arc<ChainShared>,
+}
+
+struct ChainShared {
+    /// The Python `_Chain` (filter instances and their hooks).
+    chain: Py<PyAny>,
+    /// Each filter's timeout in seconds, for `async def` hooks.
+    timeouts: Vec<f64>,
 }
 
 impl FilterChain for PyChain {
@@ -188,12 +188,7 @@ impl FilterChain for PyChain {
 
     fn start(&self, start: StreamStart) -> Arc<dyn FilterStream> {
         Arc::new(PyStream {
-            chain: self.chain.clone(),
-            timeouts: self
-                .filters
-                .iter()
-                .map(|f| f.settings.timeout.as_secs_f64())
-                .collect(),
+            chain: self.shared.clone(),
             start,
             context: Mutex::new(None),
         })
@@ -202,8 +197,7 @@ impl FilterChain for PyChain {
 
 /// One request's state on the Python side.
 struct PyStream {
-    chain: Arc<Py<PyAny>>,
-    timeouts: Vec<f64>,
+    chain: Arc<ChainShared>,
     start: StreamStart,
     /// The `RequestContext`, made by the executor on the first job. Dropped without
     /// the GIL when the request ends; pyo3 defers the decref to the next GIL holder.
@@ -297,7 +291,7 @@ impl FilterJob {
     /// The Python `_Chain` of the connection manager.
     #[getter]
     fn chain(&self, py: Python<'_>) -> Py<PyAny> {
-        self.stream.chain.clone_ref(py)
+        self.stream.chain.chain.clone_ref(py)
     }
 
     /// The request's `RequestContext`, None before the first job made it.
@@ -376,7 +370,12 @@ impl FilterJob {
 
     /// The timeout of the chain's filter `index`, in seconds.
     fn timeout_s(&self, index: usize) -> f64 {
-        self.stream.timeouts.get(index).copied().unwrap_or(1.0)
+        self.stream
+            .chain
+            .timeouts
+            .get(index)
+            .copied()
+            .unwrap_or(1.0)
     }
 
     /// The finished request's fields (the log phase), as `LogEntry` takes them.
