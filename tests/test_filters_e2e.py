@@ -13,17 +13,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
+import yaml
 from filters_fixtures import sample_filters
 from filters_fixtures.h2_peers import H2TrailersUpstream, h2_request
 
@@ -911,3 +916,60 @@ def test_http2_client_through_python_filters(serve: Serve, http_upstream: HttpUp
             assert echo["body_length"] == len(b"h2 body+appended")
             length = resp.headers.get("content-length")
             assert length is None or length == str(len(resp.content))
+
+
+# -- dynamic listeners and validation ---------------------------------------------------
+
+
+def test_listener_added_at_runtime_builds_its_python_filters(
+    serve: Serve, http_upstream: HttpUpstream
+) -> None:
+    """Server.update applies listeners as LDS does: their filters are imported then, and
+    a filter that cannot be built rejects that listener only, with its field path."""
+    proxy = serve(proxy_config([], [backend(http_upstream)]))
+
+    def listener(name: str, filters: list[Json]) -> Json:
+        lst = http_listener(port=0, virtual_hosts=[virtual_host("all", ["*"], [rt("/")])])
+        lst["name"] = name
+        lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+            *filters,
+            router(),
+        ]
+        return lst
+
+    proxy.server.update(listeners=[listener("dynamic", [py_filter("edit", "HeaderEdit")])])
+    host, port = proxy.server.listener_addresses()["dynamic"]
+    resp = httpx.get(
+        f"http://{host}:{port}/dyn", headers={"x-multi": "one", "x-remove": "x"}, timeout=5
+    )
+    assert seen_headers(resp)["x-added"] == ["one,two"]
+
+    bad = listener("broken", [py_filter("f", "NoSuchClass")])
+    with pytest.raises(envoyx.ConfigError) as raised:
+        proxy.server.update(listeners=[bad])
+    assert any("http_filters[0].typed_config.value.class" in e for e in raised.value.errors)
+    assert "broken" not in proxy.server.listener_addresses()
+    # The static listener still serves.
+    assert proxy.get("/still").status_code == 200
+
+
+def test_validate_mode_imports_the_filters(tmp_path: Path) -> None:
+    def check(cls: str) -> subprocess.CompletedProcess[str]:
+        config = proxy_config([py_filter("f", cls)], [cluster("backend", [("127.0.0.1", 9)])])
+        path = tmp_path / f"{cls}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return subprocess.run(
+            [sys.executable, "-m", "envoyx", "--mode", "validate", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(tmp_path),
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        )
+
+    ok = check("HeaderEdit")
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    bad = check("NoSuchClass")
+    assert bad.returncode == 1
+    assert f"{VALUE_PATH}.class" in bad.stderr
