@@ -973,3 +973,40 @@ def test_validate_mode_imports_the_filters(tmp_path: Path) -> None:
     bad = check("NoSuchClass")
     assert bad.returncode == 1
     assert f"{VALUE_PATH}.class" in bad.stderr
+
+
+def test_two_workers_share_the_executor(http_upstream: HttpUpstream) -> None:
+    """With --concurrency 2 both workers queue jobs for the one executor; concurrent
+    requests on both (sync and async hooks) each get their own context."""
+    config = proxy_config(
+        [py_filter("edit", "HeaderEdit"), py_filter("async-edit", "AsyncResponseHeaderEdit")],
+        [backend(http_upstream)],
+    )
+    server = envoyx.Server(config, concurrency=2)
+    server.start()
+    try:
+        host, port = server.listener_addresses()["ingress"]
+
+        def one(i: int) -> tuple[int, list[str], str | None]:
+            # A connection per request, so that SO_REUSEPORT spreads them over workers.
+            with httpx.Client(timeout=10) as client:
+                resp = client.get(
+                    f"http://{host}:{port}/w/{i}",
+                    headers={"x-multi": f"m{i}", "x-remove": "x"},
+                )
+            return i, seen_headers(resp).get("x-added", []), resp.headers.get("x-status-seen")
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(40)))
+        assert all(added == [f"m{i},two"] for i, added, _ in results), results
+        assert all(seen == "200" for _, _, seen in results), results
+        stats = server.stats()
+        per_worker = [
+            v
+            for k, v in stats.items()
+            if k.startswith("listener.") and k.endswith(".downstream_cx_total") and "worker_" in k
+        ]
+        # SO_REUSEPORT hashes 40 connections: both workers serve some (all on one: 2^-39).
+        assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
+    finally:
+        server.stop()
