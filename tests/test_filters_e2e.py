@@ -1010,3 +1010,24 @@ def test_two_workers_share_the_executor(http_upstream: HttpUpstream) -> None:
         assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
     finally:
         server.stop()
+
+
+def test_buffering_keeps_the_framing_of_bodiless_messages(
+    serve: Serve, http_upstream: HttpUpstream
+) -> None:
+    """Body hooks buffer, but a GET is not given `content-length: 0` and a HEAD
+    response keeps the length the upstream announced."""
+    proxy = serve(
+        proxy_config(
+            [py_filter("req-body", "BodyEdit"), py_filter("resp-body", "ResponseBodyEdit")],
+            [backend(http_upstream)],
+        )
+    )
+    seen = seen_headers(proxy.get("/framing"))
+    assert "content-length" not in seen and "transfer-encoding" not in seen, seen
+    head = httpx.head(proxy.url("/framing-head"), timeout=5)
+    assert head.status_code == 200
+    assert head.content == b""
+    # The upstream's echo would be this long for a GET; buffering the empty HEAD body
+    # must not turn it into 0.
+    assert int(head.headers["content-length"]) > 0

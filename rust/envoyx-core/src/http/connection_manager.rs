@@ -478,6 +478,7 @@ impl DownstreamConnection {
         let hcm = &self.hcm;
         let stats = &hcm.stats;
         let version = req.version();
+        let head_request = req.method() == http::Method::HEAD;
         self.screen.in_flight.set(self.screen.in_flight.get() + 1);
         stats.downstream_rq_total.inc();
         stats.downstream_rq_active.inc();
@@ -830,7 +831,8 @@ impl DownstreamConnection {
                 }
             }
             if f.hooks.buffers_response() {
-                match f.buffer_response(&mut parts, response_body, status).await {
+                let buffered = f.buffer_response(&mut parts, response_body, status, head_request);
+                match buffered.await {
                     Ok(b) => response_body = b,
                     Err(reply) => {
                         let reply = f.local_reply_or(reply, stats);

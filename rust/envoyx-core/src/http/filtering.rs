@@ -211,7 +211,12 @@ impl RequestFilters {
                 t
             });
         }
-        set_length(&mut parts.headers, data.len(), trailers.is_some());
+        // A request that had no body (a GET) is not given `content-length: 0`.
+        let had_body = parts.headers.contains_key(header::CONTENT_LENGTH)
+            || parts.headers.contains_key(header::TRANSFER_ENCODING);
+        if had_body || !data.is_empty() || trailers.is_some() {
+            set_length(&mut parts.headers, data.len(), trailers.is_some());
+        }
         Ok(BufferedRequest {
             body: ProxyBody::Buffered(Some(data), trailers),
             len_received,
@@ -225,6 +230,7 @@ impl RequestFilters {
         parts: &mut http::response::Parts,
         body: ProxyBody,
         status: u16,
+        head_request: bool,
     ) -> Result<ProxyBody, Rejection> {
         let too_large = || {
             Rejection::Reply(LocalReply::new(
@@ -269,7 +275,11 @@ impl RequestFilters {
                 t
             });
         }
-        set_length(&mut parts.headers, data.len(), trailers.is_some());
+        // Responses that never have a body keep their framing headers: a HEAD
+        // response's length is the GET's, 204 and 304 carry none of their own.
+        if !(head_request || status == 204 || status == 304) {
+            set_length(&mut parts.headers, data.len(), trailers.is_some());
+        }
         Ok(ProxyBody::Buffered(Some(data), trailers))
     }
 }
