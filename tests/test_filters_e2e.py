@@ -33,6 +33,7 @@ from filters_fixtures import sample_filters
 from filters_fixtures.h2_peers import H2TrailersUpstream, h2_request
 
 import envoyx
+import envoyx.filters
 from support.bootstrap import ROUTER_TYPE, bootstrap, cluster, http_listener, virtual_host
 from support.clients import _Reader, read_response
 from support.upstreams import STREAM_METHOD, UNARY_METHOD, GrpcUpstream, HttpUpstream, pattern
@@ -1031,3 +1032,25 @@ def test_buffering_keeps_the_framing_of_bodiless_messages(
     # The upstream's echo would be this long for a GET; buffering the empty HEAD body
     # must not turn it into 0.
     assert int(head.headers["content-length"]) > 0
+
+
+class _InvalidReply(envoyx.filters.Filter):
+    def on_request_headers(self, ctx: envoyx.filters.RequestContext) -> envoyx.filters.LocalReply:
+        return envoyx.filters.LocalReply(403, headers={"bad header name": "x"})
+
+
+def test_invalid_local_reply_is_the_filters_error(
+    serve: Serve, http_upstream: HttpUpstream
+) -> None:
+    """A LocalReply the proxy cannot send (an invalid header name) fails like a raising
+    hook: the filter's error_status, counted, and the process goes on."""
+    config = proxy_config(
+        [typed_struct_filter("bad-reply", {"object": "bad", "error_status": 503})],
+        [backend(http_upstream)],
+    )
+    proxy = serve(config, filters={"bad": _InvalidReply()})
+    resp = proxy.get("/invalid-reply")
+    assert resp.status_code == 503
+    assert resp.text == "python filter error"
+    assert proxy.stat(ERRORS) == 1
+    assert served(http_upstream, "/invalid-reply") == 0

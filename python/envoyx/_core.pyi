@@ -149,7 +149,7 @@ class FilterJob:
     def done(self, body: bytes | None, cluster: str | None) -> None:
         """Continue with the phase's headers as left, ``body`` and ``cluster``."""
     def reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """Answer locally; raises ValueError (failing the request) when invalid."""
+        """Answer locally; raises ValueError (answering nothing) when invalid."""
     def fail(self, filter: str) -> None:
         """A hook of ``filter`` raised (the traceback is logged by the caller)."""
     def timed_out(self) -> None:

@@ -463,7 +463,10 @@ def _apply(job: _core.FilterJob, entry: _Entry, result: Any, body: bytes | None)
     if result is None:
         return body
     if isinstance(result, LocalReply):
-        _reply(job, result)
+        try:
+            _reply(job, result)
+        except Exception:  # an invalid header: the filter's error, as if it raised
+            _failed(job, entry)
         return _STOP
     if isinstance(result, (bytes, bytearray, memoryview)) and job.phase in (
         REQUEST_BODY,

@@ -424,8 +424,8 @@ impl FilterJob {
         });
     }
 
-    /// Answer the request locally. Raises ValueError (and fails the request) for a
-    /// status outside [200, 599] or an invalid header.
+    /// Answer the request locally. Raises ValueError, answering nothing, for a status
+    /// outside [200, 599] or an invalid header (the caller then fails the job).
     fn reply(&self, status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> PyResult<()> {
         let checked = (|| {
             if !(200..=599).contains(&status) {
@@ -445,12 +445,7 @@ impl FilterJob {
                 });
                 Ok(())
             }
-            Err(e) => {
-                self.answer(HookOutcome::Failed {
-                    filter: String::new(),
-                });
-                Err(PyValueError::new_err(format!("invalid LocalReply: {e}")))
-            }
+            Err(e) => Err(PyValueError::new_err(format!("invalid LocalReply: {e}"))),
         }
     }
 
