@@ -560,37 +560,15 @@ impl DownstreamConnection {
         let mut chosen_cluster = None;
         let mut request_body = ProxyBody::Stream(body);
         if let Some(f) = &filters {
-            if f.hooks.has(Phase::RequestHeaders) {
-                let headers = std::mem::take(&mut parts.headers);
-                match f.run(Phase::RequestHeaders, Some(headers), 0, None).await {
-                    HookOutcome::Continue {
-                        headers, cluster, ..
-                    } => {
-                        parts.headers = headers.unwrap_or_default();
-                        chosen_cluster = cluster;
-                    }
-                    other => {
-                        let reply = f.local_reply(other, stats);
-                        return self.local_reply(reply, exchange, record, &bytes_received);
+            match f.on_request(&mut parts, request_body, stats).await {
+                Ok(passed) => {
+                    chosen_cluster = passed.cluster;
+                    request_body = passed.body;
+                    if let Some(n) = passed.bytes_received {
+                        bytes_received.set(n);
                     }
                 }
-            }
-            if f.hooks.buffers_request()
-                && let ProxyBody::Stream(body) = request_body
-            {
-                match f
-                    .buffer_request(&mut parts, body, &mut chosen_cluster)
-                    .await
-                {
-                    Ok(b) => {
-                        bytes_received.set(b.len_received);
-                        request_body = b.body;
-                    }
-                    Err(reply) => {
-                        let reply = f.local_reply_or(reply, stats);
-                        return self.local_reply(reply, exchange, record, &bytes_received);
-                    }
-                }
+                Err(reply) => return self.local_reply(reply, exchange, record, &bytes_received),
             }
         }
 
@@ -813,32 +791,12 @@ impl DownstreamConnection {
         parts.version = version;
         let mut response_body = ProxyBody::Stream(body);
         if let Some(f) = &filters {
-            // Response hooks: the upstream connection is not reused after a filter
-            // replaces the response (its body is not read).
-            if f.hooks.has(Phase::ResponseHeaders) {
-                let headers = std::mem::take(&mut parts.headers);
-                match f
-                    .run(Phase::ResponseHeaders, Some(headers), status, None)
-                    .await
-                {
-                    HookOutcome::Continue { headers, .. } => {
-                        parts.headers = headers.unwrap_or_default();
-                    }
-                    other => {
-                        let reply = f.local_reply(other, stats);
-                        return self.local_reply(reply, exchange, record, &bytes_received);
-                    }
-                }
-            }
-            if f.hooks.buffers_response() {
-                let buffered = f.buffer_response(&mut parts, response_body, status, head_request);
-                match buffered.await {
-                    Ok(b) => response_body = b,
-                    Err(reply) => {
-                        let reply = f.local_reply_or(reply, stats);
-                        return self.local_reply(reply, exchange, record, &bytes_received);
-                    }
-                }
+            // After a filter replaces the response the upstream connection is not
+            // reused (its body is not read).
+            let passed = f.on_response(&mut parts, response_body, status, head_request, stats);
+            match passed.await {
+                Ok(body) => response_body = body,
+                Err(reply) => return self.local_reply(reply, exchange, record, &bytes_received),
             }
         }
         stats.response_class(status);

@@ -31,6 +31,16 @@ pub(super) struct BufferedRequest {
     pub len_received: u64,
 }
 
+/// A request the request hooks let through.
+pub(super) struct PassedRequest {
+    /// The body to send upstream: the downstream stream, or the buffered body.
+    pub body: ProxyBody,
+    /// The cluster the filters chose (None: the route's).
+    pub cluster: Option<String>,
+    /// The downstream body's length, when it was buffered.
+    pub bytes_received: Option<u64>,
+}
+
 pub(super) struct RequestFilters {
     chain: Arc<dyn FilterChain>,
     pub stream: Arc<dyn FilterStream>,
@@ -75,6 +85,79 @@ impl RequestFilters {
             max_request_bytes: plan.max_request_bytes,
             max_response_bytes: plan.max_response_bytes,
         })
+    }
+
+    /// The request hooks: headers, then (buffered) body and trailers. `Err` is the
+    /// reply that ends the request.
+    pub async fn on_request(
+        &self,
+        parts: &mut http::request::Parts,
+        body: ProxyBody,
+        stats: &HcmStats,
+    ) -> Result<PassedRequest, LocalReply> {
+        let mut passed = PassedRequest {
+            body,
+            cluster: None,
+            bytes_received: None,
+        };
+        if self.hooks.has(Phase::RequestHeaders) {
+            let headers = std::mem::take(&mut parts.headers);
+            match self
+                .run(Phase::RequestHeaders, Some(headers), 0, None)
+                .await
+            {
+                HookOutcome::Continue {
+                    headers, cluster, ..
+                } => {
+                    parts.headers = headers.unwrap_or_default();
+                    passed.cluster = cluster;
+                }
+                other => return Err(self.local_reply(other, stats)),
+            }
+        }
+        if self.hooks.buffers_request()
+            && let ProxyBody::Stream(body) = passed.body
+        {
+            let buffered = self.buffer_request(parts, body, &mut passed.cluster).await;
+            match buffered {
+                Ok(b) => {
+                    passed.bytes_received = Some(b.len_received);
+                    passed.body = b.body;
+                }
+                Err(rejection) => return Err(self.local_reply_or(rejection, stats)),
+            }
+        }
+        Ok(passed)
+    }
+
+    /// The response hooks: headers, then (buffered) body and trailers. `Err` is the
+    /// reply that replaces the response.
+    pub async fn on_response(
+        &self,
+        parts: &mut http::response::Parts,
+        body: ProxyBody,
+        status: u16,
+        head_request: bool,
+        stats: &HcmStats,
+    ) -> Result<ProxyBody, LocalReply> {
+        if self.hooks.has(Phase::ResponseHeaders) {
+            let headers = std::mem::take(&mut parts.headers);
+            match self
+                .run(Phase::ResponseHeaders, Some(headers), status, None)
+                .await
+            {
+                HookOutcome::Continue { headers, .. } => {
+                    parts.headers = headers.unwrap_or_default();
+                }
+                other => return Err(self.local_reply(other, stats)),
+            }
+        }
+        if !self.hooks.buffers_response() {
+            return Ok(body);
+        }
+        self.buffer_response(parts, body, status, head_request)
+            .await
+            .map_err(|rejection| self.local_reply_or(rejection, stats))
     }
 
     /// Runs one phase's hooks; past the phase's timeout the outcome is `TimedOut`
@@ -144,7 +227,7 @@ impl RequestFilters {
         }
     }
 
-    pub fn local_reply_or(&self, rejection: Rejection, stats: &HcmStats) -> LocalReply {
+    fn local_reply_or(&self, rejection: Rejection, stats: &HcmStats) -> LocalReply {
         match rejection {
             Rejection::Reply(reply) => reply,
             Rejection::Outcome(outcome) => self.local_reply(outcome, stats),
@@ -153,7 +236,7 @@ impl RequestFilters {
 
     /// Buffers the request body (up to the limit: 413 past it, as Envoy's buffer
     /// limit answers), runs the body and trailers hooks, and returns the body to send.
-    pub async fn buffer_request(
+    async fn buffer_request(
         &self,
         parts: &mut http::request::Parts,
         body: Incoming,
@@ -225,7 +308,7 @@ impl RequestFilters {
 
     /// Buffers the upstream response body (500 past the limit, as Envoy answers when
     /// a response it must buffer is too large), runs the body and trailers hooks.
-    pub async fn buffer_response(
+    async fn buffer_response(
         &self,
         parts: &mut http::response::Parts,
         body: ProxyBody,
