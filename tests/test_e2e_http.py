@@ -168,6 +168,7 @@ class _RssSampler:
 
 BIG = 64 * MB
 RSS_GROWTH_LIMIT_KB = 32 * 1024
+CLIENT_RCVBUF = 1024 * 1024
 
 
 def _warm(proxy: ProxyProcess) -> int:
@@ -241,9 +242,15 @@ def test_large_download_is_streamed_with_bounded_memory(
     token = uuid.uuid4().hex
     digest = hashlib.sha256()
     got = 0
+    # The client's receive buffer is fixed: loopback autotuning may grow it to
+    # tcp_rmem's maximum (32 MB on this machine), which would hide the proxy's flow
+    # control behind the kernel's buffering.
+    transport = httpx.HTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)]
+    )
     with (
         _RssSampler(proxy) as sampler,
-        httpx.Client(timeout=60) as c,
+        httpx.Client(timeout=60, transport=transport) as c,
         c.stream(
             "GET",
             proxy.url("/download"),
