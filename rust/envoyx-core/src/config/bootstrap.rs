@@ -1031,6 +1031,95 @@ mod tests {
         assert_eq!(hcm.codec, CodecType::Auto);
     }
 
+    fn with_http_filters(route: Value, filters: Value) -> Value {
+        let mut doc = front_proxy(route);
+        doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"] = filters;
+        doc
+    }
+
+    fn python_filter(name: &str, value: Value) -> Value {
+        json!({"name": name, "typed_config": {
+            "@type": format!("type.googleapis.com/{TYPED_STRUCT_TYPE}"),
+            "type_url": PYTHON_FILTER_TYPE, "value": value}})
+    }
+
+    fn router() -> Value {
+        json!({"name": "envoy.filters.http.router",
+            "typed_config": {"@type": format!("type.googleapis.com/{ROUTER_TYPE}")}})
+    }
+
+    #[test]
+    fn maps_python_filters_and_per_route_overrides() {
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"},
+            "typed_per_filter_config": {
+                "auth": {"@type": format!("type.googleapis.com/{FILTER_CONFIG_TYPE}"), "disabled": true},
+                "tag": {"@type": format!("type.googleapis.com/{TYPED_STRUCT_TYPE}"),
+                    "type_url": PYTHON_FILTER_TYPE, "value": {"config": {"k": 1}}}}});
+        let filters = json!([
+            python_filter(
+                "auth",
+                json!({"module": "m", "class": "C", "timeout": "0.5s",
+                "error_status": 503.0, "max_request_bytes": 10.0, "config": {"x": "y"}})
+            ),
+            python_filter("tag", json!({"object": "tagger"})),
+            router(),
+        ]);
+        let b = map_bootstrap(&with_http_filters(route, filters)).unwrap();
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+            panic!("expected an HTTP listener")
+        };
+        let [auth, tag] = &hcm.http_filters[..] else {
+            panic!("two Python filters expected: {:?}", hcm.http_filters)
+        };
+        assert_eq!(
+            (auth.module.as_deref(), auth.class.as_deref()),
+            (Some("m"), Some("C"))
+        );
+        assert_eq!(auth.settings.timeout, Duration::from_millis(500));
+        assert_eq!(auth.settings.error_status, 503);
+        assert_eq!(auth.settings.max_request_bytes, 10);
+        assert_eq!(auth.settings.max_response_bytes, 1 << 20);
+        assert_eq!(auth.config, json!({"x": "y"}));
+        assert_eq!(tag.object.as_deref(), Some("tagger"));
+        let RouteSource::Inline(rc) = &hcm.routes else {
+            panic!("inline routes expected")
+        };
+        let overrides = &rc.virtual_hosts[0].routes[0].filter_overrides;
+        assert!(
+            matches!(&overrides[..], [(a, FilterOverride::Disabled), (t, FilterOverride::Config(c))]
+            if a == "auth" && t == "tag" && &**c == r#"{"k":1}"#),
+            "{overrides:?}"
+        );
+    }
+
+    #[test]
+    fn python_filter_mistakes_are_named_with_their_paths() {
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}});
+        let filters = json!([
+            router(),
+            python_filter("a", json!({"module": "m", "class": "C", "bogus": 1})),
+            python_filter("b", json!({"module": "m"})),
+        ]);
+        let errs = map_bootstrap(&with_http_filters(route, filters)).unwrap_err();
+        let hcm = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
+        let expected = [
+            format!("{hcm}.http_filters[0].name: the router must be the last HTTP filter"),
+            format!("{hcm}.http_filters[1].typed_config.value.bogus: not supported by envoyx"),
+            format!("{hcm}.http_filters[2].typed_config.value: needs `module` and `class`"),
+            format!(
+                "{hcm}.http_filters[2].name: the last HTTP filter must be envoy.filters.http.router"
+            ),
+        ];
+        for e in &expected {
+            assert!(
+                errs.iter().any(|got| got.starts_with(e.as_str())),
+                "{e} not in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    }
+
     #[test]
     fn unknown_cluster_is_named_with_its_path() {
         let doc = front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "nope"}}));

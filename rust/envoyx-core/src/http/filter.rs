@@ -209,3 +209,83 @@ impl FilterPlan {
         (!plan.hooks.is_empty()).then_some(plan)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PathMatch, RouteAction};
+
+    struct Chain(Vec<FilterInfo>);
+
+    impl FilterChain for Chain {
+        fn filters(&self) -> &[FilterInfo] {
+            &self.0
+        }
+        fn start(&self, _start: StreamStart) -> Arc<dyn FilterStream> {
+            unreachable!("FilterPlan never starts a stream")
+        }
+    }
+
+    fn info(name: &str, hooks: u8, timeout_ms: u64, max_request_bytes: usize) -> FilterInfo {
+        FilterInfo {
+            name: name.into(),
+            hooks: Hooks(hooks),
+            settings: FilterSettings {
+                timeout: Duration::from_millis(timeout_ms),
+                max_request_bytes,
+                ..FilterSettings::default()
+            },
+        }
+    }
+
+    fn route(overrides: Vec<(String, FilterOverride)>) -> RouteEntry {
+        RouteEntry {
+            name: "r".into(),
+            path_match: PathMatch::Prefix("/".into()),
+            case_sensitive: true,
+            action: RouteAction::Direct {
+                status: 200,
+                body: None,
+            },
+            filter_overrides: overrides,
+        }
+    }
+
+    const HEADERS: u8 = 1 << Phase::RequestHeaders as u8;
+    const BODY: u8 = 1 << Phase::RequestBody as u8;
+
+    #[test]
+    fn plan_drops_disabled_filters_and_sums_what_the_rest_need() {
+        let chain = Chain(vec![
+            info("a", HEADERS, 100, 1000),
+            info("b", HEADERS | BODY, 200, 500),
+            info("c", BODY, 300, 700),
+        ]);
+        let r = route(vec![
+            ("c".into(), FilterOverride::Disabled),
+            ("b".into(), FilterOverride::Config("{}".into())),
+        ]);
+        let plan = FilterPlan::new(&chain, Some(&r)).expect("two filters are active");
+        let active: Vec<_> = plan
+            .active
+            .iter()
+            .map(|a| (a.index, a.config_override.as_deref()))
+            .collect();
+        assert_eq!(active, vec![(0, None), (1, Some("{}"))]);
+        assert_eq!(plan.hooks, Hooks(HEADERS | BODY));
+        assert!(plan.hooks.buffers_request() && !plan.hooks.buffers_response());
+        assert_eq!(plan.timeout, Duration::from_millis(300));
+        // Only filters that buffer the request body bound it.
+        assert_eq!(plan.max_request_bytes, 500);
+        assert_eq!(plan.max_response_bytes, usize::MAX);
+    }
+
+    #[test]
+    fn no_plan_when_every_filter_is_disabled() {
+        let chain = Chain(vec![info("a", HEADERS, 100, 10)]);
+        let r = route(vec![("a".into(), FilterOverride::Disabled)]);
+        assert!(FilterPlan::new(&chain, Some(&r)).is_none());
+        // Without a route (no match), every filter runs.
+        assert!(FilterPlan::new(&chain, None).is_some());
+    }
+}
