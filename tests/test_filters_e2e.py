@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -1054,3 +1054,77 @@ def test_invalid_local_reply_is_the_filters_error(
     assert resp.text == "python filter error"
     assert proxy.stat(ERRORS) == 1
     assert served(http_upstream, "/invalid-reply") == 0
+
+
+def test_headers_mapping_api() -> None:
+    """The whole `Headers` surface docs/filters.md describes, on a map of its own."""
+    h = envoyx.filters.Headers([("X-A", "1"), ("x-a", "2"), ("x-b", "3")])
+    assert isinstance(h, MutableMapping)
+    assert len(h) == 2 and list(h) == ["x-a", "x-b"] and h.keys() == ["x-a", "x-b"]
+    assert h["X-A"] == "1" and h.get_all("x-a") == ["1", "2"] and h.values() == ["1", "2", "3"]
+    assert h.items() == [("x-a", "1"), ("x-a", "2"), ("x-b", "3")]
+    assert h.get("missing") is None and h.get("missing", "d") == "d"
+    assert h.pop("x-a") == "1" and "x-a" not in h
+    assert h.pop("x-a", "gone") == "gone"
+    with pytest.raises(KeyError):
+        h.pop("x-a")
+    with pytest.raises(KeyError):
+        del h["x-a"]
+    with pytest.raises(ValueError):
+        h[":path"] = "/"  # pseudo-headers are not in the map
+    with pytest.raises(ValueError):
+        h["x-bad"] = "line\nbreak"
+    assert repr(h) == 'Headers([("x-b", "3")])'
+
+
+class _MetricOps(envoyx.filters.Filter):
+    def on_request_headers(self, ctx: envoyx.filters.RequestContext) -> None:
+        gauge = self.metrics.gauge("ops.inflight", tags={"route": "r"})
+        gauge.inc()
+        gauge.inc(4)
+        gauge.dec(2)
+        counter = self.metrics.counter("ops.calls")
+        counter.inc(3)
+        histogram = self.metrics.histogram("ops.ms")
+        histogram.record(7)
+        ctx.request_headers["x-metrics"] = f"{gauge.value},{counter.value},{histogram.count}"
+        if ctx.path == "/bad-name":
+            self.metrics.counter("bad name")  # raises ValueError: a filter error
+
+
+def test_metric_handles(serve: Serve, http_upstream: HttpUpstream) -> None:
+    config = proxy_config([typed_struct_filter("ops", {"object": "ops"})], [backend(http_upstream)])
+    proxy = serve(config, filters={"ops": _MetricOps()})
+    assert seen_headers(proxy.get("/ops"))["x-metrics"] == ["3,3,1"]
+    assert seen_headers(proxy.get("/ops"))["x-metrics"] == ["6,6,2"]
+    stats = proxy.server.stats()
+    assert stats["python.ops.inflight.route.r"] == 6
+    assert stats["python.ops.calls"] == 6
+    assert proxy.get("/bad-name").status_code == 500
+    assert proxy.stat(ERRORS) == 1
+
+
+def test_cli_finds_filter_modules_in_its_working_directory(tmp_path: Path) -> None:
+    """The `envoyx` console script imports `module:` from the directory it runs in, as
+    `python -m envoyx` does (its own sys.path starts at its bin directory)."""
+    (tmp_path / "cwd_filters.py").write_text(
+        "from envoyx.filters import Filter\n\nclass Here(Filter):\n"
+        "    def on_request_headers(self, ctx):\n        return None\n"
+    )
+    config = proxy_config(
+        [typed_struct_filter("f", {"module": "cwd_filters", "class": "Here"})],
+        [cluster("backend", [("127.0.0.1", 9)])],
+    )
+    (tmp_path / "here.yaml").write_text(yaml.safe_dump(config))
+    script = Path(sys.executable).with_name("envoyx")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [str(script), "--mode", "validate", "-c", "here.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "configuration 'here.yaml' OK" in run.stdout

@@ -387,7 +387,8 @@ fn map_python_filter(name: &str, tc: &Obj<'_>) -> Option<HttpFilterSpec> {
     let defaults = FilterSettings::default();
     let settings = FilterSettings {
         timeout: value.duration("timeout").unwrap_or(defaults.timeout),
-        error_status: struct_uint(&value, "error_status")
+        error_status: value
+            .struct_uint("error_status")
             .map(|n| {
                 if !(200..=599).contains(&n) {
                     value.error("error_status", "must be in [200, 599]");
@@ -395,9 +396,11 @@ fn map_python_filter(name: &str, tc: &Obj<'_>) -> Option<HttpFilterSpec> {
                 n as u16
             })
             .unwrap_or(defaults.error_status),
-        max_request_bytes: struct_uint(&value, "max_request_bytes")
+        max_request_bytes: value
+            .struct_uint("max_request_bytes")
             .map_or(defaults.max_request_bytes, |n| n as usize),
-        max_response_bytes: struct_uint(&value, "max_response_bytes")
+        max_response_bytes: value
+            .struct_uint("max_response_bytes")
             .map_or(defaults.max_response_bytes, |n| n as usize),
     };
     if settings.timeout.is_zero() {
@@ -412,18 +415,6 @@ fn map_python_filter(name: &str, tc: &Obj<'_>) -> Option<HttpFilterSpec> {
         config: value.raw("config").cloned().unwrap_or(Value::Null),
         settings,
     })
-}
-
-/// A whole non-negative number in a google.protobuf.Struct (where numbers are doubles).
-fn struct_uint(obj: &Obj<'_>, key: &'static str) -> Option<u64> {
-    let v = obj.raw(key)?;
-    match v.as_f64() {
-        Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Some(f as u64),
-        _ => {
-            obj.error(key, "expected a whole non-negative number");
-            None
-        }
-    }
 }
 
 /// `typed_per_filter_config`: per filter name, disabled or a config override.
@@ -1118,6 +1109,40 @@ mod tests {
             );
         }
         assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn python_filter_settings_are_checked() {
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}});
+        let filters = json!([
+            python_filter(
+                "a",
+                json!({"module": "m", "class": "C", "error_status": 700.0,
+                "timeout": "0s", "max_request_bytes": 1.5})
+            ),
+            router(),
+        ]);
+        let errs = map_bootstrap(&with_http_filters(route.clone(), filters)).unwrap_err();
+        let value = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config\
+            .http_filters[0].typed_config.value";
+        let mut expected = vec![
+            format!("{value}.error_status: must be in [200, 599]"),
+            format!("{value}.timeout: must be greater than 0s"),
+            format!("{value}.max_request_bytes: expected a whole non-negative number"),
+        ];
+        expected.sort();
+        let mut errs = errs;
+        errs.sort();
+        assert_eq!(errs, expected);
+        // The TypedStruct of udpa (older control planes) is accepted the same way.
+        let udpa = json!([{"name": "a", "typed_config": {
+            "@type": format!("type.googleapis.com/{UDPA_TYPED_STRUCT_TYPE}"),
+            "type_url": PYTHON_FILTER_TYPE, "value": {"object": "o"}}}, router()]);
+        let b = map_bootstrap(&with_http_filters(route, udpa)).unwrap();
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+            panic!("expected an HTTP listener")
+        };
+        assert_eq!(hcm.http_filters[0].object.as_deref(), Some("o"));
     }
 
     #[test]

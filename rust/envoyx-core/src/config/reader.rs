@@ -150,6 +150,18 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A whole non-negative number inside a google.protobuf.Struct (a TypedStruct's
+    /// `value`), where every number is a double: `403.0` reads as 403.
+    pub fn struct_uint(&self, key: &'a str) -> Option<u64> {
+        match self.take(key)?.as_f64() {
+            Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Some(f as u64),
+            _ => {
+                self.error(key, "expected a whole non-negative number");
+                None
+            }
+        }
+    }
+
     /// A google.protobuf.Duration in proto-JSON form (`"1.5s"`).
     pub fn duration(&self, key: &'a str) -> Option<Duration> {
         let s = self.str(key)?;
