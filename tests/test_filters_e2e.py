@@ -1090,6 +1090,8 @@ class _MetricOps(envoyx.filters.Filter):
         ctx.request_headers["x-metrics"] = f"{gauge.value},{counter.value},{histogram.count}"
         if ctx.path == "/bad-name":
             self.metrics.counter("bad name")  # raises ValueError: a filter error
+        if ctx.path == "/kind-clash":
+            self.metrics.gauge("ops.calls")  # a counter already: ValueError
 
 
 def test_metric_handles(serve: Serve, http_upstream: HttpUpstream) -> None:
@@ -1102,6 +1104,8 @@ def test_metric_handles(serve: Serve, http_upstream: HttpUpstream) -> None:
     assert stats["python.ops.calls"] == 6
     assert proxy.get("/bad-name").status_code == 500
     assert proxy.stat(ERRORS) == 1
+    assert proxy.get("/kind-clash").status_code == 500
+    assert proxy.stat(ERRORS) == 2
 
 
 def test_cli_finds_filter_modules_in_its_working_directory(tmp_path: Path) -> None:

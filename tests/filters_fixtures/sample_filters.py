@@ -16,17 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from envoyx.filters import Filter, Headers, LocalReply, LogEntry, RequestContext
+from envoyx.filters import _HOOK_NAMES, Filter, Headers, LocalReply, LogEntry, RequestContext
 
-HOOKS = (
-    "on_request_headers",
-    "on_request_body",
-    "on_request_trailers",
-    "on_response_headers",
-    "on_response_body",
-    "on_response_trailers",
-    "on_log",
-)
+# Every hook, as the runtime knows them: a hook added there is asyncified here too.
+HOOKS = _HOOK_NAMES
 
 
 def asyncified(cls: type[Filter]) -> type[Filter]:

@@ -229,8 +229,13 @@ impl StatStore {
 
     /// A stat declared with explicit tags (by a Python filter): `base.k1.v1...` in
     /// `/stats`, `envoy_<base>{k1="v1",...}` in Prometheus, as Envoy names stats
-    /// created with tags. A name already used by another kind gets a detached handle.
-    pub fn tagged(&self, kind: MetricKind, base: &str, tags: &[(String, String)]) -> Metric {
+    /// created with tags. `Err` names the kind a stat of that name already has.
+    pub fn tagged(
+        &self,
+        kind: MetricKind,
+        base: &str,
+        tags: &[(String, String)],
+    ) -> Result<Metric, MetricKind> {
         let mut name = base.to_string();
         for (k, v) in tags {
             name.push('.');
@@ -251,9 +256,9 @@ impl StatStore {
             (format!("envoy_{}", sanitize(base)), labels)
         });
         if metric.kind() == kind {
-            metric
+            Ok(metric)
         } else {
-            make()
+            Err(metric.kind())
         }
     }
 

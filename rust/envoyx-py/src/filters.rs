@@ -636,41 +636,44 @@ pub struct StatStore(Arc<stats::StatStore>);
 impl StatStore {
     #[pyo3(signature = (name, tags = Vec::new()))]
     fn counter(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Counter> {
-        let metric = self.0.tagged(
-            MetricKind::Counter,
-            &checked_name(name)?,
-            &checked_tags(tags)?,
-        );
-        match metric {
+        match self.declare(MetricKind::Counter, name, tags)? {
             Metric::Counter(c) => Ok(Counter(c)),
-            _ => Err(PyValueError::new_err(format!("{name} is not a counter"))),
+            _ => unreachable!("StatStore::tagged returns the kind asked for"),
         }
     }
 
     #[pyo3(signature = (name, tags = Vec::new()))]
     fn gauge(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Gauge> {
-        let metric = self.0.tagged(
-            MetricKind::Gauge,
-            &checked_name(name)?,
-            &checked_tags(tags)?,
-        );
-        match metric {
+        match self.declare(MetricKind::Gauge, name, tags)? {
             Metric::Gauge(g) => Ok(Gauge(g)),
-            _ => Err(PyValueError::new_err(format!("{name} is not a gauge"))),
+            _ => unreachable!("StatStore::tagged returns the kind asked for"),
         }
     }
 
     #[pyo3(signature = (name, tags = Vec::new()))]
     fn histogram(&self, name: &str, tags: Vec<(String, String)>) -> PyResult<Histogram> {
-        let metric = self.0.tagged(
-            MetricKind::Histogram,
-            &checked_name(name)?,
-            &checked_tags(tags)?,
-        );
-        match metric {
+        match self.declare(MetricKind::Histogram, name, tags)? {
             Metric::Histogram(h) => Ok(Histogram(h)),
-            _ => Err(PyValueError::new_err(format!("{name} is not a histogram"))),
+            _ => unreachable!("StatStore::tagged returns the kind asked for"),
         }
+    }
+}
+
+impl StatStore {
+    /// A checked name and tags; a name another kind of stat has is a ValueError.
+    fn declare(
+        &self,
+        kind: MetricKind,
+        name: &str,
+        tags: Vec<(String, String)>,
+    ) -> PyResult<Metric> {
+        self.0
+            .tagged(kind, &checked_name(name)?, &checked_tags(tags)?)
+            .map_err(|existing| {
+                PyValueError::new_err(format!(
+                    "python.{name} is already a {existing:?}, not a {kind:?}"
+                ))
+            })
     }
 }
 
