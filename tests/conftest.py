@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support.envoy import EnvoyInstallError, EnvoyProcess, ensure_envoy_binary
+from support.envoy import EnvoyInstallError, EnvoyProcess, ensure_envoy_binary, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import GrpcUpstream, H2cUpstream, HttpUpstream, TcpEchoUpstream
 from support.wait import RefusedPort, free_port
@@ -118,13 +117,7 @@ def start_envoy(tmp_path: Path, envoy_binary: Path) -> Iterator[StartProxy]:
     yield from _runner(factory, tmp_path)
 
 
-def _e2e_targets() -> list[Any]:
-    raw = os.environ.get("ENVOYX_E2E_TARGETS", "envoyx,envoy")
-    names = [t.strip() for t in raw.split(",") if t.strip()]
-    return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
-
-
-@pytest.fixture(params=_e2e_targets())
+@pytest.fixture(params=targets_from_env("ENVOYX_E2E_TARGETS", "envoyx,envoy"))
 def start_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartProxy]:
     """Start envoyx — and, as a second parametrization, the real Envoy with the same
     bootstrap, which shows that the test asserts Envoy's behaviour, not envoyx's.

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 import socket
 import threading
@@ -49,7 +48,7 @@ from support.bootstrap import (
     virtual_host,
 )
 from support.clients import raw_exchange
-from support.envoy import EnvoyProcess
+from support.envoy import EnvoyProcess, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import (
     STREAM_METHOD,
@@ -1390,11 +1389,6 @@ def _describe(req: Request) -> str:
     return f"grpc {req.method}"
 
 
-def _targets() -> list[str]:
-    raw = os.environ.get("ENVOYX_DIFF_TARGETS", "envoy,envoyx")
-    return [t.strip() for t in raw.split(",") if t.strip()]
-
-
 # Facts that name things of one run (upstream connection ids count per session); they
 # are compared only through a scenario's ``sequence``.
 RUN_SPECIFIC = ("up.connection",)
@@ -1405,7 +1399,7 @@ def _drop(facts: Facts, keys: tuple[str, ...]) -> Facts:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
 def test_scenario(
     target: str,
     scenario: Scenario,

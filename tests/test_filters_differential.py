@@ -47,7 +47,7 @@ import httpx
 import pytest
 
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.envoy import EnvoyProcess
+from support.envoy import EnvoyProcess, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import HttpUpstream
 from support.wait import free_port
@@ -660,11 +660,6 @@ SCENARIOS: list[Scenario] = [
 _ENVOY_RESULTS: dict[str, Result] = {}
 
 
-def _targets() -> list[str]:
-    raw = os.environ.get("ENVOYX_DIFF_TARGETS", "envoy,envoyx")
-    return [t.strip() for t in raw.split(",") if t.strip()]
-
-
 def _describe(req: Req) -> str:
     host = f" host={req.host}" if req.host else ""
     return f"{req.method} {req.path}{host}" + (" h2" if req.http2 else "")
@@ -705,7 +700,7 @@ def _run(
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
 def test_filter_scenario(
     target: str,
     scenario: Scenario,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import os
 import queue
 import socket
 import threading
@@ -39,6 +38,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
 from google.rpc import status_pb2
 
+from support.envoy import targets_from_env
 from support.proxy import ProxyProcess
 from support.upstreams import HttpUpstream
 from support.wait import Timeout, free_port, until
@@ -68,15 +68,9 @@ StartProxy = Callable[..., ProxyProcess]
 Json = dict[str, Any]
 
 
-def _targets() -> list[Any]:
-    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy,envoyx")
-    names = [t.strip() for t in raw.split(",") if t.strip()]
-    return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
-
-
 # The proxies the scenarios run against. Adding "envoyx" (here or in the env var) is all
 # it takes to run every scenario against envoyx.
-XDS_TARGETS = _targets()
+XDS_TARGETS = targets_from_env("ENVOYX_XDS_TARGETS")
 API_TYPES = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
 ACK_TIMEOUT_S = 10.0
 DOWN_FOR_S = 2.0  # how long the management server stays away in the outage scenario

@@ -46,7 +46,7 @@ from typing import IO, Any
 
 import pytest
 
-from support.envoy import CACHE_DIR
+from support.envoy import CACHE_DIR, targets_from_env
 from support.proxy import ProxyProcess
 from support.upstreams import HttpUpstream
 from support.wait import Timeout, free_port, until
@@ -72,12 +72,6 @@ ALL_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 API_TYPES = {"ads": "GRPC", "delta-ads": "DELTA_GRPC"}
 
 Json = dict[str, Any]
-
-
-def _targets() -> list[Any]:
-    raw = os.environ.get("ENVOYX_XDS_TARGETS", "envoy,envoyx")
-    names = [t.strip() for t in raw.split(",") if t.strip()]
-    return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
 
 
 # ---------------------------------------------------------------------------------
@@ -538,7 +532,7 @@ def xds_upstream() -> Iterator[HttpUpstream]:
 
 
 @pytest.mark.parametrize("mode", ["ads", "delta-ads"])
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_XDS_TARGETS"))
 def test_go_control_plane_snapshots(
     target: str,
     mode: str,

@@ -13,6 +13,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from support.proxy import ProxyProcess
 
@@ -119,3 +122,13 @@ class EnvoyProcess(ProxyProcess):
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
         return env
+
+
+def targets_from_env(var: str, default: str = "envoy,envoyx") -> list[Any]:
+    """The proxies a test file runs against: ``$var`` (comma-separated) or ``default``.
+
+    ``envoy`` comes as a parameter marked ``envoy`` (the tests that need Envoy's
+    binary), so that ``-m "not envoy"`` leaves it out wherever it is listed.
+    """
+    names = [t.strip() for t in os.environ.get(var, default).split(",") if t.strip()]
+    return [pytest.param(n, marks=pytest.mark.envoy) if n == "envoy" else n for n in names]
