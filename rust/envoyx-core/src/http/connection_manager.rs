@@ -110,7 +110,7 @@ impl HcmStats {
         }
     }
 
-    pub(super) fn response_class(&self, status: u16) {
+    fn response_class(&self, status: u16) {
         if (100..600).contains(&status) {
             self.downstream_rq_class[(status / 100 - 1) as usize].inc();
         }
@@ -558,19 +558,19 @@ impl DownstreamConnection {
         // Request hooks run before the route's action, as Envoy's decoder filters run
         // before the router: a filter may answer for a route that does not exist.
         let mut chosen_cluster = None;
-        let mut request_body = ProxyBody::Stream(body);
-        if let Some(f) = &filters {
-            match f.on_request(&mut parts, request_body, stats).await {
+        let request_body = match &filters {
+            None => ProxyBody::Stream(body),
+            Some(f) => match f.on_request(&mut parts, body, stats).await {
                 Ok(passed) => {
                     chosen_cluster = passed.cluster;
-                    request_body = passed.body;
                     if let Some(n) = passed.bytes_received {
                         bytes_received.set(n);
                     }
+                    passed.body
                 }
                 Err(reply) => return self.local_reply(reply, exchange, record, &bytes_received),
-            }
-        }
+            },
+        };
 
         let Some(route) = route else {
             stats.no_route.inc();

@@ -26,11 +26,6 @@ pub(super) enum Rejection {
     Outcome(HookOutcome),
 }
 
-pub(super) struct BufferedRequest {
-    pub body: ProxyBody,
-    pub len_received: u64,
-}
-
 /// A request the request hooks let through.
 pub(super) struct PassedRequest {
     /// The body to send upstream: the downstream stream, or the buffered body.
@@ -92,11 +87,11 @@ impl RequestFilters {
     pub async fn on_request(
         &self,
         parts: &mut http::request::Parts,
-        body: ProxyBody,
+        body: Incoming,
         stats: &HcmStats,
     ) -> Result<PassedRequest, LocalReply> {
         let mut passed = PassedRequest {
-            body,
+            body: ProxyBody::Empty,
             cluster: None,
             bytes_received: None,
         };
@@ -115,17 +110,10 @@ impl RequestFilters {
                 other => return Err(self.local_reply(other, stats)),
             }
         }
-        if self.hooks.buffers_request()
-            && let ProxyBody::Stream(body) = passed.body
-        {
-            let buffered = self.buffer_request(parts, body, &mut passed.cluster).await;
-            match buffered {
-                Ok(b) => {
-                    passed.bytes_received = Some(b.len_received);
-                    passed.body = b.body;
-                }
-                Err(rejection) => return Err(self.local_reply_or(rejection, stats)),
-            }
+        if !self.hooks.buffers_request() {
+            passed.body = ProxyBody::Stream(body);
+        } else if let Err(rejection) = self.buffer_request(parts, body, &mut passed).await {
+            return Err(self.local_reply_or(rejection, stats));
         }
         Ok(passed)
     }
@@ -235,13 +223,15 @@ impl RequestFilters {
     }
 
     /// Buffers the request body (up to the limit: 413 past it, as Envoy's buffer
-    /// limit answers), runs the body and trailers hooks, and returns the body to send.
+    /// limit answers), runs the body and trailers hooks; `passed` gets the body to
+    /// send, its received length and the cluster the hooks chose.
     async fn buffer_request(
         &self,
         parts: &mut http::request::Parts,
         body: Incoming,
-        cluster: &mut Option<String>,
-    ) -> Result<BufferedRequest, Rejection> {
+        passed: &mut PassedRequest,
+    ) -> Result<(), Rejection> {
+        let cluster = &mut passed.cluster;
         let too_large = || {
             Rejection::Reply(LocalReply::new(
                 413,
@@ -300,10 +290,9 @@ impl RequestFilters {
         if had_body || !data.is_empty() || trailers.is_some() {
             set_length(&mut parts.headers, data.len(), trailers.is_some());
         }
-        Ok(BufferedRequest {
-            body: ProxyBody::Buffered(Some(data), trailers),
-            len_received,
-        })
+        passed.body = ProxyBody::Buffered(Some(data), trailers);
+        passed.bytes_received = Some(len_received);
+        Ok(())
     }
 
     /// Buffers the upstream response body (500 past the limit, as Envoy answers when
