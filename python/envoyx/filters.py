@@ -452,7 +452,8 @@ def _run_phase(
         if outcome is _STOP:
             return
         body = outcome  # type: ignore[assignment]
-    job.done(body, ctx.cluster)
+    # Only request phases choose the cluster; a response phase sends no string back.
+    job.done(body, ctx.cluster if phase < RESPONSE_HEADERS else None)
 
 
 _STOP = object()
