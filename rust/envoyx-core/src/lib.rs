@@ -19,6 +19,7 @@ pub mod server;
 pub mod stats;
 pub mod tcp;
 pub mod upstream;
+pub mod worker;
 
 pub use error::{Error, Result};
 pub use server::{Server, ServerOptions};

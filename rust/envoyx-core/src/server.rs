@@ -767,6 +767,7 @@ fn worker_thread(
     sockets: Vec<(Arc<Listener>, StdTcpListener)>,
     mut commands: mpsc::UnboundedReceiver<WorkerCommand>,
 ) {
+    crate::worker::enter(worker);
     let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
