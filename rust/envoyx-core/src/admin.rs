@@ -15,11 +15,11 @@ use serde_json::{Value, json};
 
 use crate::access_log::{AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
+use crate::instance::{Instance, ServerState, VERSION};
 use crate::listener::{Listener, ListenerFilter};
-use crate::server::{ServerState, Shared, VERSION};
 use crate::upstream::Cluster;
 
-pub async fn serve(shared: Arc<Shared>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
+pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
@@ -31,8 +31,15 @@ pub async fn serve(shared: Arc<Shared>, listener: StdTcpListener, logs: Vec<Acce
     let cx_total = shared.store.counter("listener.admin.downstream_cx_total");
     let cx_active = shared.store.gauge("listener.admin.downstream_cx_active");
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning
+                // (the error repeats until a descriptor is free).
+                crate::log!(Warn, "admin", "admin listener: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         cx_total.inc();
         cx_active.inc();
@@ -54,7 +61,7 @@ pub async fn serve(shared: Arc<Shared>, listener: StdTcpListener, logs: Vec<Acce
 }
 
 fn handle(
-    shared: &Shared,
+    shared: &Instance,
     req: Request<Incoming>,
     peer: SocketAddr,
     loggers: &[Arc<AccessLogger>],
@@ -127,7 +134,7 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn route(
-    shared: &Shared,
+    shared: &Instance,
     method: &Method,
     path: &str,
     query: &str,
@@ -203,7 +210,7 @@ fn route(
                 (StatusCode::OK, JSON, pretty(&listeners_json(shared)))
             } else {
                 let mut out = String::new();
-                for l in shared.active_listeners() {
+                for l in shared.listeners.active() {
                     let addr = l.address();
                     out.push_str(&format!("{}::{addr}\n", l.name));
                 }
@@ -321,7 +328,7 @@ fn timestamp(t: SystemTime) -> String {
     dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
-fn server_info(shared: &Shared) -> Value {
+fn server_info(shared: &Instance) -> Value {
     let state = match shared.state() {
         ServerState::Live => "LIVE",
         ServerState::Draining => "DRAINING",
@@ -358,7 +365,7 @@ fn with_type(raw: &Value, type_url: &str) -> Value {
     Value::Object(obj)
 }
 
-pub fn config_dump(shared: &Shared) -> Value {
+pub fn config_dump(shared: &Instance) -> Value {
     let ts = timestamp(shared.loaded_at);
     let cluster_entry = |c: &Arc<Cluster>| {
         let mut e = json!({
@@ -407,7 +414,7 @@ pub fn config_dump(shared: &Shared) -> Value {
         clusters_dump["dynamic_warming_clusters"] = json!(warming_clusters);
     }
 
-    let set = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
+    let set = shared.listeners.snapshot();
     let state = |l: &Arc<Listener>| {
         json!({
             "version_info": l.origin.version_info,
@@ -458,7 +465,7 @@ pub fn config_dump(shared: &Shared) -> Value {
         .collect();
     drop(set);
     let dynamic_routes: Vec<Value> = {
-        let routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = shared.listeners.routes();
         let mut names: Vec<&String> = routes.keys().collect();
         names.sort();
         names
@@ -494,7 +501,7 @@ pub fn config_dump(shared: &Shared) -> Value {
     ]})
 }
 
-fn clusters_text(shared: &Shared) -> String {
+fn clusters_text(shared: &Instance) -> String {
     let mut out = String::new();
     for c in shared.clusters.all() {
         let n = &c.name;
@@ -535,7 +542,7 @@ fn clusters_text(shared: &Shared) -> String {
     out
 }
 
-fn clusters_json(shared: &Shared) -> Value {
+fn clusters_json(shared: &Instance) -> Value {
     let statuses: Vec<Value> = shared
         .clusters
         .all()
@@ -572,9 +579,10 @@ fn clusters_json(shared: &Shared) -> Value {
     json!({ "cluster_statuses": statuses })
 }
 
-fn listeners_json(shared: &Shared) -> Value {
+fn listeners_json(shared: &Instance) -> Value {
     let statuses: Vec<Value> = shared
-        .active_listeners()
+        .listeners
+        .active()
         .iter()
         .map(|l| {
             let addr = l.address();

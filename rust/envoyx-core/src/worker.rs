@@ -1,10 +1,28 @@
-//! Which thread is running: a worker (with its index) or any other thread.
+//! A worker: one thread, one current-thread tokio runtime, its own accept loops,
+//! upstream pools and load-balancer state (Envoy's worker model, DESIGN.md §2).
+//!
+//! Which thread is running is known to per-worker state that other threads must
+//! read (stats shards, access-log buffers), indexed by [`shard`]: worker `i` owns
+//! slot `i + 1`; every other thread (the control thread, admin, Python callers)
+//! shares slot 0.
 //!
 //! Per-worker state that other threads must read (stats shards, access-log
 //! buffers) is indexed by [`shard`]: worker `i` owns slot `i + 1`; every other
 //! thread (the control thread, admin, Python callers) shares slot 0.
 
 use std::cell::Cell;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+
+use crate::instance::Instance;
+use crate::listener::{Listener, ListenerFilter};
+use crate::listener_manager::WorkerCommand;
+use crate::upstream::WorkerPools;
 
 thread_local! {
     static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
@@ -27,6 +45,163 @@ pub fn shard() -> usize {
     WORKER.with(|w| w.get().map_or(0, |i| i + 1))
 }
 
+/// Runs worker `index` until the server stops: accepts on the sockets it is given
+/// (at start and later through `commands`), then lets its connections finish
+/// within the drain time.
+pub(crate) fn run(
+    instance: Arc<Instance>,
+    index: usize,
+    sockets: Vec<(Arc<Listener>, StdTcpListener)>,
+    mut commands: mpsc::UnboundedReceiver<WorkerCommand>,
+) {
+    enter(index);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let worker = Rc::new(Worker {
+            index,
+            pools: WorkerPools::new(),
+            connections: Rc::default(),
+            drain_time: instance.options.drain_time,
+        });
+        let listen = |listener: Arc<Listener>, socket: StdTcpListener| {
+            match tokio::net::TcpListener::from_std(socket) {
+                Ok(s) => {
+                    tokio::task::spawn_local(worker.clone().accept_loop(listener, s));
+                }
+                Err(e) => crate::log!(Error, "main", "listener '{}': {e}", listener.name),
+            }
+        };
+        for (listener, socket) in sockets {
+            listen(listener, socket);
+        }
+        let mut stop = instance.stop_tx.subscribe();
+        // Idle connections to clusters or hosts that are gone are closed on this beat.
+        let mut prune = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(WorkerCommand::Listen(listener, socket)) => listen(listener, socket),
+                    None => break,
+                },
+                _ = prune.tick() => worker.pools.prune(&instance.clusters.live_ids()),
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        // In-flight requests may finish within the drain time; then the runtime
+        // is dropped, which closes whatever is left.
+        let deadline = tokio::time::Instant::now() + instance.options.drain_time;
+        while worker.connections.open.get() > 0 {
+            let closed = worker.connections.closed.notified();
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// What one worker owns.
+struct Worker {
+    index: usize,
+    pools: Rc<WorkerPools>,
+    connections: Rc<ConnectionTracker>,
+    /// How long a draining listener's connections may live on (`--drain-time-s`).
+    drain_time: Duration,
+}
+
+impl Worker {
+    async fn accept_loop(self: Rc<Self>, listener: Arc<Listener>, socket: tokio::net::TcpListener) {
+        let mut drain = listener.drain.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                r = socket.accept() => r,
+                _ = drain.wait_for(|d| *d) => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.spawn_connection(&listener, stream, peer),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    crate::log!(
+                        Warn,
+                        "conn_handler",
+                        "listener '{}': accept failed: {e}",
+                        listener.name
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    fn spawn_connection(&self, listener: &Arc<Listener>, stream: TcpStream, peer: SocketAddr) {
+        let stats = &listener.stats;
+        stats.downstream_cx_total.inc();
+        stats.downstream_cx_active.inc();
+        let (worker_total, worker_active) = stats.per_worker[self.index].clone();
+        worker_total.inc();
+        worker_active.inc();
+        let guard = TrackedConnection::new(&self.connections);
+        let listener = listener.clone();
+        let pools = self.pools.clone();
+        let drain = listener.drain.subscribe();
+        let drain_time = self.drain_time;
+        tokio::task::spawn_local(async move {
+            let served = async {
+                match &listener.filter {
+                    ListenerFilter::Http(hcm) => {
+                        hcm.clone().serve(pools, stream, peer, drain.clone()).await
+                    }
+                    ListenerFilter::Tcp(tcp) => {
+                        tcp.clone().serve(pools, stream, peer, drain.clone()).await
+                    }
+                }
+            };
+            // A draining listener's connections get the drain time to finish
+            // gracefully; then they are closed (Envoy's --drain-time-s).
+            let mut deadline = drain.clone();
+            let drained = async move {
+                let _ = deadline.wait_for(|d| *d).await;
+                tokio::time::sleep(drain_time).await;
+            };
+            tokio::select! {
+                () = served => {}
+                () = drained => {}
+            }
+            listener.stats.downstream_cx_active.dec();
+            worker_active.dec();
+            listener.stats.downstream_cx_destroy.inc();
+            drop(guard);
+        });
+    }
+}
+
+/// Counts a worker's open connections so that stop can wait for them.
+#[derive(Default)]
+struct ConnectionTracker {
+    open: Cell<usize>,
+    closed: Notify,
+}
+
+struct TrackedConnection(Rc<ConnectionTracker>);
+
+impl TrackedConnection {
+    fn new(t: &Rc<ConnectionTracker>) -> Self {
+        t.open.set(t.open.get() + 1);
+        TrackedConnection(t.clone())
+    }
+}
+
+impl Drop for TrackedConnection {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get() - 1);
+        if self.0.open.get() == 0 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,28 +157,37 @@ impl Server {
         self.inner.running()
     }
 
-    fn stats(&self) -> HashMap<String, i64> {
-        let shared = self.inner.shared();
-        shared.refresh_gauges();
-        shared.store.values().into_iter().collect()
+    // Every method below may wait for a lock of the core; each releases the GIL
+    // first (DESIGN.md §2: a thread holding the GIL never waits on the core).
+
+    fn stats(&self, py: Python<'_>) -> HashMap<String, i64> {
+        py.detach(|| {
+            let instance = self.inner.instance();
+            instance.refresh_gauges();
+            instance.store.values().into_iter().collect()
+        })
     }
 
-    fn config_dump(&self) -> String {
-        envoyx_core::admin::config_dump(self.inner.shared()).to_string()
+    fn config_dump(&self, py: Python<'_>) -> String {
+        py.detach(|| envoyx_core::admin::config_dump(self.inner.instance()).to_string())
     }
 
-    fn listener_addresses(&self) -> HashMap<String, (String, u16)> {
-        self.inner
-            .listener_addresses()
-            .into_iter()
-            .map(|(name, a)| (name, (a.ip().to_string(), a.port())))
-            .collect()
+    fn listener_addresses(&self, py: Python<'_>) -> HashMap<String, (String, u16)> {
+        py.detach(|| {
+            self.inner
+                .listener_addresses()
+                .into_iter()
+                .map(|(name, a)| (name, (a.ip().to_string(), a.port())))
+                .collect()
+        })
     }
 
-    fn admin_address(&self) -> Option<(String, u16)> {
-        self.inner
-            .admin_address()
-            .map(|a| (a.ip().to_string(), a.port()))
+    fn admin_address(&self, py: Python<'_>) -> Option<(String, u16)> {
+        py.detach(|| {
+            self.inner
+                .admin_address()
+                .map(|a| (a.ip().to_string(), a.port()))
+        })
     }
 
     fn apply(
@@ -194,19 +203,17 @@ impl Server {
             .map_err(to_py_err)
     }
 
-    fn wanted_resources(&self, type_url: &str) -> PyResult<Vec<String>> {
-        Ok(self
-            .inner
-            .shared()
-            .wanted_resources(resource_kind(type_url)?))
+    fn wanted_resources(&self, py: Python<'_>, type_url: &str) -> PyResult<Vec<String>> {
+        let kind = resource_kind(type_url)?;
+        Ok(py.detach(|| self.inner.instance().wanted_resources(kind)))
     }
 
-    fn counter_add(&self, name: &str, value: u64) {
-        self.inner.shared().store.counter(name).add(value);
+    fn counter_add(&self, py: Python<'_>, name: &str, value: u64) {
+        py.detach(|| self.inner.instance().store.counter(name).add(value));
     }
 
-    fn gauge_set(&self, name: &str, value: i64) {
-        self.inner.shared().store.gauge(name).set(value);
+    fn gauge_set(&self, py: Python<'_>, name: &str, value: i64) {
+        py.detach(|| self.inner.instance().store.gauge(name).set(value));
     }
 }
 

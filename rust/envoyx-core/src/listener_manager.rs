@@ -1,0 +1,300 @@
+//! The listener manager (Envoy's `ListenerManagerImpl`): active and warming
+//! listeners, the RDS route configurations they share, and the hand-off of a warm
+//! listener's sockets to the workers.
+//!
+//! Readers (admin, `Server.stats()`, `config_dump`) load immutable snapshots and
+//! never wait for a writer. Writers are serialised by the caller ([`Instance::apply`]
+//! holds its apply lock) and publish a new snapshot. Listeners (and their Python
+//! filters, whose construction needs the GIL) are built *before* any lock is taken:
+//! a thread holding the GIL may be waiting for one of these locks.
+//!
+//! [`Instance::apply`]: crate::instance::Instance::apply
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::{RouteConfig, bootstrap as map};
+use crate::http::filter::FilterFactory;
+use crate::listener::{Listener, ListenerFilter};
+use crate::router::RouteTable;
+use crate::stats::StatStore;
+use crate::upstream::ClusterManager;
+use crate::upstream::cluster::Origin;
+
+/// A worker's instructions from the control side.
+pub enum WorkerCommand {
+    /// Start accepting on this worker's socket of a listener.
+    Listen(Arc<Listener>, StdTcpListener),
+}
+
+/// A route configuration received over RDS, shared by every listener naming it.
+pub struct DynamicRoutes {
+    pub table: Arc<RouteTable>,
+    pub origin: Origin,
+    pub raw: Value,
+}
+
+/// Active and warming listeners (static ones are active from the start).
+#[derive(Default, Clone)]
+pub struct ListenerSet {
+    pub active: Vec<Arc<Listener>>,
+    /// Waiting for their route configuration (RDS) before they serve.
+    pub warming: Vec<Arc<Listener>>,
+    pub lds_version: String,
+}
+
+pub type RouteSet = HashMap<String, Arc<DynamicRoutes>>;
+
+/// A listener resource built and bound, not yet installed.
+pub struct BuiltListener {
+    listener: Arc<Listener>,
+}
+
+pub struct ListenerManager {
+    listeners: ArcSwap<ListenerSet>,
+    routes: ArcSwap<RouteSet>,
+    /// One command channel per worker, set once the workers exist. Listeners
+    /// activated before are queued in the channel until the worker runs.
+    workers: Mutex<Vec<mpsc::UnboundedSender<WorkerCommand>>>,
+    store: Arc<StatStore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ListenerManager {
+    pub fn new(active: Vec<Arc<Listener>>, store: &Arc<StatStore>) -> Self {
+        store
+            .counter("listener_manager.listener_added")
+            .add(active.len() as u64);
+        ListenerManager {
+            listeners: ArcSwap::from_pointee(ListenerSet {
+                active,
+                ..Default::default()
+            }),
+            routes: ArcSwap::from_pointee(RouteSet::new()),
+            workers: Mutex::new(Vec::new()),
+            store: store.clone(),
+        }
+    }
+
+    /// The current listeners; a snapshot, never blocked by a writer.
+    pub fn snapshot(&self) -> Arc<ListenerSet> {
+        self.listeners.load_full()
+    }
+
+    /// The current RDS route configurations.
+    pub fn routes(&self) -> Arc<RouteSet> {
+        self.routes.load_full()
+    }
+
+    pub fn active(&self) -> Vec<Arc<Listener>> {
+        self.listeners.load().active.clone()
+    }
+
+    /// Installs the workers' command channels (once, when they are created).
+    pub fn set_workers(&self, senders: Vec<mpsc::UnboundedSender<WorkerCommand>>) {
+        *lock(&self.workers) = senders;
+    }
+
+    /// Stops every active listener accepting; their connections drain.
+    pub fn drain_all(&self) {
+        for l in &self.listeners.load().active {
+            l.drain.send_replace(true);
+        }
+    }
+
+    /// Maps, builds (Python filters included) and binds a listener resource. Takes
+    /// no lock of the manager: call it before serialising the apply.
+    pub fn build(
+        &self,
+        name: &str,
+        doc: &Value,
+        version: &str,
+        clusters: &Arc<ClusterManager>,
+        workers: usize,
+        filter_factory: Option<&dyn FilterFactory>,
+    ) -> Result<Option<BuiltListener>, String> {
+        let config = map::map_listener_resource(doc).map_err(|e| e.join("; "))?;
+        if config.name != name {
+            return Err(format!(
+                "resource name does not match listener name '{}'",
+                config.name
+            ));
+        }
+        // A State-of-the-World response repeats unchanged listeners: leave them be.
+        if self
+            .listeners
+            .load()
+            .active
+            .iter()
+            .any(|l| l.name == name && l.raw == config.raw)
+        {
+            return Ok(None);
+        }
+        if let Some(err) = address_clash(&self.listeners.load(), name, config.address) {
+            return Err(err);
+        }
+        let listener = Listener::build(
+            config,
+            clusters,
+            &self.store,
+            workers,
+            Origin::dynamic(version),
+            filter_factory,
+        )
+        .map_err(|e| e.to_string())?;
+        // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
+        let sockets = listener.bind(workers).map_err(|e| e.to_string())?;
+        *lock(&listener.sockets) = sockets;
+        Ok(Some(BuiltListener { listener }))
+    }
+
+    /// Installs built listeners and removes the named ones; the caller serialises
+    /// applies. A listener whose routes are there activates at once, otherwise it
+    /// warms until they arrive.
+    pub fn install(
+        &self,
+        built: Vec<BuiltListener>,
+        removed: &[String],
+        version: &str,
+    ) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        let mut set = (**self.listeners.load()).clone();
+        let routes = self.routes.load();
+        for BuiltListener { listener } in built {
+            // Checked again: an earlier listener of the same update may take the address.
+            if let Some(err) = address_clash(&set, &listener.name, listener.configured) {
+                rejected.push((listener.name.clone(), err));
+                continue;
+            }
+            let warm = match listener.rds_name() {
+                None => true,
+                Some(rds) => match routes.get(rds) {
+                    Some(r) => {
+                        if let ListenerFilter::Http(hcm) = &listener.filter {
+                            hcm.routes.store(r.table.clone());
+                        }
+                        true
+                    }
+                    None => false,
+                },
+            };
+            set.warming.retain(|l| l.name != listener.name);
+            if warm {
+                self.activate(&mut set, listener);
+            } else {
+                set.warming.push(listener);
+            }
+        }
+        for name in removed {
+            if let Some(pos) = set.active.iter().position(|l| &l.name == name) {
+                let old = set.active.remove(pos);
+                old.drain.send_replace(true);
+                self.store
+                    .counter("listener_manager.listener_removed")
+                    .inc();
+            }
+            set.warming.retain(|l| &l.name != name);
+        }
+        set.lds_version = version.to_string();
+        self.listeners.store(Arc::new(set));
+        rejected
+    }
+
+    /// Hands a warm listener's sockets to the workers and retires the listener it
+    /// replaces (same name), which drains.
+    fn activate(&self, set: &mut ListenerSet, listener: Arc<Listener>) {
+        let sockets = std::mem::take(&mut *lock(&listener.sockets));
+        for (worker, socket) in lock(&self.workers).iter().zip(sockets) {
+            let _ = worker.send(WorkerCommand::Listen(listener.clone(), socket));
+        }
+        set.warming.retain(|l| !Arc::ptr_eq(l, &listener));
+        if let Some(pos) = set.active.iter().position(|l| l.name == listener.name) {
+            let old = std::mem::replace(&mut set.active[pos], listener);
+            old.drain.send_replace(true);
+            self.store
+                .counter("listener_manager.listener_modified")
+                .inc();
+        } else {
+            set.active.push(listener);
+            self.store.counter("listener_manager.listener_added").inc();
+        }
+    }
+
+    /// Installs RDS route configurations: every listener naming one gets the new
+    /// table, and listeners warming for it activate. The caller serialises applies.
+    pub fn apply_routes(&self, upserts: Vec<RouteConfig>, removed: &[String], version: &str) {
+        let mut routes = (**self.routes.load()).clone();
+        let mut set = (**self.listeners.load()).clone();
+        for rc in upserts {
+            let name = rc.name.clone();
+            let raw = rc.raw.clone();
+            if routes.get(&name).is_some_and(|r| r.raw == raw) {
+                continue;
+            }
+            let table = RouteTable::new(rc);
+            for l in set.active.iter().chain(&set.warming) {
+                if let ListenerFilter::Http(hcm) = &l.filter
+                    && hcm.rds_name.as_deref() == Some(name.as_str())
+                {
+                    hcm.routes.store(table.clone());
+                }
+            }
+            routes.insert(
+                name.clone(),
+                Arc::new(DynamicRoutes {
+                    table,
+                    origin: Origin::dynamic(version),
+                    raw,
+                }),
+            );
+            let now_warm: Vec<Arc<Listener>> = set
+                .warming
+                .iter()
+                .filter(|l| l.rds_name() == Some(name.as_str()))
+                .cloned()
+                .collect();
+            for l in now_warm {
+                self.activate(&mut set, l);
+            }
+        }
+        // Removing a route configuration leaves listeners with the table they have,
+        // as Envoy does; it only stops being offered to new listeners.
+        for name in removed {
+            routes.remove(name);
+        }
+        self.routes.store(Arc::new(routes));
+        self.listeners.store(Arc::new(set));
+    }
+
+    /// RDS route configurations named by active or warming listeners.
+    pub fn wanted_routes(&self) -> Vec<String> {
+        let set = self.listeners.load();
+        set.active
+            .iter()
+            .chain(&set.warming)
+            .filter_map(|l| l.rds_name().map(str::to_string))
+            .collect()
+    }
+}
+
+/// Another listener on the same configured address (port 0 never clashes).
+fn address_clash(set: &ListenerSet, name: &str, address: SocketAddr) -> Option<String> {
+    set.active
+        .iter()
+        .chain(&set.warming)
+        .find(|l| l.name != name && address.port() != 0 && l.address() == address)
+        .map(|other| {
+            format!(
+                "error adding listener '{name}': has duplicate address '{address}' as existing listener '{}'",
+                other.name
+            )
+        })
+}
