@@ -26,7 +26,7 @@ from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from envoyx.config import _RuleChecker
+from envoyx.config.rules import rule_errors
 from envoyx.xds._eds import check_and_encode
 from envoyx.xds._hash import version_gauge
 from envoyx.xds.resources import (
@@ -98,9 +98,7 @@ def canonical_json(msg: Message) -> str:
 
 def schema_errors(msg: Message, path: str = "") -> list[str]:
     """Envoy's protoc-gen-validate rules (and unknown ``@type``s) broken by ``msg``."""
-    checker = _RuleChecker()
-    checker.message(msg, path)
-    return checker.errors
+    return rule_errors(msg, path)
 
 
 def _digest(msg: Message) -> bytes:

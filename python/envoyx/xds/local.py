@@ -16,11 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
-from envoyx.config import _SchemaWalker
+from envoyx.config.schema import message_from_document
 from envoyx.errors import ConfigError
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected, schema_errors
 from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPES
@@ -62,15 +61,7 @@ def parse_resource(type_url: str, value: object, path: str) -> Message:
         msg = rtype.message()
         msg.CopyFrom(value)
     elif isinstance(value, Mapping):
-        walker = _SchemaWalker()
-        normalized = walker.message(value, desc, path)
-        if walker.errors or not isinstance(normalized, dict):
-            raise ConfigError(walker.errors or [f"{path}: expected an object"])
-        msg = rtype.message()
-        try:
-            json_format.ParseDict(normalized, msg)
-        except (json_format.ParseError, ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"{path}: {e}") from e
+        msg = message_from_document(value, rtype.message, path)
     else:
         raise ConfigError(
             f"{path}: expected a dict or a {desc.full_name} message, got {type(value).__name__}"
