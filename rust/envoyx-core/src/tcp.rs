@@ -87,7 +87,8 @@ impl TcpProxy {
             self.log(record, started);
             return;
         };
-        let Some(host) = pools.pick_host(&cluster) else {
+        let Some(host) = pools.choose_host(&cluster, &crate::upstream::lb::LbContext::default())
+        else {
             cluster.stats.upstream_cx_none_healthy.inc();
             record.response_flags = "UH";
             self.log(record, started);

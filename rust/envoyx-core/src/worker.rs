@@ -79,15 +79,16 @@ pub(crate) fn run(
             listen(listener, socket);
         }
         let mut stop = instance.stop_tx.subscribe();
-        // Idle connections to clusters or hosts that are gone are closed on this beat.
-        let mut prune = tokio::time::interval(Duration::from_secs(5));
+        // Pool upkeep: connections idle past their timeout, or to clusters and
+        // hosts that are gone, are closed on this beat (so within a second of it).
+        let mut upkeep = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(WorkerCommand::Listen(listener, socket)) => listen(listener, socket),
                     None => break,
                 },
-                _ = prune.tick() => worker.pools.prune(&instance.clusters.live_ids()),
+                _ = upkeep.tick() => worker.pools.maintain(&instance.clusters.live_ids()),
                 _ = stop.wait_for(|s| *s) => break,
             }
         }

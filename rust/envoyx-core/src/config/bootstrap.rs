@@ -740,6 +740,14 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         }
     };
     let mut protocol = UpstreamProtocol::Http1;
+    let mut pool = PoolSettings::default();
+    // The deprecated cluster-level spellings, then the extension's (which wins).
+    if let Some(common) = c.obj("common_http_protocol_options") {
+        map_common_http_options(&common, &mut pool);
+    }
+    if let Some(n) = c.u32("max_requests_per_connection") {
+        pool.max_requests_per_connection = (n > 0).then_some(n);
+    }
     if let Some(h2) = c.obj("http2_protocol_options") {
         drop(h2);
         protocol = UpstreamProtocol::Http2;
@@ -751,6 +759,9 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
                 format!("protocol options {key} are not supported by envoyx"),
             );
             continue;
+        }
+        if let Some(common) = opts.obj("common_http_protocol_options") {
+            map_common_http_options(&common, &mut pool);
         }
         if let Some(explicit) = opts.obj("explicit_http_config") {
             if let Some(h1) = explicit.obj("http_protocol_options") {
@@ -799,8 +810,20 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         dns_lookup_family,
         lb_policy,
         eds_service_name,
+        pool,
         raw: c.to_value(),
     })
+}
+
+/// `envoy.config.core.v3.HttpProtocolOptions` of an upstream: the fields envoyx
+/// implements; any other set field is refused by the reader.
+fn map_common_http_options(o: &Obj<'_>, pool: &mut PoolSettings) {
+    if let Some(t) = o.duration("idle_timeout") {
+        pool.idle_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(n) = o.u32("max_requests_per_connection") {
+        pool.max_requests_per_connection = (n > 0).then_some(n);
+    }
 }
 
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment` endpoints (a cluster's

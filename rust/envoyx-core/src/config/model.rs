@@ -259,7 +259,30 @@ pub struct ClusterConfig {
     pub lb_policy: LbPolicy,
     /// `eds_cluster_config.service_name` (default: the cluster's name) for EDS.
     pub eds_service_name: Option<String>,
+    /// `common_http_protocol_options` of the cluster's HTTP protocol options.
+    pub pool: PoolSettings,
     pub raw: Value,
+}
+
+/// How long and how much an upstream connection may be used
+/// (`HttpProtocolOptions.common_http_protocol_options`, Envoy's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// `idle_timeout`: a connection with no request for this long is closed
+    /// (default 1 h; `0s` disables it).
+    pub idle_timeout: Option<Duration>,
+    /// `max_requests_per_connection`: after this many requests a connection is
+    /// not reused (unset or 0: unlimited).
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_requests_per_connection: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -14,20 +14,21 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
-use super::connection_manager::{HcmStats, LocalReply};
+use super::connection_manager::HcmStats;
 use super::filter::{
     FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, Hooks, Phase, StreamStart,
 };
+use super::local_reply::LocalReply;
 use crate::config::{RouteAction, RouteEntry};
 
 /// Why a buffering step ends the request: a reply of the proxy's own, or a hook's outcome.
-pub(super) enum Rejection {
+pub(crate) enum Rejection {
     Reply(LocalReply),
     Outcome(HookOutcome),
 }
 
 /// A request the request hooks let through.
-pub(super) struct PassedRequest {
+pub(crate) struct PassedRequest {
     /// The body to send upstream: the downstream stream, or the buffered body.
     pub body: ProxyBody,
     /// The cluster the filters chose (None: the route's).
@@ -36,7 +37,7 @@ pub(super) struct PassedRequest {
     pub bytes_received: Option<u64>,
 }
 
-pub(super) struct RequestFilters {
+pub(crate) struct RequestFilters {
     chain: Arc<dyn FilterChain>,
     pub stream: Arc<dyn FilterStream>,
     pub hooks: Hooks,

@@ -1,9 +1,16 @@
-//! HTTP: the connection manager, the router and the body types they stream.
+//! HTTP: the connection manager (per listener), the downstream connection, the
+//! active stream of each request with its filters, local replies, and the body
+//! types they stream. The router filter that ends each stream is in
+//! [`crate::router`].
 
+pub(crate) mod active_stream;
 pub mod body;
 pub mod connection_manager;
+mod downstream;
 pub mod filter;
 mod filtering;
 pub mod framing_guard;
+pub mod headers;
+pub mod local_reply;
 
 pub use connection_manager::HttpConnectionManager;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{
-    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, UpstreamProtocol,
+    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, PoolSettings,
+    UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 
@@ -61,6 +62,24 @@ pub struct Host {
     /// The endpoint's host name for DNS clusters, empty for STATIC.
     pub hostname: String,
     pub stats: HostStats,
+    /// Set when DNS or EDS took the host out of its cluster: workers close its
+    /// idle pooled connections and stop reusing the others.
+    pub removed: AtomicBool,
+}
+
+impl Host {
+    pub fn new(address: SocketAddr, hostname: String) -> Self {
+        Host {
+            address,
+            hostname,
+            stats: HostStats::default(),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
 }
 
 /// `cluster.<name>.*` with Envoy's meanings.
@@ -76,6 +95,8 @@ pub struct ClusterStats {
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_cx_destroy: Counter,
     pub upstream_cx_destroy_remote: Counter,
+    pub upstream_cx_idle_timeout: Counter,
+    pub upstream_cx_max_requests: Counter,
     pub upstream_cx_rx_bytes_total: Counter,
     pub upstream_cx_tx_bytes_total: Counter,
     pub upstream_cx_none_healthy: Counter,
@@ -115,6 +136,8 @@ impl ClusterStats {
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_cx_destroy: c("upstream_cx_destroy"),
             upstream_cx_destroy_remote: c("upstream_cx_destroy_remote"),
+            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
+            upstream_cx_max_requests: c("upstream_cx_max_requests"),
             upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
@@ -168,6 +191,8 @@ pub struct Cluster {
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
     pub lb_policy: LbPolicy,
+    /// Idle timeout and request limit of this cluster's pooled connections.
+    pub pool: PoolSettings,
     pub endpoints: Vec<EndpointConfig>,
     pub hosts: ArcSwap<Vec<Arc<Host>>>,
     pub stats: ClusterStats,
@@ -233,6 +258,7 @@ impl Cluster {
             dns_refresh_rate: config.dns_refresh_rate,
             dns_lookup_family: config.dns_lookup_family,
             lb_policy: config.lb_policy,
+            pool: config.pool,
             endpoints: config.endpoints.clone(),
             hosts: ArcSwap::from_pointee(hosts),
             stats,
@@ -271,6 +297,11 @@ impl Cluster {
                     .map_or_else(|| new_host(addr, name), |h| (*h).clone())
             })
             .collect();
+        for old in current.iter() {
+            if !hosts.iter().any(|h| Arc::ptr_eq(h, old)) {
+                old.removed.store(true, Ordering::Relaxed);
+            }
+        }
         self.stats.membership_total.set(hosts.len() as i64);
         self.stats.membership_healthy.set(hosts.len() as i64);
         self.stats.membership_change.inc();
@@ -314,11 +345,7 @@ impl Cluster {
 }
 
 fn new_host(address: SocketAddr, hostname: String) -> Arc<Host> {
-    Arc::new(Host {
-        address,
-        hostname,
-        stats: HostStats::default(),
-    })
+    Arc::new(Host::new(address, hostname))
 }
 
 /// Applies Envoy's `dns_lookup_family` to a resolver answer.

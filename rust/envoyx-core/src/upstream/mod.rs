@@ -1,6 +1,7 @@
-//! Upstreams: clusters, hosts, worker-local connection pools and load balancing.
+//! Upstreams: clusters, hosts, worker-local connection pools and load balancers.
 
 pub mod cluster;
+pub mod lb;
 pub mod pool;
 
 pub use cluster::{Cluster, ClusterManager, Host};

@@ -1,8 +1,10 @@
 //! Worker-local upstream connection pools and load-balancer state.
 //!
 //! Each worker owns one `WorkerPools`: no lock, no `Arc` per request (DESIGN.md §8).
-//! HTTP/1.1 connections are kept idle per host and reused (keep-alive); an HTTP/2
-//! connection per host is shared by every request of the worker.
+//! HTTP/1.1 connections are kept idle per host and reused (keep-alive); one HTTP/2
+//! connection per host is shared by every request of the worker. Connections are
+//! closed when idle past the cluster's `idle_timeout`, after
+//! `max_requests_per_connection`, and when their host or cluster goes away.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -16,22 +18,19 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::cluster::{Cluster, Host};
-use crate::config::{LbPolicy, UpstreamProtocol};
+use super::lb::{self, LbContext, LoadBalancer};
+use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
 use crate::io::{CountedIo, LocalExec};
 
 type PoolKey = (usize, SocketAddr);
 
-/// A connection ready to carry one request.
-pub enum Sender {
-    Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>),
-}
-
 /// Why no connection could be had; each maps to Envoy's reset reason text.
 #[derive(Debug)]
 pub enum ConnectError {
     Timeout,
+    /// The connection closed before it could carry the request.
+    Closed,
     Io(std::io::Error),
     Handshake(hyper::Error),
 }
@@ -41,6 +40,7 @@ impl ConnectError {
     pub fn reset_reason(&self) -> String {
         match self {
             ConnectError::Timeout => "connection timeout".to_string(),
+            ConnectError::Closed => "connection termination".to_string(),
             // Envoy 1.40 names only the reason in the reply body; the transport
             // failure goes to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
             ConnectError::Io(_) => "remote connection failure".to_string(),
@@ -53,6 +53,7 @@ impl ConnectError {
     pub fn transport_failure(&self) -> String {
         match self {
             ConnectError::Timeout => "connection timeout".to_string(),
+            ConnectError::Closed => "connection termination".to_string(),
             ConnectError::Io(e) => format!("delayed connect error: {}", io_reason(e)),
             ConnectError::Handshake(e) => e.to_string(),
         }
@@ -68,11 +69,148 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// An HTTP/1.1 connection and how many requests it has carried.
+pub struct PooledHttp1 {
+    sender: http1::SendRequest<ProxyBody>,
+    requests: u32,
+}
+
+/// A shared HTTP/2 connection's use, kept by the pool and by each stream on it.
+struct Http2State {
+    active_streams: Cell<usize>,
+    requests: Cell<u32>,
+    idle_since: Cell<Instant>,
+}
+
+/// One request's use of an HTTP/2 connection; ends when the stream ends.
+pub struct Http2Lease {
+    sender: http2::SendRequest<ProxyBody>,
+    state: Rc<Http2State>,
+}
+
+impl Drop for Http2Lease {
+    fn drop(&mut self) {
+        let active = self.state.active_streams.get() - 1;
+        self.state.active_streams.set(active);
+        if active == 0 {
+            self.state.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// A connection ready to carry one request.
+pub enum Sender {
+    Http1(PooledHttp1),
+    Http2(Http2Lease),
+}
+
+impl Sender {
+    pub fn is_http2(&self) -> bool {
+        matches!(self, Sender::Http2(_))
+    }
+
+    pub async fn send(
+        &mut self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Sender::Http1(c) => c.sender.send_request(req).await,
+            Sender::Http2(l) => l.sender.send_request(req).await,
+        }
+    }
+}
+
+struct IdleHttp1 {
+    conn: PooledHttp1,
+    since: Instant,
+}
+
+struct SharedHttp2 {
+    sender: http2::SendRequest<ProxyBody>,
+    state: Rc<Http2State>,
+}
+
+/// A worker's connections to one host of one cluster.
+struct HostPool {
+    cluster: Arc<Cluster>,
+    host: Arc<Host>,
+    idle_http1: Vec<IdleHttp1>,
+    http2: Option<SharedHttp2>,
+    /// Held while an HTTP/2 connection is being opened, so that concurrent first
+    /// requests wait for that one connection instead of opening their own.
+    http2_connecting: Rc<tokio::sync::Mutex<()>>,
+}
+
+impl HostPool {
+    fn new(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Self {
+        HostPool {
+            cluster: cluster.clone(),
+            host: host.clone(),
+            idle_http1: Vec::new(),
+            http2: None,
+            http2_connecting: Rc::default(),
+        }
+    }
+
+    /// A lease on the shared HTTP/2 connection, if it can take another request.
+    fn lease_http2(&mut self) -> Option<Http2Lease> {
+        let shared = self.http2.as_ref()?;
+        if shared.sender.is_closed() {
+            self.http2 = None;
+            return None;
+        }
+        let state = shared.state.clone();
+        let lease = Http2Lease {
+            sender: shared.sender.clone(),
+            state: state.clone(),
+        };
+        state.active_streams.set(state.active_streams.get() + 1);
+        let requests = state.requests.get() + 1;
+        state.requests.set(requests);
+        if self
+            .cluster
+            .pool
+            .max_requests_per_connection
+            .is_some_and(|max| requests >= max)
+        {
+            // Its last request: later ones open a new connection.
+            self.cluster.stats.upstream_cx_max_requests.inc();
+            self.http2 = None;
+        }
+        Some(lease)
+    }
+
+    /// Closes what has been idle past the cluster's idle timeout; whether the pool
+    /// is now empty.
+    fn expire_idle(&mut self, now: Instant) -> bool {
+        if let Some(timeout) = self.cluster.pool.idle_timeout {
+            let stats = &self.cluster.stats;
+            self.idle_http1.retain(|idle| {
+                let keep =
+                    now.duration_since(idle.since) < timeout && !idle.conn.sender.is_closed();
+                if !keep {
+                    stats.upstream_cx_idle_timeout.inc();
+                }
+                keep
+            });
+            if let Some(h2) = &self.http2
+                && h2.state.active_streams.get() == 0
+                && now.duration_since(h2.state.idle_since.get()) >= timeout
+            {
+                stats.upstream_cx_idle_timeout.inc();
+                self.http2 = None;
+            }
+        }
+        self.idle_http1.is_empty() && self.http2.is_none()
+    }
+}
+
+/// One worker's upstream connections and load-balancer state: no lock, no `Arc`
+/// per request (DESIGN.md §8).
 #[derive(Default)]
 pub struct WorkerPools {
-    idle_h1: RefCell<HashMap<PoolKey, Vec<http1::SendRequest<ProxyBody>>>>,
-    h2: RefCell<HashMap<PoolKey, http2::SendRequest<ProxyBody>>>,
-    round_robin: RefCell<HashMap<usize, Rc<Cell<usize>>>>,
+    hosts: RefCell<HashMap<PoolKey, HostPool>>,
+    balancers: RefCell<HashMap<usize, Rc<dyn LoadBalancer>>>,
 }
 
 impl WorkerPools {
@@ -80,53 +218,48 @@ impl WorkerPools {
         Rc::new(Self::default())
     }
 
-    /// Round robin over the cluster's current hosts, per worker as in Envoy.
-    pub fn pick_host(&self, cluster: &Cluster) -> Option<Arc<Host>> {
+    /// A host of the cluster for one try, by the cluster's policy and this
+    /// worker's balancer state; None when the cluster has no host.
+    pub fn choose_host(&self, cluster: &Cluster, context: &LbContext<'_>) -> Option<Arc<Host>> {
         let hosts = cluster.hosts.load();
         if hosts.is_empty() {
             return None;
         }
-        if cluster.lb_policy == LbPolicy::LeastRequest && hosts.len() > 1 {
-            let a = rand::random_range(0..hosts.len());
-            let b = (a + rand::random_range(1..hosts.len())) % hosts.len();
-            let (ha, hb) = (&hosts[a], &hosts[b]);
-            let pick = if hb.stats.rq_active.get() < ha.stats.rq_active.get() {
-                hb
-            } else {
-                ha
-            };
-            return Some(pick.clone());
-        }
-        let next = self
-            .round_robin
+        let lb = self
+            .balancers
             .borrow_mut()
             .entry(cluster.id)
-            .or_insert_with(|| Rc::new(Cell::new(rand::random::<u32>() as usize)))
+            .or_insert_with(|| lb::for_policy(cluster.lb_policy))
             .clone();
-        let i = next.get();
-        next.set(i.wrapping_add(1));
-        Some(hosts[i % hosts.len()].clone())
+        Some(lb.choose(&hosts, context))
     }
 
-    /// A connection to `host`: an idle keep-alive one if any, else a new one.
+    /// A connection to `host`: an idle keep-alive one (HTTP/1.1) or the shared one
+    /// (HTTP/2) if there is one, else a new one. `upstream_rq_pending_total` counts
+    /// the requests that had to wait for a new connection, as Envoy does.
     pub async fn acquire(
         &self,
-        cluster: &Cluster,
+        cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<Sender, ConnectError> {
         let key = (cluster.id, host.address);
         match cluster.protocol {
             UpstreamProtocol::Http1 => {
                 loop {
-                    let idle = self.idle_h1.borrow_mut().get_mut(&key).and_then(Vec::pop);
-                    let Some(mut sender) = idle else { break };
-                    if sender.is_closed() {
-                        continue;
-                    }
-                    if sender.ready().await.is_ok() {
-                        return Ok(Sender::Http1(sender));
+                    let idle = self
+                        .hosts
+                        .borrow_mut()
+                        .get_mut(&key)
+                        .and_then(|p| p.idle_http1.pop());
+                    let Some(IdleHttp1 { mut conn, .. }) = idle else {
+                        break;
+                    };
+                    if !conn.sender.is_closed() && conn.sender.ready().await.is_ok() {
+                        conn.requests += 1;
+                        return Ok(Sender::Http1(conn));
                     }
                 }
+                cluster.stats.upstream_rq_pending_total.inc();
                 let io = connect(cluster, host).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(io)
@@ -134,15 +267,27 @@ impl WorkerPools {
                     .map_err(ConnectError::Handshake)?;
                 cluster.stats.upstream_cx_http1_total.inc();
                 tokio::task::spawn_local(track_connection(conn, cluster, host));
-                Ok(Sender::Http1(sender))
+                Ok(Sender::Http1(PooledHttp1 {
+                    sender,
+                    requests: 1,
+                }))
             }
             UpstreamProtocol::Http2 => {
-                let existing = self.h2.borrow().get(&key).cloned();
-                if let Some(mut sender) = existing
-                    && !sender.is_closed()
-                    && sender.ready().await.is_ok()
-                {
-                    return Ok(Sender::Http2(sender));
+                if let Some(lease) = self.lease_http2(key) {
+                    return Ok(Sender::Http2(lease));
+                }
+                cluster.stats.upstream_rq_pending_total.inc();
+                let connecting = self
+                    .hosts
+                    .borrow_mut()
+                    .entry(key)
+                    .or_insert_with(|| HostPool::new(cluster, host))
+                    .http2_connecting
+                    .clone();
+                let _connecting = connecting.lock().await;
+                // Another request may have opened it while this one waited.
+                if let Some(lease) = self.lease_http2(key) {
+                    return Ok(Sender::Http2(lease));
                 }
                 let io = connect(cluster, host).await?;
                 let (sender, conn) = http2::Builder::new(LocalExec)
@@ -152,37 +297,82 @@ impl WorkerPools {
                     .map_err(ConnectError::Handshake)?;
                 cluster.stats.upstream_cx_http2_total.inc();
                 tokio::task::spawn_local(track_connection(conn, cluster, host));
-                self.h2.borrow_mut().insert(key, sender.clone());
-                Ok(Sender::Http2(sender))
+                let shared = SharedHttp2 {
+                    sender,
+                    state: Rc::new(Http2State {
+                        active_streams: Cell::new(0),
+                        requests: Cell::new(0),
+                        idle_since: Cell::new(Instant::now()),
+                    }),
+                };
+                let mut hosts = self.hosts.borrow_mut();
+                let pool = hosts
+                    .entry(key)
+                    .or_insert_with(|| HostPool::new(cluster, host));
+                pool.http2 = Some(shared);
+                pool.lease_http2()
+                    .map(Sender::Http2)
+                    .ok_or(ConnectError::Closed)
             }
         }
     }
 
-    /// Closes the idle connections of clusters that are gone (removed or replaced).
-    pub fn prune(&self, live: &std::collections::HashSet<usize>) {
-        self.idle_h1
+    fn lease_http2(&self, key: PoolKey) -> Option<Http2Lease> {
+        self.hosts.borrow_mut().get_mut(&key)?.lease_http2()
+    }
+
+    /// Returns an HTTP/1.1 connection whose exchange finished, for reuse; closes it
+    /// instead when its host or cluster is gone or it carried its last request.
+    pub fn release(&self, cluster: &Arc<Cluster>, host: &Arc<Host>, conn: PooledHttp1) {
+        if conn.sender.is_closed()
+            || host.is_removed()
+            || cluster.removed.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if cluster
+            .pool
+            .max_requests_per_connection
+            .is_some_and(|max| conn.requests >= max)
+        {
+            cluster.stats.upstream_cx_max_requests.inc();
+            return;
+        }
+        self.hosts
             .borrow_mut()
-            .retain(|(id, _), _| live.contains(id));
-        self.h2.borrow_mut().retain(|(id, _), _| live.contains(id));
-        self.round_robin
+            .entry((cluster.id, host.address))
+            .or_insert_with(|| HostPool::new(cluster, host))
+            .idle_http1
+            .push(IdleHttp1 {
+                conn,
+                since: Instant::now(),
+            });
+    }
+
+    /// The worker's periodic upkeep: closes the connections of clusters that are
+    /// gone (removed or replaced) and of hosts DNS or EDS removed, and those idle
+    /// past their cluster's idle timeout.
+    pub fn maintain(&self, live: &std::collections::HashSet<usize>) {
+        let now = Instant::now();
+        self.hosts.borrow_mut().retain(|(id, _), pool| {
+            if !live.contains(id) || pool.host.is_removed() {
+                return false;
+            }
+            !pool.expire_idle(now) || Rc::strong_count(&pool.http2_connecting) > 1
+        });
+        self.balancers
             .borrow_mut()
             .retain(|id, _| live.contains(id));
     }
 
-    /// Returns an HTTP/1.1 connection whose exchange finished, for reuse.
-    pub fn release(
-        &self,
-        cluster_id: usize,
-        host: SocketAddr,
-        sender: http1::SendRequest<ProxyBody>,
-    ) {
-        if !sender.is_closed() {
-            self.idle_h1
-                .borrow_mut()
-                .entry((cluster_id, host))
-                .or_default()
-                .push(sender);
-        }
+    /// Idle HTTP/1.1 plus shared HTTP/2 connections held (for tests).
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.hosts
+            .borrow()
+            .values()
+            .map(|p| p.idle_http1.len() + usize::from(p.http2.is_some()))
+            .sum()
     }
 }
 
@@ -244,70 +434,142 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig};
+    use crate::config::{
+        ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, PoolSettings,
+    };
     use crate::stats::StatStore;
     use crate::upstream::cluster::Origin;
 
-    fn cluster(lb_policy: LbPolicy) -> Arc<Cluster> {
+    fn cluster(protocol: UpstreamProtocol, port: u16, pool: PoolSettings) -> Arc<Cluster> {
         let config = ClusterConfig {
             name: "c".into(),
             discovery: DiscoveryType::Static,
             connect_timeout: Duration::from_secs(1),
-            endpoints: ["127.0.0.1:1", "127.0.0.1:2"]
-                .iter()
-                .map(|a| {
-                    let a: SocketAddr = a.parse().unwrap();
-                    EndpointConfig {
-                        address: a.ip().to_string(),
-                        port: a.port(),
-                    }
-                })
-                .collect(),
-            protocol: UpstreamProtocol::Http1,
+            endpoints: vec![EndpointConfig {
+                address: "127.0.0.1".into(),
+                port,
+            }],
+            protocol,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
-            lb_policy,
+            lb_policy: LbPolicy::RoundRobin,
             eds_service_name: None,
+            pool,
             raw: serde_json::Value::Null,
         };
         Cluster::new(&config, &StatStore::new(), Origin::bootstrap())
     }
 
-    #[test]
-    fn least_request_avoids_the_busier_host() {
-        let c = cluster(LbPolicy::LeastRequest);
-        let hosts = c.hosts.load();
-        for _ in 0..5 {
-            hosts[0].stats.rq_active.inc();
-        }
-        let pools = WorkerPools::new();
-        for _ in 0..100 {
-            assert_eq!(pools.pick_host(&c).unwrap().address, hosts[1].address);
-        }
+    /// A loopback server that accepts HTTP/2 (prior knowledge) connections and
+    /// answers every request with 200; returns its port and accepted-connection count.
+    async fn h2_server() -> (u16, Rc<Cell<usize>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Rc::new(Cell::new(0));
+        let count = accepted.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.set(count.get() + 1);
+                tokio::task::spawn_local(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::Empty))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(LocalExec)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    fn run_local<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
     #[test]
-    fn round_robin_alternates() {
-        let c = cluster(LbPolicy::RoundRobin);
-        let pools = WorkerPools::new();
-        let picks: Vec<SocketAddr> = (0..4)
-            .map(|_| pools.pick_host(&c).unwrap().address)
-            .collect();
-        assert_ne!(picks[0], picks[1]);
-        assert_eq!(picks[0], picks[2]);
-        assert_eq!(picks[1], picks[3]);
+    fn concurrent_first_http2_requests_share_one_connection() {
+        run_local(async {
+            let (port, _) = h2_server().await;
+            let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
+            let host = c.hosts.load()[0].clone();
+            let pools = WorkerPools::new();
+            let acquires = (0..8).map(|_| pools.acquire(&c, &host));
+            let senders = futures_util::future::join_all(acquires).await;
+            assert!(senders.iter().all(|s| matches!(s, Ok(Sender::Http2(_)))));
+            // One connection opened; every request but the first waited for it.
+            assert_eq!(c.stats.upstream_cx_total.get(), 1);
+            assert_eq!(c.stats.upstream_cx_http2_total.get(), 1);
+            assert_eq!(c.stats.upstream_rq_pending_total.get(), 8);
+        });
     }
 
     #[test]
-    fn prune_forgets_clusters_that_are_gone() {
-        let c = cluster(LbPolicy::RoundRobin);
-        let pools = WorkerPools::new();
-        pools.pick_host(&c);
-        assert!(pools.round_robin.borrow().contains_key(&c.id));
-        pools.prune(&std::collections::HashSet::new());
-        assert!(pools.round_robin.borrow().is_empty());
+    fn http2_connection_retires_after_max_requests() {
+        run_local(async {
+            let (port, accepted) = h2_server().await;
+            let settings = PoolSettings {
+                max_requests_per_connection: Some(2),
+                ..PoolSettings::default()
+            };
+            let c = cluster(UpstreamProtocol::Http2, port, settings);
+            let host = c.hosts.load()[0].clone();
+            let pools = WorkerPools::new();
+            for _ in 0..5 {
+                let mut s = pools.acquire(&c, &host).await.unwrap();
+                let req = http::Request::builder()
+                    .uri(format!("http://127.0.0.1:{port}/"))
+                    .body(ProxyBody::Empty)
+                    .unwrap();
+                assert_eq!(s.send(req).await.unwrap().status(), 200);
+            }
+            assert_eq!(accepted.get(), 3);
+            assert_eq!(c.stats.upstream_cx_max_requests.get(), 2);
+        });
+    }
+
+    #[test]
+    fn idle_http2_connection_closes_after_idle_timeout_and_removed_hosts_are_dropped() {
+        run_local(async {
+            let (port, _) = h2_server().await;
+            let settings = PoolSettings {
+                idle_timeout: Some(Duration::from_millis(1)),
+                ..PoolSettings::default()
+            };
+            let c = cluster(UpstreamProtocol::Http2, port, settings);
+            let host = c.hosts.load()[0].clone();
+            let pools = WorkerPools::new();
+            let live: HashSet<usize> = [c.id].into();
+            let lease = pools.acquire(&c, &host).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            pools.maintain(&live);
+            // In use: kept.
+            assert_eq!(pools.pooled(), 1);
+            drop(lease);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            pools.maintain(&live);
+            assert_eq!(pools.pooled(), 0);
+            assert_eq!(c.stats.upstream_cx_idle_timeout.get(), 1);
+
+            let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
+            let host = c.hosts.load()[0].clone();
+            drop(pools.acquire(&c, &host).await.unwrap());
+            let live: HashSet<usize> = [c.id].into();
+            pools.maintain(&live);
+            assert_eq!(pools.pooled(), 1);
+            c.set_hosts(Vec::new());
+            assert!(host.is_removed());
+            pools.maintain(&live);
+            assert_eq!(pools.pooled(), 0);
+        });
     }
 }

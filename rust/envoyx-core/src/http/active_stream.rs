@@ -1,0 +1,344 @@
+//! One request on a downstream connection (Envoy's `ActiveStream` with its filter
+//! manager): request bookkeeping, the decoder filters, the router as the terminal
+//! filter, the encoder filters, local replies, and the completion that writes
+//! stats and the access log when the response stream ends.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::body::{ProxyBody, ResponseBody, StreamEnd};
+use super::downstream::DownstreamConnection;
+use super::filter::{FilterStream, HookOutcome, Phase};
+use super::filtering::RequestFilters;
+use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name};
+use super::local_reply::LocalReply;
+use crate::access_log::LogRecord;
+use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
+use crate::router::upstream_request::UpstreamHandle;
+
+pub(crate) struct ActiveStream {
+    pub(crate) conn: Rc<DownstreamConnection>,
+    pub version: Version,
+    head_request: bool,
+    started: Instant,
+    /// The access-log record, when a logger or an `on_log` hook wants one.
+    pub(crate) record: Option<LogRecord>,
+    pub(crate) filters: Option<RequestFilters>,
+    /// Downstream body bytes, counted as they stream (for the access log).
+    pub(crate) bytes_received: Rc<Cell<u64>>,
+    /// The upstream try whose response is being streamed (pool return, stats).
+    upstream: Option<UpstreamHandle>,
+}
+
+impl ActiveStream {
+    /// Serves one request to its end: what is returned is the response whose body
+    /// completes the stream.
+    pub async fn run(
+        conn: Rc<DownstreamConnection>,
+        mut req: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let hcm = conn.hcm.clone();
+        let version = req.version();
+        conn.begin_request(version);
+        if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
+            let id = uuid::Uuid::new_v4();
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let s = id.hyphenated().encode_lower(&mut buf);
+            if let Ok(v) = HeaderValue::from_str(s) {
+                req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+            }
+        }
+        // Borrowed from a clone of the URI (and Host), which shares the bytes hyper
+        // parsed: no copy per request.
+        let uri = req.uri().clone();
+        let host = match uri.authority() {
+            Some(_) => None,
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+
+        let routes = hcm.routes.load();
+        let route = routes.find(authority, path);
+        let filters = hcm.filters.as_ref().and_then(|chain| {
+            RequestFilters::start(chain, route, &req, authority, path, conn.peer)
+        });
+        let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
+        let record = (!hcm.access_logs.is_empty() || wants_log).then(|| LogRecord {
+            start: Some(SystemTime::now()),
+            request_headers: Some(req.headers().clone()),
+            method: req.method().as_str().to_string(),
+            path: path.to_string(),
+            authority: authority.to_string(),
+            protocol: protocol_name(version),
+            downstream_remote: Some(conn.peer),
+            downstream_local: conn.local,
+            response_flags: "-",
+            route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+            ..Default::default()
+        });
+        let mut stream = ActiveStream {
+            conn,
+            version,
+            head_request: req.method() == http::Method::HEAD,
+            started: Instant::now(),
+            record,
+            filters,
+            bytes_received: Rc::new(Cell::new(0)),
+            upstream: None,
+        };
+        let (mut parts, body) = req.into_parts();
+
+        // Decoder filters run before the router, as in Envoy: a filter may answer
+        // for a route that does not exist.
+        let mut chosen_cluster = None;
+        let request_body = match &stream.filters {
+            None => ProxyBody::Stream(body),
+            Some(f) => match f.on_request(&mut parts, body, &hcm.stats).await {
+                Ok(passed) => {
+                    chosen_cluster = passed.cluster;
+                    if let Some(n) = passed.bytes_received {
+                        stream.bytes_received.set(n);
+                    }
+                    passed.body
+                }
+                Err(reply) => return stream.send_local_reply(reply),
+            },
+        };
+
+        let router = Router {
+            stream: &mut stream,
+            authority,
+            path,
+        };
+        match router
+            .decode(route, parts, request_body, chosen_cluster.as_deref())
+            .await
+        {
+            RouterOutcome::Reply(reply) => stream.encode_local_reply(reply).await,
+            RouterOutcome::CodecError(reply) => stream.send_local_reply(reply),
+            RouterOutcome::Upstream(response) => stream.encode_upstream(response).await,
+        }
+    }
+
+    /// The upstream's response through the encoder filters to the downstream.
+    async fn encode_upstream(mut self, up: UpstreamResponse) -> Response<ResponseBody> {
+        let hcm = self.conn.hcm.clone();
+        let UpstreamResponse {
+            mut parts,
+            body,
+            handle,
+            service_time,
+        } = up;
+        let status = parts.status.as_u16();
+        // Envoy writes its own reason phrase, not the upstream's.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        super::headers::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(
+            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+            HeaderValue::from(service_time.as_millis() as u64),
+        );
+        parts
+            .headers
+            .insert(header::SERVER, hcm.server_name.clone());
+        parts.version = self.version;
+        self.upstream = Some(handle);
+        let mut response_body = ProxyBody::Stream(body);
+        if let Some(f) = &self.filters {
+            let passed = f.on_response(
+                &mut parts,
+                response_body,
+                status,
+                self.head_request,
+                &hcm.stats,
+            );
+            match passed.await {
+                Ok(body) => response_body = body,
+                Err(reply) => {
+                    // The filter replaced the response: the upstream body is not
+                    // read, so its connection is not reused.
+                    if let Some(up) = self.upstream.as_mut() {
+                        up.forgo_reuse();
+                    }
+                    return self.send_local_reply(reply);
+                }
+            }
+        }
+        hcm.stats.response_class(status);
+        let elapsed = self.started.elapsed();
+        if let Some(r) = self.record.as_mut() {
+            r.response_code = status;
+            r.response_headers = Some(parts.headers.clone());
+            r.response_duration = Some(elapsed);
+            r.response_code_details = "via_upstream";
+        }
+        Response::from_parts(parts, self.into_body(response_body))
+    }
+
+    /// A reply the router makes (no route, direct response, upstream failures):
+    /// the encoder filters see it, as Envoy's do.
+    async fn encode_local_reply(self, mut reply: LocalReply) -> Response<ResponseBody> {
+        let Some(f) = self
+            .filters
+            .as_ref()
+            .filter(|f| f.hooks.has(Phase::ResponseHeaders) || f.hooks.has(Phase::ResponseBody))
+        else {
+            return self.send_local_reply(reply);
+        };
+        let stats = &self.conn.hcm.stats;
+        let status = reply.status.as_u16();
+        let mut headers = self.local_reply_headers(&mut reply);
+        if f.hooks.has(Phase::ResponseHeaders) {
+            match f
+                .run(Phase::ResponseHeaders, Some(headers), status, None)
+                .await
+            {
+                HookOutcome::Continue { headers: h, .. } => headers = h.unwrap_or_default(),
+                other => {
+                    let reply = f.local_reply(other, stats);
+                    return self.send_local_reply(reply);
+                }
+            }
+        }
+        if f.hooks.has(Phase::ResponseBody) {
+            let message_headers = (!f.hooks.has(Phase::ResponseHeaders)).then(|| headers.clone());
+            let body = Some(reply.body.clone());
+            match f
+                .run_with(Phase::ResponseBody, None, message_headers, status, body)
+                .await
+            {
+                HookOutcome::Continue { body, .. } => reply.body = body.unwrap_or_default(),
+                other => {
+                    let reply = f.local_reply(other, stats);
+                    return self.send_local_reply(reply);
+                }
+            }
+        }
+        reply.edited_headers = Some(headers);
+        self.send_local_reply(reply)
+    }
+
+    /// A local reply's headers: Envoy's defaults, then those a filter asked for.
+    fn local_reply_headers(&self, reply: &mut LocalReply) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if !reply.body.is_empty() {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        headers.insert(header::SERVER, self.conn.hcm.server_name.clone());
+        for (name, value) in reply.headers.drain(..) {
+            headers.insert(name, value);
+        }
+        headers
+    }
+
+    /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place
+    /// where a generated response is built.
+    pub fn send_local_reply(mut self, mut reply: LocalReply) -> Response<ResponseBody> {
+        let status = reply.status.as_u16();
+        self.conn.hcm.stats.response_class(status);
+        let mut headers = match reply.edited_headers.take() {
+            Some(h) => h,
+            None => self.local_reply_headers(&mut reply),
+        };
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
+        if reply.close_connection {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(r) = self.record.as_mut() {
+            r.response_code = status;
+            r.response_flags = reply.flags;
+            r.response_code_details = reply.details;
+            r.response_headers = Some(headers.clone());
+        }
+        let mut resp = Response::new(());
+        *resp.status_mut() = reply.status;
+        *resp.headers_mut() = headers;
+        let (parts, ()) = resp.into_parts();
+        Response::from_parts(parts, self.into_body(ProxyBody::text(reply.body)))
+    }
+
+    /// The downstream body, which completes the stream when it ends.
+    fn into_body(self, body: ProxyBody) -> ResponseBody {
+        let completion = StreamCompletion {
+            hcm: self.conn.hcm.clone(),
+            conn: self.conn,
+            started: self.started,
+            filter_log: self
+                .filters
+                .as_ref()
+                .filter(|f| f.hooks.has(Phase::Log) && self.record.is_some())
+                .map(|f| f.stream.clone()),
+            record: self.record,
+            upstream: self.upstream,
+            bytes_received: self.bytes_received,
+        };
+        ResponseBody::new(
+            body,
+            Some(Box::new(move |end, bytes| completion.finish(end, bytes))),
+        )
+    }
+}
+
+/// What finishing a request must update once its response stream ends.
+struct StreamCompletion {
+    hcm: Arc<super::HttpConnectionManager>,
+    conn: Rc<DownstreamConnection>,
+    started: Instant,
+    record: Option<LogRecord>,
+    upstream: Option<UpstreamHandle>,
+    bytes_received: Rc<Cell<u64>>,
+    /// The request's filter stream when a filter has an `on_log` hook.
+    filter_log: Option<Arc<dyn FilterStream>>,
+}
+
+impl StreamCompletion {
+    fn finish(mut self, end: StreamEnd, bytes_sent: u64) {
+        let stats = &self.hcm.stats;
+        let elapsed = self.started.elapsed();
+        let screen = &self.conn.screen;
+        screen
+            .in_flight
+            .set(screen.in_flight.get().saturating_sub(1));
+        stats.downstream_rq_active.dec();
+        stats.downstream_rq_completed.inc();
+        stats.downstream_rq_time.record(elapsed.as_millis() as u64);
+        let mut flags = None;
+        if let Some(up) = self.upstream.take() {
+            match end {
+                StreamEnd::Complete => {}
+                StreamEnd::UpstreamError => flags = Some("UR"),
+                StreamEnd::DownstreamGone => {
+                    stats.downstream_rq_rx_reset.inc();
+                    flags = Some("DC");
+                }
+            }
+            up.finish(end);
+        }
+        if let Some(mut record) = self.record.take() {
+            record.bytes_sent = bytes_sent;
+            record.bytes_received = self.bytes_received.get();
+            record.duration = elapsed;
+            if let Some(f) = flags
+                && record.response_flags == "-"
+            {
+                record.response_flags = f;
+            }
+            for logger in &self.hcm.access_logs {
+                logger.log(&record);
+            }
+            if let Some(filters) = self.filter_log.take() {
+                filters.log(record);
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The router filter (Envoy's `Router::Filter`), the terminal filter of every HTTP
+//! filter chain: route → cluster → upstream request, the request headers Envoy
+//! writes for the upstream, and the local replies for what goes wrong on the way.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http::header::{self, HeaderValue};
+use hyper::body::Incoming;
+
+use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
+use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
+use crate::http::active_stream::ActiveStream;
+use crate::http::body::ProxyBody;
+use crate::http::headers::{
+    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
+    strip_hop_by_hop,
+};
+use crate::http::local_reply::LocalReply;
+use crate::upstream::lb::LbContext;
+
+/// How the router ended its part of a request.
+pub(crate) enum RouterOutcome {
+    /// A reply of the router's own; the encoder filters see it.
+    Reply(LocalReply),
+    /// The downstream request was malformed mid-body: replied to as Envoy's codec
+    /// does, without the encoder filters.
+    CodecError(LocalReply),
+    /// The upstream's response headers; its body is still to stream.
+    Upstream(UpstreamResponse),
+}
+
+pub(crate) struct UpstreamResponse {
+    pub parts: http::response::Parts,
+    pub body: Incoming,
+    pub handle: UpstreamHandle,
+    pub service_time: Duration,
+}
+
+/// The router for one request.
+pub(crate) struct Router<'s, 'r> {
+    pub stream: &'s mut ActiveStream,
+    pub authority: &'r str,
+    pub path: &'r str,
+}
+
+impl Router<'_, '_> {
+    /// Routes the request (after the decoder filters; `chosen_cluster` is a
+    /// filter's choice) and sends it upstream.
+    pub async fn decode(
+        self,
+        route: Option<&RouteEntry>,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        chosen_cluster: Option<&str>,
+    ) -> RouterOutcome {
+        let conn = self.stream.conn.clone();
+        let hcm = &conn.hcm;
+        let stats = &hcm.stats;
+        let Some(route) = route else {
+            stats.no_route.inc();
+            return RouterOutcome::Reply(LocalReply::new(
+                404,
+                Bytes::new(),
+                "NR",
+                "route_not_found",
+            ));
+        };
+        let action = match &route.action {
+            RouteAction::Direct { status, body } => {
+                stats.rq_direct_response.inc();
+                let body = body.clone().map(Bytes::from).unwrap_or_default();
+                return RouterOutcome::Reply(LocalReply::new(
+                    *status,
+                    body,
+                    "-",
+                    "direct_response",
+                ));
+            }
+            RouteAction::Forward(f) => f,
+        };
+        stats.rq_total.inc();
+        let cluster_name = chosen_cluster.unwrap_or(&action.cluster);
+        let Some(cluster) = hcm.clusters.get(cluster_name) else {
+            stats.no_cluster.inc();
+            return RouterOutcome::Reply(LocalReply::new(
+                503,
+                Bytes::new(),
+                "NC",
+                "cluster_not_found",
+            ));
+        };
+        if let Some(r) = self.stream.record.as_mut() {
+            r.upstream_cluster = Some(cluster.name.clone());
+        }
+        let upstream = UpstreamRequest {
+            cluster: &cluster,
+            pools: &conn.pools,
+        };
+        let host = match upstream.choose_host(&LbContext::default()) {
+            Ok(h) => h,
+            Err(failure) => return self.failure(failure),
+        };
+        let body = match body {
+            ProxyBody::Stream(b) if self.stream.record.is_some() => {
+                ProxyBody::Counted(b, self.stream.bytes_received.clone())
+            }
+            other => other,
+        };
+        if let Some(r) = self.stream.record.as_mut() {
+            r.upstream_host = Some(host.address);
+        }
+        let (authority, path) = (self.authority, self.path);
+        let rewrite = RequestRewrite {
+            action,
+            matched: &route.path_match,
+            authority,
+            path,
+            forwarded_for: hcm.use_remote_address.then_some(conn.peer),
+        };
+        let sent = upstream
+            .send(&host, parts, body, action.timeout, |p, h2| {
+                rewrite.apply(p, h2)
+            })
+            .await;
+        match sent {
+            Ok(TryResponse {
+                response,
+                handle,
+                service_time,
+            }) => {
+                let (parts, body) = response.into_parts();
+                RouterOutcome::Upstream(UpstreamResponse {
+                    parts,
+                    body,
+                    handle,
+                    service_time,
+                })
+            }
+            Err(failure) => self.failure(failure),
+        }
+    }
+
+    /// The local reply for a failed try, with Envoy's status, body and flags.
+    fn failure(self, failure: TryFailure) -> RouterOutcome {
+        let record = self.stream.record.as_mut();
+        let reply = match failure {
+            TryFailure::NoHealthyUpstream => {
+                LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream")
+            }
+            TryFailure::Connect(e) => {
+                if let Some(r) = record {
+                    r.upstream_failure = Some(e.transport_failure());
+                }
+                let body = format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                    e.reset_reason()
+                );
+                LocalReply::new(
+                    503,
+                    body,
+                    "UF",
+                    "upstream_reset_before_response_started{connection_failure}",
+                )
+            }
+            TryFailure::DownstreamBody => {
+                // The downstream request body failed (e.g. a malformed chunk): a
+                // downstream protocol error, answered as Envoy's codec does.
+                self.stream
+                    .conn
+                    .hcm
+                    .stats
+                    .downstream_cx_protocol_error
+                    .inc();
+                let mut reply = LocalReply::new(400, "Bad Request", "DPE", "http1.codec_error");
+                reply.close_connection = true;
+                return RouterOutcome::CodecError(reply);
+            }
+            TryFailure::Reset(e) => {
+                let reason = if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
+                    "connection termination"
+                } else {
+                    "protocol error"
+                };
+                if let Some(r) = record {
+                    r.upstream_failure = Some(e.to_string());
+                }
+                let body = format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                );
+                LocalReply::new(
+                    503,
+                    body,
+                    "UC",
+                    "upstream_reset_before_response_started{connection_termination}",
+                )
+            }
+            TryFailure::Timeout => LocalReply::new(
+                504,
+                "upstream request timeout",
+                "UT",
+                "upstream_response_timeout",
+            ),
+        };
+        RouterOutcome::Reply(reply)
+    }
+}
+
+/// The edits Envoy makes to a request for its upstream.
+struct RequestRewrite<'a> {
+    action: &'a ForwardAction,
+    matched: &'a PathMatch,
+    authority: &'a str,
+    path: &'a str,
+    /// The downstream peer, appended to `x-forwarded-for` (`use_remote_address`).
+    forwarded_for: Option<SocketAddr>,
+}
+
+impl RequestRewrite<'_> {
+    /// Edits the request in place; touches the URI and `Host` only when something
+    /// changes (a rewrite, or the protocol's form of the target).
+    fn apply(&self, req: &mut http::request::Parts, h2_upstream: bool) {
+        let action = self.action;
+        let path = self.path;
+        let new_path = match (&action.prefix_rewrite, self.matched) {
+            (Some(rewrite), PathMatch::Prefix(prefix)) if path.len() >= prefix.len() => {
+                Some(format!("{rewrite}{}", &path[prefix.len()..]))
+            }
+            _ => None,
+        };
+        let authority = action.host_rewrite.as_deref().unwrap_or(self.authority);
+        let headers = &mut req.headers;
+        strip_hop_by_hop(headers);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if let Some(peer) = self.forwarded_for {
+            let peer = peer.ip().to_string();
+            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(existing) => format!("{existing}, {peer}"),
+                None => peer,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        if let Some(expected) = &action.expected_timeout {
+            headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
+        }
+        if new_path.is_some()
+            && let Ok(v) = HeaderValue::from_str(path)
+        {
+            headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
+        }
+        let final_path = new_path.as_deref().unwrap_or(path);
+        if h2_upstream {
+            headers.remove(header::HOST);
+            if let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(final_path)
+                .build()
+            {
+                req.uri = uri;
+            }
+        } else {
+            // An HTTP/1.1 request already carries Host unless it came over HTTP/2.
+            if (action.host_rewrite.is_some() || !headers.contains_key(header::HOST))
+                && let Ok(v) = HeaderValue::from_str(authority)
+            {
+                headers.insert(header::HOST, v);
+            }
+            // Origin form, unless it already is and the path is unchanged.
+            if (new_path.is_some() || req.uri.authority().is_some())
+                && let Ok(uri) = final_path.parse::<Uri>()
+            {
+                req.uri = uri;
+            }
+        }
+    }
+}

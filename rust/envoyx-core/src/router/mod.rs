@@ -1,0 +1,9 @@
+//! Routing: the compiled route tables ([`table`]), the router filter that ends
+//! every HTTP filter chain ([`filter`]), and one upstream try ([`upstream_request`]),
+//! as Envoy's `source/common/router/` splits them.
+
+pub mod filter;
+pub mod table;
+pub mod upstream_request;
+
+pub use table::{RouteTable, VirtualHost, cluster_of};

@@ -1,0 +1,175 @@
+//! One try of a request against one upstream host (Envoy's `UpstreamRequest`):
+//! host choice through the load balancer, pool acquire, send, the per-try timer,
+//! and the cluster and host stats of the try. Retries, shadowing and hedging loop
+//! over tries here, not in the connection manager.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::http::body::{ProxyBody, StreamEnd};
+use crate::upstream::lb::LbContext;
+use crate::upstream::pool::{ConnectError, Sender};
+use crate::upstream::{Cluster, Host, WorkerPools};
+
+/// Why a try produced no response.
+pub enum TryFailure {
+    /// The cluster has no host (`UH`).
+    NoHealthyUpstream,
+    /// No connection could be had (`UF`).
+    Connect(ConnectError),
+    /// The downstream request body failed while being sent (a downstream codec
+    /// error, not the upstream's fault).
+    DownstreamBody,
+    /// The upstream reset or closed before response headers (`UC`).
+    Reset(hyper::Error),
+    /// No response headers within the timeout (`UT`).
+    Timeout,
+}
+
+/// A response whose body is still to be streamed, and the try it belongs to.
+pub struct TryResponse {
+    pub response: Response<Incoming>,
+    pub handle: UpstreamHandle,
+    pub service_time: Duration,
+}
+
+/// A try of one request on one cluster from one worker.
+pub struct UpstreamRequest<'a> {
+    pub cluster: &'a Arc<Cluster>,
+    pub pools: &'a Rc<WorkerPools>,
+}
+
+impl UpstreamRequest<'_> {
+    /// The host for this try, by the cluster's load balancer.
+    pub fn choose_host(&self, context: &LbContext<'_>) -> Result<Arc<Host>, TryFailure> {
+        self.pools
+            .choose_host(self.cluster, context)
+            .ok_or_else(|| {
+                self.cluster.stats.upstream_cx_none_healthy.inc();
+                self.cluster.stats.response(503);
+                TryFailure::NoHealthyUpstream
+            })
+    }
+
+    /// Sends the request to `host` and waits (up to `timeout`) for the response
+    /// headers. `prepare` edits the request once the connection's protocol is
+    /// known (its form of the target and `Host`).
+    pub async fn send(
+        &self,
+        host: &Arc<Host>,
+        mut parts: http::request::Parts,
+        body: ProxyBody,
+        timeout: Option<Duration>,
+        prepare: impl FnOnce(&mut http::request::Parts, bool),
+    ) -> Result<TryResponse, TryFailure> {
+        let cluster = self.cluster;
+        let stats = &cluster.stats;
+        stats.upstream_rq_total.inc();
+        host.stats.rq_total.inc();
+        let mut sender = match self.pools.acquire(cluster, host).await {
+            Ok(s) => s,
+            Err(e) => {
+                host.stats.rq_error.inc();
+                stats.upstream_rq_pending_failure_eject.inc();
+                stats.response(503);
+                return Err(TryFailure::Connect(e));
+            }
+        };
+        let h2 = sender.is_http2();
+        prepare(&mut parts, h2);
+        parts.version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        stats.upstream_rq_active.inc();
+        host.stats.rq_active.inc();
+        // Dropped on every early return below, which ends the try's active counts.
+        let mut handle = UpstreamHandle {
+            cluster: cluster.clone(),
+            host: host.clone(),
+            pools: self.pools.clone(),
+            sender: None,
+        };
+        let sent_at = Instant::now();
+        let sent = sender.send(Request::from_parts(parts, body));
+        let response = match timeout {
+            Some(t) => tokio::time::timeout(t, sent).await,
+            None => Ok(sent.await),
+        };
+        let response = match response {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if e.is_user() => return Err(TryFailure::DownstreamBody),
+            Ok(Err(e)) => {
+                host.stats.rq_error.inc();
+                stats.upstream_rq_rx_reset.inc();
+                stats.response(503);
+                return Err(TryFailure::Reset(e));
+            }
+            Err(_elapsed) => {
+                stats.upstream_rq_timeout.inc();
+                stats.response(504);
+                host.stats.rq_timeout.inc();
+                return Err(TryFailure::Timeout);
+            }
+        };
+        let service_time = sent_at.elapsed();
+        stats
+            .upstream_rq_time
+            .record(service_time.as_millis() as u64);
+        let status = response.status().as_u16();
+        stats.response(status);
+        if status < 500 {
+            host.stats.rq_success.inc();
+        } else {
+            host.stats.rq_error.inc();
+        }
+        handle.sender = Some(sender);
+        Ok(TryResponse {
+            response,
+            handle,
+            service_time,
+        })
+    }
+}
+
+/// A try in flight: holds its connection (an HTTP/2 stream's lease, or the
+/// HTTP/1.1 connection that returns to the pool when the response completed) and
+/// its `upstream_rq_active` count, which ends when the handle drops.
+pub struct UpstreamHandle {
+    cluster: Arc<Cluster>,
+    host: Arc<Host>,
+    pools: Rc<WorkerPools>,
+    sender: Option<Sender>,
+}
+
+impl UpstreamHandle {
+    /// The response will not be read to its end: the connection is not reused.
+    pub fn forgo_reuse(&mut self) {
+        self.sender = None;
+    }
+
+    /// The response stream ended (the active counts end when the handle drops).
+    pub fn finish(mut self, end: StreamEnd) {
+        match end {
+            StreamEnd::Complete => {
+                if let Some(Sender::Http1(conn)) = self.sender.take() {
+                    self.pools.release(&self.cluster, &self.host, conn);
+                }
+            }
+            StreamEnd::UpstreamError => self.cluster.stats.upstream_rq_rx_reset.inc(),
+            StreamEnd::DownstreamGone => {}
+        }
+    }
+}
+
+impl Drop for UpstreamHandle {
+    fn drop(&mut self) {
+        self.cluster.stats.upstream_rq_active.dec();
+        self.host.stats.rq_active.dec();
+    }
+}
