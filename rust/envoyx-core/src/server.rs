@@ -31,7 +31,7 @@ pub struct Server {
 impl Server {
     /// Builds every runtime object of a mapped bootstrap; binds nothing yet.
     pub fn new(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self> {
-        let store = StatStore::new();
+        let store = StatStore::with_workers(options.concurrency.max(1));
         let clusters = ClusterManager::new(&bootstrap.clusters, &store);
         let workers = options.concurrency.max(1);
         let mut active = Vec::new();
