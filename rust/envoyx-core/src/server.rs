@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::access_log::FlushSettings;
 use crate::config::{AdminConfig, Bootstrap, RouteConfig};
 use crate::error::{Error, Result};
 use crate::http::filter::FilterFactory;
@@ -34,6 +35,9 @@ pub struct ServerOptions {
     /// Builds the chains of `envoyx.filters.http.python` filters (the Python
     /// bindings give one); without it such filters are a configuration error.
     pub filter_factory: Option<Arc<dyn FilterFactory>>,
+    /// `--file-flush-interval-msec` and `--file-flush-min-size-kb`: when access
+    /// logs write their buffered lines.
+    pub file_flush: FlushSettings,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -42,6 +46,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("concurrency", &self.concurrency)
             .field("drain_time", &self.drain_time)
             .field("filter_factory", &self.filter_factory.is_some())
+            .field("file_flush", &self.file_flush)
             .finish()
     }
 }
@@ -52,6 +57,7 @@ impl Default for ServerOptions {
             concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
             drain_time: Duration::from_secs(600),
             filter_factory: None,
+            file_flush: FlushSettings::default(),
         }
     }
 }
@@ -356,6 +362,7 @@ impl Shared {
             workers,
             Origin::dynamic(version),
             self.options.filter_factory.as_deref(),
+            self.options.file_flush,
         )
         .map_err(|e| e.to_string())?;
         // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
@@ -487,6 +494,7 @@ impl Server {
                 workers,
                 Origin::bootstrap(),
                 options.filter_factory.as_deref(),
+                options.file_flush,
             )?);
         }
         store
@@ -647,6 +655,9 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+        // Workers render access-log lines into buffers; with the workers
+        // stopped, write what they left before stop returns.
+        crate::access_log::flush_all();
         self.shared.set_state(ServerState::Stopped);
         let (flag, cv) = &self.shared.quit;
         *lock(flag) = true;

@@ -28,7 +28,7 @@ use super::body::{ProxyBody, ResponseBody, StreamEnd};
 use super::filter::{FilterChain, FilterStream, HookOutcome, Phase};
 use super::filtering::RequestFilters;
 use super::framing_guard::{ConnectionScreen, FramingGuard};
-use crate::access_log::{AccessLogger, LogRecord};
+use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::{
     CodecType, ForwardAction, HttpConnectionManagerConfig, PathMatch, RouteAction, RouteSource,
 };
@@ -140,11 +140,12 @@ impl HttpConnectionManager {
         clusters: Arc<ClusterManager>,
         store: &StatStore,
         filters: Option<Arc<dyn FilterChain>>,
+        log_options: AccessLogOptions,
     ) -> std::io::Result<Arc<Self>> {
         let access_logs = config
             .access_logs
             .iter()
-            .map(AccessLogger::open)
+            .map(|c| AccessLogger::open(c, log_options))
             .collect::<std::io::Result<Vec<_>>>()?;
         let (table, rds_name) = match config.routes {
             RouteSource::Inline(rc) => (RouteTable::new(rc), None),
