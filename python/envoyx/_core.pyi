@@ -56,6 +56,8 @@ class Server:
         drain_time_s: float = 600.0,
         log_level: str = "info",
         filter_factory: Callable[[str, StatStore], Any] | None = None,
+        file_flush_interval_msec: int = 10000,
+        file_flush_min_size_kb: int = 64,
     ) -> Self:
         """``filter_factory(specs_json, stats)`` builds the Python filter chain of each
         HTTP connection manager (``envoyx.filters.build_chain``); it must return an

@@ -153,7 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=10000,
         metavar="MS",
-        help="no effect",
+        help="how often buffered access-log lines are written (default 10000)",
+    )
+    logs.add_argument(
+        "--file-flush-min-size-kb",
+        type=_non_negative_int,
+        default=64,
+        metavar="KB",
+        help="write access-log lines before the interval once a buffer holds more "
+        "than this (default 64)",
     )
 
     hot_restart = parser.add_argument_group("hot restart and process (no effect in envoyx)")
@@ -226,6 +234,8 @@ def _run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             drain_time_s=args.drain_time_s,
             log_level=args.log_level,
+            file_flush_interval_msec=args.file_flush_interval_msec,
+            file_flush_min_size_kb=args.file_flush_min_size_kb,
         )
     except ConfigError as e:
         _print_config_errors(args.config_path, e.errors)

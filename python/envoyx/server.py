@@ -66,6 +66,9 @@ class Server:
     means one per CPU). ``drain_time_s`` bounds how long :meth:`drain` lets connections
     finish. ``service_node``, ``service_cluster`` and ``service_zone`` override the
     bootstrap's node identity like Envoy's flags of the same names.
+    ``file_flush_interval_msec`` and ``file_flush_min_size_kb`` are Envoy's flags of
+    those names: access-log lines are buffered and written every interval, sooner once
+    a buffer holds more than the minimum size, and all of them by :meth:`stop`.
 
     Use as a context manager to start on entry and stop on exit::
 
@@ -84,6 +87,8 @@ class Server:
         service_cluster: str | None = None,
         service_zone: str | None = None,
         filters: Mapping[str, Filter] | None = None,
+        file_flush_interval_msec: int = 10000,
+        file_flush_min_size_kb: int = 64,
     ) -> None:
         if concurrency is None:
             concurrency = os.cpu_count() or 1
@@ -91,6 +96,11 @@ class Server:
             raise ValueError(f"concurrency must be at least 0, got {concurrency}")
         if drain_time_s < 0:
             raise ValueError(f"drain_time_s must be at least 0, got {drain_time_s}")
+        if file_flush_interval_msec < 0 or file_flush_min_size_kb < 0:
+            raise ValueError(
+                "file_flush_interval_msec and file_flush_min_size_kb must be at least 0, "
+                f"got {file_flush_interval_msec} and {file_flush_min_size_kb}"
+            )
         level = log_level.lower()
         if level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -112,6 +122,8 @@ class Server:
             drain_time_s=float(drain_time_s),
             log_level="warning" if level == "warn" else level,
             filter_factory=functools.partial(build_chain, objects=objects),
+            file_flush_interval_msec=file_flush_interval_msec,
+            file_flush_min_size_kb=file_flush_min_size_kb,
         )
         self._applier = Applier(self._core, self._bootstrap, self._xds_settings)
         self._xds: XdsClient | None = None  # while started

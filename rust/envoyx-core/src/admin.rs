@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::access_log::{AccessLogger, LogRecord};
+use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
 use crate::instance::{Instance, ServerState, VERSION};
 use crate::listener::{Listener, ListenerFilter};
@@ -23,9 +23,14 @@ pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<Ac
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
+    // Only the control thread serves admin: one buffer (workers: 0) is enough.
+    let options = AccessLogOptions {
+        workers: 0,
+        flush: shared.options.file_flush,
+    };
     let loggers: Arc<Vec<Arc<AccessLogger>>> = Arc::new(
         logs.iter()
-            .filter_map(|c| AccessLogger::open(c).ok())
+            .filter_map(|c| AccessLogger::open(c, options).ok())
             .collect(),
     );
     let cx_total = shared.store.counter("listener.admin.downstream_cx_total");
@@ -343,12 +348,21 @@ fn server_info(shared: &Instance) -> Value {
         "command_line_options": {
             "concurrency": shared.options.concurrency,
             "drain_time": format!("{}s", shared.options.drain_time.as_secs()),
+            "file_flush_interval": proto_duration(shared.options.file_flush.interval),
             "mode": "Serve",
         },
         "node": shared.node,
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
     })
+}
+
+/// A `google.protobuf.Duration` in proto-JSON at millisecond precision: `10s`, `0.200s`.
+fn proto_duration(d: std::time::Duration) -> String {
+    match d.subsec_millis() {
+        0 => format!("{}s", d.as_secs()),
+        ms => format!("{}.{ms:03}s", d.as_secs()),
+    }
 }
 
 fn with_type(raw: &Value, type_url: &str) -> Value {

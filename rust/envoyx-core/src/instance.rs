@@ -9,49 +9,16 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::config::{RouteConfig, bootstrap as map};
-use crate::http::filter::FilterFactory;
 use crate::listener_manager::ListenerManager;
+pub use crate::options::{ServerOptions, VERSION};
 use crate::stats::{Gauge, StatStore};
 use crate::upstream::ClusterManager;
-
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-#[derive(Clone)]
-pub struct ServerOptions {
-    /// `--concurrency`: number of workers (at least 1).
-    pub concurrency: usize,
-    /// `--drain-time-s`: how long in-flight requests may take once stop begins.
-    pub drain_time: Duration,
-    /// Builds the chains of `envoyx.filters.http.python` filters (the Python
-    /// bindings give one); without it such filters are a configuration error.
-    pub filter_factory: Option<Arc<dyn FilterFactory>>,
-}
-
-impl std::fmt::Debug for ServerOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerOptions")
-            .field("concurrency", &self.concurrency)
-            .field("drain_time", &self.drain_time)
-            .field("filter_factory", &self.filter_factory.is_some())
-            .finish()
-    }
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            drain_time: Duration::from_secs(600),
-            filter_factory: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -276,17 +243,12 @@ impl Instance {
             }
             ResourceKind::Listener => {
                 // Built (Python filters included) with no lock held.
-                let workers = self.options.concurrency.max(1);
                 let mut built = Vec::new();
                 for (name, doc) in parsed {
-                    match self.listeners.build(
-                        &name,
-                        &doc,
-                        version,
-                        &self.clusters,
-                        workers,
-                        self.options.filter_factory.as_deref(),
-                    ) {
+                    match self
+                        .listeners
+                        .build(&name, &doc, version, &self.clusters, &self.options)
+                    {
                         Ok(Some(b)) => built.push(b),
                         Ok(None) => {}
                         Err(e) => rejected.push((name, e)),

@@ -16,6 +16,7 @@ pub mod io;
 pub mod listener;
 pub mod listener_manager;
 pub mod log;
+pub mod options;
 pub mod router;
 pub mod server;
 pub mod stats;

@@ -7,6 +7,7 @@ use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 use tokio::sync::watch;
 
+use crate::access_log::{AccessLogOptions, FlushSettings};
 use crate::config::{ListenerConfig, NetworkFilter, RouteSource};
 use crate::error::{Error, Result};
 use crate::http::HttpConnectionManager;
@@ -58,7 +59,12 @@ impl Listener {
         workers: usize,
         origin: Origin,
         filter_factory: Option<&dyn FilterFactory>,
+        file_flush: FlushSettings,
     ) -> Result<Arc<Self>> {
+        let log_options = AccessLogOptions {
+            workers,
+            flush: file_flush,
+        };
         let access_log_error = |source| Error::Io {
             context: format!("listener '{}': cannot open access log", config.name),
             source,
@@ -87,12 +93,13 @@ impl Listener {
                     }
                 };
                 ListenerFilter::Http(
-                    HttpConnectionManager::new(hcm, clusters.clone(), store, filters)
+                    HttpConnectionManager::new(hcm, clusters.clone(), store, filters, log_options)
                         .map_err(access_log_error)?,
                 )
             }
             NetworkFilter::Tcp(tcp) => ListenerFilter::Tcp(
-                TcpProxy::new(tcp, clusters.clone(), store).map_err(access_log_error)?,
+                TcpProxy::new(tcp, clusters.clone(), store, log_options)
+                    .map_err(access_log_error)?,
             ),
         };
         let prefix = format!("listener.{}.", address_stat_name(&config.address));

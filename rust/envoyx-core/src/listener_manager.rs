@@ -19,8 +19,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::{RouteConfig, bootstrap as map};
-use crate::http::filter::FilterFactory;
 use crate::listener::{Listener, ListenerFilter};
+use crate::options::ServerOptions;
 use crate::router::RouteTable;
 use crate::stats::StatStore;
 use crate::upstream::ClusterManager;
@@ -118,9 +118,9 @@ impl ListenerManager {
         doc: &Value,
         version: &str,
         clusters: &Arc<ClusterManager>,
-        workers: usize,
-        filter_factory: Option<&dyn FilterFactory>,
+        options: &ServerOptions,
     ) -> Result<Option<BuiltListener>, String> {
+        let workers = options.concurrency.max(1);
         let config = map::map_listener_resource(doc).map_err(|e| e.join("; "))?;
         if config.name != name {
             return Err(format!(
@@ -147,7 +147,8 @@ impl ListenerManager {
             &self.store,
             workers,
             Origin::dynamic(version),
-            filter_factory,
+            options.filter_factory.as_deref(),
+            options.file_flush,
         )
         .map_err(|e| e.to_string())?;
         // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.

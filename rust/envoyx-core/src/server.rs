@@ -43,6 +43,7 @@ impl Server {
                 workers,
                 Origin::bootstrap(),
                 options.filter_factory.as_deref(),
+                options.file_flush,
             )?);
         }
         let listeners = ListenerManager::new(active, &store);
@@ -190,6 +191,9 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+        // Workers render access-log lines into buffers; with the workers
+        // stopped, write what they left before stop returns.
+        crate::access_log::flush_all();
         self.instance.set_state(ServerState::Stopped);
         let (flag, cv) = &self.instance.quit;
         *lock(flag) = true;

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::access_log::{AccessLogger, LogRecord};
+use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::TcpProxyConfig;
 use crate::stats::{Counter, Gauge, StatStore};
 use crate::upstream::{ClusterManager, WorkerPools};
@@ -37,6 +37,7 @@ impl TcpProxy {
         config: TcpProxyConfig,
         clusters: Arc<ClusterManager>,
         store: &StatStore,
+        log_options: AccessLogOptions,
     ) -> std::io::Result<Arc<Self>> {
         let p = &config.stat_prefix;
         let c = |s: &str| store.counter(&format!("tcp.{p}.{s}"));
@@ -51,7 +52,7 @@ impl TcpProxy {
         let access_logs = config
             .access_logs
             .iter()
-            .map(AccessLogger::open)
+            .map(|c| AccessLogger::open(c, log_options))
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Arc::new(TcpProxy {
             cluster: config.cluster,

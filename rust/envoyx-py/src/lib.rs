@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoyx_core::access_log::FlushSettings;
 use envoyx_core::config::NetworkFilter;
 use envoyx_core::http::filter::FilterFactory;
 use envoyx_core::log::{self, Level};
@@ -86,7 +87,8 @@ struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bootstrap_json, *, concurrency = 0, drain_time_s = 600.0, log_level = "info", filter_factory = None))]
+    #[pyo3(signature = (bootstrap_json, *, concurrency = 0, drain_time_s = 600.0, log_level = "info", filter_factory = None, file_flush_interval_msec = 10000, file_flush_min_size_kb = 64))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         bootstrap_json: &str,
@@ -94,6 +96,8 @@ impl Server {
         drain_time_s: f64,
         log_level: &str,
         filter_factory: Option<Py<PyAny>>,
+        file_flush_interval_msec: u64,
+        file_flush_min_size_kb: usize,
     ) -> PyResult<Self> {
         let level = Level::parse(log_level)
             .ok_or_else(|| PyValueError::new_err(format!("unknown log level {log_level:?}")))?;
@@ -107,6 +111,10 @@ impl Server {
             drain_time: Duration::from_secs_f64(drain_time_s),
             filter_factory: filter_factory
                 .map(|f| Arc::new(filters::PyFilterFactory::new(f)) as Arc<dyn FilterFactory>),
+            file_flush: FlushSettings {
+                interval: Duration::from_millis(file_flush_interval_msec),
+                min_size: file_flush_min_size_kb.saturating_mul(1024),
+            },
             ..ServerOptions::default()
         };
         if concurrency > 0 {

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::filter::FilterChain;
-use crate::access_log::AccessLogger;
+use crate::access_log::{AccessLogOptions, AccessLogger};
 use crate::config::{CodecType, HttpConnectionManagerConfig, RouteSource};
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
@@ -125,11 +125,12 @@ impl HttpConnectionManager {
         clusters: Arc<ClusterManager>,
         store: &StatStore,
         filters: Option<Arc<dyn FilterChain>>,
+        log_options: AccessLogOptions,
     ) -> std::io::Result<Arc<Self>> {
         let access_logs = config
             .access_logs
             .iter()
-            .map(AccessLogger::open)
+            .map(|c| AccessLogger::open(c, log_options))
             .collect::<std::io::Result<Vec<_>>>()?;
         let (table, rds_name) = match config.routes {
             RouteSource::Inline(rc) => (RouteTable::new(rc), None),
