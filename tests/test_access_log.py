@@ -159,18 +159,15 @@ def test_every_request_has_one_whole_line_under_concurrent_load(
     _assert_once_each(_parse(log), first + second)
 
 
-def test_lines_stay_buffered_until_the_interval_or_stop(
-    start_envoyx: StartProxy, http_upstream: HttpUpstream, tmp_path: Path
+def test_the_first_line_is_written_at_once_the_rest_at_the_interval_or_stop(
+    start_proxy: StartProxy, http_upstream: HttpUpstream, tmp_path: Path
 ) -> None:
-    """With an hour's interval and a large minimum size, serving writes nothing to
-    the file: workers only fill their buffers. Stop writes every line.
-
-    envoyx only: Envoy writes the very first line at once (its flush thread starts
-    with that write), so its file is not empty here.
-    """
+    """With an hour's interval and a large minimum size, the first line is written at
+    once (Envoy's flush thread starts with that write) and the rest stay in the
+    workers' buffers: serving does not write them. Stop writes every line."""
     log = tmp_path / "access.log"
     proxy = _logging_proxy(
-        start_envoyx,
+        start_proxy,
         http_upstream,
         log,
         concurrency=2,
@@ -180,8 +177,9 @@ def test_lines_stay_buffered_until_the_interval_or_stop(
     _assert_both_workers_served(proxy)
     expected = {"http.ingress_http.downstream_rq_2xx": len(sent)}
     assert proxy.wait_stats(expected, before={}) == expected
-    assert log.exists(), "the access log is opened when the listener is built"
-    assert log.stat().st_size == 0, "a worker wrote to the file on the request path"
+    written = until(lambda: _parse(log), timeout=10, what="the first access log line")
+    # The first flush takes whatever its buffer held by then: a few lines, not all.
+    assert len(written) <= len(sent) // 2, "workers wrote to the file on the request path"
     assert proxy.stop() == 0, proxy.log_text()
     _assert_once_each(_parse(log), sent)
 

@@ -513,7 +513,8 @@ impl AccessLogger {
                 let _ = writeln!(lines, "{}", serde_json::Value::Object(map));
             }
         }
-        let full = lines.len() > b.settings.min_size;
+        let full = lines.len() > b.settings.min_size
+            || (!b.started.load(Ordering::Relaxed) && !b.started.swap(true, Ordering::AcqRel));
         drop(lines);
         // Waking the flusher is an atomic flag and a futex wake: it never waits.
         if full && !b.urgent.swap(true, Ordering::AcqRel) {
@@ -555,6 +556,10 @@ struct LogBuffer {
     settings: FlushSettings,
     /// Set by a thread whose buffer passed `min_size`; cleared by the flusher.
     urgent: AtomicBool,
+    /// Set once the first line was logged: that line is written at once, as
+    /// Envoy's flush thread does when it starts (someone tailing the log sees
+    /// that logging works without waiting for the interval).
+    started: AtomicBool,
     /// The logger is gone: the flusher writes what is left and forgets the buffer.
     closed: AtomicBool,
     flusher: Thread,
@@ -638,6 +643,7 @@ impl LogBuffer {
                 .collect(),
             settings,
             urgent: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             flusher,
             out: Mutex::new(Output {

@@ -144,6 +144,34 @@ impl<T> FramingGuard<T> {
                     }
                     break;
                 }
+                State::Head if self.pending.is_empty() && release.is_none() => {
+                    // The fast path: a whole head in this read is checked where it
+                    // lies and left in hyper's buffer (no copy, no allocation).
+                    if rest.starts_with(b"PRI * HTTP/2") {
+                        self.state = State::Off;
+                        break;
+                    }
+                    let Some(end) = find(rest, b"\r\n\r\n").map(|p| p + 4) else {
+                        // Split across reads: held back from here on.
+                        release = Some(data[..pos].to_vec());
+                        continue;
+                    };
+                    match screen_head(&rest[..end]) {
+                        Ok(next) => {
+                            self.state = next;
+                            pos += end;
+                        }
+                        Err(refusal) => {
+                            return self.refuse(
+                                data[..pos].to_vec(),
+                                rest,
+                                0,
+                                refusal.status,
+                                refusal.details,
+                            );
+                        }
+                    }
+                }
                 State::Head => {
                     let released = release.get_or_insert_with(|| data[..pos].to_vec());
                     if self.pending.is_empty() && rest.starts_with(b"PRI * HTTP/2") {
@@ -169,18 +197,22 @@ impl<T> FramingGuard<T> {
                         }
                         break;
                     };
-                    if let Some(refusal) = self.on_head(end) {
-                        let before = std::mem::take(released);
-                        return self.refuse(
-                            before,
-                            rest,
-                            held_before,
-                            refusal.status,
-                            refusal.details,
-                        );
+                    match screen_head(&self.pending[..end]) {
+                        Ok(next) => self.state = next,
+                        Err(refusal) => {
+                            let before = std::mem::take(released);
+                            return self.refuse(
+                                before,
+                                rest,
+                                held_before,
+                                refusal.status,
+                                refusal.details,
+                            );
+                        }
                     }
                     released.extend_from_slice(&self.pending[..end]);
-                    self.pending.clear();
+                    // Given back, not kept: an idle connection holds no buffer.
+                    self.pending = Vec::new();
                     pos += end - held_before;
                 }
                 State::Fixed(n) => {
@@ -280,124 +312,119 @@ impl<T> FramingGuard<T> {
             refusal: Refusal { status, details },
         }
     }
+}
 
-    fn on_head(&mut self, end: usize) -> Option<Refusal> {
-        // httparse tolerates some request lines Envoy's codec refuses, such as
-        // spaces inside the target: a request line is exactly three tokens, and
-        // one without a version is HTTP/0.9, which Envoy answers with 426.
-        let line_end = self.pending.iter().position(|b| *b == b'\r').unwrap_or(0);
-        match self.pending[..line_end]
-            .iter()
-            .filter(|b| **b == b' ')
-            .count()
-        {
-            2 => {}
-            1 => {
-                return Some(Refusal {
-                    status: 426,
-                    details: "http1.invalid_version",
-                });
-            }
-            _ => {
-                return Some(Refusal {
-                    status: 400,
-                    details: "http1.codec_error",
-                });
-            }
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&self.pending[..end]) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Ok(httparse::Status::Partial) => {
-                return Some(Refusal {
-                    status: 400,
-                    details: "http1.codec_error",
-                });
-            }
-            Err(httparse::Error::Version) => {
-                return Some(Refusal {
-                    status: 426,
-                    details: "http1.invalid_version",
-                });
-            }
-            Err(httparse::Error::TooManyHeaders) => {
-                return Some(Refusal {
-                    status: 431,
-                    details: "http1.too_many_headers",
-                });
-            }
-            Err(_) => {
-                return Some(Refusal {
-                    status: 400,
-                    details: "http1.codec_error",
-                });
-            }
-        }
-
-        // Envoy refuses HTTP/1.0 unless accept_http_10 is set.
-        if req.version == Some(0) {
-            return Some(Refusal {
+/// Checks one whole request head as Envoy's codec would; the framing state that
+/// follows it, or the refusal.
+fn screen_head(head: &[u8]) -> Result<State, Refusal> {
+    // httparse tolerates some request lines Envoy's codec refuses, such as
+    // spaces inside the target: a request line is exactly three tokens, and
+    // one without a version is HTTP/0.9, which Envoy answers with 426.
+    let line_end = head.iter().position(|b| *b == b'\r').unwrap_or(0);
+    match head[..line_end].iter().filter(|b| **b == b' ').count() {
+        2 => {}
+        1 => {
+            return Err(Refusal {
                 status: 426,
-                details: "low_version",
+                details: "http1.invalid_version",
             });
         }
-        let mut content_length: Option<u64> = None;
-        let mut te = false;
-        let mut chunked = false;
-        let mut upgrade = req.method == Some("CONNECT");
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                match std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                {
-                    // Repeated Content-Length headers must agree (RFC 9110 §8.6).
-                    Some(n) if content_length.is_none_or(|prev| prev == n) => {
-                        content_length = Some(n)
-                    }
-                    _ => {
-                        return Some(Refusal {
-                            status: 400,
-                            details: "http1.content_length_not_allowed",
-                        });
-                    }
-                }
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                chunked = h
-                    .value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if te && content_length.is_some() {
-            return Some(Refusal {
+        _ => {
+            return Err(Refusal {
                 status: 400,
-                details: "http1.content_length_and_chunked_not_allowed",
+                details: "http1.codec_error",
             });
         }
-        if te && !chunked {
-            return Some(Refusal {
-                status: 400,
-                details: "http1.invalid_transfer_encoding",
-            });
-        }
-        self.state = if upgrade {
-            State::Off
-        } else if chunked {
-            State::ChunkSize
-        } else {
-            match content_length {
-                Some(n) if n > 0 => State::Fixed(n),
-                _ => State::Head,
-            }
-        };
-        None
     }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(Refusal {
+                status: 400,
+                details: "http1.codec_error",
+            });
+        }
+        Err(httparse::Error::Version) => {
+            return Err(Refusal {
+                status: 426,
+                details: "http1.invalid_version",
+            });
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal {
+                status: 431,
+                details: "http1.too_many_headers",
+            });
+        }
+        Err(_) => {
+            return Err(Refusal {
+                status: 400,
+                details: "http1.codec_error",
+            });
+        }
+    }
+
+    // Envoy refuses HTTP/1.0 unless accept_http_10 is set.
+    if req.version == Some(0) {
+        return Err(Refusal {
+            status: 426,
+            details: "low_version",
+        });
+    }
+    let mut content_length: Option<u64> = None;
+    let mut te = false;
+    let mut chunked = false;
+    let mut upgrade = req.method == Some("CONNECT");
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                // Repeated Content-Length headers must agree (RFC 9110 §8.6).
+                Some(n) if content_length.is_none_or(|prev| prev == n) => content_length = Some(n),
+                _ => {
+                    return Err(Refusal {
+                        status: 400,
+                        details: "http1.content_length_not_allowed",
+                    });
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if te && content_length.is_some() {
+        return Err(Refusal {
+            status: 400,
+            details: "http1.content_length_and_chunked_not_allowed",
+        });
+    }
+    if te && !chunked {
+        return Err(Refusal {
+            status: 400,
+            details: "http1.invalid_transfer_encoding",
+        });
+    }
+    Ok(if upgrade {
+        State::Off
+    } else if chunked {
+        State::ChunkSize
+    } else {
+        match content_length {
+            Some(n) if n > 0 => State::Fixed(n),
+            _ => State::Head,
+        }
+    })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -459,7 +486,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<T> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    this.out = Vec::new();
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -550,7 +577,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     }
 }
 
-#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,13 +677,33 @@ mod tests {
     }
 
     #[test]
-    fn bodies_pass_in_place() {
+    fn whole_heads_and_bodies_pass_in_place() {
         let mut g = guard();
-        assert!(matches!(
+        assert_eq!(
             g.process(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n"),
-            Outcome::Release(_)
-        ));
+            Outcome::InPlace
+        );
         assert_eq!(g.process(b"0123456789"), Outcome::InPlace);
+        assert_eq!(
+            g.process(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Outcome::InPlace
+        );
+        assert!(g.pending.capacity() == 0 && g.out.capacity() == 0);
+    }
+
+    #[test]
+    fn a_whole_head_then_a_partial_one_releases_both_in_order() {
+        let mut g = guard();
+        let first: &[u8] = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HT";
+        assert_eq!(
+            g.process(first),
+            Outcome::Release(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n".to_vec())
+        );
+        assert_eq!(
+            g.process(b"TP/1.1\r\nhost: x\r\n\r\n"),
+            Outcome::Release(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n".to_vec())
+        );
+        assert_eq!(g.pending.capacity(), 0);
     }
 
     #[test]
