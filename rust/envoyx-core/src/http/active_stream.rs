@@ -27,8 +27,9 @@ pub(crate) struct ActiveStream {
     pub version: Version,
     head_request: bool,
     started: Instant,
-    /// The access-log record, when a logger or an `on_log` hook wants one.
-    pub(crate) record: Option<LogRecord>,
+    /// The access-log record, when a logger or an `on_log` hook wants one (boxed:
+    /// it is large, and every request's future would carry it inline).
+    pub(crate) record: Option<Box<LogRecord>>,
     pub(crate) filters: Option<RequestFilters>,
     /// Downstream body bytes, counted as they stream (for the access log).
     pub(crate) bytes_received: Rc<Cell<u64>>,
@@ -74,18 +75,20 @@ impl ActiveStream {
             RequestFilters::start(chain, route, &req, authority, path, conn.peer)
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
-        let record = (!hcm.access_logs.is_empty() || wants_log).then(|| LogRecord {
-            start: Some(SystemTime::now()),
-            request_headers: Some(req.headers().clone()),
-            method: req.method().as_str().to_string(),
-            path: path.to_string(),
-            authority: authority.to_string(),
-            protocol: protocol_name(version),
-            downstream_remote: Some(conn.peer),
-            downstream_local: conn.local,
-            response_flags: "-",
-            route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
-            ..Default::default()
+        let record = (!hcm.access_logs.is_empty() || wants_log).then(|| {
+            Box::new(LogRecord {
+                start: Some(SystemTime::now()),
+                request_headers: Some(req.headers().clone()),
+                method: req.method().as_str().to_string(),
+                path: path.to_string(),
+                authority: authority.to_string(),
+                protocol: protocol_name(version),
+                downstream_remote: Some(conn.peer),
+                downstream_local: conn.local,
+                response_flags: "-",
+                route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+                ..Default::default()
+            })
         });
         let mut stream = ActiveStream {
             conn,
@@ -104,7 +107,9 @@ impl ActiveStream {
         let mut chosen_cluster = None;
         let request_body = match &stream.filters {
             None => ProxyBody::Stream(body),
-            Some(f) => match f.on_request(&mut parts, body, &hcm.stats).await {
+            // Filter futures are boxed: a request without filters does not carry
+            // their (large) state in its own future.
+            Some(f) => match Box::pin(f.on_request(&mut parts, body, &hcm.stats)).await {
                 Ok(passed) => {
                     chosen_cluster = passed.cluster;
                     if let Some(n) = passed.bytes_received {
@@ -133,14 +138,13 @@ impl ActiveStream {
 
     /// The upstream's response through the encoder filters to the downstream.
     async fn encode_upstream(mut self, up: UpstreamResponse) -> Response<ResponseBody> {
-        let hcm = self.conn.hcm.clone();
         let UpstreamResponse {
             mut parts,
             body,
             handle,
             service_time,
         } = up;
-        let status = parts.status.as_u16();
+        let hcm = &self.conn.hcm;
         // Envoy writes its own reason phrase, not the upstream's.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         super::headers::strip_hop_by_hop(&mut parts.headers);
@@ -153,28 +157,51 @@ impl ActiveStream {
             .insert(header::SERVER, hcm.server_name.clone());
         parts.version = self.version;
         self.upstream = Some(handle);
-        let mut response_body = ProxyBody::Stream(body);
-        if let Some(f) = &self.filters {
-            let passed = f.on_response(
-                &mut parts,
-                response_body,
-                status,
-                self.head_request,
-                &hcm.stats,
-            );
-            match passed.await {
-                Ok(body) => response_body = body,
-                Err(reply) => {
-                    // The filter replaced the response: the upstream body is not
-                    // read, so its connection is not reused.
-                    if let Some(up) = self.upstream.as_mut() {
-                        up.forgo_reuse();
-                    }
-                    return self.send_local_reply(reply);
+        let encodes = self
+            .filters
+            .as_ref()
+            .is_some_and(|f| f.hooks.has(Phase::ResponseHeaders) || f.hooks.buffers_response());
+        if encodes {
+            // Boxed: a request without response filters does not carry this state.
+            Box::pin(self.filter_upstream_response(parts, body)).await
+        } else {
+            self.respond(parts, ProxyBody::Stream(body))
+        }
+    }
+
+    async fn filter_upstream_response(
+        mut self,
+        mut parts: http::response::Parts,
+        body: Incoming,
+    ) -> Response<ResponseBody> {
+        let Some(f) = &self.filters else {
+            return self.respond(parts, ProxyBody::Stream(body));
+        };
+        let status = parts.status.as_u16();
+        let passed = f.on_response(
+            &mut parts,
+            ProxyBody::Stream(body),
+            status,
+            self.head_request,
+            &self.conn.hcm.stats,
+        );
+        match passed.await {
+            Ok(body) => self.respond(parts, body),
+            Err(reply) => {
+                // The filter replaced the response: the upstream body is not
+                // read, so its connection is not reused.
+                if let Some(up) = self.upstream.as_mut() {
+                    up.forgo_reuse();
                 }
+                self.send_local_reply(reply)
             }
         }
-        hcm.stats.response_class(status);
+    }
+
+    /// Sends the (upstream's) response downstream.
+    fn respond(mut self, parts: http::response::Parts, body: ProxyBody) -> Response<ResponseBody> {
+        let status = parts.status.as_u16();
+        self.conn.hcm.stats.response_class(status);
         let elapsed = self.started.elapsed();
         if let Some(r) = self.record.as_mut() {
             r.response_code = status;
@@ -182,17 +209,24 @@ impl ActiveStream {
             r.response_duration = Some(elapsed);
             r.response_code_details = "via_upstream";
         }
-        Response::from_parts(parts, self.into_body(response_body))
+        Response::from_parts(parts, self.into_body(body))
     }
 
     /// A reply the router makes (no route, direct response, upstream failures):
     /// the encoder filters see it, as Envoy's do.
-    async fn encode_local_reply(self, mut reply: LocalReply) -> Response<ResponseBody> {
-        let Some(f) = self
-            .filters
-            .as_ref()
-            .filter(|f| f.hooks.has(Phase::ResponseHeaders) || f.hooks.has(Phase::ResponseBody))
-        else {
+    async fn encode_local_reply(self, reply: LocalReply) -> Response<ResponseBody> {
+        let encodes = self.filters.as_ref().is_some_and(|f| {
+            f.hooks.has(Phase::ResponseHeaders) || f.hooks.has(Phase::ResponseBody)
+        });
+        if encodes {
+            Box::pin(self.filter_local_reply(reply)).await
+        } else {
+            self.send_local_reply(reply)
+        }
+    }
+
+    async fn filter_local_reply(self, mut reply: LocalReply) -> Response<ResponseBody> {
+        let Some(f) = self.filters.as_ref() else {
             return self.send_local_reply(reply);
         };
         let stats = &self.conn.hcm.stats;
@@ -294,7 +328,7 @@ struct StreamCompletion {
     hcm: Arc<super::HttpConnectionManager>,
     conn: Rc<DownstreamConnection>,
     started: Instant,
-    record: Option<LogRecord>,
+    record: Option<Box<LogRecord>>,
     upstream: Option<UpstreamHandle>,
     bytes_received: Rc<Cell<u64>>,
     /// The request's filter stream when a filter has an `on_log` hook.
@@ -337,7 +371,7 @@ impl StreamCompletion {
                 logger.log(&record);
             }
             if let Some(filters) = self.filter_log.take() {
-                filters.log(record);
+                filters.log(*record);
             }
         }
     }

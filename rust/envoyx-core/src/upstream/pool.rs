@@ -260,61 +260,64 @@ impl WorkerPools {
                     }
                 }
                 cluster.stats.upstream_rq_pending_total.inc();
-                let io = connect(cluster, host).await?;
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(ConnectError::Handshake)?;
-                cluster.stats.upstream_cx_http1_total.inc();
-                tokio::task::spawn_local(track_connection(conn, cluster, host));
-                Ok(Sender::Http1(PooledHttp1 {
-                    sender,
-                    requests: 1,
-                }))
+                // Boxed: the connect and handshake futures are large and rare on
+                // keep-alive; inline they would grow every request's future.
+                Box::pin(open_http1(cluster, host)).await
             }
             UpstreamProtocol::Http2 => {
                 if let Some(lease) = self.lease_http2(key) {
                     return Ok(Sender::Http2(lease));
                 }
-                cluster.stats.upstream_rq_pending_total.inc();
-                let connecting = self
-                    .hosts
-                    .borrow_mut()
-                    .entry(key)
-                    .or_insert_with(|| HostPool::new(cluster, host))
-                    .http2_connecting
-                    .clone();
-                let _connecting = connecting.lock().await;
-                // Another request may have opened it while this one waited.
-                if let Some(lease) = self.lease_http2(key) {
-                    return Ok(Sender::Http2(lease));
-                }
-                let io = connect(cluster, host).await?;
-                let (sender, conn) = http2::Builder::new(LocalExec)
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(ConnectError::Handshake)?;
-                cluster.stats.upstream_cx_http2_total.inc();
-                tokio::task::spawn_local(track_connection(conn, cluster, host));
-                let shared = SharedHttp2 {
-                    sender,
-                    state: Rc::new(Http2State {
-                        active_streams: Cell::new(0),
-                        requests: Cell::new(0),
-                        idle_since: Cell::new(Instant::now()),
-                    }),
-                };
-                let mut hosts = self.hosts.borrow_mut();
-                let pool = hosts
-                    .entry(key)
-                    .or_insert_with(|| HostPool::new(cluster, host));
-                pool.http2 = Some(shared);
-                pool.lease_http2()
-                    .map(Sender::Http2)
-                    .ok_or(ConnectError::Closed)
+                Box::pin(self.open_http2(cluster, host)).await
             }
         }
+    }
+
+    /// Opens the host's shared HTTP/2 connection, or waits for the request that is
+    /// opening it.
+    async fn open_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+    ) -> Result<Sender, ConnectError> {
+        let key = (cluster.id, host.address);
+        cluster.stats.upstream_rq_pending_total.inc();
+        let connecting = self
+            .hosts
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| HostPool::new(cluster, host))
+            .http2_connecting
+            .clone();
+        let _connecting = connecting.lock().await;
+        // Another request may have opened it while this one waited.
+        if let Some(lease) = self.lease_http2(key) {
+            return Ok(Sender::Http2(lease));
+        }
+        let io = connect(cluster, host).await?;
+        let (sender, conn) = http2::Builder::new(LocalExec)
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        cluster.stats.upstream_cx_http2_total.inc();
+        tokio::task::spawn_local(track_connection(conn, cluster, host));
+        let shared = SharedHttp2 {
+            sender,
+            state: Rc::new(Http2State {
+                active_streams: Cell::new(0),
+                requests: Cell::new(0),
+                idle_since: Cell::new(Instant::now()),
+            }),
+        };
+        let mut hosts = self.hosts.borrow_mut();
+        let pool = hosts
+            .entry(key)
+            .or_insert_with(|| HostPool::new(cluster, host));
+        pool.http2 = Some(shared);
+        pool.lease_http2()
+            .map(Sender::Http2)
+            .ok_or(ConnectError::Closed)
     }
 
     fn lease_http2(&self, key: PoolKey) -> Option<Http2Lease> {
@@ -377,6 +380,21 @@ impl WorkerPools {
 }
 
 type UpstreamIo = TokioIo<CountedIo<TcpStream>>;
+
+/// A new HTTP/1.1 connection to `host`.
+async fn open_http1(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Sender, ConnectError> {
+    let io = connect(cluster, host).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(ConnectError::Handshake)?;
+    cluster.stats.upstream_cx_http1_total.inc();
+    tokio::task::spawn_local(track_connection(conn, cluster, host));
+    Ok(Sender::Http1(PooledHttp1 {
+        sender,
+        requests: 1,
+    }))
+}
 
 async fn connect(cluster: &Cluster, host: &Arc<Host>) -> Result<UpstreamIo, ConnectError> {
     let stats = &cluster.stats;
