@@ -11,17 +11,22 @@
 //! thread (the control thread, admin, Python callers) shares slot 0.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::instance::Instance;
 use crate::listener::{Listener, ListenerFilter};
 use crate::listener_manager::WorkerCommand;
+use crate::stats::Gauge;
 use crate::upstream::WorkerPools;
 
 thread_local! {
@@ -149,33 +154,78 @@ impl Worker {
         let pools = self.pools.clone();
         let drain = listener.drain.subscribe();
         let drain_time = self.drain_time;
-        tokio::task::spawn_local(async move {
-            let served = async {
-                match &listener.filter {
-                    ListenerFilter::Http(hcm) => {
-                        hcm.clone().serve(pools, stream, peer, drain.clone()).await
-                    }
-                    ListenerFilter::Tcp(tcp) => {
-                        tcp.clone().serve(pools, stream, peer, drain.clone()).await
-                    }
-                }
-            };
-            // A draining listener's connections get the drain time to finish
-            // gracefully; then they are closed (Envoy's --drain-time-s).
-            let mut deadline = drain.clone();
-            let drained = async move {
-                let _ = deadline.wait_for(|d| *d).await;
-                tokio::time::sleep(drain_time).await;
-            };
-            tokio::select! {
-                () = served => {}
-                () = drained => {}
+        // Built here, not inside the task: the task then holds the connection's
+        // future once, not also the arguments it was made from.
+        let served = match &listener.filter {
+            ListenerFilter::Http(hcm) => {
+                Either::Left(hcm.clone().serve(pools, stream, peer, drain.clone()))
             }
-            listener.stats.downstream_cx_active.dec();
-            worker_active.dec();
-            listener.stats.downstream_cx_destroy.inc();
-            drop(guard);
+            // Boxed: its state (an access-log record) would otherwise be in every
+            // HTTP connection's task too.
+            ListenerFilter::Tcp(tcp) => Either::Right(Box::pin(tcp.clone().serve(
+                pools,
+                stream,
+                peer,
+                drain.clone(),
+            ))),
+        };
+        // A draining listener's connections get the drain time to finish
+        // gracefully; then they are closed (Envoy's --drain-time-s).
+        let mut deadline = drain;
+        let drained = async move {
+            let _ = deadline.wait_for(|d| *d).await;
+            // Boxed: a timer is large, and idle connections wait here too.
+            Box::pin(tokio::time::sleep(drain_time)).await;
+        };
+        tokio::task::spawn_local(ConnectionTask {
+            served,
+            drained,
+            _books: TaskBooks {
+                listener,
+                worker_active,
+                _guard: guard,
+            },
         });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: its listener's protocol, cut short once the drain time
+    /// has passed. A plain struct rather than an async block, which would hold the
+    /// connection's future twice (as captured and as selected on).
+    struct ConnectionTask<F, D> {
+        #[pin]
+        served: F,
+        #[pin]
+        drained: D,
+        _books: TaskBooks,
+    }
+}
+
+impl<F: Future<Output = ()>, D: Future<Output = ()>> Future for ConnectionTask<F, D> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.served.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.drained.poll(cx)
+    }
+}
+
+/// A connection's listener stats, closed when its task ends or is dropped.
+struct TaskBooks {
+    listener: Arc<Listener>,
+    worker_active: Gauge,
+    _guard: TrackedConnection,
+}
+
+impl Drop for TaskBooks {
+    fn drop(&mut self) {
+        self.listener.stats.downstream_cx_active.dec();
+        self.worker_active.dec();
+        self.listener.stats.downstream_cx_destroy.inc();
     }
 }
 

@@ -12,7 +12,7 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, Version};
 use hyper::body::Incoming;
 
-use super::body::{ProxyBody, ResponseBody, StreamEnd};
+use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd};
 use super::downstream::DownstreamConnection;
 use super::filter::{FilterStream, HookOutcome, Phase};
 use super::filtering::RequestFilters;
@@ -42,7 +42,7 @@ impl ActiveStream {
     /// completes the stream.
     pub async fn run(
         conn: Rc<DownstreamConnection>,
-        mut req: Request<Incoming>,
+        mut req: Request<PeerBody>,
     ) -> Response<ResponseBody> {
         let hcm = conn.hcm.clone();
         let version = req.version();
@@ -165,7 +165,7 @@ impl ActiveStream {
             // Boxed: a request without response filters does not carry this state.
             Box::pin(self.filter_upstream_response(parts, body)).await
         } else {
-            self.respond(parts, ProxyBody::Stream(body))
+            self.respond(parts, ProxyBody::Stream(body.into()))
         }
     }
 
@@ -175,12 +175,12 @@ impl ActiveStream {
         body: Incoming,
     ) -> Response<ResponseBody> {
         let Some(f) = &self.filters else {
-            return self.respond(parts, ProxyBody::Stream(body));
+            return self.respond(parts, ProxyBody::Stream(body.into()));
         };
         let status = parts.status.as_u16();
         let passed = f.on_response(
             &mut parts,
-            ProxyBody::Stream(body),
+            ProxyBody::Stream(body.into()),
             status,
             self.head_request,
             &self.conn.hcm.stats,

@@ -10,14 +10,71 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::h1::RequestBody as H1RequestBody;
+
+/// Why a body stream failed: hyper's error (HTTP/2 downstream, upstream bodies) or
+/// the HTTP/1 codec's (a malformed or cut-short request body).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("downstream request body: {0}")]
+    Http1(&'static str),
+}
+
+/// A body as it arrives from a peer: hyper's `Incoming` (HTTP/2 downstream, every
+/// upstream response) or a downstream HTTP/1.1 request body read by envoyx's codec.
+#[derive(Debug)]
+pub enum PeerBody {
+    Hyper(Incoming),
+    Http1(H1RequestBody),
+}
+
+impl From<Incoming> for PeerBody {
+    fn from(b: Incoming) -> Self {
+        PeerBody::Hyper(b)
+    }
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            PeerBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::Hyper))),
+            PeerBody::Http1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            PeerBody::Hyper(b) => b.is_end_stream(),
+            PeerBody::Http1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            PeerBody::Hyper(b) => b.size_hint(),
+            PeerBody::Http1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request or response body as the proxy forwards it: nothing, fixed bytes (local
 /// replies), or the peer's body streamed frame by frame (counted when asked).
 #[derive(Debug)]
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(Incoming),
-    Counted(Incoming, Rc<Cell<u64>>),
+    Stream(PeerBody),
+    Counted(PeerBody, Rc<Cell<u64>>),
     /// A body a filter buffered (and maybe replaced), then its trailers.
     Buffered(Option<Bytes>, Option<HeaderMap>),
 }
@@ -35,12 +92,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -148,12 +205,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

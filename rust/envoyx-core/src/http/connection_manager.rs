@@ -153,16 +153,16 @@ impl HttpConnectionManager {
     }
 
     /// Serves one downstream TCP connection until it closes or `drain` fires.
-    pub async fn serve(
+    pub fn serve(
         self: Arc<Self>,
         pools: Rc<WorkerPools>,
         stream: TcpStream,
         peer: SocketAddr,
         drain: watch::Receiver<bool>,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + 'static {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        super::downstream::serve(self, pools, stream, peer, local, drain).await;
+        super::downstream::serve(self, pools, stream, peer, local, drain)
     }
 
     /// The `server` header value as text (for replies the framing guard writes).

@@ -3,9 +3,9 @@
 //! one [`ActiveStream`] per request. Generic over the byte stream, so TLS plugs in
 //! under it unchanged.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -19,12 +19,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::active_stream::ActiveStream;
-use super::body::ResponseBody;
+use super::body::{PeerBody, ResponseBody};
 use super::connection_manager::HttpConnectionManager;
-use super::framing_guard::{ConnectionScreen, FramingGuard};
+use super::h1::{self, Refusal, Transport};
 use crate::access_log::LogRecord;
 use crate::config::CodecType;
-use crate::io::{CountedIo, LocalExec};
+use crate::io::{CountedIo, LocalExec, Rewind};
 use crate::upstream::WorkerPools;
 
 /// What every stream of one downstream connection shares.
@@ -35,7 +35,7 @@ pub(crate) struct DownstreamConnection {
     pub local: Option<SocketAddr>,
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
     protocol: Cell<Option<Version>>,
-    pub screen: Rc<ConnectionScreen>,
+    pub screen: ConnectionScreen,
 }
 
 impl DownstreamConnection {
@@ -65,98 +65,139 @@ impl DownstreamConnection {
     }
 }
 
-/// Serves one downstream connection until it closes or `drain` fires.
-pub(super) async fn serve<S>(
+/// What the codec and the connection's books share: the requests the codec
+/// refused itself (for stats and the access log when the connection ends) and
+/// the requests in flight.
+#[derive(Debug, Default)]
+pub struct ConnectionScreen {
+    pub in_flight: Cell<u32>,
+    pub refusals: RefCell<Vec<Refusal>>,
+}
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one downstream connection until it closes or `drain` fires. The
+/// connection's objects are made before the future, so that it holds them once.
+pub(super) fn serve<S>(
     hcm: Arc<HttpConnectionManager>,
     pools: Rc<WorkerPools>,
     stream: S,
     peer: SocketAddr,
     local: Option<SocketAddr>,
-    mut drain: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    drain: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + 'static
+where
+    S: Transport + AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let stats = &hcm.stats;
     stats.downstream_cx_total.inc();
     stats.downstream_cx_active.inc();
-    let counted = CountedIo::new(
-        stream,
-        stats.downstream_cx_rx_bytes_total.clone(),
-        stats.downstream_cx_tx_bytes_total.clone(),
-    );
-    let screen = Rc::new(ConnectionScreen::default());
-    let conn = Rc::new(DownstreamConnection {
-        hcm: hcm.clone(),
+    // Closes the connection's books even when the worker drops the future (a
+    // drain deadline), not only when the codec returns.
+    let books = ConnectionBooks(Rc::new(DownstreamConnection {
+        hcm,
         pools,
         peer,
         local,
         protocol: Cell::new(None),
-        screen: screen.clone(),
-    });
-    // Closes the connection's books even when the worker drops this future
-    // (a drain deadline), not only when the codec returns.
-    let _books = ConnectionBooks(conn.clone());
-    let service = StreamService(conn.clone());
-    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match hcm.codec {
-        CodecType::Auto => {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
-            builder.http1().timer(TokioTimer::new()).keep_alive(true);
-            builder.http2().timer(TokioTimer::new());
-            let io = TokioIo::new(FramingGuard::new(
-                counted,
-                screen.clone(),
-                hcm.server_name(),
-            ));
-            let served = builder.serve_connection(io, service);
-            tokio::pin!(served);
-            tokio::select! {
-                r = served.as_mut() => r,
-                _ = drain.wait_for(|d| *d) => {
-                    served.as_mut().graceful_shutdown();
-                    served.await
-                }
-            }
-        }
+        screen: ConnectionScreen::default(),
+    }));
+    serve_connection(books, stream, drain)
+}
+
+async fn serve_connection<S>(books: ConnectionBooks, stream: S, drain: watch::Receiver<bool>)
+where
+    S: Transport + AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let conn = books.0.clone();
+    let stats = &conn.hcm.stats;
+    let rx = stats.downstream_cx_rx_bytes_total.clone();
+    let tx = stats.downstream_cx_tx_bytes_total.clone();
+    match conn.hcm.codec {
         CodecType::Http1 => {
-            let io = TokioIo::new(FramingGuard::new(
-                counted,
-                screen.clone(),
-                hcm.server_name(),
-            ));
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(io, service);
-            tokio::pin!(served);
-            tokio::select! {
-                r = served.as_mut() => r.map_err(Into::into),
-                _ = drain.wait_for(|d| *d) => {
-                    served.as_mut().graceful_shutdown();
-                    served.await.map_err(Into::into)
-                }
-            }
+            let shared = Rc::new(h1::Shared::new(Box::new(stream), rx, tx, None));
+            h1::serve(conn, shared, drain).await;
         }
         CodecType::Http2 => {
-            let io = TokioIo::new(counted);
-            let served = hyper::server::conn::http2::Builder::new(LocalExec)
-                .timer(TokioTimer::new())
-                .serve_connection(io, service);
-            tokio::pin!(served);
-            tokio::select! {
-                r = served.as_mut() => r.map_err(Into::into),
-                _ = drain.wait_for(|d| *d) => {
-                    served.as_mut().graceful_shutdown();
-                    served.await.map_err(Into::into)
-                }
+            let io = CountedIo::new(stream, rx, tx);
+            Box::pin(serve_h2(conn, Rewind::new(Vec::new(), io), drain)).await;
+        }
+        CodecType::Auto => {
+            // The first bytes say which protocol: HTTP/2's preface, or HTTP/1.1.
+            let Some(first) = Box::pin(sniff(&stream, &rx)).await else {
+                return;
+            };
+            if first.pending().starts_with(H2_PREFACE) {
+                let prefix = first.pending().to_vec();
+                first.release();
+                let io = Rewind::new(prefix, CountedIo::new(stream, rx, tx));
+                Box::pin(serve_h2(conn, io, drain)).await;
+            } else {
+                let shared = Rc::new(h1::Shared::new(Box::new(stream), rx, tx, Some(first)));
+                h1::serve(conn, shared, drain).await;
             }
         }
+    }
+    drop(books);
+}
+
+/// Reads until the bytes are not a prefix of HTTP/2's preface, or are all of it.
+/// None when the peer leaves first.
+async fn sniff<S: Transport>(stream: &S, rx: &crate::stats::Counter) -> Option<h1::InBuf> {
+    let mut buf: Option<h1::InBuf> = None;
+    loop {
+        if let Some(b) = &buf {
+            let p = b.pending();
+            let n = p.len().min(H2_PREFACE.len());
+            if !p.is_empty() && (p[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len()) {
+                return buf;
+            }
+        }
+        if poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
+            break;
+        }
+        let b = buf.get_or_insert_with(h1::InBuf::new);
+        let space = b.space_mut()?;
+        match stream.try_read(space) {
+            Ok(0) => break,
+            Ok(n) => {
+                b.advance(n);
+                rx.add(n as u64);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    if let Some(b) = buf {
+        b.release();
+    }
+    None
+}
+
+/// HTTP/2 by hyper.
+async fn serve_h2<S>(
+    conn: Rc<DownstreamConnection>,
+    io: Rewind<CountedIo<S>>,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let hcm = conn.hcm.clone();
+    let service = StreamService(conn.clone());
+    let served = hyper::server::conn::http2::Builder::new(LocalExec)
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = drain.wait_for(|d| *d) => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
     };
-    let never_spoke_h2 = hcm.codec == CodecType::Http2 && conn.protocol.get().is_none();
-    if let Err(e) = result
-        && (never_spoke_h2
-            || e.downcast_ref::<hyper::Error>()
-                .is_some_and(|h| h.is_parse() || h.is_parse_too_large()))
-    {
-        stats.downstream_cx_protocol_error.inc();
+    if result.is_err() && conn.protocol.get().is_none() {
+        hcm.stats.downstream_cx_protocol_error.inc();
     }
 }
 
@@ -178,7 +219,7 @@ impl Drop for ConnectionBooks {
     }
 }
 
-/// Stats and access log lines for the requests the framing guard refused.
+/// Stats and access log lines for the requests the codec refused.
 fn record_refusals(conn: &DownstreamConnection) {
     let hcm = &conn.hcm;
     for refusal in conn.screen.refusals.borrow().iter() {
@@ -221,6 +262,24 @@ impl hyper::service::Service<Request<Incoming>> for StreamService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let conn = self.0.clone();
-        Box::pin(async move { Ok(ActiveStream::run(conn, req).await) })
+        Box::pin(async move { Ok(ActiveStream::run(conn, req.map(PeerBody::Hyper)).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What an idle connection's task holds besides its buffers (none when idle).
+    #[test]
+    fn connection_future_is_small() {
+        fn size<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let n = size(super::serve::<tokio::net::TcpStream>)
+            .max(size3(super::serve_connection::<tokio::net::TcpStream>));
+        eprintln!("downstream connection future: {n} bytes");
+        assert!(n <= 768, "{n}");
     }
 }

@@ -11,9 +11,8 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use super::body::ProxyBody;
+use super::body::{PeerBody, ProxyBody};
 use super::connection_manager::HcmStats;
 use super::filter::{
     FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, Hooks, Phase, StreamStart,
@@ -51,7 +50,7 @@ impl RequestFilters {
     pub fn start(
         chain: &Arc<dyn FilterChain>,
         route: Option<&RouteEntry>,
-        req: &Request<Incoming>,
+        req: &Request<PeerBody>,
         authority: &str,
         path: &str,
         peer: SocketAddr,
@@ -88,7 +87,7 @@ impl RequestFilters {
     pub async fn on_request(
         &self,
         parts: &mut http::request::Parts,
-        body: Incoming,
+        body: PeerBody,
         stats: &HcmStats,
     ) -> Result<PassedRequest, LocalReply> {
         let mut passed = PassedRequest {
@@ -229,7 +228,7 @@ impl RequestFilters {
     async fn buffer_request(
         &self,
         parts: &mut http::request::Parts,
-        body: Incoming,
+        body: PeerBody,
         passed: &mut PassedRequest,
     ) -> Result<(), Rejection> {
         let cluster = &mut passed.cluster;

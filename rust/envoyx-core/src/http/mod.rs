@@ -9,7 +9,7 @@ pub mod connection_manager;
 mod downstream;
 pub mod filter;
 mod filtering;
-pub mod framing_guard;
+pub mod h1;
 pub mod headers;
 pub mod local_reply;
 

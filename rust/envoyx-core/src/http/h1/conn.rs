@@ -1,0 +1,364 @@
+//! One downstream HTTP/1.1 connection: heads are read (with a buffer only while
+//! bytes are there), each request runs as an [`ActiveStream`], its response is
+//! written, and the next (maybe pipelined) request follows, in order.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response};
+use http_body::{Body, Frame};
+use tokio::sync::watch;
+
+use super::body::{InBuf, Shared};
+use super::buffers;
+use super::head::{self, BodyLength, Encoder, Head, Parsed, Refusal};
+use crate::http::active_stream::ActiveStream;
+use crate::http::body::{BodyError, PeerBody, ResponseBody};
+use crate::http::downstream::DownstreamConnection;
+
+/// hyper's default: a head must arrive whole within this time of its first byte.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Response bytes gathered before they are written even though more are ready.
+const WRITE_HIGH: usize = 64 * 1024;
+
+/// Serves the connection until it closes, fails, refuses a request or drains.
+/// `drain` is only read: the task this runs in must be woken when it changes
+/// (the worker's connection task waits on it for the drain deadline).
+pub async fn serve(
+    conn: Rc<DownstreamConnection>,
+    shared: Rc<Shared>,
+    drain: watch::Receiver<bool>,
+) {
+    loop {
+        let head = match next_head(&shared, &drain).await {
+            Next::Head(h) => h,
+            Next::Refused(refusal) => {
+                // Boxed: rare, and its write state would enlarge every connection.
+                Box::pin(refuse(&conn, &shared, refusal)).await;
+                return;
+            }
+            Next::Closed => return,
+        };
+        let keep = Box::pin(exchange(&conn, &shared, head, &drain)).await;
+        if !keep || *drain.borrow() {
+            return;
+        }
+    }
+}
+
+enum Next {
+    Head(Box<Head>),
+    Refused(Refusal),
+    Closed,
+}
+
+/// The next request head: parsed from bytes already read (pipelining), or read.
+async fn next_head(shared: &Rc<Shared>, drain: &watch::Receiver<bool>) -> Next {
+    loop {
+        match parse_buffered(shared) {
+            Some(Parsed::Head(head, _)) => return Next::Head(head),
+            Some(Parsed::Refused(r)) => return Next::Refused(r),
+            Some(Parsed::Partial) => return Box::pin(rest_of_head(shared)).await,
+            None => {}
+        }
+        // Idle: no buffer is held while waiting, and no waiter on the drain
+        // signal either: the worker's task waits for it (its drain deadline) and
+        // is woken with this future, which then sees the signal.
+        let readable = poll_fn(|cx| {
+            if *drain.borrow() {
+                return Poll::Ready(false);
+            }
+            shared.io.poll_read_ready(cx).map(|r| r.is_ok())
+        });
+        if !readable.await {
+            return Next::Closed;
+        }
+        let mut read = shared.read.borrow_mut();
+        let read = &mut *read;
+        let buf = read.buf.get_or_insert_with(InBuf::new);
+        let Some(space) = buf.space_mut() else {
+            return Next::Closed;
+        };
+        match shared.io.try_read(space) {
+            Ok(0) => return Next::Closed,
+            Ok(n) => {
+                buf.advance(n);
+                shared.rx.add(n as u64);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Next::Closed,
+        }
+    }
+}
+
+/// Parses what the buffer holds; None (and the buffer given back) when it holds
+/// nothing.
+fn parse_buffered(shared: &Shared) -> Option<Parsed> {
+    let mut read = shared.read.borrow_mut();
+    let buf = read.buf.as_mut()?;
+    if buf.pending().is_empty() {
+        if let Some(b) = read.buf.take() {
+            b.release();
+        }
+        return None;
+    }
+    let parsed = head::parse(buf.pending());
+    if let Parsed::Head(_, len) = &parsed {
+        buf.consume(*len);
+    }
+    Some(parsed)
+}
+
+/// The rest of a head that came in parts, within the header read timeout.
+async fn rest_of_head(shared: &Rc<Shared>) -> Next {
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    loop {
+        let fill = poll_fn(|cx| {
+            let mut read = shared.read.borrow_mut();
+            shared.poll_fill(&mut read, cx)
+        });
+        match tokio::time::timeout_at(deadline, fill).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Next::Closed,
+        }
+        match parse_buffered(shared) {
+            Some(Parsed::Head(head, _)) => return Next::Head(head),
+            Some(Parsed::Refused(r)) => return Next::Refused(r),
+            _ => {}
+        }
+    }
+}
+
+/// Envoy's reply to a refused head; the connection then closes.
+async fn refuse(conn: &DownstreamConnection, shared: &Shared, refusal: Refusal) {
+    conn.screen.refusals.borrow_mut().push(refusal);
+    let reply = refusal.reply(conn.hcm.server_name());
+    let mut pos = 0;
+    let _ = poll_fn(|cx| shared.poll_write_all(cx, &reply, &mut pos)).await;
+    let _ = shared.io.shutdown_write();
+    if let Some(b) = shared.read.borrow_mut().buf.take() {
+        b.release();
+    }
+}
+
+/// One request and its response; whether the connection stays open.
+async fn exchange(
+    conn: &Rc<DownstreamConnection>,
+    shared: &Rc<Shared>,
+    head: Box<Head>,
+    drain: &watch::Receiver<bool>,
+) -> bool {
+    let Head {
+        request,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = *head;
+    let head_request = request.method() == Method::HEAD;
+    let body = shared.begin_body(framing, expect_continue);
+    let request = request.map(|()| PeerBody::Http1(body));
+    let run = ActiveStream::run(conn.clone(), request);
+    let response = tokio::select! {
+        biased;
+        r = run => r,
+        () = peer_gone(shared) => return false,
+    };
+    if shared.read.borrow().eof {
+        // The peer left while its request was read: the response is dropped.
+        return false;
+    }
+    let keep_alive = keep_alive && !*drain.borrow();
+    let written = write_response(shared, response, head_request, keep_alive);
+    let keep = tokio::select! {
+        biased;
+        k = written => k,
+        () = peer_gone(shared) => false,
+    };
+    let read = shared.read.borrow();
+    keep && read.body_over() && !matches!(read.body, super::body::BodyState::Failed(_))
+}
+
+/// Resolves when the peer closes while a request is served. Watches only once the
+/// request body is over (until then its reader reads); bytes of a pipelined
+/// request are kept in the buffer and stop the watch.
+fn peer_gone(shared: &Shared) -> impl Future<Output = ()> + '_ {
+    poll_fn(move |cx| {
+        let mut read = shared.read.borrow_mut();
+        if read.eof {
+            return Poll::Ready(());
+        }
+        if !read.body_over() {
+            read.waiter = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if read.ahead {
+            return Poll::Pending;
+        }
+        match shared.poll_fill(&mut read, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                read.eof = true;
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(_)) => {
+                read.ahead = true;
+                Poll::Pending
+            }
+        }
+    })
+}
+
+/// Writes the response (head, then its body as it streams); whether the
+/// connection may carry another request.
+async fn write_response(
+    shared: &Shared,
+    response: Response<ResponseBody>,
+    head_request: bool,
+    keep_alive: bool,
+) -> bool {
+    let (mut parts, body) = response.into_parts();
+    let length = if body.is_end_stream() {
+        BodyLength::Empty
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => BodyLength::Known(n),
+            None => BodyLength::Unknown,
+        }
+    };
+    shared.read.borrow_mut().expect_continue = None;
+    let mut out = Out {
+        buf: buffers::take_write(),
+        pos: 0,
+    };
+    let (encoder, last) =
+        head::encode_response(&mut parts, length, head_request, keep_alive, &mut out.buf);
+    drop(parts);
+    let ok = match encoder {
+        Encoder::None => {
+            drop(body);
+            out.flush(shared).await
+        }
+        encoder => Box::pin(write_body(shared, body, encoder, &mut out)).await,
+    };
+    buffers::give_write(out.buf);
+    ok && !last
+}
+
+/// Response bytes waiting to be written.
+struct Out {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Out {
+    fn poll_flush(&mut self, shared: &Shared, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+        let r = std::task::ready!(shared.poll_write_all(cx, &self.buf, &mut self.pos));
+        self.buf.clear();
+        self.pos = 0;
+        Poll::Ready(r.is_ok())
+    }
+
+    async fn flush(&mut self, shared: &Shared) -> bool {
+        poll_fn(|cx| self.poll_flush(shared, cx)).await
+    }
+}
+
+enum Polled {
+    Frame(Option<Result<Frame<Bytes>, BodyError>>),
+    WriteFailed,
+}
+
+async fn write_body(
+    shared: &Shared,
+    mut body: ResponseBody,
+    encoder: Encoder,
+    out: &mut Out,
+) -> bool {
+    let (mut left, trailer_names) = match encoder {
+        Encoder::Length(n) => (Some(n), None),
+        Encoder::Chunked(names) => (None, names),
+        Encoder::None => (Some(0), None),
+    };
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        // While the body has nothing ready, what is gathered goes out.
+        let polled = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(Polled::Frame(f)),
+            Poll::Pending => {
+                if out.pos < out.buf.len()
+                    && let Poll::Ready(false) = out.poll_flush(shared, cx)
+                {
+                    return Poll::Ready(Polled::WriteFailed);
+                }
+                Poll::Pending
+            }
+        })
+        .await;
+        let frame = match polled {
+            Polled::WriteFailed => return false,
+            Polled::Frame(None) => break,
+            Polled::Frame(Some(Err(_))) => return false,
+            Polled::Frame(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                match left.as_mut() {
+                    Some(n) => {
+                        let take = (*n).min(data.len() as u64) as usize;
+                        out.buf.extend_from_slice(&data[..take]);
+                        *n -= take as u64;
+                        if take < data.len() {
+                            // Longer than its content-length: cut, and close.
+                            let _ = out.flush(shared).await;
+                            return false;
+                        }
+                    }
+                    None => {
+                        use std::io::Write;
+                        let _ = write!(out.buf, "{:X}\r\n", data.len());
+                        out.buf.extend_from_slice(&data);
+                        out.buf.extend_from_slice(b"\r\n");
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+        if out.buf.len() - out.pos >= WRITE_HIGH && !out.flush(shared).await {
+            return false;
+        }
+    }
+    match left {
+        // Shorter than its content-length: the peer cannot tell where it ends.
+        Some(n) if n > 0 => {
+            let _ = out.flush(shared).await;
+            false
+        }
+        Some(_) => out.flush(shared).await,
+        None => {
+            out.buf.extend_from_slice(b"0\r\n");
+            if let (Some(t), Some(allowed)) = (trailers, trailer_names) {
+                for (name, value) in t.iter() {
+                    if allowed.contains(name) {
+                        out.buf.extend_from_slice(name.as_str().as_bytes());
+                        out.buf.extend_from_slice(b": ");
+                        out.buf.extend_from_slice(value.as_bytes());
+                        out.buf.extend_from_slice(b"\r\n");
+                    }
+                }
+            }
+            out.buf.extend_from_slice(b"\r\n");
+            out.flush(shared).await
+        }
+    }
+}
