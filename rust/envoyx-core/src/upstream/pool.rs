@@ -188,7 +188,7 @@ impl HostPool {
             self.idle_http1.retain(|idle| {
                 let keep =
                     now.duration_since(idle.since) < timeout && !idle.conn.sender.is_closed();
-                if !keep {
+                if !keep && !idle.conn.sender.is_closed() {
                     stats.upstream_cx_idle_timeout.inc();
                 }
                 keep
