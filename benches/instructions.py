@@ -90,15 +90,29 @@ def total_instructions(dump: Path) -> int:
     raise HarnessError(f"no totals in {dump}")
 
 
-def top_functions(dump: Path) -> list[str]:
+def function_costs(dump: Path) -> dict[str, int]:
+    """Self cost per function of a dump (callgrind_annotate, every function)."""
     out = subprocess.run(
-        ["callgrind_annotate", "--inclusive=no", str(dump)],
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     ).stdout
-    rows = [line for line in out.splitlines() if re.match(r"^\s*[\d,]+ \(", line)]
-    return rows[:TOP_FUNCTIONS]
+    costs: dict[str, int] = {}
+    for line in out.splitlines():
+        m = re.match(r"^\s*([\d,]+) \([ \d.]+%\)\s+(.+?)(?: \[.*\])?$", line)
+        if m and "PROGRAM TOTALS" not in line:
+            name = m.group(2).split(":", 1)[-1] if ":" in m.group(2) else m.group(2)
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def top_functions(small: Path, large: Path, requests: int) -> list[str]:
+    """Where the extra requests' instructions went: per-function difference."""
+    before, after = function_costs(small), function_costs(large)
+    extra = {f: after[f] - before.get(f, 0) for f in after}
+    ranked = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:TOP_FUNCTIONS]
+    return [f"{cost / requests:10,.0f}  {name[:150]}" for name, cost in ranked]
 
 
 BASELINE_REQUESTS = 300
@@ -132,7 +146,10 @@ def measure(name: str, requests: int, workdir: Path, upstream_port: int) -> dict
         small = one_run(name, proto, BASELINE_REQUESTS, workdir, upstream_port)
         large = one_run(name, proto, BASELINE_REQUESTS + requests, workdir, upstream_port)
         extra = total_instructions(large) - total_instructions(small)
-        results[proto] = {"per_request": extra / requests, "top": top_functions(large)}
+        results[proto] = {
+            "per_request": extra / requests,
+            "top": top_functions(small, large, requests),
+        }
         log(f"{name} {proto}: {extra / requests:,.0f} instructions per request")
     return results
 
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top:
         for name, results in rows:
             for proto in ("http1", "http2"):
-                print(f"\n{name} {proto}: self cost, top {TOP_FUNCTIONS}")
+                print(f"\n{name} {proto}: instructions per request by function (self cost)")
                 for line in results[proto]["top"]:  # type: ignore[index]
                     print(line)
     return 0

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::instance::Instance;
-use crate::listener::{Listener, ListenerFilter};
+use crate::listener::{AcceptFailures, Listener, ListenerFilter};
 use crate::listener_manager::WorkerCommand;
 use crate::upstream::WorkerPools;
 
@@ -116,23 +116,18 @@ struct Worker {
 impl Worker {
     async fn accept_loop(self: Rc<Self>, listener: Arc<Listener>, socket: tokio::net::TcpListener) {
         let mut drain = listener.drain.subscribe();
+        let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 r = socket.accept() => r,
                 _ = drain.wait_for(|d| *d) => return,
             };
             match accepted {
-                Ok((stream, peer)) => self.spawn_connection(&listener, stream, peer),
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    crate::log!(
-                        Warn,
-                        "conn_handler",
-                        "listener '{}': accept failed: {e}",
-                        listener.name
-                    );
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok((stream, peer)) => {
+                    failures.accepted();
+                    self.spawn_connection(&listener, stream, peer);
                 }
+                Err(e) => tokio::time::sleep(failures.failed(&listener.name, &e)).await,
             }
         }
     }
