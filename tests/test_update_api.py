@@ -118,3 +118,61 @@ def test_listener_on_a_port_in_use_is_rejected(server: envoyx.Server) -> None:
         server.update(listeners=[clash])
     assert "duplicate address" in str(err.value)
     assert "clash" not in server.listener_addresses()
+
+
+def static_cluster(name: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def test_an_open_connection_follows_route_and_cluster_changes(
+    http_upstreams: dict[str, HttpUpstream],
+) -> None:
+    """A keep-alive connection caches the route table and its cluster handles (so a
+    request touches no reference count other workers write); a route or cluster
+    replaced while it is open still applies to its next request."""
+    a, b, c = http_upstreams["a"], http_upstreams["b"], http_upstreams["c"]
+    with envoyx.Server({"node": {"id": "update-test"}}, concurrency=1) as s:
+        s.update(
+            clusters=[static_cluster("one", a.port), static_cluster("two", b.port)],
+            listeners=[listener("main", "main-routes")],
+            routes=[routes("main-routes", "one")],
+        )
+        host, port = s.listener_addresses()["main"]
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=5) as client:
+            assert client.get("/").headers["x-upstream"] == a.name
+            # The cluster the route names is replaced (CDS): same name, new host.
+            s.update(clusters=[static_cluster("one", c.port)])
+            assert client.get("/").headers["x-upstream"] == c.name
+            # The route table is replaced (RDS): another cluster.
+            s.update(routes=[routes("main-routes", "two")])
+            assert client.get("/").headers["x-upstream"] == b.name
+            # The cluster is removed: 503 NC, and back when it returns.
+            s.update(routes=[routes("main-routes", "one")], remove_clusters=["two"])
+            assert client.get("/").headers["x-upstream"] == c.name
+            s.update(remove_clusters=["one"])
+            assert client.get("/").status_code == 503
+            s.update(clusters=[static_cluster("one", a.port)])
+            assert client.get("/").headers["x-upstream"] == a.name
+            # One connection throughout.
+            stats = s.stats()
+            assert stats["http.main.downstream_cx_total"] == 1

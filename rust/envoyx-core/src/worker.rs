@@ -198,6 +198,47 @@ impl Drop for TrackedConnection {
         }
     }
 }
+/// A worker's handle on an object shared by every worker (a route table, a
+/// cluster): cloned per request with a plain count, so that the shared `Arc`'s
+/// count — a cache line all workers write — moves only when the worker takes a new
+/// object, not per request. (An `Rc` around an `Arc` is exactly the point here.)
+#[allow(clippy::redundant_allocation)]
+pub struct LocalHandle<T>(Rc<Arc<T>>);
+
+impl<T> LocalHandle<T> {
+    pub fn new(shared: Arc<T>) -> Self {
+        LocalHandle(Rc::new(shared))
+    }
+
+    /// The shared object itself.
+    pub fn shared(&self) -> &Arc<T> {
+        &self.0
+    }
+
+    /// Whether both are handles on the same object.
+    pub fn same(&self, other: &Arc<T>) -> bool {
+        Arc::ptr_eq(&self.0, other)
+    }
+
+    /// Whether both handles are the same handle.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Rc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl<T> Clone for LocalHandle<T> {
+    fn clone(&self) -> Self {
+        LocalHandle(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for LocalHandle<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,11 @@ pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-
 
 /// Removes hop-by-hop headers, and those `Connection` names, in place.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the (few) names, comparing known
+    // names, is far cheaper than a hashed removal per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -77,5 +82,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["te", "x-kept"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert("x-kept", "1".parse().unwrap());
+        plain.insert("content-length", "1".parse().unwrap());
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
+        let mut upgrade = HeaderMap::new();
+        upgrade.insert("upgrade", "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut upgrade);
+        assert!(upgrade.is_empty());
     }
 }
