@@ -51,6 +51,11 @@ def callgrind(out: Path) -> list[str]:
     ]
 
 
+#: The interpreter whose envoyx is measured (--envoyx-python; another build's venv
+#: gives a before/after in one run).
+ENVOYX_PYTHON = [sys.executable]
+
+
 def proxy_command(name: str, workdir: Path, listen: int, admin: int, upstream: int) -> list[str]:
     if name == "envoyx":
         cfg = render(
@@ -60,12 +65,9 @@ def proxy_command(name: str, workdir: Path, listen: int, admin: int, upstream: i
             admin_port=admin,
             upstream_port=upstream,
         )
-        envoyx = which("envoyx")
-        if envoyx is None:
-            raise HarnessError("envoyx is not installed: `pip install .` first")
         # The console script is Python; run its module directly so that valgrind
         # follows one process.
-        return [sys.executable, "-m", "envoyx", "-c", str(cfg), "--concurrency", "1"]
+        return [*ENVOYX_PYTHON, "-m", "envoyx", "-c", str(cfg), "--concurrency", "1"]
     if name == "haproxy":
         cfg = render(
             "haproxy.cfg", workdir / "haproxy.cfg", listen_port=listen, upstream_port=upstream
@@ -159,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4000, help="requests counted (4000)")
     p.add_argument("--targets", default="envoyx,haproxy", help="envoyx,haproxy (both)")
     p.add_argument("--top", action="store_true", help="print where the instructions went")
+    p.add_argument(
+        "--envoyx-python",
+        default=sys.executable,
+        help="the Python whose installed envoyx is measured (default: this one)",
+    )
     args = p.parse_args(argv)
+    ENVOYX_PYTHON[0] = args.envoyx_python
     if shutil.which("valgrind") is None:
         apt_install({"valgrind": ["valgrind"]})
     apt_install({"h2load": ["nghttp2-client"], "nginx": ["nginx-light"], "haproxy": ["haproxy"]})

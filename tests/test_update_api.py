@@ -3,6 +3,9 @@ management server, through the same path as xDS."""
 
 from __future__ import annotations
 
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 
 import envoyx
 from support.upstreams import HttpUpstream
+from support.wait import until
 from support.xds_resources import cluster_load_assignment, eds_cluster
 
 HCM = (
@@ -176,3 +180,36 @@ def test_an_open_connection_follows_route_and_cluster_changes(
             # One connection throughout.
             stats = s.stats()
             assert stats["http.main.downstream_cx_total"] == 1
+
+
+def test_a_removed_listener_closes_its_connections_after_the_drain_time(
+    http_upstream: HttpUpstream,
+) -> None:
+    """LDS removal drains a listener: its connections get ``--drain-time-s`` to finish
+    what they are doing, then are closed (before, a stuck response kept them forever)."""
+    token = f"drain-{uuid.uuid4().hex}"
+    with envoyx.Server({"node": {"id": "update-test"}}, concurrency=1, drain_time_s=0.5) as s:
+        s.update(
+            clusters=[static_cluster("backend", http_upstream.port)],
+            listeners=[listener("main", "main-routes")],
+            routes=[routes("main-routes", "backend")],
+        )
+        host, port = s.listener_addresses()["main"]
+        sock = socket.create_connection((host, port), timeout=30)
+        try:
+            sock.sendall(
+                b"GET /held HTTP/1.1\r\nhost: x\r\nx-test-response-size: 100000\r\n"
+                + f"x-test-token: {token}\r\nx-test-hold-response: 1\r\n\r\n".encode()
+            )
+            until(lambda: http_upstream.holding(token), timeout=10, what="the held response")
+            s.update(remove_listeners=["main"])
+            # The upstream still holds the body: only the drain deadline ends it.
+            received = b""
+            started = time.monotonic()
+            while chunk := sock.recv(65536):
+                received += chunk
+            assert time.monotonic() - started < 20
+            assert b"200 OK" not in received or len(received) < 100000
+        finally:
+            http_upstream.release(token)
+            sock.close()
