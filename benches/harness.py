@@ -4,7 +4,8 @@
     python benches/harness.py [--duration 10] [--connections 64] [--quick] [--no-peers]
 
 One nginx upstream serves a 12-byte body over HTTP/1.1 keep-alive and h2c. Each target
-(envoyx and Envoy with the same bootstrap, one worker each; the peers of DESIGN.md §7,
+(envoyx and Envoy with the same bootstrap, one worker each, and envoyx again with two
+workers for the scaling row; the peers of DESIGN.md §7,
 HAProxy and nginx as proxies, unless --no-peers; "direct" straight to nginx) gets the
 same load: wrk for HTTP/1.1 keep-alive, h2load for HTTP/2 with prior knowledge
 (h2c). Per target it measures requests/s,
@@ -61,9 +62,10 @@ MIB = 1024 * 1024
 R = TypeVar("R")
 
 # The order of the rows in the table; "envoy" is the reference of every ratio.
-TARGET_ORDER = ("envoyx", "envoy", "haproxy", "nginx", "direct")
+TARGET_ORDER = ("envoyx", "envoyx-2w", "envoy", "haproxy", "nginx", "direct")
 LABELS = {
     "envoyx": "envoyx",
+    "envoyx-2w": "envoyx, 2 workers",
     "envoy": "Envoy",
     "haproxy": "HAProxy",
     "nginx": "nginx (proxy)",
@@ -590,7 +592,7 @@ def start_proxy(
     """Start one proxy with one worker; return it and its HTTP/1.1 and h2c ports."""
     listen, admin, second = free_ports(3)
     raw_log = RAW / f"{name}.log"
-    if name in ("envoyx", "envoy"):
+    if name in ("envoyx", "envoyx-2w", "envoy"):
         cfg = render(
             "bootstrap.yaml",
             workdir / f"{name}-bootstrap.yaml",
@@ -600,6 +602,9 @@ def start_proxy(
         )
         if name == "envoyx":
             cmd = [tools["envoyx"], "-c", str(cfg), "--concurrency", "1"]
+        elif name == "envoyx-2w":
+            # The same load on two workers: shows whether anything shared limits scaling.
+            cmd = [tools["envoyx"], "-c", str(cfg), "--concurrency", "2"]
         else:
             cmd = [tools["envoy"], "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart"]
         child = spawn(name, cmd, raw_log)
@@ -923,6 +928,12 @@ def goals_table(results: list[TargetResult]) -> list[str]:
     def times(v: float) -> str:
         return f"{v:.2f}{TIMES}"
 
+    def two_workers_ratio() -> float | None:
+        two = by_name.get("envoyx-2w")
+        if two is None or two.h1 is None or envoyx.h1 is None or not envoyx.h1.rps:
+            return None
+        return two.h1.rps / envoyx.h1.rps
+
     h1 = envoyx.h1
     add(
         "proxy CPU per HTTP/1.1 request",
@@ -965,6 +976,13 @@ def goals_table(results: list[TargetResult]) -> list[str]:
         times,
         f"< 1.00{TIMES} (ahead)",
         lambda v: v < 1.0,
+    )
+    add(
+        "HTTP/1.1 requests/s with 2 workers, ratio to 1 worker",
+        two_workers_ratio(),
+        times,
+        f"≥ 1.80{TIMES}",
+        lambda v: v >= 1.8,
     )
     add(
         "RSS per idle connection",
@@ -1167,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = select_targets(TARGET_ORDER, args.targets)
     if not args.peers and not args.targets:
-        names = ["envoyx", "envoy", "direct"]
+        names = ["envoyx", "envoyx-2w", "envoy", "direct"]
 
     RAW.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
@@ -1189,16 +1207,18 @@ def main(argv: list[str] | None = None) -> int:
         versions["HAProxy"] = version_word(first_line([tools["haproxy"], "-v"]), "version ")
     notes: list[str] = []
     missing_envoyx: TargetResult | None = None
-    if "envoyx" in names and not envoyx_tool(args.envoyx_bin, tools, versions, notes):
+    wants_envoyx = "envoyx" in names or "envoyx-2w" in names
+    if wants_envoyx and not envoyx_tool(args.envoyx_bin, tools, versions, notes):
         missing_envoyx = TargetResult(
             "envoyx", errors=["envoyx is not installed (`pip install .` first)"]
         )
-        names.remove("envoyx")
+        names = [n for n in names if n not in ("envoyx", "envoyx-2w")]
 
     context = run_context(versions)
     context["proxies"] = (
         "one worker each (`--concurrency 1`; HAProxy `nbthread 1`, "
-        "nginx `worker_processes 1`); upstream nginx, one worker, 12-byte body"
+        "nginx `worker_processes 1`), and envoyx with two (`envoyx, 2 workers`); "
+        "upstream nginx, one worker, 12-byte body"
     )
     results = with_upstream(
         tools["nginx"],

@@ -23,6 +23,9 @@ Request headers that steer the HTTP upstreams (all optional):
 ``x-test-hold-response``     ``1``: wait for :meth:`release` of the token before
                              sending the response body
 
+``connections_total`` counts the connections an upstream accepted (h2c: that carried
+a request), ``open_connections`` those still open on its side (for pooling tests).
+
 Every response carries ``x-upstream: <name>`` so a test knows which upstream served,
 and ``server: <name>-server`` (Envoy overwrites ``server`` by default).
 """
@@ -48,6 +51,24 @@ from support.wait import until
 CHUNK = 64 * 1024
 _BLOCK = bytes(range(256)) * (CHUNK // 256)
 HOLD_TIMEOUT_S = 60.0
+
+
+def established_connections(port: int) -> int:
+    """ESTABLISHED TCP sockets whose local port is ``port`` (``/proc/net/tcp{,6}``):
+    the accepted, server-side ends of connections to a server listening on it."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the header line
+                for line in f:
+                    fields = line.split()
+                    local, state = fields[1], fields[3]
+                    if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                        n += 1
+        except FileNotFoundError:
+            continue
+    return n
 
 
 def pattern(size: int) -> Iterator[bytes]:
@@ -191,6 +212,13 @@ class _UpstreamBase:
         with self._lock:
             self.requests.append(req)
 
+    @property
+    def open_connections(self) -> int:
+        """Connections to this upstream still open on its side: sockets on its port
+        that the kernel holds as ESTABLISHED (a peer's FIN takes a socket out of that
+        state). :class:`HttpUpstream` answers from its own view instead."""
+        return established_connections(self.port)
+
     def _next_connection_id(self) -> int:
         with self._lock:
             self.connections_total += 1
@@ -228,6 +256,12 @@ class HttpUpstream(_UpstreamBase):
     def start(self) -> HttpUpstream:
         self._thread.start()
         return self
+
+    @property
+    def open_connections(self) -> int:
+        """Connections this server is still serving: it has not yet read their end."""
+        with self._lock:
+            return len(self._conns)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -379,6 +413,11 @@ class H2cUpstream(_UpstreamBase):
         self._thread.start()
         until(self._started.is_set, timeout=10, what="hypercorn loop")
         until(self._answers, timeout=10, what=f"h2c upstream {self.name} to answer")
+        # The readiness probe is not one of the connections a test counts.
+        with self._lock:
+            self.connections_total = 0
+            self._conn_ids.clear()
+            self.requests.clear()
         return self
 
     def _answers(self) -> bool:

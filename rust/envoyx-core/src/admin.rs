@@ -35,14 +35,15 @@ pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<Ac
     );
     let cx_total = shared.store.counter("listener.admin.downstream_cx_total");
     let cx_active = shared.store.gauge("listener.admin.downstream_cx_active");
+    let mut failures = crate::listener::AcceptFailures::default();
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                failures.accepted();
+                accepted
+            }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning
-                // (the error repeats until a descriptor is free).
-                crate::log!(Warn, "admin", "admin listener: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(failures.failed("admin", &e)).await;
                 continue;
             }
         };

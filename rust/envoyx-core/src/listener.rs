@@ -182,3 +182,35 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<StdTcpListener> {
 pub fn uses_rds(config: &ListenerConfig) -> bool {
     matches!(&config.filter, NetworkFilter::Http(h) if matches!(h.routes, RouteSource::Rds(_)))
 }
+
+/// What an accept loop does when accept fails (out of file descriptors and the
+/// like, which repeat until a descriptor is free): back off instead of spinning,
+/// and log the first failure of a streak and then once a second, not every retry.
+#[derive(Default)]
+pub struct AcceptFailures {
+    streak: u32,
+}
+
+impl AcceptFailures {
+    const RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+    /// Retries between two log lines of one streak (about a second).
+    const LOG_EVERY: u32 = 100;
+
+    /// Logs (when due) and gives how long to wait before accepting again.
+    pub fn failed(&mut self, listener: &str, e: &std::io::Error) -> std::time::Duration {
+        if self.streak % Self::LOG_EVERY == 0 {
+            crate::log!(
+                Warn,
+                "conn_handler",
+                "listener '{listener}': accept failed ({} in a row): {e}",
+                self.streak + 1
+            );
+        }
+        self.streak = self.streak.saturating_add(1);
+        Self::RETRY
+    }
+
+    pub fn accepted(&mut self) {
+        self.streak = 0;
+    }
+}

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::instance::Instance;
-use crate::listener::{Listener, ListenerFilter};
+use crate::listener::{AcceptFailures, Listener, ListenerFilter};
 use crate::listener_manager::WorkerCommand;
 use crate::stats::Gauge;
 use crate::upstream::WorkerPools;
@@ -121,23 +121,18 @@ struct Worker {
 impl Worker {
     async fn accept_loop(self: Rc<Self>, listener: Arc<Listener>, socket: tokio::net::TcpListener) {
         let mut drain = listener.drain.subscribe();
+        let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 r = socket.accept() => r,
                 _ = drain.wait_for(|d| *d) => return,
             };
             match accepted {
-                Ok((stream, peer)) => self.spawn_connection(&listener, stream, peer),
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    crate::log!(
-                        Warn,
-                        "conn_handler",
-                        "listener '{}': accept failed: {e}",
-                        listener.name
-                    );
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok((stream, peer)) => {
+                    failures.accepted();
+                    self.spawn_connection(&listener, stream, peer);
                 }
+                Err(e) => tokio::time::sleep(failures.failed(&listener.name, &e)).await,
             }
         }
     }
@@ -253,6 +248,47 @@ impl Drop for TrackedConnection {
         }
     }
 }
+/// A worker's handle on an object shared by every worker (a route table, a
+/// cluster): cloned per request with a plain count, so that the shared `Arc`'s
+/// count — a cache line all workers write — moves only when the worker takes a new
+/// object, not per request. (An `Rc` around an `Arc` is exactly the point here.)
+#[allow(clippy::redundant_allocation)]
+pub struct LocalHandle<T>(Rc<Arc<T>>);
+
+impl<T> LocalHandle<T> {
+    pub fn new(shared: Arc<T>) -> Self {
+        LocalHandle(Rc::new(shared))
+    }
+
+    /// The shared object itself.
+    pub fn shared(&self) -> &Arc<T> {
+        &self.0
+    }
+
+    /// Whether both are handles on the same object.
+    pub fn same(&self, other: &Arc<T>) -> bool {
+        Arc::ptr_eq(&self.0, other)
+    }
+
+    /// Whether both handles are the same handle.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Rc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl<T> Clone for LocalHandle<T> {
+    fn clone(&self) -> Self {
+        LocalHandle(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for LocalHandle<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

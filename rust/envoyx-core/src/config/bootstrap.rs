@@ -569,6 +569,7 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
         };
         RouteAction::Forward(ForwardAction {
             cluster: cluster.to_string(),
+            cluster_slot: 0,
             timeout,
             expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
             prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),

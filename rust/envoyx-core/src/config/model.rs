@@ -187,6 +187,10 @@ pub enum RouteAction {
 pub struct ForwardAction {
     /// `route.cluster`.
     pub cluster: String,
+    /// The index of `cluster` among the cluster names of the compiled route table
+    /// ([`crate::router::RouteTable::cluster_names`]), set when it is compiled, so
+    /// that a request finds its cluster without hashing the name.
+    pub cluster_slot: usize,
     /// `route.timeout` (default 15 s; zero disables).
     pub timeout: Option<Duration>,
     /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than

@@ -44,7 +44,10 @@ impl ActiveStream {
         conn: Rc<DownstreamConnection>,
         mut req: Request<PeerBody>,
     ) -> Response<ResponseBody> {
-        let hcm = conn.hcm.clone();
+        // Borrowed through an Rc of this worker: no shared reference count is
+        // touched per request.
+        let connection = conn.clone();
+        let hcm = &*connection.hcm;
         let version = req.version();
         conn.begin_request(version);
         if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
@@ -69,7 +72,7 @@ impl ActiveStream {
             .unwrap_or("");
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
 
-        let routes = hcm.routes.load();
+        let routes = conn.route_table();
         let route = routes.find(authority, path);
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(chain, route, &req, authority, path, conn.peer)
@@ -123,6 +126,7 @@ impl ActiveStream {
 
         let router = Router {
             stream: &mut stream,
+            routes: &routes,
             authority,
             path,
         };
@@ -304,7 +308,6 @@ impl ActiveStream {
     /// The downstream body, which completes the stream when it ends.
     fn into_body(self, body: ProxyBody) -> ResponseBody {
         let completion = StreamCompletion {
-            hcm: self.conn.hcm.clone(),
             conn: self.conn,
             started: self.started,
             filter_log: self
@@ -325,7 +328,6 @@ impl ActiveStream {
 
 /// What finishing a request must update once its response stream ends.
 struct StreamCompletion {
-    hcm: Arc<super::HttpConnectionManager>,
     conn: Rc<DownstreamConnection>,
     started: Instant,
     record: Option<Box<LogRecord>>,
@@ -337,7 +339,9 @@ struct StreamCompletion {
 
 impl StreamCompletion {
     fn finish(mut self, end: StreamEnd, bytes_sent: u64) {
-        let stats = &self.hcm.stats;
+        let conn = self.conn.clone();
+        let hcm = &conn.hcm;
+        let stats = &hcm.stats;
         let elapsed = self.started.elapsed();
         let screen = &self.conn.screen;
         screen
@@ -367,7 +371,7 @@ impl StreamCompletion {
             {
                 record.response_flags = f;
             }
-            for logger in &self.hcm.access_logs {
+            for logger in &hcm.access_logs {
                 logger.log(&record);
             }
             if let Some(filters) = self.filter_log.take() {

@@ -23,9 +23,11 @@ use super::body::{PeerBody, ResponseBody};
 use super::connection_manager::HttpConnectionManager;
 use super::h1::{self, Refusal, Transport};
 use crate::access_log::LogRecord;
-use crate::config::CodecType;
+use crate::config::{CodecType, ForwardAction};
 use crate::io::{CountedIo, LocalExec, Rewind};
-use crate::upstream::WorkerPools;
+use crate::router::RouteTable;
+use crate::upstream::{Cluster, WorkerPools};
+use crate::worker::LocalHandle;
 
 /// What every stream of one downstream connection shares.
 pub(crate) struct DownstreamConnection {
@@ -36,9 +38,60 @@ pub(crate) struct DownstreamConnection {
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
     protocol: Cell<Option<Version>>,
     pub screen: ConnectionScreen,
+    /// The route table this connection's requests last used: requests share it
+    /// through an `Rc` instead of each touching the table's shared reference
+    /// count (written by every worker) while they wait.
+    routes: RefCell<LocalHandle<RouteTable>>,
+    /// Handles on the clusters that route table names, found once per table and
+    /// cluster generation: a request indexes them by the route's `cluster_slot`.
+    clusters: RefCell<ClusterSlots>,
+}
+
+#[derive(Default)]
+struct ClusterSlots {
+    table: Option<LocalHandle<RouteTable>>,
+    generation: u64,
+    slots: Vec<Option<LocalHandle<Cluster>>>,
 }
 
 impl DownstreamConnection {
+    /// The current route table (a new one once RDS or LDS replaced it).
+    pub fn route_table(&self) -> LocalHandle<RouteTable> {
+        let current = self.hcm.routes.load();
+        let mut cached = self.routes.borrow_mut();
+        if !cached.same(&current) {
+            *cached = LocalHandle::new(arc_swap::Guard::into_inner(current));
+        }
+        cached.clone()
+    }
+
+    /// The cluster a route forwards to (None: no such cluster now).
+    pub fn cluster_for(
+        &self,
+        routes: &LocalHandle<RouteTable>,
+        action: &ForwardAction,
+    ) -> Option<LocalHandle<Cluster>> {
+        let generation = self.hcm.clusters.generation();
+        let mut cache = self.clusters.borrow_mut();
+        if cache.generation != generation
+            || !cache
+                .table
+                .as_ref()
+                .is_some_and(|t| LocalHandle::ptr_eq(t, routes))
+        {
+            *cache = ClusterSlots {
+                table: Some(routes.clone()),
+                generation,
+                slots: vec![None; routes.cluster_names.len()],
+            };
+        }
+        let slot = cache.slots.get_mut(action.cluster_slot)?;
+        if slot.is_none() {
+            *slot = self.hcm.clusters.get(&action.cluster).map(LocalHandle::new);
+        }
+        slot.clone()
+    }
+
     /// Counts a new request on this connection (and the connection's protocol
     /// the first time).
     pub fn begin_request(&self, version: Version) {
@@ -95,6 +148,7 @@ where
     stats.downstream_cx_active.inc();
     // Closes the connection's books even when the worker drops the future (a
     // drain deadline), not only when the codec returns.
+    let routes = RefCell::new(LocalHandle::new(hcm.routes.load_full()));
     let books = ConnectionBooks(Rc::new(DownstreamConnection {
         hcm,
         pools,
@@ -102,6 +156,8 @@ where
         local,
         protocol: Cell::new(None),
         screen: ConnectionScreen::default(),
+        routes,
+        clusters: RefCell::default(),
     }));
     serve_connection(books, stream, drain)
 }

@@ -4,7 +4,7 @@ use http::HeaderMap;
 use http::Version;
 use http::header::{self, HeaderName};
 
-/// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1).
+/// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1); `Connection` first.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -26,20 +26,36 @@ pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-
 
 /// Removes hop-by-hop headers, and those `Connection` names, in place.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the (few) names finds which hop-by-hop headers are there;
+    // only those are removed (a removal hashes the name). Most requests have none;
+    // most HTTP/1.1 responses have just `connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    if present[0] {
+        // Headers `Connection` names are hop-by-hop too.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
             .collect();
         for n in &named {
             remove_unless_grpc_te(headers, n);
         }
     }
-    for n in &HOP_BY_HOP {
-        remove_unless_grpc_te(headers, n);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        remove_unless_grpc_te(headers, name);
     }
 }
 
@@ -77,5 +93,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["te", "x-kept"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert("x-kept", "1".parse().unwrap());
+        plain.insert("content-length", "1".parse().unwrap());
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
+        let mut upgrade = HeaderMap::new();
+        upgrade.insert("upgrade", "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut upgrade);
+        assert!(upgrade.is_empty());
     }
 }

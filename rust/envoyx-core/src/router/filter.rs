@@ -19,7 +19,9 @@ use crate::http::headers::{
     strip_hop_by_hop,
 };
 use crate::http::local_reply::LocalReply;
+use crate::router::RouteTable;
 use crate::upstream::lb::LbContext;
+use crate::worker::LocalHandle;
 
 /// How the router ended its part of a request.
 pub(crate) enum RouterOutcome {
@@ -42,6 +44,9 @@ pub(crate) struct UpstreamResponse {
 /// The router for one request.
 pub(crate) struct Router<'s, 'r> {
     pub stream: &'s mut ActiveStream,
+    /// The table `route` came from (its cluster slots index the connection's
+    /// cluster handles).
+    pub routes: &'r LocalHandle<RouteTable>,
     pub authority: &'r str,
     pub path: &'r str,
 }
@@ -82,8 +87,11 @@ impl Router<'_, '_> {
             RouteAction::Forward(f) => f,
         };
         stats.rq_total.inc();
-        let cluster_name = chosen_cluster.unwrap_or(&action.cluster);
-        let Some(cluster) = hcm.clusters.get(cluster_name) else {
+        let cluster = match chosen_cluster {
+            Some(name) => hcm.clusters.get(name).map(LocalHandle::new),
+            None => conn.cluster_for(self.routes, action),
+        };
+        let Some(cluster) = cluster else {
             stats.no_cluster.inc();
             return RouterOutcome::Reply(LocalReply::new(
                 503,

@@ -26,6 +26,8 @@ pub struct RouteTable {
     /// `example.*` as `example.` → vhost, grouped the same way.
     prefixes: WildcardTable,
     default: Option<usize>,
+    /// Every cluster the routes name, once each; a route's `cluster_slot` indexes it.
+    pub cluster_names: Vec<String>,
 }
 
 impl RouteTable {
@@ -37,7 +39,9 @@ impl RouteTable {
             suffixes: WildcardTable::default(),
             prefixes: WildcardTable::default(),
             default: None,
+            cluster_names: Vec::new(),
         };
+        let mut slots: HashMap<String, usize> = HashMap::new();
         for (
             i,
             VirtualHostConfig {
@@ -56,6 +60,15 @@ impl RouteTable {
                     table.prefixes.insert(prefix, i);
                 } else {
                     table.exact.insert(d, i);
+                }
+            }
+            let mut routes = routes;
+            for route in &mut routes {
+                if let RouteAction::Forward(f) = &mut route.action {
+                    f.cluster_slot = *slots.entry(f.cluster.clone()).or_insert_with(|| {
+                        table.cluster_names.push(f.cluster.clone());
+                        table.cluster_names.len() - 1
+                    });
                 }
             }
             table.vhosts.push(VirtualHost { name, routes });
@@ -174,6 +187,7 @@ mod tests {
             case_sensitive: true,
             action: RouteAction::Forward(ForwardAction {
                 cluster: cluster.into(),
+                cluster_slot: 0,
                 timeout: None,
                 expected_timeout: None,
                 prefix_rewrite: None,

@@ -14,6 +14,7 @@ use crate::http::body::{ProxyBody, StreamEnd};
 use crate::upstream::lb::LbContext;
 use crate::upstream::pool::{ConnectError, Sender};
 use crate::upstream::{Cluster, Host, WorkerPools};
+use crate::worker::LocalHandle;
 
 /// Why a try produced no response.
 pub enum TryFailure {
@@ -39,7 +40,9 @@ pub struct TryResponse {
 
 /// A try of one request on one cluster from one worker.
 pub struct UpstreamRequest<'a> {
-    pub cluster: &'a Arc<Cluster>,
+    /// The worker's handle on the cluster (an `Rc`: cloning it per try touches no
+    /// reference count another worker writes).
+    pub cluster: &'a LocalHandle<Cluster>,
     pub pools: &'a Rc<WorkerPools>,
 }
 
@@ -70,7 +73,7 @@ impl UpstreamRequest<'_> {
         let stats = &cluster.stats;
         stats.upstream_rq_total.inc();
         host.stats.rq_total.inc();
-        let mut sender = match self.pools.acquire(cluster, host).await {
+        let mut sender = match self.pools.acquire(cluster.shared(), host).await {
             Ok(s) => s,
             Err(e) => {
                 host.stats.rq_error.inc();
@@ -141,7 +144,7 @@ impl UpstreamRequest<'_> {
 /// HTTP/1.1 connection that returns to the pool when the response completed) and
 /// its `upstream_rq_active` count, which ends when the handle drops.
 pub struct UpstreamHandle {
-    cluster: Arc<Cluster>,
+    cluster: LocalHandle<Cluster>,
     host: Arc<Host>,
     pools: Rc<WorkerPools>,
     sender: Option<Sender>,
@@ -158,7 +161,7 @@ impl UpstreamHandle {
         match end {
             StreamEnd::Complete => {
                 if let Some(Sender::Http1(conn)) = self.sender.take() {
-                    self.pools.release(&self.cluster, &self.host, conn);
+                    self.pools.release(self.cluster.shared(), &self.host, conn);
                 }
             }
             StreamEnd::UpstreamError => self.cluster.stats.upstream_rq_rx_reset.inc(),

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -406,6 +406,9 @@ impl ClusterMap {
 pub struct ClusterManager {
     store: Arc<StatStore>,
     active: ArcSwap<ClusterMap>,
+    /// Bumped whenever the active clusters change: workers' cached cluster
+    /// handles are valid while it stays the same.
+    generation: AtomicU64,
     /// Clusters waiting for their first hosts (EDS, DNS); an active cluster of the
     /// same name keeps serving meanwhile.
     warming: Mutex<ClusterMap>,
@@ -429,6 +432,7 @@ impl ClusterManager {
         let cm = Arc::new(ClusterManager {
             store: store.clone(),
             active: ArcSwap::from_pointee(map),
+            generation: AtomicU64::new(0),
             warming: Mutex::new(ClusterMap::default()),
             eds: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
@@ -445,6 +449,11 @@ impl ClusterManager {
 
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
         self.active.load().by_name.get(name).cloned()
+    }
+
+    /// Changes whenever an active cluster is added, replaced or removed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn all(&self) -> Vec<Arc<Cluster>> {
@@ -556,6 +565,7 @@ impl ClusterManager {
             }
         }
         self.active.store(Arc::new(active));
+        self.generation.fetch_add(1, Ordering::Release);
         *lock(&self.cds_version) = version.to_string();
         self.update_gauges();
     }
@@ -577,6 +587,7 @@ impl ClusterManager {
             old.removed.store(true, Ordering::Relaxed);
         }
         self.active.store(Arc::new(active));
+        self.generation.fetch_add(1, Ordering::Release);
         self.update_gauges();
     }
 

@@ -180,23 +180,27 @@ impl HostPool {
         Some(lease)
     }
 
-    /// Closes what has been idle past the cluster's idle timeout; whether the pool
-    /// is now empty.
+    /// Forgets connections the upstream closed and closes those idle past the
+    /// cluster's idle timeout (only those count as `upstream_cx_idle_timeout`);
+    /// whether the pool is now empty.
     fn expire_idle(&mut self, now: Instant) -> bool {
-        if let Some(timeout) = self.cluster.pool.idle_timeout {
-            let stats = &self.cluster.stats;
-            self.idle_http1.retain(|idle| {
-                let keep =
-                    now.duration_since(idle.since) < timeout && !idle.conn.sender.is_closed();
-                if !keep {
-                    stats.upstream_cx_idle_timeout.inc();
-                }
-                keep
-            });
-            if let Some(h2) = &self.http2
-                && h2.state.active_streams.get() == 0
-                && now.duration_since(h2.state.idle_since.get()) >= timeout
-            {
+        let stats = &self.cluster.stats;
+        let timeout = self.cluster.pool.idle_timeout;
+        let expired = |since: Instant| timeout.is_some_and(|t| now.duration_since(since) >= t);
+        self.idle_http1.retain(|idle| {
+            if idle.conn.sender.is_closed() {
+                return false;
+            }
+            if expired(idle.since) {
+                stats.upstream_cx_idle_timeout.inc();
+                return false;
+            }
+            true
+        });
+        if let Some(h2) = &self.http2 {
+            if h2.sender.is_closed() {
+                self.http2 = None;
+            } else if h2.state.active_streams.get() == 0 && expired(h2.state.idle_since.get()) {
                 stats.upstream_cx_idle_timeout.inc();
                 self.http2 = None;
             }
