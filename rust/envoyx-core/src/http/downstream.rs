@@ -181,7 +181,7 @@ where
         }
         CodecType::Auto => {
             // The first bytes say which protocol: HTTP/2's preface, or HTTP/1.1.
-            let Some(first) = Box::pin(sniff(&stream, &rx)).await else {
+            let Some(first) = Box::pin(sniff(&stream, &rx, &drain)).await else {
                 return;
             };
             if first.pending().starts_with(H2_PREFACE) {
@@ -200,7 +200,13 @@ where
 
 /// Reads until the bytes are not a prefix of HTTP/2's preface, or are all of it.
 /// None when the peer leaves first.
-async fn sniff<S: Transport>(stream: &S, rx: &crate::stats::Counter) -> Option<h1::InBuf> {
+/// Like the HTTP/1.1 codec's idle wait, it reads the drain signal without a waiter
+/// of its own (the worker's connection task is woken by it).
+async fn sniff<S: Transport>(
+    stream: &S,
+    rx: &crate::stats::Counter,
+    drain: &watch::Receiver<bool>,
+) -> Option<h1::InBuf> {
     let mut buf: Option<h1::InBuf> = None;
     loop {
         if let Some(b) = &buf {
@@ -210,7 +216,13 @@ async fn sniff<S: Transport>(stream: &S, rx: &crate::stats::Counter) -> Option<h
                 return buf;
             }
         }
-        if poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
+        let readable = poll_fn(|cx| {
+            if *drain.borrow() {
+                return std::task::Poll::Ready(false);
+            }
+            stream.poll_read_ready(cx).map(|r| r.is_ok())
+        });
+        if !readable.await {
             break;
         }
         let b = buf.get_or_insert_with(h1::InBuf::new);

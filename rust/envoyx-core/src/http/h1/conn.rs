@@ -161,7 +161,9 @@ async fn exchange(
     let head_request = request.method() == Method::HEAD;
     let body = shared.begin_body(framing, expect_continue);
     let request = request.map(|()| PeerBody::Http1(body));
-    let run = ActiveStream::run(conn.clone(), request);
+    // Boxed on its own (it is large): this future stays small, so that neither
+    // boxing it nor selecting on the stream copies the stream's state.
+    let run = Box::pin(ActiveStream::run(conn.clone(), request));
     let response = tokio::select! {
         biased;
         r = run => r,
@@ -242,7 +244,7 @@ async fn write_response(
             drop(body);
             out.flush(shared).await
         }
-        encoder => Box::pin(write_body(shared, body, encoder, &mut out)).await,
+        encoder => write_body(shared, body, encoder, &mut out).await,
     };
     buffers::give_write(out.buf);
     ok && !last

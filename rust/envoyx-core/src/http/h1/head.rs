@@ -95,9 +95,11 @@ pub enum Parsed {
 
 /// Parses (and screens) the request head at the start of `buf`.
 pub fn parse(buf: &[u8]) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Uninitialised slots, as hyper does: no 3 KiB of empty headers written per head.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Parsed::Refused(TOO_LARGE),
         Ok(httparse::Status::Partial) => return Parsed::Partial,
@@ -312,15 +314,20 @@ pub fn encode_response(
     let mut wrote_len = false;
     let mut wrote_date = false;
     let mut trailer_names: Option<Vec<HeaderName>> = None;
-    for name in parts.headers.keys() {
-        let mut values = parts.headers.get_all(name).iter();
+    let mut previous: Option<&HeaderName> = None;
+    for (name, value) in parts.headers.iter() {
+        // A name's values follow each other; the joined ones are written at the first.
+        let repeated = previous == Some(name);
+        previous = Some(name);
         match *name {
             header::CONTENT_LENGTH => {
-                let Some(first) = values.next() else { continue };
+                if repeated || wrote_len {
+                    continue;
+                }
                 match body {
                     BodyLength::Known(n) => encoder = Encoder::Length(n),
                     BodyLength::Unknown => {
-                        match std::str::from_utf8(first.as_bytes())
+                        match std::str::from_utf8(value.as_bytes())
                             .ok()
                             .and_then(|v| v.trim().parse().ok())
                         {
@@ -331,14 +338,11 @@ pub fn encode_response(
                     BodyLength::Empty if !head_request => continue,
                     BodyLength::Empty => {}
                 }
-                if wrote_len {
-                    continue;
-                }
                 wrote_len = true;
-                write_header(dst, b"content-length", first.as_bytes());
+                write_header(dst, b"content-length", value.as_bytes());
             }
             header::TRANSFER_ENCODING => {
-                if !can_chunk || wrote_len {
+                if repeated || !can_chunk || wrote_len {
                     continue;
                 }
                 wrote_len = true;
@@ -356,17 +360,20 @@ pub fn encode_response(
                 dst.extend_from_slice(b"\r\n");
             }
             header::CONNECTION => {
-                let joined = join(values);
+                if repeated {
+                    continue;
+                }
+                let joined = join(parts.headers.get_all(name).iter());
                 if has_token(&joined, b"close") {
                     last = true;
                 }
                 write_header(dst, b"connection", &joined);
             }
             header::TRAILER => {
-                if !can_chunk {
+                if repeated || !can_chunk {
                     continue;
                 }
-                let joined = join(values);
+                let joined = join(parts.headers.get_all(name).iter());
                 if let Ok(text) = std::str::from_utf8(&joined) {
                     trailer_names.get_or_insert_with(Vec::new).extend(
                         text.split(',')
@@ -379,9 +386,7 @@ pub fn encode_response(
                 if *name == header::DATE {
                     wrote_date = true;
                 }
-                for v in parts.headers.get_all(name) {
-                    write_header(dst, name.as_str().as_bytes(), v.as_bytes());
-                }
+                write_header(dst, name.as_str().as_bytes(), value.as_bytes());
             }
         }
     }
