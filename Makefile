@@ -40,11 +40,12 @@ fmt:  ## format Rust and Python sources
 	cargo fmt --all
 	$(PYTHON) -m ruff format python tests benches examples
 
-bench:  ## micro-benchmarks, the load harness, the filter cost and the xDS apply benchmark
+bench:  ## micro-benchmarks, the load harness, filter cost, xDS apply, instructions per request
 	$(PYTHON) -m pytest benches -q --benchmark-enable
 	$(PYTHON) benches/harness.py
 	$(PYTHON) benches/filters.py
 	$(PYTHON) benches/xds_apply.py
+	$(PYTHON) benches/instructions.py
 
 run: install  ## run the shipped example
 	envoyx -c examples/front-proxy.yaml

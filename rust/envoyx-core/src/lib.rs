@@ -17,6 +17,7 @@ pub mod listener;
 pub mod listener_manager;
 pub mod log;
 pub mod options;
+pub mod per_worker;
 pub mod router;
 pub mod server;
 pub mod stats;

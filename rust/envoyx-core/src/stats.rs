@@ -15,7 +15,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::worker;
+use crate::per_worker;
 
 /// Cells in one [`Line`]: 16 × 8 bytes = 128 bytes, the unit x86's adjacent-line
 /// prefetcher moves (and the cache line of Apple's cores), so shards one line apart
@@ -27,7 +27,7 @@ const SLAB_CELLS: usize = 16 * LINE_CELLS;
 #[repr(align(128))]
 struct Line([AtomicU64; LINE_CELLS]);
 
-/// The cells of many stats, one row per shard (see [`worker::shard`]): row 0 for
+/// The cells of many stats, one row per shard (see [`per_worker::shard`]): row 0 for
 /// threads that are not workers, row `i + 1` for worker `i`. A stat is one index
 /// (a histogram a run of indexes) valid in every row, so the cells one worker
 /// writes for all stats of a slab are packed together in its own row, and no
@@ -145,7 +145,7 @@ impl Counter {
     }
     #[inline]
     pub fn add(&self, n: u64) {
-        self.slab.add(worker::shard(), self.idx, n);
+        self.slab.add(per_worker::shard(), self.idx, n);
     }
     pub fn get(&self) -> u64 {
         self.slab.sum(self.idx, 0..self.slab.shards)
@@ -191,7 +191,7 @@ impl Gauge {
     /// Adds `n` (negative to subtract) without the race of `set(get() + n)`.
     #[inline]
     pub fn add(&self, n: i64) {
-        self.slab.add(worker::shard(), self.idx, n as u64);
+        self.slab.add(per_worker::shard(), self.idx, n as u64);
     }
     pub fn set(&self, v: i64) {
         let workers = self.slab.sum(self.idx, 1..self.slab.shards);
@@ -291,7 +291,7 @@ impl Histogram {
             .iter()
             .position(|b| v <= *b)
             .unwrap_or(BUCKETS.len());
-        let shard = worker::shard();
+        let shard = per_worker::shard();
         self.slab.add(shard, self.idx + i, 1);
         self.slab.add(shard, self.idx + SUM_CELL, ms);
     }
@@ -770,7 +770,7 @@ mod tests {
             for i in first..first + threads {
                 let f = &f;
                 s.spawn(move || {
-                    crate::worker::enter(i);
+                    crate::per_worker::enter(i);
                     f(i);
                 });
             }

@@ -1,14 +1,5 @@
 //! A worker: one thread, one current-thread tokio runtime, its own accept loops,
 //! upstream pools and load-balancer state (Envoy's worker model, DESIGN.md §2).
-//!
-//! Which thread is running is known to per-worker state that other threads must
-//! read (stats shards, access-log buffers), indexed by [`shard`]: worker `i` owns
-//! slot `i + 1`; every other thread (the control thread, admin, Python callers)
-//! shares slot 0.
-//!
-//! Per-worker state that other threads must read (stats shards, access-log
-//! buffers) is indexed by [`shard`]: worker `i` owns slot `i + 1`; every other
-//! thread (the control thread, admin, Python callers) shares slot 0.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -29,27 +20,6 @@ use crate::listener_manager::WorkerCommand;
 use crate::stats::Gauge;
 use crate::upstream::WorkerPools;
 
-thread_local! {
-    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// Marks the calling thread as worker `index`; called once when a worker starts.
-pub fn enter(index: usize) {
-    WORKER.with(|w| w.set(Some(index)));
-}
-
-/// The calling thread's worker index, if it is a worker.
-pub fn current() -> Option<usize> {
-    WORKER.with(Cell::get)
-}
-
-/// The slot of per-worker state this thread writes: `index + 1` on worker
-/// `index`, 0 elsewhere. Structures sized with `workers + 1` slots hold all.
-#[inline]
-pub fn shard() -> usize {
-    WORKER.with(|w| w.get().map_or(0, |i| i + 1))
-}
-
 /// Runs worker `index` until the server stops: accepts on the sockets it is given
 /// (at start and later through `commands`), then lets its connections finish
 /// within the drain time.
@@ -59,7 +29,7 @@ pub(crate) fn run(
     sockets: Vec<(Arc<Listener>, StdTcpListener)>,
     mut commands: mpsc::UnboundedReceiver<WorkerCommand>,
 ) {
-    enter(index);
+    crate::per_worker::enter(index);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -246,63 +216,5 @@ impl Drop for TrackedConnection {
         if self.0.open.get() == 0 {
             self.0.closed.notify_waiters();
         }
-    }
-}
-/// A worker's handle on an object shared by every worker (a route table, a
-/// cluster): cloned per request with a plain count, so that the shared `Arc`'s
-/// count — a cache line all workers write — moves only when the worker takes a new
-/// object, not per request. (An `Rc` around an `Arc` is exactly the point here.)
-#[allow(clippy::redundant_allocation)]
-pub struct LocalHandle<T>(Rc<Arc<T>>);
-
-impl<T> LocalHandle<T> {
-    pub fn new(shared: Arc<T>) -> Self {
-        LocalHandle(Rc::new(shared))
-    }
-
-    /// The shared object itself.
-    pub fn shared(&self) -> &Arc<T> {
-        &self.0
-    }
-
-    /// Whether both are handles on the same object.
-    pub fn same(&self, other: &Arc<T>) -> bool {
-        Arc::ptr_eq(&self.0, other)
-    }
-
-    /// Whether both handles are the same handle.
-    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
-        Rc::ptr_eq(&a.0, &b.0)
-    }
-}
-
-impl<T> Clone for LocalHandle<T> {
-    fn clone(&self) -> Self {
-        LocalHandle(self.0.clone())
-    }
-}
-
-impl<T> std::ops::Deref for LocalHandle<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_have_their_own_slot() {
-        assert_eq!(shard(), 0);
-        std::thread::spawn(|| {
-            enter(3);
-            assert_eq!(current(), Some(3));
-            assert_eq!(shard(), 4);
-        })
-        .join()
-        .unwrap();
-        assert_eq!(current(), None);
     }
 }

@@ -25,9 +25,9 @@ use super::h1::{self, Refusal, Transport};
 use crate::access_log::LogRecord;
 use crate::config::{CodecType, ForwardAction};
 use crate::io::{CountedIo, LocalExec, Rewind};
+use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
 use crate::upstream::{Cluster, WorkerPools};
-use crate::worker::LocalHandle;
 
 /// What every stream of one downstream connection shares.
 pub(crate) struct DownstreamConnection {

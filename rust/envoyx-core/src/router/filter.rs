@@ -19,9 +19,9 @@ use crate::http::headers::{
     strip_hop_by_hop,
 };
 use crate::http::local_reply::LocalReply;
+use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
 use crate::upstream::lb::LbContext;
-use crate::worker::LocalHandle;
 
 /// How the router ended its part of a request.
 pub(crate) enum RouterOutcome {

@@ -11,10 +11,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::http::body::{ProxyBody, StreamEnd};
+use crate::per_worker::LocalHandle;
 use crate::upstream::lb::LbContext;
 use crate::upstream::pool::{ConnectError, Sender};
 use crate::upstream::{Cluster, Host, WorkerPools};
-use crate::worker::LocalHandle;
 
 /// Why a try produced no response.
 pub enum TryFailure {

@@ -337,4 +337,3 @@ fn connection_futures_are_small() {
     eprintln!("HTTP/1 connection future: {h1} bytes");
     assert!(h1 <= 512, "{h1}");
 }
-
