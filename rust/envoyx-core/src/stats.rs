@@ -392,6 +392,11 @@ impl StatStore {
     /// A store whose stats have a shard for each of `workers` workers and one
     /// shared by every other thread. A worker with an index `>= workers` still
     /// counts exactly, in the shared shard.
+    /// Rows per stat: the workers + 1 (see [`per_worker::shard`]).
+    pub fn shards(&self) -> usize {
+        lock(&self.inner).arena.shards
+    }
+
     pub fn with_workers(workers: usize) -> Arc<Self> {
         let store = Self::default();
         lock(&store.inner).arena.shards = workers + 1;

@@ -98,14 +98,14 @@ impl TcpProxy {
         record.upstream_host = Some(host.address);
         let stats = &cluster.stats;
         stats.upstream_cx_total.inc();
-        host.stats.cx_total.inc();
+        host.stats.cx_total().inc();
         let connected =
             tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await;
         let mut upstream = match connected {
             Ok(Ok(s)) => s,
             other => {
                 stats.upstream_cx_connect_fail.inc();
-                host.stats.cx_connect_fail.inc();
+                host.stats.cx_connect_fail().inc();
                 if other.is_err() {
                     stats.upstream_cx_connect_timeout.inc();
                 }
@@ -117,7 +117,7 @@ impl TcpProxy {
         let _ = upstream.set_nodelay(true);
         let _ = downstream.set_nodelay(true);
         stats.upstream_cx_active.inc();
-        host.stats.cx_active.inc();
+        host.stats.cx_active().inc();
         // copy_bidirectional shuts down each write side when the other read side
         // ends, which is exactly TCP half-close.
         let copied = tokio::select! {
@@ -134,7 +134,7 @@ impl TcpProxy {
         stats.upstream_cx_rx_bytes_total.add(tx);
         stats.upstream_cx_active.dec();
         stats.upstream_cx_destroy.inc();
-        host.stats.cx_active.dec();
+        host.stats.cx_active().dec();
         record.bytes_received = rx;
         record.bytes_sent = tx;
         self.log(record, started);

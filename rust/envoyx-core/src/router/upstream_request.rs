@@ -4,7 +4,6 @@
 //! over tries here, not in the connection manager.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -48,7 +47,7 @@ pub struct UpstreamRequest<'a> {
 
 impl UpstreamRequest<'_> {
     /// The host for this try, by the cluster's load balancer.
-    pub fn choose_host(&self, context: &LbContext<'_>) -> Result<Arc<Host>, TryFailure> {
+    pub fn choose_host(&self, context: &LbContext<'_>) -> Result<LocalHandle<Host>, TryFailure> {
         self.pools
             .choose_host(self.cluster, context)
             .ok_or_else(|| {
@@ -63,7 +62,7 @@ impl UpstreamRequest<'_> {
     /// known (its form of the target and `Host`).
     pub async fn send(
         &self,
-        host: &Arc<Host>,
+        host: &LocalHandle<Host>,
         mut parts: http::request::Parts,
         body: ProxyBody,
         timeout: Option<Duration>,
@@ -72,11 +71,11 @@ impl UpstreamRequest<'_> {
         let cluster = self.cluster;
         let stats = &cluster.stats;
         stats.upstream_rq_total.inc();
-        host.stats.rq_total.inc();
-        let mut sender = match self.pools.acquire(cluster.shared(), host).await {
+        host.stats.rq_total().inc();
+        let mut sender = match self.pools.acquire(cluster.shared(), host.shared()).await {
             Ok(s) => s,
             Err(e) => {
-                host.stats.rq_error.inc();
+                host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
                 stats.response(503);
                 return Err(TryFailure::Connect(e));
@@ -90,7 +89,7 @@ impl UpstreamRequest<'_> {
             http::Version::HTTP_11
         };
         stats.upstream_rq_active.inc();
-        host.stats.rq_active.inc();
+        host.stats.rq_active().inc();
         // Dropped on every early return below, which ends the try's active counts.
         let mut handle = UpstreamHandle {
             cluster: cluster.clone(),
@@ -108,7 +107,7 @@ impl UpstreamRequest<'_> {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if e.is_user() => return Err(TryFailure::DownstreamBody),
             Ok(Err(e)) => {
-                host.stats.rq_error.inc();
+                host.stats.rq_error().inc();
                 stats.upstream_rq_rx_reset.inc();
                 stats.response(503);
                 return Err(TryFailure::Reset(e));
@@ -116,7 +115,7 @@ impl UpstreamRequest<'_> {
             Err(_elapsed) => {
                 stats.upstream_rq_timeout.inc();
                 stats.response(504);
-                host.stats.rq_timeout.inc();
+                host.stats.rq_timeout().inc();
                 return Err(TryFailure::Timeout);
             }
         };
@@ -127,9 +126,9 @@ impl UpstreamRequest<'_> {
         let status = response.status().as_u16();
         stats.response(status);
         if status < 500 {
-            host.stats.rq_success.inc();
+            host.stats.rq_success().inc();
         } else {
-            host.stats.rq_error.inc();
+            host.stats.rq_error().inc();
         }
         handle.sender = Some(sender);
         Ok(TryResponse {
@@ -145,7 +144,7 @@ impl UpstreamRequest<'_> {
 /// its `upstream_rq_active` count, which ends when the handle drops.
 pub struct UpstreamHandle {
     cluster: LocalHandle<Cluster>,
-    host: Arc<Host>,
+    host: LocalHandle<Host>,
     pools: Rc<WorkerPools>,
     sender: Option<Sender>,
 }
@@ -161,7 +160,8 @@ impl UpstreamHandle {
         match end {
             StreamEnd::Complete => {
                 if let Some(Sender::Http1(conn)) = self.sender.take() {
-                    self.pools.release(self.cluster.shared(), &self.host, conn);
+                    self.pools
+                        .release(self.cluster.shared(), self.host.shared(), conn);
                 }
             }
             StreamEnd::UpstreamError => self.cluster.stats.upstream_rq_rx_reset.inc(),
@@ -173,6 +173,6 @@ impl UpstreamHandle {
 impl Drop for UpstreamHandle {
     fn drop(&mut self) {
         self.cluster.stats.upstream_rq_active.dec();
-        self.host.stats.rq_active.dec();
+        self.host.stats.rq_active().dec();
     }
 }

@@ -9,52 +9,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use super::host_stats::HostStats;
 use crate::config::{
     ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, PoolSettings,
     UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
-
-/// Per-host stats, shown by `/clusters`. Plain atomics inside the host (no
-/// registry entry, no allocation each): an EDS update may bring thousands of hosts.
-#[derive(Debug, Default)]
-pub struct HostStats {
-    pub cx_total: HostCounter,
-    pub cx_active: HostGauge,
-    pub cx_connect_fail: HostCounter,
-    pub rq_total: HostCounter,
-    pub rq_active: HostGauge,
-    pub rq_success: HostCounter,
-    pub rq_error: HostCounter,
-    pub rq_timeout: HostCounter,
-}
-
-#[derive(Debug, Default)]
-pub struct HostCounter(std::sync::atomic::AtomicU64);
-
-impl HostCounter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct HostGauge(std::sync::atomic::AtomicI64);
-
-impl HostGauge {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 #[derive(Debug)]
 pub struct Host {
@@ -68,11 +28,12 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(address: SocketAddr, hostname: String) -> Self {
+    /// `shards`: the server's workers + 1 (rows of the host's stats).
+    pub fn new(address: SocketAddr, hostname: String, shards: usize) -> Self {
         Host {
             address,
             hostname,
-            stats: HostStats::default(),
+            stats: HostStats::new(shards),
             removed: AtomicBool::new(false),
         }
     }
@@ -193,6 +154,8 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// Idle timeout and request limit of this cluster's pooled connections.
     pub pool: PoolSettings,
+    /// Rows of each host's stats (the server's workers + 1).
+    host_shards: usize,
     pub endpoints: Vec<EndpointConfig>,
     pub hosts: ArcSwap<Vec<Arc<Host>>>,
     pub stats: ClusterStats,
@@ -235,13 +198,14 @@ impl Origin {
 impl Cluster {
     pub fn new(config: &ClusterConfig, store: &Arc<StatStore>, origin: Origin) -> Arc<Self> {
         let stats = ClusterStats::new(store, &config.name);
+        let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
                 .endpoints
                 .iter()
                 .filter_map(|e| {
                     let ip: IpAddr = e.address.parse().ok()?;
-                    Some(new_host(SocketAddr::new(ip, e.port), String::new()))
+                    Some(new_host(SocketAddr::new(ip, e.port), String::new(), shards))
                 })
                 .collect()
         } else {
@@ -259,6 +223,7 @@ impl Cluster {
             dns_lookup_family: config.dns_lookup_family,
             lb_policy: config.lb_policy,
             pool: config.pool,
+            host_shards: shards,
             endpoints: config.endpoints.clone(),
             hosts: ArcSwap::from_pointee(hosts),
             stats,
@@ -294,7 +259,7 @@ impl Cluster {
             .map(|(addr, name)| {
                 by_addr
                     .get(&addr)
-                    .map_or_else(|| new_host(addr, name), |h| (*h).clone())
+                    .map_or_else(|| new_host(addr, name, self.host_shards), |h| (*h).clone())
             })
             .collect();
         for old in current.iter() {
@@ -344,8 +309,8 @@ impl Cluster {
     }
 }
 
-fn new_host(address: SocketAddr, hostname: String) -> Arc<Host> {
-    Arc::new(Host::new(address, hostname))
+fn new_host(address: SocketAddr, hostname: String, shards: usize) -> Arc<Host> {
+    Arc::new(Host::new(address, hostname, shards))
 }
 
 /// Applies Envoy's `dns_lookup_family` to a resolver answer.

@@ -1,6 +1,7 @@
 //! Upstreams: clusters, hosts, worker-local connection pools and load balancers.
 
 pub mod cluster;
+pub mod host_stats;
 pub mod lb;
 pub mod pool;
 

@@ -22,6 +22,7 @@ use super::lb::{self, LbContext, LoadBalancer};
 use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
 use crate::io::{CountedIo, LocalExec};
+use crate::per_worker::LocalHandle;
 
 type PoolKey = (usize, SocketAddr);
 
@@ -214,7 +215,16 @@ impl HostPool {
 #[derive(Default)]
 pub struct WorkerPools {
     hosts: RefCell<HashMap<PoolKey, HostPool>>,
-    balancers: RefCell<HashMap<usize, Rc<dyn LoadBalancer>>>,
+    balancers: RefCell<HashMap<usize, ClusterLocal>>,
+}
+
+/// A worker's view of one cluster: its balancer, and handles on the cluster's
+/// current hosts (renewed when DNS, EDS or CDS replace the host list), so that a
+/// pick touches no reference count other workers write.
+struct ClusterLocal {
+    lb: Rc<dyn LoadBalancer>,
+    list: Arc<Vec<Arc<Host>>>,
+    hosts: Rc<[LocalHandle<Host>]>,
 }
 
 impl WorkerPools {
@@ -224,18 +234,29 @@ impl WorkerPools {
 
     /// A host of the cluster for one try, by the cluster's policy and this
     /// worker's balancer state; None when the cluster has no host.
-    pub fn choose_host(&self, cluster: &Cluster, context: &LbContext<'_>) -> Option<Arc<Host>> {
-        let hosts = cluster.hosts.load();
+    pub fn choose_host(
+        &self,
+        cluster: &Cluster,
+        context: &LbContext<'_>,
+    ) -> Option<LocalHandle<Host>> {
+        let (lb, hosts) = {
+            let current = cluster.hosts.load();
+            let mut balancers = self.balancers.borrow_mut();
+            let local = balancers.entry(cluster.id).or_insert_with(|| ClusterLocal {
+                lb: lb::for_policy(cluster.lb_policy),
+                list: Arc::new(Vec::new()),
+                hosts: Rc::new([]),
+            });
+            if !Arc::ptr_eq(&local.list, &current) {
+                local.hosts = current.iter().cloned().map(LocalHandle::new).collect();
+                local.list = arc_swap::Guard::into_inner(current);
+            }
+            (local.lb.clone(), local.hosts.clone())
+        };
         if hosts.is_empty() {
             return None;
         }
-        let lb = self
-            .balancers
-            .borrow_mut()
-            .entry(cluster.id)
-            .or_insert_with(|| lb::for_policy(cluster.lb_policy))
-            .clone();
-        Some(lb.choose(&hosts, context))
+        Some(hosts[lb.choose(&hosts, context)].clone())
     }
 
     /// A connection to `host`: an idle keep-alive one (HTTP/1.1) or the shared one
@@ -403,7 +424,7 @@ async fn open_http1(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Sender, 
 async fn connect(cluster: &Cluster, host: &Arc<Host>) -> Result<UpstreamIo, ConnectError> {
     let stats = &cluster.stats;
     stats.upstream_cx_total.inc();
-    host.stats.cx_total.inc();
+    host.stats.cx_total().inc();
     let started = Instant::now();
     let stream =
         match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await
@@ -411,13 +432,13 @@ async fn connect(cluster: &Cluster, host: &Arc<Host>) -> Result<UpstreamIo, Conn
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 stats.upstream_cx_connect_fail.inc();
-                host.stats.cx_connect_fail.inc();
+                host.stats.cx_connect_fail().inc();
                 return Err(ConnectError::Io(e));
             }
             Err(_) => {
                 stats.upstream_cx_connect_fail.inc();
                 stats.upstream_cx_connect_timeout.inc();
-                host.stats.cx_connect_fail.inc();
+                host.stats.cx_connect_fail().inc();
                 return Err(ConnectError::Timeout);
             }
         };
@@ -445,11 +466,11 @@ where
     let destroy = cluster.stats.upstream_cx_destroy.clone();
     let host = host.clone();
     active.inc();
-    host.stats.cx_active.inc();
+    host.stats.cx_active().inc();
     async move {
         let _ = conn.await;
         active.dec();
-        host.stats.cx_active.dec();
+        host.stats.cx_active().dec();
         destroy.inc();
     }
 }

@@ -2,9 +2,9 @@
 //! workers do (so that workers do not all hit the first host together).
 
 use std::cell::Cell;
-use std::sync::Arc;
 
 use super::{LbContext, LoadBalancer};
+use crate::per_worker::LocalHandle;
 use crate::upstream::Host;
 
 pub struct RoundRobin {
@@ -26,17 +26,16 @@ impl Default for RoundRobin {
 }
 
 impl LoadBalancer for RoundRobin {
-    fn choose(&self, hosts: &[Arc<Host>], context: &LbContext<'_>) -> Arc<Host> {
+    fn choose(&self, hosts: &[LocalHandle<Host>], context: &LbContext<'_>) -> usize {
         // At most one lap to find a host no earlier try used.
         for _ in 0..hosts.len() {
             let i = self.next.get();
             self.next.set(i.wrapping_add(1));
-            let host = &hosts[i % hosts.len()];
-            if !context.avoids(host) {
-                return host.clone();
+            if !context.avoids(&hosts[i % hosts.len()]) {
+                return i % hosts.len();
             }
         }
-        hosts[self.next.get() % hosts.len()].clone()
+        self.next.get() % hosts.len()
     }
 }
 
@@ -50,7 +49,7 @@ mod tests {
         let hs = hosts(2);
         let lb = RoundRobin::new();
         let picks: Vec<_> = (0..4)
-            .map(|_| lb.choose(&hs, &LbContext::default()).address)
+            .map(|_| hs[lb.choose(&hs, &LbContext::default())].address)
             .collect();
         assert_ne!(picks[0], picks[1]);
         assert_eq!(picks[0], picks[2]);
@@ -66,7 +65,7 @@ mod tests {
             previous_hosts: &previous,
         };
         for _ in 0..10 {
-            assert_eq!(lb.choose(&hs, &context).address, hs[2].address);
+            assert_eq!(lb.choose(&hs, &context), 2);
         }
     }
 }
