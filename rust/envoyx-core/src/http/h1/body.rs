@@ -169,6 +169,9 @@ impl Shared {
         let seq = self.request_seq.get() + 1;
         self.request_seq.set(seq);
         let mut read = self.read.borrow_mut();
+        // Watch the peer again during this request (a pipelined one may have
+        // stopped the watch during the last).
+        read.ahead = false;
         read.body = match framing {
             Framing::None => BodyState::Done,
             Framing::Length(n) => BodyState::Length(n),
