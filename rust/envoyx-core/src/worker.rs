@@ -122,9 +122,13 @@ impl Worker {
         // Built here, not inside the task: the task then holds the connection's
         // future once, not also the arguments it was made from.
         let served = match &listener.filter {
-            ListenerFilter::Http(hcm) => {
-                Either::Left(hcm.clone().serve(pools, stream, peer, drain.clone()))
-            }
+            ListenerFilter::Http(hcm) => Either::Left(crate::http::serve_tcp(
+                hcm.clone(),
+                pools,
+                stream,
+                peer,
+                drain.clone(),
+            )),
             // Boxed: its state (an access-log record) would otherwise be in every
             // HTTP connection's task too.
             ListenerFilter::Tcp(tcp) => Either::Right(Box::pin(tcp.clone().serve(

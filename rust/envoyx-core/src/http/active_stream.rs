@@ -13,7 +13,7 @@ use http::{HeaderMap, Request, Response, Version};
 use hyper::body::Incoming;
 
 use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd};
-use super::downstream::DownstreamConnection;
+use super::connection::DownstreamConnection;
 use super::filter::{FilterStream, HookOutcome, Phase};
 use super::filtering::RequestFilters;
 use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name};
@@ -125,7 +125,9 @@ impl ActiveStream {
         };
 
         let router = Router {
-            stream: &mut stream,
+            conn: &stream.conn,
+            record: &mut stream.record,
+            bytes_received: &stream.bytes_received,
             routes: &routes,
             authority,
             path,

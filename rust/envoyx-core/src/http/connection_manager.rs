@@ -6,14 +6,10 @@
 //! [`super::active_stream::ActiveStream`], whose terminal filter is the router
 //! ([`crate::router::filter`]).
 
-use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::HeaderValue;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use super::filter::FilterChain;
 use crate::access_log::{AccessLogOptions, AccessLogger};
@@ -21,7 +17,6 @@ use crate::config::{CodecType, HttpConnectionManagerConfig, RouteSource};
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 use crate::upstream::cluster::ClusterManager;
-use crate::upstream::pool::WorkerPools;
 
 /// `http.<stat_prefix>.*` with Envoy's meanings.
 #[derive(Debug)]
@@ -150,19 +145,6 @@ impl HttpConnectionManager {
             use_remote_address: config.use_remote_address,
             filters,
         }))
-    }
-
-    /// Serves one downstream TCP connection until it closes or `drain` fires.
-    pub fn serve(
-        self: Arc<Self>,
-        pools: Rc<WorkerPools>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        drain: watch::Receiver<bool>,
-    ) -> impl std::future::Future<Output = ()> + 'static {
-        let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok();
-        super::downstream::serve(self, pools, stream, peer, local, drain)
     }
 
     /// The `server` header value as text (for replies the framing guard writes).

@@ -20,119 +20,34 @@ use tokio::sync::watch;
 
 use super::active_stream::ActiveStream;
 use super::body::{PeerBody, ResponseBody};
+use super::connection::{ConnectionScreen, DownstreamConnection};
 use super::connection_manager::HttpConnectionManager;
-use super::h1::{self, Refusal, Transport};
+use super::h1::{self, Transport};
 use crate::access_log::LogRecord;
-use crate::config::{CodecType, ForwardAction};
+use crate::config::CodecType;
 use crate::io::{CountedIo, LocalExec, Rewind};
 use crate::per_worker::LocalHandle;
-use crate::router::RouteTable;
-use crate::upstream::{Cluster, WorkerPools};
-
-/// What every stream of one downstream connection shares.
-pub(crate) struct DownstreamConnection {
-    pub hcm: Arc<HttpConnectionManager>,
-    pub pools: Rc<WorkerPools>,
-    pub peer: SocketAddr,
-    pub local: Option<SocketAddr>,
-    /// The protocol of the first request, for the `downstream_cx_http*` stats.
-    protocol: Cell<Option<Version>>,
-    pub screen: ConnectionScreen,
-    /// The route table this connection's requests last used: requests share it
-    /// through an `Rc` instead of each touching the table's shared reference
-    /// count (written by every worker) while they wait.
-    routes: RefCell<LocalHandle<RouteTable>>,
-    /// Handles on the clusters that route table names, found once per table and
-    /// cluster generation: a request indexes them by the route's `cluster_slot`.
-    clusters: RefCell<ClusterSlots>,
-}
-
-#[derive(Default)]
-struct ClusterSlots {
-    table: Option<LocalHandle<RouteTable>>,
-    generation: u64,
-    slots: Vec<Option<LocalHandle<Cluster>>>,
-}
-
-impl DownstreamConnection {
-    /// The current route table (a new one once RDS or LDS replaced it).
-    pub fn route_table(&self) -> LocalHandle<RouteTable> {
-        let current = self.hcm.routes.load();
-        let mut cached = self.routes.borrow_mut();
-        if !cached.same(&current) {
-            *cached = LocalHandle::new(arc_swap::Guard::into_inner(current));
-        }
-        cached.clone()
-    }
-
-    /// The cluster a route forwards to (None: no such cluster now).
-    pub fn cluster_for(
-        &self,
-        routes: &LocalHandle<RouteTable>,
-        action: &ForwardAction,
-    ) -> Option<LocalHandle<Cluster>> {
-        let generation = self.hcm.clusters.generation();
-        let mut cache = self.clusters.borrow_mut();
-        if cache.generation != generation
-            || !cache
-                .table
-                .as_ref()
-                .is_some_and(|t| LocalHandle::ptr_eq(t, routes))
-        {
-            *cache = ClusterSlots {
-                table: Some(routes.clone()),
-                generation,
-                slots: vec![None; routes.cluster_names.len()],
-            };
-        }
-        let slot = cache.slots.get_mut(action.cluster_slot)?;
-        if slot.is_none() {
-            *slot = self.hcm.clusters.get(&action.cluster).map(LocalHandle::new);
-        }
-        slot.clone()
-    }
-
-    /// Counts a new request on this connection (and the connection's protocol
-    /// the first time).
-    pub fn begin_request(&self, version: Version) {
-        let stats = &self.hcm.stats;
-        self.screen.in_flight.set(self.screen.in_flight.get() + 1);
-        stats.downstream_rq_total.inc();
-        stats.downstream_rq_active.inc();
-        let h2 = version == Version::HTTP_2;
-        if h2 {
-            stats.downstream_rq_http2_total.inc();
-        } else {
-            stats.downstream_rq_http1_total.inc();
-        }
-        if self.protocol.get().is_none() {
-            self.protocol.set(Some(version));
-            if h2 {
-                stats.downstream_cx_http2_total.inc();
-                stats.downstream_cx_http2_active.inc();
-            } else {
-                stats.downstream_cx_http1_total.inc();
-                stats.downstream_cx_http1_active.inc();
-            }
-        }
-    }
-}
-
-/// What the codec and the connection's books share: the requests the codec
-/// refused itself (for stats and the access log when the connection ends) and
-/// the requests in flight.
-#[derive(Debug, Default)]
-pub struct ConnectionScreen {
-    pub in_flight: Cell<u32>,
-    pub refusals: RefCell<Vec<Refusal>>,
-}
+use crate::upstream::WorkerPools;
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one downstream connection until it closes or `drain` fires. The
 /// connection's objects are made before the future, so that it holds them once.
-pub(super) fn serve<S>(
+/// Serves one downstream TCP connection of an HTTP listener.
+pub fn serve_tcp(
+    hcm: Arc<HttpConnectionManager>,
+    pools: Rc<WorkerPools>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    drain: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + 'static {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().ok();
+    serve(hcm, pools, stream, peer, local, drain)
+}
+
+pub(crate) fn serve<S>(
     hcm: Arc<HttpConnectionManager>,
     pools: Rc<WorkerPools>,
     stream: S,

@@ -5,6 +5,7 @@
 
 pub(crate) mod active_stream;
 pub mod body;
+pub(crate) mod connection;
 pub mod connection_manager;
 mod downstream;
 pub mod filter;
@@ -14,3 +15,4 @@ pub mod headers;
 pub mod local_reply;
 
 pub use connection_manager::HttpConnectionManager;
+pub use downstream::serve_tcp;

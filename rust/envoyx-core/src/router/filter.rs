@@ -2,7 +2,9 @@
 //! filter chain: route → cluster → upstream request, the request headers Envoy
 //! writes for the upstream, and the local replies for what goes wrong on the way.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,9 +13,10 @@ use http::header::{self, HeaderValue};
 use hyper::body::Incoming;
 
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
+use crate::access_log::LogRecord;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
-use crate::http::active_stream::ActiveStream;
 use crate::http::body::ProxyBody;
+use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
     X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
     strip_hop_by_hop,
@@ -41,9 +44,14 @@ pub(crate) struct UpstreamResponse {
     pub service_time: Duration,
 }
 
-/// The router for one request.
+/// The router for one request: what it needs of the request's stream (Envoy's
+/// decoder filter callbacks), not the stream itself.
 pub(crate) struct Router<'s, 'r> {
-    pub stream: &'s mut ActiveStream,
+    pub conn: &'s Rc<DownstreamConnection>,
+    /// The access-log record, when there is one (upstream cluster, host, failure).
+    pub record: &'s mut Option<Box<LogRecord>>,
+    /// Where the downstream body's bytes are counted as they stream upstream.
+    pub bytes_received: &'s Rc<Cell<u64>>,
     /// The table `route` came from (its cluster slots index the connection's
     /// cluster handles).
     pub routes: &'r LocalHandle<RouteTable>,
@@ -61,7 +69,7 @@ impl Router<'_, '_> {
         body: ProxyBody,
         chosen_cluster: Option<&str>,
     ) -> RouterOutcome {
-        let conn = self.stream.conn.clone();
+        let conn = self.conn.clone();
         let hcm = &conn.hcm;
         let stats = &hcm.stats;
         let Some(route) = route else {
@@ -100,7 +108,7 @@ impl Router<'_, '_> {
                 "cluster_not_found",
             ));
         };
-        if let Some(r) = self.stream.record.as_mut() {
+        if let Some(r) = self.record.as_mut() {
             r.upstream_cluster = Some(cluster.name.clone());
         }
         let upstream = UpstreamRequest {
@@ -112,12 +120,12 @@ impl Router<'_, '_> {
             Err(failure) => return self.failure(failure),
         };
         let body = match body {
-            ProxyBody::Stream(b) if self.stream.record.is_some() => {
-                ProxyBody::Counted(b, self.stream.bytes_received.clone())
+            ProxyBody::Stream(b) if self.record.is_some() => {
+                ProxyBody::Counted(b, self.bytes_received.clone())
             }
             other => other,
         };
-        if let Some(r) = self.stream.record.as_mut() {
+        if let Some(r) = self.record.as_mut() {
             r.upstream_host = Some(host.address);
         }
         let (authority, path) = (self.authority, self.path);
@@ -153,7 +161,7 @@ impl Router<'_, '_> {
 
     /// The local reply for a failed try, with Envoy's status, body and flags.
     fn failure(self, failure: TryFailure) -> RouterOutcome {
-        let record = self.stream.record.as_mut();
+        let record = self.record.as_mut();
         let reply = match failure {
             TryFailure::NoHealthyUpstream => {
                 LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream")
@@ -176,12 +184,7 @@ impl Router<'_, '_> {
             TryFailure::DownstreamBody => {
                 // The downstream request body failed (e.g. a malformed chunk): a
                 // downstream protocol error, answered as Envoy's codec does.
-                self.stream
-                    .conn
-                    .hcm
-                    .stats
-                    .downstream_cx_protocol_error
-                    .inc();
+                self.conn.hcm.stats.downstream_cx_protocol_error.inc();
                 let mut reply = LocalReply::new(400, "Bad Request", "DPE", "http1.codec_error");
                 reply.close_connection = true;
                 return RouterOutcome::CodecError(reply);

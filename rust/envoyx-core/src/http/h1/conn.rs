@@ -18,7 +18,7 @@ use super::buffers;
 use super::head::{self, BodyLength, Encoder, Head, Parsed, Refusal};
 use crate::http::active_stream::ActiveStream;
 use crate::http::body::{BodyError, PeerBody, ResponseBody};
-use crate::http::downstream::DownstreamConnection;
+use crate::http::connection::DownstreamConnection;
 
 /// hyper's default: a head must arrive whole within this time of its first byte.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
