@@ -18,11 +18,6 @@ pub fn enter(index: usize) {
     WORKER.with(|w| w.set(Some(index)));
 }
 
-/// The calling thread's worker index, if it is a worker.
-pub fn current() -> Option<usize> {
-    WORKER.with(Cell::get)
-}
-
 /// The slot of per-worker state this thread writes: `index + 1` on worker
 /// `index`, 0 elsewhere. Structures sized with `workers + 1` slots hold all.
 #[inline]
@@ -80,11 +75,10 @@ mod tests {
         assert_eq!(shard(), 0);
         std::thread::spawn(|| {
             enter(3);
-            assert_eq!(current(), Some(3));
             assert_eq!(shard(), 4);
         })
         .join()
         .unwrap();
-        assert_eq!(current(), None);
+        assert_eq!(shard(), 0);
     }
 }

@@ -706,12 +706,12 @@ impl Gauge {
 
     #[pyo3(signature = (n = 1))]
     fn inc(&self, n: i64) {
-        self.0.set(self.0.get() + n);
+        self.0.add(n);
     }
 
     #[pyo3(signature = (n = 1))]
     fn dec(&self, n: i64) {
-        self.0.set(self.0.get() - n);
+        self.0.add(-n);
     }
 
     #[getter]
