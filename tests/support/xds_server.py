@@ -34,6 +34,11 @@ protocol describes (envoy docs, api-docs/xds_protocol):
 Every request and response is recorded (:class:`XdsRequest`, :class:`XdsResponse`) and
 tests wait on them with deadlines (:meth:`XdsServer.wait_for_ack`, …); nothing in
 here sleeps to synchronise.
+
+With ``tls=`` (:class:`ServerTls`) the server speaks gRPC over TLS, and over mutual TLS
+when it names the client CA; :meth:`XdsServer.peer_identities` tells which client
+certificate each stream presented. ``XdsServer.tls`` may be changed between
+:meth:`~XdsServer.stop` and :meth:`~XdsServer.restart`.
 """
 
 from __future__ import annotations
@@ -172,6 +177,37 @@ class XdsResponse:
     resource_names: tuple[str, ...]
     resource_versions: Mapping[str, str]  # Delta: per-resource versions sent
     removed: tuple[str, ...] = ()  # Delta removed_resources
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server side of TLS: its certificate chain and key (PEM), and for mutual TLS
+    the CA (PEM) that client certificates must chain to; ``require_client_cert``
+    refuses clients without one (otherwise a certificate is asked for, not required)."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+    require_client_cert: bool = False
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.cert_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.require_client_cert,
+        )
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What the TLS handshake of one stream showed of the client (gRPC's auth
+    context): ``transport`` is ``"ssl"`` over TLS, ``common_name`` and ``sans`` come
+    from the client certificate (empty without one)."""
+
+    stream_id: int
+    transport: str | None
+    common_name: str | None
+    sans: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -558,10 +594,19 @@ class XdsServer:
     type.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, max_streams: int = 32) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_streams: int = 32,
+        *,
+        tls: ServerTls | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self._max_streams = max_streams
+        self._identities: list[PeerIdentity] = []
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._snapshots: dict[str, _TypeSnapshot] = {}
@@ -590,7 +635,11 @@ class XdsServer:
             options=[("grpc.so_reuseport", 0)],
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            port = server.add_secure_port(address, self.tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"xDS server cannot bind {self.host}:{self.port}")
         self.port = port
@@ -870,6 +919,11 @@ class XdsServer:
                     raise TimeoutError(f"no xDS stream from {node_id or 'any node'} in {timeout}s")
                 self._cond.wait(left)
 
+    def peer_identities(self) -> list[PeerIdentity]:
+        """The TLS identity of every stream opened so far (in order)."""
+        with self._lock:
+            return list(self._identities)
+
     @property
     def last_stream_id(self) -> int:
         with self._lock:
@@ -890,6 +944,7 @@ class XdsServer:
             self._streams_opened = sid
             stream = _Stream(self, mode, sid, context.peer())
             self._streams[sid] = stream
+            self._identities.append(_peer_identity(sid, context))
             self._cond.notify_all()
         context.add_callback(stream.close)
         return stream.run(request_iterator)
@@ -1014,6 +1069,19 @@ class XdsServer:
                         )
                     )
         return "\n".join(f"#{seq} {text}" for seq, text in sorted(rows)) or "(nothing)"
+
+
+def _peer_identity(stream_id: int, context: grpc.ServicerContext) -> PeerIdentity:
+    auth = context.auth_context() or {}
+
+    def first(key: str) -> str | None:
+        values = auth.get(key) or []
+        return values[0].decode() if values else None
+
+    sans = tuple(v.decode() for v in auth.get("x509_subject_alternative_name") or [])
+    return PeerIdentity(
+        stream_id, first("transport_security_type"), first("x509_common_name"), sans
+    )
 
 
 class XdsNacked(AssertionError):

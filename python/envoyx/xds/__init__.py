@@ -1,4 +1,4 @@
-"""envoyx's xDS client: dynamic listeners, routes, clusters and endpoints from a
+"""envoyx's xDS client: dynamic listeners, routes, clusters, endpoints and secrets from a
 management server over gRPC (ADS or one stream per type; State of the World or Delta).
 
 :class:`~envoyx.Server` starts it when the bootstrap has ``dynamic_resources``; the
@@ -16,7 +16,7 @@ from envoyx.xds.applier import Applier, Core, XdsStats
 from envoyx.xds.client import Backoff, XdsClient
 from envoyx.xds.local import LocalUpdate, apply_update
 from envoyx.xds.protocol import NACK_CODE, StreamProtocol
-from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPES
+from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPES
 from envoyx.xds.settings import XdsSettings, build_node, parse_dynamic_resources
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LISTENER",
     "NACK_CODE",
     "ROUTE",
+    "SECRET",
     "TYPES",
     "Applier",
     "Backoff",

@@ -6,8 +6,8 @@ and gives its canonical proto-JSON; :meth:`Applier.apply` hands a type's changes
 ``core.apply``. A resource identical to the one the core holds is not handed again, as
 Envoy does not rebuild an unchanged cluster or listener (its ``version_info`` stays that
 of the update that brought it). The applier also remembers what each listener and
-cluster names (route configurations, EDS services), to route those subscriptions and
-to name their stats.
+cluster names (route configurations, EDS services, SDS secrets), to route those
+subscriptions and to name their stats.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ SUBSCRIPTION_COUNTERS = (
     "init_fetch_timeout",
 )
 SUBSCRIPTION_GAUGES = ("version", "update_time")
+#: Counters Envoy keeps beside a subscription's, by stat prefix: an SDS secret's
+#: ``sds.<name>.key_rotation_failed`` (certificate files that failed to reload).
+EXTRA_COUNTERS = {"sds.": ("key_rotation_failed",)}
 #: Where Envoy counts the wildcard subscriptions.
 TYPE_STAT_PREFIX = {LISTENER: "listener_manager.lds.", CLUSTER: "cluster_manager.cds."}
 
@@ -132,7 +135,13 @@ class XdsStats:
             if prefix in self._registered:
                 continue
             self._registered.add(prefix)
-            for name in SUBSCRIPTION_COUNTERS:
+            extra = [
+                name
+                for start, names in EXTRA_COUNTERS.items()
+                if prefix.startswith(start)
+                for name in names
+            ]
+            for name in (*SUBSCRIPTION_COUNTERS, *extra):
                 self.counter(prefix + name, 0)
             for name in SUBSCRIPTION_GAUGES:
                 self.gauge(prefix + name, 0)
@@ -165,8 +174,10 @@ class XdsStats:
             self.counter(prefix + "update_failure")
 
     def init_fetch_timeout(self, prefixes: Iterable[str]) -> None:
+        # Envoy counts an attempt for every outcome, a timed-out initial fetch too.
         for prefix in prefixes:
             self.register([prefix])
+            self.counter(prefix + "update_attempt")
             self.counter(prefix + "init_fetch_timeout")
 
 
@@ -309,7 +320,7 @@ class Applier:
     # -- what the core needs -----------------------------------------------------------
 
     def wanted(self, type_url: str) -> list[str]:
-        """Names of ``type_url`` (RDS, EDS) the core waits for."""
+        """Names of ``type_url`` (RDS, EDS, SDS) the core waits for."""
         with self.lock:
             return list(self.core.wanted_resources(type_url))
 
@@ -324,6 +335,23 @@ class Applier:
                 if dep.type_url == type_url and dep.name == name
             ]
 
+    def named(self, parent_type: str, type_url: str) -> set[str]:
+        """Names of ``type_url`` that resources of ``parent_type`` name (the secrets of
+        the clusters, say)."""
+        with self.lock:
+            return {
+                dep.name
+                for (ptype, _), deps in self._deps.items()
+                if ptype == parent_type
+                for dep, _ in deps
+                if dep.type_url == type_url
+            }
+
+    def named_anywhere(self, type_url: str) -> bool:
+        """Whether any listener or cluster the core holds names a ``type_url`` resource."""
+        with self.lock:
+            return any(dep.type_url == type_url for deps in self._deps.values() for dep, _ in deps)
+
     def named_by(self, type_url: str, name: str) -> list[tuple[str, str]]:
         """(type URL, name) of what the listener / cluster ``name`` names."""
         with self.lock:
@@ -332,7 +360,8 @@ class Applier:
     def stat_prefixes(self, type_url: str, name: str) -> list[str]:
         """Where Envoy counts the updates of ``name``: ``listener_manager.lds.`` for
         LDS, ``cluster_manager.cds.`` for CDS, ``http.<stat_prefix>.rds.<name>.`` per
-        HCM naming a route configuration, ``cluster.<cluster>.`` per EDS cluster."""
+        HCM naming a route configuration, ``cluster.<cluster>.`` per EDS cluster,
+        ``sds.<name>.`` for a secret."""
         fixed = TYPE_STAT_PREFIX.get(type_url)
         if fixed is not None:
             return [fixed]

@@ -8,9 +8,15 @@ full jitter, from ``retry_back_off.base_interval`` (500 ms) doubling up to its
 ``max_interval`` (30 s)); the configuration applied so far keeps serving meanwhile.
 
 Start-up follows Envoy's initialization order: CDS first, and the endpoints of the EDS
-clusters it brings; once the clusters are initialized (or their
-``initial_fetch_timeout`` passed), LDS, and the route configurations its listeners
-name. :meth:`XdsClient.wait_initialized` returns when all of it is done.
+clusters it brings and the secrets (SDS) of their TLS contexts; once the clusters are
+initialized (or their ``initial_fetch_timeout`` passed), LDS, and the route
+configurations and secrets its listeners name. :meth:`XdsClient.wait_initialized`
+returns when all of it is done.
+
+The names of route configurations, endpoints and secrets to subscribe to are the
+core's (``wanted_resources``): what the listeners and clusters it holds name, asked
+again after each update. Secrets are asked about only once something applied names one
+over xDS (an SDS config with ``sds_config``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from envoyx.xds.resources import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SECRET,
     TYPES,
 )
 from envoyx.xds.settings import DEFAULT_INITIAL_FETCH_TIMEOUT, Source, XdsSettings
@@ -44,8 +51,10 @@ _log = logging.getLogger("envoyx.xds")
 
 _END = object()
 _JOIN_TIMEOUT_S = 5.0
-#: How often the housekeeping thread reads the RDS/EDS names the core needs.
+#: How often the housekeeping thread reads the RDS/EDS/SDS names the core needs.
 REFRESH_INTERVAL_S = 1.0
+#: The start-up phases: each wildcard type, then the named types its resources name.
+PHASES = ((CLUSTER, (ENDPOINT, SECRET)), (LISTENER, (ROUTE, SECRET)))
 
 
 class Backoff:
@@ -261,6 +270,7 @@ class XdsClient:
         self._cond = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._started = False
+        self._clusters_initialized = False
         self._initialized = False
         self._streams: dict[tuple[str, str | None], _Stream] = {}
         self._connected_gauge: int | None = None
@@ -311,8 +321,7 @@ class XdsClient:
             self.stats.counter("control_plane.rate_limit_enforced", 0)
             for stream, _ in self._streams_of(CLUSTER):
                 stream.protocol.activate(CLUSTER)
-            self._refresh(ENDPOINT)
-            self._refresh(ROUTE)
+            self._refresh_named()
             for stream in list(self._streams.values()):
                 stream.start()
         self._init_thread = threading.Thread(target=self._run, name="envoyx-xds", daemon=True)
@@ -361,13 +370,15 @@ class XdsClient:
 
     def _run(self) -> None:
         """The client's own thread: the initialization sequence, then housekeeping."""
+        (clusters, of_clusters), (listeners, of_listeners) = PHASES
         with self._cond:
-            if not self._wait_phase(CLUSTER, ENDPOINT):
+            if not self._wait_phase(clusters, of_clusters):
                 return
+            self._clusters_initialized = True
             _log.info("xDS: clusters initialized; fetching listeners")
-            for stream, _ in self._streams_of(LISTENER):
-                stream.protocol.activate(LISTENER)
-            if not self._wait_phase(LISTENER, ROUTE):
+            for stream, _ in self._streams_of(listeners):
+                stream.protocol.activate(listeners)
+            if not self._wait_phase(listeners, of_listeners):
                 return
             self._initialized = True
             _log.info("xDS: initial fetch done")
@@ -376,20 +387,24 @@ class XdsClient:
 
     def _housekeeping(self) -> None:
         """With the lock held, until stopped: answer held replies whose wait expired,
-        and follow what the core needs. Listeners that finish draining let go of their
-        route configurations without any update, so the RDS/EDS names are read again
-        every :data:`REFRESH_INTERVAL_S` (no traffic unless they changed)."""
+        end the initial fetches that timed out, and follow what the core needs.
+        Listeners that finish draining let go of their route configurations without any
+        update, so the RDS/EDS/SDS names are read again every
+        :data:`REFRESH_INTERVAL_S` (no traffic unless they changed)."""
         while not self._stopping.is_set():
             now = time.monotonic()
             nearest = self._expire_held(now)
+            for named_type in (ENDPOINT, ROUTE, SECRET):
+                fetch = self._expire_fetches(named_type, None, now)
+                if fetch is not None:
+                    nearest = fetch if nearest is None else min(nearest, fetch)
             wait = REFRESH_INTERVAL_S if nearest is None else min(REFRESH_INTERVAL_S, nearest - now)
             self._cond.wait(max(0.0, wait))
             if self._stopping.is_set():
                 return
-            self._refresh(ENDPOINT)
-            self._refresh(ROUTE)
+            self._refresh_named()
 
-    def _wait_phase(self, wildcard: str, named: str) -> bool:
+    def _wait_phase(self, wildcard: str, named: tuple[str, ...]) -> bool:
         """With the lock held: wait until the ``wildcard`` subscriptions and the
         ``named`` resources they name are answered or timed out."""
         while not self._stopping.is_set():
@@ -413,7 +428,7 @@ class XdsClient:
                 nearest = deadline if nearest is None else min(nearest, deadline)
         return nearest
 
-    def _pending(self, wildcard: str, named: str, now: float) -> float | None:
+    def _pending(self, wildcard: str, named: tuple[str, ...], now: float) -> float | None:
         """None when done, else the next deadline (``inf``: none). Marks what timed out."""
         nearest: float | None = None
 
@@ -435,47 +450,85 @@ class XdsClient:
             wait_until(float("inf") if timeout is None else started + timeout)
         if nearest is not None:
             return nearest  # the names come once the wildcard type has answered
-        for _, st in self._streams_of(named):
+        for named_type in named:
+            # Secrets are shared: the clusters' phase waits only for the clusters' own.
+            only = self.applier.named(wildcard, named_type) if named_type == SECRET else None
+            deadline = self._expire_fetches(named_type, only, now, waiting=True)
+            if deadline is not None:
+                wait_until(deadline)
+        return nearest
+
+    def _expire_fetches(
+        self, type_url: str, only: set[str] | None, now: float, *, waiting: bool = False
+    ) -> float | None:
+        """With the lock held: end the initial fetch of the ``type_url`` names (of
+        ``only``, if given) subscribed to and not answered within their config source's
+        ``initial_fetch_timeout``, as Envoy does: ``init_fetch_timeout`` is counted and
+        what waited for them goes on. A secret that timed out is also given to the core
+        as removed: what names it stops waiting for it (a listener goes active without
+        its certificate; Envoy keeps a secret it has).
+
+        Returns the nearest deadline of the others (``inf`` when ``waiting`` and some
+        wait for ever; None when nothing is pending)."""
+        nearest: float | None = None
+        for _, st in self._streams_of(type_url):
             for name in sorted(st.names - st.received):
-                sources = self.applier.sources_of(named, name)
+                if only is not None and name not in only:
+                    continue
+                sources = self.applier.sources_of(type_url, name)
                 fetch = (
                     sources[0].initial_fetch_timeout if sources else DEFAULT_INITIAL_FETCH_TIMEOUT
                 )
                 started = st.subscribed_at.get(name, now)
                 if fetch is not None and now >= started + fetch:
                     st.received.add(name)
-                    self.stats.init_fetch_timeout(self.applier.stat_prefixes(named, name))
-                    _log.warning("xDS: initial fetch of %s %s timed out", TYPES[named].short, name)
-                    self._on_answered(named, {name})  # what waited for it goes on
-                    return now
-                wait_until(float("inf") if fetch is None else started + fetch)
+                    self.stats.init_fetch_timeout(self.applier.stat_prefixes(type_url, name))
+                    _log.warning(
+                        "xDS: initial fetch of %s %s timed out", TYPES[type_url].short, name
+                    )
+                    if type_url == SECRET:
+                        try:
+                            self.applier.apply(SECRET, [], [name], st.version)
+                        except Exception:  # the housekeeping thread must go on
+                            _log.exception("xDS: telling the core of secret %s failed", name)
+                    self._on_answered(type_url, {name})  # what waited for it goes on
+                    continue
+                if fetch is None and not waiting:
+                    continue
+                deadline = float("inf") if fetch is None else started + fetch
+                nearest = deadline if nearest is None else min(nearest, deadline)
         return nearest
 
     # -- subscriptions of named resources ----------------------------------------------------
 
     def _on_applied(self, type_url: str, changed: list[str]) -> Awaited | None:
         """With the lock held: resources of ``type_url`` were applied (``changed``: the
-        new or modified ones). The RDS/EDS names the core needs may have changed.
+        new or modified ones). The RDS/EDS/SDS names the core needs may have changed.
 
         Returns what the ACK/NACK of a CDS update waits for: the endpoints of the EDS
-        clusters it brought that the core does not have yet. Envoy answers CDS once
-        those clusters are warm, so that an ACK means they are in force.
+        clusters it brought, and (once the clusters are initialized) the secrets of
+        their TLS contexts, that have not arrived yet. Envoy answers CDS once those
+        clusters are warm, so that an ACK means they are in force; during start-up it
+        does not wait for their secrets (the LDS request waits for them instead).
         """
-        self._refresh(ENDPOINT)
-        self._refresh(ROUTE)
+        self._refresh_named()
         if type_url != CLUSTER or not changed:
             return None
+        awaited_types = (ENDPOINT, SECRET) if self._clusters_initialized else (ENDPOINT,)
         now = time.monotonic()
-        names: set[str] = set()
+        names: set[tuple[str, str]] = set()
         deadline: float | None = now
         for name in changed:
-            for dep_type, dep in self.applier.named_by(CLUSTER, name):
-                if dep_type != ENDPOINT or dep in names:
+            for dep in self.applier.named_by(CLUSTER, name):
+                dep_type, dep_name = dep
+                if dep_type not in awaited_types or dep in names:
                     continue
-                if not any(dep in st.names - st.received for _, st in self._streams_of(ENDPOINT)):
+                if not any(
+                    dep_name in st.names - st.received for _, st in self._streams_of(dep_type)
+                ):
                     continue
                 names.add(dep)
-                sources = self.applier.sources_of(ENDPOINT, dep)
+                sources = self.applier.sources_of(dep_type, dep_name)
                 timeout = (
                     sources[0].initial_fetch_timeout if sources else DEFAULT_INITIAL_FETCH_TIMEOUT
                 )
@@ -486,7 +539,7 @@ class XdsClient:
         if not names:
             return None
         self._cond.notify_all()  # the housekeeping thread watches the deadline
-        return Awaited(ENDPOINT, frozenset(names), deadline)
+        return Awaited(frozenset(names), deadline)
 
     def _on_answered(self, type_url: str, names: set[str]) -> None:
         """With the lock held: resources of ``type_url`` were answered."""
@@ -499,8 +552,21 @@ class XdsClient:
         with self._lock:
             if self._stopping.is_set():
                 return
-            self._refresh(ENDPOINT)
-            self._refresh(ROUTE)
+            self._refresh_named()
+
+    def _refresh_named(self) -> None:
+        """Subscribe to the route configurations, endpoints and secrets the core needs.
+
+        The core is asked for secrets only once a listener or cluster it holds names one
+        over xDS (or while secrets are subscribed to, to let them go): until then there
+        is none to ask about.
+        """
+        self._refresh(ENDPOINT)
+        self._refresh(ROUTE)
+        if self.applier.named_anywhere(SECRET) or any(
+            st.names for _, st in self._streams_of(SECRET)
+        ):
+            self._refresh(SECRET)
 
     def _refresh(self, type_url: str) -> None:
         wanted = self.applier.wanted(type_url)

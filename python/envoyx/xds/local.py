@@ -4,9 +4,9 @@ Each resource (a dict in Envoy's v3 spelling, or a message) is checked against E
 schema like a bootstrap is (every problem, each with its field path, e.g.
 ``clusters[1].connect_timeout: value must be greater than 0s``); if any is invalid
 nothing is applied. The valid ones then go through the same path as xDS responses
-(:class:`~envoyx.xds.applier.Applier`), make before break: clusters, endpoints,
-listeners, routes, then the removals of clusters and endpoints. Resources the core
-rejects are reported together once the others are applied.
+(:class:`~envoyx.xds.applier.Applier`), make before break: secrets, clusters,
+endpoints, listeners, routes, then the removals of clusters, endpoints and secrets.
+Resources the core rejects are reported together once the others are applied.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from google.protobuf.message import Message
 from envoyx.config.schema import message_from_document
 from envoyx.errors import ConfigError
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected, schema_errors
-from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPES
+from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPES
 
 __all__ = ["GROUPS", "LocalUpdate", "apply_update", "parse_resource"]
 
 #: ``Server.update`` keyword -> type URL, in make-before-break order.
 GROUPS = (
+    ("secrets", SECRET),
     ("clusters", CLUSTER),
     ("endpoints", ENDPOINT),
     ("listeners", LISTENER),
@@ -130,6 +131,8 @@ def apply_update(applier: Applier, update: LocalUpdate) -> list[str]:
             rejected.append(f"{where} ({labels[type_url][:-1]} {name!r}): {why}")
 
     with applier.lock:
+        if prepared[SECRET]:
+            run(SECRET, prepared[SECRET], [])
         run(CLUSTER, prepared[CLUSTER], [])
         run(ENDPOINT, prepared[ENDPOINT], [])
         run(LISTENER, prepared[LISTENER], list(update.remove.get(LISTENER, [])))
@@ -138,4 +141,6 @@ def apply_update(applier: Applier, update: LocalUpdate) -> list[str]:
             run(CLUSTER, [], list(update.remove[CLUSTER]))
         if update.remove.get(ENDPOINT):
             run(ENDPOINT, [], list(update.remove[ENDPOINT]))
+        if update.remove.get(SECRET):
+            run(SECRET, [], list(update.remove[SECRET]))
     return rejected

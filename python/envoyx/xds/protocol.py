@@ -27,6 +27,10 @@ What is done as Envoy 1.40 does:
   unsubscribes the difference.
 - A new stream: SotW sends each type's accepted version and no nonce; Delta sends
   ``initial_resource_versions`` of every resource it holds.
+- SDS (``Secret``) is named like RDS/EDS. A Delta ``removed_resources`` naming a
+  subscribed secret is ACKed and counted as a successful update of it; Envoy keeps a
+  secret it has, and what waits for one it lacks stops waiting: those names go to the
+  core as removed.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected
-from envoyx.xds.resources import ORDER, RESOURCE_WRAPPER, TYPES, ResourceType
+from envoyx.xds.resources import ORDER, RESOURCE_WRAPPER, SECRET, TYPES, ResourceType
 from envoyx.xds.settings import Source
 
 __all__ = ["NACK_CODE", "Awaited", "StreamProtocol", "TypeState"]
@@ -95,19 +99,18 @@ class _Fatal(Exception):
 
 @dataclass(frozen=True)
 class Awaited:
-    """What an ACK/NACK waits for: resources of ``type_url`` (the endpoints of the
-    clusters an update brought), until ``deadline`` (monotonic; None: no limit)."""
+    """What an ACK/NACK waits for: resources, as (type URL, name) (the endpoints and
+    secrets of the clusters an update brought), until ``deadline`` (monotonic; None: no
+    limit)."""
 
-    type_url: str
-    names: frozenset[str]
+    names: frozenset[tuple[str, str]]
     deadline: float | None
 
 
 @dataclass
 class _Held:
     request: Request
-    type_url: str
-    waiting: set[str]
+    waiting: set[tuple[str, str]]
     deadline: float | None
 
 
@@ -376,15 +379,26 @@ class StreamProtocol:
                 continue
             candidates.append(item)
         gone = list(response.removed_resources)
+        updated: list[str] = []
         if st.wildcard:
             removed = [n for n in gone if n in st.resources]
+        elif rtype.type_url == SECRET:
+            # Envoy ignores the removal of a secret it has, but what waits for one it
+            # lacks stops waiting (a listener goes active without its certificate): the
+            # core is told of those, and each counts as a successful update, as in Envoy.
+            removed = [n for n in gone if n in st.names and n not in st.resources]
+            updated = [n for n in gone if n in st.names]
+            for name in gone:
+                st.resources.pop(name, None)
         else:
             # RDS/EDS: Envoy keeps what it has (an active cluster keeps its endpoints,
             # a route configuration goes when no listener names it); only forget it.
             removed = []
             for name in gone:
                 st.resources.pop(name, None)
-        self._apply(st, candidates, removed, version, errors, also_answered=gone)
+        self._apply(
+            st, candidates, removed, version, errors, also_answered=gone, also_updated=updated
+        )
 
     def _decode_sotw(self, rtype: ResourceType, resource: any_pb2.Any) -> _Item:
         version = ""
@@ -430,6 +444,7 @@ class StreamProtocol:
         version: str,
         errors: list[tuple[str, str]],
         also_answered: Iterable[str] = (),
+        also_updated: Iterable[str] = (),
     ) -> None:
         rtype = st.rtype
         type_url = rtype.type_url
@@ -464,6 +479,7 @@ class StreamProtocol:
             accepted.append(item.name)
         for name in removed:
             st.resources.pop(name, None)
+        succeeded = list(dict.fromkeys([*accepted, *also_updated]))
         answered = {item.name for item in candidates} | {n for n, _ in errors}
         answered |= set(also_answered)
         order = {item.name: i for i, item in enumerate(candidates)}
@@ -479,14 +495,14 @@ class StreamProtocol:
                 failed = {n for n, _ in errors}
                 for name in sorted(failed & st.names):
                     self.stats.rejected(self.applier.stat_prefixes(type_url, name))
-                for name in accepted:
+                for name in succeeded:
                     self.stats.success(self.applier.stat_prefixes(type_url, name), version)
         else:
             reply = self._ack(st, version)
             if st.wildcard:
                 self.stats.success(self.applier.stat_prefixes(type_url, ""), version)
             else:
-                for name in accepted:
+                for name in succeeded:
                     self.stats.success(self.applier.stat_prefixes(type_url, name), version)
         st.initial_done = True
         awaited = None
@@ -509,9 +525,7 @@ class StreamProtocol:
         if awaited is None or not awaited.names:
             self._send(reply)
             return
-        self.held[st.rtype.type_url] = _Held(
-            reply, awaited.type_url, set(awaited.names), awaited.deadline
-        )
+        self.held[st.rtype.type_url] = _Held(reply, set(awaited.names), awaited.deadline)
 
     def _release(self, type_url: str) -> None:
         held = self.held.pop(type_url, None)
@@ -522,18 +536,16 @@ class StreamProtocol:
         """Resources of ``type_url`` were answered (on any stream): send the replies
         that waited only for them."""
         for key, held in list(self.held.items()):
-            if held.type_url == type_url:
-                held.waiting -= names
-                if not held.waiting:
-                    self._release(key)
+            held.waiting -= {(type_url, name) for name in names}
+            if not held.waiting:
+                self._release(key)
 
     def prune(self, type_url: str, wanted: set[str]) -> None:
         """Stop waiting for ``type_url`` names no longer subscribed to."""
         for key, held in list(self.held.items()):
-            if held.type_url == type_url:
-                held.waiting &= wanted
-                if not held.waiting:
-                    self._release(key)
+            held.waiting = {(t, n) for t, n in held.waiting if t != type_url or n in wanted}
+            if not held.waiting:
+                self._release(key)
 
     def expire(self, now: float) -> float | None:
         """Send the held replies whose deadline passed; the nearest other deadline."""
@@ -543,10 +555,9 @@ class StreamProtocol:
                 continue
             if held.deadline <= now:
                 _log.warning(
-                    "xDS: %s answered without waiting further for %s %s",
+                    "xDS: %s answered without waiting further for %s",
                     TYPES[key].short,
-                    TYPES[held.type_url].short,
-                    ", ".join(sorted(held.waiting)),
+                    ", ".join(f"{TYPES[t].short} {n}" for t, n in sorted(held.waiting)),
                 )
                 self._release(key)
             else:

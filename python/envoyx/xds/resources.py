@@ -1,13 +1,20 @@
 """The xDS resource types envoyx subscribes to, and what the client needs to know of each.
 
-Adding a type (SDS's ``Secret`` next) is adding a :class:`ResourceType` to :data:`TYPES`
-(and, when its resources name other resources, a case in :func:`dependencies`).
+Adding a type is adding a :class:`ResourceType` to :data:`TYPES` (and, when its
+resources name other resources, a case in :func:`dependencies`).
+
+Listeners name route configurations (an HCM's ``rds``) and secrets (the SDS configs of
+their filter chains' ``DownstreamTlsContext``); clusters name ClusterLoadAssignments
+(``type: EDS``) and secrets (their ``UpstreamTlsContext``). A secret reference without
+``sds_config`` names one of the bootstrap's ``static_resources.secrets``: nothing to
+subscribe to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2
@@ -17,6 +24,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf.message import DecodeError, Message
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "ORDER",
     "RESOURCE_WRAPPER",
     "ROUTE",
+    "SECRET",
     "TYPES",
     "TYPE_PREFIX",
     "Dependency",
@@ -39,6 +48,7 @@ LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 #: SotW responses may wrap each resource in a ``Resource`` (client feature
 #: ``xds.config.resource-in-sotw``).
 RESOURCE_WRAPPER = TYPE_PREFIX + "envoy.service.discovery.v3.Resource"
@@ -47,6 +57,9 @@ _HCM = (
     + "envoy.extensions.filters.network.http_connection_manager.v3."
     + ("HttpConnectionManager")
 )
+_TLS = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3."
+UPSTREAM_TLS_CONTEXT = _TLS + "UpstreamTlsContext"
+DOWNSTREAM_TLS_CONTEXT = _TLS + "DownstreamTlsContext"
 
 
 @dataclass(frozen=True)
@@ -136,12 +149,23 @@ TYPES: dict[str, ResourceType] = {
             "StreamRoutes",
             "DeltaRoutes",
         ),
+        ResourceType(
+            SECRET,
+            "SDS",
+            "secret",
+            secret_pb2.Secret,
+            "name",
+            False,
+            "envoy.service.secret.v3.SecretDiscoveryService",
+            "StreamSecrets",
+            "DeltaSecrets",
+        ),
     )
 }
 
-#: Make-before-break order: the order of initial requests on a stream, and of the
-#: groups of :meth:`envoyx.Server.update`.
-ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+#: Make-before-break order: the order of initial requests on a stream. Secrets come
+#: first: a listener or cluster naming one is not in force without it.
+ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 ADS_METHODS = {
     False: "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
@@ -159,11 +183,11 @@ def resource_type(type_url: str) -> ResourceType:
 @dataclass(frozen=True)
 class Dependency:
     """A resource named by another: the route configuration of an HCM's ``rds``, the
-    ClusterLoadAssignment of an EDS cluster.
+    ClusterLoadAssignment of an EDS cluster, a secret of a TLS context's SDS config.
 
     ``source`` is the ConfigSource to fetch it from (``path`` its field path inside the
     parent); ``stat_prefix`` is where Envoy counts that subscription's updates
-    (``http.<stat_prefix>.rds.<name>.``, ``cluster.<cluster>.``).
+    (``http.<stat_prefix>.rds.<name>.``, ``cluster.<cluster>.``, ``sds.<secret>.``).
     """
 
     type_url: str
@@ -182,6 +206,10 @@ def _listener_dependencies(msg: Message) -> list[Dependency]:
     if msg.HasField("default_filter_chain"):
         chains.append(("default_filter_chain", msg.default_filter_chain))
     for chain_path, chain in chains:
+        if chain.HasField("transport_socket"):
+            out.extend(
+                _secret_dependencies(chain.transport_socket, f"{chain_path}.transport_socket")
+            )
         for j, flt in enumerate(chain.filters):
             if flt.typed_config.type_url != _HCM:
                 continue
@@ -203,17 +231,76 @@ def _listener_dependencies(msg: Message) -> list[Dependency]:
 
 def _cluster_dependencies(msg: Message) -> list[Dependency]:
     assert isinstance(msg, cluster_pb2.Cluster)
-    if msg.WhichOneof("cluster_discovery_type") != "type" or msg.type != cluster_pb2.Cluster.EDS:
-        return []
-    eds = msg.eds_cluster_config
-    return [
-        Dependency(
-            ENDPOINT,
-            eds.service_name or msg.name,
-            eds.eds_config,
-            "eds_cluster_config.eds_config",
-            f"cluster.{msg.name}.",
+    out: list[Dependency] = []
+    if msg.WhichOneof("cluster_discovery_type") == "type" and msg.type == cluster_pb2.Cluster.EDS:
+        eds = msg.eds_cluster_config
+        out.append(
+            Dependency(
+                ENDPOINT,
+                eds.service_name or msg.name,
+                eds.eds_config,
+                "eds_cluster_config.eds_config",
+                f"cluster.{msg.name}.",
+            )
         )
+    if msg.HasField("transport_socket"):
+        out.extend(_secret_dependencies(msg.transport_socket, "transport_socket"))
+    for i, match in enumerate(msg.transport_socket_matches):
+        if match.HasField("transport_socket"):
+            path = f"transport_socket_matches[{i}].transport_socket"
+            out.extend(_secret_dependencies(match.transport_socket, path))
+    return out
+
+
+def _secret_dependencies(socket: Any, path: str) -> list[Dependency]:
+    """The SDS secrets a ``TransportSocket`` (``envoy.transport_sockets.tls``) names:
+    its certificates, its validation context, (downstream) its session ticket keys."""
+    type_url = socket.typed_config.type_url
+    context: Any
+    if type_url == UPSTREAM_TLS_CONTEXT:
+        context = tls_pb2.UpstreamTlsContext()
+    elif type_url == DOWNSTREAM_TLS_CONTEXT:
+        context = tls_pb2.DownstreamTlsContext()
+    else:
+        return []
+    if not socket.typed_config.Unpack(context):
+        return []
+    base = f"{path}.typed_config"
+    configs: list[tuple[str, Any]] = []
+    common = context.common_tls_context
+    cpath = f"{base}.common_tls_context"
+    for i, sds in enumerate(common.tls_certificate_sds_secret_configs):
+        configs.append((f"{cpath}.tls_certificate_sds_secret_configs[{i}]", sds))
+    if common.HasField("validation_context_sds_secret_config"):
+        configs.append(
+            (
+                f"{cpath}.validation_context_sds_secret_config",
+                common.validation_context_sds_secret_config,
+            )
+        )
+    combined = common.combined_validation_context
+    if common.HasField("combined_validation_context") and combined.HasField(
+        "validation_context_sds_secret_config"
+    ):
+        configs.append(
+            (
+                f"{cpath}.combined_validation_context.validation_context_sds_secret_config",
+                combined.validation_context_sds_secret_config,
+            )
+        )
+    if isinstance(context, tls_pb2.DownstreamTlsContext) and context.HasField(
+        "session_ticket_keys_sds_secret_config"
+    ):
+        configs.append(
+            (
+                f"{base}.session_ticket_keys_sds_secret_config",
+                context.session_ticket_keys_sds_secret_config,
+            )
+        )
+    return [
+        Dependency(SECRET, sds.name, sds.sds_config, f"{where}.sds_config", f"sds.{sds.name}.")
+        for where, sds in configs
+        if sds.HasField("sds_config")  # without: a static secret of the bootstrap
     ]
 
 
@@ -222,8 +309,12 @@ _DEPENDENCIES: dict[str, Callable[[Message], list[Dependency]]] = {
     CLUSTER: _cluster_dependencies,
 }
 
-#: Types whose resources name resources of another type (LDS -> RDS, CDS -> EDS).
-DEPENDENT_TYPES: dict[str, str] = {LISTENER: ROUTE, CLUSTER: ENDPOINT}
+#: Types whose resources name resources of other types (LDS -> RDS and SDS, CDS -> EDS
+#: and SDS).
+DEPENDENT_TYPES: dict[str, tuple[str, ...]] = {
+    LISTENER: (ROUTE, SECRET),
+    CLUSTER: (ENDPOINT, SECRET),
+}
 
 
 def dependencies(type_url: str, msg: Message) -> list[Dependency]:

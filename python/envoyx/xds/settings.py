@@ -5,6 +5,19 @@ Everything envoyx cannot honour is a :class:`~envoyx.ConfigError` naming the fie
 (``dynamic_resources.ads_config.api_type: ...``), never silently ignored, except the
 settings that concern only Envoy's own gRPC client (``timeout``,
 ``rate_limit_settings``, ...), listed in :data:`IGNORED_FIELDS`.
+
+TLS to a management server: ``google_grpc`` with ``channel_credentials.ssl_credentials``,
+or ``envoy_grpc`` naming a static cluster whose ``transport_socket`` is
+``envoy.transport_sockets.tls`` (``UpstreamTlsContext``). Of the latter, grpcio honours
+``validation_context.trusted_ca`` (or ``system_root_certs``) as the roots,
+``tls_certificates[0]`` as the client certificate (mutual TLS), ``sni``, ``alpn_protocols``
+``[h2]``, one DNS name in ``match_typed_subject_alt_names`` (``exact``), and the same
+pieces from ``static_resources.secrets`` named by ``tls_certificate_sds_secret_configs`` /
+``validation_context_sds_secret_config`` without ``sds_config``; any other field set is an
+error naming it. gRPC always checks that the server's certificate names the host it
+connects to: the ``sni`` (or the DNS name to match) when set, else the cluster
+endpoint's address. Envoy checks names only when ``match_typed_subject_alt_names`` asks
+(and, without a validation context, accepts any certificate: envoyx refuses that).
 """
 
 from __future__ import annotations
@@ -15,11 +28,14 @@ import os
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any
 
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 
 from envoyx.errors import ConfigError
 
@@ -61,6 +77,9 @@ IGNORED_FIELDS = (
 
 _API = config_source_pb2.ApiConfigSource
 _CS = config_source_pb2.ConfigSource
+_TLS_PREFIX = "type.googleapis.com/envoy.extensions.transport_sockets."
+_UPSTREAM_TLS = _TLS_PREFIX + "tls.v3.UpstreamTlsContext"
+_RAW_BUFFER = _TLS_PREFIX + "raw_buffer.v3.RawBuffer"
 
 
 class SourceError(ValueError):
@@ -355,7 +374,10 @@ def _envoy_grpc_target(
     index = list(bootstrap.static_resources.clusters).index(cluster)
     cpath = f"static_resources.clusters[{index}]"
     address = _cluster_address(cluster, cpath, errors)
+    tls = _cluster_tls(cluster, cpath, bootstrap, errors)
     options: list[tuple[str, int | str]] = []
+    if tls is not None and tls.target_name is not None:
+        options.append(("grpc.ssl_target_name_override", tls.target_name))
     if envoy_grpc.authority:
         options.append(("grpc.default_authority", envoy_grpc.authority))
     if envoy_grpc.HasField("max_receive_message_length"):
@@ -376,8 +398,12 @@ def _envoy_grpc_target(
         return None
     return GrpcTarget(
         target=address,
-        description=f"cluster {name} ({address})",
+        description=f"cluster {name} ({address}{', TLS' if tls is not None else ''})",
         authority=envoy_grpc.authority or None,
+        root_certs=tls.root_certs if tls is not None else None,
+        private_key=tls.private_key if tls is not None else None,
+        cert_chain=tls.cert_chain if tls is not None else None,
+        secure=tls is not None,
         channel_options=tuple(options),
         backoff_base=base,
         backoff_max=maximum,
@@ -393,12 +419,6 @@ def _cluster_address(cluster: cluster_pb2.Cluster, path: str, errors: list[str])
         errors.append(
             f"{path}.type: {shown}: the management server's cluster must be STATIC, "
             "STRICT_DNS or LOGICAL_DNS"
-        )
-        return None
-    if cluster.HasField("transport_socket") or cluster.transport_socket_matches:
-        errors.append(
-            f"{path}.transport_socket: TLS to a management server named by envoy_grpc is not "
-            "supported yet (use google_grpc with channel_credentials.ssl_credentials)"
         )
         return None
     for i, locality in enumerate(cluster.load_assignment.endpoints):
@@ -422,6 +442,203 @@ def _cluster_address(cluster: cluster_pb2.Cluster, path: str, errors: list[str])
             return None
     errors.append(f"{path}.load_assignment: the management server's cluster has no endpoint")
     return None
+
+
+@dataclass(frozen=True)
+class _ChannelTls:
+    """What grpcio's ``ssl_channel_credentials`` and channel options take from an
+    UpstreamTlsContext."""
+
+    root_certs: bytes | None  # None: gRPC's default roots (system_root_certs)
+    private_key: bytes | None
+    cert_chain: bytes | None
+    target_name: str | None  # grpc.ssl_target_name_override: SNI and the name checked
+
+
+def _cluster_tls(
+    cluster: cluster_pb2.Cluster, path: str, bootstrap: Bootstrap, errors: list[str]
+) -> _ChannelTls | None:
+    """The TLS of the management server's cluster (None: plaintext)."""
+    if cluster.transport_socket_matches:
+        errors.append(
+            f"{path}.transport_socket_matches: not supported for the management server's "
+            "cluster (use transport_socket)"
+        )
+    if not cluster.HasField("transport_socket"):
+        return None
+    socket = cluster.transport_socket
+    tpath = f"{path}.transport_socket"
+    if socket.WhichOneof("config_type") != "typed_config":
+        errors.append(f"{tpath}.typed_config: required (an UpstreamTlsContext)")
+        return None
+    type_url = socket.typed_config.type_url
+    if type_url == _RAW_BUFFER:
+        return None
+    if type_url != _UPSTREAM_TLS:
+        errors.append(
+            f"{tpath}.typed_config: {type_url}: the management server's connection takes "
+            "envoy.transport_sockets.tls (UpstreamTlsContext) or raw_buffer"
+        )
+        return None
+    ctx = tls_pb2.UpstreamTlsContext()
+    socket.typed_config.Unpack(ctx)
+    return _upstream_tls(ctx, f"{tpath}.typed_config", bootstrap, errors)
+
+
+def _upstream_tls(
+    ctx: tls_pb2.UpstreamTlsContext, path: str, bootstrap: Bootstrap, errors: list[str]
+) -> _ChannelTls | None:
+    before = len(errors)
+    _unsupported_fields(ctx, ("common_tls_context", "sni"), path, errors)
+    common = ctx.common_tls_context
+    cpath = f"{path}.common_tls_context"
+    _unsupported_fields(
+        common,
+        (
+            "tls_certificates",
+            "tls_certificate_sds_secret_configs",
+            "validation_context",
+            "validation_context_sds_secret_config",
+            "alpn_protocols",
+        ),
+        cpath,
+        errors,
+    )
+    for i, protocol in enumerate(common.alpn_protocols):
+        if protocol != "h2":
+            errors.append(f"{cpath}.alpn_protocols[{i}]: {protocol!r}: gRPC speaks h2 only")
+
+    certificates: list[tuple[str, common_pb2.TlsCertificate]] = [
+        (f"{cpath}.tls_certificates[{i}]", cert) for i, cert in enumerate(common.tls_certificates)
+    ]
+    for i, sds in enumerate(common.tls_certificate_sds_secret_configs):
+        where = f"{cpath}.tls_certificate_sds_secret_configs[{i}]"
+        secret = _static_secret(sds, where, "tls_certificate", bootstrap, errors)
+        if secret is not None:
+            certificates.append((where, secret.tls_certificate))
+    private_key = cert_chain = None
+    if len(certificates) > 1:
+        errors.append(
+            f"{certificates[1][0]}: gRPC presents one client certificate; "
+            f"{len(certificates)} are configured"
+        )
+    elif certificates:
+        where, cert = certificates[0]
+        private_key, cert_chain = _tls_certificate(cert, where, errors)
+
+    validation: tuple[str, common_pb2.CertificateValidationContext] | None = None
+    if common.HasField("validation_context"):
+        validation = (f"{cpath}.validation_context", common.validation_context)
+    elif common.HasField("validation_context_sds_secret_config"):
+        where = f"{cpath}.validation_context_sds_secret_config"
+        sds = common.validation_context_sds_secret_config
+        secret = _static_secret(sds, where, "validation_context", bootstrap, errors)
+        if secret is not None:
+            validation = (where, secret.validation_context)
+    elif not common.HasField("combined_validation_context"):
+        errors.append(
+            f"{cpath}.validation_context: required for the management server's connection: "
+            "envoyx verifies the server's certificate (set trusted_ca, or system_root_certs "
+            "for the system's CAs), where Envoy would accept any certificate"
+        )
+    root_certs = san_name = None
+    if validation is not None:
+        vpath, vc = validation
+        root_certs, san_name = _validation_context(vc, vpath, errors)
+
+    target_name = ctx.sni or None
+    if san_name is not None:
+        if target_name is not None and target_name != san_name:
+            errors.append(
+                f"{path}.sni: {target_name!r}: gRPC checks the certificate against the name "
+                f"it sends as SNI, so it cannot also match {san_name!r} "
+                "(match_typed_subject_alt_names)"
+            )
+        target_name = san_name
+    if len(errors) > before:
+        return None
+    return _ChannelTls(root_certs, private_key, cert_chain, target_name)
+
+
+def _tls_certificate(
+    cert: common_pb2.TlsCertificate, path: str, errors: list[str]
+) -> tuple[bytes | None, bytes | None]:
+    """The (private key, certificate chain) of a TlsCertificate."""
+    _unsupported_fields(cert, ("certificate_chain", "private_key"), path, errors)
+    for name in ("certificate_chain", "private_key"):
+        if not cert.HasField(name):
+            errors.append(f"{path}.{name}: required (with the other) for a client certificate")
+    key = _data_source(cert, "private_key", path, errors)
+    chain = _data_source(cert, "certificate_chain", path, errors)
+    return key, chain
+
+
+def _validation_context(
+    vc: common_pb2.CertificateValidationContext, path: str, errors: list[str]
+) -> tuple[bytes | None, str | None]:
+    """The root certificates (None: gRPC's default roots) and the one DNS name the
+    server's certificate must carry, if any."""
+    _unsupported_fields(
+        vc, ("trusted_ca", "system_root_certs", "match_typed_subject_alt_names"), path, errors
+    )
+    root = _data_source(vc, "trusted_ca", path, errors)
+    if vc.HasField("trusted_ca") and vc.HasField("system_root_certs"):
+        errors.append(
+            f"{path}.system_root_certs: gRPC takes trusted_ca or the system's CAs, not both"
+        )
+    elif not vc.HasField("trusted_ca") and not vc.HasField("system_root_certs"):
+        errors.append(
+            f"{path}.trusted_ca: required for the management server's connection "
+            "(or system_root_certs): envoyx verifies the server's certificate"
+        )
+    name: str | None = None
+    matchers = list(vc.match_typed_subject_alt_names)
+    for i, matcher in enumerate(matchers):
+        where = f"{path}.match_typed_subject_alt_names[{i}]"
+        dns = matcher.san_type == common_pb2.SubjectAltNameMatcher.DNS
+        kind = matcher.matcher.WhichOneof("match_pattern")
+        if len(matchers) > 1 or not dns or kind != "exact" or matcher.matcher.ignore_case:
+            errors.append(
+                f"{where}: gRPC checks the server's certificate against one DNS name: "
+                "one matcher with san_type DNS and an exact (case-sensitive) name is "
+                "supported"
+            )
+            continue
+        name = matcher.matcher.exact
+    return root, name
+
+
+def _static_secret(
+    sds: Any, path: str, kind: str, bootstrap: Bootstrap, errors: list[str]
+) -> Any | None:
+    """The ``static_resources.secrets`` entry an SdsSecretConfig without ``sds_config``
+    names (its ``kind`` set: ``tls_certificate``, ``validation_context``)."""
+    if sds.HasField("sds_config"):
+        errors.append(
+            f"{path}.sds_config: secrets of the management server's own connection cannot "
+            "come by SDS; name one of static_resources.secrets (no sds_config)"
+        )
+        return None
+    name = sds.name
+    for secret in bootstrap.static_resources.secrets:
+        if secret.name == name:
+            if secret.WhichOneof("type") != kind:
+                errors.append(f"{path}.name: static secret {name!r} is not a {kind}")
+                return None
+            return secret
+    errors.append(f"{path}.name: unknown static secret {name!r} (static_resources.secrets)")
+    return None
+
+
+def _unsupported_fields(
+    msg: Message, handled: tuple[str, ...], path: str, errors: list[str]
+) -> None:
+    """Report every field set in ``msg`` that is not ``handled``."""
+    for field, _ in msg.ListFields():
+        if field.name not in handled:
+            errors.append(
+                f"{path}.{field.name}: not supported for the management server's connection"
+            )
 
 
 def _google_grpc_target(

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
 use crate::instance::{Instance, ServerState, VERSION};
-use crate::listener::{Listener, ListenerFilter};
+use crate::listener::Listener;
 use crate::upstream::Cluster;
 
 pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
@@ -471,10 +471,12 @@ pub fn config_dump(shared: &Instance) -> Value {
     let static_routes: Vec<Value> = set
         .active
         .iter()
-        .filter(|l| !l.origin.dynamic && matches!(l.filter, ListenerFilter::Http(_)))
-        .filter_map(|l| {
-            l.raw
-                .pointer("/filter_chains/0/filters/0/typed_config/route_config")
+        .filter(|l| !l.origin.dynamic)
+        .flat_map(|l| l.chains.all())
+        .filter_map(|chain| {
+            chain
+                .raw
+                .pointer("/filters/0/typed_config/route_config")
                 .map(|rc| json!({"route_config": with_type(rc, "envoy.config.route.v3.RouteConfiguration"), "last_updated": ts}))
         })
         .collect();
@@ -512,8 +514,55 @@ pub fn config_dump(shared: &Instance) -> Value {
         listeners_dump,
         {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
         routes_dump,
-        {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"},
+        secrets_dump(shared),
     ]})
+}
+
+/// `SecretsConfigDump`: static secrets, SDS secrets held, and those still awaited
+/// (`version_info: uninitialized`), private keys redacted as Envoy does.
+fn secrets_dump(shared: &Instance) -> Value {
+    let entries = shared.clusters.secrets.entries();
+    let mut names: Vec<&String> = entries.keys().collect();
+    names.sort();
+    let mut statics = Vec::new();
+    let mut active = Vec::new();
+    for name in names {
+        let e = &entries[name];
+        let mut secret = with_type(&e.raw, "envoy.extensions.transport_sockets.tls.v3.Secret");
+        if let Some(key) = secret.pointer_mut("/tls_certificate/private_key") {
+            *key = json!({"inline_string": "[redacted]"});
+        }
+        let entry = json!({
+            "name": name,
+            "last_updated": timestamp(e.last_updated),
+            "secret": secret,
+        });
+        match &e.version_info {
+            None => statics.push(entry),
+            Some(v) => {
+                let mut entry = entry;
+                entry["version_info"] = json!(v);
+                active.push(entry);
+            }
+        }
+    }
+    let mut wanted = shared.wanted_resources(crate::instance::ResourceKind::Secret);
+    wanted.retain(|n| !entries.contains_key(n));
+    let warming: Vec<Value> = wanted
+        .iter()
+        .map(|n| json!({"name": n, "version_info": "uninitialized"}))
+        .collect();
+    let mut dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"});
+    if !statics.is_empty() {
+        dump["static_secrets"] = json!(statics);
+    }
+    if !active.is_empty() {
+        dump["dynamic_active_secrets"] = json!(active);
+    }
+    if !warming.is_empty() {
+        dump["dynamic_warming_secrets"] = json!(warming);
+    }
+    dump
 }
 
 fn clusters_text(shared: &Instance) -> String {

@@ -36,6 +36,7 @@ pub enum ResourceKind {
     RouteConfiguration,
     Cluster,
     ClusterLoadAssignment,
+    Secret,
 }
 
 impl ResourceKind {
@@ -45,6 +46,7 @@ impl ResourceKind {
             "envoy.config.route.v3.RouteConfiguration" => ResourceKind::RouteConfiguration,
             "envoy.config.cluster.v3.Cluster" => ResourceKind::Cluster,
             "envoy.config.endpoint.v3.ClusterLoadAssignment" => ResourceKind::ClusterLoadAssignment,
+            "envoy.extensions.transport_sockets.tls.v3.Secret" => ResourceKind::Secret,
             _ => return None,
         })
     }
@@ -199,7 +201,7 @@ impl Instance {
                     }
                 }
                 let _apply = self.apply_guard();
-                self.clusters.apply(upserts, removed, version);
+                rejected.extend(self.clusters.apply(upserts, removed, version));
             }
             ResourceKind::ClusterLoadAssignment => {
                 let mut upserts = Vec::new();
@@ -257,6 +259,27 @@ impl Instance {
                 let _apply = self.apply_guard();
                 rejected.extend(self.listeners.install(built, removed, version));
             }
+            ResourceKind::Secret => {
+                let mut upserts = Vec::new();
+                for (name, doc) in parsed {
+                    match map::map_secret_resource(&doc) {
+                        Ok((n, secret)) if n == name => upserts.push((name, secret, doc)),
+                        Ok((n, _)) => rejected.push((
+                            name,
+                            format!("resource name does not match secret name '{n}'"),
+                        )),
+                        Err(errs) => rejected.push((name, errs.join("; "))),
+                    }
+                }
+                let _apply = self.apply_guard();
+                let mut names: Vec<String> = upserts.iter().map(|(n, _, _)| n.clone()).collect();
+                names.extend(removed.iter().cloned());
+                let secrets = &self.clusters.secrets;
+                secrets.apply(upserts, removed, version);
+                rejected.extend(self.listeners.secrets_changed(&names, secrets));
+                // The `sds.<name>.*` stats are the xDS client's (Python).
+                rejected.extend(self.clusters.secrets_changed(&names));
+            }
         }
         self.refresh_gauges();
         rejected
@@ -288,6 +311,11 @@ impl Instance {
         let mut names: Vec<String> = match kind {
             ResourceKind::RouteConfiguration => self.listeners.wanted_routes(),
             ResourceKind::ClusterLoadAssignment => self.clusters.wanted_eds_services(),
+            ResourceKind::Secret => {
+                let mut names = self.listeners.wanted_secrets();
+                names.extend(self.clusters.wanted_secrets());
+                names
+            }
             ResourceKind::Listener | ResourceKind::Cluster => Vec::new(),
         };
         names.sort();

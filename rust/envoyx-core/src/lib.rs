@@ -22,6 +22,7 @@ pub mod router;
 pub mod server;
 pub mod stats;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 
@@ -49,7 +50,12 @@ pub fn route_match_ns(
     let Some(l) = bootstrap.listeners.into_iter().find(|l| l.name == listener) else {
         return Err(Error::State(format!("no listener named '{listener}'")));
     };
-    let config::NetworkFilter::Http(hcm) = l.filter else {
+    let Some(chain) = l.filter_chains.into_iter().next() else {
+        return Err(Error::State(format!(
+            "listener '{listener}' has no filter chain"
+        )));
+    };
+    let config::NetworkFilter::Http(hcm) = chain.filter else {
         return Err(Error::State(format!(
             "listener '{listener}' is not an HTTP listener"
         )));

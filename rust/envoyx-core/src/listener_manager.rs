@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::{RouteConfig, bootstrap as map};
-use crate::listener::{Listener, ListenerFilter};
+use crate::listener::{BuildContext, Listener};
 use crate::options::ServerOptions;
 use crate::router::RouteTable;
 use crate::stats::StatStore;
@@ -141,16 +141,15 @@ impl ListenerManager {
         if let Some(err) = address_clash(&self.listeners.load(), name, config.address) {
             return Err(err);
         }
-        let listener = Listener::build(
-            config,
+        let cx = BuildContext {
             clusters,
-            &self.store,
+            store: &self.store,
             workers,
-            Origin::dynamic(version),
-            options.filter_factory.as_deref(),
-            options.file_flush,
-        )
-        .map_err(|e| e.to_string())?;
+            filter_factory: options.filter_factory.as_deref(),
+            file_flush: options.file_flush,
+        };
+        let listener =
+            Listener::build(config, &cx, Origin::dynamic(version)).map_err(|e| e.to_string())?;
         // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
         let sockets = listener.bind(workers).map_err(|e| e.to_string())?;
         *lock(&listener.sockets) = sockets;
@@ -175,18 +174,7 @@ impl ListenerManager {
                 rejected.push((listener.name.clone(), err));
                 continue;
             }
-            let warm = match listener.rds_name() {
-                None => true,
-                Some(rds) => match routes.get(rds) {
-                    Some(r) => {
-                        if let ListenerFilter::Http(hcm) = &listener.filter {
-                            hcm.routes.store(r.table.clone());
-                        }
-                        true
-                    }
-                    None => false,
-                },
-            };
+            let warm = self.ready(&listener, &routes);
             set.warming.retain(|l| l.name != listener.name);
             if warm {
                 self.activate(&mut set, listener);
@@ -209,10 +197,36 @@ impl ListenerManager {
         rejected
     }
 
+    /// Whether a listener has what it waits for (its RDS route tables, which it
+    /// then takes, and its SDS secrets).
+    fn ready(&self, listener: &Listener, routes: &RouteSet) -> bool {
+        let mut ready = !listener.waits_for_secrets();
+        for hcm in listener.http_managers() {
+            if let Some(rds) = &hcm.rds_name {
+                match routes.get(rds) {
+                    Some(r) => hcm.routes.store(r.table.clone()),
+                    None => ready = false,
+                }
+            }
+        }
+        ready
+    }
+
     /// Hands a warm listener's sockets to the workers and retires the listener it
     /// replaces (same name), which drains.
     fn activate(&self, set: &mut ListenerSet, listener: Arc<Listener>) {
         let sockets = std::mem::take(&mut *lock(&listener.sockets));
+        let address = listener.address();
+        let sockets =
+            sockets
+                .into_iter()
+                .filter_map(|s| match crate::listener::listen(s, address) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        crate::log!(Error, "main", "listener '{}': {e}", listener.name);
+                        None
+                    }
+                });
         for (worker, socket) in lock(&self.workers).iter().zip(sockets) {
             let _ = worker.send(WorkerCommand::Listen(listener.clone(), socket));
         }
@@ -242,10 +256,10 @@ impl ListenerManager {
             }
             let table = RouteTable::new(rc);
             for l in set.active.iter().chain(&set.warming) {
-                if let ListenerFilter::Http(hcm) = &l.filter
-                    && hcm.rds_name.as_deref() == Some(name.as_str())
-                {
-                    hcm.routes.store(table.clone());
+                for hcm in l.http_managers() {
+                    if hcm.rds_name.as_deref() == Some(name.as_str()) {
+                        hcm.routes.store(table.clone());
+                    }
                 }
             }
             routes.insert(
@@ -256,23 +270,71 @@ impl ListenerManager {
                     raw,
                 }),
             );
-            let now_warm: Vec<Arc<Listener>> = set
-                .warming
-                .iter()
-                .filter(|l| l.rds_name() == Some(name.as_str()))
-                .cloned()
-                .collect();
-            for l in now_warm {
-                self.activate(&mut set, l);
-            }
         }
+        self.routes.store(Arc::new(routes));
+        self.activate_ready(&mut set);
         // Removing a route configuration leaves listeners with the table they have,
         // as Envoy does; it only stops being offered to new listeners.
+        let mut routes = (**self.routes.load()).clone();
         for name in removed {
             routes.remove(name);
         }
         self.routes.store(Arc::new(routes));
         self.listeners.store(Arc::new(set));
+    }
+
+    /// Activates the warming listeners that have what they wait for.
+    fn activate_ready(&self, set: &mut ListenerSet) {
+        let routes = self.routes.load();
+        let now_warm: Vec<Arc<Listener>> = set
+            .warming
+            .iter()
+            .filter(|l| self.ready(l, &routes))
+            .cloned()
+            .collect();
+        for l in now_warm {
+            self.activate(set, l);
+        }
+    }
+
+    /// SDS secrets changed: every TLS context naming one is rebuilt (new
+    /// handshakes use it), and listeners waiting for them activate. Returns the
+    /// secrets a context refused (name, why). The caller serialises applies.
+    pub fn secrets_changed(
+        &self,
+        names: &[String],
+        secrets: &crate::tls::SecretStore,
+    ) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        let mut set = (**self.listeners.load()).clone();
+        for l in set.active.iter().chain(&set.warming) {
+            for tls in l.tls_contexts() {
+                for name in names.iter().filter(|n| tls.config.uses_secret(n)) {
+                    if let Err(e) = tls.refresh(secrets) {
+                        rejected.push((name.clone(), e));
+                    }
+                }
+            }
+        }
+        self.activate_ready(&mut set);
+        self.listeners.store(Arc::new(set));
+        rejected
+    }
+
+    /// SDS secrets named by active or warming listeners.
+    pub fn wanted_secrets(&self) -> Vec<String> {
+        let set = self.listeners.load();
+        set.active
+            .iter()
+            .chain(&set.warming)
+            .flat_map(|l| l.tls_contexts())
+            .flat_map(|t| {
+                t.config
+                    .dynamic_secrets()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// RDS route configurations named by active or warming listeners.
@@ -281,7 +343,7 @@ impl ListenerManager {
         set.active
             .iter()
             .chain(&set.warming)
-            .filter_map(|l| l.rds_name().map(str::to_string))
+            .flat_map(|l| l.rds_names().map(str::to_string).collect::<Vec<_>>())
             .collect()
     }
 }

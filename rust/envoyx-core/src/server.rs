@@ -15,9 +15,10 @@ use crate::config::{AdminConfig, Bootstrap};
 use crate::error::{Error, Result};
 use crate::instance::lock;
 pub use crate::instance::{Instance, ResourceKind, ServerOptions, ServerState, VERSION};
-use crate::listener::{Listener, bind};
+use crate::listener::{BuildContext, Listener, bind, listen};
 use crate::listener_manager::ListenerManager;
 use crate::stats::StatStore;
+use crate::tls::SecretStore;
 use crate::upstream::ClusterManager;
 use crate::upstream::cluster::Origin;
 
@@ -32,19 +33,20 @@ impl Server {
     /// Builds every runtime object of a mapped bootstrap; binds nothing yet.
     pub fn new(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self> {
         let store = StatStore::with_workers(options.concurrency.max(1));
-        let clusters = ClusterManager::new(&bootstrap.clusters, &store);
+        let secrets = Arc::new(SecretStore::new(bootstrap.secrets));
+        let clusters =
+            ClusterManager::new(&bootstrap.clusters, &store, secrets).map_err(Error::Config)?;
         let workers = options.concurrency.max(1);
+        let cx = BuildContext {
+            clusters: &clusters,
+            store: &store,
+            workers,
+            filter_factory: options.filter_factory.as_deref(),
+            file_flush: options.file_flush,
+        };
         let mut active = Vec::new();
         for l in bootstrap.listeners {
-            active.push(Listener::build(
-                l,
-                &clusters,
-                &store,
-                workers,
-                Origin::bootstrap(),
-                options.filter_factory.as_deref(),
-                options.file_flush,
-            )?);
+            active.push(Listener::build(l, &cx, Origin::bootstrap())?);
         }
         let listeners = ListenerManager::new(active, &store);
         let instance = Instance::new(
@@ -116,8 +118,10 @@ impl Server {
         {
             let _apply = instance.apply_guard();
             for listener in &instance.listeners.active() {
-                for (i, socket) in listener.bind(workers)?.into_iter().enumerate() {
-                    sockets[i].push((listener.clone(), socket));
+                let bound = listener.bind(workers)?;
+                let address = listener.address();
+                for (i, socket) in bound.into_iter().enumerate() {
+                    sockets[i].push((listener.clone(), listen(socket, address)?));
                 }
             }
             let mut senders = Vec::new();

@@ -5,8 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
@@ -63,20 +62,25 @@ impl TcpProxy {
     }
 
     /// Proxies one downstream connection until both directions have closed.
-    pub async fn serve(
+    /// `prefix`: bytes a listener filter already read, sent upstream first.
+    pub async fn serve<D>(
         self: Arc<Self>,
         pools: Rc<WorkerPools>,
-        mut downstream: TcpStream,
+        mut downstream: D,
         peer: SocketAddr,
+        local: Option<SocketAddr>,
+        prefix: Vec<u8>,
         mut drain: watch::Receiver<bool>,
-    ) {
+    ) where
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
         self.stats.downstream_cx_total.inc();
         let started = Instant::now();
         let start_time = SystemTime::now();
         let mut record = LogRecord {
             start: Some(start_time),
             downstream_remote: Some(peer),
-            downstream_local: downstream.local_addr().ok(),
+            downstream_local: local,
             response_flags: "-",
             protocol: "-",
             upstream_cluster: Some(self.cluster.clone()),
@@ -97,25 +101,19 @@ impl TcpProxy {
         };
         record.upstream_host = Some(host.address);
         let stats = &cluster.stats;
-        stats.upstream_cx_total.inc();
-        host.stats.cx_total().inc();
-        let connected =
-            tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await;
-        let mut upstream = match connected {
-            Ok(Ok(s)) => s,
-            other => {
-                stats.upstream_cx_connect_fail.inc();
-                host.stats.cx_connect_fail().inc();
-                if other.is_err() {
-                    stats.upstream_cx_connect_timeout.inc();
-                }
+        let mut upstream = match crate::upstream::connect(&cluster, host.shared(), None).await {
+            Ok(s) => s,
+            Err(_) => {
                 record.response_flags = "UF";
                 self.log(record, started);
                 return;
             }
         };
-        let _ = upstream.set_nodelay(true);
-        let _ = downstream.set_nodelay(true);
+        if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
+            record.response_flags = "UF";
+            self.log(record, started);
+            return;
+        }
         stats.upstream_cx_active.inc();
         host.stats.cx_active().inc();
         // copy_bidirectional shuts down each write side when the other read side
@@ -128,6 +126,7 @@ impl TcpProxy {
             }
         };
         let (rx, tx) = copied.unwrap_or((0, 0));
+        let rx = rx + prefix.len() as u64;
         self.stats.downstream_cx_rx_bytes_total.add(rx);
         self.stats.downstream_cx_tx_bytes_total.add(tx);
         stats.upstream_cx_tx_bytes_total.add(rx);

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::Either;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::instance::Instance;
-use crate::listener::{AcceptFailures, Listener, ListenerFilter};
+use crate::listener::{AcceptFailures, Listener};
 use crate::listener_manager::WorkerCommand;
 use crate::stats::Gauge;
 use crate::upstream::WorkerPools;
@@ -121,23 +120,8 @@ impl Worker {
         let drain_time = self.drain_time;
         // Built here, not inside the task: the task then holds the connection's
         // future once, not also the arguments it was made from.
-        let served = match &listener.filter {
-            ListenerFilter::Http(hcm) => Either::Left(crate::http::serve_tcp(
-                hcm.clone(),
-                pools,
-                stream,
-                peer,
-                drain.clone(),
-            )),
-            // Boxed: its state (an access-log record) would otherwise be in every
-            // HTTP connection's task too.
-            ListenerFilter::Tcp(tcp) => Either::Right(Box::pin(tcp.clone().serve(
-                pools,
-                stream,
-                peer,
-                drain.clone(),
-            ))),
-        };
+        let served =
+            crate::listener::serve_connection(&listener, pools, stream, peer, drain.clone());
         // A draining listener's connections get the drain time to finish
         // gracefully; then they are closed (Envoy's --drain-time-s).
         let mut deadline = drain;

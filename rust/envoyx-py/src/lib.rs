@@ -50,7 +50,8 @@ fn validate(
             bootstrap
                 .listeners
                 .iter()
-                .filter_map(|l| match &l.filter {
+                .flat_map(|l| l.chains())
+                .filter_map(|c| match &c.filter {
                     NetworkFilter::Http(hcm) if !hcm.http_filters.is_empty() => {
                         factory.build(&hcm.http_filters, &store).err()
                     }

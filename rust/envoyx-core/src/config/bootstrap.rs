@@ -9,11 +9,13 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use regex::Regex;
 use serde_json::Value;
 
+use super::listener::map_listener;
+use super::matcher::map_safe_regex;
 use super::model::*;
 use super::reader::{Errors, Obj};
+use super::tls::{map_secret, map_upstream_socket};
 
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -58,7 +60,13 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
     let admin = root.obj("admin").and_then(|a| map_admin(&a));
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
+    let mut secrets = Vec::new();
     if let Some(sr) = root.obj("static_resources") {
+        secrets = sr
+            .list("secrets")
+            .iter()
+            .filter_map(|s| map_secret(s).map(|(name, secret)| (name, secret, s.to_value())))
+            .collect();
         clusters = sr.list("clusters").iter().filter_map(map_cluster).collect();
         listeners = sr
             .list("listeners")
@@ -66,6 +74,7 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
             .filter_map(map_listener)
             .collect();
         check_references(&sr, &listeners, &clusters);
+        check_secret_references(&sr, &listeners, &clusters, &secrets);
     }
     // Accepted without effect: they only tune Envoy's own internals or name things
     // that envoyx reports itself; documented in docs/config-support.md.
@@ -82,7 +91,59 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
         admin,
         listeners,
         clusters,
+        secrets,
         raw: root.to_value(),
+    }
+}
+
+/// Static secrets named by TLS contexts must exist (dynamic ones come over SDS),
+/// and names are unique.
+fn check_secret_references(
+    sr: &Obj<'_>,
+    listeners: &[ListenerConfig],
+    clusters: &[ClusterConfig],
+    secrets: &[(String, SecretConfig, Value)],
+) {
+    let mut names = HashSet::new();
+    for (i, (name, _, _)) in secrets.iter().enumerate() {
+        if !names.insert(name.as_str()) {
+            sr.errors().push(
+                &format!("static_resources.secrets[{i}].name"),
+                format!("duplicate static secret name {name}"),
+            );
+        }
+    }
+    let check = |path: String, common: &CommonTlsConfig| {
+        for s in common.secrets() {
+            if !s.dynamic && !names.contains(s.name.as_str()) {
+                sr.errors()
+                    .push(&path, format!("Unknown static secret: {}", s.name));
+            }
+        }
+    };
+    for (i, l) in listeners.iter().enumerate() {
+        for (j, chain) in l.filter_chains.iter().enumerate() {
+            if let Some(tls) = &chain.tls {
+                check(
+                    format!("static_resources.listeners[{i}].filter_chains[{j}].transport_socket"),
+                    &tls.common,
+                );
+            }
+        }
+        if let Some(tls) = l.default_filter_chain.as_ref().and_then(|c| c.tls.as_ref()) {
+            check(
+                format!("static_resources.listeners[{i}].default_filter_chain.transport_socket"),
+                &tls.common,
+            );
+        }
+    }
+    for (i, c) in clusters.iter().enumerate() {
+        if let Some(tls) = &c.tls {
+            check(
+                format!("static_resources.clusters[{i}].transport_socket"),
+                &tls.common,
+            );
+        }
     }
 }
 
@@ -118,37 +179,62 @@ fn check_references(sr: &Obj<'_>, listeners: &[ListenerConfig], clusters: &[Clus
                 ),
             );
         }
-        let fpath = format!("{path}.filter_chains[0].filters[0].typed_config");
-        match &l.filter {
-            NetworkFilter::Http(hcm) => {
-                let RouteSource::Inline(route_config) = &hcm.routes else {
-                    continue;
-                };
-                if route_config.validate_clusters == Some(false) {
-                    continue;
-                }
-                for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
-                    for (r, route) in vh.routes.iter().enumerate() {
-                        if let RouteAction::Forward(fwd) = &route.action
-                            && !names.contains(fwd.cluster.as_str())
-                        {
-                            sr.errors().push(
-                                &format!(
-                                    "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].route.cluster"
-                                ),
-                                format!("route: unknown cluster '{}'", fwd.cluster),
-                            );
-                        }
+        let chains = l
+            .filter_chains
+            .iter()
+            .enumerate()
+            .map(|(j, c)| (format!("{path}.filter_chains[{j}]"), c))
+            .chain(
+                l.default_filter_chain
+                    .iter()
+                    .map(|c| (format!("{path}.default_filter_chain"), c)),
+            );
+        for (cpath, chain) in chains {
+            check_chain_references(
+                sr,
+                &names,
+                &format!("{cpath}.filters[0].typed_config"),
+                chain,
+            );
+        }
+    }
+}
+
+fn check_chain_references(
+    sr: &Obj<'_>,
+    names: &HashSet<&str>,
+    fpath: &str,
+    chain: &FilterChainConfig,
+) {
+    match &chain.filter {
+        NetworkFilter::Http(hcm) => {
+            let RouteSource::Inline(route_config) = &hcm.routes else {
+                return;
+            };
+            if route_config.validate_clusters == Some(false) {
+                return;
+            }
+            for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
+                for (r, route) in vh.routes.iter().enumerate() {
+                    if let RouteAction::Forward(fwd) = &route.action
+                        && !names.contains(fwd.cluster.as_str())
+                    {
+                        sr.errors().push(
+                            &format!(
+                                "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].route.cluster"
+                            ),
+                            format!("route: unknown cluster '{}'", fwd.cluster),
+                        );
                     }
                 }
             }
-            NetworkFilter::Tcp(tcp) => {
-                if !names.contains(tcp.cluster.as_str()) {
-                    sr.errors().push(
-                        &format!("{fpath}.cluster"),
-                        format!("tcp proxy: unknown cluster '{}'", tcp.cluster),
-                    );
-                }
+        }
+        NetworkFilter::Tcp(tcp) => {
+            if !names.contains(tcp.cluster.as_str()) {
+                sr.errors().push(
+                    &format!("{fpath}.cluster"),
+                    format!("tcp proxy: unknown cluster '{}'", tcp.cluster),
+                );
             }
         }
     }
@@ -182,7 +268,7 @@ fn map_admin(admin: &Obj<'_>) -> Option<AdminConfig> {
 }
 
 /// `envoy.config.core.v3.Address` with a `socket_address` holding an IP literal.
-fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
+pub(super) fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
     let Some(sa) = addr.obj("socket_address") else {
         addr.errors()
             .push(addr.path(), "only socket_address is supported by envoyx");
@@ -215,62 +301,7 @@ fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
     }
 }
 
-fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
-    let address = map_address(&l.obj("address")?)?;
-    let name = l
-        .str("name")
-        .map(str::to_string)
-        .unwrap_or_else(|| address.to_string());
-    let chains = l.list("filter_chains");
-    if chains.len() != 1 {
-        l.error(
-            "filter_chains",
-            format!(
-                "envoyx supports exactly one filter chain per listener (got {})",
-                chains.len()
-            ),
-        );
-        return None;
-    }
-    let chain = &chains[0];
-    if chain.has("name") {
-        chain.str("name");
-    }
-    let filters = chain.list("filters");
-    if filters.len() != 1 {
-        chain.error(
-            "filters",
-            "envoyx supports exactly one (terminal) network filter: http_connection_manager or tcp_proxy",
-        );
-        return None;
-    }
-    let f = &filters[0];
-    f.str("name");
-    let tc = f.obj("typed_config").or_else(|| {
-        f.error("typed_config", "is required");
-        None
-    })?;
-    let filter = match tc.any_type() {
-        Some(HCM_TYPE) => NetworkFilter::Http(map_hcm(&tc)?),
-        Some(TCP_PROXY_TYPE) => NetworkFilter::Tcp(map_tcp_proxy(&tc)?),
-        Some(other) => {
-            tc.error(
-                "@type",
-                format!("network filter {other} is not supported by envoyx"),
-            );
-            return None;
-        }
-        None => return None,
-    };
-    Some(ListenerConfig {
-        name,
-        address,
-        filter,
-        raw: l.to_value(),
-    })
-}
-
-fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
+pub(super) fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
     let stat_prefix = hcm.str("stat_prefix").unwrap_or_default().to_string();
     let codec = match hcm.str("codec_type").unwrap_or("AUTO") {
         "AUTO" => CodecType::Auto,
@@ -535,18 +566,7 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
     } else if let Some(p) = m.str("path") {
         PathMatch::Path(p.to_string())
     } else if let Some(sr) = m.obj("safe_regex") {
-        let re = sr.str("regex").unwrap_or_default();
-        // google_re2 is the only engine and carries no settings Envoy still honours.
-        if let Some(g) = sr.obj("google_re2") {
-            g.ignore(&["max_program_size"]);
-        }
-        match Regex::new(&format!("^(?:{re})$")) {
-            Ok(compiled) => PathMatch::Regex(compiled),
-            Err(e) => {
-                sr.error("regex", format!("invalid regex '{re}': {e}"));
-                return None;
-            }
-        }
+        PathMatch::Regex(map_safe_regex(&sr)?)
     } else {
         m.errors().push(
             m.path(),
@@ -609,7 +629,7 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
     })
 }
 
-fn map_tcp_proxy(tc: &Obj<'_>) -> Option<TcpProxyConfig> {
+pub(super) fn map_tcp_proxy(tc: &Obj<'_>) -> Option<TcpProxyConfig> {
     let stat_prefix = tc.str("stat_prefix").unwrap_or_default().to_string();
     let Some(cluster) = tc.str("cluster") else {
         tc.error(
@@ -742,6 +762,11 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
     };
     let mut protocol = UpstreamProtocol::Http1;
     let mut pool = PoolSettings::default();
+    // (auto_sni, auto_san_validation) of upstream_http_protocol_options.
+    let mut auto_sni = (false, false);
+    if let Some(u) = c.obj("upstream_http_protocol_options") {
+        map_upstream_http_options(&u, &mut auto_sni);
+    }
     // The deprecated cluster-level spellings, then the extension's (which wins).
     if let Some(common) = c.obj("common_http_protocol_options") {
         map_common_http_options(&common, &mut pool);
@@ -764,7 +789,18 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         if let Some(common) = opts.obj("common_http_protocol_options") {
             map_common_http_options(&common, &mut pool);
         }
-        if let Some(explicit) = opts.obj("explicit_http_config") {
+        if let Some(u) = opts.obj("upstream_http_protocol_options") {
+            map_upstream_http_options(&u, &mut auto_sni);
+        }
+        if let Some(auto) = opts.obj("auto_config") {
+            if let Some(h1) = auto.obj("http_protocol_options") {
+                drop(h1);
+            }
+            if let Some(h2) = auto.obj("http2_protocol_options") {
+                drop(h2);
+            }
+            protocol = UpstreamProtocol::Auto;
+        } else if let Some(explicit) = opts.obj("explicit_http_config") {
             if let Some(h1) = explicit.obj("http_protocol_options") {
                 drop(h1);
                 protocol = UpstreamProtocol::Http1;
@@ -778,8 +814,10 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
                 );
             }
         } else {
-            opts.errors()
-                .push(opts.path(), "envoyx supports explicit_http_config only");
+            opts.errors().push(
+                opts.path(),
+                "envoyx supports explicit_http_config and auto_config only",
+            );
         }
     }
     let mut eds_service_name = None;
@@ -795,6 +833,17 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         Some(la) => map_load_assignment(&la, discovery == DiscoveryType::Static),
         None => Vec::new(),
     };
+    let tls = match c.obj("transport_socket") {
+        Some(ts) => map_upstream_socket(&ts)?.map(|mut tls| {
+            (tls.auto_sni, tls.auto_san_validation) = auto_sni;
+            tls
+        }),
+        None => None,
+    };
+    if tls.is_none() && protocol == UpstreamProtocol::Auto {
+        // Envoy negotiates by ALPN, which needs TLS; in plaintext it speaks HTTP/1.1.
+        protocol = UpstreamProtocol::Http1;
+    }
     if discovery == DiscoveryType::LogicalDns && endpoints.len() != 1 {
         c.error(
             "load_assignment",
@@ -812,8 +861,23 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         lb_policy,
         eds_service_name,
         pool,
+        tls,
         raw: c.to_value(),
     })
+}
+
+/// `envoy.config.core.v3.UpstreamHttpProtocolOptions`: (auto_sni, auto_san_validation).
+fn map_upstream_http_options(u: &Obj<'_>, auto: &mut (bool, bool)) {
+    if let Some(b) = u.bool("auto_sni") {
+        auto.0 = b;
+    }
+    if let Some(b) = u.bool("auto_san_validation") {
+        auto.1 = b;
+    }
+    if u.has("override_auto_sni_header") {
+        u.raw("override_auto_sni_header");
+        u.error("override_auto_sni_header", "not supported by envoyx");
+    }
 }
 
 /// `envoy.config.core.v3.HttpProtocolOptions` of an upstream: the fields envoyx
@@ -894,6 +958,11 @@ pub fn map_listener_resource(doc: &Value) -> Result<ListenerConfig, Vec<String>>
 }
 
 /// One `envoy.config.cluster.v3.Cluster` resource (CDS).
+/// An SDS `Secret` resource: its name and content.
+pub fn map_secret_resource(doc: &Value) -> Result<(String, SecretConfig), Vec<String>> {
+    map_resource(doc, map_secret)
+}
+
 pub fn map_cluster_resource(doc: &Value) -> Result<ClusterConfig, Vec<String>> {
     map_resource(doc, map_cluster)
 }
@@ -1039,7 +1108,7 @@ mod tests {
         let b = map_bootstrap(&doc).unwrap();
         assert_eq!(b.listeners.len(), 1);
         assert_eq!(b.clusters[0].connect_timeout, Duration::from_millis(250));
-        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter_chains[0].filter else {
             panic!("expected an HTTP listener")
         };
         assert_eq!(hcm.stat_prefix, "ingress");
@@ -1081,7 +1150,7 @@ mod tests {
             router(),
         ]);
         let b = map_bootstrap(&with_http_filters(route, filters)).unwrap();
-        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter_chains[0].filter else {
             panic!("expected an HTTP listener")
         };
         let [auth, tag] = &hcm.http_filters[..] else {
@@ -1163,7 +1232,7 @@ mod tests {
             "@type": format!("type.googleapis.com/{UDPA_TYPED_STRUCT_TYPE}"),
             "type_url": PYTHON_FILTER_TYPE, "value": {"object": "o"}}}, router()]);
         let b = map_bootstrap(&with_http_filters(route, udpa)).unwrap();
-        let NetworkFilter::Http(hcm) = &b.listeners[0].filter else {
+        let NetworkFilter::Http(hcm) = &b.listeners[0].filter_chains[0].filter else {
             panic!("expected an HTTP listener")
         };
         assert_eq!(hcm.http_filters[0].object.as_deref(), Some("o"));

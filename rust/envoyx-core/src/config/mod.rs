@@ -1,8 +1,11 @@
 //! Configuration: Envoy v3 proto-JSON in, the core's typed model out.
 
 pub mod bootstrap;
+pub mod listener;
+pub mod matcher;
 pub mod model;
 pub mod reader;
+pub mod tls;
 
 pub use bootstrap::map_bootstrap;
 pub use model::*;

@@ -20,6 +20,8 @@ pub struct Bootstrap {
     pub listeners: Vec<ListenerConfig>,
     /// `static_resources.clusters`.
     pub clusters: Vec<ClusterConfig>,
+    /// `static_resources.secrets`: name, secret, the resource as given.
+    pub secrets: Vec<(String, SecretConfig, Value)>,
     /// The whole bootstrap as given, for `/config_dump`.
     pub raw: Value,
 }
@@ -38,9 +40,222 @@ pub struct ListenerConfig {
     pub name: String,
     /// `address.socket_address`.
     pub address: SocketAddr,
-    /// The terminal network filter of the single `filter_chains[0]`.
-    pub filter: NetworkFilter,
+    /// `filter_chains`, in order.
+    pub filter_chains: Vec<FilterChainConfig>,
+    /// `default_filter_chain`: used when no chain matches.
+    pub default_filter_chain: Option<FilterChainConfig>,
+    /// `listener_filters`, in order.
+    pub listener_filters: Vec<ListenerFilterKind>,
+    /// `listener_filters_timeout` (default 15 s; zero disables it).
+    pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout` (default false: the connection closes).
+    pub continue_on_listener_filters_timeout: bool,
     pub raw: Value,
+}
+
+impl ListenerConfig {
+    /// Every filter chain, the default one last.
+    pub fn chains(&self) -> impl Iterator<Item = &FilterChainConfig> {
+        self.filter_chains.iter().chain(&self.default_filter_chain)
+    }
+}
+
+/// A listener filter: what it reads of a new connection before a chain is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerFilterKind {
+    /// `envoy.filters.listener.tls_inspector`: TLS or not, SNI and ALPN from the
+    /// ClientHello.
+    TlsInspector,
+    /// `envoy.filters.listener.http_inspector`: `http/1.0`, `http/1.1` or `h2c`
+    /// as the application protocol of a plaintext connection.
+    HttpInspector,
+}
+
+#[derive(Debug)]
+pub struct FilterChainConfig {
+    /// `name` (Envoy's stat and drain key).
+    pub name: String,
+    /// `filter_chain_match`.
+    pub matcher: FilterChainMatch,
+    /// `transport_socket`: TLS (`envoy.transport_sockets.tls`) or none (raw_buffer).
+    pub tls: Option<DownstreamTlsConfig>,
+    /// `transport_socket_connect_timeout`: the TLS handshake's deadline.
+    pub handshake_timeout: Option<Duration>,
+    /// The terminal network filter.
+    pub filter: NetworkFilter,
+    /// The chain as given: an LDS update keeps the connections of unchanged chains.
+    pub raw: Value,
+}
+
+/// `envoy.config.listener.v3.FilterChainMatch`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    /// `prefix_ranges`: the destination (local) address.
+    pub prefix_ranges: Vec<CidrRange>,
+    pub direct_source_prefix_ranges: Vec<CidrRange>,
+    pub source_type: SourceType,
+    pub source_prefix_ranges: Vec<CidrRange>,
+    pub source_ports: Vec<u16>,
+    /// `server_names`, lower-cased: exact names and `*.suffix` wildcards.
+    pub server_names: Vec<String>,
+    /// `transport_protocol`: `tls` or `raw_buffer` (empty: any).
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum SourceType {
+    #[default]
+    Any,
+    SameIpOrLoopback,
+    External,
+}
+
+/// `envoy.config.core.v3.CidrRange`, with the address masked to its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrRange {
+    pub address: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl CidrRange {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(ip) ^ u32::from(net);
+                self.prefix_len == 0 || bits >> (32 - u32::from(self.prefix_len.min(32))) == 0
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u128::from(ip) ^ u128::from(net);
+                self.prefix_len == 0 || bits >> (128 - u32::from(self.prefix_len.min(128))) == 0
+            }
+            _ => false,
+        }
+    }
+}
+
+// -- TLS -----------------------------------------------------------------------------
+
+/// A certificate chain and its private key (`TlsCertificate`), read from files or
+/// inline data when the configuration is mapped, as Envoy does.
+#[derive(Debug, Clone)]
+pub struct TlsCertificate {
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub key: Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+    /// Where it was configured, for errors found when the TLS context is built.
+    pub path: String,
+}
+
+/// `CertificateValidationContext`.
+#[derive(Debug, Clone, Default)]
+pub struct ValidationConfig {
+    /// `trusted_ca` (empty: the peer's certificate is not chain-verified).
+    pub trusted_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// `crl`.
+    pub crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    /// `match_typed_subject_alt_names`: the peer's certificate must have a SAN
+    /// matching one of them (none: any).
+    pub san_matchers: Vec<SanMatcher>,
+    pub path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SanMatcher {
+    pub kind: SanType,
+    pub matcher: super::matcher::StringMatcher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SanType {
+    Dns,
+    Uri,
+    IpAddress,
+    Email,
+}
+
+/// A certificate or validation context named by SDS: `name`, and whether it comes
+/// over xDS (`sds_config` set) or from the bootstrap's `static_resources.secrets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub name: String,
+    pub dynamic: bool,
+}
+
+/// `envoy.extensions.transport_sockets.tls.v3.Secret`.
+#[derive(Debug, Clone)]
+pub enum SecretConfig {
+    TlsCertificate(TlsCertificate),
+    ValidationContext(ValidationConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// `CommonTlsContext`.
+#[derive(Debug, Clone, Default)]
+pub struct CommonTlsConfig {
+    /// `tls_certificates`.
+    pub certificates: Vec<TlsCertificate>,
+    /// `tls_certificate_sds_secret_configs`.
+    pub certificate_secrets: Vec<SecretRef>,
+    /// `validation_context`, or `combined_validation_context.default_validation_context`.
+    pub validation: Option<ValidationConfig>,
+    /// `validation_context_sds_secret_config` (or the combined context's): its
+    /// trusted CA and CRL join `validation`'s matchers.
+    pub validation_secret: Option<SecretRef>,
+    /// `tls_params.tls_minimum_protocol_version` / `tls_maximum_protocol_version`.
+    pub min_version: Option<TlsVersion>,
+    pub max_version: Option<TlsVersion>,
+    /// `tls_params.cipher_suites`: OpenSSL names, checked when mapped.
+    pub cipher_suites: Vec<String>,
+    /// `tls_params.ecdh_curves`.
+    pub ecdh_curves: Vec<String>,
+    /// `alpn_protocols`.
+    pub alpn: Vec<String>,
+}
+
+impl CommonTlsConfig {
+    /// The SDS secrets this context names.
+    pub fn secrets(&self) -> impl Iterator<Item = &SecretRef> {
+        self.certificate_secrets
+            .iter()
+            .chain(&self.validation_secret)
+    }
+}
+
+/// `DownstreamTlsContext`.
+#[derive(Debug, Clone, Default)]
+pub struct DownstreamTlsConfig {
+    pub common: CommonTlsConfig,
+    /// `require_client_certificate`.
+    pub require_client_certificate: bool,
+    /// `disable_stateless_session_resumption`: no session tickets.
+    pub disable_tickets: bool,
+    /// `disable_stateful_session_resumption`: no session-ID cache.
+    pub disable_session_cache: bool,
+    pub path: String,
+}
+
+/// `UpstreamTlsContext`, with the cluster's `upstream_http_protocol_options`.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTlsConfig {
+    pub common: CommonTlsConfig,
+    /// `sni`.
+    pub sni: Option<String>,
+    /// `auto_sni`: the SNI is the request's host (without port).
+    pub auto_sni: bool,
+    /// `auto_san_validation`: the upstream certificate must be valid for that host.
+    pub auto_san_validation: bool,
+    pub path: String,
 }
 
 #[derive(Debug)]
@@ -243,6 +458,9 @@ pub enum LbPolicy {
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+    /// `auto_config`: HTTP/2 when the upstream's TLS handshake negotiates `h2` by
+    /// ALPN, else HTTP/1.1.
+    Auto,
 }
 
 #[derive(Debug)]
@@ -265,6 +483,8 @@ pub struct ClusterConfig {
     pub eds_service_name: Option<String>,
     /// `common_http_protocol_options` of the cluster's HTTP protocol options.
     pub pool: PoolSettings,
+    /// `transport_socket`: TLS to the upstream hosts.
+    pub tls: Option<UpstreamTlsConfig>,
     pub raw: Value,
 }
 

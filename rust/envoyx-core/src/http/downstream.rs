@@ -27,24 +27,59 @@ use crate::access_log::LogRecord;
 use crate::config::CodecType;
 use crate::io::{CountedIo, LocalExec, Rewind};
 use crate::per_worker::LocalHandle;
+use crate::tls::{PeerTls, TlsTransport};
 use crate::upstream::WorkerPools;
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves one downstream connection until it closes or `drain` fires. The
-/// connection's objects are made before the future, so that it holds them once.
-/// Serves one downstream TCP connection of an HTTP listener.
+/// What the transport below the codec says about the connection.
+#[derive(Default)]
+pub struct TransportInfo {
+    /// The local address the peer connected to.
+    pub local: Option<SocketAddr>,
+    /// Bytes a listener filter already read, served first.
+    pub prefix: Vec<u8>,
+    /// The TLS session's facts (None: plaintext).
+    pub tls: Option<PeerTls>,
+}
+
+/// Serves one downstream plaintext connection of an HTTP filter chain until it
+/// closes or `drain` fires. The connection's objects are made before the future,
+/// so that it holds them once.
 pub fn serve_tcp(
     hcm: Arc<HttpConnectionManager>,
     pools: Rc<WorkerPools>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    prefix: Vec<u8>,
     drain: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + 'static {
     let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().ok();
-    serve(hcm, pools, stream, peer, local, drain)
+    let info = TransportInfo {
+        local: stream.local_addr().ok(),
+        prefix,
+        tls: None,
+    };
+    serve(hcm, pools, stream, peer, info, drain)
+}
+
+/// Serves a downstream connection over an established TLS session.
+pub fn serve_tls(
+    hcm: Arc<HttpConnectionManager>,
+    pools: Rc<WorkerPools>,
+    stream: TlsTransport,
+    peer: SocketAddr,
+    tls: PeerTls,
+    drain: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + 'static {
+    let _ = stream.tcp().set_nodelay(true);
+    let info = TransportInfo {
+        local: stream.tcp().local_addr().ok(),
+        prefix: Vec::new(),
+        tls: Some(tls),
+    };
+    serve(hcm, pools, stream, peer, info, drain)
 }
 
 pub(crate) fn serve<S>(
@@ -52,7 +87,7 @@ pub(crate) fn serve<S>(
     pools: Rc<WorkerPools>,
     stream: S,
     peer: SocketAddr,
-    local: Option<SocketAddr>,
+    info: TransportInfo,
     drain: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + 'static
 where
@@ -61,6 +96,10 @@ where
     let stats = &hcm.stats;
     stats.downstream_cx_total.inc();
     stats.downstream_cx_active.inc();
+    if info.tls.is_some() {
+        stats.downstream_cx_ssl_total.inc();
+        stats.downstream_cx_ssl_active.inc();
+    }
     // Closes the connection's books even when the worker drops the future (a
     // drain deadline), not only when the codec returns.
     let routes = RefCell::new(LocalHandle::new(hcm.routes.load_full()));
@@ -68,35 +107,58 @@ where
         hcm,
         pools,
         peer,
-        local,
+        local: info.local,
+        tls: info.tls,
         protocol: Cell::new(None),
         screen: ConnectionScreen::default(),
         routes,
         clusters: RefCell::default(),
     }));
-    serve_connection(books, stream, drain)
+    let first = (!info.prefix.is_empty()).then(|| h1::InBuf::from_prefix(info.prefix));
+    serve_connection(books, stream, first, drain)
 }
 
-async fn serve_connection<S>(books: ConnectionBooks, stream: S, drain: watch::Receiver<bool>)
-where
+async fn serve_connection<S>(
+    books: ConnectionBooks,
+    stream: S,
+    first: Option<h1::InBuf>,
+    drain: watch::Receiver<bool>,
+) where
     S: Transport + AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let conn = books.0.clone();
     let stats = &conn.hcm.stats;
     let rx = stats.downstream_cx_rx_bytes_total.clone();
     let tx = stats.downstream_cx_tx_bytes_total.clone();
-    match conn.hcm.codec {
+    // ALPN decides for AUTO when TLS negotiated a protocol, as in Envoy.
+    let negotiated = conn.tls.as_ref().and_then(|t| t.alpn.as_deref());
+    let codec = match (conn.hcm.codec, negotiated) {
+        (CodecType::Auto, Some("h2")) => CodecType::Http2,
+        (CodecType::Auto, Some("http/1.1" | "http/1.0")) => CodecType::Http1,
+        (codec, _) => codec,
+    };
+    match codec {
         CodecType::Http1 => {
-            let shared = Rc::new(h1::Shared::new(Box::new(stream), rx, tx, None));
+            let shared = Rc::new(h1::Shared::new(Box::new(stream), rx, tx, first));
             h1::serve(conn, shared, drain).await;
         }
         CodecType::Http2 => {
+            let prefix = first.map(|f| {
+                let p = f.pending().to_vec();
+                f.release();
+                p
+            });
             let io = CountedIo::new(stream, rx, tx);
-            Box::pin(serve_h2(conn, Rewind::new(Vec::new(), io), drain)).await;
+            Box::pin(serve_h2(
+                conn,
+                Rewind::new(prefix.unwrap_or_default(), io),
+                drain,
+            ))
+            .await;
         }
         CodecType::Auto => {
             // The first bytes say which protocol: HTTP/2's preface, or HTTP/1.1.
-            let Some(first) = Box::pin(sniff(&stream, &rx, &drain)).await else {
+            let Some(first) = Box::pin(sniff(&stream, first, &rx, &drain)).await else {
                 return;
             };
             if first.pending().starts_with(H2_PREFACE) {
@@ -119,10 +181,11 @@ where
 /// of its own (the worker's connection task is woken by it).
 async fn sniff<S: Transport>(
     stream: &S,
+    first: Option<h1::InBuf>,
     rx: &crate::stats::Counter,
     drain: &watch::Receiver<bool>,
 ) -> Option<h1::InBuf> {
-    let mut buf: Option<h1::InBuf> = None;
+    let mut buf: Option<h1::InBuf> = first;
     loop {
         if let Some(b) = &buf {
             let p = b.pending();
@@ -192,6 +255,9 @@ impl Drop for ConnectionBooks {
         let conn = &self.0;
         let stats = &conn.hcm.stats;
         record_refusals(conn);
+        if conn.tls.is_some() {
+            stats.downstream_cx_ssl_active.dec();
+        }
         match conn.protocol.get() {
             Some(Version::HTTP_2) => stats.downstream_cx_http2_active.dec(),
             Some(_) => stats.downstream_cx_http1_active.dec(),
@@ -257,11 +323,11 @@ mod tests {
         fn size<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
             std::mem::size_of::<F>()
         }
-        fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        fn size4<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let n = size(super::serve::<tokio::net::TcpStream>)
-            .max(size3(super::serve_connection::<tokio::net::TcpStream>));
+            .max(size4(super::serve_connection::<tokio::net::TcpStream>));
         eprintln!("downstream connection future: {n} bytes");
         assert!(n <= 768, "{n}");
     }

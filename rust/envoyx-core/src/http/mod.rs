@@ -15,4 +15,4 @@ pub mod headers;
 pub mod local_reply;
 
 pub use connection_manager::HttpConnectionManager;
-pub use downstream::serve_tcp;
+pub use downstream::{serve_tcp, serve_tls};

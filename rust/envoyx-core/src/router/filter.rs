@@ -135,9 +135,16 @@ impl Router<'_, '_> {
             authority,
             path,
             forwarded_for: hcm.use_remote_address.then_some(conn.peer),
+            downstream_tls: conn.tls.is_some(),
+            upstream_tls: upstream.cluster.tls.is_some(),
         };
+        // TLS with auto_sni names the host the request goes to (after any rewrite).
+        let sni =
+            upstream.cluster.tls.as_ref().and_then(|tls| {
+                tls.sni_for(Some(action.host_rewrite.as_deref().unwrap_or(authority)))
+            });
         let sent = upstream
-            .send(&host, parts, body, action.timeout, |p, h2| {
+            .send(&host, sni, parts, body, action.timeout, |p, h2| {
                 rewrite.apply(p, h2)
             })
             .await;
@@ -227,6 +234,10 @@ struct RequestRewrite<'a> {
     path: &'a str,
     /// The downstream peer, appended to `x-forwarded-for` (`use_remote_address`).
     forwarded_for: Option<SocketAddr>,
+    /// Whether the downstream connection is TLS (`x-forwarded-proto: https`).
+    downstream_tls: bool,
+    /// Whether the upstream connection is TLS (the HTTP/2 `:scheme`).
+    upstream_tls: bool,
 }
 
 impl RequestRewrite<'_> {
@@ -244,8 +255,11 @@ impl RequestRewrite<'_> {
         let authority = action.host_rewrite.as_deref().unwrap_or(self.authority);
         let headers = &mut req.headers;
         strip_hop_by_hop(headers);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        // Envoy writes the downstream scheme at the edge (use_remote_address),
+        // elsewhere only when the header is absent.
+        if self.forwarded_for.is_some() || !headers.contains_key(&X_FORWARDED_PROTO) {
+            let scheme = if self.downstream_tls { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
         }
         if let Some(peer) = self.forwarded_for {
             let peer = peer.ip().to_string();
@@ -269,7 +283,7 @@ impl RequestRewrite<'_> {
         if h2_upstream {
             headers.remove(header::HOST);
             if let Ok(uri) = Uri::builder()
-                .scheme("http")
+                .scheme(if self.upstream_tls { "https" } else { "http" })
                 .authority(authority)
                 .path_and_query(final_path)
                 .build()

@@ -4,6 +4,7 @@
 //! over tries here, not in the connection manager.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -63,6 +64,7 @@ impl UpstreamRequest<'_> {
     pub async fn send(
         &self,
         host: &LocalHandle<Host>,
+        sni: Option<Arc<str>>,
         mut parts: http::request::Parts,
         body: ProxyBody,
         timeout: Option<Duration>,
@@ -72,7 +74,11 @@ impl UpstreamRequest<'_> {
         let stats = &cluster.stats;
         stats.upstream_rq_total.inc();
         host.stats.rq_total().inc();
-        let mut sender = match self.pools.acquire(cluster.shared(), host.shared()).await {
+        let mut sender = match self
+            .pools
+            .acquire(cluster.shared(), host.shared(), sni.clone())
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 host.stats.rq_error().inc();
@@ -96,6 +102,7 @@ impl UpstreamRequest<'_> {
             host: host.clone(),
             pools: self.pools.clone(),
             sender: None,
+            sni,
         };
         let sent_at = Instant::now();
         let sent = sender.send(Request::from_parts(parts, body));
@@ -147,6 +154,8 @@ pub struct UpstreamHandle {
     host: LocalHandle<Host>,
     pools: Rc<WorkerPools>,
     sender: Option<Sender>,
+    /// The pool key's SNI, to return the connection to the right pool.
+    sni: Option<Arc<str>>,
 }
 
 impl UpstreamHandle {
@@ -160,8 +169,12 @@ impl UpstreamHandle {
         match end {
             StreamEnd::Complete => {
                 if let Some(Sender::Http1(conn)) = self.sender.take() {
-                    self.pools
-                        .release(self.cluster.shared(), self.host.shared(), conn);
+                    self.pools.release(
+                        self.cluster.shared(),
+                        self.host.shared(),
+                        self.sni.take(),
+                        conn,
+                    );
                 }
             }
             StreamEnd::UpstreamError => self.cluster.stats.upstream_rq_rx_reset.inc(),

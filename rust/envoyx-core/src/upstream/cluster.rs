@@ -15,6 +15,7 @@ use crate::config::{
     UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
+use crate::tls::{ClientTlsContext, SecretStore, SslStats};
 
 #[derive(Debug)]
 pub struct Host {
@@ -141,7 +142,6 @@ impl ClusterStats {
 
 static NEXT_CLUSTER_ID: AtomicUsize = AtomicUsize::new(0);
 
-#[derive(Debug)]
 pub struct Cluster {
     /// Process-unique id, the key of worker-local pools.
     pub id: usize,
@@ -166,7 +166,20 @@ pub struct Cluster {
     /// Set once the cluster is removed or replaced: its pools stop reusing
     /// connections and its DNS refresh ends.
     pub removed: AtomicBool,
+    /// `transport_socket`: TLS to the hosts.
+    pub tls: Option<ClientTlsContext>,
+    /// Its first hosts are known (static, or a first DNS answer or EDS update).
+    hosts_ready: AtomicBool,
     pub raw: serde_json::Value,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Static (bootstrap) or dynamic (xDS / `Server.update`), with its version.
@@ -196,7 +209,24 @@ impl Origin {
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig, store: &Arc<StatStore>, origin: Origin) -> Arc<Self> {
+    pub fn new(
+        config: &ClusterConfig,
+        store: &Arc<StatStore>,
+        secrets: &SecretStore,
+        origin: Origin,
+    ) -> Result<Arc<Self>, String> {
+        let tls = match &config.tls {
+            Some(tls) => {
+                let alpn: Vec<Vec<u8>> = match config.protocol {
+                    UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+                    UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
+                    UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                };
+                let stats = SslStats::new(store, &format!("cluster.{}.", config.name));
+                Some(ClientTlsContext::new(tls.clone(), alpn, secrets, stats)?)
+            }
+            None => None,
+        };
         let stats = ClusterStats::new(store, &config.name);
         let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
@@ -213,7 +243,7 @@ impl Cluster {
         };
         stats.membership_total.set(hosts.len() as i64);
         stats.membership_healthy.set(hosts.len() as i64);
-        Arc::new(Cluster {
+        Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
             discovery: config.discovery,
@@ -230,8 +260,16 @@ impl Cluster {
             eds_service_name: config.eds_service_name.clone(),
             origin,
             removed: AtomicBool::new(false),
+            hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
+            tls,
             raw: config.raw.clone(),
-        })
+        }))
+    }
+
+    /// Whether it has what it warms for: its first hosts and its TLS secrets.
+    fn is_warm(&self) -> bool {
+        self.hosts_ready.load(Ordering::Relaxed)
+            && !self.tls.as_ref().is_some_and(|t| t.config.is_warming())
     }
 
     pub fn is_dns(&self) -> bool {
@@ -243,6 +281,7 @@ impl Cluster {
 
     /// Replaces the host set, keeping the `Host` (and its stats) of unchanged addresses.
     pub fn set_hosts(&self, resolved: Vec<(SocketAddr, String)>) {
+        self.hosts_ready.store(true, Ordering::Relaxed);
         let current = self.hosts.load();
         let same = current.len() == resolved.len()
             && current
@@ -383,13 +422,29 @@ pub struct ClusterManager {
     /// The control thread's runtime, where DNS resolution runs.
     control: OnceLock<tokio::runtime::Handle>,
     pub cds_version: Mutex<String>,
+    /// Secrets by name (static and SDS), for the TLS contexts of clusters and
+    /// listeners.
+    pub secrets: Arc<SecretStore>,
 }
 
 impl ClusterManager {
-    pub fn new(configs: &[ClusterConfig], store: &Arc<StatStore>) -> Arc<Self> {
+    pub fn new(
+        configs: &[ClusterConfig],
+        store: &Arc<StatStore>,
+        secrets: Arc<SecretStore>,
+    ) -> Result<Arc<Self>, Vec<String>> {
         let mut map = ClusterMap::default();
+        let mut errors = Vec::new();
         for c in configs {
-            map.insert(Cluster::new(c, store, Origin::bootstrap()));
+            match Cluster::new(c, store, &secrets, Origin::bootstrap()) {
+                Ok(cluster) => {
+                    map.insert(cluster);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
         }
         store
             .counter("cluster_manager.cluster_added")
@@ -403,9 +458,10 @@ impl ClusterManager {
             writer: Mutex::new(()),
             control: OnceLock::new(),
             cds_version: Mutex::new(String::new()),
+            secrets,
         });
         cm.update_gauges();
-        cm
+        Ok(cm)
     }
 
     pub fn set_control_runtime(&self, handle: tokio::runtime::Handle) {
@@ -438,6 +494,41 @@ impl ClusterManager {
         lock(&self.warming).order.clone()
     }
 
+    /// SDS secrets named by clusters' TLS contexts (active or warming).
+    pub fn wanted_secrets(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .chain(self.warming())
+            .filter_map(|c| {
+                c.tls.as_ref().map(|t| {
+                    t.config
+                        .dynamic_secrets()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Rebuilds the TLS contexts naming changed secrets, and activates the
+    /// clusters that waited for them; the refusals.
+    pub fn secrets_changed(&self, names: &[String]) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        for c in self.all().into_iter().chain(self.warming()) {
+            let Some(tls) = &c.tls else { continue };
+            for name in names.iter().filter(|n| tls.config.uses_secret(n)) {
+                if let Err(e) = tls.refresh(&self.secrets) {
+                    rejected.push((name.clone(), e));
+                }
+            }
+        }
+        for c in self.warming() {
+            self.promote(&c);
+        }
+        rejected
+    }
+
     /// EDS service names of every EDS cluster, active or warming (for EDS requests).
     pub fn wanted_eds_services(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -463,9 +554,16 @@ impl ClusterManager {
     /// Adds or replaces clusters and removes others (CDS). A cluster identical to
     /// the active one is left alone, so its pools survive a State-of-the-World
     /// response that repeats it.
-    pub fn apply(self: &Arc<Self>, upserts: Vec<ClusterConfig>, removed: &[String], version: &str) {
+    /// Returns the clusters refused (name, why).
+    pub fn apply(
+        self: &Arc<Self>,
+        upserts: Vec<ClusterConfig>,
+        removed: &[String],
+        version: &str,
+    ) -> Vec<(String, String)> {
         let _writer = lock(&self.writer);
         let mut active = (**self.active.load()).clone();
+        let mut rejected = Vec::new();
         for config in upserts {
             if active
                 .by_name
@@ -474,7 +572,18 @@ impl ClusterManager {
             {
                 continue;
             }
-            let cluster = Cluster::new(&config, &self.store, Origin::dynamic(version));
+            let cluster = match Cluster::new(
+                &config,
+                &self.store,
+                &self.secrets,
+                Origin::dynamic(version),
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    rejected.push((config.name.clone(), e));
+                    continue;
+                }
+            };
             let replacing = active.by_name.contains_key(&config.name);
             self.store
                 .counter(if replacing {
@@ -484,6 +593,10 @@ impl ClusterManager {
                 })
                 .inc();
             match cluster.discovery {
+                DiscoveryType::Static if !cluster.is_warm() => {
+                    // Its TLS context waits for an SDS secret.
+                    lock(&self.warming).insert(cluster);
+                }
                 DiscoveryType::Static => {
                     if let Some(old) = active.insert(cluster) {
                         old.removed.store(true, Ordering::Relaxed);
@@ -494,15 +607,16 @@ impl ClusterManager {
                         .eds_service_name
                         .as_ref()
                         .and_then(|s| lock(&self.eds).get(s).cloned());
+                    if let Some(addrs) = &known {
+                        cluster.set_hosts(addrs.iter().map(|a| (*a, String::new())).collect());
+                    }
                     match known {
-                        Some(addrs) => {
-                            cluster
-                                .set_hosts(addrs.into_iter().map(|a| (a, String::new())).collect());
+                        Some(_) if cluster.is_warm() => {
                             if let Some(old) = active.insert(cluster) {
                                 old.removed.store(true, Ordering::Relaxed);
                             }
                         }
-                        None => {
+                        _ => {
                             lock(&self.warming).insert(cluster);
                         }
                     }
@@ -533,10 +647,14 @@ impl ClusterManager {
         self.generation.fetch_add(1, Ordering::Release);
         *lock(&self.cds_version) = version.to_string();
         self.update_gauges();
+        rejected
     }
 
     /// Moves a warm cluster from warming to active, replacing the old one.
     fn promote(&self, cluster: &Arc<Cluster>) {
+        if !cluster.is_warm() {
+            return;
+        }
         let _writer = lock(&self.writer);
         {
             let mut warming = lock(&self.warming);

@@ -1,9 +1,11 @@
 //! Upstreams: clusters, hosts, worker-local connection pools and load balancers.
 
 pub mod cluster;
+mod connect;
 pub mod host_stats;
 pub mod lb;
 pub mod pool;
 
 pub use cluster::{Cluster, ClusterManager, Host};
+pub use connect::{UpstreamStream, connect};
 pub use pool::WorkerPools;

@@ -15,16 +15,18 @@ use std::time::Instant;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use super::cluster::{Cluster, Host};
+use super::connect::{UpstreamStream, connect};
 use super::lb::{self, LbContext, LoadBalancer};
 use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
 use crate::io::{CountedIo, LocalExec};
 use crate::per_worker::LocalHandle;
 
-type PoolKey = (usize, SocketAddr);
+/// Cluster id, host address, and the SNI of TLS connections (two SNIs never
+/// share a connection).
+type PoolKey = (usize, SocketAddr, Option<Arc<str>>);
 
 /// Why no connection could be had; each maps to Envoy's reset reason text.
 #[derive(Debug)]
@@ -33,6 +35,8 @@ pub enum ConnectError {
     /// The connection closed before it could carry the request.
     Closed,
     Io(std::io::Error),
+    /// The TLS handshake failed (Envoy's transport failure reason).
+    Tls(String),
     Handshake(hyper::Error),
 }
 
@@ -45,6 +49,9 @@ impl ConnectError {
             // Envoy 1.40 names only the reason in the reply body; the transport
             // failure goes to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
             ConnectError::Io(_) => "remote connection failure".to_string(),
+            // Envoy 1.40 names only the reason in the reply; the TLS error goes
+            // to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
+            ConnectError::Tls(_) => "remote connection failure".to_string(),
             ConnectError::Handshake(e) => {
                 format!("connection failure, transport failure reason: {e}")
             }
@@ -56,6 +63,7 @@ impl ConnectError {
             ConnectError::Timeout => "connection timeout".to_string(),
             ConnectError::Closed => "connection termination".to_string(),
             ConnectError::Io(e) => format!("delayed connect error: {}", io_reason(e)),
+            ConnectError::Tls(reason) => reason.clone(),
             ConnectError::Handshake(e) => e.to_string(),
         }
     }
@@ -140,6 +148,9 @@ struct HostPool {
     /// Held while an HTTP/2 connection is being opened, so that concurrent first
     /// requests wait for that one connection instead of opening their own.
     http2_connecting: Rc<tokio::sync::Mutex<()>>,
+    /// With `auto_config`: whether ALPN chose HTTP/2 (None until a connection
+    /// has told).
+    alpn_h2: Option<bool>,
 }
 
 impl HostPool {
@@ -150,6 +161,7 @@ impl HostPool {
             idle_http1: Vec::new(),
             http2: None,
             http2_connecting: Rc::default(),
+            alpn_h2: None,
         }
     }
 
@@ -259,17 +271,29 @@ impl WorkerPools {
         Some(hosts[lb.choose(&hosts, context)].clone())
     }
 
-    /// A connection to `host`: an idle keep-alive one (HTTP/1.1) or the shared one
-    /// (HTTP/2) if there is one, else a new one. `upstream_rq_pending_total` counts
-    /// the requests that had to wait for a new connection, as Envoy does.
+    /// A connection to `host` (with `sni` for TLS): an idle keep-alive one
+    /// (HTTP/1.1) or the shared one (HTTP/2) if there is one, else a new one.
+    /// `upstream_rq_pending_total` counts the requests that had to wait for a new
+    /// connection, as Envoy does.
     pub async fn acquire(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        sni: Option<Arc<str>>,
     ) -> Result<Sender, ConnectError> {
-        let key = (cluster.id, host.address);
-        match cluster.protocol {
-            UpstreamProtocol::Http1 => {
+        let key = (cluster.id, host.address, sni);
+        let http2 = match cluster.protocol {
+            UpstreamProtocol::Http1 => Some(false),
+            UpstreamProtocol::Http2 => Some(true),
+            UpstreamProtocol::Auto => {
+                if let Some(lease) = self.lease_http2(&key) {
+                    return Ok(Sender::Http2(lease));
+                }
+                self.hosts.borrow().get(&key).and_then(|p| p.alpn_h2)
+            }
+        };
+        match http2 {
+            Some(false) => {
                 loop {
                     let idle = self
                         .hosts
@@ -287,14 +311,41 @@ impl WorkerPools {
                 cluster.stats.upstream_rq_pending_total.inc();
                 // Boxed: the connect and handshake futures are large and rare on
                 // keep-alive; inline they would grow every request's future.
-                Box::pin(open_http1(cluster, host)).await
+                Box::pin(async {
+                    let stream = connect(cluster, host, key.2.as_deref()).await?;
+                    open_http1(cluster, host, stream).await
+                })
+                .await
             }
-            UpstreamProtocol::Http2 => {
-                if let Some(lease) = self.lease_http2(key) {
+            Some(true) => {
+                if let Some(lease) = self.lease_http2(&key) {
                     return Ok(Sender::Http2(lease));
                 }
-                Box::pin(self.open_http2(cluster, host)).await
+                Box::pin(self.open_http2(cluster, host, key)).await
             }
+            None => Box::pin(self.open_by_alpn(cluster, host, key)).await,
+        }
+    }
+
+    /// `auto_config`'s first connection to a host: ALPN says which protocol.
+    async fn open_by_alpn(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        key: PoolKey,
+    ) -> Result<Sender, ConnectError> {
+        cluster.stats.upstream_rq_pending_total.inc();
+        let stream = connect(cluster, host, key.2.as_deref()).await?;
+        let h2 = stream.negotiated_h2();
+        self.hosts
+            .borrow_mut()
+            .entry(key.clone())
+            .or_insert_with(|| HostPool::new(cluster, host))
+            .alpn_h2 = Some(h2);
+        if h2 {
+            self.install_http2(cluster, host, key, stream).await
+        } else {
+            open_http1(cluster, host, stream).await
         }
     }
 
@@ -304,25 +355,36 @@ impl WorkerPools {
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        key: PoolKey,
     ) -> Result<Sender, ConnectError> {
-        let key = (cluster.id, host.address);
         cluster.stats.upstream_rq_pending_total.inc();
         let connecting = self
             .hosts
             .borrow_mut()
-            .entry(key)
+            .entry(key.clone())
             .or_insert_with(|| HostPool::new(cluster, host))
             .http2_connecting
             .clone();
         let _connecting = connecting.lock().await;
         // Another request may have opened it while this one waited.
-        if let Some(lease) = self.lease_http2(key) {
+        if let Some(lease) = self.lease_http2(&key) {
             return Ok(Sender::Http2(lease));
         }
-        let io = connect(cluster, host).await?;
+        let stream = connect(cluster, host, key.2.as_deref()).await?;
+        self.install_http2(cluster, host, key, stream).await
+    }
+
+    /// Makes `stream` the host's shared HTTP/2 connection; a lease on it.
+    async fn install_http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        key: PoolKey,
+        stream: UpstreamStream,
+    ) -> Result<Sender, ConnectError> {
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
-            .handshake(io)
+            .handshake(counted(cluster, stream))
             .await
             .map_err(ConnectError::Handshake)?;
         cluster.stats.upstream_cx_http2_total.inc();
@@ -345,13 +407,19 @@ impl WorkerPools {
             .ok_or(ConnectError::Closed)
     }
 
-    fn lease_http2(&self, key: PoolKey) -> Option<Http2Lease> {
-        self.hosts.borrow_mut().get_mut(&key)?.lease_http2()
+    fn lease_http2(&self, key: &PoolKey) -> Option<Http2Lease> {
+        self.hosts.borrow_mut().get_mut(key)?.lease_http2()
     }
 
     /// Returns an HTTP/1.1 connection whose exchange finished, for reuse; closes it
     /// instead when its host or cluster is gone or it carried its last request.
-    pub fn release(&self, cluster: &Arc<Cluster>, host: &Arc<Host>, conn: PooledHttp1) {
+    pub fn release(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        sni: Option<Arc<str>>,
+        conn: PooledHttp1,
+    ) {
         if conn.sender.is_closed()
             || host.is_removed()
             || cluster.removed.load(std::sync::atomic::Ordering::Relaxed)
@@ -368,7 +436,7 @@ impl WorkerPools {
         }
         self.hosts
             .borrow_mut()
-            .entry((cluster.id, host.address))
+            .entry((cluster.id, host.address, sni))
             .or_insert_with(|| HostPool::new(cluster, host))
             .idle_http1
             .push(IdleHttp1 {
@@ -382,7 +450,7 @@ impl WorkerPools {
     /// past their cluster's idle timeout.
     pub fn maintain(&self, live: &std::collections::HashSet<usize>) {
         let now = Instant::now();
-        self.hosts.borrow_mut().retain(|(id, _), pool| {
+        self.hosts.borrow_mut().retain(|(id, _, _), pool| {
             if !live.contains(id) || pool.host.is_removed() {
                 return false;
             }
@@ -404,13 +472,25 @@ impl WorkerPools {
     }
 }
 
-type UpstreamIo = TokioIo<CountedIo<TcpStream>>;
+type UpstreamIo = TokioIo<CountedIo<UpstreamStream>>;
 
-/// A new HTTP/1.1 connection to `host`.
-async fn open_http1(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Sender, ConnectError> {
-    let io = connect(cluster, host).await?;
+/// The stream with the cluster's byte counters.
+fn counted(cluster: &Cluster, stream: UpstreamStream) -> UpstreamIo {
+    TokioIo::new(CountedIo::new(
+        stream,
+        cluster.stats.upstream_cx_rx_bytes_total.clone(),
+        cluster.stats.upstream_cx_tx_bytes_total.clone(),
+    ))
+}
+
+/// A new HTTP/1.1 connection on `stream`.
+async fn open_http1(
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    stream: UpstreamStream,
+) -> Result<Sender, ConnectError> {
     let (sender, conn) = http1::Builder::new()
-        .handshake(io)
+        .handshake(counted(cluster, stream))
         .await
         .map_err(ConnectError::Handshake)?;
     cluster.stats.upstream_cx_http1_total.inc();
@@ -419,38 +499,6 @@ async fn open_http1(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Sender, 
         sender,
         requests: 1,
     }))
-}
-
-async fn connect(cluster: &Cluster, host: &Arc<Host>) -> Result<UpstreamIo, ConnectError> {
-    let stats = &cluster.stats;
-    stats.upstream_cx_total.inc();
-    host.stats.cx_total().inc();
-    let started = Instant::now();
-    let stream =
-        match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                stats.upstream_cx_connect_fail.inc();
-                host.stats.cx_connect_fail().inc();
-                return Err(ConnectError::Io(e));
-            }
-            Err(_) => {
-                stats.upstream_cx_connect_fail.inc();
-                stats.upstream_cx_connect_timeout.inc();
-                host.stats.cx_connect_fail().inc();
-                return Err(ConnectError::Timeout);
-            }
-        };
-    stats
-        .upstream_cx_connect_ms
-        .record(started.elapsed().as_millis() as u64);
-    let _ = stream.set_nodelay(true);
-    Ok(TokioIo::new(CountedIo::new(
-        stream,
-        stats.upstream_cx_rx_bytes_total.clone(),
-        stats.upstream_cx_tx_bytes_total.clone(),
-    )))
 }
 
 /// Drives an upstream connection and keeps `upstream_cx_active` right around it.
@@ -502,9 +550,16 @@ mod tests {
             lb_policy: LbPolicy::RoundRobin,
             eds_service_name: None,
             pool,
+            tls: None,
             raw: serde_json::Value::Null,
         };
-        Cluster::new(&config, &StatStore::new(), Origin::bootstrap())
+        Cluster::new(
+            &config,
+            &StatStore::new(),
+            &Default::default(),
+            Origin::bootstrap(),
+        )
+        .unwrap()
     }
 
     /// A loopback server that accepts HTTP/2 (prior knowledge) connections and
@@ -546,7 +601,7 @@ mod tests {
             let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
-            let acquires = (0..8).map(|_| pools.acquire(&c, &host));
+            let acquires = (0..8).map(|_| pools.acquire(&c, &host, None));
             let senders = futures_util::future::join_all(acquires).await;
             assert!(senders.iter().all(|s| matches!(s, Ok(Sender::Http2(_)))));
             // One connection opened; every request but the first waited for it.
@@ -568,7 +623,7 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             for _ in 0..5 {
-                let mut s = pools.acquire(&c, &host).await.unwrap();
+                let mut s = pools.acquire(&c, &host, None).await.unwrap();
                 let req = http::Request::builder()
                     .uri(format!("http://127.0.0.1:{port}/"))
                     .body(ProxyBody::Empty)
@@ -592,7 +647,7 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             let live: HashSet<usize> = [c.id].into();
-            let lease = pools.acquire(&c, &host).await.unwrap();
+            let lease = pools.acquire(&c, &host, None).await.unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
             pools.maintain(&live);
             // In use: kept.
@@ -605,7 +660,7 @@ mod tests {
 
             let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
             let host = c.hosts.load()[0].clone();
-            drop(pools.acquire(&c, &host).await.unwrap());
+            drop(pools.acquire(&c, &host, None).await.unwrap());
             let live: HashSet<usize> = [c.id].into();
             pools.maintain(&live);
             assert_eq!(pools.pooled(), 1);

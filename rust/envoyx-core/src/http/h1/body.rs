@@ -37,6 +37,17 @@ impl InBuf {
         }
     }
 
+    /// Bytes a listener filter read before the codec started, as if it had.
+    pub fn from_prefix(mut bytes: Vec<u8>) -> Self {
+        let end = bytes.len();
+        bytes.resize(end.max(buffers::READ_SIZE), 0);
+        InBuf {
+            bytes,
+            start: 0,
+            end,
+        }
+    }
+
     pub fn pending(&self) -> &[u8] {
         &self.bytes[self.start..self.end]
     }
@@ -161,7 +172,7 @@ impl Shared {
             self.tx.add(n as u64);
             *pos += n;
         }
-        Poll::Ready(Ok(()))
+        self.io.poll_flush(cx)
     }
 
     /// Starts the body of a new request; the body handle for it.

@@ -19,7 +19,7 @@ pub use body::RequestBody;
 pub(crate) use body::{InBuf, Shared};
 pub(crate) use conn::serve;
 pub use head::Refusal;
-pub use transport::Transport;
+pub use transport::{Transport, poll_read, poll_write};
 
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,11 @@ pub trait Transport: 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Ready once what was written is with the kernel (TLS may hold records back
+    /// when the socket is full); a plain socket always is.
+    fn poll_flush(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
     /// Sends end-of-stream (a FIN) after what was written.
     fn shutdown_write(&self) -> io::Result<()>;
 }

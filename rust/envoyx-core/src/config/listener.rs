@@ -1,0 +1,254 @@
+//! Mapping a `Listener`: its filter chains (each with its match, transport socket
+//! and terminal network filter), its default chain and its listener filters.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::bootstrap::{HCM_TYPE, TCP_PROXY_TYPE, map_address, map_hcm, map_tcp_proxy};
+use super::model::*;
+use super::reader::Obj;
+use super::tls::map_downstream_socket;
+
+pub const TLS_INSPECTOR_TYPE: &str =
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+pub const HTTP_INSPECTOR_TYPE: &str =
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+
+pub fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
+    let address = map_address(&l.obj("address")?)?;
+    let name = l
+        .str("name")
+        .map(str::to_string)
+        .unwrap_or_else(|| address.to_string());
+    let mut filter_chains = Vec::new();
+    let mut ok = true;
+    for chain in l.list("filter_chains") {
+        match map_filter_chain(&chain) {
+            Some(c) => filter_chains.push(c),
+            None => ok = false,
+        }
+    }
+    let default_filter_chain = match l.obj("default_filter_chain") {
+        Some(d) => {
+            let chain = map_filter_chain(&d);
+            ok &= chain.is_some();
+            chain
+        }
+        None => None,
+    };
+    if filter_chains.is_empty() && default_filter_chain.is_none() && ok {
+        l.error(
+            "filter_chains",
+            "a listener needs at least one filter chain or a default_filter_chain",
+        );
+        return None;
+    }
+    check_distinct_matches(l, &filter_chains);
+    let listener_filters = map_listener_filters(l);
+    let listener_filters_timeout = match l.duration("listener_filters_timeout") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(Duration::from_secs(15)),
+    };
+    let continue_on_listener_filters_timeout = l
+        .bool("continue_on_listener_filters_timeout")
+        .unwrap_or(false);
+    ok.then(|| ListenerConfig {
+        name,
+        address,
+        filter_chains,
+        default_filter_chain,
+        listener_filters,
+        listener_filters_timeout,
+        continue_on_listener_filters_timeout,
+        raw: l.to_value(),
+    })
+}
+
+fn map_filter_chain(chain: &Obj<'_>) -> Option<FilterChainConfig> {
+    let name = chain.str("name").unwrap_or_default().to_string();
+    let matcher = match chain.obj("filter_chain_match") {
+        Some(m) => map_chain_match(&m)?,
+        None => FilterChainMatch::default(),
+    };
+    let tls = match chain.obj("transport_socket") {
+        Some(ts) => map_downstream_socket(&ts)?,
+        None => None,
+    };
+    let handshake_timeout = chain
+        .duration("transport_socket_connect_timeout")
+        .filter(|d| !d.is_zero());
+    let filters = chain.list("filters");
+    if filters.len() != 1 {
+        chain.error(
+            "filters",
+            "envoyx supports exactly one (terminal) network filter: http_connection_manager or tcp_proxy",
+        );
+        return None;
+    }
+    let f = &filters[0];
+    f.str("name");
+    let tc = f.obj("typed_config").or_else(|| {
+        f.error("typed_config", "is required");
+        None
+    })?;
+    let filter = match tc.any_type() {
+        Some(HCM_TYPE) => NetworkFilter::Http(map_hcm(&tc)?),
+        Some(TCP_PROXY_TYPE) => NetworkFilter::Tcp(map_tcp_proxy(&tc)?),
+        Some(other) => {
+            tc.error(
+                "@type",
+                format!("network filter {other} is not supported by envoyx"),
+            );
+            return None;
+        }
+        None => return None,
+    };
+    Some(FilterChainConfig {
+        name,
+        matcher,
+        tls,
+        handshake_timeout,
+        filter,
+        raw: chain.to_value(),
+    })
+}
+
+fn map_chain_match(m: &Obj<'_>) -> Option<FilterChainMatch> {
+    let mut out = FilterChainMatch::default();
+    if let Some(p) = m.u32("destination_port") {
+        match u16::try_from(p) {
+            Ok(p) => out.destination_port = Some(p),
+            Err(_) => m.error("destination_port", "must be at most 65535"),
+        }
+    }
+    out.prefix_ranges = map_cidrs(m, "prefix_ranges");
+    out.direct_source_prefix_ranges = map_cidrs(m, "direct_source_prefix_ranges");
+    out.source_prefix_ranges = map_cidrs(m, "source_prefix_ranges");
+    out.source_type = match m.str("source_type").unwrap_or("ANY") {
+        "ANY" => SourceType::Any,
+        "SAME_IP_OR_LOOPBACK" => SourceType::SameIpOrLoopback,
+        "EXTERNAL" => SourceType::External,
+        other => {
+            m.error("source_type", format!("unknown value {other}"));
+            SourceType::Any
+        }
+    };
+    let ports = m.raw("source_ports").cloned();
+    if let Some(serde_json::Value::Array(ports)) = ports {
+        for (i, p) in ports.iter().enumerate() {
+            match p.as_u64().and_then(|p| u16::try_from(p).ok()) {
+                Some(p) => out.source_ports.push(p),
+                None => m.errors().push(
+                    &format!("{}[{i}]", m.field_path("source_ports")),
+                    "expected a port",
+                ),
+            }
+        }
+    }
+    for (i, name) in m.strings("server_names").into_iter().enumerate() {
+        let name = name.to_ascii_lowercase();
+        let wildcard_ok = match name.strip_prefix("*.") {
+            Some(rest) => !rest.contains('*'),
+            None => !name.contains('*'),
+        };
+        if !wildcard_ok {
+            m.errors().push(
+                &format!("{}[{i}]", m.field_path("server_names")),
+                format!("{name:?}: only exact names and leading `*.` wildcards are allowed"),
+            );
+        }
+        out.server_names.push(name);
+    }
+    out.transport_protocol = m
+        .str("transport_protocol")
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    out.application_protocols = m
+        .strings("application_protocols")
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if m.has("address_suffix") || m.has("suffix_len") {
+        m.raw("address_suffix");
+        m.raw("suffix_len");
+        m.errors().push(
+            m.path(),
+            "address_suffix and suffix_len are not supported by envoyx",
+        );
+    }
+    Some(out)
+}
+
+fn map_cidrs(m: &Obj<'_>, field: &'static str) -> Vec<CidrRange> {
+    let mut out = Vec::new();
+    for r in m.list(field) {
+        let prefix = r.str("address_prefix").unwrap_or_default();
+        let Ok(address) = prefix.parse::<IpAddr>() else {
+            r.error("address_prefix", format!("malformed IP address: {prefix}"));
+            continue;
+        };
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let len = r.u32("prefix_len").unwrap_or(0);
+        if len > max {
+            r.error("prefix_len", format!("must be at most {max}"));
+            continue;
+        }
+        out.push(CidrRange {
+            address,
+            prefix_len: len as u8,
+        });
+    }
+    out
+}
+
+/// Envoy refuses two chains with the same match: which would serve is undefined.
+fn check_distinct_matches(l: &Obj<'_>, chains: &[FilterChainConfig]) {
+    for (i, a) in chains.iter().enumerate() {
+        if let Some(j) = chains[..i].iter().position(|b| b.matcher == a.matcher) {
+            l.errors().push(
+                &format!("{}[{i}]", l.field_path("filter_chains")),
+                format!(
+                    "multiple filter chains with the same matching rules are defined \
+                     (filter_chains[{j}] and filter_chains[{i}])"
+                ),
+            );
+        }
+    }
+}
+
+fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
+    let mut out = Vec::new();
+    for f in l.list("listener_filters") {
+        f.str("name");
+        let Some(tc) = f.obj("typed_config") else {
+            f.error("typed_config", "is required by envoyx");
+            continue;
+        };
+        match tc.any_type() {
+            Some(TLS_INSPECTOR_TYPE) => {
+                // JA3/JA4 fingerprints feed filters envoyx does not have.
+                for field in ["enable_ja3_fingerprinting", "enable_ja4_fingerprinting"] {
+                    if tc.bool(field) == Some(true) {
+                        tc.error(field, "not supported by envoyx");
+                    }
+                }
+                if tc.has("initial_read_buffer_size") {
+                    tc.u32("initial_read_buffer_size");
+                }
+                out.push(ListenerFilterKind::TlsInspector);
+            }
+            Some(HTTP_INSPECTOR_TYPE) => out.push(ListenerFilterKind::HttpInspector),
+            Some(other) => tc.error(
+                "@type",
+                format!("listener filter {other} is not supported by envoyx"),
+            ),
+            None => {}
+        }
+        if f.has("filter_disabled") {
+            f.raw("filter_disabled");
+            f.error("filter_disabled", "not supported by envoyx");
+        }
+    }
+    out
+}

@@ -1,0 +1,117 @@
+//! `envoy.type.matcher.v3.StringMatcher`: the one string matcher of the config
+//! (SAN matchers now; header and query matchers use the same type).
+
+use regex::Regex;
+
+use super::reader::Obj;
+
+#[derive(Debug, Clone)]
+pub enum StringPattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    /// `safe_regex.regex`, anchored: it must match the whole value, as RE2's
+    /// FullMatch does in Envoy.
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct StringMatcher {
+    pub pattern: StringPattern,
+    /// `ignore_case` (no effect on `safe_regex`, as in Envoy).
+    pub ignore_case: bool,
+}
+
+impl StringMatcher {
+    pub fn matches(&self, value: &str) -> bool {
+        let ic = self.ignore_case;
+        match &self.pattern {
+            StringPattern::Exact(s) if ic => value.eq_ignore_ascii_case(s),
+            StringPattern::Exact(s) => value == s,
+            StringPattern::Prefix(s) if ic => value
+                .get(..s.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(s)),
+            StringPattern::Prefix(s) => value.starts_with(s.as_str()),
+            StringPattern::Suffix(s) if ic => value
+                .len()
+                .checked_sub(s.len())
+                .and_then(|at| value.get(at..))
+                .is_some_and(|p| p.eq_ignore_ascii_case(s)),
+            StringPattern::Suffix(s) => value.ends_with(s.as_str()),
+            StringPattern::Contains(s) if ic => {
+                value.to_ascii_lowercase().contains(&s.to_ascii_lowercase())
+            }
+            StringPattern::Contains(s) => value.contains(s.as_str()),
+            StringPattern::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+/// Maps a StringMatcher object; errors name the field.
+pub fn map_string_matcher(m: &Obj<'_>) -> Option<StringMatcher> {
+    let ignore_case = m.bool("ignore_case").unwrap_or(false);
+    let pattern = if let Some(s) = m.str("exact") {
+        StringPattern::Exact(s.to_string())
+    } else if let Some(s) = m.str("prefix") {
+        StringPattern::Prefix(s.to_string())
+    } else if let Some(s) = m.str("suffix") {
+        StringPattern::Suffix(s.to_string())
+    } else if let Some(s) = m.str("contains") {
+        StringPattern::Contains(s.to_string())
+    } else if let Some(sr) = m.obj("safe_regex") {
+        StringPattern::Regex(map_safe_regex(&sr)?)
+    } else {
+        m.errors().push(
+            m.path(),
+            "one of exact, prefix, suffix, contains or safe_regex is required by envoyx",
+        );
+        return None;
+    };
+    Some(StringMatcher {
+        pattern,
+        ignore_case,
+    })
+}
+
+/// `envoy.type.matcher.v3.RegexMatcher`, compiled anchored at both ends.
+pub fn map_safe_regex(sr: &Obj<'_>) -> Option<Regex> {
+    let re = sr.str("regex").unwrap_or_default();
+    // google_re2 is the only engine and carries no settings Envoy still honours.
+    if let Some(g) = sr.obj("google_re2") {
+        g.ignore(&["max_program_size"]);
+    }
+    match Regex::new(&format!("^(?:{re})$")) {
+        Ok(compiled) => Some(compiled),
+        Err(e) => {
+            sr.error("regex", format!("invalid regex '{re}': {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(p: StringPattern, ignore_case: bool) -> StringMatcher {
+        StringMatcher {
+            pattern: p,
+            ignore_case,
+        }
+    }
+
+    #[test]
+    fn each_pattern_and_case() {
+        assert!(m(StringPattern::Exact("a.Example".into()), true).matches("A.example"));
+        assert!(!m(StringPattern::Exact("a.Example".into()), false).matches("A.example"));
+        assert!(m(StringPattern::Prefix("spiffe://".into()), false).matches("spiffe://x"));
+        assert!(!m(StringPattern::Prefix("spiffe://x/".into()), false).matches("spiffe://x"));
+        assert!(m(StringPattern::Suffix(".EXAMPLE.com".into()), true).matches("a.example.com"));
+        assert!(!m(StringPattern::Suffix("é".into()), true).matches("x"));
+        assert!(m(StringPattern::Contains("NS/".into()), true).matches("spiffe://d/ns/x"));
+        let re = Regex::new("^(?:spiffe://[a-z.]+/ns/\\w+/sa/web)$").unwrap();
+        assert!(m(StringPattern::Regex(re.clone()), false).matches("spiffe://e.org/ns/d/sa/web"));
+        assert!(!m(StringPattern::Regex(re), false).matches("spiffe://e.org/ns/d/sa/webx"));
+    }
+}

@@ -1,0 +1,145 @@
+//! One accepted connection, from the listener's side (Envoy's
+//! `ActiveTcpListener` / `ActiveTcpSocket`): the listener filters, the choice of a
+//! filter chain, the chain's transport socket (TLS handshake or plaintext), then
+//! the chain's network filter.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures_util::future::Either;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::StartHandshake;
+
+use super::Listener;
+use super::filter_chain::{ChainFilter, ConnectionFacts};
+use super::inspect::{self, Inspected};
+use crate::upstream::WorkerPools;
+
+pub type Served<H> = Either<H, Pin<Box<dyn Future<Output = ()>>>>;
+
+/// The future that serves one accepted connection. A listener with one plaintext
+/// HTTP chain and no listener filters (the common case) serves it directly, in an
+/// unboxed future; every other takes the general path.
+pub fn serve_connection(
+    listener: &Arc<Listener>,
+    pools: Rc<WorkerPools>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: watch::Receiver<bool>,
+) -> Served<impl Future<Output = ()> + 'static> {
+    if listener.listener_filters.is_empty()
+        && let Some(chain) = listener.chains.single()
+        && chain.tls.is_none()
+        && let ChainFilter::Http(hcm) = &chain.filter
+    {
+        return Either::Left(crate::http::serve_tcp(
+            hcm.clone(),
+            pools,
+            stream,
+            peer,
+            Vec::new(),
+            drain,
+        ));
+    }
+    Either::Right(Box::pin(serve_general(
+        listener.clone(),
+        pools,
+        stream,
+        peer,
+        drain,
+    )))
+}
+
+async fn serve_general(
+    listener: Arc<Listener>,
+    pools: Rc<WorkerPools>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: watch::Receiver<bool>,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut inspected = Inspected::default();
+    if !listener.listener_filters.is_empty() {
+        let run = inspect::run(
+            &stream,
+            &listener.listener_filters,
+            &listener.inspector_stats,
+            &mut inspected,
+        );
+        let outcome = match listener.listener_filters_timeout {
+            Some(t) => tokio::time::timeout(t, run).await.ok(),
+            None => Some(run.await),
+        };
+        match outcome {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return,
+            None => {
+                listener.stats.downstream_pre_cx_timeout.inc();
+                if !listener.continue_on_listener_filters_timeout {
+                    return;
+                }
+            }
+        }
+    }
+    let facts = ConnectionFacts {
+        local,
+        remote: peer,
+        server_name: inspected.server_name.as_deref(),
+        transport_protocol: inspected.transport_protocol(),
+        application_protocols: &inspected.application_protocols,
+    };
+    let Some(chain) = listener.chains.select(&facts).cloned() else {
+        listener.stats.no_filter_chain_match.inc();
+        return;
+    };
+    let Some(tls) = &chain.tls else {
+        match &chain.filter {
+            ChainFilter::Http(hcm) => {
+                crate::http::serve_tcp(hcm.clone(), pools, stream, peer, inspected.prefix, drain)
+                    .await
+            }
+            ChainFilter::Tcp(tcp) => {
+                tcp.clone()
+                    .serve(pools, stream, peer, Some(local), inspected.prefix, drain)
+                    .await
+            }
+        }
+        return;
+    };
+    // The ClientHello: as the tls_inspector read it, or read now.
+    if inspected.client_hello.is_none() {
+        let read = inspect::read_client_hello(&stream, None, &mut inspected);
+        let read = match chain.handshake_timeout {
+            Some(t) => tokio::time::timeout(t, read).await.ok(),
+            None => Some(read.await),
+        };
+        if !matches!(read, Some(Ok(()))) || inspected.client_hello.is_none() {
+            tls.stats.connection_error.inc();
+            return;
+        }
+    }
+    let Some(accepted) = inspected.client_hello.take() else {
+        return;
+    };
+    let start = StartHandshake::from_parts(accepted, stream);
+    let Some((transport, peer_tls)) = tls.handshake(start, chain.handshake_timeout).await else {
+        return;
+    };
+    match &chain.filter {
+        ChainFilter::Http(hcm) => {
+            crate::http::serve_tls(hcm.clone(), pools, transport, peer, peer_tls, drain).await
+        }
+        ChainFilter::Tcp(tcp) => {
+            tcp.clone()
+                .serve(pools, transport, peer, Some(local), Vec::new(), drain)
+                .await
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Secrets by name (Envoy's `SecretManager`): the bootstrap's static ones and those
+//! received over SDS. TLS contexts resolve their certificate and validation
+//! secrets here when built, and again when one of them changes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde_json::Value;
+
+use crate::config::{CommonTlsConfig, SecretConfig, SecretRef, TlsCertificate, ValidationConfig};
+
+#[derive(Default, Debug)]
+pub struct SecretStore {
+    secrets: ArcSwap<HashMap<String, Arc<SecretEntry>>>,
+    /// Dynamic secrets the management server said it does not have (removed, or
+    /// the initial fetch timed out): contexts stop waiting for them.
+    absent: ArcSwap<HashSet<String>>,
+}
+
+/// A secret and where it came from, for `/config_dump`.
+#[derive(Debug)]
+pub struct SecretEntry {
+    pub secret: SecretConfig,
+    /// None for the bootstrap's static secrets.
+    pub version_info: Option<String>,
+    pub last_updated: SystemTime,
+    /// The resource as given (its private key redacted when dumped).
+    pub raw: Value,
+}
+
+/// A context's certificates and validation context with its secrets filled in.
+pub struct Resolved {
+    pub certificates: Vec<TlsCertificate>,
+    pub validation: Option<ValidationConfig>,
+}
+
+pub enum Resolution {
+    Ready(Resolved),
+    /// Dynamic secrets not received yet (the context's owner warms).
+    Missing(Vec<String>),
+    /// Dynamic secrets the server does not have: the context works without
+    /// them, which for a certificate means every handshake fails (as in Envoy).
+    Absent(Vec<String>),
+}
+
+impl SecretStore {
+    pub fn new(statics: Vec<(String, SecretConfig, Value)>) -> Self {
+        let map = statics
+            .into_iter()
+            .map(|(name, secret, raw)| {
+                let entry = SecretEntry {
+                    secret,
+                    version_info: None,
+                    last_updated: SystemTime::now(),
+                    raw,
+                };
+                (name, Arc::new(entry))
+            })
+            .collect();
+        SecretStore {
+            secrets: ArcSwap::from_pointee(map),
+            absent: ArcSwap::default(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<SecretEntry>> {
+        self.secrets.load().get(name).cloned()
+    }
+
+    /// Every secret held, by name.
+    pub fn entries(&self) -> Arc<HashMap<String, Arc<SecretEntry>>> {
+        self.secrets.load_full()
+    }
+
+    /// Installs SDS secrets; the caller serialises applies. A removed secret that
+    /// is held stays (Envoy keeps what it has); one never received is marked
+    /// absent, and contexts waiting for it stop waiting.
+    pub fn apply(
+        &self,
+        upserts: Vec<(String, SecretConfig, Value)>,
+        removed: &[String],
+        version: &str,
+    ) {
+        let mut map = (**self.secrets.load()).clone();
+        let mut absent = (**self.absent.load()).clone();
+        for (name, secret, raw) in upserts {
+            absent.remove(&name);
+            let entry = SecretEntry {
+                secret,
+                version_info: Some(version.to_string()),
+                last_updated: SystemTime::now(),
+                raw,
+            };
+            map.insert(name, Arc::new(entry));
+        }
+        for name in removed {
+            if !map.contains_key(name) {
+                absent.insert(name.clone());
+            }
+        }
+        self.secrets.store(Arc::new(map));
+        self.absent.store(Arc::new(absent));
+    }
+
+    /// The context's material with its secrets filled in.
+    pub fn resolve(&self, common: &CommonTlsConfig) -> Result<Resolution, String> {
+        let mut missing = Vec::new();
+        let mut certificates = common.certificates.clone();
+        for r in &common.certificate_secrets {
+            match self.lookup(r, &mut missing)?.as_deref().map(|e| &e.secret) {
+                Some(SecretConfig::TlsCertificate(c)) => certificates.push(c.clone()),
+                Some(SecretConfig::ValidationContext(_)) => {
+                    return Err(format!(
+                        "secret {} is a validation context, not a TLS certificate",
+                        r.name
+                    ));
+                }
+                None => {}
+            }
+        }
+        let mut validation = common.validation.clone();
+        if let Some(r) = &common.validation_secret {
+            match self.lookup(r, &mut missing)?.as_deref().map(|e| &e.secret) {
+                Some(SecretConfig::ValidationContext(v)) => {
+                    // The secret's trust anchors and CRLs, the inline default's
+                    // matchers too (Envoy's combined validation context).
+                    let mut merged = v.clone();
+                    if let Some(default) = validation.take() {
+                        merged.san_matchers.extend(default.san_matchers);
+                        if merged.trusted_ca.is_empty() {
+                            merged.trusted_ca = default.trusted_ca;
+                        }
+                        merged.crls.extend(default.crls);
+                    }
+                    validation = Some(merged);
+                }
+                Some(SecretConfig::TlsCertificate(_)) => {
+                    return Err(format!(
+                        "secret {} is a TLS certificate, not a validation context",
+                        r.name
+                    ));
+                }
+                None => {}
+            }
+        }
+        if !missing.is_empty() {
+            let absent = self.absent.load();
+            if missing.iter().all(|n| absent.contains(n)) {
+                return Ok(Resolution::Absent(missing));
+            }
+            return Ok(Resolution::Missing(missing));
+        }
+        Ok(Resolution::Ready(Resolved {
+            certificates,
+            validation,
+        }))
+    }
+
+    fn lookup(
+        &self,
+        r: &SecretRef,
+        missing: &mut Vec<String>,
+    ) -> Result<Option<Arc<SecretEntry>>, String> {
+        match self.get(&r.name) {
+            Some(s) => Ok(Some(s)),
+            None if r.dynamic => {
+                missing.push(r.name.clone());
+                Ok(None)
+            }
+            None => Err(format!("Unknown static secret: {}", r.name)),
+        }
+    }
+}
+
+/// A rustls configuration built from a TLS context and the secrets it names,
+/// rebuilt when one of them changes: what server and client contexts share.
+pub struct SecretBound<T> {
+    common: CommonTlsConfig,
+    /// None while a secret it needs has not arrived, or after it was given up.
+    config: ArcSwapOption<T>,
+    /// The server said it has no such secret: no more waiting, no handshakes.
+    given_up: AtomicBool,
+}
+
+impl<T> SecretBound<T> {
+    pub fn new(common: CommonTlsConfig) -> Self {
+        SecretBound {
+            common,
+            config: ArcSwapOption::empty(),
+            given_up: AtomicBool::new(false),
+        }
+    }
+
+    /// (Re)builds the configuration with `build`; an error leaves the previous one.
+    pub fn refresh(
+        &self,
+        secrets: &SecretStore,
+        build: impl FnOnce(Resolved) -> Result<T, String>,
+    ) -> Result<(), String> {
+        match secrets.resolve(&self.common)? {
+            Resolution::Ready(resolved) => self.config.store(Some(Arc::new(build(resolved)?))),
+            Resolution::Missing(_) => {}
+            Resolution::Absent(_) => {
+                self.config.store(None);
+                self.given_up.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn current(&self) -> Option<Arc<T>> {
+        self.config.load_full()
+    }
+
+    /// Whether it waits for SDS secrets.
+    pub fn is_warming(&self) -> bool {
+        self.config.load().is_none() && !self.given_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is built with the named secret.
+    pub fn uses_secret(&self, name: &str) -> bool {
+        self.common.secrets().any(|s| s.name == name)
+    }
+
+    /// The SDS secrets it names.
+    pub fn dynamic_secrets(&self) -> impl Iterator<Item = &str> {
+        self.common
+            .secrets()
+            .filter(|s| s.dynamic)
+            .map(|s| s.name.as_str())
+    }
+}
