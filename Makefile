@@ -43,6 +43,7 @@ fmt:  ## format Rust and Python sources
 bench:  ## micro-benchmarks, the load harness, filter cost, xDS apply, instructions per request
 	$(PYTHON) -m pytest benches -q --benchmark-enable
 	$(PYTHON) benches/harness.py
+	$(PYTHON) benches/tls.py
 	$(PYTHON) benches/filters.py
 	$(PYTHON) benches/xds_apply.py
 	$(PYTHON) benches/instructions.py

@@ -33,6 +33,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -312,14 +313,29 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return status, rest
 
 
-def http_get(port: int, timeout: float = 5.0) -> tuple[int, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+def connect(port: int, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connection to 127.0.0.1:`port`; with `tls`, once its TLS handshake is done."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def http_get(
+    port: int, timeout: float = 5.0, tls: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    with connect(port, timeout, tls) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
         return read_response(sock)
 
 
-def wait_ready(port: int, child: Child | None) -> None:
-    """Wait until GET / through `port` returns the upstream's 200 and 12-byte body."""
+def wait_ready(port: int, child: Child | None, tls: ssl.SSLContext | None = None) -> None:
+    """Wait until GET / through `port` (over TLS with `tls`) returns the upstream's 200
+    and 12-byte body."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = "no attempt"
     while time.monotonic() < deadline:
@@ -329,7 +345,7 @@ def wait_ready(port: int, child: Child | None) -> None:
                 f"{child.log_tail()}"
             )
         try:
-            status, body = http_get(port, timeout=2.0)
+            status, body = http_get(port, timeout=2.0, tls=tls)
             if status == 200 and body == BODY:
                 return
             last = f"status {status}, body {body[:60]!r}"
@@ -352,8 +368,11 @@ def wait_port(port: int) -> None:
 
 
 @contextlib.contextmanager
-def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
-    """`count` keep-alive connections that have each completed one request, then idle.
+def idle_connections(
+    port: int, count: int, tls: ssl.SSLContext | None = None
+) -> Iterator[list[socket.socket]]:
+    """`count` keep-alive connections (TLS ones with `tls`) that have each completed one
+    request, then idle.
 
     Opened one after another, so that the proxy needs a single upstream connection and
     the RSS delta is what the downstream connections cost.
@@ -361,7 +380,7 @@ def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+            sock = connect(port, 5.0, tls)
             socks.append(sock)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             status, _ = read_response(sock)
@@ -397,7 +416,13 @@ def run_tool(cmd: list[str], timeout: float, raw_name: str) -> str:
     return done.stdout
 
 
-def wrk(port: int, seconds: int, connections: int, raw_name: str) -> LoadResult:
+def wrk(
+    port: int,
+    seconds: int,
+    connections: int,
+    raw_name: str,
+    scheme: str = "http",
+) -> LoadResult:
     cmd = [
         "wrk",
         "-t1",
@@ -406,7 +431,7 @@ def wrk(port: int, seconds: int, connections: int, raw_name: str) -> LoadResult:
         "--latency",
         "-s",
         str(CONFIGS / "wrk_report.lua"),
-        f"http://127.0.0.1:{port}/",
+        f"{scheme}://127.0.0.1:{port}/",
     ]
     out = run_tool(cmd, seconds + 60, raw_name)
     line = next((x for x in out.splitlines() if x.startswith("WRK_JSON ")), None)
@@ -434,7 +459,10 @@ def percentile(sorted_values: list[int], pct: float) -> float:
     return float(sorted_values[rank])
 
 
-def h2load(port: int, seconds: int, clients: int, streams: int, raw_name: str) -> LoadResult:
+def h2load(
+    port: int, seconds: int, clients: int, streams: int, raw_name: str, scheme: str = "http"
+) -> LoadResult:
+    """h2c with prior knowledge (`scheme` http), or h2 over TLS with ALPN (https)."""
     # h2load prints no percentiles; its per-request log (start, status, µs) has them.
     with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log", delete=False) as tmp:
         log_file = Path(tmp.name)
@@ -446,7 +474,7 @@ def h2load(port: int, seconds: int, clients: int, streams: int, raw_name: str) -
             f"-m{streams}",
             f"-D{seconds}",
             f"--log-file={log_file}",
-            f"http://127.0.0.1:{port}/",
+            f"{scheme}://127.0.0.1:{port}/",
         ]
         out = run_tool(cmd, seconds + 60, raw_name)
         durations: list[int] = []
@@ -702,7 +730,7 @@ def start_target(
         return result
 
 
-def measure_memory(target: Running, settings: Settings) -> None:
+def measure_memory(target: Running, settings: Settings, tls: ssl.SSLContext | None = None) -> None:
     pid = target.pid
     if pid is None:
         return
@@ -711,7 +739,7 @@ def measure_memory(target: Running, settings: Settings) -> None:
     def memory() -> None:
         result.idle_rss = rss_bytes(pid)
         count = settings.idle_connections
-        with idle_connections(target.h1_port, count):
+        with idle_connections(target.h1_port, count, tls):
             time.sleep(0.5)
             result.per_idle_conn = (rss_bytes(pid) - result.idle_rss) / count
         time.sleep(0.3)
@@ -849,8 +877,9 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), sep, *(line(r) for r in rows)]
 
 
-def load_table(results: list[TargetResult], proto: str) -> list[str]:
-    ref = next((r for r in results if r.name == "envoy"), None)
+def load_table(results: list[TargetResult], proto: str, reference: str = "envoy") -> list[str]:
+    """One row per target; each figure with its ratio to `reference`'s."""
+    ref = next((r for r in results if r.name == reference), None)
     ref_load: LoadResult | None = getattr(ref, proto) if ref else None
     rows = []
     for r in results:
@@ -878,8 +907,8 @@ def load_table(results: list[TargetResult], proto: str) -> list[str]:
     return table(headers, rows)
 
 
-def memory_table(results: list[TargetResult], idle: int) -> list[str]:
-    ref = next((r for r in results if r.name == "envoy"), None)
+def memory_table(results: list[TargetResult], idle: int, reference: str = "envoy") -> list[str]:
+    ref = next((r for r in results if r.name == reference), None)
     rows = []
     for r in results:
         if r.name == "direct":

@@ -52,7 +52,7 @@ from support.tls import (
     validation_context,
 )
 from support.upstreams import HttpUpstream
-from support.wait import free_port
+from support.wait import free_port, until
 
 StartProxy = Callable[..., ProxyProcess]
 Json = dict[str, Any]
@@ -182,6 +182,9 @@ def test_alpn_chooses_http2_or_http1_with_codec_auto(
     offer = ["h2", "http/1.1"] if client_h2 else ["http/1.1"]
     hs = handshake(proxy.listener_address(), client_context(pki, alpn=offer), server_name=SERVER)
     assert hs.alpn == negotiated
+    # That handshake's connection is counted too: Envoy at accept, envoyx once the
+    # handshake is done, which may be just after the client returns.
+    until(lambda: proxy.stats().get("http.ingress_http.downstream_cx_ssl_total", 0) >= 1)
     before = proxy.stats()
     host, port = proxy.listener_address()
     with httpx.Client(verify=client_context(pki), http2=client_h2, timeout=5) as client:

@@ -169,6 +169,7 @@ fn route(
             ServerState::Stopped => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "STOPPED\n".into()),
         },
         "/server_info" => (StatusCode::OK, JSON, pretty(&server_info(shared))),
+        "/certs" => (StatusCode::OK, JSON, pretty(&certs_json(shared))),
         "/stats" => {
             shared.refresh_gauges();
             let filter = match query_param(query, "filter").map(|f| Regex::new(&percent_decode(f)))
@@ -296,6 +297,7 @@ fn percent_decode(s: &str) -> String {
 fn help() -> String {
     [
         ("/", "print out list of admin commands"),
+        ("/certs", "print certs on machine"),
         ("/clusters", "upstream cluster status"),
         ("/config_dump", "dump current Envoy configs"),
         ("/drain_listeners", "drain listeners"),
@@ -563,6 +565,51 @@ fn secrets_dump(shared: &Instance) -> Value {
         dump["dynamic_warming_secrets"] = json!(warming);
     }
     dump
+}
+
+/// `/certs`: each TLS context's trusted CAs and certificate chains, as Envoy
+/// prints them (`envoy.admin.v3.Certificates`).
+fn certs_json(shared: &Instance) -> Value {
+    let details = |path: &str, der: &[u8]| -> Option<Value> {
+        let info = crate::tls::peer::cert_info(der)?;
+        let sans: Vec<Value> = info
+            .uri_sans
+            .iter()
+            .map(|u| json!({"uri": u}))
+            .chain(info.dns_sans.iter().map(|d| json!({"dns": d})))
+            .collect();
+        let at = |secs: i64| {
+            chrono::DateTime::from_timestamp(secs, 0)
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default()
+        };
+        Some(json!({
+            "path": path,
+            "serial_number": info.serial,
+            "subject_alt_names": sans,
+            "days_until_expiration": crate::tls::days_until_expiration(info.not_after).to_string(),
+            "valid_from": at(info.not_before),
+            "expiration_time": at(info.not_after),
+        }))
+    };
+    let certificates: Vec<Value> = shared
+        .cert_inventories()
+        .iter()
+        .map(|inv| {
+            let ca: Vec<Value> = inv
+                .cas
+                .iter()
+                .filter_map(|(path, der)| details(path, der))
+                .collect();
+            let chain: Vec<Value> = inv
+                .chains
+                .iter()
+                .filter_map(|(path, chain)| chain.first().and_then(|leaf| details(path, leaf)))
+                .collect();
+            json!({"ca_cert": ca, "cert_chain": chain})
+        })
+        .collect();
+    json!({ "certificates": certificates })
 }
 
 fn clusters_text(shared: &Instance) -> String {

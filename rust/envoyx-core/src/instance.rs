@@ -154,8 +154,41 @@ impl Instance {
     }
 
     /// Gauges computed when read.
+    /// The certificates of every TLS context (listeners' and clusters').
+    pub fn cert_inventories(&self) -> Vec<Arc<crate::tls::secrets::CertInventory>> {
+        let set = self.listeners.snapshot();
+        let listeners = set.active.iter().chain(&set.warming).flat_map(|l| {
+            l.tls_contexts()
+                .map(|t| t.config.certs())
+                .collect::<Vec<_>>()
+        });
+        let clusters = self
+            .clusters
+            .all()
+            .into_iter()
+            .filter_map(|c| c.tls.as_ref().map(|t| t.config.certs()));
+        listeners.chain(clusters).collect()
+    }
+
     pub fn refresh_gauges(&self) {
         self.uptime.set(self.started_at.elapsed().as_secs() as i64);
+        // Envoy's server.days_until_first_cert_expiring (int max without any).
+        let first = self
+            .cert_inventories()
+            .iter()
+            .flat_map(|inv| {
+                inv.chains
+                    .iter()
+                    .flat_map(|(_, chain)| chain.iter())
+                    .chain(inv.cas.iter().map(|(_, ca)| ca))
+                    .filter_map(|der| crate::tls::peer::cert_info(der))
+                    .map(|info| crate::tls::days_until_expiration(info.not_after))
+                    .collect::<Vec<_>>()
+            })
+            .min();
+        self.store
+            .gauge("server.days_until_first_cert_expiring")
+            .set(first.unwrap_or(i64::from(i32::MAX)));
         let set = self.listeners.snapshot();
         self.store
             .gauge("listener_manager.total_listeners_active")

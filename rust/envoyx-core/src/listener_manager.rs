@@ -309,9 +309,13 @@ impl ListenerManager {
         let mut set = (**self.listeners.load()).clone();
         for l in set.active.iter().chain(&set.warming) {
             for tls in l.tls_contexts() {
-                for name in names.iter().filter(|n| tls.config.uses_secret(n)) {
-                    if let Err(e) = tls.refresh(secrets) {
-                        rejected.push((name.clone(), e));
+                if let Some(name) = names.iter().find(|n| tls.config.uses_secret(n)) {
+                    match tls.refresh(secrets) {
+                        Ok(()) if tls.config.current().is_some() => {
+                            tls.stats.context_update_by_sds.inc();
+                        }
+                        Ok(()) => {}
+                        Err(e) => rejected.push((name.clone(), e)),
                     }
                 }
             }

@@ -32,6 +32,24 @@ enum Operator {
     RouteName,
     /// Read once, when the format is parsed (as Envoy's formatter does).
     Hostname(String),
+    /// A fact of the downstream TLS session.
+    Tls(TlsField),
+}
+
+/// The downstream TLS operators (`%DOWNSTREAM_PEER_URI_SAN%` and kin).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TlsField {
+    PeerUriSan,
+    PeerDnsSan,
+    PeerSubject,
+    PeerIssuer,
+    PeerSerial,
+    PeerFingerprint256,
+    LocalUriSan,
+    LocalSubject,
+    Version,
+    Cipher,
+    RequestedServerName,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +159,17 @@ fn parse_operator(command: &str) -> Result<Operator, String> {
         "DOWNSTREAM_LOCAL_ADDRESS" => Operator::DownstreamLocalAddress,
         "ROUTE_NAME" => Operator::RouteName,
         "HOSTNAME" => Operator::Hostname(hostname()),
+        "DOWNSTREAM_PEER_URI_SAN" => Operator::Tls(TlsField::PeerUriSan),
+        "DOWNSTREAM_PEER_DNS_SAN" => Operator::Tls(TlsField::PeerDnsSan),
+        "DOWNSTREAM_PEER_SUBJECT" => Operator::Tls(TlsField::PeerSubject),
+        "DOWNSTREAM_PEER_ISSUER" => Operator::Tls(TlsField::PeerIssuer),
+        "DOWNSTREAM_PEER_SERIAL" => Operator::Tls(TlsField::PeerSerial),
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => Operator::Tls(TlsField::PeerFingerprint256),
+        "DOWNSTREAM_LOCAL_URI_SAN" => Operator::Tls(TlsField::LocalUriSan),
+        "DOWNSTREAM_LOCAL_SUBJECT" => Operator::Tls(TlsField::LocalSubject),
+        "DOWNSTREAM_TLS_VERSION" => Operator::Tls(TlsField::Version),
+        "DOWNSTREAM_TLS_CIPHER" => Operator::Tls(TlsField::Cipher),
+        "REQUESTED_SERVER_NAME" => Operator::Tls(TlsField::RequestedServerName),
         other => return Err(format!("Not supported field in StreamInfo: {other}")),
     })
 }
@@ -169,9 +198,28 @@ pub struct LogRecord {
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
     pub route_name: String,
+    /// The downstream TLS session, if any.
+    pub downstream_tls: Option<std::sync::Arc<crate::tls::PeerTls>>,
 }
 
 const NONE: &str = "-";
+
+/// A TLS operator's text (Envoy joins several SANs with `,`).
+fn tls_text(t: &crate::tls::PeerTls, field: TlsField) -> Option<String> {
+    Some(match field {
+        TlsField::PeerUriSan => t.peer()?.uri_sans.join(","),
+        TlsField::PeerDnsSan => t.peer()?.dns_sans.join(","),
+        TlsField::PeerSubject => t.peer()?.subject.clone(),
+        TlsField::PeerIssuer => t.peer()?.issuer.clone(),
+        TlsField::PeerSerial => t.peer()?.serial.clone(),
+        TlsField::PeerFingerprint256 => t.peer()?.sha256.clone(),
+        TlsField::LocalUriSan => t.local()?.uri_sans.join(","),
+        TlsField::LocalSubject => t.local()?.subject.clone(),
+        TlsField::Version => t.version?.to_string(),
+        TlsField::Cipher => t.cipher?.to_string(),
+        TlsField::RequestedServerName => t.requested_server_name.as_deref()?.to_string(),
+    })
+}
 
 fn header_value<'a>(
     headers: Option<&'a HeaderMap>,
@@ -289,6 +337,13 @@ impl Format {
                         &r.route_name
                     }),
                     Operator::Hostname(name) => out.push_str(name),
+                    Operator::Tls(field) => {
+                        let text = r
+                            .downstream_tls
+                            .as_deref()
+                            .and_then(|t| tls_text(t, *field));
+                        out.push_str(text.as_deref().filter(|t| !t.is_empty()).unwrap_or(NONE));
+                    }
                 },
             }
         }

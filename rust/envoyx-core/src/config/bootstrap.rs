@@ -343,6 +343,30 @@ pub(super) fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
         use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
+        forward_client_cert: match hcm.str("forward_client_cert_details").unwrap_or("SANITIZE") {
+            "SANITIZE" => ForwardClientCert::Sanitize,
+            "FORWARD_ONLY" => ForwardClientCert::ForwardOnly,
+            "APPEND_FORWARD" => ForwardClientCert::AppendForward,
+            "SANITIZE_SET" => ForwardClientCert::SanitizeSet,
+            "ALWAYS_FORWARD_ONLY" => ForwardClientCert::AlwaysForwardOnly,
+            other => {
+                hcm.error(
+                    "forward_client_cert_details",
+                    format!("unknown value {other}"),
+                );
+                ForwardClientCert::Sanitize
+            }
+        },
+        client_cert_details: hcm
+            .obj("set_current_client_cert_details")
+            .map(|d| ClientCertDetails {
+                subject: d.bool("subject").unwrap_or(false),
+                cert: d.bool("cert").unwrap_or(false),
+                chain: d.bool("chain").unwrap_or(false),
+                dns: d.bool("dns").unwrap_or(false),
+                uri: d.bool("uri").unwrap_or(false),
+            })
+            .unwrap_or_default(),
         http_filters,
     })
 }

@@ -150,6 +150,8 @@ pub struct TlsCertificate {
     pub key: Arc<rustls_pki_types::PrivateKeyDer<'static>>,
     /// Where it was configured, for errors found when the TLS context is built.
     pub path: String,
+    /// The file it was read from, or `<inline>` (admin `/certs`).
+    pub source: String,
 }
 
 /// `CertificateValidationContext`.
@@ -163,6 +165,8 @@ pub struct ValidationConfig {
     /// matching one of them (none: any).
     pub san_matchers: Vec<SanMatcher>,
     pub path: String,
+    /// The file `trusted_ca` was read from, or `<inline>` (admin `/certs`).
+    pub ca_source: String,
 }
 
 #[derive(Debug, Clone)]
@@ -289,8 +293,38 @@ pub struct HttpConnectionManagerConfig {
     pub generate_request_id: bool,
     /// `use_remote_address` (default false): append the peer to `x-forwarded-for`.
     pub use_remote_address: bool,
+    /// `forward_client_cert_details` (default SANITIZE).
+    pub forward_client_cert: ForwardClientCert,
+    /// `set_current_client_cert_details`.
+    pub client_cert_details: ClientCertDetails,
     /// `http_filters` before the router: Python filters, in order.
     pub http_filters: Vec<HttpFilterSpec>,
+}
+
+/// What happens to `x-forwarded-client-cert` (Envoy's `ForwardClientCertDetails`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    /// Removed.
+    #[default]
+    Sanitize,
+    /// Forwarded as received when the connection is mutual TLS, else removed.
+    ForwardOnly,
+    /// The client's details appended (mutual TLS), else removed.
+    AppendForward,
+    /// Replaced by the client's details (mutual TLS), else removed.
+    SanitizeSet,
+    /// Always forwarded as received.
+    AlwaysForwardOnly,
+}
+
+/// `set_current_client_cert_details`: which details go into the header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCertDetails {
+    pub subject: bool,
+    pub cert: bool,
+    pub chain: bool,
+    pub dns: bool,
+    pub uri: bool,
 }
 
 /// An `envoyx.filters.http.python` HTTP filter: a TypedStruct's `value`.

@@ -79,9 +79,12 @@ fn socket_config<'a>(ts: &Obj<'a>) -> Option<Obj<'a>> {
 }
 
 pub fn map_downstream_context(tc: &Obj<'_>) -> Option<DownstreamTlsConfig> {
-    let common = match tc.obj("common_tls_context") {
-        Some(c) => map_common(&c)?,
-        None => CommonTlsConfig::default(),
+    let (common, declared) = match tc.obj("common_tls_context") {
+        Some(c) => {
+            let declared = c.has("tls_certificates") || c.has("tls_certificate_sds_secret_configs");
+            (map_common(&c)?, declared)
+        }
+        None => (CommonTlsConfig::default(), false),
     };
     let require_client_certificate = tc.bool("require_client_certificate").unwrap_or(false);
     if require_client_certificate
@@ -93,7 +96,8 @@ pub fn map_downstream_context(tc: &Obj<'_>) -> Option<DownstreamTlsConfig> {
             "requires a validation context (trusted_ca) to verify client certificates with",
         );
     }
-    if common.certificates.is_empty() && common.certificate_secrets.is_empty() {
+    // (Certificates declared but unreadable are reported where they are.)
+    if !declared {
         tc.errors().push(
             &tc.field_path("common_tls_context"),
             "no certificates: a server TLS context needs tls_certificates or \
@@ -302,6 +306,7 @@ pub fn map_tls_certificate(c: &Obj<'_>) -> Option<TlsCertificate> {
         chain,
         key: Arc::new(key),
         path: c.path().to_string(),
+        source: source_name(c, "certificate_chain"),
     })
 }
 
@@ -311,6 +316,7 @@ fn map_validation(v: &Obj<'_>) -> Option<ValidationConfig> {
         ..Default::default()
     };
     if let Some(ca) = v.obj("trusted_ca") {
+        out.ca_source = ca.str("filename").unwrap_or("<inline>").to_string();
         let data = read_data_source(&ca)?;
         out.trusted_ca = CertificateDer::pem_slice_iter(&data)
             .filter_map(Result::ok)
@@ -391,6 +397,17 @@ pub fn map_secret(s: &Obj<'_>) -> Option<(String, SecretConfig)> {
         return None;
     };
     Some((name, secret))
+}
+
+/// The file a DataSource field names, or `<inline>` (read again: the reader has
+/// already checked the field).
+fn source_name(c: &Obj<'_>, field: &str) -> String {
+    c.to_value()
+        .get(field)
+        .and_then(|d| d.get("filename"))
+        .and_then(|f| f.as_str())
+        .unwrap_or("<inline>")
+        .to_string()
 }
 
 /// `envoy.config.core.v3.DataSource`: the bytes of a file or of inline data.

@@ -90,6 +90,7 @@ impl ActiveStream {
                 downstream_local: conn.local,
                 response_flags: "-",
                 route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+                downstream_tls: conn.tls.clone(),
                 ..Default::default()
             })
         });

@@ -24,7 +24,7 @@ pub(crate) struct DownstreamConnection {
     pub peer: SocketAddr,
     pub local: Option<SocketAddr>,
     /// The TLS session's facts (None: plaintext).
-    pub tls: Option<crate::tls::PeerTls>,
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
     pub(super) protocol: Cell<Option<Version>>,
     pub screen: ConnectionScreen,

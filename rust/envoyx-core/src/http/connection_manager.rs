@@ -13,7 +13,9 @@ use http::header::HeaderValue;
 
 use super::filter::FilterChain;
 use crate::access_log::{AccessLogOptions, AccessLogger};
-use crate::config::{CodecType, HttpConnectionManagerConfig, RouteSource};
+use crate::config::{
+    ClientCertDetails, CodecType, ForwardClientCert, HttpConnectionManagerConfig, RouteSource,
+};
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 use crate::upstream::cluster::ClusterManager;
@@ -114,6 +116,8 @@ pub struct HttpConnectionManager {
     pub(crate) server_name: HeaderValue,
     pub(crate) generate_request_id: bool,
     pub(crate) use_remote_address: bool,
+    pub(crate) forward_client_cert: ForwardClientCert,
+    pub(crate) client_cert_details: ClientCertDetails,
     /// The Python filters before the router; None on the fast path.
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
 }
@@ -147,6 +151,8 @@ impl HttpConnectionManager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             generate_request_id: config.generate_request_id,
             use_remote_address: config.use_remote_address,
+            forward_client_cert: config.forward_client_cert,
+            client_cert_details: config.client_cert_details,
             filters,
         }))
     }

@@ -41,7 +41,7 @@ pub struct TransportInfo {
     /// Bytes a listener filter already read, served first.
     pub prefix: Vec<u8>,
     /// The TLS session's facts (None: plaintext).
-    pub tls: Option<PeerTls>,
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 /// Serves one downstream plaintext connection of an HTTP filter chain until it
@@ -77,7 +77,7 @@ pub fn serve_tls(
     let info = TransportInfo {
         local: stream.tcp().local_addr().ok(),
         prefix: Vec::new(),
-        tls: Some(tls),
+        tls: Some(Arc::new(tls)),
     };
     serve(hcm, pools, stream, peer, info, drain)
 }

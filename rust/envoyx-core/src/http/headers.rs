@@ -4,6 +4,9 @@ use http::HeaderMap;
 use http::Version;
 use http::header::{self, HeaderName};
 
+use crate::config::{ClientCertDetails, ForwardClientCert};
+use crate::tls::PeerTls;
+
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1); `Connection` first.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -76,6 +79,97 @@ pub fn protocol_name(v: Version) -> &'static str {
         Version::HTTP_3 => "HTTP/3",
         _ => "-",
     }
+}
+
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// `x-forwarded-client-cert` as Envoy's connection manager writes it
+/// (`forward_client_cert_details`, `set_current_client_cert_details`).
+pub fn forward_client_cert(
+    headers: &mut HeaderMap,
+    mode: ForwardClientCert,
+    details: ClientCertDetails,
+    tls: Option<&PeerTls>,
+) {
+    if mode == ForwardClientCert::AlwaysForwardOnly {
+        return;
+    }
+    let mutual = tls.filter(|t| t.peer_presented());
+    let Some(tls) = mutual.filter(|_| mode != ForwardClientCert::Sanitize) else {
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+        return;
+    };
+    if mode == ForwardClientCert::ForwardOnly {
+        return;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(by) = tls.local().and_then(|l| l.uri_sans.first()) {
+        parts.push(format!("By={by}"));
+    }
+    let peer = tls.peer();
+    if let Some(p) = peer {
+        parts.push(format!("Hash={}", p.sha256));
+    }
+    if details.cert
+        && let Some(leaf) = tls.peer_chain.first()
+    {
+        parts.push(format!(
+            "Cert=\"{}\"",
+            url_encoded_pem(std::slice::from_ref(leaf))
+        ));
+    }
+    if details.chain && !tls.peer_chain.is_empty() {
+        parts.push(format!("Chain=\"{}\"", url_encoded_pem(&tls.peer_chain)));
+    }
+    if details.subject {
+        let subject = peer.map_or("", |p| p.subject.as_str());
+        parts.push(format!("Subject=\"{subject}\""));
+    }
+    if details.uri {
+        let uri = peer
+            .and_then(|p| p.uri_sans.first())
+            .map_or("", String::as_str);
+        parts.push(format!("URI={uri}"));
+    }
+    if details.dns
+        && let Some(p) = peer
+    {
+        parts.extend(p.dns_sans.iter().map(|d| format!("DNS={d}")));
+    }
+    let value = parts.join(";");
+    let value = match (mode, headers.get(&X_FORWARDED_CLIENT_CERT)) {
+        (ForwardClientCert::AppendForward, Some(old)) => {
+            format!("{},{value}", String::from_utf8_lossy(old.as_bytes()))
+        }
+        _ => value,
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v);
+    }
+}
+
+/// Certificates as PEM, percent-encoded for a header value.
+fn url_encoded_pem(chain: &[rustls::pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine;
+    let mut pem = String::new();
+    for der in chain {
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    let mut out = String::with_capacity(pem.len() * 3 / 2);
+    for b in pem.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

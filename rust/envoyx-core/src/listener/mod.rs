@@ -37,6 +37,8 @@ pub struct ListenerStats {
     pub no_filter_chain_match: Counter,
     /// Listener filters that did not finish within `listener_filters_timeout`.
     pub downstream_pre_cx_timeout: Counter,
+    /// TLS handshakes that did not finish within `transport_socket_connect_timeout`.
+    pub downstream_cx_transport_socket_connect_timeout: Counter,
     /// `listener.<address>.worker_<i>.downstream_cx_{total,active}`.
     pub per_worker: Vec<(Counter, Gauge)>,
 }
@@ -82,7 +84,7 @@ impl Listener {
     ) -> Result<Arc<Self>> {
         let prefix = format!("listener.{}.", address_stat_name(&config.address));
         // One set of ssl.* stats per listener, as Envoy names them.
-        let ssl_stats = SslStats::new(cx.store, &prefix);
+        let ssl_stats = SslStats::new(cx.store, &prefix, "server");
         let name = config.name.clone();
         let build_chain = |chain: FilterChainConfig| -> Result<Arc<FilterChain>> {
             build_chain(&name, chain, cx, &ssl_stats)
@@ -104,6 +106,9 @@ impl Listener {
                 no_filter_chain_match: store.counter(&format!("{prefix}no_filter_chain_match")),
                 downstream_pre_cx_timeout: store
                     .counter(&format!("{prefix}downstream_pre_cx_timeout")),
+                downstream_cx_transport_socket_connect_timeout: store.counter(&format!(
+                    "{prefix}downstream_cx_transport_socket_connect_timeout"
+                )),
                 per_worker: (0..cx.workers.max(1))
                     .map(|i| {
                         (

@@ -17,6 +17,7 @@ use tokio_rustls::StartHandshake;
 use super::Listener;
 use super::filter_chain::{ChainFilter, ConnectionFacts};
 use super::inspect::{self, Inspected};
+use crate::tls::server::HandshakeFailure;
 use crate::upstream::WorkerPools;
 
 pub type Served<H> = Either<H, Pin<Box<dyn Future<Output = ()>>>>;
@@ -120,18 +121,42 @@ async fn serve_general(
             Some(t) => tokio::time::timeout(t, read).await.ok(),
             None => Some(read.await),
         };
-        if !matches!(read, Some(Ok(()))) || inspected.client_hello.is_none() {
-            tls.stats.connection_error.inc();
-            return;
+        match read {
+            None => {
+                listener
+                    .stats
+                    .downstream_cx_transport_socket_connect_timeout
+                    .inc();
+                return;
+            }
+            Some(Ok(())) if inspected.client_hello.is_some() => {}
+            _ => {
+                tls.stats.connection_error.inc();
+                return;
+            }
         }
     }
     let Some(accepted) = inspected.client_hello.take() else {
         return;
     };
     let start = StartHandshake::from_parts(accepted, stream);
-    let Some((transport, peer_tls)) = tls.handshake(start, chain.handshake_timeout).await else {
-        return;
+    let (transport, mut peer_tls) = match tls.handshake(start, chain.handshake_timeout).await {
+        Ok(done) => done,
+        Err(HandshakeFailure::TimedOut) => {
+            listener
+                .stats
+                .downstream_cx_transport_socket_connect_timeout
+                .inc();
+            return;
+        }
+        Err(HandshakeFailure::Failed) => return,
     };
+    if listener
+        .listener_filters
+        .contains(&crate::config::ListenerFilterKind::TlsInspector)
+    {
+        peer_tls.requested_server_name = inspected.server_name.as_deref().map(Arc::from);
+    }
     match &chain.filter {
         ChainFilter::Http(hcm) => {
             crate::http::serve_tls(hcm.clone(), pools, transport, peer, peer_tls, drain).await

@@ -19,7 +19,7 @@ use crate::http::body::ProxyBody;
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
     X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
-    strip_hop_by_hop,
+    forward_client_cert, strip_hop_by_hop,
 };
 use crate::http::local_reply::LocalReply;
 use crate::per_worker::LocalHandle;
@@ -135,7 +135,8 @@ impl Router<'_, '_> {
             authority,
             path,
             forwarded_for: hcm.use_remote_address.then_some(conn.peer),
-            downstream_tls: conn.tls.is_some(),
+            downstream_tls: conn.tls.as_deref(),
+            xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
         };
         // TLS with auto_sni names the host the request goes to (after any rewrite).
@@ -234,8 +235,13 @@ struct RequestRewrite<'a> {
     path: &'a str,
     /// The downstream peer, appended to `x-forwarded-for` (`use_remote_address`).
     forwarded_for: Option<SocketAddr>,
-    /// Whether the downstream connection is TLS (`x-forwarded-proto: https`).
-    downstream_tls: bool,
+    /// The downstream TLS session (`x-forwarded-proto: https`, client cert details).
+    downstream_tls: Option<&'a crate::tls::PeerTls>,
+    /// `forward_client_cert_details` and `set_current_client_cert_details`.
+    xfcc: (
+        crate::config::ForwardClientCert,
+        crate::config::ClientCertDetails,
+    ),
     /// Whether the upstream connection is TLS (the HTTP/2 `:scheme`).
     upstream_tls: bool,
 }
@@ -258,9 +264,14 @@ impl RequestRewrite<'_> {
         // Envoy writes the downstream scheme at the edge (use_remote_address),
         // elsewhere only when the header is absent.
         if self.forwarded_for.is_some() || !headers.contains_key(&X_FORWARDED_PROTO) {
-            let scheme = if self.downstream_tls { "https" } else { "http" };
+            let scheme = if self.downstream_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
         }
+        forward_client_cert(headers, self.xfcc.0, self.xfcc.1, self.downstream_tls);
         if let Some(peer) = self.forwarded_for {
             let peer = peer.ip().to_string();
             let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {

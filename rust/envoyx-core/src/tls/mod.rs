@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod params;
+pub mod peer;
 pub mod secrets;
 pub mod server;
 pub mod stats;
@@ -13,7 +14,16 @@ pub mod transport;
 pub mod verify;
 
 pub use client::ClientTlsContext;
+pub use peer::PeerTls;
 pub use secrets::SecretStore;
-pub use server::{PeerTls, ServerTlsContext};
+pub use server::ServerTlsContext;
 pub use stats::SslStats;
 pub use transport::TlsTransport;
+
+/// Days until a certificate expires (0 once it has), as Envoy counts them.
+pub fn days_until_expiration(not_after: i64) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    ((not_after - now) / 86_400).max(0)
+}

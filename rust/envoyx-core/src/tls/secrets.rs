@@ -179,6 +179,8 @@ impl SecretStore {
 /// rebuilt when one of them changes: what server and client contexts share.
 pub struct SecretBound<T> {
     common: CommonTlsConfig,
+    /// The certificates it was last built with (admin `/certs`, expiry gauge).
+    certs: ArcSwap<CertInventory>,
     /// None while a secret it needs has not arrived, or after it was given up.
     config: ArcSwapOption<T>,
     /// The server said it has no such secret: no more waiting, no handshakes.
@@ -189,6 +191,7 @@ impl<T> SecretBound<T> {
     pub fn new(common: CommonTlsConfig) -> Self {
         SecretBound {
             common,
+            certs: ArcSwap::default(),
             config: ArcSwapOption::empty(),
             given_up: AtomicBool::new(false),
         }
@@ -201,7 +204,11 @@ impl<T> SecretBound<T> {
         build: impl FnOnce(Resolved) -> Result<T, String>,
     ) -> Result<(), String> {
         match secrets.resolve(&self.common)? {
-            Resolution::Ready(resolved) => self.config.store(Some(Arc::new(build(resolved)?))),
+            Resolution::Ready(resolved) => {
+                let inventory = CertInventory::of(&resolved);
+                self.config.store(Some(Arc::new(build(resolved)?)));
+                self.certs.store(Arc::new(inventory));
+            }
             Resolution::Missing(_) => {}
             Resolution::Absent(_) => {
                 self.config.store(None);
@@ -209,6 +216,10 @@ impl<T> SecretBound<T> {
             }
         }
         Ok(())
+    }
+
+    pub fn certs(&self) -> Arc<CertInventory> {
+        self.certs.load_full()
     }
 
     pub fn current(&self) -> Option<Arc<T>> {
@@ -231,5 +242,34 @@ impl<T> SecretBound<T> {
             .secrets()
             .filter(|s| s.dynamic)
             .map(|s| s.name.as_str())
+    }
+}
+
+/// A context's certificates: its own chains and the CAs it trusts, each with the
+/// file it came from (or `<inline>`).
+#[derive(Debug, Default)]
+pub struct CertInventory {
+    pub chains: Vec<(String, Vec<rustls::pki_types::CertificateDer<'static>>)>,
+    pub cas: Vec<(String, rustls::pki_types::CertificateDer<'static>)>,
+}
+
+impl CertInventory {
+    fn of(resolved: &Resolved) -> Self {
+        CertInventory {
+            chains: resolved
+                .certificates
+                .iter()
+                .map(|c| (c.source.clone(), c.chain.clone()))
+                .collect(),
+            cas: resolved
+                .validation
+                .iter()
+                .flat_map(|v| {
+                    v.trusted_ca
+                        .iter()
+                        .map(|ca| (v.ca_source.clone(), ca.clone()))
+                })
+                .collect(),
+        }
     }
 }

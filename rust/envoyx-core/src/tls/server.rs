@@ -11,7 +11,8 @@ use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
-use super::params::{Side, provider, versions};
+use super::params::{Side, provider, suite_name, version_name, versions};
+use super::peer::PeerTls;
 use super::secrets::{Resolved, SecretBound, SecretStore};
 use super::stats::SslStats;
 use super::transport::TlsTransport;
@@ -21,21 +22,23 @@ use crate::config::{DownstreamTlsConfig, SanType, TlsCertificate};
 pub struct ServerTlsContext {
     source: DownstreamTlsConfig,
     /// The rustls configuration, with the secrets it names.
-    pub config: SecretBound<ServerConfig>,
+    pub config: SecretBound<Built>,
     pub stats: SslStats,
 }
 
-/// What a completed handshake tells about the peer.
-#[derive(Debug, Default, Clone)]
-pub struct PeerTls {
-    /// The first URI SAN of the client's certificate (a SPIFFE ID in a mesh).
-    pub uri_san: Option<Arc<str>>,
-    /// The SNI the client sent.
-    pub sni: Option<Arc<str>>,
-    /// Whether the client presented a (verified) certificate.
-    pub has_certificate: bool,
-    /// The protocol ALPN negotiated.
-    pub alpn: Option<Arc<str>>,
+/// Why a handshake did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// `transport_socket_connect_timeout` passed.
+    TimedOut,
+    /// Counted in `ssl.*` already.
+    Failed,
+}
+
+/// A built configuration and its certificates (to tell which one was served).
+pub struct Built {
+    config: Arc<ServerConfig>,
+    resolver: Arc<CertResolver>,
 }
 
 impl ServerTlsContext {
@@ -62,25 +65,23 @@ impl ServerTlsContext {
     }
 
     /// Runs the server side of the handshake whose ClientHello `start` holds;
-    /// the session and what it says of the peer, or None (counted) on failure.
+    /// the session and what it says of the peer.
     pub async fn handshake(
         &self,
         start: StartHandshake<TcpStream>,
         timeout: Option<Duration>,
-    ) -> Option<(TlsTransport, PeerTls)> {
-        let Some(config) = self.config.current() else {
+    ) -> Result<(TlsTransport, PeerTls), HandshakeFailure> {
+        let Some(built) = self.config.current() else {
             self.stats.connection_error.inc();
-            return None;
+            return Err(HandshakeFailure::Failed);
         };
         let sni = start.client_hello().server_name().map(Arc::from);
-        let accept = start.into_stream(config);
+        let accept = start.into_stream(built.config.clone());
         let done = match timeout {
             Some(t) => match tokio::time::timeout(t, accept).await {
                 Ok(r) => r,
-                Err(_) => {
-                    self.stats.connection_error.inc();
-                    return None;
-                }
+                // Counted by the listener (downstream_cx_transport_socket_connect_timeout).
+                Err(_) => return Err(HandshakeFailure::TimedOut),
             },
             None => accept.await,
         };
@@ -97,26 +98,26 @@ impl ServerTlsContext {
                     Some(rustls::Error::InvalidCertificate(_)) => {}
                     _ => self.stats.connection_error.inc(),
                 }
-                return None;
+                return Err(HandshakeFailure::Failed);
             }
         };
         let (tcp, conn) = stream.into_inner();
-        let leaf = conn.peer_certificates().and_then(|c| c.first());
-        let peer = PeerTls {
-            uri_san: leaf.and_then(|c| {
-                subject_alt_names(c)
-                    .into_iter()
-                    .find(|(kind, _)| *kind == SanType::Uri)
-                    .map(|(_, v)| Arc::from(v))
-            }),
-            sni,
-            has_certificate: leaf.is_some(),
-            alpn: conn
-                .alpn_protocol()
+        let peer_chain = conn
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        self.stats.handshake_done(&conn, !peer_chain.is_empty());
+        let peer = PeerTls::new(
+            sni.clone(),
+            conn.alpn_protocol()
                 .map(|p| Arc::from(String::from_utf8_lossy(p).as_ref())),
-        };
-        self.stats.handshake_done(&conn, peer.has_certificate);
-        Some((TlsTransport::new(tcp, conn), peer))
+            conn.protocol_version().and_then(version_name),
+            conn.negotiated_cipher_suite()
+                .and_then(|s| suite_name(s.suite())),
+            peer_chain,
+            built.resolver.served_leaf(sni.as_deref()),
+        );
+        Ok((TlsTransport::new(tcp, conn), peer))
     }
 }
 
@@ -129,7 +130,7 @@ fn build(
     source: &DownstreamTlsConfig,
     resolved: Resolved,
     stats: &SslStats,
-) -> Result<ServerConfig, String> {
+) -> Result<Built, String> {
     let path = &source.path;
     let provider = provider(&source.common);
     let versions = versions(&source.common, Side::Server);
@@ -173,7 +174,8 @@ fn build(
     if keys.is_empty() {
         return Err(format!("{path}: no certificate"));
     }
-    let mut config = builder.with_cert_resolver(Arc::new(CertResolver { keys }));
+    let resolver = Arc::new(CertResolver { keys });
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = source
         .common
         .alpn
@@ -191,7 +193,10 @@ fn build(
     } else {
         config.send_tls13_tickets = 0;
     }
-    Ok(config)
+    Ok(Built {
+        config: Arc::new(config),
+        resolver,
+    })
 }
 
 /// A certificate with its signing key, and the DNS names it is for.
@@ -230,6 +235,21 @@ fn certified_key(
 #[derive(Debug)]
 struct CertResolver {
     keys: Vec<(Arc<CertifiedKey>, Vec<String>)>,
+}
+
+impl CertResolver {
+    /// The leaf most likely served for an SNI (rustls does not say which it
+    /// chose): the first valid for the name, else the first.
+    fn served_leaf(&self, sni: Option<&str>) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        let sni = sni.map(str::to_ascii_lowercase);
+        let by_name = self.keys.iter().find(|(_, names)| {
+            sni.as_deref()
+                .is_some_and(|s| names.iter().any(|n| dns_name_matches(n, s)))
+        });
+        by_name
+            .or(self.keys.first())
+            .and_then(|(k, _)| k.cert.first().cloned())
+    }
 }
 
 impl ResolvesServerCert for CertResolver {

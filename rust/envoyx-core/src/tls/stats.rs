@@ -20,12 +20,18 @@ pub struct SslStats {
     pub fail_verify_no_cert: Counter,
     pub fail_verify_error: Counter,
     pub fail_verify_san: Counter,
+    /// `<prefix><server|client>_ssl_socket_factory.ssl_context_update_by_sds`.
+    pub context_update_by_sds: Counter,
 }
 
 impl SslStats {
-    /// `prefix` ends with a dot (`listener.127.0.0.1_443.`).
-    pub fn new(store: &Arc<StatStore>, prefix: &str) -> Self {
-        let prefix = format!("{prefix}ssl.");
+    /// `prefix` ends with a dot (`listener.127.0.0.1_443.`); `factory` is
+    /// `server` or `client` (Envoy's socket factory stats).
+    pub fn new(store: &Arc<StatStore>, owner: &str, factory: &str) -> Self {
+        let context_update_by_sds = store.counter(&format!(
+            "{owner}{factory}_ssl_socket_factory.ssl_context_update_by_sds"
+        ));
+        let prefix = format!("{owner}ssl.");
         let c = |name: &str| store.counter(&format!("{prefix}{name}"));
         SslStats {
             handshake: c("handshake"),
@@ -35,6 +41,7 @@ impl SslStats {
             fail_verify_no_cert: c("fail_verify_no_cert"),
             fail_verify_error: c("fail_verify_error"),
             fail_verify_san: c("fail_verify_san"),
+            context_update_by_sds,
             store: store.clone(),
             prefix,
         }

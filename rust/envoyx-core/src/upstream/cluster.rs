@@ -222,7 +222,7 @@ impl Cluster {
                     UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
                     UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
                 };
-                let stats = SslStats::new(store, &format!("cluster.{}.", config.name));
+                let stats = SslStats::new(store, &format!("cluster.{}.", config.name), "client");
                 Some(ClientTlsContext::new(tls.clone(), alpn, secrets, stats)?)
             }
             None => None,
@@ -517,9 +517,13 @@ impl ClusterManager {
         let mut rejected = Vec::new();
         for c in self.all().into_iter().chain(self.warming()) {
             let Some(tls) = &c.tls else { continue };
-            for name in names.iter().filter(|n| tls.config.uses_secret(n)) {
-                if let Err(e) = tls.refresh(&self.secrets) {
-                    rejected.push((name.clone(), e));
+            if let Some(name) = names.iter().find(|n| tls.config.uses_secret(n)) {
+                match tls.refresh(&self.secrets) {
+                    Ok(()) if tls.config.current().is_some() => {
+                        tls.stats.context_update_by_sds.inc();
+                    }
+                    Ok(()) => {}
+                    Err(e) => rejected.push((name.clone(), e)),
                 }
             }
         }
