@@ -15,6 +15,7 @@ __all__ = [
     "Histogram",
     "Server",
     "StatStore",
+    "StreamInfo",
     "filter_jobs",
     "filter_wakeup_fd",
     "route_match",
@@ -124,22 +125,16 @@ class FilterJob:
     @property
     def phase(self) -> int: ...
     @property
-    def chain(self) -> Any: ...
+    def state(self) -> tuple[int, Any]:
+        """(phase, context): the context is None before the request's first job."""
     @property
     def context(self) -> Any: ...
     @context.setter
     def context(self, value: Any) -> None: ...
     @property
-    def info(self) -> tuple[str, str, str, str, str, str | None, str | None]:
-        """(method, path, authority, scheme, downstream_address, route_name, cluster)"""
-    @property
-    def active(self) -> tuple[tuple[int, str | None], ...]:
-        """Active filters: (index in the chain, route config override as JSON or None)."""
+    def stream(self) -> StreamInfo: ...
     @property
     def headers(self) -> Headers | None: ...
-    @property
-    def start_headers(self) -> Headers | None:
-        """A copy of the request headers when the chain has no request-headers hook."""
     @property
     def message_headers(self) -> Headers | None: ...
     @property
@@ -156,6 +151,34 @@ class FilterJob:
         """A hook of ``filter`` raised (the traceback is logged by the caller)."""
     def timed_out(self) -> None:
         """A hook overran its timeout."""
+
+@final
+class StreamInfo:
+    """One request as routed, read lazily by ``RequestContext``."""
+
+    @property
+    def chain(self) -> Any: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def authority(self) -> str: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def downstream_address(self) -> str: ...
+    @property
+    def route_name(self) -> str | None: ...
+    @property
+    def cluster(self) -> str | None:
+        """The route's cluster."""
+    @property
+    def order(self) -> tuple[tuple[int, str | None], ...]:
+        """Active filters: (index in the chain, route config override as JSON or None)."""
+    @property
+    def start_headers(self) -> Headers | None:
+        """A copy of the request headers when the chain has no request-headers hook."""
 
 @final
 class Headers:

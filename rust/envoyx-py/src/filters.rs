@@ -17,8 +17,8 @@ use bytes::Bytes;
 use envoyx_core::access_log::LogRecord;
 use envoyx_core::config::HttpFilterSpec;
 use envoyx_core::http::filter::{
-    FilterChain, FilterFactory, FilterInfo, FilterStream, HookCall, HookFuture, HookOutcome, Hooks,
-    Phase, StreamStart,
+    ActiveFilter, FilterChain, FilterFactory, FilterInfo, FilterPlan, FilterStream, HookCall,
+    HookFuture, HookOutcome, Hooks, Phase, StreamStart,
 };
 use envoyx_core::stats::{self, Metric, MetricKind};
 use http::HeaderMap;
@@ -26,6 +26,7 @@ use http::header::{HeaderName, HeaderValue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use tokio::sync::oneshot;
 
@@ -138,7 +139,7 @@ impl FilterFactory for PyFilterFactory {
                 .getattr(py, "masks")
                 .and_then(|m| m.extract(py))
                 .map_err(|e| vec![format!("{first_path}: {e}")])?;
-            let filters = specs
+            let filters: Vec<FilterInfo> = specs
                 .iter()
                 .zip(masks)
                 .map(|(s, mask)| FilterInfo {
@@ -151,9 +152,15 @@ impl FilterFactory for PyFilterFactory {
                 .iter()
                 .map(|s| s.settings.timeout.as_secs_f64())
                 .collect();
+            let plan = FilterPlan::compile(&filters, None);
             Ok(Arc::new(PyChain {
                 filters,
-                shared: Arc::new(ChainShared { chain, timeouts }),
+                plan,
+                shared: Arc::new(ChainShared {
+                    chain,
+                    timeouts,
+                    default_order: PyOnceLock::new(),
+                }),
             }) as Arc<dyn FilterChain>)
         })
     }
@@ -170,6 +177,8 @@ fn python_errors(py: Python<'_>, e: &PyErr, path: &str) -> Vec<String> {
 
 struct PyChain {
     filters: Vec<FilterInfo>,
+    /// Every filter, no route override: the plan of most requests.
+    plan: Option<FilterPlan>,
     /// In an Arc so that a worker starting a stream clones it without the GIL.
     shared: Arc<ChainShared>,
 }
@@ -179,6 +188,8 @@ struct ChainShared {
     chain: Py<PyAny>,
     /// Each filter's timeout in seconds, for `async def` hooks.
     timeouts: Vec<f64>,
+    /// The default plan's active filters as Python sees them, made once.
+    default_order: PyOnceLock<Py<PyTuple>>,
 }
 
 impl FilterChain for PyChain {
@@ -186,10 +197,16 @@ impl FilterChain for PyChain {
         &self.filters
     }
 
+    fn default_plan(&self) -> Option<&FilterPlan> {
+        self.plan.as_ref()
+    }
+
     fn start(&self, start: StreamStart) -> Arc<dyn FilterStream> {
         Arc::new(PyStream {
-            chain: self.shared.clone(),
-            start,
+            info: Arc::new(RequestInfo {
+                chain: self.shared.clone(),
+                start,
+            }),
             context: Mutex::new(None),
         })
     }
@@ -197,11 +214,18 @@ impl FilterChain for PyChain {
 
 /// One request's state on the Python side.
 struct PyStream {
-    chain: Arc<ChainShared>,
-    start: StreamStart,
+    /// Apart from the context: the context holds it (as `StreamInfo`), and a
+    /// context holding its own holder would never be freed.
+    info: Arc<RequestInfo>,
     /// The `RequestContext`, made by the executor on the first job. Dropped without
     /// the GIL when the request ends; pyo3 defers the decref to the next GIL holder.
     context: Mutex<Option<Py<PyAny>>>,
+}
+
+/// The request as routed, and its chain.
+struct RequestInfo {
+    chain: Arc<ChainShared>,
+    start: StreamStart,
 }
 
 impl FilterStream for PyStream {
@@ -288,10 +312,12 @@ impl FilterJob {
         self.phase
     }
 
-    /// The Python `_Chain` of the connection manager.
+    /// `(phase, context)`: what the dispatcher reads first, in one call. The
+    /// context is None before the request's first job made it.
     #[getter]
-    fn chain(&self, py: Python<'_>) -> Py<PyAny> {
-        self.stream.chain.chain.clone_ref(py)
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let context = lock(&self.stream.context).as_ref().map(|c| c.clone_ref(py));
+        (self.phase, context).into_pyobject(py)
     }
 
     /// The request's `RequestContext`, None before the first job made it.
@@ -305,50 +331,16 @@ impl FilterJob {
         *lock(&self.stream.context) = Some(context);
     }
 
-    /// `(method, path, authority, scheme, downstream_address, route_name, cluster)`.
+    /// The request as routed, read when a filter asks (`RequestContext` keeps it).
     #[getter]
-    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let s = &self.stream.start;
-        (
-            s.method.as_str(),
-            s.path.as_str(),
-            s.authority.as_str(),
-            s.scheme,
-            s.downstream.to_string(),
-            s.route_name.as_deref(),
-            s.cluster.as_deref(),
-        )
-            .into_pyobject(py)
-    }
-
-    /// The active filters: `(index, route config override as JSON text or None)`.
-    #[getter]
-    fn active<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let items = self
-            .stream
-            .start
-            .active
-            .iter()
-            .map(|a| (a.index, a.config_override.as_deref()).into_pyobject(py))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyTuple::new(py, items)
+    fn stream(&self) -> StreamInfo {
+        StreamInfo(self.stream.info.clone())
     }
 
     /// The phase's headers (request or response headers, or trailers).
     #[getter]
     fn headers(&self, py: Python<'_>) -> Option<Py<Headers>> {
         self.headers.as_ref().map(|h| h.clone_ref(py))
-    }
-
-    /// The request headers when the chain has no request-headers hook (a copy).
-    #[getter]
-    fn start_headers(&self, py: Python<'_>) -> PyResult<Option<Py<Headers>>> {
-        self.stream
-            .start
-            .request_headers
-            .as_ref()
-            .map(|h| Py::new(py, Headers::from(h.clone())))
-            .transpose()
     }
 
     /// In response body and trailers phases, the response headers if no
@@ -371,6 +363,7 @@ impl FilterJob {
     /// The timeout of the chain's filter `index`, in seconds.
     fn timeout_s(&self, index: usize) -> f64 {
         self.stream
+            .info
             .chain
             .timeouts
             .get(index)
@@ -414,9 +407,27 @@ impl FilterJob {
 
     /// Continue: the phase's headers as the filters left them, the body (body
     /// phases) and the cluster chosen.
+    ///
+    /// The headers are moved to the proxy, not copied, unless a later hook of the
+    /// request can still read them through its context (request headers then
+    /// response hooks; response headers then response body, trailers or log hooks).
+    /// Trailers are given to their hook only, never kept on the context.
     #[pyo3(signature = (body, cluster))]
     fn done(&self, py: Python<'_>, body: Option<Vec<u8>>, cluster: Option<String>) {
-        let headers = self.headers.as_ref().map(|h| h.borrow(py).map.clone());
+        let hooks = self.stream.info.start.hooks;
+        let keep = match self.phase {
+            p if p == Phase::RequestHeaders as u8 => hooks.any_after(Phase::RequestHeaders),
+            p if p == Phase::ResponseHeaders as u8 => hooks.any_after(Phase::ResponseHeaders),
+            _ => false,
+        };
+        let headers = self.headers.as_ref().map(|h| {
+            let mut h = h.borrow_mut(py);
+            if keep {
+                h.map.clone()
+            } else {
+                std::mem::take(&mut h.map)
+            }
+        });
         self.answer(HookOutcome::Continue {
             headers,
             body: body.map(Bytes::from),
@@ -457,6 +468,95 @@ impl FilterJob {
     /// A hook overran its timeout.
     fn timed_out(&self) {
         self.answer(HookOutcome::TimedOut);
+    }
+}
+
+/// One request as routed (the `RequestContext`'s source for what it reads lazily).
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct StreamInfo(Arc<RequestInfo>);
+
+#[pymethods]
+impl StreamInfo {
+    /// The Python `_Chain` of the connection manager.
+    #[getter]
+    fn chain(&self, py: Python<'_>) -> Py<PyAny> {
+        self.0.chain.chain.clone_ref(py)
+    }
+
+    #[getter]
+    fn method(&self) -> &str {
+        self.0.start.method.as_str()
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.0.start.path
+    }
+
+    #[getter]
+    fn authority(&self) -> &str {
+        &self.0.start.authority
+    }
+
+    #[getter]
+    fn scheme(&self) -> &'static str {
+        self.0.start.scheme
+    }
+
+    #[getter]
+    fn downstream_address(&self) -> String {
+        self.0.start.downstream.to_string()
+    }
+
+    #[getter]
+    fn route_name(&self) -> Option<&str> {
+        self.0.start.route_name.as_deref()
+    }
+
+    /// The route's cluster.
+    #[getter]
+    fn cluster(&self) -> Option<&str> {
+        self.0.start.cluster.as_deref()
+    }
+
+    /// The active filters: `(index, route config override as JSON text or None)`,
+    /// made once per chain for requests on routes without overrides.
+    #[getter]
+    fn order(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        let make = |active: &[ActiveFilter]| -> PyResult<Py<PyTuple>> {
+            let items = active
+                .iter()
+                .map(|a| (a.index, a.config_override.as_deref()).into_pyobject(py))
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok(PyTuple::new(py, items)?.unbind())
+        };
+        match &self.0.start.active {
+            Some(active) => make(active),
+            None => {
+                let chain = &self.0.chain;
+                let default = chain.default_order.get_or_try_init(py, || {
+                    let all: Vec<ActiveFilter> = (0..chain.timeouts.len())
+                        .map(|index| ActiveFilter {
+                            index,
+                            config_override: None,
+                        })
+                        .collect();
+                    make(&all)
+                })?;
+                Ok(default.clone_ref(py))
+            }
+        }
+    }
+
+    /// The request headers when the chain has no request-headers hook (a copy).
+    #[getter]
+    fn start_headers(&self, py: Python<'_>) -> PyResult<Option<Py<Headers>>> {
+        self.0
+            .start
+            .request_headers
+            .as_ref()
+            .map(|h| Py::new(py, Headers::from(h.clone())))
+            .transpose()
     }
 }
 

@@ -242,6 +242,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filters::filter_wakeup_fd, m)?)?;
     m.add_function(wrap_pyfunction!(filters::filter_jobs, m)?)?;
     m.add_class::<filters::FilterJob>()?;
+    m.add_class::<filters::StreamInfo>()?;
     m.add_class::<filters::Headers>()?;
     m.add_class::<filters::StatStore>()?;
     m.add_class::<filters::Counter>()?;
