@@ -16,9 +16,10 @@ __all__ = [
     "Server",
     "StatStore",
     "StreamInfo",
-    "filter_jobs",
+    "filter_dispatch",
     "filter_wakeup_fd",
     "route_match",
+    "run_filter_jobs",
     "validate",
     "version",
 ]
@@ -115,8 +116,19 @@ class Server:
 def filter_wakeup_fd() -> int:
     """The descriptor the filter executor's loop watches: readable when jobs are queued."""
 
-def filter_jobs() -> list[FilterJob]:
-    """Take every queued filter job (the executor calls it when woken)."""
+def filter_dispatch(
+    new_context: Callable[[StreamInfo, Headers | None], Any],
+    run_job: Callable[[FilterJob], None],
+    resume: Callable[[FilterJob, int, Any, int, Any], None],
+    raised: Callable[[FilterJob, Any, int, BaseException], None],
+    runtime_failed: Callable[[FilterJob, BaseException], None],
+    unset: Any,
+) -> None:
+    """Registers the Python runtime's entry points for ``run_filter_jobs``."""
+
+def run_filter_jobs() -> None:
+    """Runs every queued job: headers phases' sync hooks here, the rest through the
+    registered entry points."""
 
 @final
 class FilterJob:

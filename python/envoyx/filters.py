@@ -23,6 +23,7 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from time import monotonic as _monotonic
 from types import CoroutineType
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
@@ -388,8 +389,9 @@ class _Runtime:
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.deadlines = _Deadlines(self.loop)
+        global _loop, _deadlines
+        self.loop = _loop = asyncio.new_event_loop()
+        _deadlines = _Deadlines(self.loop)
         ready = threading.Event()
         self.thread = threading.Thread(
             target=self._run, args=(ready,), name="envoyx-python-filters", daemon=True
@@ -406,29 +408,70 @@ class _Runtime:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
+        _core.filter_dispatch(_new_context, _run_job, _resume, _raised, _runtime_failed, _UNSET)
         self.loop.add_reader(_core.filter_wakeup_fd(), self._wake)
         ready.set()
         self.loop.run_forever()
 
-    def _wake(self) -> None:
-        for job in _core.filter_jobs():
-            try:
-                _start_job(job)
-            except BaseException:  # never let one job stop the loop
-                log.exception("envoyx: python filter runtime failed on a job")
-                job.fail("<runtime>")
+    @staticmethod
+    def _wake() -> None:
+        # The core runs the headers phases' sync hooks itself and calls back into
+        # _run_job, _resume, _raised for the rest; every job gets an answer.
+        try:
+            _core.run_filter_jobs()
+        except BaseException:  # never let the loop stop
+            log.exception("envoyx: python filter runtime failed")
 
 
-def _new_context(job: _core.FilterJob, phase: int) -> RequestContext:
-    """The request's context, made on its first job and kept by the core's stream."""
-    stream = job.stream
+def _run_job(job: _core.FilterJob) -> None:
+    """A job the core does not run itself (bodies, trailers, log, route overrides)."""
+    try:
+        _start_job(job)
+    except BaseException as exc:  # never let one job stop the loop
+        _runtime_failed(job, exc)
+
+
+def _runtime_failed(job: _core.FilterJob, exc: BaseException) -> None:
+    log.error("envoyx: python filter runtime failed on a job", exc_info=exc)
+    job.fail("<runtime>")
+
+
+def _resume(
+    job: _core.FilterJob, phase: int, ctx: RequestContext, position: int, result: Any
+) -> None:
+    """A headers-phase hook run by the core returned ``result`` (not None): apply it
+    and run the rest of the phase here."""
+    chain = ctx._chain
+    order = ctx._order if phase < RESPONSE_HEADERS else ctx._reverse
+    if type(result) is CoroutineType or inspect.isawaitable(result):
+        _start_async(job, phase, chain, order, position, ctx, None, result)
+        return
+    outcome = _apply(job, chain.entries[order[position][0]], result, None)
+    if outcome is _STOP:
+        return
+    _run_phase(job, phase, chain, order, position + 1, ctx, outcome)  # type: ignore[arg-type]
+
+
+def _raised(job: _core.FilterJob, ctx: RequestContext, index: int, exc: BaseException) -> None:
+    """A headers-phase hook run by the core raised ``exc``."""
+    if not isinstance(exc, Exception):
+        _runtime_failed(job, exc)
+        return
+    entry = ctx._chain.entries[index]
+    _log_failure(entry.name, _HOOK_NAMES[job.phase], exc)
+    job.fail(entry.name)
+
+
+def _new_context(stream: _core.StreamInfo, headers: Headers | None) -> RequestContext:
+    """The request's context, made on its first job and kept by the core's stream;
+    ``headers`` are the request headers when that job is the request-headers phase."""
     ctx = RequestContext()
     ctx._stream = stream
     ctx._chain = stream.chain
     ctx._cluster = _UNSET
     ctx._state = None
     ctx._task = None
-    first = job.headers if phase == REQUEST_HEADERS else stream.start_headers
+    first = headers if headers is not None else stream.start_headers
     ctx.request_headers = first if first is not None else Headers()
     ctx.response_headers = None
     ctx.status = None
@@ -438,14 +481,14 @@ def _new_context(job: _core.FilterJob, phase: int) -> RequestContext:
     ctx._order = order
     # Response hooks run in reverse filter order, as Envoy's encoder filters do.
     ctx._reverse = order[::-1]
-    job.context = ctx
     return ctx
 
 
 def _start_job(job: _core.FilterJob) -> None:
     phase, ctx = job.state
     if ctx is None:
-        ctx = _new_context(job, phase)
+        ctx = _new_context(job.stream, job.headers if phase == REQUEST_HEADERS else None)
+        job.context = ctx
     if phase < RESPONSE_HEADERS:
         body = job.body if phase == REQUEST_BODY else None
         _run_phase(job, phase, ctx._chain, ctx._order, 0, ctx, body)
@@ -558,11 +601,14 @@ def _start_async(
 ) -> None:
     """Runs an async hook (and the rest of its phase) as a task, with the filter's
     timeout kept by the runtime's one deadline timer (no timer per call)."""
-    runtime = _Runtime.get()
-    task = runtime.loop.create_task(_run_async(job, phase, chain, order, i, ctx, body, awaitable))
+    timeout = chain.timeout(job, order[i][0])
+    queue = _deadlines.queue(timeout)
+    # asyncio.Task directly: the loop's create_task is a Python-level wrapper (our
+    # loop has no task factory).
+    task = _Task(_run_async(job, phase, chain, order, i, ctx, body, awaitable, queue), loop=_loop)
     # The loop holds tasks weakly; the context lives as long as the request.
     ctx._task = task
-    runtime.deadlines.add(task, chain.timeout(job, order[i][0]))
+    _deadlines.add(queue, timeout, job, task)
 
 
 async def _run_async(
@@ -574,12 +620,13 @@ async def _run_async(
     ctx: RequestContext,
     body: bytes | None,
     awaitable: Awaitable[Any],
+    queue: _DeadlineQueue,
 ) -> None:
     entry = chain.entries[order[i][0]]
     try:
         result = await awaitable
     except asyncio.CancelledError:
-        if _Runtime.get().deadlines.expired(asyncio.current_task()):
+        if _deadlines.expired(job):
             job.timed_out()
             return
         raise
@@ -587,51 +634,63 @@ async def _run_async(
         _failed(job, entry)
         return
     finally:
-        _Runtime.get().deadlines.discard(asyncio.current_task())
+        if queue.pop(job, None) is None:
+            _deadlines.forget(job)
     outcome = _apply(job, entry, result, body)
     if outcome is _STOP:
         return
     _run_phase(job, phase, chain, order, i + 1, ctx, outcome)  # type: ignore[arg-type]
 
 
+#: Running async hooks with one timeout value: job -> (deadline, task), oldest first
+#: (dicts keep insertion order).
+_DeadlineQueue: TypeAlias = dict[_core.FilterJob, tuple[float, "asyncio.Task[None]"]]
+
+
 class _Deadlines:
-    """The timeouts of running async hooks, on one timer of the loop: tasks in the
-    order they started, per timeout value (so deadlines come in order), the timer
-    set for the earliest. A task past its deadline is cancelled, as
+    """The timeouts of running async hooks, on one timer of the loop: jobs in the
+    order their hook started, per timeout value (so deadlines come in order), the
+    timer set for the earliest. A hook past its deadline has its task cancelled, as
     ``asyncio.timeout`` would, and its job answered ``timed_out``."""
 
-    __slots__ = ("_expired", "_handle", "_loop", "_queues")
+    __slots__ = ("_expired", "_handle", "_loop", "_queues", "_when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        # timeout -> {task: deadline}, oldest first (dicts keep insertion order).
-        self._queues: dict[float, dict[asyncio.Task[None], float]] = {}
+        self._queues: dict[float, _DeadlineQueue] = {}
         self._handle: asyncio.TimerHandle | None = None
-        self._expired: set[asyncio.Task[None]] = set()
+        self._when = 0.0
+        self._expired: set[_core.FilterJob] = set()
 
-    def add(self, task: asyncio.Task[None], timeout: float) -> None:
-        deadline = self._loop.time() + timeout
+    def queue(self, timeout: float) -> _DeadlineQueue:
         queue = self._queues.get(timeout)
         if queue is None:
             queue = self._queues[timeout] = {}
-        queue[task] = deadline
-        handle = self._handle
-        if handle is None or deadline < handle.when():
-            if handle is not None:
-                handle.cancel()
+        return queue
+
+    def add(
+        self, queue: _DeadlineQueue, timeout: float, job: _core.FilterJob, task: asyncio.Task[None]
+    ) -> None:
+        # The loop's clock (BaseEventLoop.time() is time.monotonic()).
+        deadline = _monotonic() + timeout
+        queue[job] = (deadline, task)
+        if self._handle is None or deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = deadline
             self._handle = self._loop.call_at(deadline, self._fire)
 
-    def discard(self, task: asyncio.Task[Any] | None) -> None:
-        self._expired.discard(task)
-        for queue in self._queues.values():
-            if queue.pop(task, None) is not None:  # type: ignore[arg-type]
-                return
-
-    def expired(self, task: asyncio.Task[Any] | None) -> bool:
-        if task in self._expired:
-            self._expired.discard(task)
+    def expired(self, job: _core.FilterJob) -> bool:
+        """Whether the job's hook was cancelled for its timeout (asked once)."""
+        if job in self._expired:
+            self._expired.discard(job)
             return True
         return False
+
+    def forget(self, job: _core.FilterJob) -> None:
+        """A hook that swallowed its cancellation and ended anyway."""
+        if self._expired:
+            self._expired.discard(job)
 
     def _fire(self) -> None:
         self._handle = None
@@ -639,21 +698,29 @@ class _Deadlines:
         earliest: float | None = None
         for queue in self._queues.values():
             while queue:
-                task, deadline = next(iter(queue.items()))
+                job, (deadline, task) = next(iter(queue.items()))
                 if deadline > now:
                     if earliest is None or deadline < earliest:
                         earliest = deadline
                     break
-                del queue[task]
+                del queue[job]
                 if not task.done():
-                    self._expired.add(task)
+                    self._expired.add(job)
                     task.cancel()
         if earliest is not None:
+            self._when = earliest
             self._handle = self._loop.call_at(earliest, self._fire)
 
 
+_Task = asyncio.Task
+# The executor's loop and its deadlines, set once when the runtime starts (read on
+# every async hook: no lookup through _Runtime and its lock).
+_loop: asyncio.AbstractEventLoop
+_deadlines: _Deadlines
+
+
 def _failed(job: _core.FilterJob, entry: _Entry) -> None:
-    _log_failure(entry.name, _HOOK_NAMES[job.phase])
+    _log_failure(entry.name, _HOOK_NAMES[job.phase], None)
     job.fail(entry.name)
 
 
@@ -670,18 +737,19 @@ def _run_log(
         if inspect.isawaitable(result):
             _spawn(_log_async(item, result))
     except Exception:
-        _log_failure(item.name, "on_log")
+        _log_failure(item.name, "on_log", None)
 
 
 async def _log_async(item: _Entry, awaitable: Awaitable[Any]) -> None:
     try:
         await awaitable
     except Exception:
-        _log_failure(item.name, "on_log")
+        _log_failure(item.name, "on_log", None)
 
 
-def _log_failure(filter_name: str, hook: str) -> str:
-    text = traceback.format_exc()
+def _log_failure(filter_name: str, hook: str, exc: BaseException | None) -> str:
+    """Logs a hook's failure: ``exc``, or the exception being handled."""
+    text = traceback.format_exc() if exc is None else "".join(traceback.format_exception(exc))
     log.error("envoyx: python filter %r failed in %s:\n%s", filter_name, hook, text)
     return text
 

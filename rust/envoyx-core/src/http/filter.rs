@@ -18,6 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -147,7 +148,37 @@ pub enum HookOutcome {
     TimedOut,
 }
 
-pub type HookFuture = Pin<Box<dyn Future<Output = HookOutcome> + Send>>;
+/// Where a phase's outcome is sent: the worker awaits the other end. Made by the
+/// core per call, so that a call allocates no boxed future.
+pub struct HookReply(tokio::sync::oneshot::Sender<HookOutcome>);
+
+impl HookReply {
+    /// The reply and the future that resolves to it; a reply dropped unsent
+    /// resolves to `Failed` (the filter side lost the call: fail closed).
+    pub fn channel() -> (HookReply, HookAnswer) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (HookReply(tx), HookAnswer(rx))
+    }
+
+    pub fn send(self, outcome: HookOutcome) {
+        // The worker may have given up (timeout, client gone): nothing to do.
+        let _ = self.0.send(outcome);
+    }
+}
+
+/// The outcome of one call, as the worker awaits it.
+pub struct HookAnswer(tokio::sync::oneshot::Receiver<HookOutcome>);
+
+impl Future for HookAnswer {
+    type Output = HookOutcome;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<HookOutcome> {
+        Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or(HookOutcome::Failed {
+                filter: String::new(),
+            })
+        })
+    }
+}
 
 /// The filters of one HTTP connection manager.
 pub trait FilterChain: Send + Sync {
@@ -159,7 +190,8 @@ pub trait FilterChain: Send + Sync {
 
 /// One request's run through a chain.
 pub trait FilterStream: Send + Sync {
-    fn call(self: Arc<Self>, call: HookCall) -> HookFuture;
+    /// Runs one phase's hooks; the outcome goes to `reply`.
+    fn call(self: Arc<Self>, call: HookCall, reply: HookReply);
     /// The finished request, for `on_log` hooks; nothing is awaited.
     fn log(self: Arc<Self>, record: LogRecord);
 }

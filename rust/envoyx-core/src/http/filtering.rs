@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use super::body::{PeerBody, ProxyBody};
 use super::connection_manager::HcmStats;
 use super::filter::{
-    FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, Hooks, Phase, PlanRef,
+    FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, HookReply, Hooks, Phase, PlanRef,
     StreamStart,
 };
 use super::local_reply::LocalReply;
@@ -175,14 +175,16 @@ impl RequestFilters {
         status: u16,
         body: Option<Bytes>,
     ) -> HookOutcome {
-        let call = self.stream.clone().call(HookCall {
+        let (reply, answer) = HookReply::channel();
+        let call = HookCall {
             phase,
             headers,
             message_headers,
             status,
             body,
-        });
-        tokio::time::timeout(self.timeout, call)
+        };
+        self.stream.clone().call(call, reply);
+        tokio::time::timeout(self.timeout, answer)
             .await
             .unwrap_or(HookOutcome::TimedOut)
     }
