@@ -3,6 +3,8 @@
 
     python benches/filters.py [--duration 10] [--rounds 1] [--quick] [--http2]
                               [--before-envoyx-bin CMD]
+    python benches/filters.py --instructions [--requests 2000] [--before-pythonpath DIR]
+
 
 The load harness's setup (benches/harness.py, whose functions this reuses): one nginx
 upstream with a 12-byte body, one worker per proxy, the same bootstrap
@@ -21,6 +23,12 @@ With ``--before-envoyx-bin CMD`` every envoyx row is also run with another build
 (e.g. the main branch's, for a before/after in one run), against that build's own
 no-filter baseline.
 
+``--instructions`` counts instead of timing (callgrind, as benches/instructions.py: a
+figure that does not move with the machine's load): each envoyx row runs twice under
+valgrind, serving 200 and 200 + N requests (h2load --h1, 16 connections), and the
+difference per request is printed, in all and per thread (the worker, the Python
+filter executor). Kernel time (wake-ups, context switches) is not in it.
+
 The Python filters are benches/configs/python_filters.py. Each target gets wrk -t1
 -c64 (HTTP/1.1 keep-alive; with --http2 also h2load over h2c); the figures are
 requests/s, p50/p99 and the proxy's CPU time per request (utime+stime of the whole
@@ -34,7 +42,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -321,6 +331,93 @@ def bench(
     return results
 
 
+# -------------------------------------------------------------------- instructions
+
+
+def callgrind_run(
+    variant: Variant,
+    pythonpath: str | None,
+    workdir: Path,
+    upstream: harness.Upstream,
+    requests: int,
+) -> dict[str, int]:
+    """Instructions per thread of one envoyx serving ``requests``; ``pythonpath``
+    first on the path selects another build of envoyx."""
+    cfg, port = write_bootstrap(variant, workdir, upstream)
+    dump = workdir / f"{variant.name}-{requests}.callgrind"
+    cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
+    cmd += [f"--callgrind-out-file={dump}", sys.executable, "-m", "envoyx", "-c", str(cfg)]
+    cmd += ["--concurrency", "1"]
+    saved = os.environ["PYTHONPATH"]
+    if pythonpath is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join((pythonpath, saved))
+    try:
+        log_path = RAW / f"filters-cg-{variant.name}.log"
+        child = harness.spawn(f"{variant.name} (callgrind)", cmd, log_path)
+    finally:
+        os.environ["PYTHONPATH"] = saved
+    try:
+        harness.wait_ready(port, child)
+        url = f"http://127.0.0.1:{port}/"
+        out = subprocess.run(
+            ["h2load", "--h1", "-n", str(requests), "-c", "16", url],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        ).stdout
+        if f"{requests} succeeded" not in out:
+            raise HarnessError(f"h2load did not complete {requests} requests:\n{out}")
+    finally:
+        child.popen.send_signal(signal.SIGTERM)
+        child.popen.wait(timeout=300)
+    per_thread: dict[str, int] = {}
+    for part in workdir.glob(f"{dump.name}-*"):
+        thread, total = "?", 0
+        for line in part.read_text().splitlines():
+            if line.startswith("thread:"):
+                thread = line.split()[1]
+            elif line.startswith("totals:"):
+                total = int(line.split()[1])
+        per_thread[thread] = per_thread.get(thread, 0) + total
+    return per_thread
+
+
+def instructions(args: argparse.Namespace, variants: list[Variant]) -> int:
+    harness.apt_install({"valgrind": ["valgrind"], "h2load": ["nghttp2-client"]})
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(CONFIGS), os.environ.get("PYTHONPATH", "")) if p
+    )
+    nginx = harness.which("nginx")
+    if nginx is None:
+        raise HarnessError("nginx is not installed")
+    small, n = 200, args.requests
+
+    def measure(workdir: Path, upstream: harness.Upstream) -> list[str]:
+        rows = []
+        for v in variants:
+            if v.proxy == "envoy":
+                continue
+            path = args.before_pythonpath if v.proxy == "envoyx-before" else None
+            a = callgrind_run(v, path, workdir, upstream, small)
+            b = callgrind_run(v, path, workdir, upstream, small + n)
+            per = {t: (b[t] - a.get(t, 0)) / n for t in b}
+            # The busiest thread is the worker; the executor is the next one.
+            threads = sorted(per.values(), reverse=True)
+            rest = threads[1] if len(threads) > 1 and threads[1] > 500 else 0.0
+            rows.append(
+                f"| {v.label} | {sum(per.values()):,.0f} | {threads[0]:,.0f} | {rest:,.0f} |"
+            )
+            log(rows[-1])
+        return rows
+
+    rows = harness.with_upstream(nginx, "envoyx-filters-cg-", measure)
+    print(f"\ninstructions per request (callgrind, {n} requests, one worker)\n")
+    print("| target | all threads | the worker | the Python executor |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 # ------------------------------------------------------------------------- report
 
 
@@ -481,6 +578,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--before-envoyx-bin",
         help="another envoyx build's command: its rows run beside this build's",
     )
+    p.add_argument("--instructions", action="store_true", help="count with callgrind")
+    p.add_argument("--requests", type=int, default=2000, help="requests counted (2000)")
+    p.add_argument(
+        "--before-pythonpath",
+        help="with --instructions: a directory holding another build's envoyx package, "
+        "counted beside this one",
+    )
     return harness.parse_load_arguments(p, argv)
 
 
@@ -496,9 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=0,
         rounds=args.rounds,
     )
-    candidates = VARIANTS + (BEFORE_VARIANTS if args.before_envoyx_bin else ())
+    before = args.before_envoyx_bin or (args.instructions and args.before_pythonpath)
+    candidates = VARIANTS + (BEFORE_VARIANTS if before else ())
     names = harness.select_targets([v.name for v in candidates], args.targets)
     variants = [BY_NAME[n] for n in names]
+    if args.instructions:
+        return instructions(args, variants)
 
     RAW.mkdir(parents=True, exist_ok=True)
     harness.raise_fd_limit()
