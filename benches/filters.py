@@ -2,6 +2,9 @@
 """What an HTTP filter costs: envoyx with Python filters and Envoy with Lua, in one run.
 
     python benches/filters.py [--duration 10] [--rounds 1] [--quick] [--http2]
+                              [--before-envoyx-bin CMD]
+    python benches/filters.py --instructions [--requests 2000] [--before-pythonpath DIR]
+
 
 The load harness's setup (benches/harness.py, whose functions this reuses): one nginx
 upstream with a 12-byte body, one worker per proxy, the same bootstrap
@@ -11,8 +14,20 @@ upstream with a 12-byte body, one worker per proxy, the same bootstrap
 - envoyx with a no-op Python filter (``on_request_headers`` returning None);
 - envoyx with a header-mutating Python filter (adds a request and a response header);
 - envoyx with an ``async def`` filter (``await asyncio.sleep(0)``);
+- envoyx with the header-mutating filter written with ``async def`` hooks that never
+  suspend;
 - Envoy without a filter, and Envoy with the header-mutating filter in Lua
   (``envoy.filters.http.lua``).
+
+With ``--before-envoyx-bin CMD`` every envoyx row is also run with another build
+(e.g. the main branch's, for a before/after in one run), against that build's own
+no-filter baseline.
+
+``--instructions`` counts instead of timing (callgrind, as benches/instructions.py: a
+figure that does not move with the machine's load): each envoyx row runs twice under
+valgrind, serving 200 and 200 + N requests (h2load --h1, 16 connections), and the
+difference per request is printed, in all and per thread (the worker, the Python
+filter executor). Kernel time (wake-ups, context switches) is not in it.
 
 The Python filters are benches/configs/python_filters.py. Each target gets wrk -t1
 -c64 (HTTP/1.1 keep-alive; with --http2 also h2load over h2c); the figures are
@@ -27,7 +42,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -76,7 +93,7 @@ class Variant:
     """One row: a proxy and the filter added to the bootstrap (None: no filter)."""
 
     name: str
-    proxy: str  # "envoyx" or "envoy"
+    proxy: str  # "envoyx", "envoyx-before" (--before-envoyx-bin) or "envoy"
     label: str
     python_class: str | None = None
     lua: str | None = None
@@ -86,7 +103,7 @@ class Variant:
 
     @property
     def baseline(self) -> str:
-        return "envoyx" if self.proxy == "envoyx" else "envoy"
+        return {"envoyx": "envoyx", "envoyx-before": "before-envoyx"}.get(self.proxy, "envoy")
 
 
 VARIANTS = (
@@ -100,6 +117,13 @@ VARIANTS = (
         marker="x-bench-resp",
     ),
     Variant("envoyx-async", "envoyx", "envoyx, async Python filter", python_class="AsyncNoOp"),
+    Variant(
+        "envoyx-async-headers",
+        "envoyx",
+        "envoyx, header-mutating async Python filter (never suspends)",
+        python_class="AsyncAddHeaders",
+        marker="x-bench-resp",
+    ),
     Variant("envoy", "envoy", "Envoy, no filter"),
     Variant(
         "envoy-lua",
@@ -109,7 +133,20 @@ VARIANTS = (
         marker="x-bench-resp",
     ),
 )
-BY_NAME = {v.name: v for v in VARIANTS}
+# The same envoyx rows run by another build (--before-envoyx-bin).
+BEFORE_VARIANTS = tuple(
+    Variant(
+        f"before-{v.name}",
+        "envoyx-before",
+        f"before: {v.label}",
+        python_class=v.python_class,
+        marker=v.marker,
+    )
+    for v in VARIANTS
+    if v.proxy == "envoyx"
+)
+ALL_VARIANTS = VARIANTS + BEFORE_VARIANTS
+BY_NAME = {v.name: v for v in ALL_VARIANTS}
 # The figure DESIGN.md §7 sets a target for.
 GOAL_VARIANT = "envoyx-headers"
 
@@ -181,8 +218,8 @@ def start_variant(
     child: Child | None = None
     try:
         cfg, port = write_bootstrap(variant, workdir, upstream)
-        if variant.proxy == "envoyx":
-            cmd = [tools["envoyx"], "-c", str(cfg), "--concurrency", "1"]
+        if variant.proxy.startswith("envoyx"):
+            cmd = [tools[variant.proxy], "-c", str(cfg), "--concurrency", "1"]
         else:
             # A base id of its own: two Envoys run side by side.
             base_id = str((os.getpid() % 10000) * 10 + seq)
@@ -294,6 +331,93 @@ def bench(
     return results
 
 
+# -------------------------------------------------------------------- instructions
+
+
+def callgrind_run(
+    variant: Variant,
+    pythonpath: str | None,
+    workdir: Path,
+    upstream: harness.Upstream,
+    requests: int,
+) -> dict[str, int]:
+    """Instructions per thread of one envoyx serving ``requests``; ``pythonpath``
+    first on the path selects another build of envoyx."""
+    cfg, port = write_bootstrap(variant, workdir, upstream)
+    dump = workdir / f"{variant.name}-{requests}.callgrind"
+    cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
+    cmd += [f"--callgrind-out-file={dump}", sys.executable, "-m", "envoyx", "-c", str(cfg)]
+    cmd += ["--concurrency", "1"]
+    saved = os.environ["PYTHONPATH"]
+    if pythonpath is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join((pythonpath, saved))
+    try:
+        log_path = RAW / f"filters-cg-{variant.name}.log"
+        child = harness.spawn(f"{variant.name} (callgrind)", cmd, log_path)
+    finally:
+        os.environ["PYTHONPATH"] = saved
+    try:
+        harness.wait_ready(port, child)
+        url = f"http://127.0.0.1:{port}/"
+        out = subprocess.run(
+            ["h2load", "--h1", "-n", str(requests), "-c", "16", url],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        ).stdout
+        if f"{requests} succeeded" not in out:
+            raise HarnessError(f"h2load did not complete {requests} requests:\n{out}")
+    finally:
+        child.popen.send_signal(signal.SIGTERM)
+        child.popen.wait(timeout=300)
+    per_thread: dict[str, int] = {}
+    for part in workdir.glob(f"{dump.name}-*"):
+        thread, total = "?", 0
+        for line in part.read_text().splitlines():
+            if line.startswith("thread:"):
+                thread = line.split()[1]
+            elif line.startswith("totals:"):
+                total = int(line.split()[1])
+        per_thread[thread] = per_thread.get(thread, 0) + total
+    return per_thread
+
+
+def instructions(args: argparse.Namespace, variants: list[Variant]) -> int:
+    harness.apt_install({"valgrind": ["valgrind"], "h2load": ["nghttp2-client"]})
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(CONFIGS), os.environ.get("PYTHONPATH", "")) if p
+    )
+    nginx = harness.which("nginx")
+    if nginx is None:
+        raise HarnessError("nginx is not installed")
+    small, n = 200, args.requests
+
+    def measure(workdir: Path, upstream: harness.Upstream) -> list[str]:
+        rows = []
+        for v in variants:
+            if v.proxy == "envoy":
+                continue
+            path = args.before_pythonpath if v.proxy == "envoyx-before" else None
+            a = callgrind_run(v, path, workdir, upstream, small)
+            b = callgrind_run(v, path, workdir, upstream, small + n)
+            per = {t: (b[t] - a.get(t, 0)) / n for t in b}
+            # The busiest thread is the worker; the executor is the next one.
+            threads = sorted(per.values(), reverse=True)
+            rest = threads[1] if len(threads) > 1 and threads[1] > 500 else 0.0
+            rows.append(
+                f"| {v.label} | {sum(per.values()):,.0f} | {threads[0]:,.0f} | {rest:,.0f} |"
+            )
+            log(rows[-1])
+        return rows
+
+    rows = harness.with_upstream(nginx, "envoyx-filters-cg-", measure)
+    print(f"\ninstructions per request (callgrind, {n} requests, one worker)\n")
+    print("| target | all threads | the worker | the Python executor |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 # ------------------------------------------------------------------------- report
 
 
@@ -352,15 +476,43 @@ def load_table(results: list[TargetResult], proto: str, outside: OutsideWorkers)
 
 def goal_lines(results: list[TargetResult]) -> list[str]:
     by_name = {r.name: r for r in results}
-    mine, base = by_name.get(GOAL_VARIANT), by_name.get("envoyx")
-    value = added(mine.h1 if mine else None, base.h1 if base else None)
-    if value is None:
-        return [f"- Python filter cost (DESIGN.md §7, ≤ {GOAL_US:.0f} µs): not measured"]
-    met = "met" if value <= GOAL_US else "**not met**"
-    return [
-        f"- Python filter cost (DESIGN.md §7, ≤ {GOAL_US:.0f} µs per request): the "
-        f"header-mutating filter adds {value:.1f} µs per HTTP/1.1 request — {met}"
-    ]
+
+    def cost(name: str, baseline: str) -> float | None:
+        mine, base = by_name.get(name), by_name.get(baseline)
+        return added(mine.h1 if mine else None, base.h1 if base else None)
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = []
+    sync = cost(GOAL_VARIANT, "envoyx")
+    if sync is None:
+        lines.append(f"- Python filter cost (DESIGN.md §7, ≤ {GOAL_US:.0f} µs): not measured")
+    else:
+        lines.append(
+            f"- Python filter cost (DESIGN.md §7, ≤ {GOAL_US:.0f} µs per request): the "
+            f"header-mutating filter adds {sync:.1f} µs per HTTP/1.1 request — "
+            f"{met(sync <= GOAL_US)}"
+        )
+    lua = cost("envoy-lua", "envoy")
+    if sync is not None and lua is not None:
+        lines.append(
+            f"- issue 8, a sync filter adds no more than Lua: {sync:.1f} µs against Lua's "
+            f"{lua:.1f} µs — {met(sync <= lua)}"
+        )
+    # issue 8: an async filter ≤ 1.5x a sync one, each against its sync twin.
+    for async_name, sync_name in (
+        ("envoyx-async-headers", GOAL_VARIANT),
+        ("envoyx-async", "envoyx-noop"),
+    ):
+        a, b = cost(async_name, "envoyx"), cost(sync_name, "envoyx")
+        if a is None or b is None or b <= 0:
+            continue
+        lines.append(
+            f"- issue 8, async ≤ 1.5x sync: {BY_NAME[async_name].label} adds {a:.1f} µs, "
+            f"{a / b:.2f}x {BY_NAME[sync_name].label} ({b:.1f} µs) — {met(a <= 1.5 * b)}"
+        )
+    return lines
 
 
 def report(
@@ -422,6 +574,17 @@ def report(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = harness.load_arguments(__doc__, [v.name for v in VARIANTS], RESULTS / "filters.md")
     p.add_argument("--http2", action="store_true", help="also h2load over h2c")
+    p.add_argument(
+        "--before-envoyx-bin",
+        help="another envoyx build's command: its rows run beside this build's",
+    )
+    p.add_argument("--instructions", action="store_true", help="count with callgrind")
+    p.add_argument("--requests", type=int, default=2000, help="requests counted (2000)")
+    p.add_argument(
+        "--before-pythonpath",
+        help="with --instructions: a directory holding another build's envoyx package, "
+        "counted beside this one",
+    )
     return harness.parse_load_arguments(p, argv)
 
 
@@ -437,8 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=0,
         rounds=args.rounds,
     )
-    names = harness.select_targets([v.name for v in VARIANTS], args.targets)
+    before = args.before_envoyx_bin or (args.instructions and args.before_pythonpath)
+    candidates = VARIANTS + (BEFORE_VARIANTS if before else ())
+    names = harness.select_targets([v.name for v in candidates], args.targets)
     variants = [BY_NAME[n] for n in names]
+    if args.instructions:
+        return instructions(args, variants)
 
     RAW.mkdir(parents=True, exist_ok=True)
     harness.raise_fd_limit()
@@ -459,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in [v for v in variants if v.proxy == "envoyx"]:
             results.append(TargetResult(v.name, errors=["envoyx is not installed"]))
             variants.remove(v)
+    if args.before_envoyx_bin:
+        tools["envoyx-before"] = args.before_envoyx_bin
+        versions["envoyx (before)"] = args.before_envoyx_bin
     # envoyx imports the filter classes by module name from benches/configs/.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(CONFIGS), os.environ.get("PYTHONPATH", "")) if p
@@ -472,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             variants, tools, workdir, upstream, settings, args.http2, outside
         ),
     )
-    order = [v.name for v in VARIANTS]
+    order = [v.name for v in ALL_VARIANTS]
     results.sort(key=lambda r: order.index(r.name))
     context["load average after"] = harness.loadavg()
     context["wall time"] = f"{time.monotonic() - started:.0f} s"

@@ -11,6 +11,7 @@ Hook tests run each filter twice: as written (sync) and as its ``Async<Name>`` t
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -865,6 +866,41 @@ def test_filter_objects_and_await_start_in_a_running_loop(http_upstream: HttpUps
     assert [seen_headers(r)["x-object-calls"] for r in responses] == [["1"], ["2"]]
     assert json.loads(seen_headers(responses[0])["x-object-config"][0]) == {"from": "object"}
     assert instance.calls == 2  # the very object given to the server ran
+
+
+class _KeepsContext(envoyx.filters.Filter):
+    """Request and response hooks: the context lives across the request's phases."""
+
+    def on_request_headers(self, ctx: envoyx.filters.RequestContext) -> None:
+        ctx.state["path"] = ctx.path
+
+    async def on_response_headers(self, ctx: envoyx.filters.RequestContext) -> None:
+        assert ctx.response_headers is not None
+        ctx.response_headers["x-path"] = ctx.state["path"]
+
+
+def test_request_contexts_are_freed_when_requests_end(
+    serve: Serve, http_upstream: HttpUpstream
+) -> None:
+    # A context reads the request lazily from the proxy's side; that side must not
+    # keep the context alive in turn (a cycle through Rust, which gc cannot see).
+    proxy = serve(
+        proxy_config([typed_struct_filter("keeps", {"object": "obj"})], [backend(http_upstream)]),
+        filters={"obj": _KeepsContext()},
+    )
+
+    def contexts() -> int:
+        gc.collect()
+        return sum(isinstance(o, envoyx.filters.RequestContext) for o in gc.get_objects())
+
+    before = contexts()
+    with httpx.Client(timeout=5) as client:
+        for i in range(100):
+            resp = client.get(proxy.url(f"/free/{i}"))
+            assert resp.headers["x-path"] == f"/free/{i}"
+    # Contexts of ended requests are released at the executor's next wake-up.
+    proxy.get("/free/last")
+    assert contexts() - before < 10
 
 
 def test_async_with_server(http_upstream: HttpUpstream) -> None:

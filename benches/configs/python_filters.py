@@ -32,3 +32,15 @@ class AsyncNoOp(Filter):
 
     async def on_request_headers(self, ctx: RequestContext) -> None:
         await asyncio.sleep(0)
+
+
+class AsyncAddHeaders(Filter):
+    """AddHeaders with ``async def`` hooks that never suspend: what an async hook
+    costs when it does not wait for anything."""
+
+    async def on_request_headers(self, ctx: RequestContext) -> None:
+        ctx.request_headers.add("x-bench", "1")
+
+    async def on_response_headers(self, ctx: RequestContext) -> None:
+        assert ctx.response_headers is not None
+        ctx.response_headers.add("x-bench-resp", "1")

@@ -15,9 +15,11 @@ __all__ = [
     "Histogram",
     "Server",
     "StatStore",
-    "filter_jobs",
+    "StreamInfo",
+    "filter_dispatch",
     "filter_wakeup_fd",
     "route_match",
+    "run_filter_jobs",
     "validate",
     "version",
 ]
@@ -114,8 +116,19 @@ class Server:
 def filter_wakeup_fd() -> int:
     """The descriptor the filter executor's loop watches: readable when jobs are queued."""
 
-def filter_jobs() -> list[FilterJob]:
-    """Take every queued filter job (the executor calls it when woken)."""
+def filter_dispatch(
+    new_context: Callable[[StreamInfo, Headers | None], Any],
+    run_job: Callable[[FilterJob], None],
+    resume: Callable[[FilterJob, int, Any, int, Any], None],
+    raised: Callable[[FilterJob, Any, int, BaseException], None],
+    runtime_failed: Callable[[FilterJob, BaseException], None],
+    unset: Any,
+) -> None:
+    """Registers the Python runtime's entry points for ``run_filter_jobs``."""
+
+def run_filter_jobs() -> None:
+    """Runs every queued job: headers phases' sync hooks here, the rest through the
+    registered entry points."""
 
 @final
 class FilterJob:
@@ -124,22 +137,16 @@ class FilterJob:
     @property
     def phase(self) -> int: ...
     @property
-    def chain(self) -> Any: ...
+    def state(self) -> tuple[int, Any]:
+        """(phase, context): the context is None before the request's first job."""
     @property
     def context(self) -> Any: ...
     @context.setter
     def context(self, value: Any) -> None: ...
     @property
-    def info(self) -> tuple[str, str, str, str, str, str | None, str | None]:
-        """(method, path, authority, scheme, downstream_address, route_name, cluster)"""
-    @property
-    def active(self) -> tuple[tuple[int, str | None], ...]:
-        """Active filters: (index in the chain, route config override as JSON or None)."""
+    def stream(self) -> StreamInfo: ...
     @property
     def headers(self) -> Headers | None: ...
-    @property
-    def start_headers(self) -> Headers | None:
-        """A copy of the request headers when the chain has no request-headers hook."""
     @property
     def message_headers(self) -> Headers | None: ...
     @property
@@ -156,6 +163,34 @@ class FilterJob:
         """A hook of ``filter`` raised (the traceback is logged by the caller)."""
     def timed_out(self) -> None:
         """A hook overran its timeout."""
+
+@final
+class StreamInfo:
+    """One request as routed, read lazily by ``RequestContext``."""
+
+    @property
+    def chain(self) -> Any: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def authority(self) -> str: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def downstream_address(self) -> str: ...
+    @property
+    def route_name(self) -> str | None: ...
+    @property
+    def cluster(self) -> str | None:
+        """The route's cluster."""
+    @property
+    def order(self) -> tuple[tuple[int, str | None], ...]:
+        """Active filters: (index in the chain, route config override as JSON or None)."""
+    @property
+    def start_headers(self) -> Headers | None:
+        """A copy of the request headers when the chain has no request-headers hook."""
 
 @final
 class Headers:

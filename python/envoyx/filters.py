@@ -23,6 +23,8 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from time import monotonic as _monotonic
+from types import CoroutineType
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from envoyx import _core
@@ -121,43 +123,92 @@ def _tags(tags: Mapping[str, str] | None) -> list[tuple[str, str]]:
     return [(str(k), str(v)) for k, v in (tags or {}).items()]
 
 
+_UNSET: Any = object()
+
+
 class RequestContext:
-    """One request as the filters see it; shared by every hook and filter of it."""
+    """One request as the filters see it; shared by every hook and filter of it.
+
+    What the request arrived with (``method``, ``path``, ``authority``, ``scheme``,
+    ``downstream_address``, ``route_name``) is read from the proxy when a filter first
+    asks for it; ``state`` is made on first use.
+    """
 
     __slots__ = (
+        "_chain",
+        "_cluster",
         "_order",
         "_reverse",
-        "authority",
-        "cluster",
+        "_state",
+        "_stream",
+        "_task",
         "config",
-        "downstream_address",
         "downstream_peer_identity",
-        "method",
-        "path",
         "request_headers",
         "response_headers",
-        "route_name",
-        "scheme",
-        "state",
         "status",
     )
 
-    method: str
-    path: str
-    authority: str
-    scheme: str
     request_headers: Headers
     response_headers: Headers | None
     status: int | None
-    downstream_address: str | None
     downstream_peer_identity: str | None
-    route_name: str | None
-    cluster: str | None
-    state: dict[str, Any]
     config: Any
+    _stream: _core.StreamInfo
+    _chain: _Chain
+    _cluster: str | None
+    _state: dict[str, Any] | None
     # The active filters (index, route override) in request and in response order.
     _order: tuple[tuple[int, str | None], ...]
     _reverse: tuple[tuple[int, str | None], ...]
+    # The request's running async hook (kept here: the loop holds tasks weakly).
+    _task: asyncio.Task[None] | None
+
+    @property
+    def method(self) -> str:
+        return self._stream.method
+
+    @property
+    def path(self) -> str:
+        return self._stream.path
+
+    @property
+    def authority(self) -> str:
+        return self._stream.authority
+
+    @property
+    def scheme(self) -> str:
+        return self._stream.scheme
+
+    @property
+    def downstream_address(self) -> str | None:
+        return self._stream.downstream_address
+
+    @property
+    def route_name(self) -> str | None:
+        return self._stream.route_name
+
+    @property
+    def cluster(self) -> str | None:
+        """The cluster the request goes to: the route's, unless a filter sets another."""
+        cluster = self._cluster
+        return self._stream.cluster if cluster is _UNSET else cluster
+
+    @cluster.setter
+    def cluster(self, value: str | None) -> None:
+        self._cluster = value
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Per-request data the filters share (a dict, empty at first)."""
+        state = self._state
+        if state is None:
+            state = self._state = {}
+        return state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._state = value
 
     def __repr__(self) -> str:
         return f"<RequestContext {self.method} {self.authority}{self.path}>"
@@ -226,7 +277,7 @@ class _Entry:
 class _Chain:
     """The Python filters of one HTTP connection manager, in config order."""
 
-    __slots__ = ("_override_cache", "by_phase", "configs", "entries", "masks")
+    __slots__ = ("_override_cache", "_timeouts", "by_phase", "configs", "entries", "masks")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
@@ -235,6 +286,15 @@ class _Chain:
         self.by_phase = [[e.hooks[p] for e in entries] for p in range(len(_HOOK_NAMES))]
         self.masks = [sum(1 << p for p, h in enumerate(e.hooks) if h is not None) for e in entries]
         self._override_cache: dict[str, Any] = {}
+        self._timeouts: dict[int, float] = {}
+
+    def timeout(self, job: _core.FilterJob, index: int) -> float:
+        """Filter ``index``'s timeout in seconds (the core's settings), asked once."""
+        try:
+            return self._timeouts[index]
+        except KeyError:
+            value = self._timeouts[index] = job.timeout_s(index)
+            return value
 
     def override(self, config_json: str) -> Any:
         """A route's config override (JSON text from the core), parsed once."""
@@ -329,7 +389,9 @@ class _Runtime:
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        global _loop, _deadlines
+        self.loop = _loop = asyncio.new_event_loop()
+        _deadlines = _Deadlines(self.loop)
         ready = threading.Event()
         self.thread = threading.Thread(
             target=self._run, args=(ready,), name="envoyx-python-filters", daemon=True
@@ -346,65 +408,106 @@ class _Runtime:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
+        _core.filter_dispatch(_new_context, _run_job, _resume, _raised, _runtime_failed, _UNSET)
         self.loop.add_reader(_core.filter_wakeup_fd(), self._wake)
         ready.set()
         self.loop.run_forever()
 
-    def _wake(self) -> None:
-        for job in _core.filter_jobs():
-            try:
-                _start_job(job)
-            except BaseException:  # never let one job stop the loop
-                log.exception("envoyx: python filter runtime failed on a job")
-                job.fail("<runtime>")
+    @staticmethod
+    def _wake() -> None:
+        # The core runs the headers phases' sync hooks itself and calls back into
+        # _run_job, _resume, _raised for the rest; every job gets an answer.
+        try:
+            _core.run_filter_jobs()
+        except BaseException:  # never let the loop stop
+            log.exception("envoyx: python filter runtime failed")
 
 
-def _new_context(job: _core.FilterJob, phase: int) -> RequestContext:
-    """The request's context, made on its first job and kept by the core's stream."""
-    method, path, authority, scheme, peer, route_name, cluster = job.info
+def _run_job(job: _core.FilterJob) -> None:
+    """A job the core does not run itself (bodies, trailers, log, route overrides)."""
+    try:
+        _start_job(job)
+    except BaseException as exc:  # never let one job stop the loop
+        _runtime_failed(job, exc)
+
+
+def _runtime_failed(job: _core.FilterJob, exc: BaseException) -> None:
+    log.error("envoyx: python filter runtime failed on a job", exc_info=exc)
+    job.fail("<runtime>")
+
+
+def _resume(
+    job: _core.FilterJob, phase: int, ctx: RequestContext, position: int, result: Any
+) -> None:
+    """A headers-phase hook run by the core returned ``result`` (not None): apply it
+    and run the rest of the phase here."""
+    chain = ctx._chain
+    order = ctx._order if phase < RESPONSE_HEADERS else ctx._reverse
+    if type(result) is CoroutineType or inspect.isawaitable(result):
+        _start_async(job, phase, chain, order, position, ctx, None, result)
+        return
+    outcome = _apply(job, chain.entries[order[position][0]], result, None)
+    if outcome is _STOP:
+        return
+    _run_phase(job, phase, chain, order, position + 1, ctx, outcome)  # type: ignore[arg-type]
+
+
+def _raised(job: _core.FilterJob, ctx: RequestContext, index: int, exc: BaseException) -> None:
+    """A headers-phase hook run by the core raised ``exc``."""
+    if not isinstance(exc, Exception):
+        _runtime_failed(job, exc)
+        return
+    entry = ctx._chain.entries[index]
+    _log_failure(entry.name, _HOOK_NAMES[job.phase], exc)
+    job.fail(entry.name)
+
+
+def _new_context(stream: _core.StreamInfo, headers: Headers | None) -> RequestContext:
+    """The request's context, made on its first job and kept by the core's stream;
+    ``headers`` are the request headers when that job is the request-headers phase."""
     ctx = RequestContext()
-    ctx.method = method
-    ctx.path = path
-    ctx.authority = authority
-    ctx.scheme = scheme
-    first = job.headers if phase == REQUEST_HEADERS else job.start_headers
+    ctx._stream = stream
+    ctx._chain = stream.chain
+    ctx._cluster = _UNSET
+    ctx._state = None
+    ctx._task = None
+    first = headers if headers is not None else stream.start_headers
     ctx.request_headers = first if first is not None else Headers()
     ctx.response_headers = None
     ctx.status = None
-    ctx.downstream_address = peer
     ctx.downstream_peer_identity = None
-    ctx.route_name = route_name
-    ctx.cluster = cluster
-    ctx.state = {}
     ctx.config = None
-    order = job.active
+    order = stream.order
     ctx._order = order
     # Response hooks run in reverse filter order, as Envoy's encoder filters do.
     ctx._reverse = order[::-1]
-    job.context = ctx
     return ctx
 
 
 def _start_job(job: _core.FilterJob) -> None:
-    phase = job.phase
-    ctx: RequestContext | None = job.context
+    phase, ctx = job.state
     if ctx is None:
-        ctx = _new_context(job, phase)
+        ctx = _new_context(job.stream, job.headers if phase == REQUEST_HEADERS else None)
+        job.context = ctx
     if phase < RESPONSE_HEADERS:
-        _run_phase(job, phase, job.chain, ctx._order, 0, ctx, job.body)
+        body = job.body if phase == REQUEST_BODY else None
+        _run_phase(job, phase, ctx._chain, ctx._order, 0, ctx, body)
         return
     ctx.status = job.status
     if phase == RESPONSE_HEADERS:
         ctx.response_headers = job.headers
-    elif ctx.response_headers is None:
+        _run_phase(job, phase, ctx._chain, ctx._reverse, 0, ctx, None)
+        return
+    if ctx.response_headers is None:
         ctx.response_headers = job.message_headers
     if phase == LOG:
-        chain: _Chain = job.chain
+        chain = ctx._chain
         entry = LogEntry(**job.log_fields())
         for index, override in ctx._order:
             _run_log(chain, index, override, ctx, entry)
         return
-    _run_phase(job, phase, job.chain, ctx._reverse, 0, ctx, job.body)
+    body = job.body if phase == RESPONSE_BODY else None
+    _run_phase(job, phase, ctx._chain, ctx._reverse, 0, ctx, body)
 
 
 def _reply(job: _core.FilterJob, reply: LocalReply) -> None:
@@ -444,16 +547,17 @@ def _run_phase(
             return
         if result is None:
             continue
-        if inspect.isawaitable(result):
-            timeout = job.timeout_s(index)
-            _spawn(_run_async(job, phase, chain, order, i, ctx, body, result, timeout))
+        if type(result) is CoroutineType or inspect.isawaitable(result):
+            _start_async(job, phase, chain, order, i, ctx, body, result)
             return
         outcome = _apply(job, chain.entries[index], result, body)
         if outcome is _STOP:
             return
         body = outcome  # type: ignore[assignment]
-    # Only request phases choose the cluster; a response phase sends no string back.
-    job.done(body, ctx.cluster if phase < RESPONSE_HEADERS else None)
+    # Only request phases choose the cluster (None: the route's); a response phase
+    # sends no string back.
+    cluster = ctx._cluster if phase < RESPONSE_HEADERS else None
+    job.done(body, None if cluster is _UNSET else cluster)
 
 
 _STOP = object()
@@ -485,6 +589,28 @@ def _apply(job: _core.FilterJob, entry: _Entry, result: Any, body: bytes | None)
     return _STOP
 
 
+def _start_async(
+    job: _core.FilterJob,
+    phase: int,
+    chain: _Chain,
+    order: tuple[tuple[int, str | None], ...],
+    i: int,
+    ctx: RequestContext,
+    body: bytes | None,
+    awaitable: Awaitable[Any],
+) -> None:
+    """Runs an async hook (and the rest of its phase) as a task, with the filter's
+    timeout kept by the runtime's one deadline timer (no timer per call)."""
+    timeout = chain.timeout(job, order[i][0])
+    queue = _deadlines.queue(timeout)
+    # asyncio.Task directly: the loop's create_task is a Python-level wrapper (our
+    # loop has no task factory).
+    task = _Task(_run_async(job, phase, chain, order, i, ctx, body, awaitable, queue), loop=_loop)
+    # The loop holds tasks weakly; the context lives as long as the request.
+    ctx._task = task
+    _deadlines.add(queue, timeout, job, task)
+
+
 async def _run_async(
     job: _core.FilterJob,
     phase: int,
@@ -494,27 +620,107 @@ async def _run_async(
     ctx: RequestContext,
     body: bytes | None,
     awaitable: Awaitable[Any],
-    timeout: float,
+    queue: _DeadlineQueue,
 ) -> None:
     entry = chain.entries[order[i][0]]
     try:
-        # asyncio.timeout, not wait_for: no second task per call.
-        async with asyncio.timeout(timeout):
-            result = await awaitable
-    except TimeoutError:
-        job.timed_out()
-        return
+        result = await awaitable
+    except asyncio.CancelledError:
+        if _deadlines.expired(job):
+            job.timed_out()
+            return
+        raise
     except Exception:
         _failed(job, entry)
         return
+    finally:
+        if queue.pop(job, None) is None:
+            _deadlines.forget(job)
     outcome = _apply(job, entry, result, body)
     if outcome is _STOP:
         return
     _run_phase(job, phase, chain, order, i + 1, ctx, outcome)  # type: ignore[arg-type]
 
 
+#: Running async hooks with one timeout value: job -> (deadline, task), oldest first
+#: (dicts keep insertion order).
+_DeadlineQueue: TypeAlias = dict[_core.FilterJob, tuple[float, "asyncio.Task[None]"]]
+
+
+class _Deadlines:
+    """The timeouts of running async hooks, on one timer of the loop: jobs in the
+    order their hook started, per timeout value (so deadlines come in order), the
+    timer set for the earliest. A hook past its deadline has its task cancelled, as
+    ``asyncio.timeout`` would, and its job answered ``timed_out``."""
+
+    __slots__ = ("_expired", "_handle", "_loop", "_queues", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queues: dict[float, _DeadlineQueue] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self._expired: set[_core.FilterJob] = set()
+
+    def queue(self, timeout: float) -> _DeadlineQueue:
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = {}
+        return queue
+
+    def add(
+        self, queue: _DeadlineQueue, timeout: float, job: _core.FilterJob, task: asyncio.Task[None]
+    ) -> None:
+        # The loop's clock (BaseEventLoop.time() is time.monotonic()).
+        deadline = _monotonic() + timeout
+        queue[job] = (deadline, task)
+        if self._handle is None or deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = deadline
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def expired(self, job: _core.FilterJob) -> bool:
+        """Whether the job's hook was cancelled for its timeout (asked once)."""
+        if job in self._expired:
+            self._expired.discard(job)
+            return True
+        return False
+
+    def forget(self, job: _core.FilterJob) -> None:
+        """A hook that swallowed its cancellation and ended anyway."""
+        if self._expired:
+            self._expired.discard(job)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        earliest: float | None = None
+        for queue in self._queues.values():
+            while queue:
+                job, (deadline, task) = next(iter(queue.items()))
+                if deadline > now:
+                    if earliest is None or deadline < earliest:
+                        earliest = deadline
+                    break
+                del queue[job]
+                if not task.done():
+                    self._expired.add(job)
+                    task.cancel()
+        if earliest is not None:
+            self._when = earliest
+            self._handle = self._loop.call_at(earliest, self._fire)
+
+
+_Task = asyncio.Task
+# The executor's loop and its deadlines, set once when the runtime starts (read on
+# every async hook: no lookup through _Runtime and its lock).
+_loop: asyncio.AbstractEventLoop
+_deadlines: _Deadlines
+
+
 def _failed(job: _core.FilterJob, entry: _Entry) -> None:
-    _log_failure(entry.name, _HOOK_NAMES[job.phase])
+    _log_failure(entry.name, _HOOK_NAMES[job.phase], None)
     job.fail(entry.name)
 
 
@@ -531,18 +737,19 @@ def _run_log(
         if inspect.isawaitable(result):
             _spawn(_log_async(item, result))
     except Exception:
-        _log_failure(item.name, "on_log")
+        _log_failure(item.name, "on_log", None)
 
 
 async def _log_async(item: _Entry, awaitable: Awaitable[Any]) -> None:
     try:
         await awaitable
     except Exception:
-        _log_failure(item.name, "on_log")
+        _log_failure(item.name, "on_log", None)
 
 
-def _log_failure(filter_name: str, hook: str) -> str:
-    text = traceback.format_exc()
+def _log_failure(filter_name: str, hook: str, exc: BaseException | None) -> str:
+    """Logs a hook's failure: ``exc``, or the exception being handled."""
+    text = traceback.format_exc() if exc is None else "".join(traceback.format_exception(exc))
     log.error("envoyx: python filter %r failed in %s:\n%s", filter_name, hook, text)
     return text
 

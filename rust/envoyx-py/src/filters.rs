@@ -4,9 +4,12 @@
 //! A tokio worker calling a hook pushes a [`PendingJob`] onto one process-wide queue,
 //! signals an eventfd if the executor is not already woken, and awaits a oneshot
 //! answer — it never takes the GIL. The executor's asyncio loop watches the eventfd;
-//! woken, it drains the queue (`filter_jobs()`), each job becoming a [`FilterJob`]
-//! the Python dispatcher runs and answers. (An eventfd, not a socket pair: a signal
-//! is a counter increment, not a buffer allocation.)
+//! woken, it drains the queue (`run_filter_jobs()`), each job becoming a [`FilterJob`].
+//! The headers phases of a request without route overrides run their sync hooks
+//! from here (no Python dispatcher frame per job); every other job, and a hook that
+//! returns something or raises, goes on in the Python runtime, which answers it.
+//! (An eventfd, not a socket pair: a signal is a counter increment, not a buffer
+//! allocation.)
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +20,8 @@ use bytes::Bytes;
 use envoyx_core::access_log::LogRecord;
 use envoyx_core::config::HttpFilterSpec;
 use envoyx_core::http::filter::{
-    FilterChain, FilterFactory, FilterInfo, FilterStream, HookCall, HookFuture, HookOutcome, Hooks,
-    Phase, StreamStart,
+    ActiveFilter, FilterChain, FilterFactory, FilterInfo, FilterPlan, FilterStream, HookCall,
+    HookOutcome, HookReply, Hooks, Phase, StreamStart,
 };
 use envoyx_core::stats::{self, Metric, MetricKind};
 use http::HeaderMap;
@@ -26,8 +29,8 @@ use http::header::{HeaderName, HeaderValue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
-use tokio::sync::oneshot;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -41,13 +44,20 @@ struct PendingJob {
     work: Work,
 }
 
+// Unboxed: jobs move through the queue's reused buffers, and a box per call would
+// be a malloc on the worker and a free on the executor (glibc's slow cross-thread
+// path).
+#[allow(clippy::large_enum_variant)]
 enum Work {
-    Hook(Box<HookCall>, oneshot::Sender<HookOutcome>),
+    Hook(HookCall, HookReply),
     Log(Box<LogRecord>),
 }
 
 struct Queue {
     jobs: Mutex<Vec<PendingJob>>,
+    /// The executor's buffer, swapped with `jobs` on each drain: both keep their
+    /// capacity, so that a burst of pushes does not grow a fresh Vec each time.
+    spare: Mutex<Vec<PendingJob>>,
     /// Set while a signal is unread: a burst of jobs costs one write.
     woken: AtomicBool,
     wake: EventFd,
@@ -55,6 +65,7 @@ struct Queue {
 
 static QUEUE: LazyLock<Queue> = LazyLock::new(|| Queue {
     jobs: Mutex::new(Vec::new()),
+    spare: Mutex::new(Vec::new()),
     woken: AtomicBool::new(false),
     wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
         .expect("eventfd for the filter executor"),
@@ -69,12 +80,16 @@ impl Queue {
         }
     }
 
-    fn drain(&self) -> Vec<PendingJob> {
+    /// Runs `each` on every queued job (the executor, when woken).
+    fn drain(&self, mut each: impl FnMut(PendingJob)) {
         // Resets the counter (EAGAIN when it is already 0).
         let _ = self.wake.read();
         // Cleared before taking the jobs: a job pushed after the take signals again.
         self.woken.store(false, Ordering::Release);
-        std::mem::take(&mut *lock(&self.jobs))
+        // Only the executor drains: `spare` is never contended.
+        let mut batch = lock(&self.spare);
+        std::mem::swap(&mut *lock(&self.jobs), &mut *batch);
+        batch.drain(..).for_each(&mut each);
     }
 }
 
@@ -84,14 +99,156 @@ pub fn filter_wakeup_fd() -> i32 {
     QUEUE.wake.as_fd().as_raw_fd()
 }
 
-/// Takes every queued job (called by the executor when woken).
+// ---------------------------------------------------------------------------------
+// The executor's dispatch: the headers phases of a plan without route overrides run
+// their sync hooks from here; everything else (bodies, trailers, log, overrides, a
+// hook that returns something or raises) goes to the Python runtime.
+
+/// The Python runtime's entry points (`envoyx.filters`), given once.
+struct Dispatch {
+    /// `_new_context(stream, headers) -> RequestContext`
+    new_context: Py<PyAny>,
+    /// `_run_job(job)`: runs a job entirely in Python; never raises.
+    run_job: Py<PyAny>,
+    /// `_resume(job, phase, ctx, position, result)`: a hook returned `result`.
+    resume: Py<PyAny>,
+    /// `_raised(job, ctx, index, exc)`: filter `index`'s hook raised `exc`.
+    raised: Py<PyAny>,
+    /// `_runtime_failed(job, exc)`: the runtime itself failed on a job.
+    runtime_failed: Py<PyAny>,
+    /// `RequestContext._cluster` while no filter chose a cluster.
+    unset: Py<PyAny>,
+}
+
+static DISPATCH: PyOnceLock<Dispatch> = PyOnceLock::new();
+
+/// Registers the Python runtime's entry points (the first registration stays).
 #[pyfunction]
-pub fn filter_jobs(py: Python<'_>) -> PyResult<Vec<Py<FilterJob>>> {
-    QUEUE
-        .drain()
-        .into_iter()
-        .map(|job| Py::new(py, FilterJob::new(py, job)?))
-        .collect()
+pub fn filter_dispatch(
+    py: Python<'_>,
+    new_context: Py<PyAny>,
+    run_job: Py<PyAny>,
+    resume: Py<PyAny>,
+    raised: Py<PyAny>,
+    runtime_failed: Py<PyAny>,
+    unset: Py<PyAny>,
+) {
+    DISPATCH.get_or_init(py, || Dispatch {
+        new_context,
+        run_job,
+        resume,
+        raised,
+        runtime_failed,
+        unset,
+    });
+}
+
+/// Runs every queued job (called by the executor when woken).
+#[pyfunction]
+pub fn run_filter_jobs(py: Python<'_>) -> PyResult<()> {
+    let Some(d) = DISPATCH.get(py) else {
+        return Err(PyValueError::new_err("filter_dispatch() was not called"));
+    };
+    // A job the runtime could not even fail is dropped: its worker sees the
+    // answer channel close and fails the request. The others still run.
+    let mut first_error = None;
+    QUEUE.drain(|pending| {
+        if let Err(e) = run_job(py, d, pending) {
+            first_error.get_or_insert(e);
+        }
+    });
+    first_error.map_or(Ok(()), Err)
+}
+
+fn run_job(py: Python<'_>, d: &Dispatch, pending: PendingJob) -> PyResult<()> {
+    let job = FilterJob::new(py, pending)?;
+    let fast = job.log.is_none()
+        && (job.phase == Phase::RequestHeaders as u8 || job.phase == Phase::ResponseHeaders as u8)
+        && job.stream.info.start.active.is_none();
+    if !fast {
+        d.run_job.call1(py, (Py::new(py, job)?,))?;
+        return Ok(());
+    }
+    let failed = match run_headers_phase(py, d, &job) {
+        Ok(Next::Done) => return Ok(()),
+        Ok(Next::Resume((ctx, position, result))) => {
+            let job = Py::new(py, job)?;
+            let phase = job.get().phase;
+            match d.resume.call1(py, (&job, phase, ctx, position, result)) {
+                Ok(_) => return Ok(()),
+                Err(e) => (job, e),
+            }
+        }
+        Ok(Next::Raised(ctx, index, e)) => {
+            let job = Py::new(py, job)?;
+            match d.raised.call1(py, (&job, ctx, index, e.into_value(py))) {
+                Ok(_) => return Ok(()),
+                Err(e) => (job, e),
+            }
+        }
+        Err(e) => (Py::new(py, job)?, e),
+    };
+    let (job, e) = failed;
+    d.runtime_failed.call1(py, (job, e.into_value(py)))?;
+    Ok(())
+}
+
+enum Next<'py> {
+    /// Every hook returned None: the job is answered.
+    Done,
+    /// A hook returned something else: `(ctx, position in the phase's order, result)`.
+    Resume((Bound<'py, PyAny>, usize, Bound<'py, PyAny>)),
+    /// Filter `index`'s hook raised.
+    Raised(Bound<'py, PyAny>, usize, PyErr),
+}
+
+/// A request- or response-headers phase of the chain's default plan: each filter's
+/// hook in order (response hooks in reverse, as Envoy's encoder filters run).
+fn run_headers_phase<'py>(py: Python<'py>, d: &Dispatch, job: &FilterJob) -> PyResult<Next<'py>> {
+    let request = job.phase == Phase::RequestHeaders as u8;
+    let headers = job.headers.as_ref().map(|h| h.bind(py));
+    let existing = lock(&job.stream.context)
+        .as_ref()
+        .map(|c| c.bind(py).clone());
+    let ctx = match existing {
+        Some(ctx) => ctx,
+        None => {
+            let info = Bound::new(py, StreamInfo(job.stream.info.clone()))?;
+            let first = if request { headers.cloned() } else { None };
+            let ctx = d.new_context.bind(py).call1((info, first))?;
+            *lock(&job.stream.context) = Some(ctx.clone().unbind());
+            ctx
+        }
+    };
+    if !request {
+        ctx.setattr(pyo3::intern!(py, "status"), job.status)?;
+        ctx.setattr(pyo3::intern!(py, "response_headers"), headers)?;
+    }
+    let chain = &job.stream.info.chain;
+    let hooks = &chain.by_phase[job.phase as usize];
+    let n = hooks.len();
+    for position in 0..n {
+        let index = if request { position } else { n - 1 - position };
+        let Some(hook) = &hooks[index] else { continue };
+        ctx.setattr(pyo3::intern!(py, "config"), &chain.configs[index])?;
+        match hook.bind(py).call1((&ctx,)) {
+            Ok(result) if result.is_none() => {}
+            Ok(result) => return Ok(Next::Resume((ctx, position, result))),
+            Err(e) => return Ok(Next::Raised(ctx, index, e)),
+        }
+    }
+    let cluster = if request {
+        let chosen = ctx.getattr(pyo3::intern!(py, "_cluster"))?;
+        if chosen.is(d.unset.bind(py)) {
+            None
+        } else {
+            chosen.extract::<Option<String>>()?
+        }
+    } else {
+        None
+    };
+    job.finish(py, None, cluster);
+    Ok(Next::Done)
 }
 
 // ---------------------------------------------------------------------------------
@@ -138,7 +295,7 @@ impl FilterFactory for PyFilterFactory {
                 .getattr(py, "masks")
                 .and_then(|m| m.extract(py))
                 .map_err(|e| vec![format!("{first_path}: {e}")])?;
-            let filters = specs
+            let filters: Vec<FilterInfo> = specs
                 .iter()
                 .zip(masks)
                 .map(|(s, mask)| FilterInfo {
@@ -151,9 +308,25 @@ impl FilterFactory for PyFilterFactory {
                 .iter()
                 .map(|s| s.settings.timeout.as_secs_f64())
                 .collect();
+            let by_phase: Vec<Vec<Option<Py<PyAny>>>> = chain
+                .getattr(py, "by_phase")
+                .and_then(|m| m.extract(py))
+                .map_err(|e| vec![format!("{first_path}: {e}")])?;
+            let configs: Vec<Py<PyAny>> = chain
+                .getattr(py, "configs")
+                .and_then(|m| m.extract(py))
+                .map_err(|e| vec![format!("{first_path}: {e}")])?;
+            let plan = FilterPlan::compile(&filters, None);
             Ok(Arc::new(PyChain {
                 filters,
-                shared: Arc::new(ChainShared { chain, timeouts }),
+                plan,
+                shared: Arc::new(ChainShared {
+                    chain,
+                    timeouts,
+                    by_phase,
+                    configs,
+                    default_order: PyOnceLock::new(),
+                }),
             }) as Arc<dyn FilterChain>)
         })
     }
@@ -170,6 +343,8 @@ fn python_errors(py: Python<'_>, e: &PyErr, path: &str) -> Vec<String> {
 
 struct PyChain {
     filters: Vec<FilterInfo>,
+    /// Every filter, no route override: the plan of most requests.
+    plan: Option<FilterPlan>,
     /// In an Arc so that a worker starting a stream clones it without the GIL.
     shared: Arc<ChainShared>,
 }
@@ -179,6 +354,12 @@ struct ChainShared {
     chain: Py<PyAny>,
     /// Each filter's timeout in seconds, for `async def` hooks.
     timeouts: Vec<f64>,
+    /// `by_phase[phase][index]`: filter `index`'s hook for `phase`, if it has one.
+    by_phase: Vec<Vec<Option<Py<PyAny>>>>,
+    /// Each filter's config (`ctx.config` while its hooks run).
+    configs: Vec<Py<PyAny>>,
+    /// The default plan's active filters as Python sees them, made once.
+    default_order: PyOnceLock<Py<PyTuple>>,
 }
 
 impl FilterChain for PyChain {
@@ -186,10 +367,16 @@ impl FilterChain for PyChain {
         &self.filters
     }
 
+    fn default_plan(&self) -> Option<&FilterPlan> {
+        self.plan.as_ref()
+    }
+
     fn start(&self, start: StreamStart) -> Arc<dyn FilterStream> {
         Arc::new(PyStream {
-            chain: self.shared.clone(),
-            start,
+            info: Arc::new(RequestInfo {
+                chain: self.shared.clone(),
+                start,
+            }),
             context: Mutex::new(None),
         })
     }
@@ -197,26 +384,26 @@ impl FilterChain for PyChain {
 
 /// One request's state on the Python side.
 struct PyStream {
-    chain: Arc<ChainShared>,
-    start: StreamStart,
+    /// Apart from the context: the context holds it (as `StreamInfo`), and a
+    /// context holding its own holder would never be freed.
+    info: Arc<RequestInfo>,
     /// The `RequestContext`, made by the executor on the first job. Dropped without
     /// the GIL when the request ends; pyo3 defers the decref to the next GIL holder.
     context: Mutex<Option<Py<PyAny>>>,
 }
 
+/// The request as routed, and its chain.
+struct RequestInfo {
+    chain: Arc<ChainShared>,
+    start: StreamStart,
+}
+
 impl FilterStream for PyStream {
-    fn call(self: Arc<Self>, call: HookCall) -> HookFuture {
-        let (tx, rx) = oneshot::channel();
+    fn call(self: Arc<Self>, call: HookCall, reply: HookReply) {
         QUEUE.push(PendingJob {
             stream: self,
-            work: Work::Hook(Box::new(call), tx),
+            work: Work::Hook(call, reply),
         });
-        // A dropped sender means the runtime lost the job: fail closed.
-        Box::pin(async move {
-            rx.await.unwrap_or(HookOutcome::Failed {
-                filter: String::new(),
-            })
-        })
     }
 
     fn log(self: Arc<Self>, record: LogRecord) {
@@ -240,7 +427,7 @@ pub struct FilterJob {
     message_headers: Option<Py<Headers>>,
     body: Option<Bytes>,
     log: Option<Box<LogRecord>>,
-    reply: Mutex<Option<oneshot::Sender<HookOutcome>>>,
+    reply: Mutex<Option<HookReply>>,
 }
 
 impl FilterJob {
@@ -272,10 +459,32 @@ impl FilterJob {
         })
     }
 
+    /// Continue (see `done`).
+    fn finish(&self, py: Python<'_>, body: Option<Bytes>, cluster: Option<String>) {
+        let hooks = self.stream.info.start.hooks;
+        let keep = match self.phase {
+            p if p == Phase::RequestHeaders as u8 => hooks.any_after(Phase::RequestHeaders),
+            p if p == Phase::ResponseHeaders as u8 => hooks.any_after(Phase::ResponseHeaders),
+            _ => false,
+        };
+        let headers = self.headers.as_ref().map(|h| {
+            let mut h = h.borrow_mut(py);
+            if keep {
+                h.map.clone()
+            } else {
+                std::mem::take(&mut h.map)
+            }
+        });
+        self.answer(HookOutcome::Continue {
+            headers,
+            body,
+            cluster,
+        });
+    }
+
     fn answer(&self, outcome: HookOutcome) {
-        if let Some(tx) = lock(&self.reply).take() {
-            // The worker may have given up (timeout, client gone): nothing to do.
-            let _ = tx.send(outcome);
+        if let Some(reply) = lock(&self.reply).take() {
+            reply.send(outcome);
         }
     }
 }
@@ -288,10 +497,12 @@ impl FilterJob {
         self.phase
     }
 
-    /// The Python `_Chain` of the connection manager.
+    /// `(phase, context)`: what the dispatcher reads first, in one call. The
+    /// context is None before the request's first job made it.
     #[getter]
-    fn chain(&self, py: Python<'_>) -> Py<PyAny> {
-        self.stream.chain.chain.clone_ref(py)
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let context = lock(&self.stream.context).as_ref().map(|c| c.clone_ref(py));
+        (self.phase, context).into_pyobject(py)
     }
 
     /// The request's `RequestContext`, None before the first job made it.
@@ -305,50 +516,16 @@ impl FilterJob {
         *lock(&self.stream.context) = Some(context);
     }
 
-    /// `(method, path, authority, scheme, downstream_address, route_name, cluster)`.
+    /// The request as routed, read when a filter asks (`RequestContext` keeps it).
     #[getter]
-    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let s = &self.stream.start;
-        (
-            s.method.as_str(),
-            s.path.as_str(),
-            s.authority.as_str(),
-            s.scheme,
-            s.downstream.to_string(),
-            s.route_name.as_deref(),
-            s.cluster.as_deref(),
-        )
-            .into_pyobject(py)
-    }
-
-    /// The active filters: `(index, route config override as JSON text or None)`.
-    #[getter]
-    fn active<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let items = self
-            .stream
-            .start
-            .active
-            .iter()
-            .map(|a| (a.index, a.config_override.as_deref()).into_pyobject(py))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyTuple::new(py, items)
+    fn stream(&self) -> StreamInfo {
+        StreamInfo(self.stream.info.clone())
     }
 
     /// The phase's headers (request or response headers, or trailers).
     #[getter]
     fn headers(&self, py: Python<'_>) -> Option<Py<Headers>> {
         self.headers.as_ref().map(|h| h.clone_ref(py))
-    }
-
-    /// The request headers when the chain has no request-headers hook (a copy).
-    #[getter]
-    fn start_headers(&self, py: Python<'_>) -> PyResult<Option<Py<Headers>>> {
-        self.stream
-            .start
-            .request_headers
-            .as_ref()
-            .map(|h| Py::new(py, Headers::from(h.clone())))
-            .transpose()
     }
 
     /// In response body and trailers phases, the response headers if no
@@ -371,6 +548,7 @@ impl FilterJob {
     /// The timeout of the chain's filter `index`, in seconds.
     fn timeout_s(&self, index: usize) -> f64 {
         self.stream
+            .info
             .chain
             .timeouts
             .get(index)
@@ -414,14 +592,14 @@ impl FilterJob {
 
     /// Continue: the phase's headers as the filters left them, the body (body
     /// phases) and the cluster chosen.
+    ///
+    /// The headers are moved to the proxy, not copied, unless a later hook of the
+    /// request can still read them through its context (request headers then
+    /// response hooks; response headers then response body, trailers or log hooks).
+    /// Trailers are given to their hook only, never kept on the context.
     #[pyo3(signature = (body, cluster))]
     fn done(&self, py: Python<'_>, body: Option<Vec<u8>>, cluster: Option<String>) {
-        let headers = self.headers.as_ref().map(|h| h.borrow(py).map.clone());
-        self.answer(HookOutcome::Continue {
-            headers,
-            body: body.map(Bytes::from),
-            cluster,
-        });
+        self.finish(py, body.map(Bytes::from), cluster);
     }
 
     /// Answer the request locally. Raises ValueError, answering nothing, for a status
@@ -457,6 +635,95 @@ impl FilterJob {
     /// A hook overran its timeout.
     fn timed_out(&self) {
         self.answer(HookOutcome::TimedOut);
+    }
+}
+
+/// One request as routed (the `RequestContext`'s source for what it reads lazily).
+#[pyclass(module = "envoyx._core", frozen)]
+pub struct StreamInfo(Arc<RequestInfo>);
+
+#[pymethods]
+impl StreamInfo {
+    /// The Python `_Chain` of the connection manager.
+    #[getter]
+    fn chain(&self, py: Python<'_>) -> Py<PyAny> {
+        self.0.chain.chain.clone_ref(py)
+    }
+
+    #[getter]
+    fn method(&self) -> &str {
+        self.0.start.method.as_str()
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.0.start.path
+    }
+
+    #[getter]
+    fn authority(&self) -> &str {
+        &self.0.start.authority
+    }
+
+    #[getter]
+    fn scheme(&self) -> &'static str {
+        self.0.start.scheme
+    }
+
+    #[getter]
+    fn downstream_address(&self) -> String {
+        self.0.start.downstream.to_string()
+    }
+
+    #[getter]
+    fn route_name(&self) -> Option<&str> {
+        self.0.start.route_name.as_deref()
+    }
+
+    /// The route's cluster.
+    #[getter]
+    fn cluster(&self) -> Option<&str> {
+        self.0.start.cluster.as_deref()
+    }
+
+    /// The active filters: `(index, route config override as JSON text or None)`,
+    /// made once per chain for requests on routes without overrides.
+    #[getter]
+    fn order(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        let make = |active: &[ActiveFilter]| -> PyResult<Py<PyTuple>> {
+            let items = active
+                .iter()
+                .map(|a| (a.index, a.config_override.as_deref()).into_pyobject(py))
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok(PyTuple::new(py, items)?.unbind())
+        };
+        match &self.0.start.active {
+            Some(active) => make(active),
+            None => {
+                let chain = &self.0.chain;
+                let default = chain.default_order.get_or_try_init(py, || {
+                    let all: Vec<ActiveFilter> = (0..chain.timeouts.len())
+                        .map(|index| ActiveFilter {
+                            index,
+                            config_override: None,
+                        })
+                        .collect();
+                    make(&all)
+                })?;
+                Ok(default.clone_ref(py))
+            }
+        }
+    }
+
+    /// The request headers when the chain has no request-headers hook (a copy).
+    #[getter]
+    fn start_headers(&self, py: Python<'_>) -> PyResult<Option<Py<Headers>>> {
+        self.0
+            .start
+            .request_headers
+            .as_ref()
+            .map(|h| Py::new(py, Headers::from(h.clone())))
+            .transpose()
     }
 }
 

@@ -241,8 +241,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(route_match, m)?)?;
     m.add_class::<Server>()?;
     m.add_function(wrap_pyfunction!(filters::filter_wakeup_fd, m)?)?;
-    m.add_function(wrap_pyfunction!(filters::filter_jobs, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::filter_dispatch, m)?)?;
+    m.add_function(wrap_pyfunction!(filters::run_filter_jobs, m)?)?;
     m.add_class::<filters::FilterJob>()?;
+    m.add_class::<filters::StreamInfo>()?;
     m.add_class::<filters::Headers>()?;
     m.add_class::<filters::StatStore>()?;
     m.add_class::<filters::Counter>()?;

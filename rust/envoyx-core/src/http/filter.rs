@@ -8,11 +8,17 @@
 //! awaits — the worker never runs filter code itself.
 //!
 //! Requests on routes where no filter is active never build a stream.
+//!
+//! What a request needs of its chain (which filters run, which phases, the timeout and
+//! body limits) is a [`FilterPlan`], compiled once per chain when the chain is built
+//! ([`FilterChain::default_plan`]); only a route whose `typed_per_filter_config`
+//! names one of the chain's filters gets a plan of its own, computed per request.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,6 +62,12 @@ impl Hooks {
     pub fn buffers_response(self) -> bool {
         self.has(Phase::ResponseBody) || self.has(Phase::ResponseTrailers)
     }
+    /// Whether a phase after `phase` has a hook: one that can still read what the
+    /// filters were given in `phase` (the request or response headers, through
+    /// the request's context).
+    pub fn any_after(self, phase: Phase) -> bool {
+        self.0 >> (phase as u8 + 1) != 0
+    }
 }
 
 impl std::ops::BitOr for Hooks {
@@ -84,14 +96,18 @@ pub struct ActiveFilter {
 /// What a stream starts with: the request as routed.
 #[derive(Debug)]
 pub struct StreamStart {
-    pub method: String,
+    pub method: http::Method,
     pub path: String,
     pub authority: String,
     pub scheme: &'static str,
     pub downstream: SocketAddr,
     pub route_name: Option<String>,
     pub cluster: Option<String>,
-    pub active: Vec<ActiveFilter>,
+    /// The active filters; None: the chain's default plan (every filter, no route
+    /// override), which the chain's side may have prepared once.
+    pub active: Option<Vec<ActiveFilter>>,
+    /// The hooks of the active filters.
+    pub hooks: Hooks,
     /// A copy of the request headers when no request-headers hook will get them, so
     /// that later hooks can read them.
     pub request_headers: Option<HeaderMap>,
@@ -132,17 +148,50 @@ pub enum HookOutcome {
     TimedOut,
 }
 
-pub type HookFuture = Pin<Box<dyn Future<Output = HookOutcome> + Send>>;
+/// Where a phase's outcome is sent: the worker awaits the other end. Made by the
+/// core per call, so that a call allocates no boxed future.
+pub struct HookReply(tokio::sync::oneshot::Sender<HookOutcome>);
+
+impl HookReply {
+    /// The reply and the future that resolves to it; a reply dropped unsent
+    /// resolves to `Failed` (the filter side lost the call: fail closed).
+    pub fn channel() -> (HookReply, HookAnswer) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (HookReply(tx), HookAnswer(rx))
+    }
+
+    pub fn send(self, outcome: HookOutcome) {
+        // The worker may have given up (timeout, client gone): nothing to do.
+        let _ = self.0.send(outcome);
+    }
+}
+
+/// The outcome of one call, as the worker awaits it.
+pub struct HookAnswer(tokio::sync::oneshot::Receiver<HookOutcome>);
+
+impl Future for HookAnswer {
+    type Output = HookOutcome;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<HookOutcome> {
+        Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or(HookOutcome::Failed {
+                filter: String::new(),
+            })
+        })
+    }
+}
 
 /// The filters of one HTTP connection manager.
 pub trait FilterChain: Send + Sync {
     fn filters(&self) -> &[FilterInfo];
+    /// `FilterPlan::compile(self.filters(), None)`, kept from when the chain was built.
+    fn default_plan(&self) -> Option<&FilterPlan>;
     fn start(&self, start: StreamStart) -> Arc<dyn FilterStream>;
 }
 
 /// One request's run through a chain.
 pub trait FilterStream: Send + Sync {
-    fn call(self: Arc<Self>, call: HookCall) -> HookFuture;
+    /// Runs one phase's hooks; the outcome goes to `reply`.
+    fn call(self: Arc<Self>, call: HookCall, reply: HookReply);
     /// The finished request, for `on_log` hooks; nothing is awaited.
     fn log(self: Arc<Self>, record: LogRecord);
 }
@@ -157,8 +206,8 @@ pub trait FilterFactory: Send + Sync {
     ) -> Result<Arc<dyn FilterChain>, Vec<String>>;
 }
 
-/// The filters active on one route and what they need, computed per request from
-/// the chain and the route's `typed_per_filter_config`.
+/// The filters active on one route and what they need.
+#[derive(Debug)]
 pub struct FilterPlan {
     pub active: Vec<ActiveFilter>,
     pub hooks: Hooks,
@@ -168,9 +217,15 @@ pub struct FilterPlan {
     pub max_response_bytes: usize,
 }
 
+/// A request's plan: the chain's default one, or the route's own.
+pub enum PlanRef {
+    Default,
+    Route(Box<FilterPlan>),
+}
+
 impl FilterPlan {
     /// None when no filter is active on the route (the request never touches them).
-    pub fn new(chain: &dyn FilterChain, route: Option<&RouteEntry>) -> Option<FilterPlan> {
+    pub fn compile(filters: &[FilterInfo], route: Option<&RouteEntry>) -> Option<FilterPlan> {
         let mut plan = FilterPlan {
             active: Vec::new(),
             hooks: Hooks::default(),
@@ -178,7 +233,7 @@ impl FilterPlan {
             max_request_bytes: usize::MAX,
             max_response_bytes: usize::MAX,
         };
-        for (index, info) in chain.filters().iter().enumerate() {
+        for (index, info) in filters.iter().enumerate() {
             let over = route.and_then(|r| {
                 r.filter_overrides
                     .iter()
@@ -208,6 +263,22 @@ impl FilterPlan {
         }
         (!plan.hooks.is_empty()).then_some(plan)
     }
+
+    /// The plan of a request on `route`: the chain's default unless the route
+    /// overrides one of the chain's filters; None when no filter is active.
+    pub fn for_route(chain: &dyn FilterChain, route: Option<&RouteEntry>) -> Option<PlanRef> {
+        let filters = chain.filters();
+        let overrides = route.is_some_and(|r| {
+            r.filter_overrides
+                .iter()
+                .any(|(name, _)| filters.iter().any(|f| f.name == *name))
+        });
+        if overrides {
+            FilterPlan::compile(filters, route).map(|p| PlanRef::Route(Box::new(p)))
+        } else {
+            chain.default_plan().map(|_| PlanRef::Default)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -215,11 +286,21 @@ mod tests {
     use super::*;
     use crate::config::{PathMatch, RouteAction};
 
-    struct Chain(Vec<FilterInfo>);
+    struct Chain(Vec<FilterInfo>, Option<FilterPlan>);
+
+    impl Chain {
+        fn new(filters: Vec<FilterInfo>) -> Chain {
+            let plan = FilterPlan::compile(&filters, None);
+            Chain(filters, plan)
+        }
+    }
 
     impl FilterChain for Chain {
         fn filters(&self) -> &[FilterInfo] {
             &self.0
+        }
+        fn default_plan(&self) -> Option<&FilterPlan> {
+            self.1.as_ref()
         }
         fn start(&self, _start: StreamStart) -> Arc<dyn FilterStream> {
             unreachable!("FilterPlan never starts a stream")
@@ -256,7 +337,7 @@ mod tests {
 
     #[test]
     fn plan_drops_disabled_filters_and_sums_what_the_rest_need() {
-        let chain = Chain(vec![
+        let chain = Chain::new(vec![
             info("a", HEADERS, 100, 1000),
             info("b", HEADERS | BODY, 200, 500),
             info("c", BODY, 300, 700),
@@ -265,7 +346,9 @@ mod tests {
             ("c".into(), FilterOverride::Disabled),
             ("b".into(), FilterOverride::Config("{}".into())),
         ]);
-        let plan = FilterPlan::new(&chain, Some(&r)).expect("two filters are active");
+        let Some(PlanRef::Route(plan)) = FilterPlan::for_route(&chain, Some(&r)) else {
+            panic!("the route overrides two filters: a plan of its own")
+        };
         let active: Vec<_> = plan
             .active
             .iter()
@@ -282,10 +365,34 @@ mod tests {
 
     #[test]
     fn no_plan_when_every_filter_is_disabled() {
-        let chain = Chain(vec![info("a", HEADERS, 100, 10)]);
+        let chain = Chain::new(vec![info("a", HEADERS, 100, 10)]);
         let r = route(vec![("a".into(), FilterOverride::Disabled)]);
-        assert!(FilterPlan::new(&chain, Some(&r)).is_none());
+        assert!(FilterPlan::for_route(&chain, Some(&r)).is_none());
         // Without a route (no match), every filter runs.
-        assert!(FilterPlan::new(&chain, None).is_some());
+        assert!(FilterPlan::for_route(&chain, None).is_some());
+    }
+
+    #[test]
+    fn routes_without_overrides_of_this_chain_share_its_plan() {
+        let chain = Chain::new(vec![info("a", HEADERS, 100, 10)]);
+        // An override for a filter of another chain changes nothing here.
+        let r = route(vec![("other".into(), FilterOverride::Disabled)]);
+        assert!(matches!(
+            FilterPlan::for_route(&chain, Some(&r)),
+            Some(PlanRef::Default)
+        ));
+        assert!(matches!(
+            FilterPlan::for_route(&chain, Some(&route(vec![]))),
+            Some(PlanRef::Default)
+        ));
+    }
+
+    #[test]
+    fn hooks_after_a_phase() {
+        let response = Hooks(1 << Phase::ResponseHeaders as u8);
+        assert!((Hooks(HEADERS) | response).any_after(Phase::RequestHeaders));
+        assert!(!response.any_after(Phase::ResponseHeaders));
+        assert!(Hooks(1 << Phase::Log as u8).any_after(Phase::ResponseHeaders));
+        assert!(!Hooks(HEADERS).any_after(Phase::RequestHeaders));
     }
 }

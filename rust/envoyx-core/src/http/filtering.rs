@@ -15,7 +15,8 @@ use http_body_util::BodyExt;
 use super::body::{PeerBody, ProxyBody};
 use super::connection_manager::HcmStats;
 use super::filter::{
-    FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, Hooks, Phase, StreamStart,
+    FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, HookReply, Hooks, Phase, PlanRef,
+    StreamStart,
 };
 use super::local_reply::LocalReply;
 use crate::config::{RouteAction, RouteEntry};
@@ -55,20 +56,25 @@ impl RequestFilters {
         path: &str,
         peer: SocketAddr,
     ) -> Option<RequestFilters> {
-        let plan = FilterPlan::new(chain.as_ref(), route)?;
+        let plan_ref = FilterPlan::for_route(chain.as_ref(), route)?;
+        let (plan, active) = match &plan_ref {
+            PlanRef::Default => (chain.default_plan()?, None),
+            PlanRef::Route(p) => (&**p, Some(p.active.clone())),
+        };
         let cluster = route.and_then(|r| match &r.action {
             RouteAction::Forward(f) => Some(f.cluster.clone()),
             RouteAction::Direct { .. } => None,
         });
         let stream = chain.start(StreamStart {
-            method: req.method().as_str().to_string(),
+            method: req.method().clone(),
             path: path.to_string(),
             authority: authority.to_string(),
             scheme: "http",
             downstream: peer,
             route_name: route.map(|r| r.name.clone()),
             cluster,
-            active: plan.active,
+            active,
+            hooks: plan.hooks,
             request_headers: (!plan.hooks.has(Phase::RequestHeaders))
                 .then(|| req.headers().clone()),
         });
@@ -169,14 +175,16 @@ impl RequestFilters {
         status: u16,
         body: Option<Bytes>,
     ) -> HookOutcome {
-        let call = self.stream.clone().call(HookCall {
+        let (reply, answer) = HookReply::channel();
+        let call = HookCall {
             phase,
             headers,
             message_headers,
             status,
             body,
-        });
-        tokio::time::timeout(self.timeout, call)
+        };
+        self.stream.clone().call(call, reply);
+        tokio::time::timeout(self.timeout, answer)
             .await
             .unwrap_or(HookOutcome::TimedOut)
     }
