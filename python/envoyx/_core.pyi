@@ -181,6 +181,9 @@ class StreamInfo:
     @property
     def downstream_address(self) -> str: ...
     @property
+    def downstream_peer_identity(self) -> str | None:
+        """The TLS client certificate's first URI SAN (None: no TLS or no certificate)."""
+    @property
     def route_name(self) -> str | None: ...
     @property
     def cluster(self) -> str | None:

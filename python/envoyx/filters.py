@@ -130,8 +130,8 @@ class RequestContext:
     """One request as the filters see it; shared by every hook and filter of it.
 
     What the request arrived with (``method``, ``path``, ``authority``, ``scheme``,
-    ``downstream_address``, ``route_name``) is read from the proxy when a filter first
-    asks for it; ``state`` is made on first use.
+    ``downstream_address``, ``downstream_peer_identity``, ``route_name``) is read from
+    the proxy when a filter first asks for it; ``state`` is made on first use.
     """
 
     __slots__ = (
@@ -143,7 +143,6 @@ class RequestContext:
         "_stream",
         "_task",
         "config",
-        "downstream_peer_identity",
         "request_headers",
         "response_headers",
         "status",
@@ -152,7 +151,6 @@ class RequestContext:
     request_headers: Headers
     response_headers: Headers | None
     status: int | None
-    downstream_peer_identity: str | None
     config: Any
     _stream: _core.StreamInfo
     _chain: _Chain
@@ -183,6 +181,11 @@ class RequestContext:
     @property
     def downstream_address(self) -> str | None:
         return self._stream.downstream_address
+
+    @property
+    def downstream_peer_identity(self) -> str | None:
+        """The TLS client certificate's first URI SAN (a SPIFFE ID in a mesh)."""
+        return self._stream.downstream_peer_identity
 
     @property
     def route_name(self) -> str | None:
@@ -475,7 +478,6 @@ def _new_context(stream: _core.StreamInfo, headers: Headers | None) -> RequestCo
     ctx.request_headers = first if first is not None else Headers()
     ctx.response_headers = None
     ctx.status = None
-    ctx.downstream_peer_identity = None
     ctx.config = None
     order = stream.order
     ctx._order = order

@@ -675,6 +675,13 @@ impl StreamInfo {
         self.0.start.downstream.to_string()
     }
 
+    /// The TLS client certificate's first URI SAN (None: no TLS or no certificate).
+    #[getter]
+    fn downstream_peer_identity(&self) -> Option<String> {
+        let tls = self.0.start.tls.as_ref()?;
+        tls.peer_identity().map(str::to_string)
+    }
+
     #[getter]
     fn route_name(&self) -> Option<&str> {
         self.0.start.route_name.as_deref()

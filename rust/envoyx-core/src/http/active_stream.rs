@@ -75,7 +75,15 @@ impl ActiveStream {
         let routes = conn.route_table();
         let route = routes.find(authority, path);
         let filters = hcm.filters.as_ref().and_then(|chain| {
-            RequestFilters::start(chain, route, &req, authority, path, conn.peer)
+            RequestFilters::start(
+                chain,
+                route,
+                &req,
+                authority,
+                path,
+                conn.peer,
+                conn.tls.as_ref(),
+            )
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
         let record = (!hcm.access_logs.is_empty() || wants_log).then(|| {

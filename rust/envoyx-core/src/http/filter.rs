@@ -101,6 +101,8 @@ pub struct StreamStart {
     pub authority: String,
     pub scheme: &'static str,
     pub downstream: SocketAddr,
+    /// The downstream TLS session (None: plaintext).
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
     pub route_name: Option<String>,
     pub cluster: Option<String>,
     /// The active filters; None: the chain's default plan (every filter, no route

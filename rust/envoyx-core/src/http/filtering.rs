@@ -55,6 +55,7 @@ impl RequestFilters {
         authority: &str,
         path: &str,
         peer: SocketAddr,
+        tls: Option<&Arc<crate::tls::PeerTls>>,
     ) -> Option<RequestFilters> {
         let plan_ref = FilterPlan::for_route(chain.as_ref(), route)?;
         let (plan, active) = match &plan_ref {
@@ -69,8 +70,9 @@ impl RequestFilters {
             method: req.method().clone(),
             path: path.to_string(),
             authority: authority.to_string(),
-            scheme: "http",
+            scheme: if tls.is_some() { "https" } else { "http" },
             downstream: peer,
+            tls: tls.cloned(),
             route_name: route.map(|r| r.name.clone()),
             cluster,
             active,
