@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -569,6 +570,48 @@ def test_session_resumption(
         before,
         {ssl_stat(proxy, "handshake"): 2, ssl_stat(proxy, "session_reused"): int(reused)},
     )
+
+
+def test_tls13_session_resumes_after_a_connection_close_response(
+    start_proxy: StartProxy, pki: Pki, tmp_path: Path
+) -> None:
+    """OpenSSL keeps a TLS 1.3 session only if the server ended the connection with
+    ``close_notify``: after a ``Connection: close`` response the next connection
+    must resume it."""
+    proxy = serve_tls(start_proxy, downstream_tls([pki.server_ecdsa]))
+    host, port = proxy.listener_address()
+    request = f"GET / HTTP/1.1\r\nHost: {SERVER}\r\nConnection: close\r\n\r\n"
+    session = tmp_path / "session.pem"
+
+    def s_client(*args: str) -> str:
+        done = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"{host}:{port}",
+                "-servername",
+                SERVER,
+                "-CAfile",
+                str(pki.ca_path),
+                "-tls1_3",
+                "-ign_eof",
+                *args,
+            ],
+            input=request,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return done.stdout + done.stderr
+
+    first = s_client("-sess_out", str(session))
+    assert "HTTP/1.1 200" in first, first
+    assert "unexpected eof" not in first.lower(), first
+    second = s_client("-sess_in", str(session))
+    assert "HTTP/1.1 200" in second, second
+    assert "Reused, TLSv1.3" in second, second
 
 
 # -- envoyx alone: the TLS peer's identity in a Python filter -----------------------------

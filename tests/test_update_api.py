@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 import envoyx
+from support.tls import client_context, https_request, shared_pki
 from support.upstreams import HttpUpstream
-from support.wait import until
+from support.wait import free_port, until
 from support.xds_resources import cluster_load_assignment, eds_cluster
 
 HCM = (
@@ -213,3 +214,134 @@ def test_a_removed_listener_closes_its_connections_after_the_drain_time(
         finally:
             http_upstream.release(token)
             sock.close()
+
+
+TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+
+
+def test_secrets_by_update_serve_tls_and_rotate() -> None:
+    """``Server.update(secrets=...)`` feeds SDS secrets without a management server: a
+    listener naming one warms (its port refuses connections) until it comes, then
+    serves with it; a replaced secret is used by the next handshake."""
+    pki = shared_pki()
+
+    def secret(cert: Any) -> dict[str, Any]:
+        return {
+            "name": "cert",
+            "tls_certificate": {
+                "certificate_chain": {"inline_string": cert.cert_pem},
+                "private_key": {"inline_string": cert.key_pem},
+            },
+        }
+
+    tls_listener = listener("tls", "tls-routes")
+    tls_listener["filter_chains"][0]["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TLS_CONTEXT,
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [{"name": "cert", "sds_config": {"ads": {}}}]
+            },
+        },
+    }
+    direct = routes("tls-routes", "unused")
+    direct["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
+    ]
+    with envoyx.Server({"node": {"id": "update-tls"}}, concurrency=1) as s:
+        s.update(listeners=[tls_listener], routes=[direct])
+        dump = s.config_dump()["configs"]
+        listeners_dump = next(c for c in dump if c["@type"].endswith("ListenersConfigDump"))
+        assert "warming_state" in listeners_dump["dynamic_listeners"][0]
+
+        s.update(secrets=[secret(pki.server_ecdsa)])
+        address = s.listener_addresses()["tls"]
+        until(lambda: "tls" in s.listener_addresses(), timeout=5)
+        resp, hs = https_request(address, client_context(pki), server_name="server.example.com")
+        assert (resp.status, hs.peer_cn) == (200, pki.server_ecdsa.common_name)
+
+        s.update(secrets=[secret(pki.server_rsa)])
+        _, hs = https_request(address, client_context(pki), server_name="server.example.com")
+        assert hs.peer_cn == pki.server_rsa.common_name
+
+
+def test_an_lds_update_of_one_filter_chain_drains_only_its_connections() -> None:
+    """Envoy's in-place filter chain update: a listener whose update changes only one
+    of its filter chains keeps the connections of the unchanged chain open (they go
+    on serving past the drain time) and drains those of the changed one."""
+
+    def chain(body: str, source_port_match: bool) -> dict[str, Any]:
+        direct = routes(f"r-{body}", "unused")
+        direct["virtual_hosts"][0]["routes"] = [
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {"status": 200, "body": {"inline_string": body}},
+            }
+        ]
+        c: dict[str, Any] = {
+            "name": f"chain-{body[0]}",
+            "filters": [
+                {
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": HCM,
+                        "stat_prefix": f"chain_{body[0]}",
+                        "route_config": direct,
+                        "http_filters": [
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
+                        ],
+                    },
+                }
+            ],
+        }
+        if source_port_match:
+            # Connections from the IPv4 loopback take this chain; the other is default.
+            c["filter_chain_match"] = {
+                "source_prefix_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]
+            }
+        return c
+
+    port = free_port()
+
+    def two_chains(a_body: str, b_body: str) -> dict[str, Any]:
+        lis = listener("multi", "unused")
+        lis["address"]["socket_address"]["port_value"] = port
+        lis["filter_chains"] = [chain(a_body, True)]
+        lis["default_filter_chain"] = chain(b_body, False)
+        return lis
+
+    def get_on(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith((b"a1", b"a2")):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    with envoyx.Server({"node": {"id": "in-place"}}, concurrency=1, drain_time_s=0.3) as s:
+        s.update(listeners=[two_chains("a1", "b1")])
+        host = s.listener_addresses()["multi"][0]
+        sock = socket.create_connection((host, port), timeout=10)
+        try:
+            assert get_on(sock).endswith(b"a1")
+            # Only the default chain changes: the connection on chain a stays.
+            s.update(listeners=[two_chains("a1", "b2")])
+            time.sleep(1.0)  # well past the drain time
+            assert get_on(sock).endswith(b"a1")
+            assert s.stats()["listener_manager.listener_in_place_updated"] == 1
+            # Now chain a changes: its connection drains and closes.
+            s.update(listeners=[two_chains("a2", "b2")])
+            time.sleep(1.0)
+            sock.settimeout(5)
+            try:
+                sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert sock.recv(4096) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+        finally:
+            sock.close()
+        # New connections see the new chain.
+        resp = httpx.get(f"http://{host}:{port}/", timeout=5)
+        assert resp.text == "a2"

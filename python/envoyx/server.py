@@ -28,7 +28,7 @@ from envoyx.filters import Filter, build_chain
 from envoyx.xds.applier import Applier
 from envoyx.xds.client import XdsClient
 from envoyx.xds.local import LocalUpdate, apply_update
-from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from envoyx.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from envoyx.xds.settings import XdsSettings, parse_dynamic_resources
 
 __all__ = ["LOG_LEVELS", "Server", "Started"]
@@ -199,20 +199,25 @@ class Server:
         clusters: Iterable[Resource] = (),
         routes: Iterable[Resource] = (),
         endpoints: Iterable[Resource] = (),
+        secrets: Iterable[Resource] = (),
         remove_listeners: Iterable[str] = (),
         remove_clusters: Iterable[str] = (),
         remove_routes: Iterable[str] = (),
         remove_endpoints: Iterable[str] = (),
+        remove_secrets: Iterable[str] = (),
         version_info: str | None = None,
     ) -> None:
         """Add, replace or remove dynamic resources without a management server.
 
-        ``listeners``, ``clusters``, ``routes`` (RouteConfiguration) and ``endpoints``
-        (ClusterLoadAssignment) are dicts in Envoy's v3 spelling or messages, named by
-        their own ``name`` (``cluster_name``); the ``remove_*`` arguments name resources
-        to remove. They are applied as an xDS update would be (listeners and clusters
-        warm until their routes and endpoints are there), make before break: clusters,
-        endpoints, listeners, routes, then removed clusters and endpoints.
+        ``listeners``, ``clusters``, ``routes`` (RouteConfiguration), ``endpoints``
+        (ClusterLoadAssignment) and ``secrets`` (SDS Secrets: TLS certificates and
+        validation contexts named by TLS contexts with an ``sds_config``) are dicts in
+        Envoy's v3 spelling or messages, named by their own ``name`` (``cluster_name``);
+        the ``remove_*`` arguments name resources to remove. They are applied as an xDS
+        update would be (listeners and clusters warm until their routes, endpoints and
+        secrets are there), make before break: secrets, clusters, endpoints, listeners,
+        routes, then removed clusters and endpoints. A new secret is used by new TLS
+        handshakes; open connections keep theirs.
         ``version_info`` is what ``/config_dump`` shows for them (default
         ``update-<n>``).
 
@@ -222,12 +227,14 @@ class Server:
         """
         request = LocalUpdate(
             add={
+                SECRET: list(secrets),
                 CLUSTER: list(clusters),
                 ENDPOINT: list(endpoints),
                 LISTENER: list(listeners),
                 ROUTE: list(routes),
             },
             remove={
+                SECRET: list(remove_secrets),
                 CLUSTER: list(remove_clusters),
                 ENDPOINT: list(remove_endpoints),
                 LISTENER: list(remove_listeners),

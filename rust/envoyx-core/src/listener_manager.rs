@@ -106,7 +106,7 @@ impl ListenerManager {
     /// Stops every active listener accepting; their connections drain.
     pub fn drain_all(&self) {
         for l in &self.listeners.load().active {
-            l.drain.send_replace(true);
+            l.retire();
         }
     }
 
@@ -148,8 +148,19 @@ impl ListenerManager {
             filter_factory: options.filter_factory.as_deref(),
             file_flush: options.file_flush,
         };
-        let listener =
-            Listener::build(config, &cx, Origin::dynamic(version)).map_err(|e| e.to_string())?;
+        let set = self.listeners.load();
+        // Unchanged filter chains carry over only when nothing but chains changed.
+        let previous = set
+            .active
+            .iter()
+            .find(|l| l.name == name && l.updates_in_place(config.address, &config.raw));
+        let listener = Listener::build(
+            config,
+            &cx,
+            Origin::dynamic(version),
+            previous.map(|l| &**l),
+        )
+        .map_err(|e| e.to_string())?;
         // Bind now, as Envoy does, so that a port in use is refused (NACKed) at once.
         let sockets = listener.bind(workers).map_err(|e| e.to_string())?;
         *lock(&listener.sockets) = sockets;
@@ -185,7 +196,7 @@ impl ListenerManager {
         for name in removed {
             if let Some(pos) = set.active.iter().position(|l| &l.name == name) {
                 let old = set.active.remove(pos);
-                old.drain.send_replace(true);
+                old.retire();
                 self.store
                     .counter("listener_manager.listener_removed")
                     .inc();
@@ -232,8 +243,14 @@ impl ListenerManager {
         }
         set.warming.retain(|l| !Arc::ptr_eq(l, &listener));
         if let Some(pos) = set.active.iter().position(|l| l.name == listener.name) {
-            let old = std::mem::replace(&mut set.active[pos], listener);
-            old.drain.send_replace(true);
+            let old = std::mem::replace(&mut set.active[pos], listener.clone());
+            if old.retire_in_place(&listener) {
+                self.store
+                    .counter("listener_manager.listener_in_place_updated")
+                    .inc();
+            } else {
+                old.retire();
+            }
             self.store
                 .counter("listener_manager.listener_modified")
                 .inc();

@@ -46,7 +46,7 @@ impl Server {
         };
         let mut active = Vec::new();
         for l in bootstrap.listeners {
-            active.push(Listener::build(l, &cx, Origin::bootstrap())?);
+            active.push(Listener::build(l, &cx, Origin::bootstrap(), None)?);
         }
         let listeners = ListenerManager::new(active, &store);
         let instance = Instance::new(

@@ -89,12 +89,12 @@ struct Worker {
 
 impl Worker {
     async fn accept_loop(self: Rc<Self>, listener: Arc<Listener>, socket: tokio::net::TcpListener) {
-        let mut drain = listener.drain.subscribe();
+        let mut stop = listener.stop_accepting.subscribe();
         let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 r = socket.accept() => r,
-                _ = drain.wait_for(|d| *d) => return,
+                _ = stop.wait_for(|d| *d) => return,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -116,14 +116,15 @@ impl Worker {
         let guard = TrackedConnection::new(&self.connections);
         let listener = listener.clone();
         let pools = self.pools.clone();
-        let drain = listener.drain.subscribe();
         let drain_time = self.drain_time;
         // Built here, not inside the task: the task then holds the connection's
-        // future once, not also the arguments it was made from.
-        let served =
-            crate::listener::serve_connection(&listener, pools, stream, peer, drain.clone());
-        // A draining listener's connections get the drain time to finish
-        // gracefully; then they are closed (Envoy's --drain-time-s).
+        // future once, not also the arguments it was made from. It says which drain
+        // signal the connection follows (its chain's, or the listener's until a
+        // chain is chosen).
+        let (served, drain) =
+            crate::listener::serve_connection(&listener, pools, stream, peer, drain_time);
+        // A draining connection gets the drain time to finish gracefully; then it
+        // is closed (Envoy's --drain-time-s).
         let mut deadline = drain;
         let drained = async move {
             let _ = deadline.wait_for(|d| *d).await;

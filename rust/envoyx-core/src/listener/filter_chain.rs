@@ -31,6 +31,10 @@ pub struct FilterChain {
     pub handshake_timeout: Option<Duration>,
     pub filter: ChainFilter,
     pub raw: Value,
+    /// Fired when this chain's connections must drain: the listener is removed or
+    /// replaced, or an LDS update changed this chain (Envoy's in-place filter chain
+    /// update drains only the chains that changed).
+    pub drain: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a new connection offers to the match.
@@ -187,6 +191,7 @@ mod tests {
             handshake_timeout: None,
             filter: ChainFilter::Tcp(tcp),
             raw: Value::Null,
+            drain: tokio::sync::watch::channel(false).0,
         })
     }
 

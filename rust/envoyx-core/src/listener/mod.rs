@@ -54,7 +54,10 @@ pub struct Listener {
     pub inspector_stats: inspect::InspectorStats,
     pub stats: ListenerStats,
     pub origin: Origin,
-    /// Fired to stop accepting and close this listener's connections gracefully.
+    /// Fired to stop accepting new connections.
+    pub stop_accepting: watch::Sender<bool>,
+    /// Fired to close gracefully the connections not yet in a filter chain (and,
+    /// with each chain's own signal, all of them): removal or replacement.
     pub drain: watch::Sender<bool>,
     /// Sockets bound (one per worker), not yet listening, while the listener warms.
     pub sockets: Mutex<Vec<Socket>>,
@@ -76,18 +79,30 @@ pub struct BuildContext<'a> {
 }
 
 impl Listener {
-    /// Builds the runtime objects of a listener; binds nothing.
+    /// Builds the runtime objects of a listener; binds nothing. `previous`: the
+    /// listener it replaces, whose unchanged filter chains it takes over (with
+    /// their connections, objects and drain signals), as Envoy's in-place filter
+    /// chain update does.
     pub fn build(
         config: ListenerConfig,
         cx: &BuildContext<'_>,
         origin: Origin,
+        previous: Option<&Listener>,
     ) -> Result<Arc<Self>> {
         let prefix = format!("listener.{}.", address_stat_name(&config.address));
         // One set of ssl.* stats per listener, as Envoy names them.
         let ssl_stats = SslStats::new(cx.store, &prefix, "server");
         let name = config.name.clone();
         let build_chain = |chain: FilterChainConfig| -> Result<Arc<FilterChain>> {
-            build_chain(&name, chain, cx, &ssl_stats)
+            let same = previous.and_then(|p| {
+                p.chains
+                    .all()
+                    .find(|c| c.raw == chain.raw && c.name == chain.name)
+            });
+            match same {
+                Some(same) => Ok(same.clone()),
+                None => build_chain(&name, chain, cx, &ssl_stats),
+            }
         };
         let chains = FilterChains {
             chains: config
@@ -127,6 +142,7 @@ impl Listener {
             listener_filters_timeout: config.listener_filters_timeout,
             continue_on_listener_filters_timeout: config.continue_on_listener_filters_timeout,
             origin,
+            stop_accepting: watch::channel(false).0,
             drain: watch::channel(false).0,
             sockets: Mutex::new(Vec::new()),
             raw: config.raw,
@@ -149,6 +165,47 @@ impl Listener {
     /// The RDS route configurations this listener waits for.
     pub fn rds_names(&self) -> impl Iterator<Item = &str> {
         self.http_managers().filter_map(|h| h.rds_name.as_deref())
+    }
+
+    /// Stops accepting and drains every connection (removal, or a replacement that
+    /// changes more than its filter chains).
+    pub fn retire(&self) {
+        self.stop_accepting.send_replace(true);
+        self.drain.send_replace(true);
+        for chain in self.chains.all() {
+            chain.drain.send_replace(true);
+        }
+    }
+
+    /// Whether a listener resource (its address and document) differs from this
+    /// one only in its filter chains: then an update keeps the unchanged chains.
+    pub fn updates_in_place(&self, address: SocketAddr, raw: &Value) -> bool {
+        let strip = |raw: &Value| {
+            let mut v = raw.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("filter_chains");
+                o.remove("default_filter_chain");
+            }
+            v
+        };
+        self.configured == address && strip(&self.raw) == strip(raw)
+    }
+
+    /// Envoy's in-place filter chain update: `next` differs from this listener only
+    /// in its filter chains. This one stops accepting; the connections of chains
+    /// `next` has unchanged go on, those of changed or removed chains drain.
+    /// Returns false (and does nothing) when more than the chains changed.
+    pub fn retire_in_place(&self, next: &Listener) -> bool {
+        if !self.updates_in_place(next.configured, &next.raw) {
+            return false;
+        }
+        self.stop_accepting.send_replace(true);
+        for chain in self.chains.all() {
+            if !next.chains.all().any(|n| Arc::ptr_eq(n, chain)) {
+                chain.drain.send_replace(true);
+            }
+        }
+        true
     }
 
     /// Whether an SDS secret it needs has not arrived.
@@ -290,6 +347,7 @@ fn build_chain(
         handshake_timeout: config.handshake_timeout,
         filter,
         raw: config.raw,
+        drain: watch::channel(false).0,
     }))
 }
 

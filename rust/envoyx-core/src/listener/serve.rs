@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::Either;
 use tokio::net::TcpStream;
@@ -15,44 +16,41 @@ use tokio::sync::watch;
 use tokio_rustls::StartHandshake;
 
 use super::Listener;
-use super::filter_chain::{ChainFilter, ConnectionFacts};
+use super::filter_chain::{ChainFilter, ConnectionFacts, FilterChain};
 use super::inspect::{self, Inspected};
 use crate::tls::server::HandshakeFailure;
 use crate::upstream::WorkerPools;
 
 pub type Served<H> = Either<H, Pin<Box<dyn Future<Output = ()>>>>;
 
-/// The future that serves one accepted connection. A listener with one plaintext
-/// HTTP chain and no listener filters (the common case) serves it directly, in an
-/// unboxed future; every other takes the general path.
+/// The future that serves one accepted connection, and the drain signal whose
+/// firing gives it `drain_time` to finish. A listener with one plaintext HTTP
+/// chain and no listener filters (the common case) serves it directly, in an
+/// unboxed future, and follows its chain's signal; every other takes the general
+/// path, which follows the listener's signal until a chain is chosen and then
+/// that chain's.
 pub fn serve_connection(
     listener: &Arc<Listener>,
     pools: Rc<WorkerPools>,
     stream: TcpStream,
     peer: SocketAddr,
-    drain: watch::Receiver<bool>,
-) -> Served<impl Future<Output = ()> + 'static> {
+    drain_time: Duration,
+) -> (
+    Served<impl Future<Output = ()> + 'static>,
+    watch::Receiver<bool>,
+) {
     if listener.listener_filters.is_empty()
         && let Some(chain) = listener.chains.single()
         && chain.tls.is_none()
         && let ChainFilter::Http(hcm) = &chain.filter
     {
-        return Either::Left(crate::http::serve_tcp(
-            hcm.clone(),
-            pools,
-            stream,
-            peer,
-            Vec::new(),
-            drain,
-        ));
+        let drain = chain.drain.subscribe();
+        let served =
+            crate::http::serve_tcp(hcm.clone(), pools, stream, peer, Vec::new(), drain.clone());
+        return (Either::Left(served), drain);
     }
-    Either::Right(Box::pin(serve_general(
-        listener.clone(),
-        pools,
-        stream,
-        peer,
-        drain,
-    )))
+    let served = serve_general(listener.clone(), pools, stream, peer, drain_time);
+    (Either::Right(Box::pin(served)), listener.drain.subscribe())
 }
 
 async fn serve_general(
@@ -60,7 +58,7 @@ async fn serve_general(
     pools: Rc<WorkerPools>,
     stream: TcpStream,
     peer: SocketAddr,
-    drain: watch::Receiver<bool>,
+    drain_time: Duration,
 ) {
     let Ok(local) = stream.local_addr() else {
         return;
@@ -100,6 +98,29 @@ async fn serve_general(
         listener.stats.no_filter_chain_match.inc();
         return;
     };
+    // From here the chain's drain signal rules: it gets the drain time too.
+    let mut deadline = chain.drain.subscribe();
+    let drained = async move {
+        let _ = deadline.wait_for(|d| *d).await;
+        tokio::time::sleep(drain_time).await;
+    };
+    tokio::select! {
+        _ = serve_on_chain(&listener, &chain, pools, stream, peer, local, inspected) => {}
+        _ = drained => {}
+    }
+}
+
+/// The chain's transport socket, then its network filter.
+async fn serve_on_chain(
+    listener: &Listener,
+    chain: &Arc<FilterChain>,
+    pools: Rc<WorkerPools>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    mut inspected: Inspected,
+) {
+    let drain = chain.drain.subscribe();
     let Some(tls) = &chain.tls else {
         match &chain.filter {
             ChainFilter::Http(hcm) => {

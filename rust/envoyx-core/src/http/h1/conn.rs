@@ -45,6 +45,9 @@ pub async fn serve(
         };
         let keep = Box::pin(exchange(&conn, &shared, head, &drain)).await;
         if !keep || *drain.borrow() {
+            // A clean end: TLS sends close_notify (without it a client drops its
+            // session ticket as if the connection had been cut), TCP a FIN.
+            let _ = shared.io.shutdown_write();
             return;
         }
     }
