@@ -443,7 +443,7 @@ impl TimeFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::bootstrap::DEFAULT_ACCESS_LOG_FORMAT;
+    use crate::config::network::DEFAULT_ACCESS_LOG_FORMAT;
 
     #[test]
     fn default_format_renders_like_envoy() {

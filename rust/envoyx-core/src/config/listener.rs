@@ -1,11 +1,11 @@
 //! Mapping a `Listener`: its filter chains (each with its match, transport socket
 //! and terminal network filter), its default chain and its listener filters.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::bootstrap::{HCM_TYPE, TCP_PROXY_TYPE, map_address, map_hcm, map_tcp_proxy};
 use super::model::*;
+use super::network::{HCM_TYPE, TCP_PROXY_TYPE, map_hcm, map_tcp_proxy};
 use super::reader::Obj;
 use super::tls::map_downstream_socket;
 
@@ -251,4 +251,38 @@ fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
         }
     }
     out
+}
+
+/// `envoy.config.core.v3.Address` with a `socket_address` holding an IP literal.
+pub fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
+    let Some(sa) = addr.obj("socket_address") else {
+        addr.errors()
+            .push(addr.path(), "only socket_address is supported by envoyx");
+        return None;
+    };
+    if let Some(p) = sa.str("protocol")
+        && p != "TCP"
+    {
+        sa.error(
+            "protocol",
+            format!("{p} listeners are not supported by envoyx"),
+        );
+    }
+    let port = sa.u32("port_value").unwrap_or(0);
+    let host = sa.str("address").unwrap_or("");
+    let ip: IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            sa.error("address", format!("malformed IP address: {host}"));
+            return None;
+        }
+    };
+    sa.ignore(&["ipv4_compat"]);
+    match u16::try_from(port) {
+        Ok(port) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            sa.error("port_value", "port must be at most 65535");
+            None
+        }
+    }
 }

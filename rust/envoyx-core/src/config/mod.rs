@@ -4,6 +4,7 @@ pub mod bootstrap;
 pub mod listener;
 pub mod matcher;
 pub mod model;
+pub mod network;
 pub mod reader;
 pub mod tls;
 

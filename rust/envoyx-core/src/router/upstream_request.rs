@@ -12,8 +12,9 @@ use hyper::body::Incoming;
 
 use crate::http::body::{ProxyBody, StreamEnd};
 use crate::per_worker::LocalHandle;
+use crate::upstream::ConnectError;
 use crate::upstream::lb::LbContext;
-use crate::upstream::pool::{ConnectError, Sender};
+use crate::upstream::pool::Sender;
 use crate::upstream::{Cluster, Host, WorkerPools};
 
 /// Why a try produced no response.

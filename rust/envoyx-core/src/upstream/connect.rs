@@ -14,7 +14,56 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::cluster::{Cluster, Host};
-use super::pool::ConnectError;
+
+/// Why no connection could be had; each maps to Envoy's reset reason text.
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    /// The connection closed before it could carry the request.
+    Closed,
+    Io(std::io::Error),
+    /// The TLS handshake failed (Envoy's transport failure reason).
+    Tls(String),
+    Handshake(hyper::Error),
+}
+
+impl ConnectError {
+    /// Envoy's `reset reason` / `transport failure reason` wording.
+    pub fn reset_reason(&self) -> String {
+        match self {
+            ConnectError::Timeout => "connection timeout".to_string(),
+            ConnectError::Closed => "connection termination".to_string(),
+            // Envoy 1.40 names only the reason in the reply body; the transport
+            // failure goes to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
+            ConnectError::Io(_) => "remote connection failure".to_string(),
+            // Envoy 1.40 names only the reason in the reply; the TLS error goes
+            // to %UPSTREAM_TRANSPORT_FAILURE_REASON%.
+            ConnectError::Tls(_) => "remote connection failure".to_string(),
+            ConnectError::Handshake(e) => {
+                format!("connection failure, transport failure reason: {e}")
+            }
+        }
+    }
+
+    pub fn transport_failure(&self) -> String {
+        match self {
+            ConnectError::Timeout => "connection timeout".to_string(),
+            ConnectError::Closed => "connection termination".to_string(),
+            ConnectError::Io(e) => format!("delayed connect error: {}", io_reason(e)),
+            ConnectError::Tls(reason) => reason.clone(),
+            ConnectError::Handshake(e) => e.to_string(),
+        }
+    }
+}
+
+/// The strerror text without Rust's " (os error N)" suffix, as Envoy prints it.
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
 
 /// An upstream byte stream: plain TCP or TLS over it.
 pub enum UpstreamStream {

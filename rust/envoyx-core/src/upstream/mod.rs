@@ -7,5 +7,5 @@ pub mod lb;
 pub mod pool;
 
 pub use cluster::{Cluster, ClusterManager, Host};
-pub use connect::{UpstreamStream, connect};
+pub use connect::{ConnectError, UpstreamStream, connect};
 pub use pool::WorkerPools;

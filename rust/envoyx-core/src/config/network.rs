@@ -1,0 +1,464 @@
+//! Mapping the network filters of a filter chain — the HTTP connection manager
+//! (its HTTP filters, route configuration and access logs) and the TCP proxy — onto
+//! the model. RDS route configurations and admin access logs use the same mappers.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::matcher::map_safe_regex;
+use super::model::*;
+use super::reader::Obj;
+
+pub const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
+pub const TYPED_STRUCT_TYPE: &str = "xds.type.v3.TypedStruct";
+pub const UDPA_TYPED_STRUCT_TYPE: &str = "udpa.type.v1.TypedStruct";
+pub const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
+/// The TypedStruct `type_url` of a Python HTTP filter.
+pub const PYTHON_FILTER_TYPE: &str = "envoyx.filters.http.python";
+pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
+pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+/// Envoy's default access log format (`DEFAULT_FORMAT` in substitution_format_string).
+pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
+    let stat_prefix = hcm.str("stat_prefix").unwrap_or_default().to_string();
+    let codec = match hcm.str("codec_type").unwrap_or("AUTO") {
+        "AUTO" => CodecType::Auto,
+        "HTTP1" => CodecType::Http1,
+        "HTTP2" => CodecType::Http2,
+        other => {
+            hcm.error("codec_type", format!("{other} is not supported by envoyx"));
+            CodecType::Auto
+        }
+    };
+    let http_filters = map_http_filters(hcm);
+    let routes = if let Some(rc) = hcm.obj("route_config") {
+        RouteSource::Inline(map_route_config(&rc)?)
+    } else if let Some(rds) = hcm.obj("rds") {
+        let Some(name) = rds.str("route_config_name") else {
+            rds.error("route_config_name", "is required");
+            return None;
+        };
+        // The config source is the Python xDS client's business; it validates it.
+        rds.raw("config_source");
+        RouteSource::Rds(name.to_string())
+    } else {
+        hcm.error(
+            "route_config",
+            "one of route_config or rds is required by envoyx",
+        );
+        return None;
+    };
+    let access_logs = hcm
+        .list("access_log")
+        .iter()
+        .filter_map(map_access_log)
+        .collect();
+    Some(HttpConnectionManagerConfig {
+        stat_prefix,
+        codec,
+        routes,
+        access_logs,
+        server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
+        generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
+        use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
+        forward_client_cert: match hcm.str("forward_client_cert_details").unwrap_or("SANITIZE") {
+            "SANITIZE" => ForwardClientCert::Sanitize,
+            "FORWARD_ONLY" => ForwardClientCert::ForwardOnly,
+            "APPEND_FORWARD" => ForwardClientCert::AppendForward,
+            "SANITIZE_SET" => ForwardClientCert::SanitizeSet,
+            "ALWAYS_FORWARD_ONLY" => ForwardClientCert::AlwaysForwardOnly,
+            other => {
+                hcm.error(
+                    "forward_client_cert_details",
+                    format!("unknown value {other}"),
+                );
+                ForwardClientCert::Sanitize
+            }
+        },
+        client_cert_details: hcm
+            .obj("set_current_client_cert_details")
+            .map(|d| ClientCertDetails {
+                subject: d.bool("subject").unwrap_or(false),
+                cert: d.bool("cert").unwrap_or(false),
+                chain: d.bool("chain").unwrap_or(false),
+                dns: d.bool("dns").unwrap_or(false),
+                uri: d.bool("uri").unwrap_or(false),
+            })
+            .unwrap_or_default(),
+        http_filters,
+    })
+}
+
+/// `http_filters`: Python filters, then the router, which must be last.
+fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
+    let filters = hcm.list("http_filters");
+    let mut specs = Vec::new();
+    let mut names = HashSet::new();
+    for (i, f) in filters.iter().enumerate() {
+        let name = f.str("name").unwrap_or_default();
+        if !names.insert(name) {
+            f.error("name", format!("duplicate HTTP filter name {name:?}"));
+        }
+        let Some(tc) = f.obj("typed_config") else {
+            f.error("typed_config", "is required");
+            continue;
+        };
+        let last = i + 1 == filters.len();
+        match tc.any_type() {
+            Some(ROUTER_TYPE) if last => {}
+            Some(ROUTER_TYPE) => f.error("name", "the router must be the last HTTP filter"),
+            Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
+                if let Some(spec) = map_python_filter(name, &tc) {
+                    specs.push(spec);
+                }
+                if last {
+                    f.error(
+                        "name",
+                        "the last HTTP filter must be envoy.filters.http.router",
+                    );
+                }
+            }
+            Some(other) => tc.error(
+                "@type",
+                format!("HTTP filter {other} is not supported by envoyx"),
+            ),
+            None => {}
+        }
+    }
+    if filters.is_empty() {
+        hcm.error("http_filters", "must end with envoy.filters.http.router");
+    }
+    specs
+}
+
+/// The TypedStruct of an `envoyx.filters.http.python` filter.
+fn map_python_filter(name: &str, tc: &Obj<'_>) -> Option<HttpFilterSpec> {
+    let type_url = tc.str("type_url").unwrap_or_default();
+    if type_url != PYTHON_FILTER_TYPE {
+        tc.error(
+            "type_url",
+            format!(
+                "HTTP filter {type_url:?} is not supported by envoyx (only {PYTHON_FILTER_TYPE})"
+            ),
+        );
+        return None;
+    }
+    let Some(value) = tc.obj("value") else {
+        tc.error("value", "is required: {module, class} or {object}");
+        return None;
+    };
+    let module = value.str("module").map(str::to_string);
+    let class = value.str("class").map(str::to_string);
+    let object = value.str("object").map(str::to_string);
+    match (&module, &class, &object) {
+        (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+        _ => value.errors().push(
+            value.path(),
+            "needs `module` and `class`, or `object` (a filter given to envoyx.Server(filters=...))",
+        ),
+    }
+    let defaults = FilterSettings::default();
+    let settings = FilterSettings {
+        timeout: value.duration("timeout").unwrap_or(defaults.timeout),
+        error_status: value
+            .struct_uint("error_status")
+            .map(|n| {
+                if !(200..=599).contains(&n) {
+                    value.error("error_status", "must be in [200, 599]");
+                }
+                n as u16
+            })
+            .unwrap_or(defaults.error_status),
+        max_request_bytes: value
+            .struct_uint("max_request_bytes")
+            .map_or(defaults.max_request_bytes, |n| n as usize),
+        max_response_bytes: value
+            .struct_uint("max_response_bytes")
+            .map_or(defaults.max_response_bytes, |n| n as usize),
+    };
+    if settings.timeout.is_zero() {
+        value.error("timeout", "must be greater than 0s");
+    }
+    Some(HttpFilterSpec {
+        name: name.to_string(),
+        path: value.path().to_string(),
+        module,
+        class,
+        object,
+        config: value.raw("config").cloned().unwrap_or(Value::Null),
+        settings,
+    })
+}
+
+/// `typed_per_filter_config`: per filter name, disabled or a config override.
+fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
+    let mut out = Vec::new();
+    for (name, any) in owner.entries("typed_per_filter_config") {
+        match any.any_type() {
+            Some(FILTER_CONFIG_TYPE) => {
+                // `is_optional` only matters for filters envoyx does not know, which it rejects.
+                any.ignore(&["is_optional"]);
+                if any.raw("config").is_some() {
+                    any.error(
+                        "config",
+                        "not supported by envoyx (use a TypedStruct override)",
+                    );
+                }
+                if any.bool("disabled") == Some(true) {
+                    out.push((name.to_string(), FilterOverride::Disabled));
+                }
+            }
+            Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
+                let type_url = any.str("type_url").unwrap_or_default();
+                if type_url != PYTHON_FILTER_TYPE {
+                    any.error(
+                        "type_url",
+                        format!("{type_url:?} is not supported by envoyx"),
+                    );
+                    continue;
+                }
+                let Some(value) = any.obj("value") else {
+                    any.error("value", "is required: {config: ...}");
+                    continue;
+                };
+                let config = value.raw("config").cloned().unwrap_or(Value::Null);
+                out.push((
+                    name.to_string(),
+                    FilterOverride::Config(config.to_string().into()),
+                ));
+            }
+            Some(other) => any.error(
+                "@type",
+                format!("per-filter config {other} is not supported by envoyx"),
+            ),
+            None => {}
+        }
+    }
+    out
+}
+
+pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
+    let name = rc.str("name").unwrap_or_default().to_string();
+    let vhosts: Vec<VirtualHostConfig> = rc
+        .list("virtual_hosts")
+        .iter()
+        .filter_map(map_virtual_host)
+        .collect();
+    let mut seen = HashSet::new();
+    for (i, vh) in vhosts.iter().enumerate() {
+        for d in &vh.domains {
+            if !seen.insert(d.clone()) {
+                rc.error(
+                    &format!("virtual_hosts[{i}].domains"),
+                    format!(
+                        "Only unique values for domains are permitted. Duplicate entry of domain {d} in route {name}"
+                    ),
+                );
+            }
+        }
+    }
+    Some(RouteConfig {
+        name,
+        virtual_hosts: vhosts,
+        validate_clusters: rc.bool("validate_clusters"),
+        raw: rc.to_value(),
+    })
+}
+
+fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
+    let name = vh.str("name").unwrap_or_default().to_string();
+    let domains: Vec<String> = vh
+        .strings("domains")
+        .iter()
+        .map(|d| d.to_ascii_lowercase())
+        .collect();
+    if domains.is_empty() {
+        vh.error("domains", "must have at least one domain");
+    }
+    for d in &domains {
+        if d.len() > 1 && d[1..d.len() - 1].contains('*') {
+            vh.error("domains", format!("invalid wildcard domain {d}"));
+        }
+    }
+    let vhost_overrides = map_filter_overrides(vh);
+    let mut routes: Vec<RouteEntry> = vh.list("routes").iter().filter_map(map_route).collect();
+    for route in &mut routes {
+        for (name, o) in &vhost_overrides {
+            if !route.filter_overrides.iter().any(|(n, _)| n == name) {
+                route.filter_overrides.push((name.clone(), o.clone()));
+            }
+        }
+    }
+    Some(VirtualHostConfig {
+        name,
+        domains,
+        routes,
+    })
+}
+
+fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
+    let name = r.str("name").unwrap_or_default().to_string();
+    let m = r.obj("match").or_else(|| {
+        r.error("match", "is required");
+        None
+    })?;
+    let case_sensitive = m.bool("case_sensitive").unwrap_or(true);
+    let path_match = if let Some(p) = m.str("prefix") {
+        PathMatch::Prefix(p.to_string())
+    } else if let Some(p) = m.str("path") {
+        PathMatch::Path(p.to_string())
+    } else if let Some(sr) = m.obj("safe_regex") {
+        PathMatch::Regex(map_safe_regex(&sr)?)
+    } else {
+        m.errors().push(
+            m.path(),
+            "one of prefix, path or safe_regex is required by envoyx",
+        );
+        return None;
+    };
+    let action = if let Some(route) = r.obj("route") {
+        let Some(cluster) = route.str("cluster") else {
+            route.error(
+                "cluster",
+                "is required (other cluster specifiers are not supported by envoyx)",
+            );
+            return None;
+        };
+        let timeout = match route.duration("timeout") {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(Duration::from_secs(15)),
+        };
+        RouteAction::Forward(ForwardAction {
+            cluster: cluster.to_string(),
+            cluster_slot: 0,
+            timeout,
+            expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
+            prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),
+            host_rewrite: route.str("host_rewrite_literal").map(str::to_string),
+        })
+    } else if let Some(dr) = r.obj("direct_response") {
+        let status = dr.u32("status").unwrap_or(200);
+        if !(200..=599).contains(&status) {
+            dr.error("status", "must be in [200, 599]");
+        }
+        let body = dr.obj("body").and_then(|b| {
+            if let Some(s) = b.str("inline_string") {
+                Some(s.to_string())
+            } else {
+                b.errors()
+                    .push(b.path(), "only inline_string is supported by envoyx");
+                None
+            }
+        });
+        RouteAction::Direct {
+            status: status as u16,
+            body,
+        }
+    } else {
+        r.errors().push(
+            r.path(),
+            "a route needs `route` or `direct_response` (others are not supported by envoyx)",
+        );
+        return None;
+    };
+    Some(RouteEntry {
+        name,
+        path_match,
+        case_sensitive,
+        action,
+        filter_overrides: map_filter_overrides(r),
+    })
+}
+
+pub fn map_tcp_proxy(tc: &Obj<'_>) -> Option<TcpProxyConfig> {
+    let stat_prefix = tc.str("stat_prefix").unwrap_or_default().to_string();
+    let Some(cluster) = tc.str("cluster") else {
+        tc.error(
+            "cluster",
+            "is required (weighted_clusters are not supported by envoyx)",
+        );
+        return None;
+    };
+    let access_logs = tc
+        .list("access_log")
+        .iter()
+        .filter_map(map_access_log)
+        .collect();
+    Some(TcpProxyConfig {
+        stat_prefix,
+        cluster: cluster.to_string(),
+        access_logs,
+    })
+}
+
+pub fn map_access_log(al: &Obj<'_>) -> Option<AccessLogConfig> {
+    al.str("name");
+    let tc = al.obj("typed_config").or_else(|| {
+        al.error("typed_config", "is required");
+        None
+    })?;
+    let sink = match tc.any_type()? {
+        FILE_LOG_TYPE => AccessLogSink::File(tc.str("path").unwrap_or("/dev/stdout").to_string()),
+        STDOUT_LOG_TYPE => AccessLogSink::Stdout,
+        STDERR_LOG_TYPE => AccessLogSink::Stderr,
+        other => {
+            tc.error(
+                "@type",
+                format!("access logger {other} is not supported by envoyx"),
+            );
+            return None;
+        }
+    };
+    let format = if let Some(lf) = tc.obj("log_format") {
+        map_log_format(&lf)
+    } else if let Some(f) = tc.str("format") {
+        AccessLogFormat::Text(f.to_string())
+    } else {
+        AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
+    };
+    let formats: Vec<&str> = match &format {
+        AccessLogFormat::Text(s) => vec![s.as_str()],
+        AccessLogFormat::Json(fields) => fields.iter().map(|(_, v)| v.as_str()).collect(),
+    };
+    for f in formats {
+        if let Err(e) = crate::access_log::Format::parse(f) {
+            tc.errors().push(&tc.field_path("log_format"), e);
+            return None;
+        }
+    }
+    Some(AccessLogConfig { sink, format })
+}
+
+/// `envoy.config.core.v3.SubstitutionFormatString`.
+fn map_log_format(lf: &Obj<'_>) -> AccessLogFormat {
+    if let Some(src) = lf.obj("text_format_source") {
+        if let Some(s) = src.str("inline_string") {
+            return AccessLogFormat::Text(s.to_string());
+        }
+        src.errors()
+            .push(src.path(), "only inline_string is supported by envoyx");
+    } else if let Some(s) = lf.str("text_format") {
+        return AccessLogFormat::Text(s.to_string());
+    } else if let Some(Value::Object(map)) = lf.raw("json_format") {
+        let mut fields = Vec::new();
+        for (k, v) in map {
+            match v {
+                Value::String(s) => fields.push((k.clone(), s.clone())),
+                _ => lf.error(
+                    &format!("json_format.{k}"),
+                    "only string values are supported by envoyx",
+                ),
+            }
+        }
+        return AccessLogFormat::Json(fields);
+    }
+    AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
+}
