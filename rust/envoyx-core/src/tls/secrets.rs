@@ -134,6 +134,9 @@ impl SecretStore {
                             merged.trusted_ca = default.trusted_ca;
                         }
                         merged.crls.extend(default.crls);
+                        if merged.spiffe.is_none() {
+                            merged.spiffe = default.spiffe;
+                        }
                     }
                     validation = Some(merged);
                 }
@@ -265,9 +268,18 @@ impl CertInventory {
                 .validation
                 .iter()
                 .flat_map(|v| {
+                    // With the SPIFFE validator, every bundle's CAs, each named
+                    // `<trust domain>: <file>` as Envoy names them.
+                    let spiffe = v.spiffe.iter().flat_map(|s| {
+                        s.trust_domains.iter().flat_map(|d| {
+                            let source = format!("{}: {}", d.name, d.source);
+                            d.cas.iter().map(move |ca| (source.clone(), ca.clone()))
+                        })
+                    });
                     v.trusted_ca
                         .iter()
                         .map(|ca| (v.ca_source.clone(), ca.clone()))
+                        .chain(spiffe)
                 })
                 .collect(),
         }
