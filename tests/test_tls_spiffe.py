@@ -69,7 +69,7 @@ class SpiffePki:
         self.ca_b = Authority(directory, "spiffe-b-ca")
         # X509-SVIDs: both usages, and a key usage extension (Envoy's validator
         # refuses a leaf without one).
-        svid = {"client": True, "server": True, "key_usage": True}
+        svid: Json = {"client": True, "server": True, "key_usage": True}
         self.a_web = self.ca_a.issue("a-web", uris=(A_WEB,), dns=("web.a.example",), **svid)
         self.a_db = self.ca_a.issue("a-db", uris=(A_DB,), **svid)
         self.b_api = self.ca_b.issue("b-api", uris=(B_API,), **svid)
