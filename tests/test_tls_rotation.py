@@ -15,7 +15,7 @@ real Envoy 1.40 with the same bootstrap), in State of the World and in Delta:
   ``listener.<addr>.server_ssl_socket_factory.ssl_context_update_by_sds`` both TLS
   contexts built from them.
 
-(Rotation by a file change, ``watched_directory``, is not supported by envoyx yet.)
+(Rotation by a file change, ``watched_directory``, is in test_tls_watched_directory.py.)
 """
 
 from __future__ import annotations

@@ -225,7 +225,10 @@ class Authority:
         client: bool = False,
         server: bool = True,
         expired: bool = False,
+        key_usage: bool = False,
     ) -> CertFiles:
+        """A leaf signed by this CA. ``key_usage`` adds a critical key usage extension
+        (digital signature, and key encipherment for RSA), as an X509-SVID has."""
         key = _key(kind)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -256,6 +259,21 @@ class Authority:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if key_usage:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=kind == "rsa",
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
         cert = builder.sign(self.key, hashes.SHA256())
         cert_path = self.directory / f"{name}.crt"
         key_path = self.directory / f"{name}.key"
@@ -415,6 +433,35 @@ def validation_context(
         vc["match_typed_subject_alt_names"] = san_matchers
     if crl is not None:
         vc["crl"] = {"filename": str(crl)}
+    vc.update(extra)
+    return vc
+
+
+SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
+SPIFFE_VALIDATOR_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+)
+
+
+def spiffe_validation_context(
+    trust_domains: dict[str, Path], *, san_matchers: list[Json] | None = None, **extra: Any
+) -> Json:
+    """A ``validation_context`` with Envoy's SPIFFE validator: each trust domain's
+    bundle (a PEM file of CAs) by domain name."""
+    vc: Json = {
+        "custom_validator_config": {
+            "name": SPIFFE_VALIDATOR,
+            "typed_config": {
+                "@type": SPIFFE_VALIDATOR_TYPE,
+                "trust_domains": [
+                    {"name": name, "trust_bundle": {"filename": str(path)}}
+                    for name, path in trust_domains.items()
+                ],
+            },
+        }
+    }
+    if san_matchers is not None:
+        vc["match_typed_subject_alt_names"] = san_matchers
     vc.update(extra)
     return vc
 

@@ -318,6 +318,80 @@ impl Instance {
         rejected
     }
 
+    /// Certificate files of SDS secrets replaced on disk (see `tls::files`): the
+    /// secrets are reloaded and the TLS contexts using them rebuilt. Called once a
+    /// second by the control thread.
+    pub fn poll_secret_files(&self) {
+        let secrets = &self.clusters.secrets;
+        let (reloads, failures) = secrets.files.poll(&secrets.entries());
+        let failed = |name: &str, why: &str| {
+            crate::log!(
+                Warn,
+                "secret",
+                "Failed to reload certificates of secret '{name}': {why}"
+            );
+            self.store
+                .counter(&format!("sds.{name}.key_rotation_failed"))
+                .inc();
+        };
+        for (name, why) in &failures {
+            failed(name, why);
+        }
+        if reloads.is_empty() {
+            return;
+        }
+        let _apply = self.apply_guard();
+        let mut names = Vec::new();
+        for r in reloads {
+            match map::map_secret_resource(&r.resource) {
+                Ok((_, mut secret)) => {
+                    // Read inline, from these files (admin `/certs` names them).
+                    let file = |field: &str| {
+                        r.files
+                            .iter()
+                            .find(|(f, _)| f == field)
+                            .map(|(_, path)| path.clone())
+                    };
+                    match &mut secret {
+                        crate::config::SecretConfig::TlsCertificate(c) => {
+                            if let Some(f) = file("certificate_chain") {
+                                c.source = f;
+                            }
+                        }
+                        crate::config::SecretConfig::ValidationContext(v) => {
+                            if let Some(f) = file("trusted_ca") {
+                                v.ca_source = f;
+                            }
+                        }
+                    }
+                    if let Some(entry) = secrets.reload(&r.name, &r.entry, secret) {
+                        crate::log!(
+                            Info,
+                            "secret",
+                            "secret '{}': certificate files changed, reloaded",
+                            r.name
+                        );
+                        secrets.files.reloaded(&r.name, entry);
+                        names.push(r.name);
+                    }
+                }
+                Err(errs) => {
+                    failed(&r.name, &errs.join("; "));
+                    secrets.files.reload_failed(&r.name);
+                }
+            }
+        }
+        if names.is_empty() {
+            return;
+        }
+        let mut rejected = self.listeners.secrets_changed(&names, secrets);
+        rejected.extend(self.clusters.secrets_changed(&names));
+        for (name, why) in rejected {
+            failed(&name, &why);
+            secrets.files.reload_failed(&name);
+        }
+    }
+
     /// With `validate_clusters`, the first route naming a cluster that does not exist.
     fn unknown_clusters(&self, rc: &RouteConfig) -> Option<String> {
         if rc.validate_clusters != Some(true) {

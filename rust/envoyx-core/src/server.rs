@@ -279,6 +279,16 @@ fn control_thread(
             let logs = admin_logs.unwrap_or_default();
             tokio::spawn(crate::admin::serve(instance.clone(), listener, logs));
         }
+        // Certificate files of SDS secrets, watched for replacement (tls::files).
+        let files_instance = instance.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                files_instance.poll_secret_files();
+            }
+        });
         let mut stop = instance.stop_tx.subscribe();
         let _ = stop.wait_for(|s| *s).await;
     });

@@ -167,6 +167,25 @@ pub struct ValidationConfig {
     pub path: String,
     /// The file `trusted_ca` was read from, or `<inline>` (admin `/certs`).
     pub ca_source: String,
+    /// `custom_validator_config` `envoy.tls.cert_validator.spiffe`: the peer is
+    /// verified against its trust domain's bundle instead of `trusted_ca`.
+    pub spiffe: Option<SpiffeConfig>,
+}
+
+/// `SPIFFECertValidatorConfig`: a bundle of CAs (and CRLs) per trust domain.
+#[derive(Debug, Clone, Default)]
+pub struct SpiffeConfig {
+    pub trust_domains: Vec<SpiffeTrustDomain>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpiffeTrustDomain {
+    /// `name`: `example.org` for `spiffe://example.org/...`.
+    pub name: String,
+    pub cas: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    /// The file `trust_bundle` was read from, or `<inline>` (admin `/certs`).
+    pub source: String,
 }
 
 #[derive(Debug, Clone)]

@@ -18,6 +18,9 @@ pub const TLS_SOCKET_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.Dow
 pub const UPSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 pub const RAW_BUFFER_TYPE: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 pub const SECRET_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
+pub const SPIFFE_VALIDATOR_TYPE: &str =
+    "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 
 /// The cipher suites envoyx (rustls) offers for TLS 1.2, by their OpenSSL names as
 /// Envoy's `cipher_suites` takes them. TLS 1.3 suites are not configurable in Envoy
@@ -275,6 +278,11 @@ fn map_tls_params(p: &Obj<'_>, common: &mut CommonTlsConfig) {
 
 /// `TlsCertificate`: `certificate_chain` and `private_key`.
 pub fn map_tls_certificate(c: &Obj<'_>) -> Option<TlsCertificate> {
+    // Honoured for SDS secrets (see `tls::files`), which re-read it from the
+    // resource; elsewhere Envoy reads the files once, as envoyx does.
+    if let Some(w) = c.obj("watched_directory") {
+        map_watched_directory(&w);
+    }
     let chain_data = c
         .obj("certificate_chain")
         .and_then(|d| read_data_source(&d));
@@ -315,6 +323,22 @@ fn map_validation(v: &Obj<'_>) -> Option<ValidationConfig> {
         path: v.path().to_string(),
         ..Default::default()
     };
+    if let Some(w) = v.obj("watched_directory") {
+        map_watched_directory(&w);
+    }
+    if let Some(custom) = v.obj("custom_validator_config") {
+        out.spiffe = map_custom_validator(&custom);
+        for field in ["trusted_ca", "crl"] {
+            if v.has(field) {
+                v.raw(field);
+                v.error(
+                    field,
+                    "not supported by envoyx beside the SPIFFE validator (its trust \
+                     bundles are the trust anchors)",
+                );
+            }
+        }
+    }
     if let Some(ca) = v.obj("trusted_ca") {
         out.ca_source = ca.str("filename").unwrap_or("<inline>").to_string();
         let data = read_data_source(&ca)?;
@@ -363,9 +387,98 @@ fn map_validation(v: &Obj<'_>) -> Option<ValidationConfig> {
             format!("{t} is not supported by envoyx"),
         );
     }
-    // Everything else (SPKI and hash pins, system roots, custom validators, CT) is
-    // refused by the reader as "not supported by envoyx".
+    // Everything else (SPKI and hash pins, system roots, CT) is refused by the
+    // reader as "not supported by envoyx".
     Some(out)
+}
+
+/// `custom_validator_config`: Envoy's SPIFFE validator is the one envoyx has.
+fn map_custom_validator(c: &Obj<'_>) -> Option<SpiffeConfig> {
+    let name = c.str("name").unwrap_or_default();
+    let Some(tc) = c.obj("typed_config") else {
+        c.error("typed_config", "is required by envoyx");
+        return None;
+    };
+    let type_name = tc.any_type();
+    if name != SPIFFE_VALIDATOR && type_name != Some(SPIFFE_VALIDATOR_TYPE) {
+        c.error(
+            "name",
+            format!(
+                "certificate validator {name:?} is not supported by envoyx (it has \
+                 {SPIFFE_VALIDATOR} only)"
+            ),
+        );
+        tc.ignore(&["trust_domains", "trust_bundles"]);
+        return None;
+    }
+    if type_name != Some(SPIFFE_VALIDATOR_TYPE) {
+        tc.error(
+            "@type",
+            format!("{SPIFFE_VALIDATOR} takes a {SPIFFE_VALIDATOR_TYPE}"),
+        );
+        return None;
+    }
+    if tc.has("trust_bundles") {
+        tc.raw("trust_bundles");
+        tc.error(
+            "trust_bundles",
+            "not supported by envoyx (give each trust domain's bundle in trust_domains)",
+        );
+    }
+    let mut out = SpiffeConfig::default();
+    for d in tc.list("trust_domains") {
+        let name = d.str("name").unwrap_or_default().to_string();
+        if name.is_empty() {
+            d.error("name", "is required");
+            continue;
+        }
+        if out.trust_domains.iter().any(|t| t.name == name) {
+            d.error(
+                "name",
+                format!("Multiple trust bundles are given for one trust domain for {name}"),
+            );
+            continue;
+        }
+        let Some(bundle) = d.obj("trust_bundle") else {
+            d.error("trust_bundle", "is required");
+            continue;
+        };
+        let Some(data) = read_data_source(&bundle) else {
+            continue;
+        };
+        let cas: Vec<_> = CertificateDer::pem_slice_iter(&data)
+            .filter_map(Result::ok)
+            .collect();
+        if cas.is_empty() {
+            d.error(
+                "trust_bundle",
+                format!("Failed to load trusted CA certificate for {name}"),
+            );
+            continue;
+        }
+        let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+            .filter_map(Result::ok)
+            .collect();
+        out.trust_domains.push(SpiffeTrustDomain {
+            source: bundle
+                .to_value()
+                .get("filename")
+                .and_then(|f| f.as_str())
+                .unwrap_or("<inline>")
+                .to_string(),
+            name,
+            cas,
+            crls,
+        });
+    }
+    Some(out)
+}
+
+/// `envoy.config.core.v3.WatchedDirectory`.
+fn map_watched_directory(w: &Obj<'_>) {
+    if w.str("path").is_none_or(str::is_empty) {
+        w.error("path", "is required");
+    }
 }
 
 fn map_secret_ref(s: &Obj<'_>) -> Option<SecretRef> {

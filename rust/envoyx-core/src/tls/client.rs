@@ -2,10 +2,11 @@
 //! configuration built from an `UpstreamTlsContext`, and the handshake of an
 //! upstream connection through tokio-rustls.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -14,7 +15,7 @@ use super::params::{Side, provider, versions};
 use super::secrets::{Resolved, SecretBound, SecretStore};
 use super::stats::SslStats;
 use super::verify::ServerVerifier;
-use crate::config::UpstreamTlsConfig;
+use crate::config::{SanType, UpstreamTlsConfig};
 
 pub struct ClientTlsContext {
     source: UpstreamTlsConfig,
@@ -145,6 +146,7 @@ fn build(
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
         .map_err(|e| format!("{path}: {e}"))?;
+    let mut spiffe = None;
     let (roots, sans) = match resolved.validation {
         Some(v) => {
             if !v.crls.is_empty() {
@@ -153,23 +155,37 @@ fn build(
                     v.path
                 ));
             }
+            let mut sans = v.san_matchers;
+            if let Some(s) = v.spiffe {
+                // Envoy's SPIFFE validator: only URI SAN matchers apply.
+                sans.retain(|m| m.kind == SanType::Uri);
+                let mut domains = HashMap::new();
+                for d in s.trust_domains {
+                    if !d.crls.is_empty() {
+                        return Err(format!(
+                            "{}: trust domain {}: CRLs in a trust bundle are not supported by \
+                             envoyx on upstream connections",
+                            v.path, d.name
+                        ));
+                    }
+                    let roots = root_store(d.cas)
+                        .map_err(|e| format!("{}: trust domain {}: {e}", v.path, d.name))?;
+                    domains.insert(d.name, roots);
+                }
+                spiffe = Some(domains);
+            }
             let roots = if v.trusted_ca.is_empty() {
                 None
             } else {
-                let mut roots = RootCertStore::empty();
-                for ca in v.trusted_ca {
-                    roots
-                        .add(ca)
-                        .map_err(|e| format!("{}.trusted_ca: {e}", v.path))?;
-                }
-                Some(Arc::new(roots))
+                Some(root_store(v.trusted_ca).map_err(|e| format!("{}.trusted_ca: {e}", v.path))?)
             };
-            (roots, v.san_matchers)
+            (roots, sans)
         }
         None => (None, Vec::new()),
     };
     let verifier = Arc::new(ServerVerifier {
         roots,
+        spiffe,
         sans,
         check_name: source.auto_san_validation,
         algorithms: provider.signature_verification_algorithms,
@@ -196,6 +212,14 @@ fn build(
     };
     config.enable_sni = source.sni.is_some() || source.auto_sni;
     Ok(config)
+}
+
+fn root_store(cas: Vec<CertificateDer<'static>>) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| e.to_string())?;
+    }
+    Ok(Arc::new(roots))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! ClientHellos and records, webpki verifies chains, x509-parser reads SANs.
 
 pub mod client;
+pub mod files;
 pub mod params;
 pub mod peer;
 pub mod secrets;

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
+use super::files::FileWatch;
 use crate::config::{CommonTlsConfig, SecretConfig, SecretRef, TlsCertificate, ValidationConfig};
 
 #[derive(Default, Debug)]
@@ -18,6 +19,8 @@ pub struct SecretStore {
     /// Dynamic secrets the management server said it does not have (removed, or
     /// the initial fetch timed out): contexts stop waiting for them.
     absent: ArcSwap<HashSet<String>>,
+    /// The files of SDS secrets, re-read when replaced on disk.
+    pub files: FileWatch,
 }
 
 /// A secret and where it came from, for `/config_dump`.
@@ -63,6 +66,7 @@ impl SecretStore {
         SecretStore {
             secrets: ArcSwap::from_pointee(map),
             absent: ArcSwap::default(),
+            files: FileWatch::default(),
         }
     }
 
@@ -88,13 +92,14 @@ impl SecretStore {
         let mut absent = (**self.absent.load()).clone();
         for (name, secret, raw) in upserts {
             absent.remove(&name);
-            let entry = SecretEntry {
+            let entry = Arc::new(SecretEntry {
                 secret,
                 version_info: Some(version.to_string()),
                 last_updated: SystemTime::now(),
                 raw,
-            };
-            map.insert(name, Arc::new(entry));
+            });
+            self.files.track(&name, &entry);
+            map.insert(name, entry);
         }
         for name in removed {
             if !map.contains_key(name) {
@@ -103,6 +108,30 @@ impl SecretStore {
         }
         self.secrets.store(Arc::new(map));
         self.absent.store(Arc::new(absent));
+    }
+
+    /// Replaces a secret with the one its files now make (a rotation on disk),
+    /// unless it changed since `current` was read; the new entry keeps the
+    /// resource and version it came with.
+    pub fn reload(
+        &self,
+        name: &str,
+        current: &Arc<SecretEntry>,
+        secret: SecretConfig,
+    ) -> Option<Arc<SecretEntry>> {
+        let mut map = (**self.secrets.load()).clone();
+        if !map.get(name).is_some_and(|e| Arc::ptr_eq(e, current)) {
+            return None;
+        }
+        let entry = Arc::new(SecretEntry {
+            secret,
+            version_info: current.version_info.clone(),
+            last_updated: SystemTime::now(),
+            raw: current.raw.clone(),
+        });
+        map.insert(name.to_string(), entry.clone());
+        self.secrets.store(Arc::new(map));
+        Some(entry)
     }
 
     /// The context's material with its secrets filled in.
@@ -134,6 +163,9 @@ impl SecretStore {
                             merged.trusted_ca = default.trusted_ca;
                         }
                         merged.crls.extend(default.crls);
+                        if merged.spiffe.is_none() {
+                            merged.spiffe = default.spiffe;
+                        }
                     }
                     validation = Some(merged);
                 }
@@ -265,9 +297,18 @@ impl CertInventory {
                 .validation
                 .iter()
                 .flat_map(|v| {
+                    // With the SPIFFE validator, every bundle's CAs, each named
+                    // `<trust domain>: <file>` as Envoy names them.
+                    let spiffe = v.spiffe.iter().flat_map(|s| {
+                        s.trust_domains.iter().flat_map(|d| {
+                            let source = format!("{}: {}", d.name, d.source);
+                            d.cas.iter().map(move |ca| (source.clone(), ca.clone()))
+                        })
+                    });
                     v.trusted_ca
                         .iter()
                         .map(|ca| (v.ca_source.clone(), ca.clone()))
+                        .chain(spiffe)
                 })
                 .collect(),
         }

@@ -2,6 +2,7 @@
 //! configuration built from a `DownstreamTlsContext`, rebuilt when one of its SDS
 //! secrets changes, and the handshake of a downstream connection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use super::peer::PeerTls;
 use super::secrets::{Resolved, SecretBound, SecretStore};
 use super::stats::SslStats;
 use super::transport::TlsTransport;
-use super::verify::{ClientVerifier, subject_alt_names};
+use super::verify::{ClientChain, ClientVerifier, subject_alt_names};
 use crate::config::{DownstreamTlsConfig, SanType, TlsCertificate};
 
 pub struct ServerTlsContext {
@@ -140,27 +141,42 @@ fn build(
     let builder = match resolved.validation {
         None => builder.with_no_client_auth(),
         Some(v) => {
-            let chain = if v.trusted_ca.is_empty() {
-                None
-            } else {
-                let mut roots = RootCertStore::empty();
-                for ca in v.trusted_ca {
-                    roots
-                        .add(ca)
-                        .map_err(|e| format!("{}.trusted_ca: {e}", v.path))?;
+            let mut sans = v.san_matchers;
+            let (chain, mandatory) = match v.spiffe {
+                // Envoy's SPIFFE validator always asks for, and requires, a
+                // client certificate; only its URI SAN matchers apply.
+                Some(spiffe) => {
+                    sans.retain(|m| m.kind == SanType::Uri);
+                    let mut domains = HashMap::new();
+                    let mut hints: Vec<rustls::DistinguishedName> = Vec::new();
+                    for d in spiffe.trust_domains {
+                        let verifier = webpki_client_verifier(d.cas, d.crls, &provider)
+                            .map_err(|e| format!("{}: trust domain {}: {e}", v.path, d.name))?;
+                        for h in verifier.root_hint_subjects() {
+                            if !hints.iter().any(|k| k.as_ref() == h.as_ref()) {
+                                hints.push(h.clone());
+                            }
+                        }
+                        domains.insert(d.name, verifier);
+                    }
+                    (ClientChain::Spiffe { domains, hints }, true)
                 }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .with_crls(v.crls)
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(|e| format!("{}: {e}", v.path))?;
-                Some(verifier)
+                None if v.trusted_ca.is_empty() => {
+                    (ClientChain::Unchecked, source.require_client_certificate)
+                }
+                None => {
+                    let verifier = webpki_client_verifier(v.trusted_ca, v.crls, &provider)
+                        .map_err(|e| format!("{}.trusted_ca: {e}", v.path))?;
+                    (
+                        ClientChain::WebPki(verifier),
+                        source.require_client_certificate,
+                    )
+                }
             };
             builder.with_client_cert_verifier(Arc::new(ClientVerifier {
                 chain,
-                sans: v.san_matchers,
-                mandatory: source.require_client_certificate,
+                sans,
+                mandatory,
                 algorithms: provider.signature_verification_algorithms,
                 stats: stats.clone(),
             }))
@@ -197,6 +213,25 @@ fn build(
         config: Arc::new(config),
         resolver,
     })
+}
+
+/// webpki's check of a client certificate's chain against `cas` (and `crls`); a
+/// missing certificate is left to [`ClientVerifier`].
+fn webpki_client_verifier(
+    cas: Vec<rustls::pki_types::CertificateDer<'static>>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| e.to_string())?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(verifier)
 }
 
 /// A certificate with its signing key, and the DNS names it is for.

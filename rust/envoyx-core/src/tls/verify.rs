@@ -3,10 +3,15 @@
 //! subject alternative names against `match_typed_subject_alt_names`. Each failure
 //! is counted (`ssl.fail_verify_error`, `ssl.fail_verify_san`).
 //!
+//! With Envoy's SPIFFE validator (`custom_validator_config`
+//! `envoy.tls.cert_validator.spiffe`) the chain is verified against the bundle of
+//! the trust domain the leaf's SPIFFE ID names, and only URI SAN matchers apply.
+//!
 //! Envoy verifies a peer only when a validation context says how: a server
 //! without one asks for no client certificate, and a client without one accepts
 //! any upstream certificate (as Envoy does; a `trusted_ca` turns checking on).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,7 +20,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    SignatureScheme,
+};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::stats::SslStats;
@@ -63,10 +71,56 @@ pub fn sans_match(der: &[u8], matchers: &[SanMatcher]) -> bool {
     })
 }
 
+/// The trust domain a leaf certificate belongs to, as Envoy's SPIFFE validator
+/// finds it: the leaf must not be a CA, must have a key usage extension that does
+/// not allow signing certificates or CRLs, and its
+/// first URI SAN must be a SPIFFE ID, `spiffe://<trust domain>/<path>`. None when
+/// it is not such a certificate (Envoy counts `ssl.fail_verify_error`).
+pub fn spiffe_trust_domain(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    // X509-SVID leaf validation (Envoy's certificatePrecheck).
+    if cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca)
+    {
+        return None;
+    }
+    // A key usage extension is required (BoringSSL takes a missing one as every
+    // usage), and it must not allow signing certificates or CRLs.
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() && !ku.value.crl_sign() => {}
+        _ => return None,
+    }
+    let san = cert.subject_alternative_name().ok().flatten()?;
+    // Envoy takes the first URI SAN (a valid SVID has exactly one).
+    let uri = san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    })?;
+    let rest = uri.strip_prefix("spiffe://")?;
+    let (domain, _) = rest.split_once('/')?;
+    (!domain.is_empty()).then(|| domain.to_string())
+}
+
+/// How a client certificate's chain is verified.
+pub enum ClientChain {
+    /// No `trusted_ca`: not verified (only SANs, if any matcher).
+    Unchecked,
+    /// webpki's chain (and CRL) check against `trusted_ca`.
+    WebPki(Arc<dyn ClientCertVerifier>),
+    /// Envoy's SPIFFE validator: one webpki verifier per trust domain, chosen by
+    /// the leaf's SPIFFE ID; `hints` are every bundle's CA subjects.
+    Spiffe {
+        domains: HashMap<String, Arc<dyn ClientCertVerifier>>,
+        hints: Vec<DistinguishedName>,
+    },
+}
+
 /// Verifies client certificates (the server side of mutual TLS).
 pub struct ClientVerifier {
-    /// webpki's chain (and CRL) check; None without `trusted_ca`.
-    pub chain: Option<Arc<dyn ClientCertVerifier>>,
+    pub chain: ClientChain,
     pub sans: Vec<SanMatcher>,
     pub mandatory: bool,
     pub algorithms: WebPkiSupportedAlgorithms,
@@ -87,7 +141,11 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.as_ref().map_or(&[], |c| c.root_hint_subjects())
+        match &self.chain {
+            ClientChain::Unchecked => &[],
+            ClientChain::WebPki(c) => c.root_hint_subjects(),
+            ClientChain::Spiffe { hints, .. } => hints,
+        }
     }
 
     fn verify_client_cert(
@@ -96,7 +154,18 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        if let Some(chain) = &self.chain
+        let verifier = match &self.chain {
+            ClientChain::Unchecked => None,
+            ClientChain::WebPki(c) => Some(c),
+            ClientChain::Spiffe { domains, .. } => {
+                let Some(v) = spiffe_trust_domain(end_entity).and_then(|d| domains.get(&d)) else {
+                    self.stats.fail_verify_error.inc();
+                    return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+                };
+                Some(v)
+            }
+        };
+        if let Some(chain) = verifier
             && let Err(e) = chain.verify_client_cert(end_entity, intermediates, now)
         {
             self.stats.fail_verify_error.inc();
@@ -138,6 +207,9 @@ impl ClientCertVerifier for ClientVerifier {
 pub struct ServerVerifier {
     /// `trusted_ca`; None: the chain is not checked (Envoy's default).
     pub roots: Option<Arc<RootCertStore>>,
+    /// Envoy's SPIFFE validator: the roots of each trust domain, chosen by the
+    /// leaf's SPIFFE ID (instead of `roots`; no name check).
+    pub spiffe: Option<HashMap<String, Arc<RootCertStore>>>,
     pub sans: Vec<SanMatcher>,
     /// `auto_san_validation`: the certificate must be valid for the name the
     /// connection was made for (the request's host).
@@ -164,7 +236,18 @@ impl ServerCertVerifier for ServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity);
-        if let Some(roots) = &self.roots {
+        let roots = match &self.spiffe {
+            None => self.roots.as_ref(),
+            Some(domains) => {
+                let Some(roots) = spiffe_trust_domain(end_entity).and_then(|d| domains.get(&d))
+                else {
+                    self.stats.fail_verify_error.inc();
+                    return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+                };
+                Some(roots)
+            }
+        };
+        if let Some(roots) = roots {
             let checked = parsed.as_ref().map_err(Clone::clone).and_then(|cert| {
                 rustls::client::verify_server_cert_signed_by_trust_anchor(
                     cert,
@@ -179,7 +262,8 @@ impl ServerCertVerifier for ServerVerifier {
                 return Err(e);
             }
         }
-        if self.check_name {
+        // (Envoy's SPIFFE validator ignores the name the connection was made for.)
+        if self.check_name && self.spiffe.is_none() {
             let named = parsed
                 .as_ref()
                 .map_err(Clone::clone)
