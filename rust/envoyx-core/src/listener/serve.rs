@@ -19,6 +19,7 @@ use super::Listener;
 use super::filter_chain::{ChainFilter, ConnectionFacts, FilterChain};
 use super::inspect::{self, Inspected};
 use crate::tls::server::HandshakeFailure;
+use crate::tls::{PeerTls, ServerTlsContext, TlsTransport};
 use crate::upstream::WorkerPools;
 
 pub type Served<H> = Either<H, Pin<Box<dyn Future<Output = ()>>>>;
@@ -66,12 +67,13 @@ async fn serve_general(
     let _ = stream.set_nodelay(true);
     let mut inspected = Inspected::default();
     if !listener.listener_filters.is_empty() {
-        let run = inspect::run(
+        // Boxed: its state is needed only until a chain is chosen.
+        let run = Box::pin(inspect::run(
             &stream,
             &listener.listener_filters,
             &listener.inspector_stats,
             &mut inspected,
-        );
+        ));
         let outcome = match listener.listener_filters_timeout {
             Some(t) => tokio::time::timeout(t, run).await.ok(),
             None => Some(run.await),
@@ -118,7 +120,7 @@ async fn serve_on_chain(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    mut inspected: Inspected,
+    inspected: Inspected,
 ) {
     let drain = chain.drain.subscribe();
     let Some(tls) = &chain.tls else {
@@ -135,49 +137,14 @@ async fn serve_on_chain(
         }
         return;
     };
-    // The ClientHello: as the tls_inspector read it, or read now.
-    if inspected.client_hello.is_none() {
-        let read = inspect::read_client_hello(&stream, None, &mut inspected);
-        let read = match chain.handshake_timeout {
-            Some(t) => tokio::time::timeout(t, read).await.ok(),
-            None => Some(read.await),
-        };
-        match read {
-            None => {
-                listener
-                    .stats
-                    .downstream_cx_transport_socket_connect_timeout
-                    .inc();
-                return;
-            }
-            Some(Ok(())) if inspected.client_hello.is_some() => {}
-            _ => {
-                tls.stats.connection_error.inc();
-                return;
-            }
-        }
-    }
-    let Some(accepted) = inspected.client_hello.take() else {
+    // Boxed, and `inspected` dropped with it: the handshake's state (rustls'
+    // handshake, the ClientHello bytes) is freed once it is done instead of
+    // staying in every TLS connection's task.
+    let Some((transport, peer_tls)) =
+        Box::pin(establish_tls(listener, chain, tls, stream, inspected)).await
+    else {
         return;
     };
-    let start = StartHandshake::from_parts(accepted, stream);
-    let (transport, mut peer_tls) = match tls.handshake(start, chain.handshake_timeout).await {
-        Ok(done) => done,
-        Err(HandshakeFailure::TimedOut) => {
-            listener
-                .stats
-                .downstream_cx_transport_socket_connect_timeout
-                .inc();
-            return;
-        }
-        Err(HandshakeFailure::Failed) => return,
-    };
-    if listener
-        .listener_filters
-        .contains(&crate::config::ListenerFilterKind::TlsInspector)
-    {
-        peer_tls.requested_server_name = inspected.server_name.as_deref().map(Arc::from);
-    }
     match &chain.filter {
         ChainFilter::Http(hcm) => {
             crate::http::serve_tls(hcm.clone(), pools, transport, peer, peer_tls, drain).await
@@ -188,4 +155,56 @@ async fn serve_on_chain(
                 .await
         }
     }
+}
+
+/// The TLS handshake of a chain's connection, from the ClientHello the tls_inspector
+/// read (or read now); None, counted, when it fails or times out.
+async fn establish_tls(
+    listener: &Listener,
+    chain: &FilterChain,
+    tls: &ServerTlsContext,
+    stream: TcpStream,
+    mut inspected: Inspected,
+) -> Option<(TlsTransport, PeerTls)> {
+    let timed_out = || {
+        listener
+            .stats
+            .downstream_cx_transport_socket_connect_timeout
+            .inc();
+    };
+    if inspected.client_hello.is_none() {
+        let read = inspect::read_client_hello(&stream, None, &mut inspected);
+        let read = match chain.handshake_timeout {
+            Some(t) => tokio::time::timeout(t, read).await.ok(),
+            None => Some(read.await),
+        };
+        match read {
+            None => {
+                timed_out();
+                return None;
+            }
+            Some(Ok(())) if inspected.client_hello.is_some() => {}
+            _ => {
+                tls.stats.connection_error.inc();
+                return None;
+            }
+        }
+    }
+    let accepted = inspected.client_hello.take()?;
+    let start = StartHandshake::from_parts(accepted, stream);
+    let (transport, mut peer_tls) = match tls.handshake(start, chain.handshake_timeout).await {
+        Ok(done) => done,
+        Err(HandshakeFailure::TimedOut) => {
+            timed_out();
+            return None;
+        }
+        Err(HandshakeFailure::Failed) => return None,
+    };
+    if listener
+        .listener_filters
+        .contains(&crate::config::ListenerFilterKind::TlsInspector)
+    {
+        peer_tls.requested_server_name = inspected.server_name.as_deref().map(Arc::from);
+    }
+    Some((transport, peer_tls))
 }

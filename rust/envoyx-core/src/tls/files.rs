@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use serde_json::Value;
 
-use super::secrets::SecretEntry;
+use super::secret_entry::SecretEntry;
 
 /// What is watched of each SDS secret, by name.
 #[derive(Debug, Default)]
@@ -174,7 +174,7 @@ impl Watched {
 impl FileWatch {
     /// An SDS secret was installed (its files just read): watch them from now.
     pub fn track(&self, name: &str, entry: &Arc<SecretEntry>) {
-        let mut watched = crate::instance::lock(&self.watched);
+        let mut watched = lock(&self.watched);
         match Watched::new(entry) {
             Some(w) => {
                 watched.insert(name.to_string(), w);
@@ -193,7 +193,7 @@ impl FileWatch {
         &self,
         entries: &HashMap<String, Arc<SecretEntry>>,
     ) -> (Vec<Reload>, Vec<(String, String)>) {
-        let mut watched = crate::instance::lock(&self.watched);
+        let mut watched = lock(&self.watched);
         watched.retain(|name, w| entries.get(name).is_some_and(|e| Arc::ptr_eq(e, &w.entry)));
         let mut reloads = Vec::new();
         let mut failures = Vec::new();
@@ -243,7 +243,7 @@ impl FileWatch {
     /// A reload did not take (the files do not make a valid secret): forget its
     /// contents so that the next change of its directory tries again.
     pub fn reload_failed(&self, name: &str) {
-        if let Some(w) = crate::instance::lock(&self.watched).get_mut(name) {
+        if let Some(w) = lock(&self.watched).get_mut(name) {
             w.hash = 0;
         }
     }
@@ -251,7 +251,7 @@ impl FileWatch {
     /// The secret was replaced by a reload: the watch carries on with the new
     /// entry (a reload is no SDS update).
     pub fn reloaded(&self, name: &str, entry: Arc<SecretEntry>) {
-        if let Some(w) = crate::instance::lock(&self.watched).get_mut(name) {
+        if let Some(w) = lock(&self.watched).get_mut(name) {
             w.entry = entry;
         }
     }
@@ -271,6 +271,10 @@ fn inline(raw: &Value, files: &[FieldFile], contents: &[Vec<u8>]) -> Value {
         }
     }
     out
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

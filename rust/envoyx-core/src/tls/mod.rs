@@ -8,6 +8,7 @@ pub mod client;
 pub mod files;
 pub mod params;
 pub mod peer;
+pub mod secret_entry;
 pub mod secrets;
 pub mod server;
 pub mod stats;

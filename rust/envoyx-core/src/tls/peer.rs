@@ -25,8 +25,8 @@ pub struct PeerTls {
     /// The client's certificate chain (leaf first), if it presented one.
     pub peer_chain: Vec<CertificateDer<'static>>,
     /// The certificate this side served (approximated when several are
-    /// configured: the one for the SNI, else the first).
-    pub local_cert: Option<CertificateDer<'static>>,
+    /// configured: the one for the SNI, else the first); shared, not copied.
+    pub local_cert: Option<Arc<rustls::sign::CertifiedKey>>,
     peer: OnceLock<Option<CertInfo>>,
     local: OnceLock<Option<CertInfo>>,
 }
@@ -55,7 +55,7 @@ impl PeerTls {
         version: Option<&'static str>,
         cipher: Option<&'static str>,
         peer_chain: Vec<CertificateDer<'static>>,
-        local_cert: Option<CertificateDer<'static>>,
+        local_cert: Option<Arc<rustls::sign::CertifiedKey>>,
     ) -> Self {
         PeerTls {
             sni,
@@ -83,7 +83,10 @@ impl PeerTls {
 
     pub fn local(&self) -> Option<&CertInfo> {
         self.local
-            .get_or_init(|| self.local_cert.as_ref().and_then(|c| cert_info(c)))
+            .get_or_init(|| {
+                let leaf = self.local_cert.as_ref()?.cert.first()?;
+                cert_info(leaf)
+            })
             .as_ref()
     }
 

@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
 use super::files::FileWatch;
+pub use super::secret_entry::SecretEntry;
 use crate::config::{CommonTlsConfig, SecretConfig, SecretRef, TlsCertificate, ValidationConfig};
 
 #[derive(Default, Debug)]
@@ -21,17 +22,6 @@ pub struct SecretStore {
     absent: ArcSwap<HashSet<String>>,
     /// The files of SDS secrets, re-read when replaced on disk.
     pub files: FileWatch,
-}
-
-/// A secret and where it came from, for `/config_dump`.
-#[derive(Debug)]
-pub struct SecretEntry {
-    pub secret: SecretConfig,
-    /// None for the bootstrap's static secrets.
-    pub version_info: Option<String>,
-    pub last_updated: SystemTime,
-    /// The resource as given (its private key redacted when dumped).
-    pub raw: Value,
 }
 
 /// A context's certificates and validation context with its secrets filled in.

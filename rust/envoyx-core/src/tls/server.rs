@@ -275,15 +275,13 @@ struct CertResolver {
 impl CertResolver {
     /// The leaf most likely served for an SNI (rustls does not say which it
     /// chose): the first valid for the name, else the first.
-    fn served_leaf(&self, sni: Option<&str>) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    fn served_leaf(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let sni = sni.map(str::to_ascii_lowercase);
         let by_name = self.keys.iter().find(|(_, names)| {
             sni.as_deref()
                 .is_some_and(|s| names.iter().any(|n| dns_name_matches(n, s)))
         });
-        by_name
-            .or(self.keys.first())
-            .and_then(|(k, _)| k.cert.first().cloned())
+        by_name.or(self.keys.first()).map(|(k, _)| k.clone())
     }
 }
 
