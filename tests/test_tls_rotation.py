@@ -21,11 +21,8 @@ real Envoy 1.40 with the same bootstrap), in State of the World and in Delta:
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -33,6 +30,7 @@ import pytest
 from support.proxy import ProxyProcess
 from support.tls import (
     CertFiles,
+    HttpsLoad,
     Pki,
     client_context,
     downstream_tls,
@@ -105,66 +103,6 @@ def tls_listener(name: str, port: int, secret: str) -> Json:
     return doc
 
 
-@dataclass(frozen=True)
-class Result:
-    started: float
-    ended: float
-    status: int | None
-    peer_cn: str | None
-    error: str | None
-
-
-class Load:
-    """``threads`` threads doing HTTPS GETs, each on a new connection, until stopped."""
-
-    def __init__(self, address: tuple[str, int], pki: Pki, threads: int = THREADS) -> None:
-        self.address = address
-        self.pki = pki
-        self.threads = threads
-        self.results: list[Result] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tls-load")
-        self._futures: list[Any] = []
-
-    def __enter__(self) -> Load:
-        self._futures = [self._pool.submit(self._run) for _ in range(self.threads)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for f in self._futures:
-            f.result(timeout=TIMEOUT)
-        self._pool.shutdown()
-
-    def _run(self) -> None:
-        ctx = client_context(self.pki)
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                resp, hs = https_request(
-                    self.address, ctx, "/load", server_name=SERVER_NAME, host="sds.test"
-                )
-                ok = resp.status == 200 and resp.header("x-upstream") == "a"
-                result = Result(
-                    started,
-                    time.monotonic(),
-                    resp.status,
-                    hs.peer_cn,
-                    None if ok else f"status {resp.status}",
-                )
-            except Exception as exc:
-                result = Result(
-                    started, time.monotonic(), None, None, f"{type(exc).__name__}: {exc}"
-                )
-            with self._lock:
-                self.results.append(result)
-
-    def snapshot(self) -> list[Result]:
-        with self._lock:
-            return list(self.results)
-
-
 def test_certificate_pushed_by_sds_under_load(
     start_proxy: StartProxy, xds: XdsServer, mode: str, pki: Pki, http_upstream: HttpUpstream
 ) -> None:
@@ -194,7 +132,7 @@ def test_certificate_pushed_by_sds_under_load(
     resp, hs = https_request(address, client_context(pki), server_name=SERVER_NAME, host="x")
     assert (resp.status, hs.peer_cn) == (200, old.common_name)
 
-    with Load(address, pki) as load:
+    with HttpsLoad(address, client_context(pki), SERVER_NAME, threads=THREADS) as load:
         time.sleep(BEFORE_S)
         since = xds.mark()
         version = xds.update(SECRET, {SECRET_NAME: certificate_secret(SECRET_NAME, new)})

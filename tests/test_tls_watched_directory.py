@@ -35,6 +35,7 @@ from support.clients import _Reader, read_response
 from support.proxy import ProxyProcess
 from support.tls import (
     CertFiles,
+    HttpsLoad,
     Pki,
     client_context,
     downstream_tls,
@@ -255,3 +256,37 @@ def test_bootstrap_certificates_are_read_once(
     d.swap(new)
     time.sleep(3)
     assert served_cn(address, pki) == old.common_name
+
+
+def test_certificate_files_swapped_under_load(
+    start_proxy: StartProxy,
+    xds: XdsServer,
+    pki: Pki,
+    http_upstream: HttpUpstream,
+    tmp_path: Path,
+) -> None:
+    """The watched files swapped (a symlink rename) while 4 threads make HTTPS
+    requests on fresh connections: none fails, and once the new certificate is
+    served, no connection gets the old one again."""
+    old, new = pki.server_ecdsa, pki.server_rsa
+    d = SecretDir(tmp_path / "secret", old)
+    proxy, address = sds_proxy(start_proxy, xds, http_upstream, d, watched=True)
+    until(lambda: served_cn(address, pki) == old.common_name, timeout=10, what="first cert")
+    with HttpsLoad(address, client_context(pki), SERVER_NAME) as load:
+        time.sleep(1.0)
+        d.swap(new)
+        until(
+            lambda: any(r.peer_cn == new.common_name for r in load.snapshot()),
+            timeout=ROTATION_S,
+            what="the new certificate under load",
+        )
+        first_new = min(r.started for r in load.snapshot() if r.peer_cn == new.common_name)
+        time.sleep(1.0)
+    results = load.results
+    failed = [r for r in results if r.error is not None]
+    assert not failed, f"{proxy.kind}: {len(failed)} of {len(results)} failed: {failed[:3]}"
+    # Connections that began after the first one served the new certificate ended
+    # (a moment later) with it too: once switched, the listener never goes back.
+    later = [r for r in results if r.started > first_new + 0.2]
+    assert later and all(r.peer_cn == new.common_name for r in later)
+    assert {r.peer_cn for r in results} == {old.common_name, new.common_name}

@@ -31,7 +31,9 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1059,3 +1061,78 @@ def openssl_handshake(
     verify = re.search(r"Verify return code: (.*)$", out, re.MULTILINE)
     assert cn and verify, f"openssl s_client printed no certificate:\n{out[-2000:]}"
     return cn.group(1).strip(), verify.group(1).strip()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One request of :class:`HttpsLoad`: when, its status, the certificate served."""
+
+    started: float
+    ended: float
+    status: int | None
+    peer_cn: str | None
+    error: str | None
+
+
+class HttpsLoad:
+    """``threads`` threads doing HTTPS GETs, each on a new connection (a full
+    handshake), until the ``with`` block ends; a request fails unless it gets 200
+    from the upstream named ``upstream``."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        ctx: ssl.SSLContext,
+        server_name: str,
+        *,
+        threads: int = 4,
+        upstream: str = "a",
+        timeout: float = 10.0,
+    ) -> None:
+        self.address = address
+        self.ctx = ctx
+        self.server_name = server_name
+        self.threads = threads
+        self.upstream = upstream
+        self.timeout = timeout
+        self.results: list[LoadResult] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tls-load")
+        self._futures: list[Any] = []
+
+    def __enter__(self) -> HttpsLoad:
+        self._futures = [self._pool.submit(self._run) for _ in range(self.threads)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for f in self._futures:
+            f.result(timeout=self.timeout)
+        self._pool.shutdown()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                resp, hs = https_request(
+                    self.address, self.ctx, "/load", server_name=self.server_name, host="x"
+                )
+                ok = resp.status == 200 and resp.header("x-upstream") == self.upstream
+                result = LoadResult(
+                    started,
+                    time.monotonic(),
+                    resp.status,
+                    hs.peer_cn,
+                    None if ok else f"status {resp.status}",
+                )
+            except Exception as exc:
+                result = LoadResult(
+                    started, time.monotonic(), None, None, f"{type(exc).__name__}: {exc}"
+                )
+            with self._lock:
+                self.results.append(result)
+
+    def snapshot(self) -> list[LoadResult]:
+        with self._lock:
+            return list(self.results)
