@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from support.bootstrap import bootstrap
@@ -37,6 +38,7 @@ from support.tls import (
     CertFiles,
     HttpsLoad,
     Pki,
+    TlsUpstream,
     client_context,
     downstream_tls,
     https_listener,
@@ -44,6 +46,7 @@ from support.tls import (
     listener_stat,
     shared_pki,
     tls_connect,
+    upstream_tls,
 )
 from support.upstreams import HttpUpstream
 from support.wait import free_port, until
@@ -290,3 +293,49 @@ def test_certificate_files_swapped_under_load(
     later = [r for r in results if r.started > first_new + 0.2]
     assert later and all(r.peer_cn == new.common_name for r in later)
     assert {r.peer_cn for r in results} == {old.common_name, new.common_name}
+
+
+def test_a_clusters_client_certificate_swapped_on_disk(
+    start_proxy: StartProxy, xds: XdsServer, pki: Pki, tmp_path: Path
+) -> None:
+    """The upstream side: a cluster's client certificate is an SDS secret naming
+    watched files. The upstream requires a certificate from the PKI's root: with the
+    rogue one the proxy's handshakes fail (503); once the files are swapped for a
+    certificate the upstream trusts, requests go through — no restart, no push."""
+    upstream = TlsUpstream(
+        "tls-up", pki.server_ecdsa, client_ca=pki.ca_path, require_client_cert=True
+    ).start()
+    try:
+        d = SecretDir(tmp_path / "client", pki.client_rogue)
+        cluster = eds_cluster("up")
+        cluster["transport_socket"] = upstream_tls(sni=SERVER_NAME)
+        cluster["transport_socket"]["typed_config"]["common_tls_context"] = {
+            "tls_certificate_sds_secret_configs": [
+                {"name": "client-cert", "sds_config": ads_source()}
+            ]
+        }
+        port = free_port()
+        xds.set_snapshot(
+            {
+                CLUSTER: {"up": cluster},
+                ENDPOINT: {"up": cluster_load_assignment("up", [upstream.address])},
+                LISTENER: {"main": listener("main", port, route_config_name="routes")},
+                ROUTE: {"routes": simple_routes("routes", "up")},
+                SECRET: {"client-cert": file_secret("client-cert", d, watched=True)},
+            }
+        )
+        doc = ads_bootstrap(
+            xds_address=xds.address, admin_port=free_port(), node_id=f"watched-{next(_seq)}"
+        )
+        start_proxy(doc)
+        url = f"http://127.0.0.1:{port}/"
+
+        def status() -> int:
+            return httpx.get(url, timeout=5).status_code
+
+        until(lambda: status() == 503, timeout=10, what="the rogue certificate refused")
+        d.swap(pki.client_web)
+        until(lambda: status() == 200, timeout=ROTATION_S, what="the trusted certificate")
+        assert upstream.handshakes[-1].error is None
+    finally:
+        upstream.stop()
