@@ -17,7 +17,6 @@ use super::reader::Obj;
 pub const TLS_SOCKET_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 pub const UPSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 pub const RAW_BUFFER_TYPE: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
-pub const SECRET_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 pub const SPIFFE_VALIDATOR_TYPE: &str =
     "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";

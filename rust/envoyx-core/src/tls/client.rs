@@ -21,6 +21,8 @@ pub struct ClientTlsContext {
     source: UpstreamTlsConfig,
     /// ALPN offered when the context names none: from the cluster's protocol.
     default_alpn: Vec<Vec<u8>>,
+    /// `sni`, made once: requests share it rather than allocate their own.
+    fixed_sni: Option<Arc<str>>,
     /// The rustls configuration, with the secrets it names.
     pub config: SecretBound<ClientConfig>,
     pub stats: SslStats,
@@ -35,6 +37,7 @@ impl ClientTlsContext {
     ) -> Result<Self, String> {
         let ctx = ClientTlsContext {
             config: SecretBound::new(source.common.clone()),
+            fixed_sni: source.sni.as_deref().map(Arc::from),
             source,
             default_alpn,
             stats,
@@ -57,12 +60,7 @@ impl ClientTlsContext {
         {
             return Some(Arc::from(host));
         }
-        self.source.sni.as_deref().map(Arc::from)
-    }
-
-    /// Whether the SNI depends on the request (pools then key by it).
-    pub fn per_request_sni(&self) -> bool {
-        self.source.auto_sni || self.source.auto_san_validation
+        self.fixed_sni.clone()
     }
 
     /// The client handshake on a connected socket; the error text is Envoy's
@@ -109,12 +107,9 @@ impl ClientTlsContext {
 /// BoringSSL's words for the common failures (Envoy's transport failure reason
 /// carries them), then rustls' own.
 fn failure_text(e: &std::io::Error) -> String {
-    use rustls::{AlertDescription, CertificateError, Error};
+    use rustls::{AlertDescription, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
     match inner {
-        Some(Error::InvalidCertificate(CertificateError::NotValidForName)) => {
-            format!("CERTIFICATE_VERIFY_FAILED ({e})")
-        }
         Some(Error::InvalidCertificate(_)) => format!("CERTIFICATE_VERIFY_FAILED ({e})"),
         Some(Error::AlertReceived(AlertDescription::HandshakeFailure)) => {
             format!("HANDSHAKE_FAILURE ({e})")
