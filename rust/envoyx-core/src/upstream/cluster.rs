@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -17,6 +17,39 @@ use crate::config::{
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 use crate::tls::{ClientTlsContext, SecretStore, SslStats};
 
+/// Why a host is out of (or degraded in) rotation: Envoy's `Host::HealthFlag`, one
+/// bit each, set and cleared by whoever owns the reason (active health checking,
+/// outlier detection, EDS) and read by the workers' load balancers without a lock.
+pub mod health_flag {
+    pub const FAILED_ACTIVE_HC: u32 = 1 << 0;
+    pub const FAILED_OUTLIER_CHECK: u32 = 1 << 1;
+    pub const FAILED_EDS_HEALTH: u32 = 1 << 2;
+    pub const DEGRADED_ACTIVE_HC: u32 = 1 << 3;
+    pub const DEGRADED_EDS_HEALTH: u32 = 1 << 4;
+    pub const PENDING_DYNAMIC_REMOVAL: u32 = 1 << 5;
+    pub const PENDING_ACTIVE_HC: u32 = 1 << 6;
+    pub const EXCLUDED_VIA_IMMEDIATE_HC_FAIL: u32 = 1 << 7;
+    pub const ACTIVE_HC_TIMEOUT: u32 = 1 << 8;
+    pub const EDS_STATUS_DRAINING: u32 = 1 << 9;
+
+    /// The flags that make a host unhealthy (Envoy's `coarseHealth`).
+    pub const UNHEALTHY: u32 = FAILED_ACTIVE_HC
+        | FAILED_OUTLIER_CHECK
+        | FAILED_EDS_HEALTH
+        | EDS_STATUS_DRAINING
+        | EXCLUDED_VIA_IMMEDIATE_HC_FAIL;
+    /// The flags that make an otherwise healthy host degraded.
+    pub const DEGRADED: u32 = DEGRADED_ACTIVE_HC | DEGRADED_EDS_HEALTH;
+}
+
+/// A host's coarse health, as Envoy's load balancers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostHealth {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
 #[derive(Debug)]
 pub struct Host {
     pub address: SocketAddr,
@@ -26,6 +59,9 @@ pub struct Host {
     /// Set when DNS or EDS took the host out of its cluster: workers close its
     /// idle pooled connections and stop reusing the others.
     pub removed: AtomicBool,
+    /// [`health_flag`] bits. Whoever changes them calls
+    /// [`Cluster::health_changed`] so the workers rebuild their host sets.
+    health_flags: AtomicU32,
 }
 
 impl Host {
@@ -36,11 +72,38 @@ impl Host {
             hostname,
             stats: HostStats::new(shards),
             removed: AtomicBool::new(false),
+            health_flags: AtomicU32::new(0),
         }
     }
 
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Relaxed)
+    }
+
+    /// The [`health_flag`] bits now set.
+    pub fn health_flags(&self) -> u32 {
+        self.health_flags.load(Ordering::Acquire)
+    }
+
+    /// Sets `flag`; true when it was not set before.
+    pub fn set_health_flag(&self, flag: u32) -> bool {
+        self.health_flags.fetch_or(flag, Ordering::AcqRel) & flag == 0
+    }
+
+    /// Clears `flag`; true when it was set before.
+    pub fn clear_health_flag(&self, flag: u32) -> bool {
+        self.health_flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0
+    }
+
+    pub fn health(&self) -> HostHealth {
+        let flags = self.health_flags();
+        if flags & health_flag::UNHEALTHY != 0 {
+            HostHealth::Unhealthy
+        } else if flags & health_flag::DEGRADED != 0 {
+            HostHealth::Degraded
+        } else {
+            HostHealth::Healthy
+        }
     }
 }
 
@@ -170,6 +233,9 @@ pub struct Cluster {
     pub tls: Option<ClientTlsContext>,
     /// Its first hosts are known (static, or a first DNS answer or EDS update).
     hosts_ready: AtomicBool,
+    /// Bumped whenever a host's health flags change: a worker whose load balancer
+    /// was built at an older epoch rebuilds its host sets (no lock on the pick).
+    health_epoch: AtomicU64,
     pub raw: serde_json::Value,
 }
 
@@ -262,8 +328,26 @@ impl Cluster {
             removed: AtomicBool::new(false),
             hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
             tls,
+            health_epoch: AtomicU64::new(0),
             raw: config.raw.clone(),
         }))
+    }
+
+    /// Tells the workers that a host's health flags changed.
+    pub fn health_changed(&self) {
+        self.health_epoch.fetch_add(1, Ordering::AcqRel);
+        let healthy = self
+            .hosts
+            .load()
+            .iter()
+            .filter(|h| h.health() != HostHealth::Unhealthy)
+            .count();
+        self.stats.membership_healthy.set(healthy as i64);
+    }
+
+    /// The epoch of the hosts' health flags (see [`Cluster::health_changed`]).
+    pub fn health_epoch(&self) -> u64 {
+        self.health_epoch.load(Ordering::Acquire)
     }
 
     /// Whether it has what it warms for: its first hosts and its TLS secrets.

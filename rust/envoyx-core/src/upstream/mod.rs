@@ -6,6 +6,6 @@ pub mod host_stats;
 pub mod lb;
 pub mod pool;
 
-pub use cluster::{Cluster, ClusterManager, Host};
+pub use cluster::{Cluster, ClusterManager, Host, HostHealth, health_flag};
 pub use connect::{ConnectError, UpstreamStream, connect};
 pub use pool::WorkerPools;

@@ -16,7 +16,7 @@ use std::time::Instant;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::cluster::{Cluster, Host};
+use super::cluster::{Cluster, Host, HostHealth};
 use super::connect::{ConnectError, UpstreamStream, connect};
 use super::lb::{self, LbContext, LoadBalancer};
 use crate::config::UpstreamProtocol;
@@ -186,6 +186,10 @@ pub struct WorkerPools {
 struct ClusterLocal {
     lb: Rc<dyn LoadBalancer>,
     list: Arc<Vec<Arc<Host>>>,
+    /// The cluster's health epoch `hosts` was built at.
+    health_epoch: u64,
+    /// The hosts a pick chooses from: the healthy ones, or all of them when none
+    /// is healthy (Envoy's panic mode at its default threshold).
     hosts: Rc<[LocalHandle<Host>]>,
 }
 
@@ -203,15 +207,28 @@ impl WorkerPools {
     ) -> Option<LocalHandle<Host>> {
         let (lb, hosts) = {
             let current = cluster.hosts.load();
+            let epoch = cluster.health_epoch();
             let mut balancers = self.balancers.borrow_mut();
             let local = balancers.entry(cluster.id).or_insert_with(|| ClusterLocal {
                 lb: lb::for_policy(cluster.lb_policy),
                 list: Arc::new(Vec::new()),
+                health_epoch: u64::MAX,
                 hosts: Rc::new([]),
             });
-            if !Arc::ptr_eq(&local.list, &current) {
-                local.hosts = current.iter().cloned().map(LocalHandle::new).collect();
+            if !Arc::ptr_eq(&local.list, &current) || local.health_epoch != epoch {
+                let healthy: Rc<[LocalHandle<Host>]> = current
+                    .iter()
+                    .filter(|h| h.health() != HostHealth::Unhealthy)
+                    .cloned()
+                    .map(LocalHandle::new)
+                    .collect();
+                local.hosts = if healthy.is_empty() {
+                    current.iter().cloned().map(LocalHandle::new).collect()
+                } else {
+                    healthy
+                };
                 local.list = arc_swap::Guard::into_inner(current);
+                local.health_epoch = epoch;
             }
             (local.lb.clone(), local.hosts.clone())
         };
