@@ -56,15 +56,28 @@ def callgrind(out: Path) -> list[str]:
 ENVOYX_PYTHON = [sys.executable]
 
 
+#: The route of the ``envoyx-retry`` target: a retry policy that no request uses
+#: (the upstream never fails), to show what configured retries cost.
+RETRY_ROUTE = (
+    "route: { cluster: nginx, retry_policy: "
+    '{ retry_on: "5xx,reset,connect-failure", num_retries: 2, per_try_timeout: 5s } }'
+)
+
+
 def proxy_command(name: str, workdir: Path, listen: int, admin: int, upstream: int) -> list[str]:
-    if name == "envoyx":
+    if name in ("envoyx", "envoyx-retry"):
         cfg = render(
             "bootstrap.yaml",
-            workdir / "envoyx-bootstrap.yaml",
+            workdir / f"{name}-bootstrap.yaml",
             listen_port=listen,
             admin_port=admin,
             upstream_port=upstream,
         )
+        if name == "envoyx-retry":
+            text = cfg.read_text()
+            if "route: { cluster: nginx }" not in text:
+                raise HarnessError("bootstrap.yaml has no route to add a retry policy to")
+            cfg.write_text(text.replace("route: { cluster: nginx }", RETRY_ROUTE))
         # The console script is Python; run its module directly so that valgrind
         # follows one process.
         return [*ENVOYX_PYTHON, "-m", "envoyx", "-c", str(cfg), "--concurrency", "1"]
@@ -159,7 +172,11 @@ def measure(name: str, requests: int, workdir: Path, upstream_port: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=4000, help="requests counted (4000)")
-    p.add_argument("--targets", default="envoyx,haproxy", help="envoyx,haproxy (both)")
+    p.add_argument(
+        "--targets",
+        default="envoyx,haproxy",
+        help="envoyx,haproxy (both); envoyx-retry: envoyx with an unused retry policy",
+    )
     p.add_argument("--top", action="store_true", help="print where the instructions went")
     p.add_argument(
         "--envoyx-python",

@@ -789,7 +789,7 @@ mod tests {
     fn unsupported_fields_are_all_reported() {
         let doc = front_proxy(json!({
             "match": {"prefix": "/", "headers": [{"name": "x"}]},
-            "route": {"cluster": "backend", "retry_policy": {"num_retries": 2}}
+            "route": {"cluster": "backend", "retry_policy": {"retry_priority": {"name": "p"}}}
         }));
         let errs = map_bootstrap(&doc).unwrap_err();
         let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
@@ -799,7 +799,7 @@ mod tests {
         );
         assert!(
             errs.contains(&format!(
-                "{base}.route.retry_policy: not supported by envoyx"
+                "{base}.route.retry_policy.retry_priority: not supported by envoyx"
             )),
             "{errs:?}"
         );

@@ -180,7 +180,8 @@ fn map_chain_match(m: &Obj<'_>) -> Option<FilterChainMatch> {
     Some(out)
 }
 
-fn map_cidrs(m: &Obj<'_>, field: &'static str) -> Vec<CidrRange> {
+/// A repeated `envoy.config.core.v3.CidrRange` field.
+pub fn map_cidrs(m: &Obj<'_>, field: &'static str) -> Vec<CidrRange> {
     let mut out = Vec::new();
     for r in m.list(field) {
         let prefix = r.str("address_prefix").unwrap_or_default();

@@ -6,6 +6,7 @@ pub mod matcher;
 pub mod model;
 pub mod network;
 pub mod reader;
+pub mod retry;
 pub mod tls;
 
 pub use bootstrap::map_bootstrap;

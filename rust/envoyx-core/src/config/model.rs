@@ -312,6 +312,11 @@ pub struct HttpConnectionManagerConfig {
     pub generate_request_id: bool,
     /// `use_remote_address` (default false): append the peer to `x-forwarded-for`.
     pub use_remote_address: bool,
+    /// `xff_num_trusted_hops` (default 0).
+    pub xff_num_trusted_hops: u32,
+    /// `internal_address_config.cidr_ranges`: the addresses whose requests are
+    /// internal. Unset, no address is (Envoy 1.40's default).
+    pub internal_cidrs: Vec<CidrRange>,
     /// `forward_client_cert_details` (default SANITIZE).
     pub forward_client_cert: ForwardClientCert,
     /// `set_current_client_cert_details`.
@@ -468,6 +473,18 @@ pub struct ForwardAction {
     pub prefix_rewrite: Option<String>,
     /// `route.host_rewrite_literal`.
     pub host_rewrite: Option<String>,
+    /// `route.retry_policy`, else the virtual host's.
+    pub retry_policy: Option<std::sync::Arc<super::retry::RetryPolicy>>,
+    /// `route.hedge_policy`, else the virtual host's.
+    pub hedge_policy: super::retry::HedgePolicy,
+    /// The virtual host's `include_request_attempt_count`: `x-envoy-attempt-count`
+    /// on each try's request.
+    pub include_attempt_count_in_request: bool,
+    /// The virtual host's `include_attempt_count_in_response`.
+    pub include_attempt_count_in_response: bool,
+    /// `per_request_buffer_limit_bytes` (route, else virtual host; default 1 MiB,
+    /// Envoy's listener buffer limit): how much request body is kept for a retry.
+    pub retry_buffer_limit: u32,
 }
 
 #[derive(Debug)]

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::matcher::map_safe_regex;
 use super::model::*;
 use super::reader::Obj;
+use super::retry::{HedgePolicy, RetryPolicy, map_hedge_policy, map_retry_policy};
 
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -68,6 +69,16 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
         use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
+        xff_num_trusted_hops: hcm.u32("xff_num_trusted_hops").unwrap_or(0),
+        internal_cidrs: hcm
+            .obj("internal_address_config")
+            .map(|c| {
+                // envoyx listens on IP sockets only: no request comes over a
+                // Unix socket, so `unix_sockets` changes nothing.
+                c.bool("unix_sockets");
+                super::listener::map_cidrs(&c, "cidr_ranges")
+            })
+            .unwrap_or_default(),
         forward_client_cert: match hcm.str("forward_client_cert_details").unwrap_or("SANITIZE") {
             "SANITIZE" => ForwardClientCert::Sanitize,
             "FORWARD_ONLY" => ForwardClientCert::ForwardOnly,
@@ -288,7 +299,22 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
         }
     }
     let vhost_overrides = map_filter_overrides(vh);
-    let mut routes: Vec<RouteEntry> = vh.list("routes").iter().filter_map(map_route).collect();
+    let inherited = RouteDefaults {
+        retry_policy: vh
+            .obj("retry_policy")
+            .map(|p| std::sync::Arc::new(map_retry_policy(&p))),
+        hedge_policy: vh.obj("hedge_policy").map(|h| map_hedge_policy(&h)),
+        include_attempt_count_in_request: vh.bool("include_request_attempt_count").unwrap_or(false),
+        include_attempt_count_in_response: vh
+            .bool("include_attempt_count_in_response")
+            .unwrap_or(false),
+        buffer_limit: vh.u32("per_request_buffer_limit_bytes"),
+    };
+    let mut routes: Vec<RouteEntry> = vh
+        .list("routes")
+        .iter()
+        .filter_map(|r| map_route(r, &inherited))
+        .collect();
     for route in &mut routes {
         for (name, o) in &vhost_overrides {
             if !route.filter_overrides.iter().any(|(n, _)| n == name) {
@@ -303,7 +329,20 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
     })
 }
 
-fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
+/// What a virtual host gives the routes that do not set it themselves.
+struct RouteDefaults {
+    retry_policy: Option<std::sync::Arc<RetryPolicy>>,
+    hedge_policy: Option<HedgePolicy>,
+    include_attempt_count_in_request: bool,
+    include_attempt_count_in_response: bool,
+    buffer_limit: Option<u32>,
+}
+
+/// Envoy's default `per_connection_buffer_limit_bytes`, which bounds a request's
+/// body kept for retries when no `per_request_buffer_limit_bytes` is set.
+const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
+
+fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
     let name = r.str("name").unwrap_or_default().to_string();
     let m = r.obj("match").or_else(|| {
         r.error("match", "is required");
@@ -343,6 +382,21 @@ fn map_route(r: &Obj<'_>) -> Option<RouteEntry> {
             expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
             prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),
             host_rewrite: route.str("host_rewrite_literal").map(str::to_string),
+            retry_policy: route
+                .obj("retry_policy")
+                .map(|p| std::sync::Arc::new(map_retry_policy(&p)))
+                .or_else(|| inherited.retry_policy.clone()),
+            hedge_policy: route
+                .obj("hedge_policy")
+                .map(|h| map_hedge_policy(&h))
+                .or(inherited.hedge_policy)
+                .unwrap_or_default(),
+            include_attempt_count_in_request: inherited.include_attempt_count_in_request,
+            include_attempt_count_in_response: inherited.include_attempt_count_in_response,
+            retry_buffer_limit: r
+                .u32("per_request_buffer_limit_bytes")
+                .or(inherited.buffer_limit)
+                .unwrap_or(DEFAULT_BUFFER_LIMIT),
         })
     } else if let Some(dr) = r.obj("direct_response") {
         let status = dr.u32("status").unwrap_or(200);

@@ -10,7 +10,6 @@ use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, Version};
-use hyper::body::Incoming;
 
 use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd};
 use super::connection::DownstreamConnection;
@@ -50,6 +49,8 @@ impl ActiveStream {
         let hcm = &*connection.hcm;
         let version = req.version();
         conn.begin_request(version);
+        // Before any filter or the router reads them, as Envoy does.
+        hcm.internal_policy.apply(req.headers_mut(), conn.peer);
         if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
             let id = uuid::Uuid::new_v4();
             let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -180,22 +181,22 @@ impl ActiveStream {
             // Boxed: a request without response filters does not carry this state.
             Box::pin(self.filter_upstream_response(parts, body)).await
         } else {
-            self.respond(parts, ProxyBody::Stream(body.into()))
+            self.respond(parts, ProxyBody::Stream(body))
         }
     }
 
     async fn filter_upstream_response(
         mut self,
         mut parts: http::response::Parts,
-        body: Incoming,
+        body: PeerBody,
     ) -> Response<ResponseBody> {
         let Some(f) = &self.filters else {
-            return self.respond(parts, ProxyBody::Stream(body.into()));
+            return self.respond(parts, ProxyBody::Stream(body));
         };
         let status = parts.status.as_u16();
         let passed = f.on_response(
             &mut parts,
-            ProxyBody::Stream(body.into()),
+            ProxyBody::Stream(body),
             status,
             self.head_request,
             &self.conn.hcm.stats,
@@ -366,6 +367,7 @@ impl StreamCompletion {
             match end {
                 StreamEnd::Complete => {}
                 StreamEnd::UpstreamError => flags = Some("UR"),
+                StreamEnd::UpstreamTimeout => flags = Some("UT"),
                 StreamEnd::DownstreamGone => {
                     stats.downstream_rq_rx_reset.inc();
                     flags = Some("DC");

@@ -20,6 +20,10 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error("downstream request body: {0}")]
     Http1(&'static str),
+    /// The route timeout (or the per-try idle timeout) fired while the upstream's
+    /// response body was streaming.
+    #[error("upstream response timeout")]
+    UpstreamTimeout,
 }
 
 /// A body as it arrives from a peer: hyper's `Incoming` (HTTP/2 downstream, every
@@ -28,6 +32,61 @@ pub enum BodyError {
 pub enum PeerBody {
     Hyper(Incoming),
     Http1(H1RequestBody),
+    /// An upstream response body under the route's timeouts.
+    Timed(Box<TimedBody>),
+}
+
+/// An upstream response body that must end by the route's deadline and may not
+/// stall longer than the per-try idle timeout (Envoy's router keeps both timers
+/// until the response is complete).
+#[derive(Debug)]
+pub struct TimedBody {
+    inner: Incoming,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl TimedBody {
+    /// `inner` with the timers that apply, or as it is when none does.
+    pub fn wrap(
+        inner: Incoming,
+        deadline: Option<tokio::time::Instant>,
+        idle: Option<std::time::Duration>,
+    ) -> PeerBody {
+        if (deadline.is_none() && idle.is_none()) || inner.is_end_stream() {
+            return PeerBody::Hyper(inner);
+        }
+        PeerBody::Timed(Box::new(TimedBody {
+            inner,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle: idle.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+        }))
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(frame) = polled {
+            if let Some((t, sleep)) = self.idle.as_mut() {
+                sleep.as_mut().reset(tokio::time::Instant::now() + *t);
+            }
+            return Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)));
+        }
+        let expired = self
+            .deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+            || self
+                .idle
+                .as_mut()
+                .is_some_and(|(_, s)| s.as_mut().poll(cx).is_ready());
+        if expired {
+            return Poll::Ready(Some(Err(BodyError::UpstreamTimeout)));
+        }
+        Poll::Pending
+    }
 }
 
 impl From<Incoming> for PeerBody {
@@ -49,6 +108,7 @@ impl Body for PeerBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError::Hyper))),
             PeerBody::Http1(b) => Pin::new(b).poll_frame(cx),
+            PeerBody::Timed(b) => b.poll_frame(cx),
         }
     }
 
@@ -56,6 +116,7 @@ impl Body for PeerBody {
         match self {
             PeerBody::Hyper(b) => b.is_end_stream(),
             PeerBody::Http1(b) => b.is_end_stream(),
+            PeerBody::Timed(b) => b.inner.is_end_stream(),
         }
     }
 
@@ -63,6 +124,7 @@ impl Body for PeerBody {
         match self {
             PeerBody::Hyper(b) => b.size_hint(),
             PeerBody::Http1(b) => b.size_hint(),
+            PeerBody::Timed(b) => b.inner.size_hint(),
         }
     }
 }
@@ -77,6 +139,8 @@ pub enum ProxyBody {
     Counted(PeerBody, Rc<Cell<u64>>),
     /// A body a filter buffered (and maybe replaced), then its trailers.
     Buffered(Option<Bytes>, Option<HeaderMap>),
+    /// One try's copy of a request body kept for retries.
+    Replay(crate::router::replay_body::ReplayBody),
 }
 
 impl ProxyBody {
@@ -108,6 +172,7 @@ impl Body for ProxyBody {
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            ProxyBody::Replay(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Counted(inner, count) => {
                 let polled = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled
@@ -128,6 +193,7 @@ impl Body for ProxyBody {
                 data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
             }
             ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.is_end_stream(),
+            ProxyBody::Replay(inner) => inner.is_end_stream(),
         }
     }
 
@@ -147,6 +213,7 @@ impl Body for ProxyBody {
                 }
             }
             ProxyBody::Stream(inner) | ProxyBody::Counted(inner, _) => inner.size_hint(),
+            ProxyBody::Replay(inner) => inner.size_hint(),
         }
     }
 }
@@ -158,6 +225,8 @@ pub enum StreamEnd {
     Complete,
     /// The upstream failed mid-body.
     UpstreamError,
+    /// The route's timeout fired mid-body (`UT`).
+    UpstreamTimeout,
     /// The downstream went away before the end (the body was dropped).
     DownstreamGone,
 }
@@ -221,6 +290,9 @@ impl Body for ResponseBody {
                 if this.inner.is_end_stream() {
                     this.finish(StreamEnd::Complete);
                 }
+            }
+            Poll::Ready(Some(Err(BodyError::UpstreamTimeout))) => {
+                this.finish(StreamEnd::UpstreamTimeout)
             }
             Poll::Ready(Some(Err(_))) => this.finish(StreamEnd::UpstreamError),
             Poll::Ready(None) => this.finish(StreamEnd::Complete),

@@ -116,6 +116,8 @@ pub struct HttpConnectionManager {
     pub(crate) server_name: HeaderValue,
     pub(crate) generate_request_id: bool,
     pub(crate) use_remote_address: bool,
+    /// Which requests are internal (and keep their `x-envoy-*` control headers).
+    pub(crate) internal_policy: super::internal_request::InternalAddressPolicy,
     pub(crate) forward_client_cert: ForwardClientCert,
     pub(crate) client_cert_details: ClientCertDetails,
     /// The Python filters before the router; None on the fast path.
@@ -151,6 +153,11 @@ impl HttpConnectionManager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             generate_request_id: config.generate_request_id,
             use_remote_address: config.use_remote_address,
+            internal_policy: super::internal_request::InternalAddressPolicy {
+                use_remote_address: config.use_remote_address,
+                xff_num_trusted_hops: config.xff_num_trusted_hops,
+                internal_cidrs: config.internal_cidrs,
+            },
             forward_client_cert: config.forward_client_cert,
             client_cert_details: config.client_cert_details,
             filters,

@@ -12,6 +12,7 @@ pub mod filter;
 mod filtering;
 pub mod h1;
 pub mod headers;
+pub mod internal_request;
 pub mod local_reply;
 
 pub use connection_manager::HttpConnectionManager;

@@ -5,17 +5,18 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderValue};
-use hyper::body::Incoming;
 
+use super::replay_body::ReplayBuffer;
+use super::retry_state::{RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
-use crate::http::body::ProxyBody;
+use crate::http::body::{PeerBody, ProxyBody, TimedBody};
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
     X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
@@ -25,6 +26,18 @@ use crate::http::local_reply::LocalReply;
 use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
 use crate::upstream::lb::LbContext;
+use crate::upstream::{Cluster, Host};
+
+pub static X_ENVOY_ATTEMPT_COUNT: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-attempt-count");
+static X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+static X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+static X_ENVOY_UPSTREAM_RQ_TIMEOUT_ALT_RESPONSE: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-upstream-rq-timeout-alt-response");
+static X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-hedge-on-per-try-timeout");
 
 /// How the router ended its part of a request.
 pub(crate) enum RouterOutcome {
@@ -39,7 +52,7 @@ pub(crate) enum RouterOutcome {
 
 pub(crate) struct UpstreamResponse {
     pub parts: http::response::Parts,
-    pub body: Incoming,
+    pub body: PeerBody,
     pub handle: UpstreamHandle,
     pub service_time: Duration,
 }
@@ -115,19 +128,23 @@ impl Router<'_, '_> {
             cluster: &cluster,
             pools: &conn.pools,
         };
-        let host = match upstream.choose_host(&LbContext::default()) {
-            Ok(h) => h,
-            Err(failure) => return self.failure(failure),
-        };
+        let mut parts = parts;
+        let timeouts = Timeouts::of(action, &mut parts.headers);
+        let mut retry = RetryState::new(action.retry_policy.as_ref(), &mut parts.headers);
         let body = match body {
             ProxyBody::Stream(b) if self.record.is_some() => {
                 ProxyBody::Counted(b, self.bytes_received.clone())
             }
             other => other,
         };
-        if let Some(r) = self.record.as_mut() {
-            r.upstream_host = Some(host.address);
-        }
+        // A request that may be retried keeps its body for the next try.
+        let (replay, mut body) = match &retry {
+            Some(_) => (
+                Some(ReplayBuffer::new(body, action.retry_buffer_limit)),
+                None,
+            ),
+            None => (None, Some(body)),
+        };
         let (authority, path) = (self.authority, self.path);
         let rewrite = RequestRewrite {
             action,
@@ -138,39 +155,211 @@ impl Router<'_, '_> {
             downstream_tls: conn.tls.as_deref(),
             xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
+            expected_timeout: timeouts.expected_header(action),
         };
         // TLS with auto_sni names the host the request goes to (after any rewrite).
         let sni =
             upstream.cluster.tls.as_ref().and_then(|tls| {
                 tls.sni_for(Some(action.host_rewrite.as_deref().unwrap_or(authority)))
             });
-        let sent = upstream
-            .send(&host, sni, parts, body, action.timeout, |p, h2| {
-                rewrite.apply(p, h2)
-            })
-            .await;
-        match sent {
-            Ok(TryResponse {
-                response,
-                handle,
-                service_time,
-            }) => {
-                let (parts, body) = response.into_parts();
-                RouterOutcome::Upstream(UpstreamResponse {
-                    parts,
-                    body,
-                    handle,
-                    service_time,
-                })
+        let deadline = timeouts.global.map(|t| Instant::now() + t);
+        let stats = &cluster.stats;
+        let mut previous_hosts: Vec<LocalHandle<Host>> = Vec::new();
+        let mut attempt: u32 = 1;
+        let mut parts = Some(parts);
+        let mut exhausted = false;
+        loop {
+            let avoid = retry
+                .as_ref()
+                .is_some_and(RetryState::avoids_previous_hosts);
+            let context = LbContext {
+                previous_hosts: if avoid { &previous_hosts } else { &[] },
+            };
+            let host = match upstream.choose_host(&context) {
+                Ok(h) => h,
+                Err(failure) => return self.failure(failure, &cluster, &timeouts, attempt, false),
+            };
+            if let Some(r) = self.record.as_mut() {
+                r.upstream_host = Some(host.address);
             }
-            Err(failure) => self.failure(failure),
+            // A try's own copy of the head when another try may follow.
+            let mut try_parts = match (&retry, parts.as_ref()) {
+                (Some(_), Some(p)) => clone_head(p),
+                _ => parts
+                    .take()
+                    .expect("a request without retries is tried once"),
+            };
+            if action.include_attempt_count_in_request {
+                try_parts
+                    .headers
+                    .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+            }
+            let try_body = match &replay {
+                Some(r) => r.body(),
+                None => body.take().unwrap_or(ProxyBody::Empty),
+            };
+            let limit = timeouts.for_try(deadline);
+            let sent = upstream
+                .send(
+                    &host,
+                    sni.clone(),
+                    try_parts,
+                    try_body,
+                    limit.wait,
+                    |p, h2| rewrite.apply(p, h2),
+                )
+                .await;
+            let decision = match &sent {
+                Ok(TryResponse { response, .. }) => match retry.as_mut() {
+                    Some(r) => r.on_response(response.status().as_u16(), response.headers()),
+                    None => RetryDecision::No,
+                },
+                Err(TryFailure::Timeout) if !limit.per_try_binds => {
+                    // The route's timeout: the request is over, whatever the policy.
+                    stats.upstream_rq_timeout.inc();
+                    return self.timeout_reply(&cluster, &timeouts, attempt, false, true);
+                }
+                Err(failure) => {
+                    if matches!(failure, TryFailure::Timeout) {
+                        if limit.idle_binds {
+                            stats.upstream_rq_per_try_idle_timeout.inc();
+                        } else {
+                            stats.upstream_rq_per_try_timeout.inc();
+                        }
+                    }
+                    match (retry.as_mut(), failure.reset_kind()) {
+                        (Some(r), Some(kind)) => r.on_reset(kind),
+                        _ => RetryDecision::No,
+                    }
+                }
+            };
+            let back_off = match decision {
+                RetryDecision::Yes(back_off) => back_off,
+                RetryDecision::LimitExceeded => {
+                    stats.upstream_rq_retry_limit_exceeded.inc();
+                    exhausted = true;
+                    Duration::ZERO
+                }
+                RetryDecision::No => Duration::ZERO,
+            };
+            let retrying = matches!(decision, RetryDecision::Yes(_))
+                && match &replay {
+                    Some(r) => within(deadline, r.fill()).await.unwrap_or(false),
+                    None => false,
+                };
+            if !retrying {
+                let retried = retry.as_ref().is_some_and(|r| r.retries > 0);
+                return match sent {
+                    Ok(resp) => {
+                        if retried && !exhausted {
+                            stats.upstream_rq_retry_success.inc();
+                        }
+                        self.upstream_response(
+                            resp, &cluster, &timeouts, deadline, attempt, exhausted,
+                        )
+                    }
+                    Err(TryFailure::Timeout) => {
+                        self.timeout_reply(&cluster, &timeouts, attempt, exhausted, false)
+                    }
+                    Err(failure) => {
+                        self.failure(failure, &cluster, &timeouts, attempt, exhausted || retried)
+                    }
+                };
+            }
+            // Retry: the try's response (if any) is dropped unread.
+            if let Ok(resp) = &sent {
+                stats.retry_response(resp.response.status().as_u16());
+            }
+            drop(sent);
+            stats.upstream_rq_retry.inc();
+            stats.upstream_rq_retry_backoff_exponential.inc();
+            previous_hosts.push(host);
+            attempt += 1;
+            if within(deadline, tokio::time::sleep(back_off))
+                .await
+                .is_none()
+            {
+                stats.upstream_rq_timeout.inc();
+                return self.timeout_reply(&cluster, &timeouts, attempt - 1, false, true);
+            }
         }
     }
 
-    /// The local reply for a failed try, with Envoy's status, body and flags.
-    fn failure(self, failure: TryFailure) -> RouterOutcome {
+    /// The upstream's response headers: counted, then handed to the encoder path
+    /// with the route's timers on its body.
+    fn upstream_response(
+        self,
+        resp: TryResponse,
+        cluster: &LocalHandle<Cluster>,
+        timeouts: &Timeouts,
+        deadline: Option<Instant>,
+        attempt: u32,
+        exhausted: bool,
+    ) -> RouterOutcome {
+        let TryResponse {
+            response,
+            handle,
+            service_time,
+        } = resp;
+        let (mut parts, body) = response.into_parts();
+        cluster.stats.response(parts.status.as_u16());
+        if exhausted && let Some(r) = self.record.as_mut() {
+            r.response_flags = "URX";
+        }
+        if timeouts.attempt_count_in_response {
+            parts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
+        RouterOutcome::Upstream(UpstreamResponse {
+            parts,
+            body: TimedBody::wrap(body, deadline.map(Into::into), timeouts.per_try_idle),
+            handle,
+            service_time,
+        })
+    }
+
+    /// The reply when the route's timeout (`global`) or the last try's fired
+    /// before response headers.
+    fn timeout_reply(
+        self,
+        cluster: &LocalHandle<Cluster>,
+        timeouts: &Timeouts,
+        attempt: u32,
+        exhausted: bool,
+        global: bool,
+    ) -> RouterOutcome {
+        let mut outcome = self.failure(TryFailure::Timeout, cluster, timeouts, attempt, exhausted);
+        if let RouterOutcome::Reply(reply) = &mut outcome {
+            reply.details = if global {
+                "response_timeout"
+            } else {
+                "upstream_per_try_timeout"
+            };
+        }
+        outcome
+    }
+
+    /// The local reply for a request whose last try failed, with Envoy's status,
+    /// body and flags. `retried`: earlier tries were retried (Envoy then says
+    /// "retried and the latest reset reason"); `exhausted`: the last failure was
+    /// retriable but no retry was left (`URX`).
+    fn failure(
+        self,
+        failure: TryFailure,
+        cluster: &LocalHandle<Cluster>,
+        timeouts: &Timeouts,
+        attempt: u32,
+        exhausted: bool,
+    ) -> RouterOutcome {
+        let retried = attempt > 1;
         let record = self.record.as_mut();
-        let reply = match failure {
+        let latest = if retried {
+            "retried and the latest reset reason"
+        } else {
+            "reset reason"
+        };
+        let mut reply = match failure {
             TryFailure::NoHealthyUpstream => {
                 LocalReply::new(503, "no healthy upstream", "UH", "no_healthy_upstream")
             }
@@ -179,13 +368,13 @@ impl Router<'_, '_> {
                     r.upstream_failure = Some(e.transport_failure());
                 }
                 let body = format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                    "upstream connect error or disconnect/reset before headers. {latest}: {}",
                     e.reset_reason()
                 );
                 LocalReply::new(
                     503,
                     body,
-                    "UF",
+                    if exhausted { "URX,UF" } else { "UF" },
                     "upstream_reset_before_response_started{connection_failure}",
                 )
             }
@@ -207,24 +396,157 @@ impl Router<'_, '_> {
                     r.upstream_failure = Some(e.to_string());
                 }
                 let body = format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                    "upstream connect error or disconnect/reset before headers. {latest}: {reason}"
                 );
                 LocalReply::new(
                     503,
                     body,
-                    "UC",
+                    if exhausted { "URX,UC" } else { "UC" },
                     "upstream_reset_before_response_started{connection_termination}",
                 )
             }
-            TryFailure::Timeout => LocalReply::new(
-                504,
-                "upstream request timeout",
-                "UT",
-                "upstream_response_timeout",
-            ),
+            TryFailure::Timeout => {
+                let status = timeouts.timeout_status;
+                let body = if status == 504 {
+                    "upstream request timeout"
+                } else {
+                    ""
+                };
+                LocalReply::new(
+                    status,
+                    body,
+                    if exhausted { "URX,UT" } else { "UT" },
+                    "response_timeout",
+                )
+            }
         };
+        cluster.stats.response(reply.status.as_u16());
+        if timeouts.attempt_count_in_response {
+            reply
+                .headers
+                .push((X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt)));
+        }
         RouterOutcome::Reply(reply)
     }
+}
+
+/// A copy of a request's head for one try (the body is the try's own).
+fn clone_head(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = http::Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+/// `fut`, unless `deadline` passes first (None).
+async fn within<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// The timeouts of one request (Envoy's `FilterUtility::finalTimeout`): the
+/// route's, or an internal request's `x-envoy-upstream-rq-timeout-ms`; the per-try timeouts of
+/// the retry policy or `x-envoy-upstream-rq-per-try-timeout-ms`.
+pub(crate) struct Timeouts {
+    /// Until the whole response is received (None: no limit).
+    pub global: Option<Duration>,
+    pub per_try: Option<Duration>,
+    pub per_try_idle: Option<Duration>,
+    /// 504, or 204 with `x-envoy-upstream-rq-timeout-alt-response`.
+    pub timeout_status: u16,
+    pub attempt_count_in_response: bool,
+    /// Whether the timeouts differ from the route's own (the precomputed
+    /// `x-envoy-expected-rq-timeout-ms` then does not apply).
+    from_request: bool,
+}
+
+/// How long one try may wait for response headers, and which limit that is.
+struct TryLimit {
+    wait: Option<Duration>,
+    /// A per-try limit is shorter than what is left of the route's.
+    per_try_binds: bool,
+    /// ... and it is the per-try idle timeout.
+    idle_binds: bool,
+}
+
+impl Timeouts {
+    fn of(action: &ForwardAction, headers: &mut http::HeaderMap) -> Self {
+        let policy = action.retry_policy.as_deref();
+        let mut global = action.timeout;
+        let mut from_request = false;
+        if let Some(ms) = take_millis(headers, &X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS) {
+            global = (ms > 0).then(|| Duration::from_millis(ms));
+            from_request = true;
+        }
+        let mut per_try = policy.and_then(|p| p.per_try_timeout);
+        if let Some(ms) = take_millis(headers, &X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS) {
+            per_try = (ms > 0).then(|| Duration::from_millis(ms));
+            from_request = true;
+        }
+        if let (Some(p), Some(g)) = (per_try, global)
+            && p >= g
+        {
+            per_try = None;
+        }
+        let alt = headers
+            .remove(&X_ENVOY_UPSTREAM_RQ_TIMEOUT_ALT_RESPONSE)
+            .is_some();
+        headers.remove(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT);
+        Timeouts {
+            global,
+            per_try,
+            per_try_idle: policy.and_then(|p| p.per_try_idle_timeout),
+            timeout_status: if alt { 204 } else { 504 },
+            attempt_count_in_response: action.include_attempt_count_in_response,
+            from_request: from_request || per_try.is_some(),
+        }
+    }
+
+    /// `x-envoy-expected-rq-timeout-ms`: the per-try timeout, else the route's.
+    fn expected_header(&self, action: &ForwardAction) -> Option<HeaderValue> {
+        if !self.from_request {
+            return action.expected_timeout.clone();
+        }
+        self.per_try
+            .or(self.global)
+            .map(|t| HeaderValue::from(t.as_millis() as u64))
+    }
+
+    fn for_try(&self, deadline: Option<Instant>) -> TryLimit {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let own = match (self.per_try, self.per_try_idle) {
+            (Some(a), Some(b)) => Some((a.min(b), b < a)),
+            (Some(a), None) => Some((a, false)),
+            (None, Some(b)) => Some((b, true)),
+            (None, None) => None,
+        };
+        match (own, left) {
+            (Some((t, idle)), Some(l)) if t < l => TryLimit {
+                wait: Some(t),
+                per_try_binds: true,
+                idle_binds: idle,
+            },
+            (Some((t, idle)), None) => TryLimit {
+                wait: Some(t),
+                per_try_binds: true,
+                idle_binds: idle,
+            },
+            (_, left) => TryLimit {
+                wait: left,
+                per_try_binds: false,
+                idle_binds: false,
+            },
+        }
+    }
+}
+
+fn take_millis(headers: &mut http::HeaderMap, name: &http::HeaderName) -> Option<u64> {
+    let v = headers.remove(name)?;
+    v.to_str().ok()?.trim().parse().ok()
 }
 
 /// The edits Envoy makes to a request for its upstream.
@@ -244,6 +566,8 @@ struct RequestRewrite<'a> {
     ),
     /// Whether the upstream connection is TLS (the HTTP/2 `:scheme`).
     upstream_tls: bool,
+    /// `x-envoy-expected-rq-timeout-ms`.
+    expected_timeout: Option<HeaderValue>,
 }
 
 impl RequestRewrite<'_> {
@@ -282,7 +606,7 @@ impl RequestRewrite<'_> {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-        if let Some(expected) = &action.expected_timeout {
+        if let Some(expected) = &self.expected_timeout {
             headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
         }
         if new_path.is_some()

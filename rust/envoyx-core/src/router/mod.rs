@@ -3,6 +3,8 @@
 //! as Envoy's `source/common/router/` splits them.
 
 pub mod filter;
+pub mod replay_body;
+pub mod retry_state;
 pub mod table;
 pub mod upstream_request;
 

@@ -192,6 +192,11 @@ mod tests {
                 expected_timeout: None,
                 prefix_rewrite: None,
                 host_rewrite: None,
+                retry_policy: None,
+                hedge_policy: Default::default(),
+                include_attempt_count_in_request: false,
+                include_attempt_count_in_response: false,
+                retry_buffer_limit: 0,
             }),
             filter_overrides: Vec::new(),
         }

@@ -28,7 +28,8 @@ pub enum TryFailure {
     DownstreamBody,
     /// The upstream reset or closed before response headers (`UC`).
     Reset(hyper::Error),
-    /// No response headers within the timeout (`UT`).
+    /// No response headers within the try's timeout (`UT`); whether it was the
+    /// route's or the per-try one is the router's to say.
     Timeout,
 }
 
@@ -54,7 +55,6 @@ impl UpstreamRequest<'_> {
             .choose_host(self.cluster, context)
             .ok_or_else(|| {
                 self.cluster.stats.upstream_cx_none_healthy.inc();
-                self.cluster.stats.response(503);
                 TryFailure::NoHealthyUpstream
             })
     }
@@ -84,7 +84,6 @@ impl UpstreamRequest<'_> {
             Err(e) => {
                 host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
-                stats.response(503);
                 return Err(TryFailure::Connect(e));
             }
         };
@@ -117,12 +116,9 @@ impl UpstreamRequest<'_> {
             Ok(Err(e)) => {
                 host.stats.rq_error().inc();
                 stats.upstream_rq_rx_reset.inc();
-                stats.response(503);
                 return Err(TryFailure::Reset(e));
             }
             Err(_elapsed) => {
-                stats.upstream_rq_timeout.inc();
-                stats.response(504);
                 host.stats.rq_timeout().inc();
                 return Err(TryFailure::Timeout);
             }
@@ -131,8 +127,9 @@ impl UpstreamRequest<'_> {
         stats
             .upstream_rq_time
             .record(service_time.as_millis() as u64);
+        // The response counters are the router's: a retried response is counted
+        // as `retry.upstream_rq_<code>` instead, as in Envoy.
         let status = response.status().as_u16();
-        stats.response(status);
         if status < 500 {
             host.stats.rq_success().inc();
         } else {
@@ -159,6 +156,35 @@ pub struct UpstreamHandle {
     sni: Option<Arc<str>>,
 }
 
+impl TryFailure {
+    /// The failure as a retry policy sees it (None: never retried).
+    pub fn reset_kind(&self) -> Option<super::retry_state::ResetKind> {
+        use super::retry_state::ResetKind;
+        match self {
+            TryFailure::NoHealthyUpstream | TryFailure::DownstreamBody => None,
+            TryFailure::Connect(_) => Some(ResetKind::ConnectFailure),
+            TryFailure::Reset(e) => Some(if is_refused_stream(e) {
+                ResetKind::RefusedStream
+            } else {
+                ResetKind::Reset
+            }),
+            TryFailure::Timeout => Some(ResetKind::PerTryTimeout),
+        }
+    }
+}
+
+/// Whether the upstream refused the HTTP/2 stream (`REFUSED_STREAM`).
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}
+
 impl UpstreamHandle {
     /// The response will not be read to its end: the connection is not reused.
     pub fn forgo_reuse(&mut self) {
@@ -179,6 +205,7 @@ impl UpstreamHandle {
                 }
             }
             StreamEnd::UpstreamError => self.cluster.stats.upstream_rq_rx_reset.inc(),
+            StreamEnd::UpstreamTimeout => self.cluster.stats.upstream_rq_timeout.inc(),
             StreamEnd::DownstreamGone => {}
         }
     }

@@ -133,6 +133,12 @@ pub struct ClusterStats {
     pub upstream_rq_pending_failure_eject: Counter,
     pub upstream_rq_timeout: Counter,
     pub upstream_rq_rx_reset: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_rq_per_try_idle_timeout: Counter,
+    pub upstream_rq_retry: Counter,
+    pub upstream_rq_retry_success: Counter,
+    pub upstream_rq_retry_limit_exceeded: Counter,
+    pub upstream_rq_retry_backoff_exponential: Counter,
     pub upstream_rq_time: Histogram,
     pub membership_total: Gauge,
     pub membership_healthy: Gauge,
@@ -174,6 +180,12 @@ impl ClusterStats {
             upstream_rq_pending_failure_eject: c("upstream_rq_pending_failure_eject"),
             upstream_rq_timeout: c("upstream_rq_timeout"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
+            upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
+            upstream_rq_per_try_idle_timeout: c("upstream_rq_per_try_idle_timeout"),
+            upstream_rq_retry: c("upstream_rq_retry"),
+            upstream_rq_retry_success: c("upstream_rq_retry_success"),
+            upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_retry_backoff_exponential: c("upstream_rq_retry_backoff_exponential"),
             upstream_rq_time: h("upstream_rq_time"),
             membership_total: g("membership_total"),
             membership_healthy: g("membership_healthy"),
@@ -200,6 +212,18 @@ impl ClusterStats {
                 .inc();
         }
         self.upstream_rq_completed.inc();
+    }
+
+    /// Counts a response that was retried (`retry.upstream_rq_<code>`, `_<class>xx`,
+    /// `retry.upstream_rq_completed`) instead of the response counters, as Envoy.
+    /// Created when first seen: retries are the rare path.
+    pub fn retry_response(&self, status: u16) {
+        let c = |s: String| self.store.counter(&format!("{}retry.{s}", self.prefix));
+        if (100..600).contains(&status) {
+            c(format!("upstream_rq_{}xx", status / 100)).inc();
+            c(format!("upstream_rq_{status}")).inc();
+        }
+        c("upstream_rq_completed".to_string()).inc();
     }
 }
 
