@@ -66,6 +66,10 @@ SCENARIOS: dict[str, Json] = {
         "timeout": "5s",
         "retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"},
     },
+    "idle": {
+        "timeout": "5s",
+        "retry_policy": {"retry_on": "reset", "num_retries": 1, "per_try_idle_timeout": "0.3s"},
+    },
     "timeout": {"timeout": "0.4s"},
     "stall": {"timeout": "0.6s"},
     "stallretry": {"timeout": "0.6s", "retry_policy": {"retry_on": "5xx,reset", "num_retries": 2}},
@@ -346,6 +350,16 @@ def test_per_try_timeout_exhausted_is_504_ut(rig: Rig) -> None:
     assert (code, flags, details) == ("504", "URX,UT", "upstream_per_try_timeout")
 
 
+def test_per_try_idle_timeout_is_retried_then_504(rig: Rig) -> None:
+    sid, r = call(rig, "/idle", "hang,200")
+    assert (r.status_code, rig.upstream.count(sid)) == (200, 2)
+    rig.wait_stats("idle", {"upstream_rq_per_try_idle_timeout": 1, "upstream_rq_retry": 1})
+    sid, r = call(rig, "/idle", "hang")
+    assert (r.status_code, rig.upstream.count(sid)) == (504, 2)
+    _, code, flags, details = rig.log_line(sid)
+    assert (code, flags, details) == ("504", "URX,UT", "upstream_per_try_idle_timeout")
+
+
 def test_route_timeout_before_headers(rig: Rig) -> None:
     sid, r = call(rig, "/timeout", "hang")
     assert r.status_code == 504
@@ -476,3 +490,61 @@ def test_an_internal_request_steers_retries_and_timeouts(rig: Rig) -> None:
     )
     assert r.status_code == 504
     assert time.monotonic() - start < 3
+
+
+# -- what envoyx refuses ------------------------------------------------------------------
+
+ROUTE_PATH = (
+    "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
+    ".route_config.virtual_hosts[0].routes[0].route"
+)
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        pytest.param(
+            {"retry_policy": {"retry_on": "5xx,bogus"}},
+            f'{ROUTE_PATH}.retry_policy.retry_on: unknown retry condition "bogus"',
+            id="unknown-retry-on",
+        ),
+        pytest.param(
+            {"retry_policy": {"retry_on": "http3-post-connect-failure"}},
+            "http3-post-connect-failure is not supported by envoyx",
+            id="http3",
+        ),
+        pytest.param(
+            {
+                "retry_policy": {
+                    "retry_on": "5xx",
+                    "rate_limited_retry_back_off": {
+                        "reset_headers": [{"name": "retry-after"}],
+                    },
+                }
+            },
+            f"{ROUTE_PATH}.retry_policy.rate_limited_retry_back_off: not supported by envoyx",
+            id="rate-limited-back-off",
+        ),
+        pytest.param(
+            {"hedge_policy": {"hedge_on_per_try_timeout": True}},
+            f"{ROUTE_PATH}.hedge_policy.hedge_on_per_try_timeout: hedging",
+            id="hedging",
+        ),
+    ],
+)
+def test_what_envoyx_does_not_implement_is_refused_by_name(
+    tmp_path: Path, action: Json, message: str
+) -> None:
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "c", **action}}]
+    lis = _listener("l", free_port(), tmp_path / "l.log", internal=False)
+    hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"] = [{"name": "v", "domains": ["*"], "routes": routes}]
+    bs = bootstrap(
+        admin_port=free_port(), listeners=[lis], clusters=[cluster("c", [("127.0.0.1", 1)])]
+    )
+    proc = EnvoyxProcess(bs, tmp_path).spawn()
+    try:
+        assert proc.wait_exit(20) != 0
+        assert message in proc.log_text()
+    finally:
+        proc.stop()

@@ -217,7 +217,7 @@ impl Router<'_, '_> {
                 Err(TryFailure::Timeout) if !limit.per_try_binds => {
                     // The route's timeout: the request is over, whatever the policy.
                     stats.upstream_rq_timeout.inc();
-                    return self.timeout_reply(&cluster, &timeouts, attempt, false, true);
+                    return self.timeout_reply(&cluster, &timeouts, attempt, false, TimeoutKind::Route);
                 }
                 Err(failure) => {
                     if matches!(failure, TryFailure::Timeout) {
@@ -259,7 +259,12 @@ impl Router<'_, '_> {
                         )
                     }
                     Err(TryFailure::Timeout) => {
-                        self.timeout_reply(&cluster, &timeouts, attempt, exhausted, false)
+                        let kind = if limit.idle_binds {
+                            TimeoutKind::PerTryIdle
+                        } else {
+                            TimeoutKind::PerTry
+                        };
+                        self.timeout_reply(&cluster, &timeouts, attempt, exhausted, kind)
                     }
                     Err(failure) => {
                         self.failure(failure, &cluster, &timeouts, attempt, exhausted || retried)
@@ -280,7 +285,13 @@ impl Router<'_, '_> {
                 .is_none()
             {
                 stats.upstream_rq_timeout.inc();
-                return self.timeout_reply(&cluster, &timeouts, attempt - 1, false, true);
+                return self.timeout_reply(
+                    &cluster,
+                    &timeouts,
+                    attempt - 1,
+                    false,
+                    TimeoutKind::Route,
+                );
             }
         }
     }
@@ -319,22 +330,22 @@ impl Router<'_, '_> {
         })
     }
 
-    /// The reply when the route's timeout (`global`) or the last try's fired
-    /// before response headers.
+    /// The reply when the route's timeout or the last try's fired before
+    /// response headers.
     fn timeout_reply(
         self,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
         attempt: u32,
         exhausted: bool,
-        global: bool,
+        kind: TimeoutKind,
     ) -> RouterOutcome {
         let mut outcome = self.failure(TryFailure::Timeout, cluster, timeouts, attempt, exhausted);
         if let RouterOutcome::Reply(reply) = &mut outcome {
-            reply.details = if global {
-                "response_timeout"
-            } else {
-                "upstream_per_try_timeout"
+            reply.details = match kind {
+                TimeoutKind::Route => "response_timeout",
+                TimeoutKind::PerTry => "upstream_per_try_timeout",
+                TimeoutKind::PerTryIdle => "upstream_per_try_idle_timeout",
             };
         }
         outcome
@@ -462,6 +473,14 @@ pub(crate) struct Timeouts {
     /// Whether the timeouts differ from the route's own (the precomputed
     /// `x-envoy-expected-rq-timeout-ms` then does not apply).
     from_request: bool,
+}
+
+/// Which timeout ended a request (its reply's details).
+#[derive(Clone, Copy)]
+enum TimeoutKind {
+    Route,
+    PerTry,
+    PerTryIdle,
 }
 
 /// How long one try may wait for response headers, and which limit that is.
