@@ -108,7 +108,7 @@ impl InternalAddressPolicy {
 
 /// Whether any header name starts with `x-envoy-`: one pass over the names, so
 /// that a request without such headers costs no removal (each hashes the name).
-fn has_envoy_header(headers: &HeaderMap) -> bool {
+pub fn has_envoy_header(headers: &HeaderMap) -> bool {
     headers
         .keys()
         .any(|k| k.as_str().as_bytes().starts_with(b"x-envoy-"))

@@ -22,6 +22,7 @@ use crate::http::headers::{
     X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
     forward_client_cert, strip_hop_by_hop,
 };
+use crate::http::internal_request::has_envoy_header;
 use crate::http::local_reply::LocalReply;
 use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
@@ -129,8 +130,14 @@ impl Router<'_, '_> {
             pools: &conn.pools,
         };
         let mut parts = parts;
-        let timeouts = Timeouts::of(action, &mut parts.headers);
-        let mut retry = RetryState::new(action.retry_policy.as_ref(), &mut parts.headers);
+        // One pass over the names: most requests carry no x-envoy-* header, and
+        // then none of the lookups below (each hashes a name) is made.
+        let envoy_headers = has_envoy_header(&parts.headers);
+        let timeouts = Timeouts::of(action, &mut parts.headers, envoy_headers);
+        let mut retry = match &action.retry_policy {
+            None if !envoy_headers => None,
+            policy => RetryState::new(policy.as_ref(), &mut parts.headers),
+        };
         let body = match body {
             ProxyBody::Stream(b) if self.record.is_some() => {
                 ProxyBody::Counted(b, self.bytes_received.clone())
@@ -217,7 +224,13 @@ impl Router<'_, '_> {
                 Err(TryFailure::Timeout) if !limit.per_try_binds => {
                     // The route's timeout: the request is over, whatever the policy.
                     stats.upstream_rq_timeout.inc();
-                    return self.timeout_reply(&cluster, &timeouts, attempt, false, TimeoutKind::Route);
+                    return self.timeout_reply(
+                        &cluster,
+                        &timeouts,
+                        attempt,
+                        false,
+                        TimeoutKind::Route,
+                    );
                 }
                 Err(failure) => {
                     if matches!(failure, TryFailure::Timeout) {
@@ -493,15 +506,31 @@ struct TryLimit {
 }
 
 impl Timeouts {
-    fn of(action: &ForwardAction, headers: &mut http::HeaderMap) -> Self {
+    /// `envoy_headers`: the request has some `x-envoy-*` header.
+    fn of(action: &ForwardAction, headers: &mut http::HeaderMap, envoy_headers: bool) -> Self {
         let policy = action.retry_policy.as_deref();
         let mut global = action.timeout;
+        let mut per_try = policy.and_then(|p| p.per_try_timeout);
+        if !envoy_headers {
+            if let (Some(p), Some(g)) = (per_try, global)
+                && p >= g
+            {
+                per_try = None;
+            }
+            return Timeouts {
+                global,
+                per_try,
+                per_try_idle: policy.and_then(|p| p.per_try_idle_timeout),
+                timeout_status: 504,
+                attempt_count_in_response: action.include_attempt_count_in_response,
+                from_request: per_try.is_some(),
+            };
+        }
         let mut from_request = false;
         if let Some(ms) = take_millis(headers, &X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS) {
             global = (ms > 0).then(|| Duration::from_millis(ms));
             from_request = true;
         }
-        let mut per_try = policy.and_then(|p| p.per_try_timeout);
         if let Some(ms) = take_millis(headers, &X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS) {
             per_try = (ms > 0).then(|| Duration::from_millis(ms));
             from_request = true;
