@@ -274,6 +274,7 @@ fn control_thread(
     rt.block_on(async move {
         // First DNS answers before workers serve; then refresh in the background.
         crate::upstream::cluster::resolve_static_dns(&instance.clusters).await;
+        crate::upstream::health_check::start_bootstrap(&instance.clusters).await;
         let _ = ready.send(());
         if let Some(listener) = admin {
             let logs = admin_logs.unwrap_or_default();

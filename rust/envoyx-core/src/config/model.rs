@@ -538,6 +538,10 @@ pub struct ClusterConfig {
     pub pool: PoolSettings,
     /// `transport_socket`: TLS to the upstream hosts.
     pub tls: Option<UpstreamTlsConfig>,
+    /// `health_checks` (see `config::health_check`).
+    pub health_checks: Vec<super::HealthCheckConfig>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<super::OutlierConfig>,
     pub raw: Value,
 }
 

@@ -62,6 +62,8 @@ pub struct Host {
     /// [`health_flag`] bits. Whoever changes them calls
     /// [`Cluster::health_changed`] so the workers rebuild their host sets.
     health_flags: AtomicU32,
+    /// Outlier detection's per-host counters (written by the workers).
+    pub outlier: super::outlier::HostMonitor,
 }
 
 impl Host {
@@ -73,6 +75,7 @@ impl Host {
             stats: HostStats::new(shards),
             removed: AtomicBool::new(false),
             health_flags: AtomicU32::new(0),
+            outlier: Default::default(),
         }
     }
 
@@ -236,6 +239,12 @@ pub struct Cluster {
     /// Bumped whenever a host's health flags change: a worker whose load balancer
     /// was built at an older epoch rebuilds its host sets (no lock on the pick).
     health_epoch: AtomicU64,
+    /// `health_checks`: its sessions run on the control thread.
+    pub health_checker: Option<Arc<super::health_check::HealthChecker>>,
+    /// `outlier_detection`: workers report each try's result to it.
+    pub outlier: Option<super::outlier::Detector>,
+    /// Notified when the host list changes (the health checker follows it).
+    pub hosts_changed: tokio::sync::Notify,
     pub raw: serde_json::Value,
 }
 
@@ -294,6 +303,16 @@ impl Cluster {
             None => None,
         };
         let stats = ClusterStats::new(store, &config.name);
+        let health_checker = super::health_check::HealthChecker::new(
+            &config.health_checks,
+            config.protocol,
+            store,
+            &config.name,
+        )?;
+        let outlier = config
+            .outlier_detection
+            .clone()
+            .map(|o| super::outlier::Detector::new(o, store, &config.name));
         let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
@@ -307,8 +326,18 @@ impl Cluster {
         } else {
             Vec::new()
         };
+        if health_checker.is_some() {
+            for h in &hosts {
+                h.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+            }
+        }
         stats.membership_total.set(hosts.len() as i64);
-        stats.membership_healthy.set(hosts.len() as i64);
+        stats.membership_healthy.set(
+            hosts
+                .iter()
+                .filter(|h| h.health() != HostHealth::Unhealthy)
+                .count() as i64,
+        );
         Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
@@ -329,6 +358,9 @@ impl Cluster {
             hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
             tls,
             health_epoch: AtomicU64::new(0),
+            health_checker,
+            outlier,
+            hosts_changed: tokio::sync::Notify::new(),
             raw: config.raw.clone(),
         }))
     }
@@ -352,8 +384,14 @@ impl Cluster {
 
     /// Whether it has what it warms for: its first hosts and its TLS secrets.
     fn is_warm(&self) -> bool {
-        self.hosts_ready.load(Ordering::Relaxed)
+        self.hosts_ready()
             && !self.tls.as_ref().is_some_and(|t| t.config.is_warming())
+            && self.health_checker.as_ref().is_none_or(|hc| hc.is_warm())
+    }
+
+    /// Whether its first hosts are known.
+    pub fn hosts_ready(&self) -> bool {
+        self.hosts_ready.load(Ordering::Relaxed)
     }
 
     pub fn is_dns(&self) -> bool {
@@ -382,7 +420,7 @@ impl Cluster {
             .map(|(addr, name)| {
                 by_addr
                     .get(&addr)
-                    .map_or_else(|| new_host(addr, name, self.host_shards), |h| (*h).clone())
+                    .map_or_else(|| self.new_host(addr, name), |h| (*h).clone())
             })
             .collect();
         for old in current.iter() {
@@ -391,9 +429,19 @@ impl Cluster {
             }
         }
         self.stats.membership_total.set(hosts.len() as i64);
-        self.stats.membership_healthy.set(hosts.len() as i64);
         self.stats.membership_change.inc();
         self.hosts.store(Arc::new(hosts));
+        self.health_changed();
+        self.hosts_changed.notify_one();
+    }
+
+    /// A host new to the cluster; unhealthy until checked when health checked.
+    fn new_host(&self, address: SocketAddr, hostname: String) -> Arc<Host> {
+        let host = new_host(address, hostname, self.host_shards);
+        if self.health_checker.is_some() {
+            host.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+        }
+        host
     }
 
     /// Resolves every endpoint of a DNS cluster once and installs the answer.
@@ -672,6 +720,9 @@ impl ClusterManager {
                     continue;
                 }
             };
+            if let Some(rt) = self.control.get() {
+                super::health_check::start(rt, &cluster, self);
+            }
             let replacing = active.by_name.contains_key(&config.name);
             self.store
                 .counter(if replacing {
@@ -739,7 +790,7 @@ impl ClusterManager {
     }
 
     /// Moves a warm cluster from warming to active, replacing the old one.
-    fn promote(&self, cluster: &Arc<Cluster>) {
+    pub(crate) fn promote(&self, cluster: &Arc<Cluster>) {
         if !cluster.is_warm() {
             return;
         }

@@ -518,6 +518,8 @@ mod tests {
             eds_service_name: None,
             pool,
             tls: None,
+            health_checks: Vec::new(),
+            outlier_detection: None,
             raw: serde_json::Value::Null,
         };
         Cluster::new(

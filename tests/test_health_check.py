@@ -1,0 +1,382 @@
+"""Active health checking, end to end, against envoyx and (as a second
+parametrization of ``start_proxy``) the real Envoy 1.40 with the same bootstrap.
+
+Upstreams are real processes (:mod:`support.health_upstream`) or real servers (a TCP
+server, a grpcio server answering ``grpc.health.v1.Health/Check``). Intervals are
+short (100–200 ms, ``no_traffic_interval`` too unless a test is about it) so that a
+test waits for a few rounds, never for a fixed time: every wait polls ``/clusters``
+or ``/stats`` until the expected state, with a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from support.bootstrap import HTTP_OPTIONS_TYPE, bootstrap, cluster, http_listener, route
+from support.bootstrap import virtual_host
+from support.health_upstream import HealthUpstream
+from support.proxy import ProxyProcess
+from support.upstreams import H2cUpstream
+from support.wait import free_port, until
+
+StartProxy = Callable[..., ProxyProcess]
+Json = dict[str, Any]
+CLUSTER = "backend"
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[[str], HealthUpstream]]:
+    started: list[HealthUpstream] = []
+
+    def make(name: str) -> HealthUpstream:
+        up = HealthUpstream(name).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+def http_check(**overrides: Any) -> Json:
+    hc: Json = {
+        "timeout": "1s",
+        "interval": "0.1s",
+        "no_traffic_interval": "0.1s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": "/healthz"},
+    }
+    hc.update(overrides)
+    return hc
+
+
+def proxy_config(endpoints: list[tuple[str, int]], health_check: Json, **extra: Any) -> Json:
+    c = cluster(CLUSTER, endpoints)
+    c["health_checks"] = [health_check]
+    c.update(extra)
+    return bootstrap(
+        admin_port=free_port(),
+        listeners=[
+            http_listener(
+                port=free_port(),
+                virtual_hosts=[
+                    virtual_host("all", ["*"], [route({"prefix": "/"}, cluster=CLUSTER)])
+                ],
+            )
+        ],
+        clusters=[c],
+    )
+
+
+def host_flags(proxy: ProxyProcess) -> dict[str, str]:
+    """``/clusters`` text: health_flags by ``ip:port`` of the test cluster."""
+    _, _, body = proxy.admin("/clusters")
+    out = {}
+    for line in body.decode().splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == CLUSTER and parts[2] == "health_flags":
+            out[parts[1]] = parts[3]
+    return out
+
+
+def host_statuses(proxy: ProxyProcess) -> dict[str, Json]:
+    """``/clusters?format=json``: each host's ``health_status`` by ``ip:port``."""
+    _, _, body = proxy.admin("/clusters?format=json")
+    for c in json.loads(body)["cluster_statuses"]:
+        if c["name"] == CLUSTER:
+            return {
+                f"{h['address']['socket_address']['address']}:"
+                f"{h['address']['socket_address']['port_value']}": h["health_status"]
+                for h in c.get("host_statuses", [])
+            }
+    raise AssertionError("no such cluster")
+
+
+def addr(up: HealthUpstream) -> str:
+    return f"127.0.0.1:{up.port}"
+
+
+def wait_flags(proxy: ProxyProcess, expected: dict[str, str], timeout: float = 10.0) -> None:
+    seen: dict[str, str] = {}
+
+    def check() -> bool:
+        nonlocal seen
+        seen = host_flags(proxy)
+        return seen == expected
+
+    try:
+        until(check, timeout=timeout, what="health flags")
+    except Exception:
+        raise AssertionError(f"{proxy.kind}: flags {seen}, expected {expected}") from None
+
+
+def served_by(proxy: ProxyProcess, n: int) -> list[str]:
+    """Sends ``n`` requests; which upstream answered each (all must succeed)."""
+    names = []
+    with httpx.Client(timeout=5) as client:
+        for _ in range(n):
+            r = client.get(proxy.url("/work"))
+            assert r.status_code == 200, (proxy.kind, r.status_code, r.text)
+            names.append(r.headers["x-upstream"])
+    return names
+
+
+def test_failing_http_check_takes_host_out_and_passing_brings_it_back(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    a, b = upstreams("a"), upstreams("b")
+    b.set(hc=503)
+    proxy = start_proxy(proxy_config([a.address, b.address], http_check()))
+    # A non-expected status fails the host at once (no unhealthy_threshold for it).
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "/failed_active_hc"})
+    assert set(served_by(proxy, 6)) == {"a"}
+    assert host_statuses(proxy)[addr(b)] == {
+        "failed_active_health_check": True,
+        "eds_health_status": "HEALTHY",
+    }
+    stats = proxy.stats()
+    assert stats[f"cluster.{CLUSTER}.health_check.healthy"] == 1
+    assert stats[f"cluster.{CLUSTER}.health_check.failure"] >= 1
+    assert stats[f"cluster.{CLUSTER}.health_check.network_failure"] == 0
+    assert stats[f"cluster.{CLUSTER}.membership_healthy"] == 1
+    b.set(hc=200)
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+    until(lambda: set(served_by(proxy, 4)) == {"a", "b"}, timeout=5, what="both serve")
+    assert proxy.stats()[f"cluster.{CLUSTER}.health_check.healthy"] == 2
+
+
+def test_expected_statuses_and_degraded(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    a = upstreams("a")
+    a.set(hc=201, degraded=1)
+    check = http_check(
+        http_health_check={"path": "/healthz", "expected_statuses": [{"start": 200, "end": 300}]}
+    )
+    proxy = start_proxy(proxy_config([a.address], check))
+    wait_flags(proxy, {addr(a): "/degraded_active_hc"})
+    assert host_statuses(proxy)[addr(a)] == {
+        "failed_active_degraded_check": True,
+        "eds_health_status": "HEALTHY",
+    }
+    stats = proxy.wait_stat(f"cluster.{CLUSTER}.health_check.degraded", 1)
+    assert stats[f"cluster.{CLUSTER}.health_check.healthy"] == 1
+
+
+def test_killed_upstream_leaves_rotation_and_returns_after_restart(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    a, b = upstreams("a"), upstreams("b")
+    proxy = start_proxy(proxy_config([a.address, b.address], http_check()))
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+    b.kill()
+    killed_at = time.monotonic()
+    # Connection refused is a network failure: out after unhealthy_threshold (2) of them.
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "/failed_active_hc"}, timeout=5)
+    assert time.monotonic() - killed_at < 5
+    stats = proxy.stats()
+    assert stats[f"cluster.{CLUSTER}.health_check.network_failure"] >= 2
+    # The remaining host takes all the traffic, without errors.
+    assert set(served_by(proxy, 8)) == {"a"}
+    b.start()
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+    until(lambda: set(served_by(proxy, 4)) == {"a", "b"}, timeout=5, what="both serve")
+
+
+def test_immediate_health_check_fail_header(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    a, b = upstreams("a"), upstreams("b")
+    b.set(hc=503, immediate=1)
+    proxy = start_proxy(proxy_config([a.address, b.address], http_check()))
+    wait_flags(
+        proxy, {addr(a): "healthy", addr(b): "/failed_active_hc/excluded_via_immediate_hc_fail"}
+    )
+    assert host_statuses(proxy)[addr(b)] == {
+        "failed_active_health_check": True,
+        "excluded_via_immediate_hc_fail": True,
+        "eds_health_status": "HEALTHY",
+    }
+    b.set(hc=200, immediate=0)
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+
+
+def test_no_traffic_interval_until_the_cluster_has_traffic(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    """Before any traffic the checks run every ``no_traffic_interval`` (60 s by
+    default), not every ``interval``: one check per host in the first seconds."""
+    a = upstreams("a")
+    check = http_check(interval="0.1s")
+    del check["no_traffic_interval"]
+    proxy = start_proxy(proxy_config([a.address], check))
+    proxy.wait_stat(f"cluster.{CLUSTER}.health_check.success", 1)
+    time.sleep(1.0)  # ten intervals, far less than no_traffic_interval
+    stats = proxy.stats()
+    assert stats[f"cluster.{CLUSTER}.health_check.attempt"] == 1
+    assert stats[f"cluster.{CLUSTER}.health_check.success"] == 1
+
+
+def test_garbage_answers_fail_the_host_without_harm(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    a, b = upstreams("a"), upstreams("b")
+    b.set(garbage=1)
+    proxy = start_proxy(proxy_config([a.address, b.address], http_check()))
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "/failed_active_hc"})
+    # Unparsable answers are network failures, check after check.
+    until(
+        lambda: proxy.stats()[f"cluster.{CLUSTER}.health_check.network_failure"] >= 3,
+        timeout=5,
+        what="network failures",
+    )
+    assert set(served_by(proxy, 4)) == {"a"}
+    assert proxy.running
+
+
+def test_http2_codec_check(start_proxy: StartProxy) -> None:
+    """``codec_client_type: HTTP2`` checks over h2c (hypercorn with prior knowledge)."""
+    server = H2cUpstream("h2").start()
+    try:
+        check = http_check(http_health_check={"path": "/healthz", "codec_client_type": "HTTP2"})
+        proxy = start_proxy(proxy_config([server.address], check))
+        wait_flags(proxy, {f"127.0.0.1:{server.address[1]}": "healthy"})
+        until(lambda: server.requests, timeout=5, what="a check request")
+        assert any(r.path == "/healthz" for r in server.requests)
+    finally:
+        server.stop()
+
+
+# -- TCP ------------------------------------------------------------------------------
+
+
+class PingServer:
+    """Answers ``PONG`` to each ``PING``; something else when ``broken``."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.broken = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(1024)
+                except OSError:
+                    return
+                if not data:
+                    return
+                conn.sendall(b"NOPE" if self.broken else b"..PONG..")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_tcp_check_send_and_receive(start_proxy: StartProxy) -> None:
+    server = PingServer()
+    try:
+        check = http_check()
+        del check["http_health_check"]
+        check["tcp_health_check"] = {
+            # (with a newline: "PING" alone in hex would read as a YAML float)
+            "send": {"text": b"PING\n".hex()},
+            "receive": [{"text": b"PONG".hex()}],
+        }
+        proxy = start_proxy(proxy_config([("127.0.0.1", server.port)], check))
+        target = f"127.0.0.1:{server.port}"
+        wait_flags(proxy, {target: "healthy"})
+        # An answer that never matches fails by timeout: a network timeout.
+        server.broken = True
+        wait_flags(proxy, {target: "/failed_active_hc/active_hc_timeout"}, timeout=8)
+        server.broken = False
+        wait_flags(proxy, {target: "healthy"}, timeout=8)
+    finally:
+        server.close()
+
+
+# -- gRPC -----------------------------------------------------------------------------
+
+
+class HealthServicer:
+    """``grpc.health.v1.Health/Check`` with raw-bytes serializers: SERVING (1) unless
+    the requested service is in ``not_serving``."""
+
+    def __init__(self) -> None:
+        self.not_serving: set[str] = set()
+        self.services: list[str] = []
+
+    def check(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        self.services.append(service)
+        return b"\x08\x02" if service in self.not_serving else b"\x08\x01"
+
+
+def test_grpc_check(start_proxy: StartProxy) -> None:
+    servicer = HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(servicer.check)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        check = http_check()
+        del check["http_health_check"]
+        check["grpc_health_check"] = {"service_name": "svc"}
+        h2 = {
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": HTTP_OPTIONS_TYPE,
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            }
+        }
+        proxy = start_proxy(proxy_config([("127.0.0.1", port)], check, **h2))
+        target = f"127.0.0.1:{port}"
+        wait_flags(proxy, {target: "healthy"})
+        assert "svc" in servicer.services
+        servicer.not_serving.add("svc")
+        wait_flags(proxy, {target: "/failed_active_hc"})
+        servicer.not_serving.clear()
+        wait_flags(proxy, {target: "healthy"})
+    finally:
+        server.stop(None)
+
+
+# -- configuration (envoyx only: the refusals are envoyx's) ---------------------------
+
+
+def test_unsupported_health_check_fields_are_refused_by_name(tmp_path: Any) -> None:
+    import envoyx
+
+    config = proxy_config([("127.0.0.1", 1)], http_check(event_log_path="/tmp/hc.log"))
+    with pytest.raises(envoyx.ConfigError, match=r"health_checks\[0\]\.event_log_path"):
+        envoyx.Server(config)
+    config = proxy_config([("127.0.0.1", 1)], http_check(always_log_health_check_failures=True))
+    with pytest.raises(
+        envoyx.ConfigError, match=r"health_checks\[0\]\.always_log_health_check_failures"
+    ):
+        envoyx.Server(config)
