@@ -3,7 +3,7 @@ parametrization of ``start_proxy``) the real Envoy 1.40 with the same bootstrap.
 
 Upstreams are real processes (:mod:`support.health_upstream`) or real servers (a TCP
 server, a grpcio server answering ``grpc.health.v1.Health/Check``). Intervals are
-short (100–200 ms, ``no_traffic_interval`` too unless a test is about it) so that a
+short (100-200 ms, ``no_traffic_interval`` too unless a test is about it) so that a
 test waits for a few rounds, never for a fixed time: every wait polls ``/clusters``
 or ``/stats`` until the expected state, with a bound.
 """
@@ -22,8 +22,14 @@ import grpc
 import httpx
 import pytest
 
-from support.bootstrap import HTTP_OPTIONS_TYPE, bootstrap, cluster, http_listener, route
-from support.bootstrap import virtual_host
+from support.bootstrap import (
+    HTTP_OPTIONS_TYPE,
+    bootstrap,
+    cluster,
+    http_listener,
+    route,
+    virtual_host,
+)
 from support.health_upstream import HealthUpstream
 from support.proxy import ProxyProcess
 from support.upstreams import H2cUpstream
