@@ -145,6 +145,9 @@ struct OutlierStats {
     ejections_consecutive_5xx: Counter,
     ejections_success_rate: Counter,
     ejections_enforced_total: Counter,
+    /// Envoy 1.40 counts degraded-host detection here; envoyx has none (always 0).
+    #[allow(dead_code)]
+    ejections_detected_degradation: Counter,
     /// (detected, enforced) per [`EjectionType`], in its order.
     by_type: [(Counter, Counter); 7],
 }
@@ -167,6 +170,7 @@ impl OutlierStats {
             ejections_consecutive_5xx: c("ejections_consecutive_5xx"),
             ejections_success_rate: c("ejections_success_rate"),
             ejections_enforced_total: c("ejections_enforced_total"),
+            ejections_detected_degradation: c("ejections_detected_degradation"),
             by_type: [
                 pair("consecutive_5xx"),
                 pair("consecutive_gateway_failure"),
