@@ -162,6 +162,32 @@ def test_failing_http_check_takes_host_out_and_passing_brings_it_back(
     assert proxy.stats()[f"cluster.{CLUSTER}.health_check.healthy"] == 2
 
 
+def test_hosts_start_failed_and_the_server_waits_for_the_first_check(
+    start_proxy: StartProxy,
+) -> None:
+    """Before its first check a host is ``/failed_active_hc`` and the server is not
+    ready (cluster warming); a timed-out first check leaves it failed with
+    ``/active_hc_timeout`` and the server goes live."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        port = silent.getsockname()[1]
+        proxy = start_proxy(
+            proxy_config([("127.0.0.1", port)], http_check(timeout="2s")), wait_ready=False
+        )
+        target = f"127.0.0.1:{port}"
+        wait_flags(proxy, {target: "/failed_active_hc"})
+        assert not proxy.ready()
+        assert host_statuses(proxy)[target] == {
+            "failed_active_health_check": True,
+            "eds_health_status": "HEALTHY",
+        }
+        assert proxy.stats()[f"cluster.{CLUSTER}.membership_healthy"] == 0
+        until(proxy.ready, timeout=10, what="ready after the first check")
+        assert host_flags(proxy) == {target: "/failed_active_hc/active_hc_timeout"}
+    finally:
+        silent.close()
+
+
 def test_expected_statuses_and_degraded(
     start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
 ) -> None:
