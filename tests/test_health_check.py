@@ -34,6 +34,15 @@ from support.health_upstream import HealthUpstream
 from support.proxy import ProxyProcess
 from support.upstreams import H2cUpstream
 from support.wait import free_port, until
+from support.xds_resources import (
+    ads_bootstrap,
+    cluster_load_assignment,
+    eds_cluster,
+    listener,
+    simple_routes,
+)
+from support.xds_server import CLUSTER as XDS_CLUSTER
+from support.xds_server import ENDPOINT, LISTENER, ROUTE, XdsServer
 
 StartProxy = Callable[..., ProxyProcess]
 Json = dict[str, Any]
@@ -412,3 +421,62 @@ def test_unsupported_health_check_fields_are_refused_by_name(tmp_path: Any) -> N
         envoyx.ConfigError, match=r"health_checks\[0\]\.always_log_health_check_failures"
     ):
         envoyx.Server(config)
+
+
+# -- hosts and clusters that come and go (xDS) ----------------------------------------
+
+
+def xds_health_cluster(**extra: Any) -> Json:
+    c = eds_cluster(CLUSTER)
+    c["health_checks"] = [http_check()]
+    c.update(extra)
+    return c
+
+
+@pytest.mark.parametrize("ignore_health_on_host_removal", [False, True])
+def test_eds_removal_of_a_passing_host_and_cluster_removal(
+    start_proxy: StartProxy,
+    upstreams: Callable[[str], HealthUpstream],
+    ignore_health_on_host_removal: bool,
+) -> None:
+    """EDS drops host b while it passes its checks: Envoy keeps it
+    (``/pending_dynamic_removal``) until a check fails it, unless
+    ``ignore_health_on_host_removal``. Removing the cluster (CDS) ends its checks."""
+    a, b = upstreams("a"), upstreams("b")
+    extra = {"ignore_health_on_host_removal": True} if ignore_health_on_host_removal else {}
+    port = free_port()
+    with XdsServer() as xds:
+        xds.set_snapshot(
+            {
+                XDS_CLUSTER: {CLUSTER: xds_health_cluster(**extra)},
+                ENDPOINT: {CLUSTER: cluster_load_assignment(CLUSTER, [a.address, b.address])},
+                LISTENER: {"main": listener("main", port, route_config_name="main_routes")},
+                ROUTE: {"main_routes": simple_routes("main_routes", CLUSTER)},
+            }
+        )
+        proxy = start_proxy(ads_bootstrap(xds_address=xds.address, admin_port=free_port()))
+        wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+        since = xds.mark()
+        version = xds.set_resources(
+            ENDPOINT, {CLUSTER: cluster_load_assignment(CLUSTER, [a.address])}
+        )
+        xds.wait_for_ack(ENDPOINT, version, since=since)
+        if ignore_health_on_host_removal:
+            wait_flags(proxy, {addr(a): "healthy"})
+        else:
+            wait_flags(proxy, {addr(a): "healthy", addr(b): "/pending_dynamic_removal"})
+            b.set(hc=503)
+            wait_flags(proxy, {addr(a): "healthy"})
+        # No more checks for b once it is gone (one may have been in flight).
+        time.sleep(0.3)
+        settled = b.checks()
+        time.sleep(0.5)  # five intervals
+        assert b.checks() == settled
+        # The cluster goes away: its checks end too.
+        since = xds.mark()
+        version = xds.set_resources(XDS_CLUSTER, {})
+        xds.wait_for_ack(XDS_CLUSTER, version, since=since)
+        time.sleep(1.5)  # past the supervisor's one-second beat
+        settled = a.checks()
+        time.sleep(0.5)
+        assert a.checks() == settled

@@ -6,6 +6,7 @@ and start it again on the same port).
   ``x-envoy-immediate-health-check-fail`` / ``x-envoy-degraded`` when asked, or
   bytes that are not HTTP at all (``garbage``).
 - any other path answers the traffic status (default 200) with ``x-upstream: <name>``.
+- ``GET /count`` answers how many health checks it has answered.
 - ``POST /control?hc=503&status=500&immediate=1&degraded=1&garbage=1`` sets them.
 """
 
@@ -26,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 port, name = int(sys.argv[1]), sys.argv[2]
-state = {"hc": 200, "status": 200, "immediate": 0, "degraded": 0, "garbage": 0}
+state = {"hc": 200, "status": 200, "immediate": 0, "degraded": 0, "garbage": 0, "checks": 0}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -43,7 +44,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        if self.path == "/count":
+            return self._reply(200, [], str(state["checks"]).encode())
         if self.path.startswith("/healthz"):
+            state["checks"] += 1
             if state["garbage"]:
                 self.wfile.write(b"\x00\xffTHIS IS NOT HTTP\r\n\r\n\x01\x02")
                 self.close_connection = True
@@ -110,6 +114,15 @@ class HealthUpstream:
             resp = conn.getresponse()
             resp.read()
             return resp.status
+        finally:
+            conn.close()
+
+    def checks(self) -> int:
+        """How many health checks it has answered."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/count")
+            return int(conn.getresponse().read())
         finally:
             conn.close()
 

@@ -113,8 +113,13 @@ pub struct OutlierConfig {
     pub successful_active_health_check_uneject_host: bool,
 }
 
-/// Reads a cluster's `health_checks` and `outlier_detection`.
-pub fn map_cluster_health(c: &Obj<'_>) -> (Vec<HealthCheckConfig>, Option<OutlierConfig>) {
+/// A cluster's health settings: `health_checks`, `outlier_detection`,
+/// `ignore_health_on_host_removal`.
+pub type ClusterHealth = (Vec<HealthCheckConfig>, Option<OutlierConfig>, bool);
+
+/// Reads a cluster's `health_checks`, `outlier_detection` and
+/// `ignore_health_on_host_removal`.
+pub fn map_cluster_health(c: &Obj<'_>) -> ClusterHealth {
     let list = c.list("health_checks");
     if list.len() > 1 {
         list[1].errors().push(
@@ -124,7 +129,8 @@ pub fn map_cluster_health(c: &Obj<'_>) -> (Vec<HealthCheckConfig>, Option<Outlie
     }
     let checks = list.iter().filter_map(map_health_check).collect();
     let outlier = c.obj("outlier_detection").map(|o| map_outlier(&o));
-    (checks, outlier)
+    let ignore_health_on_host_removal = c.bool("ignore_health_on_host_removal").unwrap_or(false);
+    (checks, outlier, ignore_health_on_host_removal)
 }
 
 /// A `google.protobuf.UInt32Value` (proto-JSON writes it as the bare number).
@@ -440,7 +446,7 @@ mod tests {
 
     fn map(doc: serde_json::Value) -> (Vec<HealthCheckConfig>, Option<OutlierConfig>, Vec<String>) {
         let errors = Errors::default();
-        let (h, o) = {
+        let (h, o, _) = {
             let c = Obj::new(&doc, "c".into(), &errors).unwrap();
             map_cluster_health(&c)
         };

@@ -542,6 +542,9 @@ pub struct ClusterConfig {
     pub health_checks: Vec<super::HealthCheckConfig>,
     /// `outlier_detection`.
     pub outlier_detection: Option<super::OutlierConfig>,
+    /// `ignore_health_on_host_removal`: a host DNS/EDS removed leaves at once even
+    /// while it passes its health checks.
+    pub ignore_health_on_host_removal: bool,
     pub raw: Value,
 }
 

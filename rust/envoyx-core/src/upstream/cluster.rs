@@ -245,6 +245,8 @@ pub struct Cluster {
     pub outlier: Option<super::outlier::Detector>,
     /// Notified when the host list changes (the health checker follows it).
     pub hosts_changed: tokio::sync::Notify,
+    /// `ignore_health_on_host_removal`.
+    ignore_health_on_host_removal: bool,
     pub raw: serde_json::Value,
 }
 
@@ -361,6 +363,7 @@ impl Cluster {
             health_checker,
             outlier,
             hosts_changed: tokio::sync::Notify::new(),
+            ignore_health_on_host_removal: config.ignore_health_on_host_removal,
             raw: config.raw.clone(),
         }))
     }
@@ -415,22 +418,52 @@ impl Cluster {
         }
         let by_addr: HashMap<SocketAddr, &Arc<Host>> =
             current.iter().map(|h| (h.address, h)).collect();
-        let hosts: Vec<Arc<Host>> = resolved
+        let mut hosts: Vec<Arc<Host>> = resolved
             .into_iter()
             .map(|(addr, name)| {
-                by_addr
-                    .get(&addr)
-                    .map_or_else(|| self.new_host(addr, name), |h| (*h).clone())
+                by_addr.get(&addr).map_or_else(
+                    || self.new_host(addr, name),
+                    |h| {
+                        h.clear_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
+                        (*h).clone()
+                    },
+                )
             })
             .collect();
+        // With health checks, Envoy keeps a removed host that still passes them
+        // (PENDING_DYNAMIC_REMOVAL) until a check fails it.
+        let keep_passing = self.health_checker.is_some() && !self.ignore_health_on_host_removal;
         for old in current.iter() {
             if !hosts.iter().any(|h| Arc::ptr_eq(h, old)) {
-                old.removed.store(true, Ordering::Relaxed);
+                let failed = health_flag::FAILED_ACTIVE_HC | health_flag::FAILED_EDS_HEALTH;
+                if keep_passing && old.health_flags() & failed == 0 {
+                    old.set_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
+                    hosts.push(old.clone());
+                } else {
+                    old.removed.store(true, Ordering::Relaxed);
+                }
             }
         }
         self.stats.membership_total.set(hosts.len() as i64);
         self.stats.membership_change.inc();
         self.hosts.store(Arc::new(hosts));
+        self.health_changed();
+        self.hosts_changed.notify_one();
+    }
+
+    /// Drops a host kept for PENDING_DYNAMIC_REMOVAL once its health check failed it.
+    pub fn remove_pending_host(&self, host: &Arc<Host>) {
+        self.hosts.rcu(|list| {
+            list.iter()
+                .filter(|h| !Arc::ptr_eq(h, host))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        host.removed.store(true, Ordering::Relaxed);
+        self.stats
+            .membership_total
+            .set(self.hosts.load().len() as i64);
+        self.stats.membership_change.inc();
         self.health_changed();
         self.hosts_changed.notify_one();
     }

@@ -520,6 +520,7 @@ mod tests {
             tls: None,
             health_checks: Vec::new(),
             outlier_detection: None,
+            ignore_health_on_host_removal: false,
             raw: serde_json::Value::Null,
         };
         Cluster::new(

@@ -462,6 +462,9 @@ impl Session {
                 self.host.set_health_flag(health_flag::FAILED_ACTIVE_HC);
                 self.hc.stats.healthy.dec();
                 transition = Transition::Changed;
+                if self.flag(health_flag::PENDING_DYNAMIC_REMOVAL) {
+                    self.cluster.remove_pending_host(&self.host);
+                }
             } else {
                 transition = Transition::ChangePending;
             }
