@@ -253,6 +253,27 @@ def test_immediate_health_check_fail_header(
     wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
 
 
+def test_immediate_fail_header_on_a_routed_response(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
+) -> None:
+    """A response to real traffic carrying ``x-envoy-immediate-health-check-fail``
+    takes its (health-checked) host out at once, before its next check: a passive
+    failure."""
+    a, b = upstreams("a"), upstreams("b")
+    check = http_check(interval="60s", no_traffic_interval="60s")
+    proxy = start_proxy(proxy_config([a.address, b.address], check))
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+    b.set(traffic_immediate=1)
+    assert {n for n in served_by(proxy, 2)} == {"a", "b"}
+    wait_flags(
+        proxy, {addr(a): "healthy", addr(b): "/failed_active_hc/excluded_via_immediate_hc_fail"}
+    )
+    stats = proxy.stats()
+    assert stats[f"cluster.{CLUSTER}.health_check.passive_failure"] == 1
+    assert stats[f"cluster.{CLUSTER}.health_check.failure"] == 1
+    assert set(served_by(proxy, 4)) == {"a"}
+
+
 def test_no_traffic_interval_until_the_cluster_has_traffic(
     start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]
 ) -> None:

@@ -6,6 +6,7 @@ and start it again on the same port).
   ``x-envoy-immediate-health-check-fail`` / ``x-envoy-degraded`` when asked, or
   bytes that are not HTTP at all (``garbage``).
 - any other path answers the traffic status (default 200) with ``x-upstream: <name>``.
+- ``traffic_immediate=1`` adds ``x-envoy-immediate-health-check-fail`` to traffic answers.
 - ``GET /count`` answers how many health checks it has answered.
 - ``POST /control?hc=503&status=500&immediate=1&degraded=1&garbage=1`` sets them.
 """
@@ -27,7 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 port, name = int(sys.argv[1]), sys.argv[2]
-state = {"hc": 200, "status": 200, "immediate": 0, "degraded": 0, "garbage": 0, "checks": 0}
+state = {"hc": 200, "status": 200, "immediate": 0, "degraded": 0, "garbage": 0, "checks": 0,
+         "traffic_immediate": 0}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -58,7 +60,10 @@ class Handler(BaseHTTPRequestHandler):
             if state["degraded"]:
                 headers.append(("x-envoy-degraded", "true"))
             return self._reply(state["hc"], headers, b"hc")
-        self._reply(state["status"], [("x-upstream", name)], name.encode())
+        headers = [("x-upstream", name)]
+        if state["traffic_immediate"]:
+            headers.append(("x-envoy-immediate-health-check-fail", "true"))
+        self._reply(state["status"], headers, name.encode())
 
     def do_POST(self):
         length = int(self.headers.get("content-length") or 0)
