@@ -311,11 +311,22 @@ def test_http2_codec_check(start_proxy: StartProxy) -> None:
     """``codec_client_type: HTTP2`` checks over h2c (hypercorn with prior knowledge)."""
     server = H2cUpstream("h2").start()
     try:
-        check = http_check(http_health_check={"path": "/healthz", "codec_client_type": "HTTP2"})
+        check = http_check(
+            http_health_check={
+                "path": "/healthz",
+                "codec_client_type": "HTTP2",
+                "request_headers_to_add": [{"header": {"key": "x-hc", "value": "yes"}}],
+            }
+        )
         proxy = start_proxy(proxy_config([server.address], check))
         wait_flags(proxy, {f"127.0.0.1:{server.address[1]}": "healthy"})
         until(lambda: server.requests, timeout=5, what="a check request")
-        assert any(r.path == "/healthz" for r in server.requests)
+        req = server.requests[0]
+        assert (req.method, req.path, req.http_version) == ("GET", "/healthz", "2")
+        # The cluster's name is the authority when the check names none.
+        assert (req.header(":authority") or req.header("host")) == CLUSTER
+        assert req.header("user-agent") == "Envoy/HC"
+        assert req.header("x-hc") == "yes"
     finally:
         server.stop()
 

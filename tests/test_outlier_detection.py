@@ -315,3 +315,12 @@ def test_clusters_json_reports_the_ejection(
     }
     assert by_port[b.port] == {"failed_outlier_check": True, "eds_health_status": "HEALTHY"}
     assert by_port[a.port] == {"eds_health_status": "HEALTHY"}
+
+
+def test_outlier_event_log_is_refused_by_name() -> None:
+    """envoyx writes no outlier event log yet: the field is refused, not ignored."""
+    import envoyx
+
+    config = proxy_config([("127.0.0.1", 1)], {"event_log_path": "/tmp/od.log"})
+    with pytest.raises(envoyx.ConfigError, match=r"outlier_detection\.event_log_path"):
+        envoyx.Server(config)
