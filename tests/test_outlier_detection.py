@@ -11,6 +11,7 @@ host is known: the ejection stats are exact, not "at least".
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -324,3 +325,67 @@ def test_outlier_event_log_is_refused_by_name() -> None:
     config = proxy_config([("127.0.0.1", 1)], {"event_log_path": "/tmp/od.log"})
     with pytest.raises(envoyx.ConfigError, match=r"outlier_detection\.event_log_path"):
         envoyx.Server(config)
+
+
+@pytest.mark.parametrize("uneject", [True, False])
+def test_passing_health_check_unejects(
+    start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream], uneject: bool
+) -> None:
+    """With active health checking, a check that passes brings an ejected host back
+    long before base_ejection_time (``successful_active_health_check_uneject_host``,
+    default true); with it false the host stays ejected."""
+    a, b = upstreams("a"), upstreams("b")
+    config = proxy_config(
+        [a.address, b.address],
+        {
+            "consecutive_5xx": 2,
+            "interval": "0.2s",
+            "base_ejection_time": "60s",
+            "max_ejection_percent": 100,
+            "successful_active_health_check_uneject_host": uneject,
+        },
+    )
+    config["static_resources"]["clusters"][0]["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": "0.5s",
+            "no_traffic_interval": "0.5s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/healthz"},
+        }
+    ]
+    proxy = start_proxy(config)
+    until(lambda: host_flags(proxy) == {addr(a): "healthy", addr(b): "healthy"}, timeout=5)
+    b.set(status=500)  # traffic fails, its health checks pass
+    send(proxy, 4)
+    if uneject:
+        wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy"})
+        assert od_stats(proxy)["ejections_enforced_consecutive_5xx"] == 1
+    else:
+        wait_flags(proxy, {addr(a): "healthy", addr(b): "/failed_outlier_check"})
+        time.sleep(1.5)  # three passing checks
+        assert host_flags(proxy) == {addr(a): "healthy", addr(b): "/failed_outlier_check"}
+
+
+def test_success_rate(start_proxy: StartProxy, upstreams: Callable[[str], HealthUpstream]) -> None:
+    """Three hosts, one failing every request: its success rate (0) is below
+    mean - 1.0 x stdev (66.7 - 47.1) of the interval, so it is ejected."""
+    a, b, c = upstreams("a"), upstreams("b"), upstreams("c")
+    c.set(status=500)
+    outlier = {
+        "consecutive_5xx": 1000,
+        "interval": "1s",
+        "max_ejection_percent": 100,
+        "success_rate_minimum_hosts": 3,
+        "success_rate_request_volume": 5,
+        "success_rate_stdev_factor": 1000,
+    }
+    proxy = start_proxy(proxy_config([a.address, b.address, c.address], outlier))
+    send(proxy, 60)
+    wait_flags(proxy, {addr(a): "healthy", addr(b): "healthy", addr(c): "/failed_outlier_check"})
+    stats = od_stats(proxy)
+    assert stats["ejections_detected_success_rate"] == 1
+    assert stats["ejections_enforced_success_rate"] == 1
+    assert stats["ejections_success_rate"] == 1
+    assert stats["ejections_total"] == 1
