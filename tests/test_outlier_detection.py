@@ -319,11 +319,13 @@ def test_clusters_json_reports_the_ejection(
 
 
 def test_outlier_event_log_is_refused_by_name() -> None:
-    """envoyx writes no outlier event log yet: the field is refused, not ignored."""
+    """envoyx writes no outlier event log yet (Envoy's bootstrap
+    ``cluster_manager.outlier_detection.event_log_path``): refused, not ignored."""
     import envoyx
 
-    config = proxy_config([("127.0.0.1", 1)], {"event_log_path": "/tmp/od.log"})
-    with pytest.raises(envoyx.ConfigError, match=r"outlier_detection\.event_log_path"):
+    config = proxy_config([("127.0.0.1", 1)], {"consecutive_5xx": 2})
+    config["cluster_manager"] = {"outlier_detection": {"event_log_path": "/tmp/od.log"}}
+    with pytest.raises(envoyx.ConfigError, match=r"cluster_manager: not supported"):
         envoyx.Server(config)
 
 
