@@ -145,7 +145,8 @@ pub async fn start_bootstrap(cm: &Arc<ClusterManager>) {
         start(&rt, c, cm);
     }
     for c in clusters {
-        if let Some(hc) = &c.health_checker {
+        // An EDS cluster's hosts come later, over xDS: nothing to wait for here.
+        if let Some(hc) = c.health_checker.as_ref().filter(|_| c.hosts_ready()) {
             while !hc.is_warm() && !c.removed.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
