@@ -331,6 +331,56 @@ def test_http2_codec_check(start_proxy: StartProxy) -> None:
         server.stop()
 
 
+class ClosingHttpServer:
+    """Answers one HTTP/1.1 request per connection (200, keep-alive by its headers),
+    then closes the idle connection a moment later, as servers with short keep-alive
+    timeouts do."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_idle_check_connection_closed_by_the_host_is_no_failure(
+    start_proxy: StartProxy,
+) -> None:
+    """With reuse_connection, a connection the host closed between checks is
+    replaced by a new one; the check does not fail."""
+    server = ClosingHttpServer()
+    try:
+        check = http_check(interval="0.2s", no_traffic_interval="0.2s")
+        proxy = start_proxy(proxy_config([("127.0.0.1", server.port)], check))
+        proxy.wait_stat(f"cluster.{CLUSTER}.health_check.success", 4)
+        stats = proxy.stats()
+        assert stats[f"cluster.{CLUSTER}.health_check.failure"] == 0
+        assert host_flags(proxy) == {f"127.0.0.1:{server.port}": "healthy"}
+    finally:
+        server.close()
+
+
 # -- TCP ------------------------------------------------------------------------------
 
 

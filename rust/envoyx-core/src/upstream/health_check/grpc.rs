@@ -88,7 +88,7 @@ pub(super) async fn check(
     config: &GrpcHealthCheck,
     conn: Option<Conn>,
 ) -> (Outcome, Option<Conn>) {
-    let mut conn = match conn {
+    let mut conn = match conn.filter(|c| !c.is_closed()) {
         Some(c) => c,
         None => match Conn::open(cluster, host, true).await {
             Some(c) => c,

@@ -34,6 +34,14 @@ impl Conn {
         }
     }
 
+    /// The host closed it while idle: Envoy just opens a new one (no failure).
+    pub(super) fn is_closed(&self) -> bool {
+        match self {
+            Conn::H1(s) => s.is_closed(),
+            Conn::H2(s) => s.is_closed(),
+        }
+    }
+
     fn is_h2(&self) -> bool {
         matches!(self, Conn::H2(_))
     }
@@ -83,7 +91,7 @@ pub(super) async fn check(
     config: &HttpHealthCheck,
     conn: Option<Conn>,
 ) -> (Outcome, Option<Conn>) {
-    let mut conn = match conn {
+    let mut conn = match conn.filter(|c| !c.is_closed()) {
         Some(c) => c,
         None => match Conn::open(cluster, host, config.http2).await {
             Some(c) => c,
