@@ -17,7 +17,7 @@ use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
 use crate::instance::{Instance, ServerState, VERSION};
 use crate::listener::Listener;
-use crate::upstream::Cluster;
+use crate::upstream::{Cluster, Host};
 
 pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -636,21 +636,98 @@ fn clusters_text(shared: &Instance) -> String {
                 ("rq_timeout", s.rq_timeout().get().to_string()),
                 ("rq_total", s.rq_total().get().to_string()),
                 ("hostname", h.hostname.clone()),
-                ("health_flags", "healthy".into()),
-                ("weight", "1".into()),
+                ("health_flags", health_flags_text(h.health_flags())),
+                ("weight", host_weight(h).to_string()),
                 ("region", String::new()),
                 ("zone", String::new()),
                 ("sub_zone", String::new()),
                 ("canary", "false".into()),
-                ("priority", "0".into()),
-                ("success_rate", "-1".into()),
-                ("local_origin_success_rate", "-1".into()),
+                ("priority", host_priority(h).to_string()),
+                ("success_rate", h.outlier.success_rate().to_string()),
+                (
+                    "local_origin_success_rate",
+                    h.outlier.local_origin_success_rate().to_string(),
+                ),
             ] {
                 out.push_str(&format!("{n}::{a}::{k}::{v}\n"));
             }
         }
     }
     out
+}
+
+/// A host's load-balancing weight and priority, for `/clusters` (1 and 0 until
+/// hosts carry their endpoint's).
+fn host_weight(_host: &Host) -> u32 {
+    1
+}
+
+fn host_priority(_host: &Host) -> u32 {
+    0
+}
+
+/// Envoy's `HostUtility::healthFlagsToString`: `healthy`, or each flag set as
+/// `/name`, in the flags' order.
+fn health_flags_text(flags: u32) -> String {
+    use crate::upstream::health_flag as f;
+    const NAMES: [(u32, &str); 10] = [
+        (f::FAILED_ACTIVE_HC, "/failed_active_hc"),
+        (f::FAILED_OUTLIER_CHECK, "/failed_outlier_check"),
+        (f::FAILED_EDS_HEALTH, "/failed_eds_health"),
+        (f::DEGRADED_ACTIVE_HC, "/degraded_active_hc"),
+        (f::DEGRADED_EDS_HEALTH, "/degraded_eds_health"),
+        (f::PENDING_DYNAMIC_REMOVAL, "/pending_dynamic_removal"),
+        (f::PENDING_ACTIVE_HC, "/pending_active_hc"),
+        (
+            f::EXCLUDED_VIA_IMMEDIATE_HC_FAIL,
+            "/excluded_via_immediate_hc_fail",
+        ),
+        (f::ACTIVE_HC_TIMEOUT, "/active_hc_timeout"),
+        (f::EDS_STATUS_DRAINING, "/eds_status_draining"),
+    ];
+    let text: String = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if text.is_empty() {
+        "healthy".to_string()
+    } else {
+        text
+    }
+}
+
+/// Envoy's `HostHealthStatus` (admin `ClusterStatus` JSON; false fields omitted).
+fn health_status_json(flags: u32) -> Value {
+    use crate::upstream::health_flag as f;
+    let mut status = serde_json::Map::new();
+    for (bit, name) in [
+        (f::FAILED_ACTIVE_HC, "failed_active_health_check"),
+        (f::FAILED_OUTLIER_CHECK, "failed_outlier_check"),
+        (f::DEGRADED_ACTIVE_HC, "failed_active_degraded_check"),
+        (f::PENDING_DYNAMIC_REMOVAL, "pending_dynamic_removal"),
+        (f::PENDING_ACTIVE_HC, "pending_active_hc"),
+        (
+            f::EXCLUDED_VIA_IMMEDIATE_HC_FAIL,
+            "excluded_via_immediate_hc_fail",
+        ),
+        (f::ACTIVE_HC_TIMEOUT, "active_hc_timeout"),
+    ] {
+        if flags & bit != 0 {
+            status.insert(name.to_string(), json!(true));
+        }
+    }
+    let eds = if flags & f::FAILED_EDS_HEALTH != 0 {
+        "UNHEALTHY"
+    } else if flags & f::EDS_STATUS_DRAINING != 0 {
+        "DRAINING"
+    } else if flags & f::DEGRADED_EDS_HEALTH != 0 {
+        "DEGRADED"
+    } else {
+        "HEALTHY"
+    };
+    status.insert("eds_health_status".to_string(), json!(eds));
+    Value::Object(status)
 }
 
 fn clusters_json(shared: &Instance) -> Value {
@@ -665,7 +742,7 @@ fn clusters_json(shared: &Instance) -> Value {
                 .iter()
                 .map(|h| {
                     let s = &h.stats;
-                    json!({
+                    let mut status = json!({
                         "address": {"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}},
                         "stats": [
                             {"name": "cx_connect_fail", "value": s.cx_connect_fail().get().to_string()},
@@ -677,11 +754,23 @@ fn clusters_json(shared: &Instance) -> Value {
                             {"type": "GAUGE", "name": "cx_active", "value": s.cx_active().get().to_string()},
                             {"type": "GAUGE", "name": "rq_active", "value": s.rq_active().get().to_string()},
                         ],
-                        "health_status": {"eds_health_status": "HEALTHY"},
-                        "weight": 1,
+                        "health_status": health_status_json(h.health_flags()),
+                        "weight": host_weight(h),
                         "hostname": h.hostname,
                         "locality": {},
-                    })
+                    });
+                    if host_priority(h) != 0 {
+                        status["priority"] = json!(host_priority(h));
+                    }
+                    for (key, rate) in [
+                        ("success_rate", h.outlier.success_rate()),
+                        ("local_origin_success_rate", h.outlier.local_origin_success_rate()),
+                    ] {
+                        if rate >= 0.0 {
+                            status[key] = json!({"value": rate});
+                        }
+                    }
+                    status
                 })
                 .collect();
             json!({"name": c.name, "observability_name": c.name, "added_via_api": c.origin.dynamic, "host_statuses": hosts})

@@ -274,11 +274,13 @@ fn control_thread(
     rt.block_on(async move {
         // First DNS answers before workers serve; then refresh in the background.
         crate::upstream::cluster::resolve_static_dns(&instance.clusters).await;
-        let _ = ready.send(());
         if let Some(listener) = admin {
             let logs = admin_logs.unwrap_or_default();
             tokio::spawn(crate::admin::serve(instance.clone(), listener, logs));
         }
+        // Clusters warm until their first health checks, as in Envoy (admin answers meanwhile).
+        crate::upstream::health_check::start_bootstrap(&instance.clusters).await;
+        let _ = ready.send(());
         // Certificate files of SDS secrets, watched for replacement (tls::files).
         let files_instance = instance.clone();
         tokio::spawn(async move {

@@ -382,6 +382,8 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         // Envoy negotiates by ALPN, which needs TLS; in plaintext it speaks HTTP/1.1.
         protocol = UpstreamProtocol::Http1;
     }
+    let (health_checks, outlier_detection, ignore_health_on_host_removal) =
+        super::health_check::map_cluster_health(c);
     if discovery == DiscoveryType::LogicalDns && endpoints.len() != 1 {
         c.error(
             "load_assignment",
@@ -400,6 +402,9 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         eds_service_name,
         pool,
         tls,
+        health_checks,
+        outlier_detection,
+        ignore_health_on_host_removal,
         raw: c.to_value(),
     })
 }

@@ -1,6 +1,7 @@
 //! Configuration: Envoy v3 proto-JSON in, the core's typed model out.
 
 pub mod bootstrap;
+pub mod health_check;
 pub mod listener;
 pub mod matcher;
 pub mod model;
@@ -10,4 +11,5 @@ pub mod retry;
 pub mod tls;
 
 pub use bootstrap::map_bootstrap;
+pub use health_check::{HealthCheckConfig, OutlierConfig};
 pub use model::*;

@@ -555,6 +555,13 @@ pub struct ClusterConfig {
     pub pool: PoolSettings,
     /// `transport_socket`: TLS to the upstream hosts.
     pub tls: Option<UpstreamTlsConfig>,
+    /// `health_checks` (see `config::health_check`).
+    pub health_checks: Vec<super::HealthCheckConfig>,
+    /// `outlier_detection`.
+    pub outlier_detection: Option<super::OutlierConfig>,
+    /// `ignore_health_on_host_removal`: a host DNS/EDS removed leaves at once even
+    /// while it passes its health checks.
+    pub ignore_health_on_host_removal: bool,
     pub raw: Value,
 }
 

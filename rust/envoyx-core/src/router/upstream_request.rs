@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use crate::http::body::{ProxyBody, StreamEnd};
 use crate::per_worker::LocalHandle;
 use crate::upstream::ConnectError;
+use crate::upstream::health_check;
 use crate::upstream::lb::LbContext;
+use crate::upstream::outlier::{self, LocalOriginEvent};
 use crate::upstream::pool::Sender;
 use crate::upstream::{Cluster, Host, WorkerPools};
 
@@ -82,11 +84,13 @@ impl UpstreamRequest<'_> {
         {
             Ok(s) => s,
             Err(e) => {
+                outlier::put_result(cluster, host.shared(), LocalOriginEvent::ConnectFailed);
                 host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
                 return Err(TryFailure::Connect(e));
             }
         };
+        outlier::put_result(cluster, host.shared(), LocalOriginEvent::ConnectSuccess);
         let h2 = sender.is_http2();
         prepare(&mut parts, h2);
         parts.version = if h2 {
@@ -114,11 +118,13 @@ impl UpstreamRequest<'_> {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if e.is_user() => return Err(TryFailure::DownstreamBody),
             Ok(Err(e)) => {
+                outlier::put_result(cluster, host.shared(), LocalOriginEvent::ConnectFailed);
                 host.stats.rq_error().inc();
                 stats.upstream_rq_rx_reset.inc();
                 return Err(TryFailure::Reset(e));
             }
             Err(_elapsed) => {
+                outlier::put_result(cluster, host.shared(), LocalOriginEvent::Timeout);
                 host.stats.rq_timeout().inc();
                 return Err(TryFailure::Timeout);
             }
@@ -130,6 +136,8 @@ impl UpstreamRequest<'_> {
         // The response counters are the router's: a retried response is counted
         // as `retry.upstream_rq_<code>` instead, as in Envoy.
         let status = response.status().as_u16();
+        outlier::put_http_response_code(cluster, host.shared(), status);
+        health_check::check_immediate_fail(cluster, host.shared(), response.headers());
         if status < 500 {
             host.stats.rq_success().inc();
         } else {

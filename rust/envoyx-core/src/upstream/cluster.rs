@@ -62,6 +62,8 @@ pub struct Host {
     /// [`health_flag`] bits. Whoever changes them calls
     /// [`Cluster::health_changed`] so the workers rebuild their host sets.
     health_flags: AtomicU32,
+    /// Outlier detection's per-host counters (written by the workers).
+    pub outlier: super::outlier::HostMonitor,
 }
 
 impl Host {
@@ -73,6 +75,7 @@ impl Host {
             stats: HostStats::new(shards),
             removed: AtomicBool::new(false),
             health_flags: AtomicU32::new(0),
+            outlier: Default::default(),
         }
     }
 
@@ -260,6 +263,14 @@ pub struct Cluster {
     /// Bumped whenever a host's health flags change: a worker whose load balancer
     /// was built at an older epoch rebuilds its host sets (no lock on the pick).
     health_epoch: AtomicU64,
+    /// `health_checks`: its sessions run on the control thread.
+    pub health_checker: Option<Arc<super::health_check::HealthChecker>>,
+    /// `outlier_detection`: workers report each try's result to it.
+    pub outlier: Option<super::outlier::Detector>,
+    /// Notified when the host list changes (the health checker follows it).
+    pub hosts_changed: tokio::sync::Notify,
+    /// `ignore_health_on_host_removal`.
+    ignore_health_on_host_removal: bool,
     pub raw: serde_json::Value,
 }
 
@@ -318,6 +329,16 @@ impl Cluster {
             None => None,
         };
         let stats = ClusterStats::new(store, &config.name);
+        let health_checker = super::health_check::HealthChecker::new(
+            &config.health_checks,
+            config.protocol,
+            store,
+            &config.name,
+        )?;
+        let outlier = config
+            .outlier_detection
+            .clone()
+            .map(|o| super::outlier::Detector::new(o, store, &config.name));
         let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
@@ -331,8 +352,18 @@ impl Cluster {
         } else {
             Vec::new()
         };
+        if health_checker.is_some() {
+            for h in &hosts {
+                h.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+            }
+        }
         stats.membership_total.set(hosts.len() as i64);
-        stats.membership_healthy.set(hosts.len() as i64);
+        stats.membership_healthy.set(
+            hosts
+                .iter()
+                .filter(|h| h.health() != HostHealth::Unhealthy)
+                .count() as i64,
+        );
         Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
@@ -353,6 +384,10 @@ impl Cluster {
             hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
             tls,
             health_epoch: AtomicU64::new(0),
+            health_checker,
+            outlier,
+            hosts_changed: tokio::sync::Notify::new(),
+            ignore_health_on_host_removal: config.ignore_health_on_host_removal,
             raw: config.raw.clone(),
         }))
     }
@@ -376,8 +411,14 @@ impl Cluster {
 
     /// Whether it has what it warms for: its first hosts and its TLS secrets.
     fn is_warm(&self) -> bool {
-        self.hosts_ready.load(Ordering::Relaxed)
+        self.hosts_ready()
             && !self.tls.as_ref().is_some_and(|t| t.config.is_warming())
+            && self.health_checker.as_ref().is_none_or(|hc| hc.is_warm())
+    }
+
+    /// Whether its first hosts are known.
+    pub fn hosts_ready(&self) -> bool {
+        self.hosts_ready.load(Ordering::Relaxed)
     }
 
     pub fn is_dns(&self) -> bool {
@@ -401,23 +442,63 @@ impl Cluster {
         }
         let by_addr: HashMap<SocketAddr, &Arc<Host>> =
             current.iter().map(|h| (h.address, h)).collect();
-        let hosts: Vec<Arc<Host>> = resolved
+        let mut hosts: Vec<Arc<Host>> = resolved
             .into_iter()
             .map(|(addr, name)| {
-                by_addr
-                    .get(&addr)
-                    .map_or_else(|| new_host(addr, name, self.host_shards), |h| (*h).clone())
+                by_addr.get(&addr).map_or_else(
+                    || self.new_host(addr, name),
+                    |h| {
+                        h.clear_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
+                        (*h).clone()
+                    },
+                )
             })
             .collect();
+        // With health checks, Envoy keeps a removed host that still passes them
+        // (PENDING_DYNAMIC_REMOVAL) until a check fails it.
+        let keep_passing = self.health_checker.is_some() && !self.ignore_health_on_host_removal;
         for old in current.iter() {
             if !hosts.iter().any(|h| Arc::ptr_eq(h, old)) {
-                old.removed.store(true, Ordering::Relaxed);
+                let failed = health_flag::FAILED_ACTIVE_HC | health_flag::FAILED_EDS_HEALTH;
+                if keep_passing && old.health_flags() & failed == 0 {
+                    old.set_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
+                    hosts.push(old.clone());
+                } else {
+                    old.removed.store(true, Ordering::Relaxed);
+                }
             }
         }
         self.stats.membership_total.set(hosts.len() as i64);
-        self.stats.membership_healthy.set(hosts.len() as i64);
         self.stats.membership_change.inc();
         self.hosts.store(Arc::new(hosts));
+        self.health_changed();
+        self.hosts_changed.notify_one();
+    }
+
+    /// Drops a host kept for PENDING_DYNAMIC_REMOVAL once its health check failed it.
+    pub fn remove_pending_host(&self, host: &Arc<Host>) {
+        self.hosts.rcu(|list| {
+            list.iter()
+                .filter(|h| !Arc::ptr_eq(h, host))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        host.removed.store(true, Ordering::Relaxed);
+        self.stats
+            .membership_total
+            .set(self.hosts.load().len() as i64);
+        self.stats.membership_change.inc();
+        self.health_changed();
+        self.hosts_changed.notify_one();
+    }
+
+    /// A host new to the cluster; unhealthy until checked when health checked.
+    fn new_host(&self, address: SocketAddr, hostname: String) -> Arc<Host> {
+        let host = new_host(address, hostname, self.host_shards);
+        if self.health_checker.is_some() {
+            host.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+        }
+        host
     }
 
     /// Resolves every endpoint of a DNS cluster once and installs the answer.
@@ -696,6 +777,9 @@ impl ClusterManager {
                     continue;
                 }
             };
+            if let Some(rt) = self.control.get() {
+                super::health_check::start(rt, &cluster, self);
+            }
             let replacing = active.by_name.contains_key(&config.name);
             self.store
                 .counter(if replacing {
@@ -763,7 +847,7 @@ impl ClusterManager {
     }
 
     /// Moves a warm cluster from warming to active, replacing the old one.
-    fn promote(&self, cluster: &Arc<Cluster>) {
+    pub(crate) fn promote(&self, cluster: &Arc<Cluster>) {
         if !cluster.is_warm() {
             return;
         }

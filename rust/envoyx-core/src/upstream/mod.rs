@@ -2,8 +2,10 @@
 
 pub mod cluster;
 mod connect;
+pub mod health_check;
 pub mod host_stats;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 pub use cluster::{Cluster, ClusterManager, Host, HostHealth, health_flag};

@@ -518,6 +518,9 @@ mod tests {
             eds_service_name: None,
             pool,
             tls: None,
+            health_checks: Vec::new(),
+            outlier_detection: None,
+            ignore_health_on_host_removal: false,
             raw: serde_json::Value::Null,
         };
         Cluster::new(
