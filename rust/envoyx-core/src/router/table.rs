@@ -192,6 +192,7 @@ mod tests {
                 expected_timeout: None,
                 prefix_rewrite: None,
                 host_rewrite: None,
+                idle_timeout: None,
             }),
             filter_overrides: Vec::new(),
         }
