@@ -37,6 +37,7 @@ from hyperframe.frame import (
     PingFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 import envoyx
@@ -228,6 +229,8 @@ class RawH2:
         self.statuses: dict[int, int] = {}
         self.resets: dict[int, int] = {}
         self.goaways: list[tuple[int, int]] = []
+        self.settings: dict[int, int] = {}
+        self.connection_window = 65_535
         self.eof = False
         self.sock.sendall(H2_PREFACE + SettingsFrame(0).serialize())
 
@@ -268,7 +271,10 @@ class RawH2:
             frame.parse_body(memoryview(self.buf[9 : 9 + length]))
             self.buf = self.buf[9 + length :]
             if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                self.settings.update(frame.settings)
                 self.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+            elif isinstance(frame, WindowUpdateFrame) and frame.stream_id == 0:
+                self.connection_window += frame.window_increment
             elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
                 self.sock.sendall(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
             elif isinstance(frame, HeadersFrame):
@@ -716,6 +722,34 @@ def test_max_headers_count(
     proxy.stats_delta({"downstream_rq_2xx": 1, "downstream_rq_4xx": 1}, before)
 
 
+def test_http2_protocol_options_are_advertised(
+    start_proxy: StartProxy, tmp_path: Path, http_upstream: HttpUpstream
+) -> None:
+    """``http2_protocol_options``: the stream limit and the stream window in the
+    codec's SETTINGS, the connection window by WINDOW_UPDATE."""
+    proxy = start_hcm(
+        start_proxy,
+        tmp_path,
+        http_upstream.address,
+        {
+            "http2_protocol_options": {
+                "max_concurrent_streams": 7,
+                "initial_stream_window_size": 131_072,
+                "initial_connection_window_size": 1_048_576,
+            }
+        },
+    )
+    client = RawH2(proxy.port)
+    try:
+        client.request(1)
+        client.pump(lambda c: 1 in c.statuses)
+    finally:
+        client.close()
+    assert client.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 7
+    assert client.settings[SettingsFrame.INITIAL_WINDOW_SIZE] == 131_072
+    assert client.connection_window == 1_048_576
+
+
 # -- what envoyx does not implement ------------------------------------------------------
 
 
@@ -726,7 +760,10 @@ def test_max_headers_count(
             common(max_response_headers_kb=80),
             "common_http_protocol_options.max_response_headers_kb",
         ),
-        ({"http2_protocol_options": {"max_concurrent_streams": 10}}, "http2_protocol_options"),
+        (
+            {"http2_protocol_options": {"allow_connect": True}},
+            "http2_protocol_options.allow_connect",
+        ),
         ({"http_protocol_options": {"accept_http_10": True}}, "http_protocol_options"),
     ],
     ids=["max_response_headers_kb", "http2_protocol_options", "http_protocol_options"],

@@ -348,6 +348,11 @@ pub struct HcmLimits {
     pub headers_with_underscores: UnderscoresAction,
     /// `common_http_protocol_options.max_headers_count` (default 100).
     pub max_headers_count: usize,
+    /// `http2_protocol_options`: what the HTTP/2 codec advertises (None: hyper's
+    /// defaults).
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub h2_initial_stream_window_size: Option<u32>,
+    pub h2_initial_connection_window_size: Option<u32>,
     /// `drain_timeout` (default 5 s): between a drain's start and the close.
     pub drain_timeout: Duration,
     /// `delayed_close_timeout` (default 1 s): after a close envoyx decided, how
@@ -367,6 +372,9 @@ impl Default for HcmLimits {
             max_stream_duration: None,
             headers_with_underscores: UnderscoresAction::Allow,
             max_headers_count: 100,
+            h2_max_concurrent_streams: None,
+            h2_initial_stream_window_size: None,
+            h2_initial_connection_window_size: None,
             drain_timeout: Duration::from_secs(5),
             delayed_close_timeout: Some(Duration::from_secs(1)),
         }

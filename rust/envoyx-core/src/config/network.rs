@@ -141,6 +141,18 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
             }
         };
     }
+    if let Some(h2) = hcm.obj("http2_protocol_options") {
+        limits.h2_max_concurrent_streams = h2.u32("max_concurrent_streams");
+        let window = |key| {
+            let n = h2.u32(key)?;
+            if !(65_535..=2_147_483_647).contains(&n) {
+                h2.error(key, "must be in [65535, 2147483647]");
+            }
+            Some(n)
+        };
+        limits.h2_initial_stream_window_size = window("initial_stream_window_size");
+        limits.h2_initial_connection_window_size = window("initial_connection_window_size");
+    }
     limits
 }
 

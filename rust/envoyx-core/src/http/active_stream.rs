@@ -4,6 +4,7 @@
 //! stats and the access log when the response stream ends.
 
 use std::cell::Cell;
+use std::future::Future as _;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use std::future::Future as _;
 
 use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd, StreamWatch};
 use super::connection::DownstreamConnection;

@@ -246,9 +246,19 @@ async fn serve_h2<S>(
 {
     let hcm = conn.hcm.clone();
     let service = StreamService(conn.clone());
-    let served = hyper::server::conn::http2::Builder::new(LocalExec)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
+    let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
+    builder.timer(TokioTimer::new());
+    let limits = &hcm.limits;
+    if let Some(n) = limits.h2_max_concurrent_streams {
+        builder.max_concurrent_streams(n);
+    }
+    if let Some(n) = limits.h2_initial_stream_window_size {
+        builder.initial_stream_window_size(n);
+    }
+    if let Some(n) = limits.h2_initial_connection_window_size {
+        builder.initial_connection_window_size(n);
+    }
+    let served = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,

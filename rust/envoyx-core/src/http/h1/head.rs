@@ -2,11 +2,13 @@
 //!
 //! A request head is parsed once, by `httparse`, and screened as Envoy's codec
 //! screens it: `400 Bad Request` (with the reason as its body) for malformed heads,
-//! both framings at once and bad `Transfer-Encoding`; `426 Upgrade Required` for
-//! HTTP/1.0, HTTP/0.9 and unknown versions; `431` past 60 KiB of head or 100
-//! headers. The head's bytes are copied once into one `Bytes` that the URI and
-//! header values share. Responses are written as hyper writes them (lowercase
-//! names, `content-length` when the body's size is exact, else chunked, `date`).
+//! both framings at once, bad `Transfer-Encoding` and (when so configured) header
+//! names with underscores; `426 Upgrade Required` for HTTP/1.0, HTTP/0.9 and unknown
+//! versions; `431` past 60 KiB of head or `max_headers_count` (100) headers. Heads
+//! that stall get the 408 of the stream timer that fires. The head's bytes are
+//! copied once into one `Bytes` that the URI and header values share. Responses are
+//! written as hyper writes them (lowercase names, `content-length` when the body's
+//! size is exact, else chunked, `date`).
 
 use std::cell::RefCell;
 use std::io::Write;
