@@ -304,7 +304,15 @@ def test_request_timeout_is_408_when_the_body_stalls(
     assert (status, body) == (408, b"request timeout")
     assert headers["connection"] == "close"
     assert proxy.log_lines(1) == ["408 - request_overall_timeout"]
-    proxy.stats_delta({"downstream_rq_timeout": 1, "downstream_rq_4xx": 1}, before)
+    # The client waits for the close: the delayed close runs out.
+    proxy.stats_delta(
+        {
+            "downstream_rq_timeout": 1,
+            "downstream_rq_4xx": 1,
+            "downstream_cx_delayed_close_timeout": 1,
+        },
+        before,
+    )
 
 
 def test_stream_idle_timeout_is_408_when_the_client_stalls(
@@ -607,7 +615,15 @@ def test_http1_max_requests_per_connection(
         status, headers, _ = read_response(s)
         assert status == 200 and headers["connection"] == "close"
         assert read_until_eof(s) == b""
-    proxy.stats_delta({"downstream_cx_max_requests_reached": 1, "downstream_rq_2xx": 2}, before)
+    # The stream asked for the close itself: no delayed close.
+    proxy.stats_delta(
+        {
+            "downstream_cx_max_requests_reached": 1,
+            "downstream_rq_2xx": 2,
+            "downstream_cx_delayed_close_timeout": 0,
+        },
+        before,
+    )
 
 
 def test_http2_max_requests_per_connection_sends_goaway(

@@ -176,7 +176,7 @@ impl ActiveStream {
                 stream.encode_upstream(response).await
             }
             Decoded::Expired(expiry) => {
-                let complete = watch.is_some_and(|w| w.request_complete.get());
+                let complete = watch.as_ref().is_some_and(|w| w.request_complete.get());
                 let reply = expiry.local_reply(&hcm.stats, complete);
                 stream.encode_local_reply(reply).await
             }
@@ -190,6 +190,7 @@ impl ActiveStream {
                 idle: t.idle,
                 deadline: t.max_duration.map(|d| started + d),
                 last_activity: Instant::now(),
+                request: watch.clone(),
             });
         Response::from_parts(parts, StreamBody::new(body, timers))
     }
@@ -503,12 +504,20 @@ struct ResponseTimers {
     conn: Rc<DownstreamConnection>,
     idle: Option<Duration>,
     deadline: Option<Instant>,
+    /// The last response frame.
     last_activity: Instant,
+    /// The request body still streaming (a bidirectional stream) also counts
+    /// as activity, as in Envoy.
+    request: Option<Rc<StreamWatch>>,
 }
 
 impl ResponseTimers {
     fn next(&self) -> Option<(Instant, Expiry)> {
-        let idle = self.idle.map(|d| (self.last_activity + d, Expiry::Idle));
+        let last = match &self.request {
+            Some(w) => self.last_activity.max(w.last_activity.get()),
+            None => self.last_activity,
+        };
+        let idle = self.idle.map(|d| (last + d, Expiry::Idle));
         match (idle, self.deadline) {
             (Some(i), Some(d)) if d < i.0 => Some((d, Expiry::MaxDuration)),
             (Some(i), _) => Some(i),

@@ -113,6 +113,14 @@ impl DownstreamConnection {
         self.drain_started.get().is_some()
     }
 
+    /// This connection carried its last request (`max_requests_per_connection`).
+    pub(super) fn max_requests_reached(&self) -> bool {
+        self.hcm
+            .limits
+            .max_requests_per_connection
+            .is_some_and(|max| self.requests.get() >= max)
+    }
+
     /// `max_connection_duration`: counted and drained once reached. HTTP/1 checks
     /// it when it writes a response and while it waits for the next request, so
     /// a busy connection needs no timer of its own.

@@ -348,7 +348,8 @@ async fn exchange(
         Close::Keep
     } else if read.eof {
         Close::Peer
-    } else if !keep_alive {
+    } else if !keep_alive || conn.max_requests_reached() {
+        // Envoy skips the delay when the stream itself asked for the close.
         Close::Now
     } else {
         Close::Delayed
