@@ -323,6 +323,77 @@ pub struct HttpConnectionManagerConfig {
     pub client_cert_details: ClientCertDetails,
     /// `http_filters` before the router: Python filters, in order.
     pub http_filters: Vec<HttpFilterSpec>,
+    /// The connection manager's timeouts and per-connection limits (boxed: the
+    /// network filter enum stays small).
+    pub limits: Box<HcmLimits>,
+}
+
+/// The connection manager's timers and limits, with Envoy's defaults. A zero
+/// duration disables a timer (None).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HcmLimits {
+    /// `stream_idle_timeout` (default 5 min): a stream with no activity either
+    /// way for this long gets 408 (504 once the request is whole), or is reset
+    /// once its response started.
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout` (default off): the whole request must arrive in time.
+    pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout` (default off): the request head must arrive in time.
+    pub request_headers_timeout: Option<Duration>,
+    /// `common_http_protocol_options.idle_timeout` (default 1 h): a connection
+    /// without streams for this long drains.
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration` (default off).
+    pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_requests_per_connection` (default off).
+    pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.max_stream_duration` (default off).
+    pub max_stream_duration: Option<Duration>,
+    /// `common_http_protocol_options.headers_with_underscores_action`.
+    pub headers_with_underscores: UnderscoresAction,
+    /// `common_http_protocol_options.max_headers_count` (default 100).
+    pub max_headers_count: usize,
+    /// `http2_protocol_options`: what the HTTP/2 codec advertises (None: hyper's
+    /// defaults).
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub h2_initial_stream_window_size: Option<u32>,
+    pub h2_initial_connection_window_size: Option<u32>,
+    /// `drain_timeout` (default 5 s): between a drain's start and the close.
+    pub drain_timeout: Duration,
+    /// `delayed_close_timeout` (default 1 s): after a close envoyx decided, how
+    /// long the peer has to close first.
+    pub delayed_close_timeout: Option<Duration>,
+}
+
+impl Default for HcmLimits {
+    fn default() -> Self {
+        HcmLimits {
+            stream_idle_timeout: Some(Duration::from_secs(300)),
+            request_timeout: None,
+            request_headers_timeout: None,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            max_requests_per_connection: None,
+            max_stream_duration: None,
+            headers_with_underscores: UnderscoresAction::Allow,
+            max_headers_count: 100,
+            h2_max_concurrent_streams: None,
+            h2_initial_stream_window_size: None,
+            h2_initial_connection_window_size: None,
+            drain_timeout: Duration::from_secs(5),
+            delayed_close_timeout: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `HttpProtocolOptions.HeadersWithUnderscoresAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoresAction {
+    Allow,
+    /// 400 (HTTP/1) and `requests_rejected_with_underscores_in_headers`.
+    RejectRequest,
+    /// The header is removed and `dropped_headers_with_underscores` counted.
+    DropHeader,
 }
 
 /// What happens to `x-forwarded-client-cert` (Envoy's `ForwardClientCertDetails`).
@@ -485,6 +556,9 @@ pub struct ForwardAction {
     /// `per_request_buffer_limit_bytes` (route, else virtual host; default 1 MiB,
     /// Envoy's listener buffer limit): how much request body is kept for a retry.
     pub retry_buffer_limit: u32,
+    /// `route.idle_timeout`: replaces the connection manager's
+    /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
+    pub idle_timeout: Option<Option<Duration>>,
 }
 
 #[derive(Debug)]

@@ -104,7 +104,67 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             })
             .unwrap_or_default(),
         http_filters,
+        limits: Box::new(map_hcm_limits(hcm)),
     })
+}
+
+/// The connection manager's timeouts and `common_http_protocol_options`.
+fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
+    let d = HcmLimits::default();
+    let timer = |o: &Obj<'_>, key, default| match o.duration(key) {
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+        None => default,
+    };
+    let mut limits = HcmLimits {
+        stream_idle_timeout: timer(hcm, "stream_idle_timeout", d.stream_idle_timeout),
+        request_timeout: timer(hcm, "request_timeout", None),
+        request_headers_timeout: timer(hcm, "request_headers_timeout", None),
+        drain_timeout: hcm.duration("drain_timeout").unwrap_or(d.drain_timeout),
+        delayed_close_timeout: timer(hcm, "delayed_close_timeout", d.delayed_close_timeout),
+        ..d
+    };
+    if let Some(common) = hcm.obj("common_http_protocol_options") {
+        limits.idle_timeout = timer(&common, "idle_timeout", d.idle_timeout);
+        limits.max_connection_duration = timer(&common, "max_connection_duration", None);
+        limits.max_stream_duration = timer(&common, "max_stream_duration", None);
+        limits.max_requests_per_connection =
+            common.u32("max_requests_per_connection").filter(|n| *n > 0);
+        if let Some(n) = common.u32("max_headers_count") {
+            if n == 0 {
+                common.error("max_headers_count", "must be at least 1");
+            }
+            limits.max_headers_count = n.max(1) as usize;
+        }
+        limits.headers_with_underscores = match common
+            .str("headers_with_underscores_action")
+            .unwrap_or("ALLOW")
+        {
+            "ALLOW" => UnderscoresAction::Allow,
+            "REJECT_REQUEST" => UnderscoresAction::RejectRequest,
+            "DROP_HEADER" => UnderscoresAction::DropHeader,
+            other => {
+                common.error(
+                    "headers_with_underscores_action",
+                    format!("unknown value {other}"),
+                );
+                UnderscoresAction::Allow
+            }
+        };
+    }
+    if let Some(h2) = hcm.obj("http2_protocol_options") {
+        limits.h2_max_concurrent_streams = h2.u32("max_concurrent_streams");
+        let window = |key| {
+            let n = h2.u32(key)?;
+            if !(65_535..=2_147_483_647).contains(&n) {
+                h2.error(key, "must be in [65535, 2147483647]");
+            }
+            Some(n)
+        };
+        limits.h2_initial_stream_window_size = window("initial_stream_window_size");
+        limits.h2_initial_connection_window_size = window("initial_connection_window_size");
+    }
+    limits
 }
 
 /// `http_filters`: Python filters, then the router, which must be last.
@@ -397,6 +457,9 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
                 .u32("per_request_buffer_limit_bytes")
                 .or(inherited.buffer_limit)
                 .unwrap_or(DEFAULT_BUFFER_LIMIT),
+            idle_timeout: route
+                .duration("idle_timeout")
+                .map(|d| (!d.is_zero()).then_some(d)),
         })
     } else if let Some(dr) = r.obj("direct_response") {
         let status = dr.u32("status").unwrap_or(200);
@@ -515,4 +578,61 @@ fn map_log_format(lf: &Obj<'_>) -> AccessLogFormat {
         return AccessLogFormat::Json(fields);
     }
     AccessLogFormat::Text(DEFAULT_ACCESS_LOG_FORMAT.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::reader::Errors;
+    use serde_json::json;
+
+    fn limits(hcm: Value) -> (HcmLimits, Vec<String>) {
+        let errors = Errors::default();
+        let limits = {
+            let obj = Obj::new(&hcm, "hcm".into(), &errors).unwrap();
+            map_hcm_limits(&obj)
+        };
+        (limits, errors.into_vec())
+    }
+
+    #[test]
+    fn hcm_limits_default_as_envoy_and_zero_disables() {
+        let (d, errs) = limits(json!({}));
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(d, HcmLimits::default());
+        assert_eq!(d.stream_idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(d.idle_timeout, Some(Duration::from_secs(3600)));
+        let (l, errs) = limits(json!({
+            "stream_idle_timeout": "0s",
+            "request_timeout": "2s",
+            "delayed_close_timeout": "0s",
+            "common_http_protocol_options": {
+                "idle_timeout": "0s",
+                "max_requests_per_connection": 0,
+                "max_headers_count": 7,
+                "headers_with_underscores_action": "DROP_HEADER"
+            }
+        }));
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(l.stream_idle_timeout, None);
+        assert_eq!(l.request_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(l.delayed_close_timeout, None);
+        assert_eq!(l.idle_timeout, None);
+        assert_eq!(l.max_requests_per_connection, None);
+        assert_eq!(l.max_headers_count, 7);
+        assert_eq!(l.headers_with_underscores, UnderscoresAction::DropHeader);
+    }
+
+    #[test]
+    fn unimplemented_protocol_options_are_refused_by_path() {
+        let (_, errs) = limits(json!({
+            "common_http_protocol_options": {"max_response_headers_kb": 80}
+        }));
+        assert_eq!(
+            errs,
+            vec![
+                "hcm.common_http_protocol_options.max_response_headers_kb: not supported by envoyx"
+            ]
+        );
+    }
 }

@@ -4,20 +4,23 @@
 //! stats and the access log when the response stream ends.
 
 use std::cell::Cell;
+use std::future::Future as _;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, Version};
+use http_body::Body as _;
 
-use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd};
+use super::body::{PeerBody, ProxyBody, ResponseBody, StreamEnd, StreamWatch};
 use super::connection::DownstreamConnection;
 use super::filter::{FilterStream, HookOutcome, Phase};
 use super::filtering::RequestFilters;
 use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name};
 use super::local_reply::LocalReply;
 use crate::access_log::LogRecord;
+use crate::config::{HcmLimits, RouteAction, RouteEntry};
 use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
 use crate::router::upstream_request::UpstreamHandle;
 
@@ -42,7 +45,7 @@ impl ActiveStream {
     pub async fn run(
         conn: Rc<DownstreamConnection>,
         mut req: Request<PeerBody>,
-    ) -> Response<ResponseBody> {
+    ) -> Response<StreamBody> {
         // Borrowed through an Rc of this worker: no shared reference count is
         // touched per request.
         let connection = conn.clone();
@@ -113,43 +116,84 @@ impl ActiveStream {
             bytes_received: Rc::new(Cell::new(0)),
             upstream: None,
         };
-        let (mut parts, body) = req.into_parts();
-
-        // Decoder filters run before the router, as in Envoy: a filter may answer
-        // for a route that does not exist.
-        let mut chosen_cluster = None;
-        let request_body = match &stream.filters {
-            None => ProxyBody::Stream(body),
-            // Filter futures are boxed: a request without filters does not carry
-            // their (large) state in its own future.
-            Some(f) => match Box::pin(f.on_request(&mut parts, body, &hcm.stats)).await {
-                Ok(passed) => {
-                    chosen_cluster = passed.cluster;
-                    if let Some(n) = passed.bytes_received {
-                        stream.bytes_received.set(n);
-                    }
-                    passed.body
-                }
-                Err(reply) => return stream.send_local_reply(reply),
-            },
-        };
-
-        let router = Router {
-            conn: &stream.conn,
-            record: &mut stream.record,
-            bytes_received: &stream.bytes_received,
-            routes: &routes,
-            authority,
-            path,
-        };
-        match router
-            .decode(route, parts, request_body, chosen_cluster.as_deref())
-            .await
-        {
-            RouterOutcome::Reply(reply) => stream.encode_local_reply(reply).await,
-            RouterOutcome::CodecError(reply) => stream.send_local_reply(reply),
-            RouterOutcome::Upstream(response) => stream.encode_upstream(response).await,
+        let (mut parts, mut body) = req.into_parts();
+        // Envoy's stream timers, only for streams that have one: they race the
+        // decoding (filters, router, upstream) until the response starts.
+        let timers = StreamTimers::for_route(&hcm.limits, route);
+        let watch = timers.map(|_| Rc::new(StreamWatch::new(body.is_end_stream())));
+        if let Some(w) = &watch {
+            body = body.watched(w);
         }
+        let started = stream.started;
+
+        let decoding = async {
+            // Decoder filters run before the router, as in Envoy: a filter may
+            // answer for a route that does not exist.
+            let mut chosen_cluster = None;
+            let request_body = match &stream.filters {
+                None => ProxyBody::Stream(body),
+                // Filter futures are boxed: a request without filters does not
+                // carry their (large) state in its own future.
+                Some(f) => match Box::pin(f.on_request(&mut parts, body, &hcm.stats)).await {
+                    Ok(passed) => {
+                        chosen_cluster = passed.cluster;
+                        if let Some(n) = passed.bytes_received {
+                            stream.bytes_received.set(n);
+                        }
+                        passed.body
+                    }
+                    Err(reply) => return Decoded::FilterReply(reply),
+                },
+            };
+            let router = Router {
+                conn: &stream.conn,
+                record: &mut stream.record,
+                bytes_received: &stream.bytes_received,
+                routes: &routes,
+                authority,
+                path,
+            };
+            Decoded::Router(
+                router
+                    .decode(route, parts, request_body, chosen_cluster.as_deref())
+                    .await,
+            )
+        };
+        let decoded = match (timers, &watch) {
+            (Some(timers), Some(watch)) => {
+                tokio::select! {
+                    biased;
+                    d = decoding => d,
+                    e = timers.expired(watch, started) => Decoded::Expired(e),
+                }
+            }
+            _ => decoding.await,
+        };
+        let response = match decoded {
+            Decoded::FilterReply(reply) => stream.send_local_reply(reply),
+            Decoded::Router(RouterOutcome::Reply(reply)) => stream.encode_local_reply(reply).await,
+            Decoded::Router(RouterOutcome::CodecError(reply)) => stream.send_local_reply(reply),
+            Decoded::Router(RouterOutcome::Upstream(response)) => {
+                stream.encode_upstream(response).await
+            }
+            Decoded::Expired(expiry) => {
+                let complete = watch.as_ref().is_some_and(|w| w.request_complete.get());
+                let reply = expiry.local_reply(&hcm.stats, complete);
+                stream.encode_local_reply(reply).await
+            }
+        };
+        let (parts, body) = response.into_parts();
+        // The idle and duration timers go on while the response body streams.
+        let timers = timers
+            .filter(|t| (t.idle.is_some() || t.max_duration.is_some()) && !body.is_end_stream())
+            .map(|t| ResponseTimers {
+                conn: connection.clone(),
+                idle: t.idle,
+                deadline: t.max_duration.map(|d| started + d),
+                last_activity: Instant::now(),
+                request: watch.clone(),
+            });
+        Response::from_parts(parts, StreamBody::new(body, timers))
     }
 
     /// The upstream's response through the encoder filters to the downstream.
@@ -338,6 +382,227 @@ impl ActiveStream {
     }
 }
 
+/// How the decoding of a request ended.
+enum Decoded {
+    /// A decoder filter answered.
+    FilterReply(LocalReply),
+    Router(RouterOutcome),
+    /// A stream timer fired first.
+    Expired(Expiry),
+}
+
+/// Envoy's per-stream timers before the response starts (`stream_idle_timeout` or
+/// the route's `idle_timeout`, `request_timeout`, `max_stream_duration`).
+#[derive(Debug, Clone, Copy)]
+struct StreamTimers {
+    idle: Option<Duration>,
+    request: Option<Duration>,
+    max_duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Idle,
+    Request,
+    MaxDuration,
+}
+
+impl StreamTimers {
+    /// The timers of a stream on `route`; None when it has none.
+    fn for_route(limits: &HcmLimits, route: Option<&RouteEntry>) -> Option<Self> {
+        let route_idle = route.and_then(|r| match &r.action {
+            RouteAction::Forward(f) => f.idle_timeout,
+            RouteAction::Direct { .. } => None,
+        });
+        let timers = StreamTimers {
+            idle: route_idle.unwrap_or(limits.stream_idle_timeout),
+            request: limits.request_timeout,
+            max_duration: limits.max_stream_duration,
+        };
+        (timers.idle.is_some() || timers.request.is_some() || timers.max_duration.is_some())
+            .then_some(timers)
+    }
+
+    /// Resolves when the first timer expires: one timer at a time, re-armed only
+    /// when it fires (the idle deadline moves with the request body's progress).
+    async fn expired(self, watch: &StreamWatch, started: Instant) -> Expiry {
+        loop {
+            let mut next: Option<(Instant, Expiry)> = None;
+            let mut consider = |at: Instant, expiry| {
+                if next.is_none_or(|(n, _)| at < n) {
+                    next = Some((at, expiry));
+                }
+            };
+            if let Some(d) = self.max_duration {
+                consider(started + d, Expiry::MaxDuration);
+            }
+            if let Some(d) = self.request
+                && !watch.request_complete.get()
+            {
+                consider(started + d, Expiry::Request);
+            }
+            if let Some(d) = self.idle {
+                consider(watch.last_activity.get() + d, Expiry::Idle);
+            }
+            let Some((at, expiry)) = next else {
+                return std::future::pending().await;
+            };
+            if at <= Instant::now() {
+                return expiry;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+}
+
+impl Expiry {
+    /// Envoy's local reply and stat for the timer: 408, or 504 once the whole
+    /// request was received (`maybeRequestTimeoutCode`).
+    fn local_reply(
+        self,
+        stats: &super::connection_manager::HcmStats,
+        complete: bool,
+    ) -> LocalReply {
+        let status = if complete { 504 } else { 408 };
+        match self {
+            Expiry::Idle => {
+                stats.downstream_rq_idle_timeout.inc();
+                LocalReply::new(status, "stream timeout", "SI", "stream_idle_timeout")
+            }
+            Expiry::Request => {
+                stats.downstream_rq_timeout.inc();
+                LocalReply::new(408, "request timeout", "-", "request_overall_timeout")
+            }
+            Expiry::MaxDuration => {
+                stats.downstream_rq_max_duration_reached.inc();
+                LocalReply::new(
+                    status,
+                    "downstream duration timeout",
+                    "-",
+                    "max_duration_timeout",
+                )
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The downstream response body under its stream's timers once the response
+    /// started: past `stream_idle_timeout` without a frame, or past
+    /// `max_stream_duration`, the stream is reset (HTTP/1.1: the connection
+    /// closes; HTTP/2: RST_STREAM), as Envoy's `doEndStream` does.
+    pub(crate) struct StreamBody {
+        inner: ResponseBody,
+        timers: Option<ResponseTimers>,
+        // One timer per stream, armed only while the body waits, moved only
+        // when it fires (frames just note the time).
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+struct ResponseTimers {
+    conn: Rc<DownstreamConnection>,
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+    /// The last response frame.
+    last_activity: Instant,
+    /// The request body still streaming (a bidirectional stream) also counts
+    /// as activity, as in Envoy.
+    request: Option<Rc<StreamWatch>>,
+}
+
+impl ResponseTimers {
+    fn next(&self) -> Option<(Instant, Expiry)> {
+        let last = match &self.request {
+            Some(w) => self.last_activity.max(w.last_activity.get()),
+            None => self.last_activity,
+        };
+        let idle = self.idle.map(|d| (last + d, Expiry::Idle));
+        match (idle, self.deadline) {
+            (Some(i), Some(d)) if d < i.0 => Some((d, Expiry::MaxDuration)),
+            (Some(i), _) => Some(i),
+            (None, d) => d.map(|d| (d, Expiry::MaxDuration)),
+        }
+    }
+}
+
+impl StreamBody {
+    fn new(inner: ResponseBody, timers: Option<ResponseTimers>) -> Self {
+        StreamBody {
+            inner,
+            timers,
+            sleep: None,
+        }
+    }
+}
+
+impl http_body::Body for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = super::body::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        let polled = std::pin::Pin::new(&mut *this.inner).poll_frame(cx);
+        let Some(timers) = this.timers.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if timers.idle.is_some() {
+                    timers.last_activity = Instant::now();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            done => return done,
+        }
+        loop {
+            let Some((at, expiry)) = timers.next() else {
+                return Poll::Pending;
+            };
+            if at <= Instant::now() {
+                let stats = &timers.conn.hcm.stats;
+                let why = match expiry {
+                    Expiry::MaxDuration => {
+                        stats.downstream_rq_max_duration_reached.inc();
+                        "max_duration_timeout"
+                    }
+                    _ => {
+                        stats.downstream_rq_idle_timeout.inc();
+                        "stream_idle_timeout"
+                    }
+                };
+                *this.timers = None;
+                return Poll::Ready(Some(Err(super::body::BodyError::StreamTimeout(why))));
+            }
+            let at = tokio::time::Instant::from_std(at);
+            match this.sleep.as_mut().as_pin_mut() {
+                Some(sleep) if sleep.deadline() == at => {}
+                Some(sleep) => sleep.reset(at),
+                None => this.sleep.set(Some(tokio::time::sleep_until(at))),
+            }
+            if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
+                && sleep.poll(cx).is_pending()
+            {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// What finishing a request must update once its response stream ends.
 struct StreamCompletion {
     conn: Rc<DownstreamConnection>,
@@ -356,9 +621,15 @@ impl StreamCompletion {
         let stats = &hcm.stats;
         let elapsed = self.started.elapsed();
         let screen = &self.conn.screen;
-        screen
-            .in_flight
-            .set(screen.in_flight.get().saturating_sub(1));
+        let in_flight = screen.in_flight.get().saturating_sub(1);
+        screen.in_flight.set(in_flight);
+        // The HTTP/2 idle timer runs from the end of the last stream.
+        if in_flight == 0
+            && hcm.limits.idle_timeout.is_some()
+            && conn.protocol.get() == Some(Version::HTTP_2)
+        {
+            conn.idle_since.set(Instant::now());
+        }
         stats.downstream_rq_active.dec();
         stats.downstream_rq_completed.inc();
         stats.downstream_rq_time.record(elapsed.as_millis() as u64);

@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -24,6 +25,9 @@ pub enum BodyError {
     /// response body was streaming.
     #[error("upstream response timeout")]
     UpstreamTimeout,
+    /// A stream timer ended the response mid-body (the stream is reset).
+    #[error("downstream stream timeout: {0}")]
+    StreamTimeout(&'static str),
 }
 
 /// A body as it arrives from a peer: hyper's `Incoming` (HTTP/2 downstream, every
@@ -31,6 +35,8 @@ pub enum BodyError {
 #[derive(Debug)]
 pub enum PeerBody {
     Hyper(Incoming),
+    /// A downstream HTTP/2 request body its stream's timers watch.
+    Watched(Incoming, Rc<StreamWatch>),
     Http1(H1RequestBody),
     /// An upstream response body under the route's timeouts.
     Timed(Box<TimedBody>),
@@ -89,6 +95,45 @@ impl TimedBody {
     }
 }
 
+/// What a downstream stream's timers read of its request body: when it last moved
+/// and whether it is whole. Only streams with a timer have one.
+#[derive(Debug)]
+pub struct StreamWatch {
+    pub last_activity: Cell<Instant>,
+    pub request_complete: Cell<bool>,
+}
+
+impl StreamWatch {
+    pub fn new(request_complete: bool) -> Self {
+        StreamWatch {
+            last_activity: Cell::new(Instant::now()),
+            request_complete: Cell::new(request_complete),
+        }
+    }
+
+    /// The request body moved (and maybe ended).
+    pub fn touch(&self, end: bool) {
+        self.last_activity.set(Instant::now());
+        if end {
+            self.request_complete.set(true);
+        }
+    }
+}
+
+impl PeerBody {
+    /// The body, reporting its progress to `watch` as it streams.
+    pub fn watched(self, watch: &Rc<StreamWatch>) -> Self {
+        match self {
+            PeerBody::Hyper(b) => PeerBody::Watched(b, watch.clone()),
+            PeerBody::Http1(mut b) => {
+                b.watch(watch.clone());
+                PeerBody::Http1(b)
+            }
+            other => other,
+        }
+    }
+}
+
 impl From<Incoming> for PeerBody {
     fn from(b: Incoming) -> Self {
         PeerBody::Hyper(b)
@@ -107,6 +152,15 @@ impl Body for PeerBody {
             PeerBody::Hyper(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError::Hyper))),
+            PeerBody::Watched(b, watch) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) => watch.touch(b.is_end_stream()),
+                    Poll::Ready(None) => watch.touch(true),
+                    _ => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(BodyError::Hyper)))
+            }
             PeerBody::Http1(b) => Pin::new(b).poll_frame(cx),
             PeerBody::Timed(b) => b.poll_frame(cx),
         }
@@ -114,7 +168,7 @@ impl Body for PeerBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            PeerBody::Hyper(b) => b.is_end_stream(),
+            PeerBody::Hyper(b) | PeerBody::Watched(b, _) => b.is_end_stream(),
             PeerBody::Http1(b) => b.is_end_stream(),
             PeerBody::Timed(b) => b.inner.is_end_stream(),
         }
@@ -122,7 +176,7 @@ impl Body for PeerBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            PeerBody::Hyper(b) => b.size_hint(),
+            PeerBody::Hyper(b) | PeerBody::Watched(b, _) => b.size_hint(),
             PeerBody::Http1(b) => b.size_hint(),
             PeerBody::Timed(b) => b.inner.size_hint(),
         }

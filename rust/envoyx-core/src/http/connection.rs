@@ -7,11 +7,14 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
 
 use http::Version;
 
 use super::connection_manager::HttpConnectionManager;
 use super::h1::Refusal;
+use super::h1::head::HeadRules;
 use crate::config::ForwardAction;
 use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
@@ -35,6 +38,20 @@ pub(crate) struct DownstreamConnection {
     /// Handles on the clusters that route table names, found once per table and
     /// cluster generation: a request indexes them by the route's `cluster_slot`.
     pub(super) clusters: RefCell<ClusterSlots>,
+    /// When the connection began (`max_connection_duration`).
+    pub(super) started: Instant,
+    /// Requests begun on it (`max_requests_per_connection`).
+    pub(super) requests: Cell<u32>,
+    /// When Envoy's drain sequence began (idle timeout, max connection duration,
+    /// max requests): HTTP/1 responses then close the connection, HTTP/2 sends
+    /// GOAWAY; an idle connection closes `drain_timeout` later.
+    pub(super) drain_started: Cell<Option<Instant>>,
+    /// `max_connection_duration` was reached (and counted).
+    duration_reached: Cell<bool>,
+    /// The HTTP/2 connection's task, woken when a drain starts.
+    pub(super) drain_waker: Cell<Option<Waker>>,
+    /// When its last stream ended (the HTTP/2 idle timer; HTTP/1 knows).
+    pub(super) idle_since: Cell<Instant>,
 }
 
 #[derive(Default)]
@@ -45,6 +62,79 @@ pub(super) struct ClusterSlots {
 }
 
 impl DownstreamConnection {
+    pub(super) fn new(
+        hcm: Arc<HttpConnectionManager>,
+        pools: Rc<WorkerPools>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        tls: Option<Arc<crate::tls::PeerTls>>,
+    ) -> Self {
+        let routes = RefCell::new(LocalHandle::new(hcm.routes.load_full()));
+        let now = Instant::now();
+        DownstreamConnection {
+            hcm,
+            pools,
+            peer,
+            local,
+            tls,
+            protocol: Cell::new(None),
+            screen: ConnectionScreen::default(),
+            routes,
+            clusters: RefCell::default(),
+            started: now,
+            requests: Cell::new(0),
+            drain_started: Cell::new(None),
+            duration_reached: Cell::new(false),
+            drain_waker: Cell::new(None),
+            idle_since: Cell::new(now),
+        }
+    }
+
+    /// What the HTTP/1 codec checks of each request head.
+    pub(super) fn head_rules(&self) -> HeadRules {
+        let limits = &self.hcm.limits;
+        HeadRules {
+            max_headers: limits.max_headers_count,
+            underscores: limits.headers_with_underscores,
+        }
+    }
+
+    /// Starts Envoy's drain sequence (once).
+    pub(super) fn start_drain(&self) {
+        if self.drain_started.get().is_none() {
+            self.drain_started.set(Some(Instant::now()));
+            if let Some(w) = self.drain_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub(super) fn draining(&self) -> bool {
+        self.drain_started.get().is_some()
+    }
+
+    /// This connection carried its last request (`max_requests_per_connection`).
+    pub(super) fn max_requests_reached(&self) -> bool {
+        self.hcm
+            .limits
+            .max_requests_per_connection
+            .is_some_and(|max| self.requests.get() >= max)
+    }
+
+    /// `max_connection_duration`: counted and drained once reached. HTTP/1 checks
+    /// it when it writes a response and while it waits for the next request, so
+    /// a busy connection needs no timer of its own.
+    pub(super) fn check_duration(&self) {
+        if let Some(max) = self.hcm.limits.max_connection_duration
+            && !self.duration_reached.get()
+            && self.started.elapsed() >= max
+        {
+            self.duration_reached.set(true);
+            self.hcm.stats.downstream_cx_max_duration_reached.inc();
+            self.start_drain();
+        }
+    }
+
     /// The current route table (a new one once RDS or LDS replaced it).
     pub fn route_table(&self) -> LocalHandle<RouteTable> {
         let current = self.hcm.routes.load();
@@ -87,6 +177,14 @@ impl DownstreamConnection {
     pub fn begin_request(&self, version: Version) {
         let stats = &self.hcm.stats;
         self.screen.in_flight.set(self.screen.in_flight.get() + 1);
+        let requests = self.requests.get() + 1;
+        self.requests.set(requests);
+        if let Some(max) = self.hcm.limits.max_requests_per_connection
+            && requests >= max
+        {
+            stats.downstream_cx_max_requests_reached.inc();
+            self.start_drain();
+        }
         stats.downstream_rq_total.inc();
         stats.downstream_rq_active.inc();
         let h2 = version == Version::HTTP_2;

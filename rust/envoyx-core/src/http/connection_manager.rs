@@ -14,7 +14,8 @@ use http::header::HeaderValue;
 use super::filter::FilterChain;
 use crate::access_log::{AccessLogOptions, AccessLogger};
 use crate::config::{
-    ClientCertDetails, CodecType, ForwardClientCert, HttpConnectionManagerConfig, RouteSource,
+    ClientCertDetails, CodecType, ForwardClientCert, HcmLimits, HttpConnectionManagerConfig,
+    RouteSource,
 };
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
@@ -43,6 +44,21 @@ pub struct HcmStats {
     pub downstream_rq_rx_reset: Counter,
     pub downstream_rq_time: Histogram,
     downstream_rq_class: [Counter; 5],
+    /// The connection manager's timers and limits (Envoy's names).
+    pub downstream_rq_idle_timeout: Counter,
+    pub downstream_rq_timeout: Counter,
+    pub downstream_rq_header_timeout: Counter,
+    pub downstream_rq_max_duration_reached: Counter,
+    pub downstream_cx_idle_timeout: Counter,
+    pub downstream_cx_max_duration_reached: Counter,
+    pub downstream_cx_max_requests_reached: Counter,
+    pub downstream_cx_delayed_close_timeout: Counter,
+    /// The codecs' `http1.*` and `http2.*` stats (not under the stat prefix, as
+    /// in Envoy).
+    pub http1_dropped_headers_with_underscores: Counter,
+    pub http1_requests_rejected_with_underscores_in_headers: Counter,
+    pub http2_dropped_headers_with_underscores: Counter,
+    pub http2_requests_rejected_with_underscores_in_headers: Counter,
     /// Router filter stats, also under `http.<stat_prefix>.`.
     pub no_route: Counter,
     pub no_cluster: Counter,
@@ -79,6 +95,22 @@ impl HcmStats {
             downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
             downstream_rq_time: store.histogram(&format!("http.{prefix}.downstream_rq_time")),
             downstream_rq_class: [1, 2, 3, 4, 5].map(|d| c(&format!("downstream_rq_{d}xx"))),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
+            downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
+            downstream_cx_delayed_close_timeout: c("downstream_cx_delayed_close_timeout"),
+            http1_dropped_headers_with_underscores: store
+                .counter("http1.dropped_headers_with_underscores"),
+            http1_requests_rejected_with_underscores_in_headers: store
+                .counter("http1.requests_rejected_with_underscores_in_headers"),
+            http2_dropped_headers_with_underscores: store
+                .counter("http2.dropped_headers_with_underscores"),
+            http2_requests_rejected_with_underscores_in_headers: store
+                .counter("http2.requests_rejected_with_underscores_in_headers"),
             no_route: c("no_route"),
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),
@@ -122,6 +154,7 @@ pub struct HttpConnectionManager {
     pub(crate) client_cert_details: ClientCertDetails,
     /// The Python filters before the router; None on the fast path.
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
+    pub(crate) limits: HcmLimits,
 }
 
 impl HttpConnectionManager {
@@ -161,6 +194,7 @@ impl HttpConnectionManager {
             forward_client_cert: config.forward_client_cert,
             client_cert_details: config.client_cert_details,
             filters,
+            limits: *config.limits,
         }))
     }
 

@@ -3,14 +3,12 @@
 //! one [`ActiveStream`] per request. Generic over the byte stream, so TLS plugs in
 //! under it unchanged.
 
-use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -18,15 +16,15 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::active_stream::ActiveStream;
-use super::body::{PeerBody, ResponseBody};
-use super::connection::{ConnectionScreen, DownstreamConnection};
+use super::active_stream::{ActiveStream, StreamBody};
+use super::body::PeerBody;
+use super::connection::DownstreamConnection;
 use super::connection_manager::HttpConnectionManager;
+use super::h1::head::RefusalCause;
 use super::h1::{self, Transport};
 use crate::access_log::LogRecord;
-use crate::config::CodecType;
+use crate::config::{CodecType, UnderscoresAction};
 use crate::io::{CountedIo, LocalExec, Rewind};
-use crate::per_worker::LocalHandle;
 use crate::tls::{PeerTls, TlsTransport};
 use crate::upstream::WorkerPools;
 
@@ -102,18 +100,9 @@ where
     }
     // Closes the connection's books even when the worker drops the future (a
     // drain deadline), not only when the codec returns.
-    let routes = RefCell::new(LocalHandle::new(hcm.routes.load_full()));
-    let books = ConnectionBooks(Rc::new(DownstreamConnection {
-        hcm,
-        pools,
-        peer,
-        local: info.local,
-        tls: info.tls,
-        protocol: Cell::new(None),
-        screen: ConnectionScreen::default(),
-        routes,
-        clusters: RefCell::default(),
-    }));
+    let books = ConnectionBooks(Rc::new(DownstreamConnection::new(
+        hcm, pools, peer, info.local, info.tls,
+    )));
     let first = (!info.prefix.is_empty()).then(|| h1::InBuf::from_prefix(info.prefix));
     serve_connection(books, stream, first, drain)
 }
@@ -158,7 +147,7 @@ async fn serve_connection<S>(
         }
         CodecType::Auto => {
             // The first bytes say which protocol: HTTP/2's preface, or HTTP/1.1.
-            let Some(first) = Box::pin(sniff(&stream, first, &rx, &drain)).await else {
+            let Some(first) = Box::pin(sniff(&conn, &stream, first, &rx, &drain)).await else {
                 return;
             };
             if first.pending().starts_with(H2_PREFACE) {
@@ -179,12 +168,24 @@ async fn serve_connection<S>(
 /// None when the peer leaves first.
 /// Like the HTTP/1.1 codec's idle wait, it reads the drain signal without a waiter
 /// of its own (the worker's connection task is woken by it).
+/// Envoy's idle timer and `max_connection_duration` close a connection that never
+/// sent a byte.
 async fn sniff<S: Transport>(
+    conn: &DownstreamConnection,
     stream: &S,
     first: Option<h1::InBuf>,
     rx: &crate::stats::Counter,
     drain: &watch::Receiver<bool>,
 ) -> Option<h1::InBuf> {
+    let limits = &conn.hcm.limits;
+    let idle = limits.idle_timeout.map(|t| (conn.started + t, true));
+    let duration = limits
+        .max_connection_duration
+        .map(|t| (conn.started + t, false));
+    let deadline = match (idle, duration) {
+        (Some(i), Some(d)) => Some(if d.0 < i.0 { d } else { i }),
+        (i, d) => i.or(d),
+    };
     let mut buf: Option<h1::InBuf> = first;
     loop {
         if let Some(b) = &buf {
@@ -200,7 +201,21 @@ async fn sniff<S: Transport>(
             }
             stream.poll_read_ready(cx).map(|r| r.is_ok())
         });
-        if !readable.await {
+        let readable = match deadline {
+            None => readable.await,
+            Some((at, idle)) => match tokio::time::timeout_at(at.into(), readable).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if idle {
+                        conn.hcm.stats.downstream_cx_idle_timeout.inc();
+                    } else {
+                        conn.check_duration();
+                    }
+                    false
+                }
+            },
+        };
+        if !readable {
             break;
         }
         let b = buf.get_or_insert_with(h1::InBuf::new);
@@ -231,9 +246,19 @@ async fn serve_h2<S>(
 {
     let hcm = conn.hcm.clone();
     let service = StreamService(conn.clone());
-    let served = hyper::server::conn::http2::Builder::new(LocalExec)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
+    let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
+    builder.timer(TokioTimer::new());
+    let limits = &hcm.limits;
+    if let Some(n) = limits.h2_max_concurrent_streams {
+        builder.max_concurrent_streams(n);
+    }
+    if let Some(n) = limits.h2_initial_stream_window_size {
+        builder.initial_stream_window_size(n);
+    }
+    if let Some(n) = limits.h2_initial_connection_window_size {
+        builder.initial_connection_window_size(n);
+    }
+    let served = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,
@@ -241,9 +266,65 @@ async fn serve_h2<S>(
             served.as_mut().graceful_shutdown();
             served.await
         }
+        () = h2_drain(&conn) => {
+            // hyper's graceful shutdown: GOAWAY with the last stream id after a
+            // PING, then the close once the open streams finish.
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
     };
     if result.is_err() && conn.protocol.get().is_none() {
         hcm.stats.downstream_cx_protocol_error.inc();
+    }
+}
+
+/// Resolves when Envoy's drain sequence starts on an HTTP/2 connection: its idle
+/// timer (no stream for `idle_timeout`), `max_connection_duration`, or
+/// `max_requests_per_connection` (which starts it when a stream begins).
+async fn h2_drain(conn: &DownstreamConnection) {
+    let limits = &conn.hcm.limits;
+    loop {
+        if conn.draining() {
+            return;
+        }
+        let now = Instant::now();
+        let mut next = limits.idle_timeout.map(|t| {
+            // Busy: look again a whole timeout later (a stream ending meanwhile
+            // moves `idle_since`, which the next look sees).
+            let since = if conn.screen.in_flight.get() > 0 {
+                now
+            } else {
+                conn.idle_since.get()
+            };
+            (since + t, true)
+        });
+        if let Some(max) = limits.max_connection_duration {
+            let at = conn.started + max;
+            if next.is_none_or(|(n, _)| at < n) {
+                next = Some((at, false));
+            }
+        }
+        let started = poll_fn(|cx| {
+            if conn.draining() {
+                return std::task::Poll::Ready(());
+            }
+            conn.drain_waker.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        });
+        let Some((at, idle)) = next else {
+            return started.await;
+        };
+        if tokio::time::timeout_at(at.into(), started).await.is_ok() {
+            return;
+        }
+        if !idle {
+            conn.check_duration();
+        } else if conn.screen.in_flight.get() == 0
+            && conn.idle_since.get() + limits.idle_timeout.unwrap_or_default() <= Instant::now()
+        {
+            conn.hcm.stats.downstream_cx_idle_timeout.inc();
+            conn.start_drain();
+        }
     }
 }
 
@@ -273,7 +354,19 @@ fn record_refusals(conn: &DownstreamConnection) {
     let hcm = &conn.hcm;
     for refusal in conn.screen.refusals.borrow().iter() {
         let stats = &hcm.stats;
-        stats.downstream_cx_protocol_error.inc();
+        match refusal.cause {
+            RefusalCause::ProtocolError => stats.downstream_cx_protocol_error.inc(),
+            RefusalCause::Underscore => {
+                stats.downstream_cx_protocol_error.inc();
+                stats
+                    .http1_requests_rejected_with_underscores_in_headers
+                    .inc();
+            }
+            RefusalCause::HeaderTimeout => stats.downstream_rq_header_timeout.inc(),
+            RefusalCause::StreamIdle => stats.downstream_rq_idle_timeout.inc(),
+            RefusalCause::RequestTimeout => stats.downstream_rq_timeout.inc(),
+            RefusalCause::MaxDuration => stats.downstream_rq_max_duration_reached.inc(),
+        }
         stats.downstream_rq_total.inc();
         stats.downstream_rq_http1_total.inc();
         stats.downstream_rq_completed.inc();
@@ -287,7 +380,7 @@ fn record_refusals(conn: &DownstreamConnection) {
             path: "-".into(),
             protocol: "HTTP/1.1",
             response_code: refusal.status,
-            response_flags: "DPE",
+            response_flags: refusal.flags,
             response_code_details: refusal.details,
             bytes_sent: refusal.body_len(),
             downstream_remote: Some(conn.peer),
@@ -304,15 +397,61 @@ fn record_refusals(conn: &DownstreamConnection) {
 #[derive(Clone)]
 struct StreamService(Rc<DownstreamConnection>);
 
-impl hyper::service::Service<Request<Incoming>> for StreamService {
-    type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>>>>;
+/// An HTTP/2 request the codec refuses (`headers_with_underscores_action`
+/// REJECT_REQUEST, more than `max_headers_count` headers): hyper resets the
+/// stream with INTERNAL_ERROR, as Envoy's codec does.
+#[derive(Debug, thiserror::Error)]
+#[error("http2 request refused: {0}")]
+struct StreamRefused(&'static str);
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+impl hyper::service::Service<Request<Incoming>> for StreamService {
+    type Response = Response<StreamBody>;
+    type Error = StreamRefused;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, StreamRefused>>>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let conn = self.0.clone();
+        if let Err(refused) = screen_h2_headers(&conn, req.headers_mut()) {
+            return Box::pin(std::future::ready(Err(refused)));
+        }
         Box::pin(async move { Ok(ActiveStream::run(conn, req.map(PeerBody::Hyper)).await) })
     }
+}
+
+/// Envoy's HTTP/2 codec checks of a request's headers (the HTTP/1 codec makes
+/// them as it parses).
+fn screen_h2_headers(
+    conn: &DownstreamConnection,
+    headers: &mut http::HeaderMap,
+) -> Result<(), StreamRefused> {
+    let limits = &conn.hcm.limits;
+    // Envoy counts the four request pseudo-headers, which hyper keeps apart.
+    if headers.len() + 4 > limits.max_headers_count {
+        return Err(StreamRefused("too many headers"));
+    }
+    if limits.headers_with_underscores != UnderscoresAction::Allow {
+        let names: Vec<_> = headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let stats = &conn.hcm.stats;
+        if limits.headers_with_underscores == UnderscoresAction::RejectRequest {
+            stats
+                .http2_requests_rejected_with_underscores_in_headers
+                .inc();
+            return Err(StreamRefused("header name contains underscores"));
+        }
+        for name in names {
+            let n = headers.get_all(&name).iter().count();
+            stats.http2_dropped_headers_with_underscores.add(n as u64);
+            headers.remove(&name);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -197,6 +197,7 @@ mod tests {
                 include_attempt_count_in_request: false,
                 include_attempt_count_in_response: false,
                 retry_buffer_limit: 0,
+                idle_timeout: None,
             }),
             filter_overrides: Vec::new(),
         }

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::buffers;
 use super::head::{Framing, MAX_HEAD, MAX_HEADERS, find};
 use super::transport::{self, Transport};
-use crate::http::body::BodyError;
+use crate::http::body::{BodyError, StreamWatch};
 use crate::stats::Counter;
 
 /// Bytes read and not yet consumed: `bytes[start..end]`.
@@ -191,6 +191,7 @@ impl Shared {
         read.expect_continue = (expect_continue && read.body != BodyState::Done).then_some(0);
         RequestBody {
             shared: (read.body != BodyState::Done).then(|| self.clone()),
+            watch: None,
             seq,
             exact: match framing {
                 Framing::None => Some(0),
@@ -221,6 +222,20 @@ pub struct RequestBody {
     seq: u64,
     /// The declared length (Content-Length), None when chunked.
     exact: Option<u64>,
+    /// The stream's timers, told as the body moves.
+    watch: Option<Rc<StreamWatch>>,
+}
+
+impl RequestBody {
+    pub(crate) fn watch(&mut self, watch: Rc<StreamWatch>) {
+        self.watch = Some(watch);
+    }
+
+    fn touch(&self, end: bool) {
+        if let Some(w) = &self.watch {
+            w.touch(end);
+        }
+    }
 }
 
 impl std::fmt::Debug for RequestBody {
@@ -404,9 +419,13 @@ impl Body for RequestBody {
         }
         loop {
             match decode(&mut read) {
-                Step::Frame(f) => return Poll::Ready(Some(Ok(f))),
+                Step::Frame(f) => {
+                    this.touch(read.body == BodyState::Done);
+                    return Poll::Ready(Some(Ok(f)));
+                }
                 Step::End => {
                     drop(read);
+                    this.touch(true);
                     this.shared = None;
                     return Poll::Ready(None);
                 }

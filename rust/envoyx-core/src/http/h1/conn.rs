@@ -3,10 +3,9 @@
 //! written, and the next (maybe pipelined) request follows, in order.
 
 use std::future::{Future, poll_fn};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response};
@@ -15,12 +14,13 @@ use tokio::sync::watch;
 
 use super::body::{InBuf, Shared};
 use super::buffers;
-use super::head::{self, BodyLength, Encoder, Head, Parsed, Refusal};
-use crate::http::active_stream::ActiveStream;
-use crate::http::body::{BodyError, PeerBody, ResponseBody};
+use super::head::{self, BodyLength, Encoder, Head, HeadRules, Parsed, Refusal, RefusalCause};
+use crate::http::active_stream::{ActiveStream, StreamBody};
+use crate::http::body::{BodyError, PeerBody};
 use crate::http::connection::DownstreamConnection;
 
-/// hyper's default: a head must arrive whole within this time of its first byte.
+/// hyper's default: a head must arrive whole within this time of its first byte,
+/// when none of Envoy's stream timers is configured.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Response bytes gathered before they are written even though more are ready.
 const WRITE_HIGH: usize = 64 * 1024;
@@ -33,22 +33,28 @@ pub async fn serve(
     shared: Rc<Shared>,
     drain: watch::Receiver<bool>,
 ) {
+    // Until a request begins, Envoy has no codec: its timers then close at once.
+    let mut first = true;
     loop {
-        let head = match next_head(&shared, &drain).await {
+        let head = match next_head(&conn, &shared, &drain, first).await {
             Next::Head(h) => h,
             Next::Refused(refusal) => {
                 // Boxed: rare, and its write state would enlarge every connection.
                 Box::pin(refuse(&conn, &shared, refusal)).await;
                 return;
             }
-            Next::Closed => return,
+            Next::Closed(how) => {
+                Box::pin(close(&conn, &shared, how)).await;
+                return;
+            }
         };
-        let keep = Box::pin(exchange(&conn, &shared, head, &drain)).await;
-        if !keep || *drain.borrow() {
-            // A clean end: TLS sends close_notify (without it a client drops its
-            // session ticket as if the connection had been cut), TCP a FIN.
-            let _ = shared.io.shutdown_write();
-            return;
+        first = false;
+        match Box::pin(exchange(&conn, &shared, head, &drain)).await {
+            Close::Keep if !*drain.borrow() => {}
+            how => {
+                Box::pin(close(&conn, &shared, how)).await;
+                return;
+            }
         }
     }
 }
@@ -56,16 +62,94 @@ pub async fn serve(
 enum Next {
     Head(Box<Head>),
     Refused(Refusal),
-    Closed,
+    Closed(Close),
+}
+
+/// How a connection ends (or not) after a request or a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Keep,
+    /// The peer left or the connection failed.
+    Peer,
+    /// The peer asked for it (`connection: close`), or there was nothing to say.
+    Now,
+    /// envoyx decided (a drain, a timeout, a refused or cut-short request):
+    /// Envoy's delayed close lets the peer close first, so that it reads the
+    /// last response before a reset could destroy it.
+    Delayed,
+}
+
+/// A clean end: TLS sends close_notify (without it a client drops its session
+/// ticket as if the connection had been cut), TCP a FIN. A delayed close first
+/// waits up to `delayed_close_timeout` for the peer's end, its bytes discarded,
+/// as Envoy's does.
+async fn close(conn: &DownstreamConnection, shared: &Shared, how: Close) {
+    if how == Close::Delayed
+        && let Some(wait) = conn.hcm.limits.delayed_close_timeout
+        && !shared.read.borrow().eof
+    {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut scratch = [0u8; 512];
+        loop {
+            let readable = poll_fn(|cx| shared.io.poll_read_ready(cx).map(|r| r.is_ok()));
+            match tokio::time::timeout_at(deadline, readable).await {
+                Err(_) => {
+                    conn.hcm.stats.downstream_cx_delayed_close_timeout.inc();
+                    break;
+                }
+                Ok(false) => break,
+                Ok(true) => match shared.io.try_read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                },
+            }
+        }
+    }
+    let _ = shared.io.shutdown_write();
+}
+
+/// What ends a wait for the next request: Envoy's connection idle timer,
+/// `max_connection_duration`, or the end of the drain either started.
+#[derive(Debug, Clone, Copy)]
+enum IdleWake {
+    Idle,
+    Duration,
+    Drained,
+}
+
+fn idle_deadline(conn: &DownstreamConnection, idle_start: Instant) -> Option<(Instant, IdleWake)> {
+    let limits = &conn.hcm.limits;
+    if let Some(began) = conn.drain_started.get() {
+        return Some((began + limits.drain_timeout, IdleWake::Drained));
+    }
+    let mut next = limits
+        .idle_timeout
+        .map(|t| (idle_start + t, IdleWake::Idle));
+    if let Some(max) = limits.max_connection_duration {
+        let at = conn.started + max;
+        if next.is_none_or(|(n, _)| at < n) {
+            next = Some((at, IdleWake::Duration));
+        }
+    }
+    next
 }
 
 /// The next request head: parsed from bytes already read (pipelining), or read.
-async fn next_head(shared: &Rc<Shared>, drain: &watch::Receiver<bool>) -> Next {
+async fn next_head(
+    conn: &DownstreamConnection,
+    shared: &Rc<Shared>,
+    drain: &watch::Receiver<bool>,
+    first: bool,
+) -> Next {
+    let rules = conn.head_rules();
+    let idle_start = Instant::now();
     loop {
-        match parse_buffered(shared) {
+        match parse_buffered(shared, rules) {
             Some(Parsed::Head(head, _)) => return Next::Head(head),
             Some(Parsed::Refused(r)) => return Next::Refused(r),
-            Some(Parsed::Partial) => return Box::pin(rest_of_head(shared)).await,
+            Some(Parsed::Partial) => return Box::pin(rest_of_head(conn, shared, rules)).await,
             None => {}
         }
         // Idle: no buffer is held while waiting, and no waiter on the drain
@@ -77,30 +161,50 @@ async fn next_head(shared: &Rc<Shared>, drain: &watch::Receiver<bool>) -> Next {
             }
             shared.io.poll_read_ready(cx).map(|r| r.is_ok())
         });
-        if !readable.await {
-            return Next::Closed;
+        let readable = match idle_deadline(conn, idle_start) {
+            None => readable.await,
+            Some((at, wake)) => match tokio::time::timeout_at(at.into(), readable).await {
+                Ok(r) => r,
+                Err(_) => {
+                    match wake {
+                        IdleWake::Idle => {
+                            conn.hcm.stats.downstream_cx_idle_timeout.inc();
+                            conn.start_drain();
+                        }
+                        IdleWake::Duration => conn.check_duration(),
+                        IdleWake::Drained => return Next::Closed(Close::Delayed),
+                    }
+                    if first {
+                        return Next::Closed(Close::Now);
+                    }
+                    continue;
+                }
+            },
+        };
+        if !readable {
+            return Next::Closed(Close::Now);
         }
         let mut read = shared.read.borrow_mut();
         let read = &mut *read;
         let buf = read.buf.get_or_insert_with(InBuf::new);
         let Some(space) = buf.space_mut() else {
-            return Next::Closed;
+            return Next::Closed(Close::Now);
         };
         match shared.io.try_read(space) {
-            Ok(0) => return Next::Closed,
+            Ok(0) => return Next::Closed(Close::Peer),
             Ok(n) => {
                 buf.advance(n);
                 shared.rx.add(n as u64);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Next::Closed,
+            Err(_) => return Next::Closed(Close::Peer),
         }
     }
 }
 
 /// Parses what the buffer holds; None (and the buffer given back) when it holds
 /// nothing.
-fn parse_buffered(shared: &Shared) -> Option<Parsed> {
+fn parse_buffered(shared: &Shared, rules: HeadRules) -> Option<Parsed> {
     let mut read = shared.read.borrow_mut();
     let buf = read.buf.as_mut()?;
     if buf.pending().is_empty() {
@@ -109,26 +213,67 @@ fn parse_buffered(shared: &Shared) -> Option<Parsed> {
         }
         return None;
     }
-    let parsed = head::parse(buf.pending());
+    let parsed = head::parse_with(buf.pending(), rules);
     if let Parsed::Head(_, len) = &parsed {
         buf.consume(*len);
     }
     Some(parsed)
 }
 
-/// The rest of a head that came in parts, within the header read timeout.
-async fn rest_of_head(shared: &Rc<Shared>) -> Next {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+/// The deadline of a head that came in parts: Envoy's stream timers run from
+/// its first byte (None: envoyx's own limit, when no timer is configured).
+fn head_deadline(
+    limits: &crate::config::HcmLimits,
+    begun: Instant,
+    last_read: Instant,
+) -> (Instant, Option<RefusalCause>) {
+    let mut next: Option<(Instant, Option<RefusalCause>)> = None;
+    let mut consider = |at: Instant, cause| {
+        if next.is_none_or(|(n, _)| at < n) {
+            next = Some((at, Some(cause)));
+        }
+    };
+    if let Some(t) = limits.request_headers_timeout {
+        consider(begun + t, RefusalCause::HeaderTimeout);
+    }
+    if let Some(t) = limits.stream_idle_timeout {
+        consider(last_read + t, RefusalCause::StreamIdle);
+    }
+    if let Some(t) = limits.request_timeout {
+        consider(begun + t, RefusalCause::RequestTimeout);
+    }
+    if let Some(t) = limits.max_stream_duration {
+        consider(begun + t, RefusalCause::MaxDuration);
+    }
+    next.unwrap_or((begun + HEADER_READ_TIMEOUT, None))
+}
+
+/// The rest of a head that came in parts, within the stream's timers.
+async fn rest_of_head(conn: &DownstreamConnection, shared: &Rc<Shared>, rules: HeadRules) -> Next {
+    let limits = &conn.hcm.limits;
+    let begun = Instant::now();
+    let mut last_read = begun;
     loop {
+        let (at, cause) = head_deadline(limits, begun, last_read);
         let fill = poll_fn(|cx| {
             let mut read = shared.read.borrow_mut();
             shared.poll_fill(&mut read, cx)
         });
-        match tokio::time::timeout_at(deadline, fill).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Next::Closed,
+        match tokio::time::timeout_at(at.into(), fill).await {
+            Ok(Ok(n)) if n > 0 => {
+                if limits.stream_idle_timeout.is_some() {
+                    last_read = Instant::now();
+                }
+            }
+            Ok(_) => return Next::Closed(Close::Peer),
+            Err(_) => {
+                return match cause {
+                    Some(cause) => Next::Refused(Refusal::timeout(cause)),
+                    None => Next::Closed(Close::Now),
+                };
+            }
         }
-        match parse_buffered(shared) {
+        match parse_buffered(shared, rules) {
             Some(Parsed::Head(head, _)) => return Next::Head(head),
             Some(Parsed::Refused(r)) => return Next::Refused(r),
             _ => {}
@@ -142,25 +287,32 @@ async fn refuse(conn: &DownstreamConnection, shared: &Shared, refusal: Refusal) 
     let reply = refusal.reply(conn.hcm.server_name());
     let mut pos = 0;
     let _ = poll_fn(|cx| shared.poll_write_all(cx, &reply, &mut pos)).await;
-    let _ = shared.io.shutdown_write();
     if let Some(b) = shared.read.borrow_mut().buf.take() {
         b.release();
     }
+    close(conn, shared, Close::Delayed).await;
 }
 
-/// One request and its response; whether the connection stays open.
+/// One request and its response; whether (and how) the connection ends.
 async fn exchange(
     conn: &Rc<DownstreamConnection>,
     shared: &Rc<Shared>,
     head: Box<Head>,
     drain: &watch::Receiver<bool>,
-) -> bool {
+) -> Close {
     let Head {
         request,
         framing,
         keep_alive,
         expect_continue,
+        dropped_underscores,
     } = *head;
+    if dropped_underscores > 0 {
+        conn.hcm
+            .stats
+            .http1_dropped_headers_with_underscores
+            .add(u64::from(dropped_underscores));
+    }
     let head_request = request.method() == Method::HEAD;
     let body = shared.begin_body(framing, expect_continue);
     let request = request.map(|()| PeerBody::Http1(body));
@@ -170,21 +322,38 @@ async fn exchange(
     let response = tokio::select! {
         biased;
         r = run => r,
-        () = peer_gone(shared) => return false,
+        () = peer_gone(shared) => return Close::Peer,
     };
     if shared.read.borrow().eof {
         // The peer left while its request was read: the response is dropped.
-        return false;
+        return Close::Peer;
     }
-    let keep_alive = keep_alive && !*drain.borrow();
-    let written = write_response(shared, response, head_request, keep_alive);
+    conn.check_duration();
+    // Envoy closes after a response that came before the request's end, and
+    // once its drain started (idle timeout, max duration, max requests).
+    let ours = conn.draining() || !shared.read.borrow().body_over();
+    let written = write_response(
+        shared,
+        response,
+        head_request,
+        keep_alive && !ours && !*drain.borrow(),
+    );
     let keep = tokio::select! {
         biased;
         k = written => k,
         () = peer_gone(shared) => false,
     };
     let read = shared.read.borrow();
-    keep && read.body_over() && !matches!(read.body, super::body::BodyState::Failed(_))
+    if keep && read.body_over() && !matches!(read.body, super::body::BodyState::Failed(_)) {
+        Close::Keep
+    } else if read.eof {
+        Close::Peer
+    } else if !keep_alive || conn.max_requests_reached() {
+        // Envoy skips the delay when the stream itself asked for the close.
+        Close::Now
+    } else {
+        Close::Delayed
+    }
 }
 
 /// Resolves when the peer closes while a request is served. Watches only once the
@@ -221,7 +390,7 @@ fn peer_gone(shared: &Shared) -> impl Future<Output = ()> + '_ {
 /// connection may carry another request.
 async fn write_response(
     shared: &Shared,
-    response: Response<ResponseBody>,
+    response: Response<StreamBody>,
     head_request: bool,
     keep_alive: bool,
 ) -> bool {
@@ -277,12 +446,8 @@ enum Polled {
     WriteFailed,
 }
 
-async fn write_body(
-    shared: &Shared,
-    mut body: ResponseBody,
-    encoder: Encoder,
-    out: &mut Out,
-) -> bool {
+async fn write_body(shared: &Shared, body: StreamBody, encoder: Encoder, out: &mut Out) -> bool {
+    let mut body = std::pin::pin!(body);
     let (mut left, trailer_names) = match encoder {
         Encoder::Length(n) => (Some(n), None),
         Encoder::Chunked(names) => (None, names),
@@ -291,7 +456,7 @@ async fn write_body(
     let mut trailers: Option<HeaderMap> = None;
     loop {
         // While the body has nothing ready, what is gathered goes out.
-        let polled = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+        let polled = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
             Poll::Ready(f) => Poll::Ready(Polled::Frame(f)),
             Poll::Pending => {
                 if out.pos < out.buf.len()

@@ -2,11 +2,13 @@
 //!
 //! A request head is parsed once, by `httparse`, and screened as Envoy's codec
 //! screens it: `400 Bad Request` (with the reason as its body) for malformed heads,
-//! both framings at once and bad `Transfer-Encoding`; `426 Upgrade Required` for
-//! HTTP/1.0, HTTP/0.9 and unknown versions; `431` past 60 KiB of head or 100
-//! headers. The head's bytes are copied once into one `Bytes` that the URI and
-//! header values share. Responses are written as hyper writes them (lowercase
-//! names, `content-length` when the body's size is exact, else chunked, `date`).
+//! both framings at once, bad `Transfer-Encoding` and (when so configured) header
+//! names with underscores; `426 Upgrade Required` for HTTP/1.0, HTTP/0.9 and unknown
+//! versions; `431` past 60 KiB of head or `max_headers_count` (100) headers. Heads
+//! that stall get the 408 of the stream timer that fires. The head's bytes are
+//! copied once into one `Bytes` that the URI and header values share. Responses are
+//! written as hyper writes them (lowercase names, `content-length` when the body's
+//! size is exact, else chunked, `date`).
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -15,6 +17,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+
+use crate::config::UnderscoresAction;
 
 /// Envoy's default `max_request_headers_kb`.
 pub const MAX_HEAD: usize = 60 * 1024;
@@ -26,29 +30,69 @@ pub const MAX_HEADERS: usize = 100;
 pub struct Refusal {
     pub status: u16,
     pub details: &'static str,
+    /// The reply's body: the reason phrase for codec errors.
+    pub body: &'static str,
+    /// `%RESPONSE_FLAGS%`.
+    pub flags: &'static str,
+    pub cause: RefusalCause,
+}
+
+/// Why the codec answered: what the connection manager counts for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCause {
+    /// A malformed or refused head (`downstream_cx_protocol_error`).
+    ProtocolError,
+    /// A header name with an underscore under REJECT_REQUEST (also a protocol
+    /// error, and `http1.requests_rejected_with_underscores_in_headers`).
+    Underscore,
+    /// A head that did not arrive in time: `request_headers_timeout`,
+    /// `stream_idle_timeout`, `request_timeout` or `max_stream_duration`.
+    HeaderTimeout,
+    StreamIdle,
+    RequestTimeout,
+    MaxDuration,
 }
 
 impl Refusal {
     const fn new(status: u16, details: &'static str) -> Self {
-        Refusal { status, details }
-    }
-
-    fn reason(self) -> &'static str {
-        match self.status {
-            426 => "Upgrade Required",
-            431 => "Request Header Fields Too Large",
-            _ => "Bad Request",
+        Refusal {
+            status,
+            details,
+            body: reason(status),
+            flags: "DPE",
+            cause: RefusalCause::ProtocolError,
         }
     }
 
-    /// The reply Envoy sends for a codec error: the reason phrase as a text body.
+    /// A 408 for a head a stream timer cut short (Envoy's stream exists from the
+    /// head's first byte).
+    pub const fn timeout(cause: RefusalCause) -> Self {
+        let (details, body, flags) = match cause {
+            RefusalCause::StreamIdle => ("stream_idle_timeout", "stream timeout", "SI"),
+            RefusalCause::RequestTimeout => ("request_overall_timeout", "request timeout", "-"),
+            RefusalCause::MaxDuration => {
+                ("max_duration_timeout", "downstream duration timeout", "-")
+            }
+            _ => ("request_header_timeout", "request header timeout", "-"),
+        };
+        Refusal {
+            status: 408,
+            details,
+            body,
+            flags,
+            cause,
+        }
+    }
+
+    /// The reply Envoy sends: for a codec error, the reason phrase as a text body.
     pub fn reply(self, server: &str) -> Vec<u8> {
-        let body = self.reason();
+        let body = self.body;
         let mut out = Vec::with_capacity(200);
         let _ = write!(
             out,
-            "HTTP/1.1 {} {body}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\ndate: ",
+            "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\ndate: ",
             self.status,
+            reason(self.status),
             body.len()
         );
         extend_date(&mut out);
@@ -60,7 +104,34 @@ impl Refusal {
     }
 
     pub fn body_len(self) -> u64 {
-        self.reason().len() as u64
+        self.body.len() as u64
+    }
+}
+
+const fn reason(status: u16) -> &'static str {
+    match status {
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Request",
+    }
+}
+
+/// What the connection manager's configuration asks of request heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadRules {
+    /// `max_headers_count`.
+    pub max_headers: usize,
+    /// `headers_with_underscores_action`.
+    pub underscores: UnderscoresAction,
+}
+
+impl Default for HeadRules {
+    fn default() -> Self {
+        HeadRules {
+            max_headers: MAX_HEADERS,
+            underscores: UnderscoresAction::Allow,
+        }
     }
 }
 
@@ -82,6 +153,8 @@ pub struct Head {
     pub framing: Framing,
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// Headers dropped for an underscore in their name (DROP_HEADER).
+    pub dropped_underscores: u32,
 }
 
 #[derive(Debug)]
@@ -93,13 +166,26 @@ pub enum Parsed {
     Refused(Refusal),
 }
 
-/// Parses (and screens) the request head at the start of `buf`.
+/// Parses (and screens) the request head at the start of `buf`, by Envoy's defaults.
 pub fn parse(buf: &[u8]) -> Parsed {
+    parse_with(buf, HeadRules::default())
+}
+
+/// Parses (and screens) the request head at the start of `buf`.
+pub fn parse_with(buf: &[u8], rules: HeadRules) -> Parsed {
     // Uninitialised slots, as hyper does: no 3 KiB of empty headers written per head.
     let mut headers =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    // More than the default only when configured so: those heads parse into the heap.
+    let mut more = Vec::new();
+    let slots = if rules.max_headers > MAX_HEADERS {
+        more.resize_with(rules.max_headers, std::mem::MaybeUninit::uninit);
+        &mut more[..]
+    } else {
+        &mut headers[..]
+    };
     let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+    let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Parsed::Refused(TOO_LARGE),
         Ok(httparse::Status::Partial) => return Parsed::Partial,
@@ -125,7 +211,10 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if len > MAX_HEAD {
         return Parsed::Refused(TOO_LARGE);
     }
-    match build(buf, len, &req) {
+    if req.headers.len() > rules.max_headers {
+        return Parsed::Refused(Refusal::new(431, "http1.too_many_headers"));
+    }
+    match build(buf, len, &req, rules.underscores) {
         Ok(head) => Parsed::Head(Box::new(head), len),
         Err(r) => Parsed::Refused(r),
     }
@@ -146,7 +235,12 @@ fn screen_request_line(head: &[u8]) -> Result<(), Refusal> {
     }
 }
 
-fn build(buf: &[u8], len: usize, req: &httparse::Request<'_, '_>) -> Result<Head, Refusal> {
+fn build(
+    buf: &[u8],
+    len: usize,
+    req: &httparse::Request<'_, '_>,
+    underscores: UnderscoresAction,
+) -> Result<Head, Refusal> {
     screen_request_line(&buf[..len])?;
     // Envoy refuses HTTP/1.0 unless accept_http_10 is set.
     if req.version != Some(1) {
@@ -167,7 +261,18 @@ fn build(buf: &[u8], len: usize, req: &httparse::Request<'_, '_>) -> Result<Head
     let mut chunked = false;
     let mut keep_alive = true;
     let mut expect_continue = false;
+    let mut dropped_underscores = 0;
     for h in req.headers.iter() {
+        if underscores != UnderscoresAction::Allow && h.name.contains('_') {
+            if underscores == UnderscoresAction::RejectRequest {
+                return Err(Refusal {
+                    cause: RefusalCause::Underscore,
+                    ..Refusal::new(400, "http1.unexpected_underscore")
+                });
+            }
+            dropped_underscores += 1;
+            continue;
+        }
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| CODEC_ERROR)?;
         let value = HeaderValue::from_maybe_shared(shared(h.value)).map_err(|_| CODEC_ERROR)?;
         match name {
@@ -228,6 +333,7 @@ fn build(buf: &[u8], len: usize, req: &httparse::Request<'_, '_>) -> Result<Head
         framing,
         keep_alive,
         expect_continue,
+        dropped_underscores,
     })
 }
 

@@ -337,3 +337,48 @@ fn connection_futures_are_small() {
     eprintln!("HTTP/1 connection future: {h1} bytes");
     assert!(h1 <= 512, "{h1}");
 }
+
+#[test]
+fn head_rules_count_headers_and_screen_underscores() {
+    use crate::config::UnderscoresAction;
+    use head::{HeadRules, RefusalCause, parse_with};
+    let req = b"GET / HTTP/1.1\r\nhost: x\r\nx_a: 1\r\nx-b: 2\r\n\r\n";
+    let rules = |max_headers, underscores| HeadRules {
+        max_headers,
+        underscores,
+    };
+    let Parsed::Head(h, _) = parse_with(req, rules(3, UnderscoresAction::Allow)) else {
+        panic!("three headers are allowed");
+    };
+    assert!(h.request.headers().contains_key("x_a"));
+    let Parsed::Refused(r) = parse_with(req, rules(2, UnderscoresAction::Allow)) else {
+        panic!("three headers are too many");
+    };
+    assert_eq!((r.status, r.details), (431, "http1.too_many_headers"));
+    let Parsed::Head(h, _) = parse_with(req, rules(100, UnderscoresAction::DropHeader)) else {
+        panic!("dropped, not refused");
+    };
+    assert!(!h.request.headers().contains_key("x_a"));
+    assert_eq!(h.dropped_underscores, 1);
+    let Parsed::Refused(r) = parse_with(req, rules(100, UnderscoresAction::RejectRequest)) else {
+        panic!("refused");
+    };
+    assert_eq!(
+        (r.status, r.details, r.cause),
+        (400, "http1.unexpected_underscore", RefusalCause::Underscore)
+    );
+    // More than the default 100 slots when configured so.
+    let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+    for i in 0..150 {
+        many.extend(format!("x-{i}: v\r\n").as_bytes());
+    }
+    many.extend(b"\r\n");
+    assert!(matches!(
+        parse_with(&many, rules(150, UnderscoresAction::Allow)),
+        Parsed::Head(..)
+    ));
+    assert!(matches!(
+        parse_with(&many, rules(149, UnderscoresAction::Allow)),
+        Parsed::Refused(_)
+    ));
+}
