@@ -115,7 +115,12 @@ impl Router<'_, '_> {
             cluster: &cluster,
             pools: &conn.pools,
         };
-        let host = match upstream.choose_host(&LbContext::default()) {
+        let hash = super::hash_policy::for_request(action, &parts.headers, self.path, &conn);
+        let context = LbContext {
+            hash: hash.hash,
+            ..LbContext::default()
+        };
+        let host = match upstream.choose_host(&context) {
             Ok(h) => h,
             Err(failure) => return self.failure(failure),
         };
@@ -155,7 +160,10 @@ impl Router<'_, '_> {
                 handle,
                 service_time,
             }) => {
-                let (parts, body) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
+                if let Some(cookie) = hash.set_cookie {
+                    parts.headers.append(header::SET_COOKIE, cookie);
+                }
                 RouterOutcome::Upstream(UpstreamResponse {
                     parts,
                     body,

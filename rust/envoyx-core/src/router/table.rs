@@ -192,6 +192,7 @@ mod tests {
                 expected_timeout: None,
                 prefix_rewrite: None,
                 host_rewrite: None,
+                hash_policy: None,
             }),
             filter_overrides: Vec::new(),
         }
