@@ -626,6 +626,7 @@ fn clusters_text(shared: &Instance) -> String {
         for h in c.hosts.load().iter() {
             let a = h.address;
             let s = &h.stats;
+            let loc = h.locality.as_deref();
             for (k, v) in [
                 ("cx_active", s.cx_active().get().to_string()),
                 ("cx_connect_fail", s.cx_connect_fail().get().to_string()),
@@ -637,12 +638,15 @@ fn clusters_text(shared: &Instance) -> String {
                 ("rq_total", s.rq_total().get().to_string()),
                 ("hostname", h.hostname.clone()),
                 ("health_flags", "healthy".into()),
-                ("weight", "1".into()),
-                ("region", String::new()),
-                ("zone", String::new()),
-                ("sub_zone", String::new()),
+                ("weight", h.weight().to_string()),
+                ("region", loc.map_or_else(String::new, |l| l.region.clone())),
+                ("zone", loc.map_or_else(String::new, |l| l.zone.clone())),
+                (
+                    "sub_zone",
+                    loc.map_or_else(String::new, |l| l.sub_zone.clone()),
+                ),
                 ("canary", "false".into()),
-                ("priority", "0".into()),
+                ("priority", h.priority().to_string()),
                 ("success_rate", "-1".into()),
                 ("local_origin_success_rate", "-1".into()),
             ] {
@@ -678,9 +682,13 @@ fn clusters_json(shared: &Instance) -> Value {
                             {"type": "GAUGE", "name": "rq_active", "value": s.rq_active().get().to_string()},
                         ],
                         "health_status": {"eds_health_status": "HEALTHY"},
-                        "weight": 1,
+                        "weight": h.weight(),
                         "hostname": h.hostname,
-                        "locality": {},
+                        "locality": h.locality.as_deref().map_or_else(
+                            || json!({}),
+                            |l| json!({"region": l.region, "zone": l.zone, "sub_zone": l.sub_zone}),
+                        ),
+                        "priority": h.priority(),
                     })
                 })
                 .collect();

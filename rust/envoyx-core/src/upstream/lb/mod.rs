@@ -4,6 +4,8 @@
 //! ([`priority_set::PrioritySet`], held by [`crate::upstream::WorkerPools`]), so a
 //! pick takes no lock and does no work proportional to the number of hosts.
 
+#[cfg(test)]
+mod bench;
 mod edf;
 mod least_request;
 mod maglev;
