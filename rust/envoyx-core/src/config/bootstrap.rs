@@ -639,7 +639,7 @@ fn map_ring_hash_sizes<'o, 'a>(
 
 fn map_maglev_table_size(cfg: &Obj<'_>) -> u64 {
     match cfg.u64("table_size") {
-        Some(n) if n < 2 || n > 5_000_011 || !is_prime(n) => {
+        Some(n) if !(2..=5_000_011).contains(&n) || !is_prime(n) => {
             cfg.error(
                 "table_size",
                 "The table size of maglev must be prime number (at most 5000011)",

@@ -112,11 +112,9 @@ impl PrioritySet {
         }
         let factor = u64::from(self.overprovisioning_factor);
         let availability = |n: u64, total: u64| {
-            if total == 0 {
-                0
-            } else {
-                (factor * n / total).min(100) as u32
-            }
+            (factor * n)
+                .checked_div(total)
+                .map_or(0, |a| a.min(100) as u32)
         };
         let health: Vec<u32> = (0..levels)
             .map(|p| {
@@ -165,11 +163,7 @@ impl PrioritySet {
                 if first.is_none() && n != 0 {
                     first = Some(p);
                 }
-                let load = if total == 0 {
-                    0
-                } else {
-                    (100 * n / total) as u32
-                };
+                let load = (100 * n).checked_div(total).unwrap_or(0) as u32;
                 self.healthy_load[p] = load;
                 self.degraded_load[p] = 0;
                 left -= load;
