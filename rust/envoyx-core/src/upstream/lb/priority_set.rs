@@ -186,9 +186,12 @@ impl PrioritySet {
         let p = &self.priorities[priority];
         let source = if p.panic {
             Source::All
-        } else if degraded {
+        } else if degraded && !hashing {
             Source::Degraded
         } else {
+            // A ring or table holds a priority's healthy hosts only (all of them
+            // in panic), whichever share chose the priority: Envoy's
+            // `ThreadAwareLoadBalancerBase::refresh`.
             Source::Healthy
         };
         let src = &p.sources[source as usize];
