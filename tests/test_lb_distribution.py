@@ -146,3 +146,29 @@ def test_least_request_sends_less_to_a_slow_host(
     finally:
         slow.stop()
         fast.stop()
+
+
+@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"])
+def test_locality_weights_split_traffic(
+    start_proxy: StartProxy, upstreams: list[HttpUpstream], policy: str
+) -> None:
+    """``locality_weighted_lb_config``: zone a (weight 1, one host) gets 1/4 of the
+    requests, zone b (weight 3, two hosts) 3/4, whatever the policy."""
+    localities = [
+        {
+            "locality": {"zone": "a"},
+            "load_balancing_weight": 1,
+            "lb_endpoints": [lb_endpoint(upstreams[0].address)],
+        },
+        {
+            "locality": {"zone": "b"},
+            "load_balancing_weight": 3,
+            "lb_endpoints": [lb_endpoint(u.address) for u in upstreams[1:3]],
+        },
+    ]
+    extra = {"lb_policy": policy, "common_lb_config": {"locality_weighted_lb_config": {}}}
+    proxy = start_proxy(lb_proxy(localities, cluster_extra=extra))
+    with KeepAliveClient(proxy.listener_address()) as client:
+        tally = client.served_by(2_000)
+    within(tally, {"u0": 0.25}, 0.04)
+    assert tally["u1"] > 0 and tally["u2"] > 0, tally

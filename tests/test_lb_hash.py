@@ -170,3 +170,88 @@ def test_cookie_without_ttl_and_without_cookie_picks_at_random(
             assert "set-cookie" not in got
             seen.add(got["x-upstream"])
     assert len(seen) == 5
+
+
+# Several policies on one route: Envoy rotates and xors their hashes in order, and a
+# terminal policy that produced a hash ends the list.
+COMBINED = {
+    "query": [{"query_parameter": {"name": "user"}}],
+    "header+query": [
+        {"header": {"header_name": "x-key"}},
+        {"query_parameter": {"name": "user"}},
+    ],
+    "terminal query, then header": [
+        {"query_parameter": {"name": "user"}, "terminal": True},
+        {"header": {"header_name": "x-key"}},
+    ],
+    "source ip + header": [
+        {"connection_properties": {"source_ip": True}},
+        {"header": {"header_name": "x-key"}},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(COMBINED))
+def test_hash_policies_combine_as_in_envoy(
+    start_envoyx: StartProxy,
+    start_envoy: StartProxy,
+    upstreams: list[HttpUpstream],
+    name: str,
+) -> None:
+    """Each request has a header and most a query parameter (those without it get
+    nothing from the terminal policy, so the header decides): the host of every
+    request is Envoy's, for MAGLEV."""
+    # Without any hash the pick is random: the query-only policy gets the parameter
+    # on every request.
+    always = name == "query"
+    requests = [
+        (f"/p?a=1&user=u{i}" if i % 4 or always else "/p?a=1", {"x-key": f"k{i % 7}"})
+        for i in range(80)
+    ]
+    got = []
+    for start in (start_envoyx, start_envoy):
+        proxy = start(
+            lb_proxy(
+                [{"lb_endpoints": [lb_endpoint(u.address) for u in upstreams]}],
+                cluster_extra={"lb_policy": "MAGLEV"},
+                hash_policy=COMBINED[name],
+            )
+        )
+        with KeepAliveClient(proxy.listener_address()) as client:
+            got.append([client.get(path, h)[1]["x-upstream"] for path, h in requests])
+        proxy.stop()
+    assert got[0] == got[1]
+    assert len(set(got[0])) > 1
+
+
+def test_locality_weights_shape_the_table_as_in_envoy(
+    start_envoyx: StartProxy, start_envoy: StartProxy, upstreams: list[HttpUpstream]
+) -> None:
+    """With ``locality_weighted_lb_config``, a host's share of the ring and of the
+    Maglev table is its locality's weight times its weight within the locality."""
+    localities = [
+        {
+            "locality": {"zone": "a"},
+            "load_balancing_weight": 1,
+            "lb_endpoints": [lb_endpoint(u.address) for u in upstreams[:3]],
+        },
+        {
+            "locality": {"zone": "b"},
+            "load_balancing_weight": 4,
+            "lb_endpoints": [
+                lb_endpoint(upstreams[3].address, weight=2),
+                lb_endpoint(upstreams[4].address),
+            ],
+        },
+    ]
+    for policy in ("RING_HASH", "MAGLEV"):
+        extra = {"lb_policy": policy, "common_lb_config": {"locality_weighted_lb_config": {}}}
+        got = []
+        for start in (start_envoyx, start_envoy):
+            proxy = start(lb_proxy(localities, cluster_extra=extra, hash_policy=HEADER_HASH))
+            got.append(key_map(proxy))
+            proxy.stop()
+        assert got[0] == got[1], policy
+        # Zone b (4/5 of the weight) takes most keys.
+        in_b = sum(1 for host in got[0].values() if host in ("u3", "u4"))
+        assert in_b > 0.6 * len(KEYS), (policy, in_b)

@@ -986,6 +986,54 @@ mod tests {
     }
 
     #[test]
+    fn eds_updates_keep_hosts_and_change_weights_and_health_in_place() {
+        let config = crate::config::bootstrap::map_cluster_resource(&serde_json::json!({
+            "name": "c", "type": "EDS", "connect_timeout": "1s"}))
+        .unwrap();
+        let c = Cluster::new(
+            &config,
+            &StatStore::new(),
+            &Default::default(),
+            Origin::bootstrap(),
+        )
+        .unwrap();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        c.set_hosts(vec![HostSpec::plain(a)]);
+        let first = c.hosts.load_full();
+        let epoch = c.health_epoch();
+        c.set_assignment(
+            vec![HostSpec {
+                weight: 3,
+                health: EdsHealth::Draining,
+                ..HostSpec::plain(a)
+            }],
+            200,
+        );
+        let second = c.hosts.load_full();
+        // The same host (stats, connections), a new list: the workers rebuild.
+        assert!(Arc::ptr_eq(&first[0], &second[0]));
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second[0].weight(), 3);
+        assert_eq!(second[0].health_flags(), health_flag::EDS_STATUS_DRAINING);
+        assert_eq!(c.overprovisioning_factor(), 200);
+        assert!(c.health_epoch() > epoch);
+        assert_eq!(c.host_set_generation(), 1);
+        // Health only: the list stays, the epoch moves.
+        let epoch = c.health_epoch();
+        c.set_assignment(
+            vec![HostSpec {
+                weight: 3,
+                ..HostSpec::plain(a)
+            }],
+            200,
+        );
+        assert!(Arc::ptr_eq(&second, &c.hosts.load_full()));
+        assert!(c.health_epoch() > epoch);
+        assert_eq!(second[0].health(), HostHealth::Healthy);
+        assert_eq!(c.host_set_generation(), 1);
+    }
+
+    #[test]
     fn response_codes_are_counted_by_code_and_class() {
         let store = StatStore::new();
         let stats = ClusterStats::new(&store, "c");
