@@ -95,7 +95,10 @@ def test_panic_mode_uses_every_host_of_the_priority(
     extra = {}
     if threshold is not None:
         extra = {"common_lb_config": {"healthy_panic_threshold": {"value": threshold}}}
-    tally = served(start_proxy(lb_proxy(localities, cluster_extra=extra)), 300)
+    proxy = start_proxy(lb_proxy(localities, cluster_extra=extra))
+    tally = served(proxy, 300)
+    # One count per pick made in panic mode.
+    proxy.wait_stat("cluster.backend.lb_healthy_panic", 300 if panic else 0)
     if panic:
         assert set(tally) == {"p0a", "p0b", "p0c"}, tally
         assert all(80 <= n <= 120 for n in tally.values()), tally

@@ -218,6 +218,8 @@ pub struct ClusterStats {
     pub upstream_cx_rx_bytes_total: Counter,
     pub upstream_cx_tx_bytes_total: Counter,
     pub upstream_cx_none_healthy: Counter,
+    /// Picks made in panic mode (all hosts of a priority, healthy or not).
+    pub lb_healthy_panic: Counter,
     pub upstream_cx_connect_ms: Histogram,
     pub upstream_rq_total: Counter,
     pub upstream_rq_active: Gauge,
@@ -259,6 +261,7 @@ impl ClusterStats {
             upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            lb_healthy_panic: c("lb_healthy_panic"),
             upstream_cx_connect_ms: h("upstream_cx_connect_ms"),
             upstream_rq_total: c("upstream_rq_total"),
             upstream_rq_active: g("upstream_rq_active"),

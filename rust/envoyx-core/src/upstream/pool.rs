@@ -213,7 +213,7 @@ impl WorkerPools {
             let local = balancers.entry(cluster.id).or_insert_with(|| ClusterLocal {
                 list: Arc::new(Vec::new()),
                 health_epoch: u64::MAX,
-                set: Rc::new(PrioritySet::new(&[], cluster.lb, 0)),
+                set: Rc::new(PrioritySet::new(&[], cluster.lb, 0, Default::default())),
             });
             if !Arc::ptr_eq(&local.list, &current) || local.health_epoch != epoch {
                 let members_changed = local.list.len() != current.len()
@@ -234,6 +234,7 @@ impl WorkerPools {
                     &current,
                     cluster.lb,
                     cluster.overprovisioning_factor(),
+                    cluster.stats.lb_healthy_panic.clone(),
                 ));
                 local.list = arc_swap::Guard::into_inner(current);
                 local.health_epoch = epoch;

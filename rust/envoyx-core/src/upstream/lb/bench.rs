@@ -68,7 +68,7 @@ fn lb_bench() {
                 policy,
                 ..LbConfig::default()
             };
-            let set = PrioritySet::new(&hosts(n, weighted), config, 140);
+            let set = PrioritySet::new(&hosts(n, weighted), config, 140, Default::default());
             // The first pick builds the balancer; not counted.
             let _ = set.choose(&LbContext::default());
             let picks = 1_000_000u64;
@@ -107,7 +107,7 @@ fn lb_bench() {
     );
     let all = hosts(10_000, true);
     let start = Instant::now();
-    let set = PrioritySet::new(&all, LbConfig::default(), 140);
+    let set = PrioritySet::new(&all, LbConfig::default(), 140, Default::default());
     let _ = set.choose(&LbContext::default());
     println!(
         "host-set rebuild + weighted round-robin scheduler, 10,000 hosts: {:.1} ms",

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::{LbContext, LoadBalancer, build, group_by_locality, is_hashing};
 use crate::config::LbConfig;
 use crate::per_worker::LocalHandle;
+use crate::stats::Counter;
 use crate::upstream::{Host, HostHealth};
 
 /// Which hosts of a priority a pick uses.
@@ -46,16 +47,22 @@ struct Priority {
 
 pub struct PrioritySet {
     config: LbConfig,
+    /// `cluster.<name>.lb_healthy_panic`.
+    panic_counter: Counter,
     priorities: Vec<Priority>,
     healthy_load: Vec<u32>,
     degraded_load: Vec<u32>,
-    /// (locality, its host count in the priority) per priority, for effective
-    /// locality weights.
+    /// The load assignment's, for priority loads and effective locality weights.
     overprovisioning_factor: u32,
 }
 
 impl PrioritySet {
-    pub fn new(hosts: &[Arc<Host>], config: LbConfig, overprovisioning_factor: u32) -> Self {
+    pub fn new(
+        hosts: &[Arc<Host>],
+        config: LbConfig,
+        overprovisioning_factor: u32,
+        panic_counter: Counter,
+    ) -> Self {
         let levels = hosts
             .iter()
             .map(|h| h.priority() as usize + 1)
@@ -86,6 +93,7 @@ impl PrioritySet {
         }
         let mut set = PrioritySet {
             config,
+            panic_counter,
             priorities,
             healthy_load: vec![0; levels],
             degraded_load: vec![0; levels],
@@ -185,6 +193,7 @@ impl PrioritySet {
         let (priority, degraded) = self.choose_priority(hash);
         let p = &self.priorities[priority];
         let source = if p.panic {
+            self.panic_counter.inc();
             Source::All
         } else if degraded && !hashing {
             Source::Degraded
@@ -343,7 +352,7 @@ mod tests {
     }
 
     fn set(hosts: &[Arc<Host>]) -> PrioritySet {
-        PrioritySet::new(hosts, LbConfig::default(), 140)
+        PrioritySet::new(hosts, LbConfig::default(), 140, Counter::default())
     }
 
     use EdsHealth::{Degraded as D, Healthy as H, Unhealthy as U};
@@ -386,7 +395,7 @@ mod tests {
             healthy_panic_threshold: 0,
             ..LbConfig::default()
         };
-        let s = PrioritySet::new(&hs, config, 140);
+        let s = PrioritySet::new(&hs, config, 140, Counter::default());
         assert!(!s.priorities[0].panic);
         for _ in 0..50 {
             assert_eq!(
@@ -417,7 +426,7 @@ mod tests {
             policy: LbPolicy::Maglev { table_size: 65537 },
             ..LbConfig::default()
         };
-        let s = PrioritySet::new(&hs, config, 140);
+        let s = PrioritySet::new(&hs, config, 140, Counter::default());
         let ctx = LbContext {
             hash: Some(12345),
             ..LbContext::default()
@@ -458,7 +467,7 @@ mod tests {
             locality_weighted: true,
             ..LbConfig::default()
         };
-        let s = PrioritySet::new(&hs, config, 140);
+        let s = PrioritySet::new(&hs, config, 140, Counter::default());
         let a = (0..4000)
             .filter(|_| s.choose(&LbContext::default()).unwrap().address == hs[0].address)
             .count();
