@@ -17,7 +17,7 @@ use crate::access_log::{AccessLogOptions, AccessLogger, LogRecord};
 use crate::config::AccessLogConfig;
 use crate::instance::{Instance, ServerState, VERSION};
 use crate::listener::Listener;
-use crate::upstream::{Cluster, Host};
+use crate::upstream::Cluster;
 
 pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<AccessLogConfig>) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -626,6 +626,7 @@ fn clusters_text(shared: &Instance) -> String {
         for h in c.hosts.load().iter() {
             let a = h.address;
             let s = &h.stats;
+            let loc = h.locality.as_deref();
             for (k, v) in [
                 ("cx_active", s.cx_active().get().to_string()),
                 ("cx_connect_fail", s.cx_connect_fail().get().to_string()),
@@ -637,12 +638,15 @@ fn clusters_text(shared: &Instance) -> String {
                 ("rq_total", s.rq_total().get().to_string()),
                 ("hostname", h.hostname.clone()),
                 ("health_flags", health_flags_text(h.health_flags())),
-                ("weight", host_weight(h).to_string()),
-                ("region", String::new()),
-                ("zone", String::new()),
-                ("sub_zone", String::new()),
+                ("weight", h.weight().to_string()),
+                ("region", loc.map_or_else(String::new, |l| l.region.clone())),
+                ("zone", loc.map_or_else(String::new, |l| l.zone.clone())),
+                (
+                    "sub_zone",
+                    loc.map_or_else(String::new, |l| l.sub_zone.clone()),
+                ),
                 ("canary", "false".into()),
-                ("priority", host_priority(h).to_string()),
+                ("priority", h.priority().to_string()),
                 ("success_rate", h.outlier.success_rate().to_string()),
                 (
                     "local_origin_success_rate",
@@ -654,16 +658,6 @@ fn clusters_text(shared: &Instance) -> String {
         }
     }
     out
-}
-
-/// A host's load-balancing weight and priority, for `/clusters` (1 and 0 until
-/// hosts carry their endpoint's).
-fn host_weight(_host: &Host) -> u32 {
-    1
-}
-
-fn host_priority(_host: &Host) -> u32 {
-    0
 }
 
 /// Envoy's `HostUtility::healthFlagsToString`: `healthy`, or each flag set as
@@ -755,12 +749,15 @@ fn clusters_json(shared: &Instance) -> Value {
                             {"type": "GAUGE", "name": "rq_active", "value": s.rq_active().get().to_string()},
                         ],
                         "health_status": health_status_json(h.health_flags()),
-                        "weight": host_weight(h),
+                        "weight": h.weight(),
                         "hostname": h.hostname,
-                        "locality": {},
+                        "locality": h.locality.as_deref().map_or_else(
+                            || json!({}),
+                            |l| json!({"region": l.region, "zone": l.zone, "sub_zone": l.sub_zone}),
+                        ),
                     });
-                    if host_priority(h) != 0 {
-                        status["priority"] = json!(host_priority(h));
+                    if h.priority() != 0 {
+                        status["priority"] = json!(h.priority());
                     }
                     for (key, rate) in [
                         ("success_rate", h.outlier.success_rate()),

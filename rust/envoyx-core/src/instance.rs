@@ -240,15 +240,7 @@ impl Instance {
                 let mut upserts = Vec::new();
                 for (name, doc) in parsed {
                     match map::map_load_assignment_resource(&doc) {
-                        Ok((_, endpoints)) => {
-                            let addrs = endpoints
-                                .iter()
-                                .filter_map(|e| {
-                                    e.address.parse().ok().map(|ip| SocketAddr::new(ip, e.port))
-                                })
-                                .collect();
-                            upserts.push((name, addrs));
-                        }
+                        Ok((_, assignment)) => upserts.push((name, assignment)),
                         Err(errs) => rejected.push((name, errs.join("; "))),
                     }
                 }

@@ -270,17 +270,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
             return None;
         }
     };
-    let lb_policy = match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
-        "ROUND_ROBIN" => LbPolicy::RoundRobin,
-        "LEAST_REQUEST" => LbPolicy::LeastRequest,
-        other => {
-            c.error(
-                "lb_policy",
-                format!("{other} is not supported by envoyx yet"),
-            );
-            LbPolicy::RoundRobin
-        }
-    };
+    let lb = map_lb_config(c);
     let connect_timeout = c
         .duration("connect_timeout")
         .unwrap_or(Duration::from_secs(5));
@@ -367,10 +357,14 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         });
         eds_service_name = Some(service.unwrap_or_else(|| name.clone()));
     }
-    let endpoints = match c.obj("load_assignment") {
+    let assignment = match c.obj("load_assignment") {
         Some(la) => map_load_assignment(&la, discovery == DiscoveryType::Static),
-        None => Vec::new(),
+        None => LoadAssignment {
+            endpoints: Vec::new(),
+            overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
+        },
     };
+    let endpoints = assignment.endpoints;
     let tls = match c.obj("transport_socket") {
         Some(ts) => map_upstream_socket(&ts)?.map(|mut tls| {
             (tls.auto_sni, tls.auto_san_validation) = auto_sni;
@@ -398,7 +392,8 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         protocol,
         dns_refresh_rate,
         dns_lookup_family,
-        lb_policy,
+        lb,
+        overprovisioning_factor: assignment.overprovisioning_factor,
         eds_service_name,
         pool,
         tls,
@@ -434,13 +429,278 @@ fn map_common_http_options(o: &Obj<'_>, pool: &mut PoolSettings) {
     }
 }
 
+/// Envoy's `ring_hash_lb_config` limits: the ring has at most 8M entries.
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+const LB_POLICY_PREFIX: &str = "envoy.extensions.load_balancing_policies.";
+
+/// `lb_policy` with its `*_lb_config`, or `load_balancing_policy`, and
+/// `common_lb_config`. Fields left unread (slow start, zone-aware routing, subsets,
+/// `hash_balance_factor`, …) are refused by name.
+fn map_lb_config(c: &Obj<'_>) -> LbConfig {
+    let mut lb = LbConfig::default();
+    if let Some(common) = c.obj("common_lb_config") {
+        if let Some(t) = common.obj("healthy_panic_threshold") {
+            lb.healthy_panic_threshold = percent(&t, 50);
+        }
+        if let Some(lw) = common.obj("locality_weighted_lb_config") {
+            drop(lw);
+            lb.locality_weighted = true;
+        }
+        if let Some(b) = common.bool("close_connections_on_host_set_change") {
+            lb.close_connections_on_host_set_change = b;
+        }
+    }
+    if let Some(policy) = c.obj("load_balancing_policy") {
+        if c.has("lb_policy") {
+            c.str("lb_policy");
+        }
+        let policies = policy.list("policies");
+        let Some(first) = policies.first() else {
+            policy.error("policies", "is required");
+            return lb;
+        };
+        // Envoy uses the first policy it knows; it knows every one envoyx does, so
+        // the others are never used.
+        for other in &policies[1..] {
+            other.ignore(&["typed_extension_config"]);
+        }
+        if let Some(tec) = first.obj("typed_extension_config") {
+            tec.str("name");
+            if let Some(tc) = tec.obj("typed_config") {
+                if let Some(p) = map_typed_lb_policy(&tc, &mut lb.locality_weighted) {
+                    lb.policy = p;
+                }
+            }
+        }
+        return lb;
+    }
+    lb.policy = match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
+        "ROUND_ROBIN" => LbPolicy::RoundRobin,
+        "LEAST_REQUEST" => {
+            let (mut choice_count, mut active_request_bias) = (2, 1.0);
+            if let Some(cfg) = c.obj("least_request_lb_config") {
+                (choice_count, active_request_bias) = map_least_request(&cfg);
+            }
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            }
+        }
+        "RANDOM" => LbPolicy::Random,
+        "RING_HASH" => match c.obj("ring_hash_lb_config") {
+            Some(cfg) => map_ring_hash(&cfg),
+            None => map_ring_hash_sizes(None, None),
+        },
+        "MAGLEV" => LbPolicy::Maglev {
+            table_size: match c.obj("maglev_lb_config") {
+                Some(cfg) => map_maglev_table_size(&cfg),
+                None => DEFAULT_MAGLEV_TABLE_SIZE,
+            },
+        },
+        other => {
+            c.error("lb_policy", format!("{other} is not supported by envoyx"));
+            LbPolicy::RoundRobin
+        }
+    };
+    lb
+}
+
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
+
+/// A `google.protobuf.Percent` (`{value}`) as Envoy rounds it to an integer.
+fn percent(p: &Obj<'_>, default: u32) -> u32 {
+    match p.raw("value").and_then(Value::as_f64) {
+        Some(v) if (0.0..=100.0).contains(&v) => v.round() as u32,
+        Some(_) => {
+            p.error("value", "must be in [0, 100]");
+            default
+        }
+        None => 0,
+    }
+}
+
+/// `load_balancing_policy.policies[0].typed_extension_config.typed_config`.
+fn map_typed_lb_policy(tc: &Obj<'_>, locality_weighted: &mut bool) -> Option<LbPolicy> {
+    let ty = tc.any_type().unwrap_or_default();
+    let Some(name) = ty.strip_prefix(LB_POLICY_PREFIX) else {
+        tc.error(
+            "@type",
+            format!("load balancing policy {ty} is not supported by envoyx"),
+        );
+        return None;
+    };
+    let mut locality = |tc: &Obj<'_>, field: &'static str| {
+        if let Some(l) = tc.obj(field) {
+            if field == "locality_lb_config" {
+                if let Some(lw) = l.obj("locality_weighted_lb_config") {
+                    drop(lw);
+                    *locality_weighted = true;
+                }
+            } else {
+                *locality_weighted = true;
+            }
+        }
+    };
+    match name {
+        "round_robin.v3.RoundRobin" => {
+            locality(tc, "locality_lb_config");
+            Some(LbPolicy::RoundRobin)
+        }
+        "random.v3.Random" => {
+            locality(tc, "locality_lb_config");
+            Some(LbPolicy::Random)
+        }
+        "least_request.v3.LeastRequest" => {
+            locality(tc, "locality_lb_config");
+            let (choice_count, active_request_bias) = map_least_request(tc);
+            Some(LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            })
+        }
+        "ring_hash.v3.RingHash" => {
+            locality(tc, "locality_weighted_lb_config");
+            Some(map_ring_hash(tc))
+        }
+        "maglev.v3.Maglev" => {
+            locality(tc, "locality_weighted_lb_config");
+            Some(LbPolicy::Maglev {
+                table_size: map_maglev_table_size(tc),
+            })
+        }
+        _ => {
+            tc.error(
+                "@type",
+                format!("load balancing policy {ty} is not supported by envoyx"),
+            );
+            None
+        }
+    }
+}
+
+/// `choice_count` (default 2, at least 2) and `active_request_bias` (a
+/// RuntimeDouble; envoyx has no runtime, so its default value applies).
+fn map_least_request(cfg: &Obj<'_>) -> (u32, f64) {
+    let choice_count = match cfg.u32("choice_count") {
+        Some(n) if n < 2 => {
+            cfg.error("choice_count", "must be at least 2");
+            2
+        }
+        Some(n) => n,
+        None => 2,
+    };
+    let mut bias = 1.0;
+    if let Some(b) = cfg.obj("active_request_bias") {
+        b.ignore(&["runtime_key"]);
+        match b.raw("default_value").map(Value::as_f64) {
+            Some(Some(v)) if v >= 0.0 => bias = v,
+            Some(_) => b.error("default_value", "must be a non-negative number"),
+            None => bias = 0.0,
+        }
+    }
+    (choice_count, bias)
+}
+
+fn map_ring_hash(cfg: &Obj<'_>) -> LbPolicy {
+    match cfg.str("hash_function") {
+        None | Some("XX_HASH") => {}
+        Some(other) => cfg.error(
+            "hash_function",
+            format!("{other} is not supported by envoyx (XX_HASH is)"),
+        ),
+    }
+    map_ring_hash_sizes(
+        Some(cfg).zip(cfg.u64("minimum_ring_size")),
+        Some(cfg).zip(cfg.u64("maximum_ring_size")),
+    )
+}
+
+fn map_ring_hash_sizes<'o, 'a>(
+    min: Option<(&'o Obj<'a>, u64)>,
+    max: Option<(&'o Obj<'a>, u64)>,
+) -> LbPolicy {
+    let minimum_ring_size = min.map_or(1024, |(_, v)| v);
+    let maximum_ring_size = max.map_or(MAX_RING_SIZE, |(_, v)| v);
+    for (field, v) in [("minimum_ring_size", min), ("maximum_ring_size", max)] {
+        if let Some((cfg, n)) = v
+            && (n == 0 || n > MAX_RING_SIZE)
+        {
+            cfg.error(field, format!("must be in [1, {MAX_RING_SIZE}]"));
+        }
+    }
+    if minimum_ring_size > maximum_ring_size
+        && let Some((cfg, _)) = min
+    {
+        cfg.error(
+            "minimum_ring_size",
+            format!("ring hash: minimum_ring_size ({minimum_ring_size}) > maximum_ring_size ({maximum_ring_size})"),
+        );
+    }
+    LbPolicy::RingHash {
+        minimum_ring_size: minimum_ring_size.clamp(1, MAX_RING_SIZE),
+        maximum_ring_size: maximum_ring_size.clamp(1, MAX_RING_SIZE),
+    }
+}
+
+fn map_maglev_table_size(cfg: &Obj<'_>) -> u64 {
+    match cfg.u64("table_size") {
+        Some(n) if !(2..=5_000_011).contains(&n) || !is_prime(n) => {
+            cfg.error(
+                "table_size",
+                "The table size of maglev must be prime number (at most 5000011)",
+            );
+            DEFAULT_MAGLEV_TABLE_SIZE
+        }
+        Some(n) => n,
+        None => DEFAULT_MAGLEV_TABLE_SIZE,
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment` endpoints (a cluster's
 /// `load_assignment`, or an EDS resource). `ip_only`: addresses must be IP literals.
-fn map_load_assignment(la: &Obj<'_>, ip_only: bool) -> Vec<EndpointConfig> {
+fn map_load_assignment(la: &Obj<'_>, ip_only: bool) -> LoadAssignment {
     let mut endpoints = Vec::new();
     la.str("cluster_name");
+    let mut overprovisioning_factor = DEFAULT_OVERPROVISIONING_FACTOR;
+    if let Some(policy) = la.obj("policy") {
+        // A UInt32Value: a plain number in proto-JSON.
+        match policy.u32("overprovisioning_factor") {
+            Some(0) => policy.error("overprovisioning_factor", "must be greater than 0"),
+            Some(v) => overprovisioning_factor = v,
+            None => {}
+        }
+    }
+    let mut priorities = Vec::new();
     for locality in la.list("endpoints") {
+        let priority = locality.u32("priority").unwrap_or(0);
+        priorities.push(priority);
+        let locality_weight = locality.u32("load_balancing_weight").unwrap_or(0);
+        let place = locality.obj("locality").map(|l| {
+            std::sync::Arc::new(Locality {
+                region: l.str("region").unwrap_or_default().to_string(),
+                zone: l.str("zone").unwrap_or_default().to_string(),
+                sub_zone: l.str("sub_zone").unwrap_or_default().to_string(),
+            })
+        });
         for lb in locality.list("lb_endpoints") {
+            let weight = match lb.u32("load_balancing_weight") {
+                Some(0) => {
+                    lb.error("load_balancing_weight", "must be at least 1");
+                    1
+                }
+                Some(v) => v,
+                None => 1,
+            };
+            let health = match lb.str("health_status").unwrap_or("UNKNOWN") {
+                "UNHEALTHY" | "TIMEOUT" => EdsHealth::Unhealthy,
+                "DRAINING" => EdsHealth::Draining,
+                "DEGRADED" => EdsHealth::Degraded,
+                _ => EdsHealth::Healthy,
+            };
             let Some(ep) = lb.obj("endpoint") else {
                 lb.error("endpoint", "is required");
                 continue;
@@ -470,11 +730,31 @@ fn map_load_assignment(la: &Obj<'_>, ip_only: bool) -> Vec<EndpointConfig> {
             endpoints.push(EndpointConfig {
                 address: host,
                 port,
+                weight,
+                priority,
+                locality: place.clone(),
+                locality_weight,
+                health,
             });
         }
     }
+    check_priorities(la, priorities);
+    LoadAssignment {
+        endpoints,
+        overprovisioning_factor,
+    }
+}
 
-    endpoints
+/// Envoy refuses a gap in the priorities (0, 1, 3).
+fn check_priorities(la: &Obj<'_>, mut priorities: Vec<u32>) {
+    priorities.sort_unstable();
+    priorities.dedup();
+    if priorities.iter().enumerate().any(|(i, p)| *p as usize != i) {
+        la.error(
+            "endpoints",
+            "Unexpected non-consecutive priority: priorities must start at 0 and have no gaps",
+        );
+    }
 }
 
 fn map_resource<T>(doc: &Value, f: impl FnOnce(&Obj<'_>) -> Option<T>) -> Result<T, Vec<String>> {
@@ -517,9 +797,7 @@ pub fn map_route_config_resource(doc: &Value) -> Result<RouteConfig, Vec<String>
 
 /// One `envoy.config.endpoint.v3.ClusterLoadAssignment` resource (EDS):
 /// its `cluster_name` and endpoints (IP literals, as Envoy requires).
-pub fn map_load_assignment_resource(
-    doc: &Value,
-) -> Result<(String, Vec<EndpointConfig>), Vec<String>> {
+pub fn map_load_assignment_resource(doc: &Value) -> Result<(String, LoadAssignment), Vec<String>> {
     if let Some(fast) = plain_load_assignment(doc) {
         return Ok(fast);
     }
@@ -531,7 +809,7 @@ pub fn map_load_assignment_resource(
 /// literals — read without the field-tracking reader (no path strings per
 /// element). Anything else returns None and goes through the checked mapping,
 /// which reports every problem with its path.
-fn plain_load_assignment(doc: &Value) -> Option<(String, Vec<EndpointConfig>)> {
+fn plain_load_assignment(doc: &Value) -> Option<(String, LoadAssignment)> {
     fn only<'v>(v: &'v Value, allowed: &[&str]) -> Option<&'v serde_json::Map<String, Value>> {
         let m = v.as_object()?;
         m.keys().all(|k| allowed.contains(&k.as_str())).then_some(m)
@@ -564,27 +842,30 @@ fn plain_load_assignment(doc: &Value) -> Option<(String, Vec<EndpointConfig>)> {
             endpoints.push(EndpointConfig {
                 address: host.to_string(),
                 port,
+                ..EndpointConfig::default()
             });
         }
     }
-    Some((name, endpoints))
+    Some((
+        name,
+        LoadAssignment {
+            endpoints,
+            overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
+        },
+    ))
 }
 
 fn map_load_assignment_resource_checked(
     doc: &Value,
-) -> Result<(String, Vec<EndpointConfig>), Vec<String>> {
+) -> Result<(String, LoadAssignment), Vec<String>> {
     map_resource(doc, |la| {
         let name = la
             .raw("cluster_name")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        // Envoy's defaults for these are what envoyx does; other values are refused.
-        if let Some(policy) = la.obj("policy") {
-            policy.ignore(&["overprovisioning_factor"]);
-        }
-        let endpoints = map_load_assignment(la, true);
-        Some((name, endpoints))
+        let assignment = map_load_assignment(la, true);
+        Some((name, assignment))
     })
 }
 
@@ -634,15 +915,153 @@ mod tests {
         let checked = map_load_assignment_resource_checked(&plain).unwrap();
         assert_eq!(format!("{fast:?}"), format!("{checked:?}"));
         // Anything unusual takes the checked path and its errors.
-        let weighted = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+        let weighted = json!({"cluster_name": "c", "endpoints": [{"priority": 1, "lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}},
-             "load_balancing_weight": 3}
-        ]}]});
+             "load_balancing_weight": 3, "health_status": "DEGRADED"}
+        ]}, {"lb_endpoints": []}], "policy": {"overprovisioning_factor": 200}});
         assert!(plain_load_assignment(&weighted).is_none());
-        let errs = map_load_assignment_resource(&weighted).unwrap_err();
+        let (_, la) = map_load_assignment_resource(&weighted).unwrap();
+        assert_eq!(la.overprovisioning_factor, 200);
+        let ep = &la.endpoints[0];
+        assert_eq!(
+            (ep.weight, ep.priority, ep.health),
+            (3, 1, EdsHealth::Degraded)
+        );
+        let metadata = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}},
+             "metadata": {}}
+        ]}]});
+        let errs = map_load_assignment_resource(&metadata).unwrap_err();
         assert_eq!(
             errs,
-            vec!["endpoints[0].lb_endpoints[0].load_balancing_weight: not supported by envoyx"]
+            vec!["endpoints[0].lb_endpoints[0].metadata: not supported by envoyx"]
+        );
+        // A gap in the priorities is refused, as Envoy does.
+        let gap = json!({"cluster_name": "c", "endpoints": [{"priority": 1, "lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}}}
+        ]}]});
+        assert!(map_load_assignment_resource(&gap).unwrap_err()[0].contains("non-consecutive"));
+    }
+
+    fn cluster_with(extra: Value) -> Result<ClusterConfig, Vec<String>> {
+        let mut c = json!({"name": "c", "type": "STATIC", "connect_timeout": "1s"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        map_cluster_resource(&c)
+    }
+
+    #[test]
+    fn maps_lb_policies_with_envoys_defaults() {
+        let lb = |extra| cluster_with(extra).unwrap().lb;
+        assert_eq!(lb(json!({})), LbConfig::default());
+        assert_eq!(
+            lb(json!({"lb_policy": "LEAST_REQUEST"})).policy,
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: 1.0
+            }
+        );
+        assert_eq!(
+            lb(json!({"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {
+                "choice_count": 3, "active_request_bias": {"default_value": 0.5, "runtime_key": "k"}}}))
+            .policy,
+            LbPolicy::LeastRequest {
+                choice_count: 3,
+                active_request_bias: 0.5
+            }
+        );
+        assert_eq!(
+            lb(json!({"lb_policy": "RING_HASH"})).policy,
+            LbPolicy::RingHash {
+                minimum_ring_size: 1024,
+                maximum_ring_size: 8 << 20
+            }
+        );
+        assert_eq!(
+            lb(json!({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": "101"}})).policy,
+            LbPolicy::Maglev { table_size: 101 }
+        );
+        let common = lb(json!({"lb_policy": "RANDOM", "common_lb_config": {
+            "healthy_panic_threshold": {"value": 25.4},
+            "locality_weighted_lb_config": {},
+            "close_connections_on_host_set_change": true}}));
+        assert_eq!(
+            common,
+            LbConfig {
+                policy: LbPolicy::Random,
+                healthy_panic_threshold: 25,
+                locality_weighted: true,
+                close_connections_on_host_set_change: true
+            }
+        );
+        let typed = |t: &str, cfg: Value| {
+            let mut tc = json!({"@type": format!("type.googleapis.com/envoy.extensions.load_balancing_policies.{t}")});
+            for (k, v) in cfg.as_object().unwrap() {
+                tc[k] = v.clone();
+            }
+            json!({"load_balancing_policy": {"policies": [{"typed_extension_config": {
+                "name": "x", "typed_config": tc}}]}})
+        };
+        assert_eq!(
+            lb(typed("maglev.v3.Maglev", json!({"table_size": 131}))).policy,
+            LbPolicy::Maglev { table_size: 131 }
+        );
+        assert_eq!(
+            lb(typed(
+                "ring_hash.v3.RingHash",
+                json!({"minimum_ring_size": 16})
+            ))
+            .policy,
+            LbPolicy::RingHash {
+                minimum_ring_size: 16,
+                maximum_ring_size: 8 << 20
+            }
+        );
+        let rr = lb(typed(
+            "round_robin.v3.RoundRobin",
+            json!({"locality_lb_config": {"locality_weighted_lb_config": {}}}),
+        ));
+        assert!(rr.locality_weighted && rr.policy == LbPolicy::RoundRobin);
+    }
+
+    #[test]
+    fn lb_mistakes_and_unsupported_fields_are_named() {
+        let errs = |extra| cluster_with(extra).unwrap_err();
+        assert_eq!(
+            errs(json!({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 100}})),
+            vec![
+                "maglev_lb_config.table_size: The table size of maglev must be prime number (at most 5000011)"
+            ]
+        );
+        assert_eq!(
+            errs(json!({"lb_policy": "RING_HASH", "ring_hash_lb_config": {
+                "minimum_ring_size": 2048, "maximum_ring_size": 1024}})),
+            vec![
+                "ring_hash_lb_config.minimum_ring_size: ring hash: minimum_ring_size (2048) > maximum_ring_size (1024)"
+            ]
+        );
+        assert_eq!(
+            errs(
+                json!({"lb_policy": "RING_HASH", "ring_hash_lb_config": {"hash_function": "MURMUR_HASH_2"}})
+            ),
+            vec![
+                "ring_hash_lb_config.hash_function: MURMUR_HASH_2 is not supported by envoyx (XX_HASH is)"
+            ]
+        );
+        assert_eq!(
+            errs(
+                json!({"lb_policy": "ROUND_ROBIN", "round_robin_lb_config": {"slow_start_config": {}}})
+            ),
+            vec!["round_robin_lb_config: not supported by envoyx"]
+        );
+        assert_eq!(
+            errs(json!({"common_lb_config": {"zone_aware_lb_config": {}}})),
+            vec!["common_lb_config.zone_aware_lb_config: not supported by envoyx"]
+        );
+        assert_eq!(
+            errs(json!({"lb_policy": "CLUSTER_PROVIDED"})),
+            vec!["lb_policy: CLUSTER_PROVIDED is not supported by envoyx"]
         );
     }
 

@@ -559,6 +559,8 @@ pub struct ForwardAction {
     /// `route.idle_timeout`: replaces the connection manager's
     /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
     pub idle_timeout: Option<Option<Duration>>,
+    /// `route.hash_policy`: the request's hash for ring hash and Maglev.
+    pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
 }
 
 #[derive(Debug)]
@@ -589,13 +591,52 @@ pub enum DnsLookupFamily {
     All,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A cluster's load-balancing policy (`lb_policy` with its `*_lb_config`, or the
+/// typed `load_balancing_policy`), with Envoy's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LbPolicy {
-    /// `ROUND_ROBIN`, per worker.
+    /// `ROUND_ROBIN`: weighted by Envoy's EDF scheduler when weights differ.
     RoundRobin,
-    /// `LEAST_REQUEST`: the less loaded of two random hosts (Envoy's default
-    /// `choice_count` of 2), by active requests.
-    LeastRequest,
+    /// `LEAST_REQUEST`: the least busy of `choice_count` random hosts when weights
+    /// are equal, else EDF on `weight / (active_requests + 1)^active_request_bias`.
+    LeastRequest {
+        choice_count: u32,
+        active_request_bias: f64,
+    },
+    /// `RANDOM`: uniform over the hosts (Envoy ignores host weights here too).
+    Random,
+    /// `RING_HASH` (`ring_hash_lb_config`, xxHash64).
+    RingHash {
+        minimum_ring_size: u64,
+        maximum_ring_size: u64,
+    },
+    /// `MAGLEV` (`maglev_lb_config.table_size`, a prime).
+    Maglev { table_size: u64 },
+}
+
+/// `lb_policy` and `common_lb_config`: how a cluster's hosts are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LbConfig {
+    pub policy: LbPolicy,
+    /// `common_lb_config.healthy_panic_threshold`, rounded percent (default 50):
+    /// below it a priority uses all its hosts, healthy or not.
+    pub healthy_panic_threshold: u32,
+    /// `common_lb_config.locality_weighted_lb_config` (or the typed policy's):
+    /// localities are chosen by their `load_balancing_weight`.
+    pub locality_weighted: bool,
+    /// `common_lb_config.close_connections_on_host_set_change`.
+    pub close_connections_on_host_set_change: bool,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        LbConfig {
+            policy: LbPolicy::RoundRobin,
+            healthy_panic_threshold: 50,
+            locality_weighted: false,
+            close_connections_on_host_set_change: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -621,8 +662,10 @@ pub struct ClusterConfig {
     /// `dns_refresh_rate` (default 5 s).
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
-    /// `lb_policy`.
-    pub lb_policy: LbPolicy,
+    /// `lb_policy`, `load_balancing_policy`, `common_lb_config`.
+    pub lb: LbConfig,
+    /// `load_assignment.policy.overprovisioning_factor` (default 140).
+    pub overprovisioning_factor: u32,
     /// `eds_cluster_config.service_name` (default: the cluster's name) for EDS.
     pub eds_service_name: Option<String>,
     /// `common_http_protocol_options` of the cluster's HTTP protocol options.
@@ -660,12 +703,70 @@ impl Default for PoolSettings {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EndpointConfig {
     /// An IP literal for STATIC clusters, a host name for DNS clusters.
     pub address: String,
     pub port: u16,
+    /// `lb_endpoints[].load_balancing_weight` (default 1).
+    pub weight: u32,
+    /// The locality's `priority` (0 is the highest).
+    pub priority: u32,
+    /// The locality's `locality` (for `/clusters` and locality weighting).
+    pub locality: Option<Arc<Locality>>,
+    /// The locality's `load_balancing_weight` (0: unset).
+    pub locality_weight: u32,
+    /// `lb_endpoints[].health_status`.
+    pub health: EdsHealth,
 }
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            address: String::new(),
+            port: 0,
+            weight: 1,
+            priority: 0,
+            locality: None,
+            locality_weight: 0,
+            health: EdsHealth::Healthy,
+        }
+    }
+}
+
+/// `envoy.config.core.v3.Locality`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
+}
+
+/// `envoy.config.core.v3.HealthStatus` as EDS reports it, by its effect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EdsHealth {
+    /// `UNKNOWN` or `HEALTHY`.
+    #[default]
+    Healthy,
+    /// `UNHEALTHY` or `TIMEOUT`: `FAILED_EDS_HEALTH`.
+    Unhealthy,
+    /// `DRAINING`: `EDS_STATUS_DRAINING`.
+    Draining,
+    /// `DEGRADED`: `DEGRADED_EDS_HEALTH`.
+    Degraded,
+}
+
+/// A `ClusterLoadAssignment`'s endpoints and policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadAssignment {
+    pub endpoints: Vec<EndpointConfig>,
+    /// `policy.overprovisioning_factor` (default 140).
+    pub overprovisioning_factor: u32,
+}
+
+/// Envoy's default `overprovisioning_factor`: a priority with 72% healthy hosts
+/// still takes all its load.
+pub const DEFAULT_OVERPROVISIONING_FACTOR: u32 = 140;
 
 #[derive(Debug, Clone)]
 pub enum AccessLogSink {

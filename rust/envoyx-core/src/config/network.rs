@@ -460,6 +460,7 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
             idle_timeout: route
                 .duration("idle_timeout")
                 .map(|d| (!d.is_zero()).then_some(d)),
+            hash_policy: map_hash_policies(&route.list("hash_policy")),
         })
     } else if let Some(dr) = r.obj("direct_response") {
         let status = dr.u32("status").unwrap_or(200);
@@ -493,6 +494,47 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
         action,
         filter_overrides: map_filter_overrides(r),
     })
+}
+
+/// `route.hash_policy`: None when empty (no hash: consistent-hash policies pick
+/// at random, as Envoy's do).
+fn map_hash_policies(
+    list: &[Obj<'_>],
+) -> Option<std::sync::Arc<crate::router::hash_policy::HashPolicy>> {
+    use crate::router::hash_policy::{HashMethod, HashPolicy};
+    let mut methods = Vec::new();
+    for hp in list {
+        let terminal = hp.bool("terminal").unwrap_or(false);
+        let method = if let Some(h) = hp.obj("header") {
+            let name = h.str("header_name").unwrap_or_default();
+            match http::HeaderName::try_from(name.to_ascii_lowercase()) {
+                Ok(name) => HashMethod::Header(name),
+                Err(_) => {
+                    h.error("header_name", format!("invalid header name {name:?}"));
+                    continue;
+                }
+            }
+        } else if let Some(c) = hp.obj("cookie") {
+            HashMethod::Cookie {
+                name: c.str("name").unwrap_or_default().to_string(),
+                path: c.str("path").unwrap_or_default().to_string(),
+                ttl: c.duration("ttl"),
+            }
+        } else if let Some(cp) = hp.obj("connection_properties") {
+            if !cp.bool("source_ip").unwrap_or(false) {
+                // Envoy adds no method for `source_ip: false`.
+                continue;
+            }
+            HashMethod::SourceIp
+        } else if let Some(q) = hp.obj("query_parameter") {
+            HashMethod::QueryParameter(q.str("name").unwrap_or_default().to_string())
+        } else {
+            // `filter_state` (and anything newer) is left unread: refused by name.
+            continue;
+        };
+        methods.push((method, terminal));
+    }
+    (!methods.is_empty()).then(|| std::sync::Arc::new(HashPolicy { methods }))
 }
 
 pub fn map_tcp_proxy(tc: &Obj<'_>) -> Option<TcpProxyConfig> {

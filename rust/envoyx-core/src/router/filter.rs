@@ -138,6 +138,9 @@ impl Router<'_, '_> {
             None if !envoy_headers => None,
             policy => RetryState::new(policy.as_ref(), &mut parts.headers),
         };
+        // Once per request: every try hashes to the same place, and a generated
+        // cookie is sent back once.
+        let hash = super::hash_policy::for_request(action, &parts.headers, self.path, &conn);
         let body = match body {
             ProxyBody::Stream(b) if self.record.is_some() => {
                 ProxyBody::Counted(b, self.bytes_received.clone())
@@ -181,6 +184,7 @@ impl Router<'_, '_> {
                 .is_some_and(RetryState::avoids_previous_hosts);
             let context = LbContext {
                 previous_hosts: if avoid { &previous_hosts } else { &[] },
+                hash: hash.hash,
             };
             let host = match upstream.choose_host(&context) {
                 Ok(h) => h,
@@ -267,9 +271,15 @@ impl Router<'_, '_> {
                         if retried && !exhausted {
                             stats.upstream_rq_retry_success.inc();
                         }
-                        self.upstream_response(
+                        let mut outcome = self.upstream_response(
                             resp, &cluster, &timeouts, deadline, attempt, exhausted,
-                        )
+                        );
+                        if let (RouterOutcome::Upstream(up), Some(cookie)) =
+                            (&mut outcome, hash.set_cookie)
+                        {
+                            up.parts.headers.append(header::SET_COOKIE, cookie);
+                        }
+                        outcome
                     }
                     Err(TryFailure::Timeout) => {
                         let kind = if limit.idle_binds {

@@ -3,6 +3,7 @@
 //! as Envoy's `source/common/router/` splits them.
 
 pub mod filter;
+pub mod hash_policy;
 pub mod replay_body;
 pub mod retry_state;
 pub mod table;

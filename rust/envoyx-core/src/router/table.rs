@@ -198,6 +198,7 @@ mod tests {
                 include_attempt_count_in_response: false,
                 retry_buffer_limit: 0,
                 idle_timeout: None,
+                hash_policy: None,
             }),
             filter_overrides: Vec::new(),
         }

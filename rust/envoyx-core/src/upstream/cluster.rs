@@ -11,8 +11,8 @@ use arc_swap::ArcSwap;
 
 use super::host_stats::HostStats;
 use crate::config::{
-    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, PoolSettings,
-    UpstreamProtocol,
+    ClusterConfig, DiscoveryType, DnsLookupFamily, EdsHealth, EndpointConfig, LbConfig,
+    LoadAssignment, Locality, PoolSettings, UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 use crate::tls::{ClientTlsContext, SecretStore, SslStats};
@@ -64,6 +64,46 @@ pub struct Host {
     health_flags: AtomicU32,
     /// Outlier detection's per-host counters (written by the workers).
     pub outlier: super::outlier::HostMonitor,
+    /// `load_balancing_weight` (EDS may change it in place, as in Envoy).
+    weight: AtomicU32,
+    /// The priority of its locality.
+    priority: AtomicU32,
+    /// Its locality's `load_balancing_weight` (0: unset).
+    locality_weight: AtomicU32,
+    /// Its `locality` (a host that moves to another locality is a new host).
+    pub locality: Option<Arc<Locality>>,
+}
+
+/// What DNS, EDS or the static config say of one host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostSpec {
+    pub address: SocketAddr,
+    pub hostname: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub locality: Option<Arc<Locality>>,
+    pub locality_weight: u32,
+    pub health: EdsHealth,
+}
+
+impl HostSpec {
+    /// The host at `address` of endpoint `ep`.
+    pub fn new(address: SocketAddr, hostname: String, ep: &EndpointConfig) -> Self {
+        HostSpec {
+            address,
+            hostname,
+            weight: ep.weight,
+            priority: ep.priority,
+            locality: ep.locality.clone(),
+            locality_weight: ep.locality_weight,
+            health: ep.health,
+        }
+    }
+
+    /// A plain host: weight 1, priority 0, no locality, healthy.
+    pub fn plain(address: SocketAddr) -> Self {
+        Self::new(address, String::new(), &EndpointConfig::default())
+    }
 }
 
 impl Host {
@@ -76,7 +116,60 @@ impl Host {
             removed: AtomicBool::new(false),
             health_flags: AtomicU32::new(0),
             outlier: Default::default(),
+            weight: AtomicU32::new(1),
+            priority: AtomicU32::new(0),
+            locality_weight: AtomicU32::new(0),
+            locality: None,
         }
+    }
+
+    pub fn from_spec(spec: &HostSpec, shards: usize) -> Self {
+        let host = Host {
+            locality: spec.locality.clone(),
+            ..Host::new(spec.address, spec.hostname.clone(), shards)
+        };
+        host.update(spec);
+        host
+    }
+
+    /// Applies `spec`'s weight, priority and EDS health; (whether the weights or
+    /// priority changed, whether the EDS health flags changed).
+    fn update(&self, spec: &HostSpec) -> (bool, bool) {
+        let mut changed = self.weight.swap(spec.weight, Ordering::Relaxed) != spec.weight;
+        changed |= self.priority.swap(spec.priority, Ordering::Relaxed) != spec.priority;
+        changed |= self
+            .locality_weight
+            .swap(spec.locality_weight, Ordering::Relaxed)
+            != spec.locality_weight;
+        let eds = health_flag::FAILED_EDS_HEALTH
+            | health_flag::EDS_STATUS_DRAINING
+            | health_flag::DEGRADED_EDS_HEALTH;
+        let want = match spec.health {
+            EdsHealth::Healthy => 0,
+            EdsHealth::Unhealthy => health_flag::FAILED_EDS_HEALTH,
+            EdsHealth::Draining => health_flag::EDS_STATUS_DRAINING,
+            EdsHealth::Degraded => health_flag::DEGRADED_EDS_HEALTH,
+        };
+        let had = self.health_flags() & eds;
+        if had != want {
+            self.clear_health_flag(had & !want);
+            self.set_health_flag(want);
+        }
+        (changed, had != want)
+    }
+
+    /// `load_balancing_weight` (at least 1).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn priority(&self) -> u32 {
+        self.priority.load(Ordering::Relaxed)
+    }
+
+    /// Its locality's `load_balancing_weight` (0: unset).
+    pub fn locality_weight(&self) -> u32 {
+        self.locality_weight.load(Ordering::Relaxed)
     }
 
     pub fn is_removed(&self) -> bool {
@@ -128,6 +221,8 @@ pub struct ClusterStats {
     pub upstream_cx_rx_bytes_total: Counter,
     pub upstream_cx_tx_bytes_total: Counter,
     pub upstream_cx_none_healthy: Counter,
+    /// Picks made in panic mode (all hosts of a priority, healthy or not).
+    pub lb_healthy_panic: Counter,
     pub upstream_cx_connect_ms: Histogram,
     pub upstream_rq_total: Counter,
     pub upstream_rq_active: Gauge,
@@ -175,6 +270,7 @@ impl ClusterStats {
             upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            lb_healthy_panic: c("lb_healthy_panic"),
             upstream_cx_connect_ms: h("upstream_cx_connect_ms"),
             upstream_rq_total: c("upstream_rq_total"),
             upstream_rq_active: g("upstream_rq_active"),
@@ -241,7 +337,13 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
-    pub lb_policy: LbPolicy,
+    /// `lb_policy`, `load_balancing_policy`, `common_lb_config`.
+    pub lb: LbConfig,
+    /// The load assignment's `policy.overprovisioning_factor` (EDS may change it).
+    overprovisioning_factor: AtomicU32,
+    /// Bumped when hosts join or leave: with `close_connections_on_host_set_change`
+    /// connections opened before are not reused.
+    host_set_generation: AtomicU64,
     /// Idle timeout and request limit of this cluster's pooled connections.
     pub pool: PoolSettings,
     /// Rows of each host's stats (the server's workers + 1).
@@ -346,7 +448,8 @@ impl Cluster {
                 .iter()
                 .filter_map(|e| {
                     let ip: IpAddr = e.address.parse().ok()?;
-                    Some(new_host(SocketAddr::new(ip, e.port), String::new(), shards))
+                    let spec = HostSpec::new(SocketAddr::new(ip, e.port), String::new(), e);
+                    Some(Arc::new(Host::from_spec(&spec, shards)))
                 })
                 .collect()
         } else {
@@ -358,12 +461,7 @@ impl Cluster {
             }
         }
         stats.membership_total.set(hosts.len() as i64);
-        stats.membership_healthy.set(
-            hosts
-                .iter()
-                .filter(|h| h.health() != HostHealth::Unhealthy)
-                .count() as i64,
-        );
+        stats.membership_healthy.set(healthy_count(&hosts));
         Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
@@ -372,7 +470,9 @@ impl Cluster {
             connect_timeout: config.connect_timeout,
             dns_refresh_rate: config.dns_refresh_rate,
             dns_lookup_family: config.dns_lookup_family,
-            lb_policy: config.lb_policy,
+            lb: config.lb,
+            overprovisioning_factor: AtomicU32::new(config.overprovisioning_factor),
+            host_set_generation: AtomicU64::new(0),
             pool: config.pool,
             host_shards: shards,
             endpoints: config.endpoints.clone(),
@@ -395,13 +495,19 @@ impl Cluster {
     /// Tells the workers that a host's health flags changed.
     pub fn health_changed(&self) {
         self.health_epoch.fetch_add(1, Ordering::AcqRel);
-        let healthy = self
-            .hosts
-            .load()
-            .iter()
-            .filter(|h| h.health() != HostHealth::Unhealthy)
-            .count();
-        self.stats.membership_healthy.set(healthy as i64);
+        self.stats
+            .membership_healthy
+            .set(healthy_count(&self.hosts.load()));
+    }
+
+    /// The load assignment's `overprovisioning_factor`.
+    pub fn overprovisioning_factor(&self) -> u32 {
+        self.overprovisioning_factor.load(Ordering::Relaxed)
+    }
+
+    /// Changes when hosts join or leave the cluster.
+    pub fn host_set_generation(&self) -> u64 {
+        self.host_set_generation.load(Ordering::Acquire)
     }
 
     /// The epoch of the hosts' health flags (see [`Cluster::health_changed`]).
@@ -429,31 +535,46 @@ impl Cluster {
     }
 
     /// Replaces the host set, keeping the `Host` (and its stats) of unchanged addresses.
-    pub fn set_hosts(&self, resolved: Vec<(SocketAddr, String)>) {
+    pub fn set_hosts(&self, resolved: Vec<HostSpec>) {
+        self.set_assignment(resolved, self.overprovisioning_factor());
+    }
+
+    /// [`Cluster::set_hosts`] with the load assignment's overprovisioning factor (EDS).
+    pub fn set_assignment(&self, resolved: Vec<HostSpec>, overprovisioning_factor: u32) {
         self.hosts_ready.store(true, Ordering::Relaxed);
+        let factor_changed = self
+            .overprovisioning_factor
+            .swap(overprovisioning_factor, Ordering::Relaxed)
+            != overprovisioning_factor;
         let current = self.hosts.load();
-        let same = current.len() == resolved.len()
-            && current
-                .iter()
-                .zip(&resolved)
-                .all(|(h, (a, _))| h.address == *a);
-        if same {
-            return;
-        }
         let by_addr: HashMap<SocketAddr, &Arc<Host>> =
             current.iter().map(|h| (h.address, h)).collect();
+        let (mut attrs_changed, mut health_changed) = (factor_changed, false);
         let mut hosts: Vec<Arc<Host>> = resolved
-            .into_iter()
-            .map(|(addr, name)| {
-                by_addr.get(&addr).map_or_else(
-                    || self.new_host(addr, name),
-                    |h| {
-                        h.clear_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
-                        (*h).clone()
-                    },
-                )
+            .iter()
+            .map(|spec| match by_addr.get(&spec.address) {
+                Some(h) if h.locality == spec.locality => {
+                    health_changed |= h.clear_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
+                    let (attrs, health) = h.update(spec);
+                    attrs_changed |= attrs;
+                    health_changed |= health;
+                    (*h).clone()
+                }
+                _ => self.new_host(spec),
             })
             .collect();
+        let same_members = current.len() == hosts.len()
+            && current.iter().zip(&hosts).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same_members {
+            if attrs_changed {
+                // Same hosts, new weights or priorities: the workers rebuild.
+                self.hosts.store(Arc::new(hosts));
+            }
+            if health_changed || attrs_changed {
+                self.health_changed();
+            }
+            return;
+        }
         // With health checks, Envoy keeps a removed host that still passes them
         // (PENDING_DYNAMIC_REMOVAL) until a check fails it.
         let keep_passing = self.health_checker.is_some() && !self.ignore_health_on_host_removal;
@@ -470,6 +591,7 @@ impl Cluster {
         }
         self.stats.membership_total.set(hosts.len() as i64);
         self.stats.membership_change.inc();
+        self.host_set_generation.fetch_add(1, Ordering::AcqRel);
         self.hosts.store(Arc::new(hosts));
         self.health_changed();
         self.hosts_changed.notify_one();
@@ -493,8 +615,8 @@ impl Cluster {
     }
 
     /// A host new to the cluster; unhealthy until checked when health checked.
-    fn new_host(&self, address: SocketAddr, hostname: String) -> Arc<Host> {
-        let host = new_host(address, hostname, self.host_shards);
+    fn new_host(&self, spec: &HostSpec) -> Arc<Host> {
+        let host = Arc::new(Host::from_spec(spec, self.host_shards));
         if self.health_checker.is_some() {
             host.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
         }
@@ -517,8 +639,8 @@ impl Cluster {
                         usize::MAX
                     };
                     for a in addrs.into_iter().take(take) {
-                        if !resolved.iter().any(|(r, _)| *r == a) {
-                            resolved.push((a, ep.address.clone()));
+                        if !resolved.iter().any(|r: &HostSpec| r.address == a) {
+                            resolved.push(HostSpec::new(a, ep.address.clone(), ep));
                         }
                     }
                 }
@@ -537,8 +659,12 @@ impl Cluster {
     }
 }
 
-fn new_host(address: SocketAddr, hostname: String, shards: usize) -> Arc<Host> {
-    Arc::new(Host::new(address, hostname, shards))
+/// Hosts not unhealthy (`membership_healthy`).
+fn healthy_count(hosts: &[Arc<Host>]) -> i64 {
+    hosts
+        .iter()
+        .filter(|h| h.health() != HostHealth::Unhealthy)
+        .count() as i64
 }
 
 /// Applies Envoy's `dns_lookup_family` to a resolver answer.
@@ -606,7 +732,7 @@ pub struct ClusterManager {
     /// same name keeps serving meanwhile.
     warming: Mutex<ClusterMap>,
     /// The last endpoints of each EDS service, for clusters that come later.
-    eds: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    eds: Mutex<HashMap<String, LoadAssignment>>,
     writer: Mutex<()>,
     /// The control thread's runtime, where DNS resolution runs.
     control: OnceLock<tokio::runtime::Handle>,
@@ -803,8 +929,11 @@ impl ClusterManager {
                         .eds_service_name
                         .as_ref()
                         .and_then(|s| lock(&self.eds).get(s).cloned());
-                    if let Some(addrs) = &known {
-                        cluster.set_hosts(addrs.iter().map(|a| (*a, String::new())).collect());
+                    if let Some(assignment) = &known {
+                        cluster.set_assignment(
+                            eds_hosts(assignment),
+                            assignment.overprovisioning_factor,
+                        );
                     }
                     match known {
                         Some(_) if cluster.is_warm() => {
@@ -872,15 +1001,19 @@ impl ClusterManager {
 
     /// New endpoints for EDS services (ClusterLoadAssignment resources): in force
     /// for the next request; warming clusters become active.
-    pub fn apply_endpoints(&self, upserts: Vec<(String, Vec<SocketAddr>)>, removed: &[String]) {
+    pub fn apply_endpoints(&self, upserts: Vec<(String, LoadAssignment)>, removed: &[String]) {
         let mut warmed = Vec::new();
         {
             let _writer = lock(&self.writer);
             let mut eds = lock(&self.eds);
-            let updates = upserts
-                .into_iter()
-                .chain(removed.iter().map(|name| (name.clone(), Vec::new())));
-            for (service, addrs) in updates {
+            let updates = upserts.into_iter().chain(removed.iter().map(|name| {
+                let empty = LoadAssignment {
+                    endpoints: Vec::new(),
+                    overprovisioning_factor: crate::config::DEFAULT_OVERPROVISIONING_FACTOR,
+                };
+                (name.clone(), empty)
+            }));
+            for (service, assignment) in updates {
                 let clusters = self
                     .active
                     .load()
@@ -891,16 +1024,28 @@ impl ClusterManager {
                     .filter(|c| c.eds_service_name.as_deref() == Some(service.as_str()))
                     .collect::<Vec<_>>();
                 for c in clusters {
-                    c.set_hosts(addrs.iter().map(|a| (*a, String::new())).collect());
+                    c.set_assignment(eds_hosts(&assignment), assignment.overprovisioning_factor);
                     warmed.push(c);
                 }
-                eds.insert(service, addrs);
+                eds.insert(service, assignment);
             }
         }
         for c in warmed {
             self.promote(&c);
         }
     }
+}
+
+/// The hosts of an EDS load assignment (IP literals, checked when mapped).
+fn eds_hosts(assignment: &LoadAssignment) -> Vec<HostSpec> {
+    assignment
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let ip: IpAddr = e.address.parse().ok()?;
+            Some(HostSpec::new(SocketAddr::new(ip, e.port), String::new(), e))
+        })
+        .collect()
 }
 
 async fn refresh_dns(cluster: Arc<Cluster>) {
@@ -941,6 +1086,54 @@ mod tests {
             pick_family(vec![v6, v4], DnsLookupFamily::All),
             vec![v4, v6]
         );
+    }
+
+    #[test]
+    fn eds_updates_keep_hosts_and_change_weights_and_health_in_place() {
+        let config = crate::config::bootstrap::map_cluster_resource(&serde_json::json!({
+            "name": "c", "type": "EDS", "connect_timeout": "1s"}))
+        .unwrap();
+        let c = Cluster::new(
+            &config,
+            &StatStore::new(),
+            &Default::default(),
+            Origin::bootstrap(),
+        )
+        .unwrap();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        c.set_hosts(vec![HostSpec::plain(a)]);
+        let first = c.hosts.load_full();
+        let epoch = c.health_epoch();
+        c.set_assignment(
+            vec![HostSpec {
+                weight: 3,
+                health: EdsHealth::Draining,
+                ..HostSpec::plain(a)
+            }],
+            200,
+        );
+        let second = c.hosts.load_full();
+        // The same host (stats, connections), a new list: the workers rebuild.
+        assert!(Arc::ptr_eq(&first[0], &second[0]));
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second[0].weight(), 3);
+        assert_eq!(second[0].health_flags(), health_flag::EDS_STATUS_DRAINING);
+        assert_eq!(c.overprovisioning_factor(), 200);
+        assert!(c.health_epoch() > epoch);
+        assert_eq!(c.host_set_generation(), 1);
+        // Health only: the list stays, the epoch moves.
+        let epoch = c.health_epoch();
+        c.set_assignment(
+            vec![HostSpec {
+                weight: 3,
+                ..HostSpec::plain(a)
+            }],
+            200,
+        );
+        assert!(Arc::ptr_eq(&second, &c.hosts.load_full()));
+        assert!(c.health_epoch() > epoch);
+        assert_eq!(second[0].health(), HostHealth::Healthy);
+        assert_eq!(c.host_set_generation(), 1);
     }
 
     #[test]

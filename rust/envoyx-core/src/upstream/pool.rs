@@ -16,9 +16,9 @@ use std::time::Instant;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::cluster::{Cluster, Host, HostHealth};
+use super::cluster::{Cluster, Host};
 use super::connect::{ConnectError, UpstreamStream, connect};
-use super::lb::{self, LbContext, LoadBalancer};
+use super::lb::{LbContext, PrioritySet};
 use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
 use crate::io::{CountedIo, LocalExec};
@@ -32,6 +32,9 @@ type PoolKey = (usize, SocketAddr, Option<Arc<str>>);
 pub struct PooledHttp1 {
     sender: http1::SendRequest<ProxyBody>,
     requests: u32,
+    /// The cluster's host-set generation when it was opened
+    /// (`close_connections_on_host_set_change`).
+    generation: u64,
 }
 
 /// A shared HTTP/2 connection's use, kept by the pool and by each stream on it.
@@ -180,17 +183,15 @@ pub struct WorkerPools {
     balancers: RefCell<HashMap<usize, ClusterLocal>>,
 }
 
-/// A worker's view of one cluster: its balancer, and handles on the cluster's
-/// current hosts (renewed when DNS, EDS or CDS replace the host list), so that a
-/// pick touches no reference count other workers write.
+/// A worker's view of one cluster: its hosts by priority and health with their
+/// balancers, rebuilt when DNS, EDS or CDS replace the host list or a host's health
+/// changes, so that a pick takes no lock and touches no reference count other
+/// workers write.
 struct ClusterLocal {
-    lb: Rc<dyn LoadBalancer>,
     list: Arc<Vec<Arc<Host>>>,
-    /// The cluster's health epoch `hosts` was built at.
+    /// The cluster's health epoch `set` was built at.
     health_epoch: u64,
-    /// The hosts a pick chooses from: the healthy ones, or all of them when none
-    /// is healthy (Envoy's panic mode at its default threshold).
-    hosts: Rc<[LocalHandle<Host>]>,
+    set: Rc<PrioritySet>,
 }
 
 impl WorkerPools {
@@ -199,43 +200,48 @@ impl WorkerPools {
     }
 
     /// A host of the cluster for one try, by the cluster's policy and this
-    /// worker's balancer state; None when the cluster has no host.
+    /// worker's balancer state; None when the cluster has no usable host.
     pub fn choose_host(
         &self,
         cluster: &Cluster,
         context: &LbContext<'_>,
     ) -> Option<LocalHandle<Host>> {
-        let (lb, hosts) = {
+        let set = {
             let current = cluster.hosts.load();
             let epoch = cluster.health_epoch();
             let mut balancers = self.balancers.borrow_mut();
             let local = balancers.entry(cluster.id).or_insert_with(|| ClusterLocal {
-                lb: lb::for_policy(cluster.lb_policy),
                 list: Arc::new(Vec::new()),
                 health_epoch: u64::MAX,
-                hosts: Rc::new([]),
+                set: Rc::new(PrioritySet::new(&[], cluster.lb, 0, Default::default())),
             });
             if !Arc::ptr_eq(&local.list, &current) || local.health_epoch != epoch {
-                let healthy: Rc<[LocalHandle<Host>]> = current
-                    .iter()
-                    .filter(|h| h.health() != HostHealth::Unhealthy)
-                    .cloned()
-                    .map(LocalHandle::new)
-                    .collect();
-                local.hosts = if healthy.is_empty() {
-                    current.iter().cloned().map(LocalHandle::new).collect()
-                } else {
-                    healthy
-                };
+                let members_changed = local.list.len() != current.len()
+                    || local
+                        .list
+                        .iter()
+                        .zip(current.iter())
+                        .any(|(a, b)| !Arc::ptr_eq(a, b));
+                if members_changed
+                    && local.health_epoch != u64::MAX
+                    && cluster.lb.close_connections_on_host_set_change
+                {
+                    self.hosts
+                        .borrow_mut()
+                        .retain(|(id, _, _), _| *id != cluster.id);
+                }
+                local.set = Rc::new(PrioritySet::new(
+                    &current,
+                    cluster.lb,
+                    cluster.overprovisioning_factor(),
+                    cluster.stats.lb_healthy_panic.clone(),
+                ));
                 local.list = arc_swap::Guard::into_inner(current);
                 local.health_epoch = epoch;
             }
-            (local.lb.clone(), local.hosts.clone())
+            local.set.clone()
         };
-        if hosts.is_empty() {
-            return None;
-        }
-        Some(hosts[lb.choose(&hosts, context)].clone())
+        set.choose(context)
     }
 
     /// A connection to `host` (with `sni` for TLS): an idle keep-alive one
@@ -389,6 +395,8 @@ impl WorkerPools {
     ) {
         if conn.sender.is_closed()
             || host.is_removed()
+            || (cluster.lb.close_connections_on_host_set_change
+                && conn.generation != cluster.host_set_generation())
             || cluster.removed.load(std::sync::atomic::Ordering::Relaxed)
         {
             return;
@@ -465,6 +473,7 @@ async fn open_http1(
     Ok(Sender::Http1(PooledHttp1 {
         sender,
         requests: 1,
+        generation: cluster.host_set_generation(),
     }))
 }
 
@@ -497,7 +506,7 @@ mod tests {
 
     use super::*;
     use crate::config::{
-        ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbPolicy, PoolSettings,
+        ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbConfig, PoolSettings,
     };
     use crate::stats::StatStore;
     use crate::upstream::cluster::Origin;
@@ -510,11 +519,13 @@ mod tests {
             endpoints: vec![EndpointConfig {
                 address: "127.0.0.1".into(),
                 port,
+                ..EndpointConfig::default()
             }],
             protocol,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
-            lb_policy: LbPolicy::RoundRobin,
+            lb: LbConfig::default(),
+            overprovisioning_factor: 140,
             eds_service_name: None,
             pool,
             tls: None,
