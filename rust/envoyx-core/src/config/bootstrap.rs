@@ -400,6 +400,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         eds_service_name,
         pool,
         tls,
+        circuit_breakers: super::circuit_breakers::map_circuit_breakers(c),
         raw: c.to_value(),
     })
 }

@@ -538,6 +538,8 @@ pub struct ClusterConfig {
     pub pool: PoolSettings,
     /// `transport_socket`: TLS to the upstream hosts.
     pub tls: Option<UpstreamTlsConfig>,
+    /// `circuit_breakers`.
+    pub circuit_breakers: super::circuit_breakers::CircuitBreakers,
     pub raw: Value,
 }
 

@@ -18,8 +18,8 @@ use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::ProxyBody;
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
-    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
-    forward_client_cert, strip_hop_by_hop,
+    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_ENVOY_OVERLOADED, X_FORWARDED_FOR,
+    X_FORWARDED_PROTO, forward_client_cert, strip_hop_by_hop,
 };
 use crate::http::local_reply::LocalReply;
 use crate::per_worker::LocalHandle;
@@ -188,6 +188,18 @@ impl Router<'_, '_> {
                     "UF",
                     "upstream_reset_before_response_started{connection_failure}",
                 )
+            }
+            TryFailure::Overflow => {
+                let mut reply = LocalReply::new(
+                    503,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                    "UO",
+                    "upstream_reset_before_response_started{overflow}",
+                );
+                reply
+                    .headers
+                    .push((X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true")));
+                reply
             }
             TryFailure::DownstreamBody => {
                 // The downstream request body failed (e.g. a malformed chunk): a

@@ -14,7 +14,7 @@ use crate::http::body::{ProxyBody, StreamEnd};
 use crate::per_worker::LocalHandle;
 use crate::upstream::ConnectError;
 use crate::upstream::lb::LbContext;
-use crate::upstream::pool::Sender;
+use crate::upstream::pool::{AcquireError, Sender};
 use crate::upstream::{Cluster, Host, WorkerPools};
 
 /// Why a try produced no response.
@@ -23,6 +23,9 @@ pub enum TryFailure {
     NoHealthyUpstream,
     /// No connection could be had (`UF`).
     Connect(ConnectError),
+    /// A circuit breaker refused the request (`UO`): `max_pending_requests` or
+    /// `max_requests` was reached. Never retried, as in Envoy.
+    Overflow,
     /// The downstream request body failed while being sent (a downstream codec
     /// error, not the upstream's fault).
     DownstreamBody,
@@ -73,21 +76,26 @@ impl UpstreamRequest<'_> {
     ) -> Result<TryResponse, TryFailure> {
         let cluster = self.cluster;
         let stats = &cluster.stats;
-        stats.upstream_rq_total.inc();
-        host.stats.rq_total().inc();
         let mut sender = match self
             .pools
             .acquire(cluster.shared(), host.shared(), sni.clone())
             .await
         {
             Ok(s) => s,
-            Err(e) => {
+            Err(AcquireError::Overflow) => {
+                stats.response(503);
+                return Err(TryFailure::Overflow);
+            }
+            Err(AcquireError::Connect(e)) => {
                 host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
                 stats.response(503);
                 return Err(TryFailure::Connect(e));
             }
         };
+        // Counted once the request has a connection, as Envoy's pool does.
+        stats.upstream_rq_total.inc();
+        host.stats.rq_total().inc();
         let h2 = sender.is_http2();
         prepare(&mut parts, h2);
         parts.version = if h2 {

@@ -236,6 +236,8 @@ pub struct Cluster {
     /// Bumped whenever a host's health flags change: a worker whose load balancer
     /// was built at an older epoch rebuilds its host sets (no lock on the pick).
     health_epoch: AtomicU64,
+    /// `circuit_breakers`: the limits and counts shared by every worker.
+    pub resources: super::resource_manager::ClusterResources,
     pub raw: serde_json::Value,
 }
 
@@ -329,6 +331,11 @@ impl Cluster {
             hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
             tls,
             health_epoch: AtomicU64::new(0),
+            resources: super::resource_manager::ClusterResources::new(
+                store,
+                &config.name,
+                &config.circuit_breakers,
+            ),
             raw: config.raw.clone(),
         }))
     }

@@ -5,6 +5,7 @@ mod connect;
 pub mod host_stats;
 pub mod lb;
 pub mod pool;
+pub mod resource_manager;
 
 pub use cluster::{Cluster, ClusterManager, Host, HostHealth, health_flag};
 pub use connect::{ConnectError, UpstreamStream, connect};
