@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -275,7 +276,7 @@ def test_defaults_when_unset(start_proxy: StartProxy, http1_upstream: HttpUpstre
     assert set(remaining_gauges(proxy).values()) == {None}
     held = [InFlight(proxy, f"/{i}", hold=True) for i in range(5)]
     for r in held:
-        until(lambda r=r: http1_upstream.holding(r.token), what=f"{r.token} at the upstream")
+        until(partial(http1_upstream.holding, r.token), what=f"{r.token} at the upstream")
     assert breaker_gauges(proxy) == closed
     for r in held:
         http1_upstream.release(r.token)
@@ -284,3 +285,55 @@ def test_defaults_when_unset(start_proxy: StartProxy, http1_upstream: HttpUpstre
         "upstream_cx_total": 5,
         "upstream_rq_pending_overflow": 0,
     }
+
+
+def test_breaker_stats_of_both_priorities(
+    start_proxy: StartProxy, http1_upstream: HttpUpstream
+) -> None:
+    """Every circuit-breaker stat and overflow counter Envoy shows, by name and value:
+    HIGH's thresholds are its own, a retry budget shows max_retries' remaining count
+    until it is first used, and an empty ``retry_budget`` changes nothing.
+
+    Envoy also shows ``remaining_cx_pools`` (2^64 - 1 without ``max_connection_pools``,
+    which envoyx refuses); envoyx's gauges are signed 64-bit and it does not show it."""
+    proxy = breaker_proxy(
+        start_proxy,
+        http1_upstream.address,
+        {
+            "thresholds": [
+                {
+                    "track_remaining": True,
+                    "max_requests": 7,
+                    "retry_budget": {"budget_percent": {"value": 50.0}},
+                },
+                {"priority": "HIGH", "track_remaining": True, "max_retries": 5},
+                {"priority": "HIGH", "max_retries": 9},  # a second HIGH: ignored
+            ],
+            "per_host_thresholds": [{"max_connections": 3}],
+        },
+    )
+    stats = {
+        k.removeprefix(f"cluster.{BACKEND}."): v
+        for k, v in proxy.stats().items()
+        if k.startswith(f"cluster.{BACKEND}.")
+        and (".circuit_breakers." in k or k.endswith("_overflow"))
+        and not k.endswith(".remaining_cx_pools")
+    }
+    expected = {
+        "upstream_cx_overflow": 0,
+        "upstream_cx_pool_overflow": 0,
+        "upstream_rq_active_overflow": 0,
+        "upstream_rq_pending_overflow": 0,
+        "upstream_rq_retry_overflow": 0,
+    }
+    for priority, remaining in (
+        ("default", {"cx": 1024, "pending": 1024, "rq": 7, "retries": 3}),
+        ("high", {"cx": 1024, "pending": 1024, "rq": 1024, "retries": 5}),
+    ):
+        for g in OPEN_GAUGES:
+            expected[f"circuit_breakers.{priority}.{g}"] = 0
+        for r, v in remaining.items():
+            expected[f"circuit_breakers.{priority}.remaining_{r}"] = v
+    assert stats == expected
+    resp = InFlight(proxy, "/x", hold=False).result()
+    assert resp.status_code == 200

@@ -33,7 +33,8 @@ impl Priority {
     }
 }
 
-/// `retry_budget`: retries allowed as a share of the active and pending requests.
+/// `retry_budget`: retries allowed as a share of the active and pending requests
+/// (in use when `budget_percent` or `min_retry_concurrency` is set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryBudget {
     /// `budget_percent.value` (default 20 %).
@@ -129,18 +130,21 @@ pub fn map_circuit_breakers(cluster: &Obj<'_>) -> CircuitBreakers {
 fn map_thresholds(t: &Obj<'_>) -> Thresholds {
     let d = Thresholds::default();
     let limit = |field, default| t.u32(field).map_or(default, u64::from);
-    let retry_budget = t.obj("retry_budget").map(|b| RetryBudget {
-        budget_percent: b
-            .obj("budget_percent")
-            .and_then(|p| match p.raw("value") {
-                None => Some(0.0),
-                Some(v) => v.as_f64().or_else(|| {
-                    p.error("value", "expected a number");
-                    None
-                }),
-            })
-            .unwrap_or(20.0),
-        min_retry_concurrency: b.u32("min_retry_concurrency").unwrap_or(3),
+    // As in Envoy, the budget replaces max_retries only when one of its fields
+    // is set (an empty `retry_budget` changes nothing).
+    let retry_budget = t.obj("retry_budget").and_then(|b| {
+        let percent = b.obj("budget_percent").map(|p| match p.raw("value") {
+            None => 0.0,
+            Some(v) => v.as_f64().unwrap_or_else(|| {
+                p.error("value", "expected a number");
+                0.0
+            }),
+        });
+        let min = b.u32("min_retry_concurrency");
+        (percent.is_some() || min.is_some()).then(|| RetryBudget {
+            budget_percent: percent.unwrap_or(20.0),
+            min_retry_concurrency: min.unwrap_or(3),
+        })
     });
     Thresholds {
         max_connections: limit("max_connections", d.max_connections),
@@ -204,5 +208,38 @@ mod tests {
             })
         );
         assert_eq!(b.high.max_connections_per_host, Some(4));
+    }
+
+    #[test]
+    fn empty_retry_budget_keeps_max_retries() {
+        let (b, errors) = map(json!({"circuit_breakers": {"thresholds": [
+            {"retry_budget": {}, "max_retries": 5},
+            {"priority": "HIGH", "retry_budget": {"min_retry_concurrency": 1}}
+        ]}}));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(b.default.retry_budget, None);
+        assert_eq!(b.default.max_retries, 5);
+        assert_eq!(
+            b.high.retry_budget,
+            Some(RetryBudget {
+                budget_percent: 20.0,
+                min_retry_concurrency: 1
+            })
+        );
+    }
+
+    #[test]
+    fn what_envoyx_does_not_limit_is_refused_by_name() {
+        let (_, errors) = map(json!({"circuit_breakers": {
+            "thresholds": [{"max_connection_pools": 2}],
+            "per_host_thresholds": [{"max_connections": 1, "max_requests": 3}]
+        }}));
+        assert_eq!(
+            errors,
+            vec![
+                "clusters[0].circuit_breakers.thresholds[0].max_connection_pools: not supported by envoyx",
+                "clusters[0].circuit_breakers.per_host_thresholds[0].max_requests: not supported by envoyx",
+            ]
+        );
     }
 }

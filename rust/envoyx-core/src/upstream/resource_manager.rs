@@ -32,6 +32,10 @@ pub struct Resource {
     open_gauge: Gauge,
     /// `remaining_*`, with `track_remaining` only.
     remaining: Option<Gauge>,
+    /// Set once a retry budget has been used: the remaining retries then depend
+    /// on other counts, which change without touching this one, and Envoy
+    /// shows 0 for them from then on.
+    remaining_cleared: AtomicBool,
 }
 
 impl Resource {
@@ -45,6 +49,15 @@ impl Resource {
             open: AtomicBool::new(false),
             open_gauge,
             remaining,
+            remaining_cleared: AtomicBool::new(false),
+        }
+    }
+
+    /// Shows 0 remaining from now on (see `remaining_cleared`).
+    fn clear_remaining(&self) {
+        if let Some(r) = &self.remaining {
+            self.remaining_cleared.store(true, Ordering::Relaxed);
+            r.set(0);
         }
     }
 
@@ -93,7 +106,12 @@ impl Resource {
             self.open_gauge.set(i64::from(open));
         }
         if let Some(r) = &self.remaining {
-            r.set(i64::try_from(self.max.saturating_sub(count)).unwrap_or(i64::MAX));
+            let remaining = if self.remaining_cleared.load(Ordering::Relaxed) {
+                0
+            } else {
+                self.max.saturating_sub(count)
+            };
+            r.set(i64::try_from(remaining).unwrap_or(i64::MAX));
         }
     }
 }
@@ -144,13 +162,6 @@ impl ResourceManager {
             g("rq_retry_open"),
             remaining("remaining_retries"),
         );
-        if t.retry_budget.is_some()
-            && let Some(r) = &retries.remaining
-        {
-            // With a budget the remaining retries depend on the other counts,
-            // which change without touching this one: Envoy shows 0.
-            r.set(0);
-        }
         ResourceManager {
             connections: Resource::new(t.max_connections, g("cx_open"), remaining("remaining_cx")),
             pending_requests: Resource::new(
@@ -182,6 +193,9 @@ impl ResourceManager {
 
     /// Whether one more retry may start now.
     pub fn can_retry(&self) -> bool {
+        if self.retry_budget.is_some() {
+            self.retries.clear_remaining();
+        }
         self.retries.count() < self.max_retries()
     }
 
@@ -196,13 +210,7 @@ impl ResourceManager {
         if !self.can_retry() {
             return None;
         }
-        let guard = self.retries.acquire();
-        if self.retry_budget.is_some()
-            && let Some(r) = &self.retries.remaining
-        {
-            r.set(0);
-        }
-        Some(guard)
+        Some(self.retries.acquire())
     }
 
     /// Retries in progress.
@@ -227,6 +235,10 @@ pub struct ClusterResources {
     pub upstream_rq_active_overflow: Counter,
     /// A retry was not made because `max_retries` or the budget was used up.
     pub upstream_rq_retry_overflow: Counter,
+    /// Kept for Envoy's dashboards: it counts `max_connection_pools` overflows,
+    /// and envoyx has no such limit (the field is refused), so it stays 0 as
+    /// Envoy's does without one.
+    _upstream_cx_pool_overflow: Counter,
 }
 
 impl ClusterResources {
@@ -241,6 +253,7 @@ impl ClusterResources {
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
             upstream_rq_active_overflow: c("upstream_rq_active_overflow"),
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            _upstream_cx_pool_overflow: c("upstream_cx_pool_overflow"),
         }
     }
 
@@ -331,6 +344,8 @@ mod tests {
             ..Thresholds::default()
         });
         let m = r.get(Priority::Default);
+        // max_retries' count until the budget is first used, as in Envoy.
+        assert_eq!(gauge(&store, "default.remaining_retries"), Some(3));
         // The floor: min_retry_concurrency.
         assert_eq!(m.max_retries(), 3);
         let requests: Vec<_> = (0..20).map(|_| m.requests.acquire()).collect();
