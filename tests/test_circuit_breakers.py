@@ -57,20 +57,26 @@ def h2_upstream() -> Iterator[H2cUpstream]:
 
 
 def breaker_proxy(
-    start: StartProxy, endpoint: tuple[str, int], breakers: Json | None, *, http2: bool = False
+    start: StartProxy,
+    endpoint: tuple[str, int],
+    breakers: Json | None,
+    *,
+    http2: bool = False,
+    timeout: str | None = None,
 ) -> ProxyProcess:
     c = cluster(BACKEND, [endpoint], http2=http2)
     if breakers is not None:
         c["circuit_breakers"] = breakers
+    routes = [route({"prefix": "/"}, cluster=BACKEND)]
+    if timeout is not None:
+        # /a without a timeout, the rest with `timeout`.
+        routes.insert(0, route({"prefix": "/a"}, cluster=BACKEND))
+        routes[0]["route"]["timeout"] = "0s"
+        routes[1]["route"]["timeout"] = timeout
     bs = bootstrap(
         admin_port=free_port(),
         listeners=[
-            http_listener(
-                port=free_port(),
-                virtual_hosts=[
-                    virtual_host("all", ["*"], [route({"prefix": "/"}, cluster=BACKEND)])
-                ],
-            )
+            http_listener(port=free_port(), virtual_hosts=[virtual_host("all", ["*"], routes)])
         ],
         clusters=[c],
     )
@@ -337,3 +343,41 @@ def test_breaker_stats_of_both_priorities(
     assert stats == expected
     resp = InFlight(proxy, "/x", hold=False).result()
     assert resp.status_code == 200
+
+
+def test_pending_request_times_out_with_the_route(
+    start_proxy: StartProxy, http1_upstream: HttpUpstream
+) -> None:
+    """The route's timeout runs while a request waits for a connection: B, pending
+    behind A (whose route has no timeout) on the only connection, gets Envoy's 504
+    when its own route's timeout expires."""
+    proxy = breaker_proxy(
+        start_proxy,
+        http1_upstream.address,
+        {"thresholds": [{"max_connections": 1}]},
+        timeout="1s",
+    )
+    a = InFlight(proxy, "/a", hold=True)
+    until(lambda: http1_upstream.holding(a.token), what="A at the upstream")
+    b = InFlight(proxy, "/b", hold=False).result()
+    assert (b.status_code, b.text) == (504, "upstream request timeout")
+    http1_upstream.release(a.token)
+    assert a.result().status_code == 200
+    until(lambda: cluster_stats(proxy, ["upstream_rq_200"])["upstream_rq_200"] == 1)
+    assert cluster_stats(
+        proxy,
+        [
+            "upstream_rq_pending_total",
+            "upstream_rq_timeout",
+            "upstream_rq_total",
+            "upstream_rq_504",
+            "upstream_cx_total",
+        ],
+    ) == {
+        "upstream_rq_pending_total": 2,
+        "upstream_rq_timeout": 1,
+        "upstream_rq_total": 1,
+        "upstream_rq_504": 1,
+        "upstream_cx_total": 1,
+    }
+    assert breaker_gauges(proxy)["rq_pending_open"] == 0

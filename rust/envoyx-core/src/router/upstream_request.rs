@@ -76,17 +76,28 @@ impl UpstreamRequest<'_> {
     ) -> Result<TryResponse, TryFailure> {
         let cluster = self.cluster;
         let stats = &cluster.stats;
-        let mut sender = match self
+        // The timeout runs from here: a request waiting for a connection (pending
+        // behind a circuit breaker) times out as in Envoy.
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let acquired = self
             .pools
-            .acquire(cluster.shared(), host.shared(), sni.clone())
-            .await
-        {
-            Ok(s) => s,
-            Err(AcquireError::Overflow) => {
+            .acquire(cluster.shared(), host.shared(), sni.clone());
+        let acquired = match deadline {
+            Some(d) => tokio::time::timeout_at(d, acquired).await,
+            None => Ok(acquired.await),
+        };
+        let mut sender = match acquired {
+            Err(_elapsed) => {
+                stats.upstream_rq_timeout.inc();
+                stats.response(504);
+                return Err(TryFailure::Timeout);
+            }
+            Ok(Ok(s)) => s,
+            Ok(Err(AcquireError::Overflow)) => {
                 stats.response(503);
                 return Err(TryFailure::Overflow);
             }
-            Err(AcquireError::Connect(e)) => {
+            Ok(Err(AcquireError::Connect(e))) => {
                 host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
                 stats.response(503);
@@ -115,8 +126,8 @@ impl UpstreamRequest<'_> {
         };
         let sent_at = Instant::now();
         let sent = sender.send(Request::from_parts(parts, body));
-        let response = match timeout {
-            Some(t) => tokio::time::timeout(t, sent).await,
+        let response = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent).await,
             None => Ok(sent.await),
         };
         let response = match response {
