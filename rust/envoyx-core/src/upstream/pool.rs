@@ -764,6 +764,15 @@ mod tests {
     use crate::upstream::cluster::Origin;
 
     fn cluster(protocol: UpstreamProtocol, port: u16, pool: PoolSettings) -> Arc<Cluster> {
+        cluster_with_breakers(protocol, port, pool, Default::default())
+    }
+
+    fn cluster_with_breakers(
+        protocol: UpstreamProtocol,
+        port: u16,
+        pool: PoolSettings,
+        circuit_breakers: crate::config::circuit_breakers::CircuitBreakers,
+    ) -> Arc<Cluster> {
         let config = ClusterConfig {
             name: "c".into(),
             discovery: DiscoveryType::Static,
@@ -779,7 +788,7 @@ mod tests {
             eds_service_name: None,
             pool,
             tls: None,
-            circuit_breakers: Default::default(),
+            circuit_breakers,
             raw: serde_json::Value::Null,
         };
         Cluster::new(
@@ -807,6 +816,30 @@ mod tests {
                         Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::Empty))
                     });
                     let _ = hyper::server::conn::http2::Builder::new(LocalExec)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    /// A loopback HTTP/1.1 server answering every request with 200; returns its
+    /// port and accepted-connection count.
+    async fn h1_server() -> (u16, Rc<Cell<usize>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Rc::new(Cell::new(0));
+        let count = accepted.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.set(count.get() + 1);
+                tokio::task::spawn_local(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::Empty))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
@@ -897,6 +930,99 @@ mod tests {
             assert!(host.is_removed());
             pools.maintain(&live);
             assert_eq!(pools.pooled(), 0);
+        });
+    }
+
+    #[test]
+    fn http1_request_waits_for_a_released_connection_at_max_connections() {
+        use futures_util::FutureExt;
+
+        use crate::config::circuit_breakers::{CircuitBreakers, Thresholds};
+        run_local(async {
+            let (port, accepted) = h1_server().await;
+            let breakers = CircuitBreakers {
+                default: Thresholds {
+                    max_connections: 1,
+                    max_pending_requests: 1,
+                    ..Thresholds::default()
+                },
+                high: Thresholds::default(),
+            };
+            let c = cluster_with_breakers(
+                UpstreamProtocol::Http1,
+                port,
+                PoolSettings::default(),
+                breakers,
+            );
+            let limits = c.resources.get(Priority::Default).clone();
+            let host = c.hosts.load()[0].clone();
+            let pools = WorkerPools::new();
+            let first = pools.acquire(&c, &host, None).await.unwrap();
+            assert_eq!(limits.connections.count(), 1);
+            assert_eq!(limits.requests.count(), 1);
+            // The second waits for the only connection, as pending.
+            let second = pools.acquire(&c, &host, None);
+            tokio::pin!(second);
+            assert!((&mut second).now_or_never().is_none());
+            assert_eq!(limits.pending_requests.count(), 1);
+            assert_eq!(c.resources.upstream_cx_overflow.get(), 1);
+            // A third finds the pending slot taken.
+            let third = pools.acquire(&c, &host, None).await;
+            assert!(matches!(third, Err(AcquireError::Overflow)));
+            assert_eq!(c.resources.upstream_rq_pending_overflow.get(), 1);
+            // The first's exchange ends: its connection goes to the second.
+            let Sender::Http1(conn) = first else {
+                panic!("an HTTP/1.1 connection")
+            };
+            pools.release(&c, &host, None, conn);
+            let second = second.await.unwrap();
+            assert!(matches!(&second, Sender::Http1(c) if c.requests == 2));
+            assert_eq!(accepted.get(), 1);
+            assert_eq!(limits.pending_requests.count(), 0);
+            assert_eq!(limits.requests.count(), 1);
+            // Dropped (not released): the connection closes and frees its slot.
+            drop(second);
+            assert_eq!(limits.requests.count(), 0);
+            for _ in 0..100 {
+                if limits.connections.count() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(limits.connections.count(), 0);
+        });
+    }
+
+    #[test]
+    fn http2_max_requests_refuses_a_stream_beyond_it() {
+        use crate::config::circuit_breakers::{CircuitBreakers, Thresholds};
+        run_local(async {
+            let (port, _) = h2_server().await;
+            let breakers = CircuitBreakers {
+                default: Thresholds {
+                    max_requests: 2,
+                    ..Thresholds::default()
+                },
+                high: Thresholds::default(),
+            };
+            let c = cluster_with_breakers(
+                UpstreamProtocol::Http2,
+                port,
+                PoolSettings::default(),
+                breakers,
+            );
+            let host = c.hosts.load()[0].clone();
+            let pools = WorkerPools::new();
+            let a = pools.acquire(&c, &host, None).await.unwrap();
+            let b = pools.acquire(&c, &host, None).await.unwrap();
+            let refused = pools.acquire(&c, &host, None).await;
+            assert!(matches!(refused, Err(AcquireError::Overflow)));
+            assert_eq!(c.resources.upstream_rq_active_overflow.get(), 1);
+            drop(a);
+            let c2 = pools.acquire(&c, &host, None).await.unwrap();
+            assert!(c2.is_http2());
+            drop((b, c2));
+            assert_eq!(c.resources.get(Priority::Default).requests.count(), 0);
         });
     }
 }

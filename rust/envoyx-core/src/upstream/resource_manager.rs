@@ -264,6 +264,20 @@ impl ClusterResources {
             Priority::High => &self.high,
         }
     }
+
+    /// The router's retry check, once its retry policy says to retry: a retry
+    /// slot of `priority` ([`ResourceManager::try_acquire_retry`]) to hold while
+    /// the retry is in progress, or None — counted in
+    /// `upstream_rq_retry_overflow` — when `max_retries` or the retry budget is
+    /// used up; the router then returns the try's own response or failure,
+    /// flagged `UO`, as Envoy does.
+    pub fn try_acquire_retry(&self, priority: Priority) -> Option<ResourceGuard<'_>> {
+        let guard = self.get(priority).try_acquire_retry();
+        if guard.is_none() {
+            self.upstream_rq_retry_overflow.inc();
+        }
+        guard
+    }
 }
 
 #[cfg(test)]
@@ -327,8 +341,14 @@ mod tests {
     fn max_retries_without_budget() {
         let (_store, r) = resources(Thresholds::default());
         let m = r.get(Priority::Default);
-        let held: Vec<_> = (0..3).map(|_| m.try_acquire_retry().unwrap()).collect();
-        assert!(m.try_acquire_retry().is_none());
+        let held: Vec<_> = (0..3)
+            .map(|_| r.try_acquire_retry(Priority::Default).unwrap())
+            .collect();
+        assert_eq!(m.retries_in_progress(), 3);
+        assert!(r.try_acquire_retry(Priority::Default).is_none());
+        assert_eq!(r.upstream_rq_retry_overflow.get(), 1);
+        // HIGH has its own.
+        assert!(r.try_acquire_retry(Priority::High).is_some());
         drop(held);
         assert!(m.can_retry());
     }
