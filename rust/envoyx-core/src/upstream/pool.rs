@@ -129,6 +129,17 @@ impl ConnectionSlot {
         }
     }
 
+    /// The slot of a connection opened because the pool has none it can use:
+    /// opened even over `max_connections`, counting `upstream_cx_overflow`
+    /// (Envoy's rule for a host with no connection; a worker shares one HTTP/2
+    /// connection per host, so it opens one only when it has none).
+    fn open_anyway(cluster: &Cluster, host: &Host, resources: &Arc<ResourceManager>) -> Self {
+        if !can_create_connection(resources, host) {
+            cluster.resources.upstream_cx_overflow.inc();
+        }
+        Self::new(resources)
+    }
+
     fn http1(mut self, shared: &Rc<Http1Shared>) -> Self {
         shared.open.set(shared.open.get() + 1);
         self.http1 = Some(shared.clone());
@@ -520,12 +531,9 @@ impl WorkerPools {
     }
 
     /// A pending request's place in `max_pending_requests` while a connection
-    /// is opened for it, or the overflow. A new connection is always opened when
-    /// the pool has none it can use, counting `upstream_cx_overflow` when that
-    /// goes over `max_connections` (Envoy's rule for a host with no connection).
+    /// is opened for it (or by another request, HTTP/2), or the overflow.
     fn pend_for_new_connection<'r>(
         cluster: &Cluster,
-        host: &Host,
         resources: &'r ResourceManager,
     ) -> Result<super::resource_manager::ResourceGuard<'r>, AcquireError> {
         let Some(pending) = resources.pending_requests.try_acquire() else {
@@ -533,9 +541,6 @@ impl WorkerPools {
             return Err(AcquireError::Overflow);
         };
         cluster.stats.upstream_rq_pending_total.inc();
-        if !can_create_connection(resources, host) {
-            cluster.resources.upstream_cx_overflow.inc();
-        }
         Ok(pending)
     }
 
@@ -547,8 +552,8 @@ impl WorkerPools {
         key: PoolKey,
     ) -> Result<Sender, AcquireError> {
         let resources = self.host_pool(cluster, host, &key).resources.clone();
-        let _pending = Self::pend_for_new_connection(cluster, host, &resources)?;
-        let slot = ConnectionSlot::new(resources.shared());
+        let _pending = Self::pend_for_new_connection(cluster, &resources)?;
+        let slot = ConnectionSlot::open_anyway(cluster, host, resources.shared());
         let stream = connect(cluster, host, key.2.as_deref()).await?;
         let h2 = stream.negotiated_h2();
         let shared = {
@@ -580,13 +585,13 @@ impl WorkerPools {
             let pool = self.host_pool(cluster, host, &key);
             (pool.resources.clone(), pool.http2_connecting.clone())
         };
-        let _pending = Self::pend_for_new_connection(cluster, host, &resources)?;
+        let _pending = Self::pend_for_new_connection(cluster, &resources)?;
         let _connecting = connecting.lock().await;
         // Another request may have opened it while this one waited.
         if let Some(lease) = self.lease_http2(&key)? {
             return Ok(Sender::Http2(lease));
         }
-        let slot = ConnectionSlot::new(resources.shared());
+        let slot = ConnectionSlot::open_anyway(cluster, host, resources.shared());
         let stream = connect(cluster, host, key.2.as_deref()).await?;
         self.install_http2(cluster, host, &key, stream, slot)
             .await?;
