@@ -13,6 +13,8 @@ exactly: no timing guesses. Each request goes on its own downstream connection.
   ``x-envoy-overloaded: true``; the pending one is served on the same connection once
   the first completes (no 503);
 - HTTP/2, ``max_requests: 1``: a second concurrent request gets 503 ``UO``;
+- two workers share one set of counts;
+- a request pending behind ``max_connections`` times out with its route;
 - no ``circuit_breakers``: Envoy's defaults (1024 connections), the ``*_open`` gauges
   of both priorities at 0 and no ``remaining_*`` gauges.
 """
@@ -381,3 +383,34 @@ def test_pending_request_times_out_with_the_route(
         "upstream_cx_total": 1,
     }
     assert breaker_gauges(proxy)["rq_pending_open"] == 0
+
+
+def test_limits_are_shared_by_all_workers(
+    start_proxy: StartProxy, http1_upstream: HttpUpstream
+) -> None:
+    """Two workers, ``max_requests: 1``: whichever worker takes B, the one request
+    already active on the cluster (A) makes B overflow."""
+    c = cluster(BACKEND, [http1_upstream.address])
+    c["circuit_breakers"] = {"thresholds": [{"max_requests": 1}]}
+    bs = bootstrap(
+        admin_port=free_port(),
+        listeners=[
+            http_listener(
+                port=free_port(),
+                virtual_hosts=[
+                    virtual_host("all", ["*"], [route({"prefix": "/"}, cluster=BACKEND)])
+                ],
+            )
+        ],
+        clusters=[c],
+    )
+    proxy = start_proxy(bs, concurrency=2)
+    a = InFlight(proxy, "/a", hold=True)
+    until(lambda: http1_upstream.holding(a.token), what="A at the upstream")
+    for path in ("/b", "/c", "/d"):
+        assert_overflow_reply(InFlight(proxy, path, hold=False).result())
+    assert cluster_stats(proxy, ["upstream_rq_active_overflow"]) == {
+        "upstream_rq_active_overflow": 3
+    }
+    http1_upstream.release(a.token)
+    assert a.result().status_code == 200
