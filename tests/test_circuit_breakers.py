@@ -1,7 +1,7 @@
 """Cluster circuit breakers (``circuit_breakers.thresholds``), end to end.
 
 Every test takes ``start_proxy``: it runs against envoyx and, as a second
-parametrization, against the real Envoy 1.40 with the same bootstrap (one worker) and
+parametrization, against the real Envoy 1.40 with the same bootstrap (one worker unless said) and
 the same expected values, so the numbers below are Envoy's.
 
 The upstream holds a request (``x-test-hold``) until the test releases it, so the
