@@ -92,6 +92,7 @@ def _listener(name: str, port: int, log: Path, *, internal: bool) -> Json:
     routes.append(
         _route("/dead", "dead", retry_policy={"retry_on": "connect-failure", "num_retries": 2})
     )
+    routes.append(_route("/cbretry", "cbretry", retry_policy={"retry_on": "5xx", "num_retries": 2}))
     previous_hosts = [
         {
             "name": "envoy.retry_host_predicates.previous_hosts",
@@ -206,6 +207,9 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     clusters.append(cluster("counted", [upstream.address]))
     clusters.append(cluster("dead", [("127.0.0.1", dead_port)]))
     clusters.append(cluster("pair", [upstream.address, ("127.0.0.1", dead_port)]))
+    breaker = cluster("cbretry", [upstream.address])
+    breaker["circuit_breakers"] = {"thresholds": [{"max_retries": 0}]}
+    clusters.append(breaker)
     bs = bootstrap(
         admin_port=free_port(),
         listeners=[
@@ -328,6 +332,15 @@ def test_a_dead_host_under_load_costs_the_client_nothing(rig: Rig) -> None:
     assert rig.upstream.count(sid) == 200
     assert rig.stat("pair", "upstream_rq_retry") > 0
     assert rig.stat("pair", "upstream_rq_retry_limit_exceeded") == 0
+
+
+def test_max_retries_of_the_cluster_stops_a_retry(rig: Rig) -> None:
+    """``circuit_breakers.max_retries: 0``: the retry is not made, the upstream's own
+    answer stands, flagged ``UO``."""
+    sid, r = call(rig, "/cbretry", "503,200")
+    assert (r.status_code, rig.upstream.count(sid)) == (503, 1)
+    assert rig.log_line(sid)[1:3] == ["503", "UO"]
+    rig.wait_stats("cbretry", {"upstream_rq_retry_overflow": 1, "upstream_rq_retry": 0})
 
 
 # -- timeouts -----------------------------------------------------------------------------

@@ -400,6 +400,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         health_checks,
         outlier_detection,
         ignore_health_on_host_removal,
+        circuit_breakers: super::circuit_breakers::map_circuit_breakers(c),
         raw: c.to_value(),
     })
 }

@@ -1,6 +1,7 @@
 //! Configuration: Envoy v3 proto-JSON in, the core's typed model out.
 
 pub mod bootstrap;
+pub mod circuit_breakers;
 pub mod health_check;
 pub mod listener;
 pub mod matcher;

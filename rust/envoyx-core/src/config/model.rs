@@ -679,6 +679,8 @@ pub struct ClusterConfig {
     /// `ignore_health_on_host_removal`: a host DNS/EDS removed leaves at once even
     /// while it passes its health checks.
     pub ignore_health_on_host_removal: bool,
+    /// `circuit_breakers`.
+    pub circuit_breakers: super::circuit_breakers::CircuitBreakers,
     pub raw: Value,
 }
 

@@ -26,6 +26,8 @@ pub static X_ENVOY_EXPECTED_TIMEOUT: HeaderName =
 pub static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+/// On a reply to a request a circuit breaker refused.
+pub static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// Removes hop-by-hop headers, and those `Connection` names, in place.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -15,12 +15,13 @@ use super::replay_body::ReplayBuffer;
 use super::retry_state::{RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
+use crate::config::circuit_breakers::Priority;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, TimedBody};
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
-    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_FORWARDED_FOR, X_FORWARDED_PROTO,
-    forward_client_cert, strip_hop_by_hop,
+    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_ENVOY_OVERLOADED, X_FORWARDED_FOR,
+    X_FORWARDED_PROTO, forward_client_cert, strip_hop_by_hop,
 };
 use crate::http::internal_request::has_envoy_header;
 use crate::http::local_reply::LocalReply;
@@ -178,6 +179,8 @@ impl Router<'_, '_> {
         let mut attempt: u32 = 1;
         let mut parts = Some(parts);
         let mut exhausted = false;
+        // A retry's place in the cluster's `max_retries`, held while it runs.
+        let mut _retry_in_progress = None;
         loop {
             let avoid = retry
                 .as_ref()
@@ -259,12 +262,33 @@ impl Router<'_, '_> {
                 }
                 RetryDecision::No => Duration::ZERO,
             };
-            let retrying = matches!(decision, RetryDecision::Yes(_))
+            // The previous retry's place in `max_retries` ends with its outcome.
+            _retry_in_progress = None;
+            let mut overflowed = false;
+            let mut retrying = matches!(decision, RetryDecision::Yes(_));
+            if retrying {
+                // The cluster's `max_retries` / retry budget (Envoy checks it after
+                // the retry limit): refused, the try's outcome stands, flagged `UO`.
+                match cluster.resources.try_acquire_retry(Priority::Default) {
+                    Some(guard) => _retry_in_progress = Some(guard),
+                    None => {
+                        overflowed = true;
+                        retrying = false;
+                        if let Some(r) = retry.as_mut() {
+                            r.retries -= 1;
+                        }
+                    }
+                }
+            }
+            retrying = retrying
                 && match &replay {
                     Some(r) => within(deadline, r.fill()).await.unwrap_or(false),
                     None => false,
                 };
             if !retrying {
+                if overflowed && let Some(r) = self.record.as_mut() {
+                    r.response_flags = "UO";
+                }
                 let retried = retry.as_ref().is_some_and(|r| r.retries > 0);
                 return match sent {
                     Ok(resp) => {
@@ -411,6 +435,18 @@ impl Router<'_, '_> {
                     if exhausted { "URX,UF" } else { "UF" },
                     "upstream_reset_before_response_started{connection_failure}",
                 )
+            }
+            TryFailure::Overflow => {
+                let mut reply = LocalReply::new(
+                    503,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                    "UO",
+                    "upstream_reset_before_response_started{overflow}",
+                );
+                reply
+                    .headers
+                    .push((X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true")));
+                reply
             }
             TryFailure::DownstreamBody => {
                 // The downstream request body failed (e.g. a malformed chunk): a

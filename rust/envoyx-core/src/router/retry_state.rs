@@ -9,6 +9,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 
 use crate::config::retry::{RetryPolicy, retry_on};
+use crate::http::headers::X_ENVOY_OVERLOADED;
 
 pub static X_ENVOY_RETRY_ON: HeaderName = HeaderName::from_static("x-envoy-retry-on");
 pub static X_ENVOY_RETRY_GRPC_ON: HeaderName = HeaderName::from_static("x-envoy-retry-grpc-on");
@@ -17,7 +18,6 @@ pub static X_ENVOY_RETRIABLE_STATUS_CODES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-status-codes");
 pub static X_ENVOY_RETRIABLE_HEADER_NAMES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-header-names");
-pub static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 pub static X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 

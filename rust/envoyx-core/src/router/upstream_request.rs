@@ -16,7 +16,7 @@ use crate::upstream::ConnectError;
 use crate::upstream::health_check;
 use crate::upstream::lb::LbContext;
 use crate::upstream::outlier::{self, LocalOriginEvent};
-use crate::upstream::pool::Sender;
+use crate::upstream::pool::{AcquireError, Sender};
 use crate::upstream::{Cluster, Host, WorkerPools};
 
 /// Why a try produced no response.
@@ -25,6 +25,9 @@ pub enum TryFailure {
     NoHealthyUpstream,
     /// No connection could be had (`UF`).
     Connect(ConnectError),
+    /// A circuit breaker refused the request (`UO`): `max_pending_requests` or
+    /// `max_requests` was reached. Never retried, as in Envoy.
+    Overflow,
     /// The downstream request body failed while being sent (a downstream codec
     /// error, not the upstream's fault).
     DownstreamBody,
@@ -75,15 +78,21 @@ impl UpstreamRequest<'_> {
     ) -> Result<TryResponse, TryFailure> {
         let cluster = self.cluster;
         let stats = &cluster.stats;
-        stats.upstream_rq_total.inc();
-        host.stats.rq_total().inc();
-        let mut sender = match self
+        // The timeout runs from here: a request waiting for a connection (pending
+        // behind a circuit breaker) times out as in Envoy.
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let acquired = self
             .pools
-            .acquire(cluster.shared(), host.shared(), sni.clone())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
+            .acquire(cluster.shared(), host.shared(), sni.clone());
+        let acquired = match deadline {
+            Some(d) => tokio::time::timeout_at(d, acquired).await,
+            None => Ok(acquired.await),
+        };
+        let mut sender = match acquired {
+            Err(_elapsed) => return Err(TryFailure::Timeout),
+            Ok(Ok(s)) => s,
+            Ok(Err(AcquireError::Overflow)) => return Err(TryFailure::Overflow),
+            Ok(Err(AcquireError::Connect(e))) => {
                 outlier::put_result(cluster, host.shared(), LocalOriginEvent::ConnectFailed);
                 host.stats.rq_error().inc();
                 stats.upstream_rq_pending_failure_eject.inc();
@@ -91,6 +100,9 @@ impl UpstreamRequest<'_> {
             }
         };
         outlier::put_result(cluster, host.shared(), LocalOriginEvent::ConnectSuccess);
+        // Counted once the request has a connection, as Envoy's pool does.
+        stats.upstream_rq_total.inc();
+        host.stats.rq_total().inc();
         let h2 = sender.is_http2();
         prepare(&mut parts, h2);
         parts.version = if h2 {
@@ -110,8 +122,8 @@ impl UpstreamRequest<'_> {
         };
         let sent_at = Instant::now();
         let sent = sender.send(Request::from_parts(parts, body));
-        let response = match timeout {
-            Some(t) => tokio::time::timeout(t, sent).await,
+        let response = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent).await,
             None => Ok(sent.await),
         };
         let response = match response {
@@ -169,7 +181,10 @@ impl TryFailure {
     pub fn reset_kind(&self) -> Option<super::retry_state::ResetKind> {
         use super::retry_state::ResetKind;
         match self {
-            TryFailure::NoHealthyUpstream | TryFailure::DownstreamBody => None,
+            // Envoy never retries an overflow.
+            TryFailure::NoHealthyUpstream | TryFailure::DownstreamBody | TryFailure::Overflow => {
+                None
+            }
             TryFailure::Connect(_) => Some(ResetKind::ConnectFailure),
             TryFailure::Reset(e) => Some(if is_refused_stream(e) {
                 ResetKind::RefusedStream

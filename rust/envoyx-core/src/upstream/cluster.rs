@@ -373,6 +373,8 @@ pub struct Cluster {
     pub hosts_changed: tokio::sync::Notify,
     /// `ignore_health_on_host_removal`.
     ignore_health_on_host_removal: bool,
+    /// `circuit_breakers`: the limits and counts shared by every worker.
+    pub resources: super::resource_manager::ClusterResources,
     pub raw: serde_json::Value,
 }
 
@@ -488,6 +490,11 @@ impl Cluster {
             outlier,
             hosts_changed: tokio::sync::Notify::new(),
             ignore_health_on_host_removal: config.ignore_health_on_host_removal,
+            resources: super::resource_manager::ClusterResources::new(
+                store,
+                &config.name,
+                &config.circuit_breakers,
+            ),
             raw: config.raw.clone(),
         }))
     }

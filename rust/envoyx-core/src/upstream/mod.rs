@@ -7,6 +7,7 @@ pub mod host_stats;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
+pub mod resource_manager;
 
 pub use cluster::{Cluster, ClusterManager, Host, HostHealth, health_flag};
 pub use connect::{ConnectError, UpstreamStream, connect};
