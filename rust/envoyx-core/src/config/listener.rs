@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use super::matcher::map_cidrs;
 use super::model::*;
 use super::network::{HCM_TYPE, TCP_PROXY_TYPE, map_hcm, map_tcp_proxy};
 use super::reader::Obj;
@@ -178,29 +179,6 @@ fn map_chain_match(m: &Obj<'_>) -> Option<FilterChainMatch> {
         );
     }
     Some(out)
-}
-
-/// A repeated `envoy.config.core.v3.CidrRange` field.
-pub fn map_cidrs(m: &Obj<'_>, field: &'static str) -> Vec<CidrRange> {
-    let mut out = Vec::new();
-    for r in m.list(field) {
-        let prefix = r.str("address_prefix").unwrap_or_default();
-        let Ok(address) = prefix.parse::<IpAddr>() else {
-            r.error("address_prefix", format!("malformed IP address: {prefix}"));
-            continue;
-        };
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        let len = r.u32("prefix_len").unwrap_or(0);
-        if len > max {
-            r.error("prefix_len", format!("must be at most {max}"));
-            continue;
-        }
-        out.push(CidrRange {
-            address,
-            prefix_len: len as u8,
-        });
-    }
-    out
 }
 
 /// Envoy refuses two chains with the same match: which would serve is undefined.

@@ -1,5 +1,7 @@
-//! `envoy.type.matcher.v3.StringMatcher`: the one string matcher of the config
-//! (SAN matchers now; header and query matchers use the same type).
+//! The config's matchers: `envoy.type.matcher.v3.StringMatcher` (SAN, header and
+//! query matchers use the same type) and `envoy.config.core.v3.CidrRange` lists.
+
+use std::net::IpAddr;
 
 use regex::Regex;
 
@@ -88,6 +90,57 @@ pub fn map_safe_regex(sr: &Obj<'_>) -> Option<Regex> {
             None
         }
     }
+}
+
+/// `envoy.config.core.v3.CidrRange`, with the address masked to its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrRange {
+    pub address: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl CidrRange {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(ip) ^ u32::from(net);
+                self.prefix_len == 0 || bits >> (32 - u32::from(self.prefix_len.min(32))) == 0
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u128::from(ip) ^ u128::from(net);
+                self.prefix_len == 0 || bits >> (128 - u32::from(self.prefix_len.min(128))) == 0
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A repeated `envoy.config.core.v3.CidrRange` field.
+pub fn map_cidrs(m: &Obj<'_>, field: &'static str) -> Vec<CidrRange> {
+    let mut out = Vec::new();
+    for r in m.list(field) {
+        let prefix = r.str("address_prefix").unwrap_or_default();
+        let Ok(address) = prefix.parse::<IpAddr>() else {
+            r.error("address_prefix", format!("malformed IP address: {prefix}"));
+            continue;
+        };
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let len = r.u32("prefix_len").unwrap_or(0);
+        if len > max {
+            r.error("prefix_len", format!("must be at most {max}"));
+            continue;
+        }
+        out.push(CidrRange {
+            address,
+            prefix_len: len as u8,
+        });
+    }
+    out
 }
 
 #[cfg(test)]

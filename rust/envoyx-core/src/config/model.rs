@@ -112,33 +112,7 @@ pub enum SourceType {
     External,
 }
 
-/// `envoy.config.core.v3.CidrRange`, with the address masked to its prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CidrRange {
-    pub address: std::net::IpAddr,
-    pub prefix_len: u8,
-}
-
-impl CidrRange {
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        use std::net::IpAddr;
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.address, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let bits = u32::from(ip) ^ u32::from(net);
-                self.prefix_len == 0 || bits >> (32 - u32::from(self.prefix_len.min(32))) == 0
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let bits = u128::from(ip) ^ u128::from(net);
-                self.prefix_len == 0 || bits >> (128 - u32::from(self.prefix_len.min(128))) == 0
-            }
-            _ => false,
-        }
-    }
-}
+pub use super::matcher::CidrRange;
 
 // -- TLS -----------------------------------------------------------------------------
 

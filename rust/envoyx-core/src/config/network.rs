@@ -76,7 +76,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
                 // envoyx listens on IP sockets only: no request comes over a
                 // Unix socket, so `unix_sockets` changes nothing.
                 c.bool("unix_sockets");
-                super::listener::map_cidrs(&c, "cidr_ranges")
+                super::matcher::map_cidrs(&c, "cidr_ranges")
             })
             .unwrap_or_default(),
         forward_client_cert: match hcm.str("forward_client_cert_details").unwrap_or("SANITIZE") {

@@ -11,13 +11,12 @@ use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderValue};
 
-use super::replay_body::ReplayBuffer;
 use super::retry_state::{RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
 use crate::config::circuit_breakers::Priority;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
-use crate::http::body::{PeerBody, ProxyBody, TimedBody};
+use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
     X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_ENVOY_OVERLOADED, X_FORWARDED_FOR,

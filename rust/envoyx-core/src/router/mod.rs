@@ -4,7 +4,6 @@
 
 pub mod filter;
 pub mod hash_policy;
-pub mod replay_body;
 pub mod retry_state;
 pub mod table;
 pub mod upstream_request;
