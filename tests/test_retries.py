@@ -407,12 +407,13 @@ def test_route_timeout_covers_the_whole_response(rig: Rig) -> None:
     rig.wait_stats("stall", {"upstream_rq_timeout": 1})
 
 
-def test_no_retry_once_the_response_started(rig: Rig) -> None:
-    """A response that fails mid-body is not retried: its headers already went to the
-    client (Envoy's rule)."""
+@pytest.mark.parametrize("failure", ["stall", "cut"])
+def test_no_retry_once_the_response_started(rig: Rig, failure: str) -> None:
+    """A response that fails mid-body (stalls past the route timeout, or is reset)
+    is not retried: its headers already went to the client (Envoy's rule)."""
     sid = _id()
     s = socket.create_connection(rig.proxy.listener_address("external"), timeout=5)
-    head = f"GET /stallretry HTTP/1.1\r\nhost: x\r\nx-script: stall\r\nx-script-id: {sid}\r\n"
+    head = f"GET /stallretry HTTP/1.1\r\nhost: x\r\nx-script: {failure}\r\nx-script-id: {sid}\r\n"
     s.sendall(head.encode() + b"\r\n")
     got = b""
     while data := s.recv(65536):

@@ -6,6 +6,7 @@ that request (attempts are told apart by ``x-script-id``), comma-separated:
 ``reset``      close the connection without answering
 ``hang``       never answer (until the proxy gives up and closes)
 ``stall``      send the response headers and half the body, then never the rest
+``cut``        send the response headers and half the body, then reset (RST)
 ``slow:<ms>``  answer 200 after that many milliseconds
 
 The last entry repeats once the script is used up. Every attempt is recorded
@@ -143,6 +144,15 @@ class ScriptedUpstream:
             return False
         if step == "hang":
             self._stop.wait(30)
+            return False
+        if step == "cut":
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-upstream: "
+                + self.name.encode()
+                + b"\r\n\r\nhalf!"
+            )
+            time.sleep(0.05)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes([1, 0, 0, 0, 0, 0, 0, 0]))
             return False
         if step == "stall":
             conn.sendall(

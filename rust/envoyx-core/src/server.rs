@@ -270,7 +270,9 @@ fn control_thread(
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    instance.clusters.set_control_runtime(rt.handle().clone());
+    instance
+        .clusters
+        .set_control(rt.handle().clone(), crate::upstream::health_check::start);
     rt.block_on(async move {
         // First DNS answers before workers serve; then refresh in the background.
         crate::upstream::cluster::resolve_static_dns(&instance.clusters).await;

@@ -9,199 +9,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::host_stats::HostStats;
+pub use super::host::{Host, HostHealth, HostSpec, health_flag};
 use crate::config::{
-    ClusterConfig, DiscoveryType, DnsLookupFamily, EdsHealth, EndpointConfig, LbConfig,
-    LoadAssignment, Locality, PoolSettings, UpstreamProtocol,
+    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbConfig, LoadAssignment,
+    PoolSettings, UpstreamProtocol,
 };
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
 use crate::tls::{ClientTlsContext, SecretStore, SslStats};
-
-/// Why a host is out of (or degraded in) rotation: Envoy's `Host::HealthFlag`, one
-/// bit each, set and cleared by whoever owns the reason (active health checking,
-/// outlier detection, EDS) and read by the workers' load balancers without a lock.
-pub mod health_flag {
-    pub const FAILED_ACTIVE_HC: u32 = 1 << 0;
-    pub const FAILED_OUTLIER_CHECK: u32 = 1 << 1;
-    pub const FAILED_EDS_HEALTH: u32 = 1 << 2;
-    pub const DEGRADED_ACTIVE_HC: u32 = 1 << 3;
-    pub const DEGRADED_EDS_HEALTH: u32 = 1 << 4;
-    pub const PENDING_DYNAMIC_REMOVAL: u32 = 1 << 5;
-    pub const PENDING_ACTIVE_HC: u32 = 1 << 6;
-    pub const EXCLUDED_VIA_IMMEDIATE_HC_FAIL: u32 = 1 << 7;
-    pub const ACTIVE_HC_TIMEOUT: u32 = 1 << 8;
-    pub const EDS_STATUS_DRAINING: u32 = 1 << 9;
-
-    /// The flags that make a host unhealthy (Envoy's `coarseHealth`).
-    pub const UNHEALTHY: u32 = FAILED_ACTIVE_HC
-        | FAILED_OUTLIER_CHECK
-        | FAILED_EDS_HEALTH
-        | EDS_STATUS_DRAINING
-        | EXCLUDED_VIA_IMMEDIATE_HC_FAIL;
-    /// The flags that make an otherwise healthy host degraded.
-    pub const DEGRADED: u32 = DEGRADED_ACTIVE_HC | DEGRADED_EDS_HEALTH;
-}
-
-/// A host's coarse health, as Envoy's load balancers see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostHealth {
-    Healthy,
-    Degraded,
-    Unhealthy,
-}
-
-#[derive(Debug)]
-pub struct Host {
-    pub address: SocketAddr,
-    /// The endpoint's host name for DNS clusters, empty for STATIC.
-    pub hostname: String,
-    pub stats: HostStats,
-    /// Set when DNS or EDS took the host out of its cluster: workers close its
-    /// idle pooled connections and stop reusing the others.
-    pub removed: AtomicBool,
-    /// [`health_flag`] bits. Whoever changes them calls
-    /// [`Cluster::health_changed`] so the workers rebuild their host sets.
-    health_flags: AtomicU32,
-    /// Outlier detection's per-host counters (written by the workers).
-    pub outlier: super::outlier::HostMonitor,
-    /// `load_balancing_weight` (EDS may change it in place, as in Envoy).
-    weight: AtomicU32,
-    /// The priority of its locality.
-    priority: AtomicU32,
-    /// Its locality's `load_balancing_weight` (0: unset).
-    locality_weight: AtomicU32,
-    /// Its `locality` (a host that moves to another locality is a new host).
-    pub locality: Option<Arc<Locality>>,
-}
-
-/// What DNS, EDS or the static config say of one host.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostSpec {
-    pub address: SocketAddr,
-    pub hostname: String,
-    pub weight: u32,
-    pub priority: u32,
-    pub locality: Option<Arc<Locality>>,
-    pub locality_weight: u32,
-    pub health: EdsHealth,
-}
-
-impl HostSpec {
-    /// The host at `address` of endpoint `ep`.
-    pub fn new(address: SocketAddr, hostname: String, ep: &EndpointConfig) -> Self {
-        HostSpec {
-            address,
-            hostname,
-            weight: ep.weight,
-            priority: ep.priority,
-            locality: ep.locality.clone(),
-            locality_weight: ep.locality_weight,
-            health: ep.health,
-        }
-    }
-
-    /// A plain host: weight 1, priority 0, no locality, healthy.
-    pub fn plain(address: SocketAddr) -> Self {
-        Self::new(address, String::new(), &EndpointConfig::default())
-    }
-}
-
-impl Host {
-    /// `shards`: the server's workers + 1 (rows of the host's stats).
-    pub fn new(address: SocketAddr, hostname: String, shards: usize) -> Self {
-        Host {
-            address,
-            hostname,
-            stats: HostStats::new(shards),
-            removed: AtomicBool::new(false),
-            health_flags: AtomicU32::new(0),
-            outlier: Default::default(),
-            weight: AtomicU32::new(1),
-            priority: AtomicU32::new(0),
-            locality_weight: AtomicU32::new(0),
-            locality: None,
-        }
-    }
-
-    pub fn from_spec(spec: &HostSpec, shards: usize) -> Self {
-        let host = Host {
-            locality: spec.locality.clone(),
-            ..Host::new(spec.address, spec.hostname.clone(), shards)
-        };
-        host.update(spec);
-        host
-    }
-
-    /// Applies `spec`'s weight, priority and EDS health; (whether the weights or
-    /// priority changed, whether the EDS health flags changed).
-    fn update(&self, spec: &HostSpec) -> (bool, bool) {
-        let mut changed = self.weight.swap(spec.weight, Ordering::Relaxed) != spec.weight;
-        changed |= self.priority.swap(spec.priority, Ordering::Relaxed) != spec.priority;
-        changed |= self
-            .locality_weight
-            .swap(spec.locality_weight, Ordering::Relaxed)
-            != spec.locality_weight;
-        let eds = health_flag::FAILED_EDS_HEALTH
-            | health_flag::EDS_STATUS_DRAINING
-            | health_flag::DEGRADED_EDS_HEALTH;
-        let want = match spec.health {
-            EdsHealth::Healthy => 0,
-            EdsHealth::Unhealthy => health_flag::FAILED_EDS_HEALTH,
-            EdsHealth::Draining => health_flag::EDS_STATUS_DRAINING,
-            EdsHealth::Degraded => health_flag::DEGRADED_EDS_HEALTH,
-        };
-        let had = self.health_flags() & eds;
-        if had != want {
-            self.clear_health_flag(had & !want);
-            self.set_health_flag(want);
-        }
-        (changed, had != want)
-    }
-
-    /// `load_balancing_weight` (at least 1).
-    pub fn weight(&self) -> u32 {
-        self.weight.load(Ordering::Relaxed)
-    }
-
-    pub fn priority(&self) -> u32 {
-        self.priority.load(Ordering::Relaxed)
-    }
-
-    /// Its locality's `load_balancing_weight` (0: unset).
-    pub fn locality_weight(&self) -> u32 {
-        self.locality_weight.load(Ordering::Relaxed)
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
-    }
-
-    /// The [`health_flag`] bits now set.
-    pub fn health_flags(&self) -> u32 {
-        self.health_flags.load(Ordering::Acquire)
-    }
-
-    /// Sets `flag`; true when it was not set before.
-    pub fn set_health_flag(&self, flag: u32) -> bool {
-        self.health_flags.fetch_or(flag, Ordering::AcqRel) & flag == 0
-    }
-
-    /// Clears `flag`; true when it was set before.
-    pub fn clear_health_flag(&self, flag: u32) -> bool {
-        self.health_flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0
-    }
-
-    pub fn health(&self) -> HostHealth {
-        let flags = self.health_flags();
-        if flags & health_flag::UNHEALTHY != 0 {
-            HostHealth::Unhealthy
-        } else if flags & health_flag::DEGRADED != 0 {
-            HostHealth::Degraded
-        } else {
-            HostHealth::Healthy
-        }
-    }
-}
 
 /// `cluster.<name>.*` with Envoy's meanings.
 #[derive(Debug)]
@@ -366,9 +180,9 @@ pub struct Cluster {
     /// was built at an older epoch rebuilds its host sets (no lock on the pick).
     health_epoch: AtomicU64,
     /// `health_checks`: its sessions run on the control thread.
-    pub health_checker: Option<Arc<super::health_check::HealthChecker>>,
+    pub health_checker: Option<Arc<super::health_check::checker::HealthChecker>>,
     /// `outlier_detection`: workers report each try's result to it.
-    pub outlier: Option<super::outlier::Detector>,
+    pub outlier: Option<super::outlier::detector::Detector>,
     /// Notified when the host list changes (the health checker follows it).
     pub hosts_changed: tokio::sync::Notify,
     /// `ignore_health_on_host_removal`.
@@ -433,7 +247,7 @@ impl Cluster {
             None => None,
         };
         let stats = ClusterStats::new(store, &config.name);
-        let health_checker = super::health_check::HealthChecker::new(
+        let health_checker = super::health_check::checker::HealthChecker::new(
             &config.health_checks,
             config.protocol,
             store,
@@ -442,7 +256,7 @@ impl Cluster {
         let outlier = config
             .outlier_detection
             .clone()
-            .map(|o| super::outlier::Detector::new(o, store, &config.name));
+            .map(|o| super::outlier::detector::Detector::new(o, store, &config.name));
         let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
@@ -459,7 +273,7 @@ impl Cluster {
         };
         if health_checker.is_some() {
             for h in &hosts {
-                h.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+                h.set_health_flag(super::health_check::checker::HealthChecker::INITIAL_FLAGS);
             }
         }
         stats.membership_total.set(hosts.len() as i64);
@@ -625,7 +439,7 @@ impl Cluster {
     fn new_host(&self, spec: &HostSpec) -> Arc<Host> {
         let host = Arc::new(Host::from_spec(spec, self.host_shards));
         if self.health_checker.is_some() {
-            host.set_health_flag(super::health_check::HealthChecker::INITIAL_FLAGS);
+            host.set_health_flag(super::health_check::checker::HealthChecker::INITIAL_FLAGS);
         }
         host
     }
@@ -726,6 +540,15 @@ impl ClusterMap {
     }
 }
 
+/// Starts a cluster's background tasks on the control runtime.
+pub type StartTasks = fn(&tokio::runtime::Handle, &Arc<Cluster>, &Arc<ClusterManager>);
+
+#[derive(Debug)]
+struct Control {
+    runtime: tokio::runtime::Handle,
+    start_tasks: StartTasks,
+}
+
 /// Every cluster by name. Requests read the active set through one `ArcSwap` load;
 /// configuration changes (serialised by `writer`) swap in a new set.
 #[derive(Debug)]
@@ -741,8 +564,9 @@ pub struct ClusterManager {
     /// The last endpoints of each EDS service, for clusters that come later.
     eds: Mutex<HashMap<String, LoadAssignment>>,
     writer: Mutex<()>,
-    /// The control thread's runtime, where DNS resolution runs.
-    control: OnceLock<tokio::runtime::Handle>,
+    /// The control thread, where DNS resolution and each cluster's background
+    /// tasks run.
+    control: OnceLock<Control>,
     pub cds_version: Mutex<String>,
     /// Secrets by name (static and SDS), for the TLS contexts of clusters and
     /// listeners.
@@ -786,8 +610,14 @@ impl ClusterManager {
         Ok(cm)
     }
 
-    pub fn set_control_runtime(&self, handle: tokio::runtime::Handle) {
-        let _ = self.control.set(handle);
+    /// The control thread's runtime, and what starts a new cluster's background
+    /// tasks there (health checks, outlier detection): given by the server, so
+    /// that clusters do not depend on the modules that act on them.
+    pub fn set_control(&self, runtime: tokio::runtime::Handle, start_tasks: StartTasks) {
+        let _ = self.control.set(Control {
+            runtime,
+            start_tasks,
+        });
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
@@ -910,8 +740,8 @@ impl ClusterManager {
                     continue;
                 }
             };
-            if let Some(rt) = self.control.get() {
-                super::health_check::start(rt, &cluster, self);
+            if let Some(control) = self.control.get() {
+                (control.start_tasks)(&control.runtime, &cluster, self);
             }
             let replacing = active.by_name.contains_key(&config.name);
             self.store
@@ -956,8 +786,8 @@ impl ClusterManager {
                 DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
                     lock(&self.warming).insert(cluster.clone());
                     let cm = self.clone();
-                    if let Some(rt) = self.control.get() {
-                        rt.spawn(async move {
+                    if let Some(control) = self.control.get() {
+                        control.runtime.spawn(async move {
                             cluster.resolve().await;
                             cm.promote(&cluster);
                             refresh_dns(cluster).await;
@@ -1078,6 +908,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::EdsHealth;
 
     #[test]
     fn auto_prefers_v6_and_v4_preferred_prefers_v4() {

@@ -3,6 +3,7 @@
 pub mod cluster;
 mod connect;
 pub mod health_check;
+pub mod host;
 pub mod host_stats;
 pub mod lb;
 pub mod outlier;

@@ -13,15 +13,18 @@
 //! `FAILED_ACTIVE_HC`, its first passing check makes it healthy at once, and the
 //! cluster warms until every host it started with has had its first check.
 
+pub mod checker;
 mod grpc;
 mod http;
 mod tcp;
 
+pub use checker::HealthChecker;
+
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rand::Rng;
@@ -32,81 +35,6 @@ use tokio::task::JoinHandle;
 use super::cluster::{Cluster, ClusterManager, Host, health_flag};
 use super::connect::UpstreamStream;
 use crate::config::health_check::HealthCheckKind;
-use crate::config::{HealthCheckConfig, UpstreamProtocol};
-use crate::stats::{Counter, Gauge, StatStore};
-
-/// `cluster.<name>.health_check.*`.
-#[derive(Debug)]
-struct HealthCheckStats {
-    attempt: Counter,
-    success: Counter,
-    failure: Counter,
-    passive_failure: Counter,
-    network_failure: Counter,
-    #[allow(dead_code)] // Envoy's, counted by service_name_matcher (not supported yet).
-    verify_cluster: Counter,
-    healthy: Gauge,
-    degraded: Gauge,
-}
-
-/// A cluster's active health checker: its config, stats, and the way the
-/// workers report an `x-envoy-immediate-health-check-fail` to its sessions.
-#[derive(Debug)]
-pub struct HealthChecker {
-    pub config: HealthCheckConfig,
-    stats: HealthCheckStats,
-    /// Every host the cluster started with has had its first check.
-    warm: AtomicBool,
-    passive: mpsc::UnboundedSender<Arc<Host>>,
-    /// Taken by the supervisor when it starts.
-    passive_rx: Mutex<Option<mpsc::UnboundedReceiver<Arc<Host>>>>,
-}
-
-impl HealthChecker {
-    /// The checker of a cluster's `health_checks` (envoyx supports one).
-    pub fn new(
-        configs: &[HealthCheckConfig],
-        protocol: UpstreamProtocol,
-        store: &StatStore,
-        cluster: &str,
-    ) -> Result<Option<Arc<Self>>, String> {
-        let Some(config) = configs.first() else {
-            return Ok(None);
-        };
-        if matches!(config.kind, HealthCheckKind::Grpc(_)) && protocol != UpstreamProtocol::Http2 {
-            return Err(format!(
-                "{cluster} cluster must support HTTP/2 for gRPC healthchecking"
-            ));
-        }
-        let c = |s: &str| store.counter(&format!("cluster.{cluster}.health_check.{s}"));
-        let g = |s: &str| store.gauge(&format!("cluster.{cluster}.health_check.{s}"));
-        let (passive, passive_rx) = mpsc::unbounded_channel();
-        Ok(Some(Arc::new(HealthChecker {
-            config: config.clone(),
-            stats: HealthCheckStats {
-                attempt: c("attempt"),
-                success: c("success"),
-                failure: c("failure"),
-                passive_failure: c("passive_failure"),
-                network_failure: c("network_failure"),
-                verify_cluster: c("verify_cluster"),
-                healthy: g("healthy"),
-                degraded: g("degraded"),
-            },
-            warm: AtomicBool::new(false),
-            passive,
-            passive_rx: Mutex::new(Some(passive_rx)),
-        })))
-    }
-
-    /// The flags a new host of the cluster starts with (Envoy: unhealthy until checked).
-    pub const INITIAL_FLAGS: u32 = health_flag::FAILED_ACTIVE_HC;
-
-    /// Whether the first round of checks is done (the cluster may leave warming).
-    pub fn is_warm(&self) -> bool {
-        self.warm.load(Ordering::Acquire)
-    }
-}
 
 /// Marks `host` failed at once when a response carries
 /// `x-envoy-immediate-health-check-fail` and the cluster is health checked
