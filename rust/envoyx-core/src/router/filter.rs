@@ -186,6 +186,9 @@ impl Router<'_, '_> {
                 .is_some_and(RetryState::avoids_previous_hosts);
             let context = LbContext {
                 previous_hosts: if avoid { &previous_hosts } else { &[] },
+                host_selection_attempts: retry
+                    .as_ref()
+                    .map_or(1, |r| r.host_selection_max_attempts().saturating_add(1)),
                 hash: hash.hash,
             };
             let host = match upstream.choose_host(&context) {

@@ -31,6 +31,9 @@ pub struct LbContext<'a> {
     /// Hosts earlier tries of this request went to; a policy avoids them while
     /// another host is there (`retry_host_predicate: previous_hosts`).
     pub previous_hosts: &'a [LocalHandle<Host>],
+    /// How many picks may be made to avoid them (Envoy: the retry policy's
+    /// `host_selection_retry_max_attempts` + 1); the last pick stands.
+    pub host_selection_attempts: u32,
     /// The route's `hash_policy` result (`computeHashKey`): ring hash and Maglev
     /// map it to a host; without one they pick at random, as Envoy's do.
     pub hash: Option<u64>,

@@ -208,7 +208,11 @@ impl PrioritySet {
             return None;
         }
         let picker = src.lb.get_or_init(|| self.picker(&src.hosts, source, p));
-        let attempts = src.hosts.len().min(64) as u32;
+        let attempts = if context.previous_hosts.is_empty() {
+            1
+        } else {
+            context.host_selection_attempts.max(1)
+        };
         let mut host = 0;
         for attempt in 0..attempts {
             host = match picker {
@@ -482,12 +486,24 @@ mod tests {
             LocalHandle::new(hs[0].clone()),
             LocalHandle::new(hs[1].clone()),
         ];
+        // Round robin: three picks always reach the host not tried yet.
         let ctx = LbContext {
             previous_hosts: &previous,
+            host_selection_attempts: 3,
             hash: None,
         };
         for _ in 0..10 {
             assert_eq!(s.choose(&ctx).unwrap().address, hs[2].address);
         }
+        // One pick (host_selection_retry_max_attempts 0): the pick stands even
+        // when it is a previous host, as in Envoy.
+        let once = LbContext {
+            host_selection_attempts: 1,
+            ..ctx
+        };
+        let repeats = (0..9)
+            .filter(|_| s.choose(&once).unwrap().address != hs[2].address)
+            .count();
+        assert_eq!(repeats, 6);
     }
 }
