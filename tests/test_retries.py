@@ -71,6 +71,8 @@ SCENARIOS: dict[str, Json] = {
         "retry_policy": {"retry_on": "reset", "num_retries": 1, "per_try_idle_timeout": "0.3s"},
     },
     "timeout": {"timeout": "0.4s"},
+    "grpc": {"timeout": "10s", "max_stream_duration": {"grpc_timeout_header_max": "0.3s"}},
+    "duration": {"timeout": "10s", "max_stream_duration": {"max_stream_duration": "0.3s"}},
     "stall": {"timeout": "0.6s"},
     "stallretry": {"timeout": "0.6s", "retry_policy": {"retry_on": "5xx,reset", "num_retries": 2}},
     "plain": {},
@@ -421,6 +423,42 @@ def test_no_retry_once_the_response_started(rig: Rig, failure: str) -> None:
     s.close()
     assert got.startswith(b"HTTP/1.1 200")
     assert rig.upstream.count(sid) == 1
+
+
+GRPC = {"content-type": "application/grpc", "te": "trailers"}
+
+
+def test_grpc_timeout_header_limits_the_stream(rig: Rig) -> None:
+    """``grpc_timeout_header_max``: a gRPC request's ``grpc-timeout`` is its stream's
+    limit, capped by the route; the reply is a gRPC status (DEADLINE_EXCEEDED)."""
+    _, r = call(rig, "/grpc", "hang", headers={**GRPC, "grpc-timeout": "200m"})
+    assert r.status_code == 200
+    assert r.headers["grpc-status"] == "4"
+    assert r.headers["grpc-message"] == "downstream duration timeout"
+    assert r.content == b""
+    start = time.monotonic()
+    _sid, r = call(rig, "/grpc", "hang", headers={**GRPC, "grpc-timeout": "20S"})
+    assert r.headers["grpc-status"] == "4"
+    assert time.monotonic() - start < 3, "capped at grpc_timeout_header_max"
+
+
+def test_route_max_stream_duration(rig: Rig) -> None:
+    _sid, r = call(rig, "/duration", "hang")
+    assert (r.status_code, r.text) == (504, "downstream duration timeout")
+
+
+def test_a_grpc_request_gets_its_local_replies_as_grpc_statuses(rig: Rig) -> None:
+    _, r = call(rig, "/dead", "200", headers=GRPC)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/grpc"
+    assert r.headers["grpc-status"] == "14"  # UNAVAILABLE, from 503
+    assert r.headers["grpc-message"] == (
+        "upstream connect error or disconnect/reset before headers. "
+        "retried and the latest reset reason: remote connection failure"
+    )
+    _sid, r = call(rig, "/timeout", "hang", headers=GRPC)
+    assert (r.status_code, r.headers["grpc-status"]) == (200, "14")  # from 504
+    assert r.headers["grpc-message"] == "upstream request timeout"
 
 
 # -- bodies -------------------------------------------------------------------------------

@@ -533,8 +533,20 @@ pub struct ForwardAction {
     /// `route.idle_timeout`: replaces the connection manager's
     /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
     pub idle_timeout: Option<Option<Duration>>,
+    /// `route.max_stream_duration`.
+    pub stream_duration: Option<RouteStreamDuration>,
     /// `route.hash_policy`: the request's hash for ring hash and Maglev.
     pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
+}
+
+/// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,
+/// which replaces the connection manager's (`0s`: none), and for gRPC requests
+/// the `grpc-timeout` header's (capped by `grpc_timeout_header_max`, zero: no cap).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteStreamDuration {
+    pub max: Option<Duration>,
+    pub grpc_header_max: Option<Duration>,
+    pub grpc_header_offset: Option<Duration>,
 }
 
 #[derive(Debug)]

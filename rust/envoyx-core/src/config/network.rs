@@ -460,6 +460,13 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
             idle_timeout: route
                 .duration("idle_timeout")
                 .map(|d| (!d.is_zero()).then_some(d)),
+            stream_duration: route
+                .obj("max_stream_duration")
+                .map(|m| RouteStreamDuration {
+                    max: m.duration("max_stream_duration"),
+                    grpc_header_max: m.duration("grpc_timeout_header_max"),
+                    grpc_header_offset: m.duration("grpc_timeout_header_offset"),
+                }),
             hash_policy: map_hash_policies(&route.list("hash_policy")),
         })
     } else if let Some(dr) = r.obj("direct_response") {

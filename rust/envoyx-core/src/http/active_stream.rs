@@ -19,6 +19,9 @@ use super::filter::{FilterStream, HookOutcome, Phase};
 use super::filtering::RequestFilters;
 use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name};
 use super::local_reply::LocalReply;
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 use crate::access_log::LogRecord;
 use crate::config::{HcmLimits, RouteAction, RouteEntry};
 use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
@@ -28,6 +31,9 @@ pub(crate) struct ActiveStream {
     pub(crate) conn: Rc<DownstreamConnection>,
     pub version: Version,
     head_request: bool,
+    /// A gRPC request (`content-type: application/grpc…`): its local replies are
+    /// gRPC statuses.
+    grpc: bool,
     started: Instant,
     /// The access-log record, when a logger or an `on_log` hook wants one (boxed:
     /// it is large, and every request's future would carry it inline).
@@ -110,6 +116,10 @@ impl ActiveStream {
             conn,
             version,
             head_request: req.method() == http::Method::HEAD,
+            grpc: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             started: Instant::now(),
             record,
             filters,
@@ -119,7 +129,7 @@ impl ActiveStream {
         let (mut parts, mut body) = req.into_parts();
         // Envoy's stream timers, only for streams that have one: they race the
         // decoding (filters, router, upstream) until the response starts.
-        let timers = StreamTimers::for_route(&hcm.limits, route);
+        let timers = StreamTimers::for_route(&hcm.limits, route, &parts.headers);
         let watch = timers.map(|_| Rc::new(StreamWatch::new(body.is_end_stream())));
         if let Some(w) = &watch {
             body = body.watched(w);
@@ -339,11 +349,33 @@ impl ActiveStream {
     /// where a generated response is built.
     pub fn send_local_reply(mut self, mut reply: LocalReply) -> Response<ResponseBody> {
         let status = reply.status.as_u16();
-        self.conn.hcm.stats.response_class(status);
+        self.conn
+            .hcm
+            .stats
+            .response_class(if self.grpc { 200 } else { status });
         let mut headers = match reply.edited_headers.take() {
             Some(h) => h,
             None => self.local_reply_headers(&mut reply),
         };
+        if self.grpc {
+            // A gRPC client gets a gRPC status (trailers-only), as from Envoy:
+            // HTTP 200, `grpc-status` and the text as `grpc-message`.
+            let code = reply
+                .grpc_status
+                .unwrap_or_else(|| super::local_reply::http_to_grpc_status(status));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(GRPC_STATUS.clone(), HeaderValue::from(u16::from(code)));
+            if !reply.body.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&super::local_reply::grpc_message(&reply.body))
+            {
+                headers.insert(GRPC_MESSAGE.clone(), v);
+            }
+            reply.status = http::StatusCode::OK;
+            reply.body = bytes::Bytes::new();
+        }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         if reply.close_connection {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -400,6 +432,62 @@ struct StreamTimers {
     max_duration: Option<Duration>,
 }
 
+/// A stream's duration limit (Envoy's `refreshDurationTimeout`): a gRPC
+/// request's `grpc-timeout` when its route sets `grpc_timeout_header_max` (capped
+/// by it unless zero, less `grpc_timeout_header_offset`), else the route's
+/// `max_stream_duration` (`0s`: none), else the connection manager's.
+fn max_stream_duration(
+    hcm: Option<Duration>,
+    route: Option<&crate::config::RouteStreamDuration>,
+    headers: &http::HeaderMap,
+) -> Option<Duration> {
+    let Some(route) = route else {
+        return hcm;
+    };
+    let grpc_timeout = route
+        .grpc_header_max
+        .and_then(|_| headers.get(&GRPC_TIMEOUT))
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    match (grpc_timeout, route.grpc_header_max) {
+        (Some(mut t), Some(cap)) => {
+            if !cap.is_zero() && t > cap {
+                t = cap;
+            }
+            if let Some(offset) = route.grpc_header_offset
+                && !t.is_zero()
+            {
+                t = t.saturating_sub(offset);
+            }
+            (!t.is_zero()).then_some(t)
+        }
+        _ => match route.max {
+            Some(d) => (!d.is_zero()).then_some(d),
+            None => hcm,
+        },
+    }
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expiry {
     Idle,
@@ -409,15 +497,24 @@ enum Expiry {
 
 impl StreamTimers {
     /// The timers of a stream on `route`; None when it has none.
-    fn for_route(limits: &HcmLimits, route: Option<&RouteEntry>) -> Option<Self> {
-        let route_idle = route.and_then(|r| match &r.action {
-            RouteAction::Forward(f) => f.idle_timeout,
+    fn for_route(
+        limits: &HcmLimits,
+        route: Option<&RouteEntry>,
+        headers: &http::HeaderMap,
+    ) -> Option<Self> {
+        let forward = route.and_then(|r| match &r.action {
+            RouteAction::Forward(f) => Some(f),
             RouteAction::Direct { .. } => None,
         });
+        let route_idle = forward.and_then(|f| f.idle_timeout);
         let timers = StreamTimers {
             idle: route_idle.unwrap_or(limits.stream_idle_timeout),
             request: limits.request_timeout,
-            max_duration: limits.max_stream_duration,
+            max_duration: max_stream_duration(
+                limits.max_stream_duration,
+                forward.and_then(|f| f.stream_duration.as_ref()),
+                headers,
+            ),
         };
         (timers.idle.is_some() || timers.request.is_some() || timers.max_duration.is_some())
             .then_some(timers)
@@ -475,12 +572,14 @@ impl Expiry {
             }
             Expiry::MaxDuration => {
                 stats.downstream_rq_max_duration_reached.inc();
-                LocalReply::new(
+                let mut reply = LocalReply::new(
                     status,
                     "downstream duration timeout",
                     "-",
                     "max_duration_timeout",
-                )
+                );
+                reply.grpc_status = Some(4); // DEADLINE_EXCEEDED, as Envoy's
+                reply
             }
         }
     }

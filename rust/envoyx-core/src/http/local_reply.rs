@@ -18,6 +18,9 @@ pub struct LocalReply {
     pub edited_headers: Option<HeaderMap>,
     /// Close the downstream connection after this reply (codec errors).
     pub close_connection: bool,
+    /// The `grpc-status` of this reply to a gRPC request, when not the one
+    /// Envoy derives from the HTTP status.
+    pub grpc_status: Option<u8>,
 }
 
 impl LocalReply {
@@ -35,6 +38,34 @@ impl LocalReply {
             headers: Vec::new(),
             edited_headers: None,
             close_connection: false,
+            grpc_status: None,
         }
     }
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`: the `grpc-status` of a local reply
+/// to a gRPC request.
+pub fn http_to_grpc_status(status: u16) -> u8 {
+    match status {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A `grpc-message` value: the text percent-encoded as the gRPC spec asks
+/// (everything outside printable ASCII, and `%`).
+pub fn grpc_message(text: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

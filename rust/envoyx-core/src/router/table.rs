@@ -199,6 +199,7 @@ mod tests {
                 retry_buffer_limit: 0,
                 idle_timeout: None,
                 hash_policy: None,
+                stream_duration: None,
             }),
             filter_overrides: Vec::new(),
         }
