@@ -71,7 +71,7 @@ SCENARIOS: dict[str, Json] = {
         "retry_policy": {"retry_on": "reset", "num_retries": 1, "per_try_idle_timeout": "0.3s"},
     },
     "timeout": {"timeout": "0.4s"},
-    "grpc": {"timeout": "10s", "max_stream_duration": {"grpc_timeout_header_max": "0.3s"}},
+    "grpc": {"timeout": "10s", "max_stream_duration": {"grpc_timeout_header_max": "2s"}},
     "duration": {"timeout": "10s", "max_stream_duration": {"max_stream_duration": "0.3s"}},
     "stall": {"timeout": "0.6s"},
     "stallretry": {"timeout": "0.6s", "retry_policy": {"retry_on": "5xx,reset", "num_retries": 2}},
@@ -308,6 +308,18 @@ def test_retriable_status_codes_and_4xx(rig: Rig) -> None:
     assert (r.status_code, rig.upstream.count(sid)) == (404, 1)
 
 
+def test_a_failure_after_a_retry_that_is_not_retriable_is_not_flagged_urx(rig: Rig) -> None:
+    """Retried once (418), then a reset the policy does not retry: the reply is the
+    reset's own (``UC``), with the retried wording, and not ``URX``."""
+    sid, r = call(rig, "/codes", "418,reset")
+    assert (r.status_code, rig.upstream.count(sid)) == (503, 2)
+    assert r.text.startswith(
+        "upstream connect error or disconnect/reset before headers. "
+        "retried and the latest reset reason: "
+    )
+    assert rig.log_line(sid)[1:3] == ["503", "UC"]
+
+
 def test_connect_failure_retries_then_fails_with_envoys_reply(rig: Rig) -> None:
     sid, r = call(rig, "/dead", "200")
     assert r.status_code == 503
@@ -431,15 +443,19 @@ GRPC = {"content-type": "application/grpc", "te": "trailers"}
 def test_grpc_timeout_header_limits_the_stream(rig: Rig) -> None:
     """``grpc_timeout_header_max``: a gRPC request's ``grpc-timeout`` is its stream's
     limit, capped by the route; the reply is a gRPC status (DEADLINE_EXCEEDED)."""
+    start = time.monotonic()
     _, r = call(rig, "/grpc", "hang", headers={**GRPC, "grpc-timeout": "200m"})
     assert r.status_code == 200
     assert r.headers["grpc-status"] == "4"
     assert r.headers["grpc-message"] == "downstream duration timeout"
     assert r.content == b""
+    assert time.monotonic() - start < 1, "the header's 200 ms, not the route's 2 s cap"
     start = time.monotonic()
     _sid, r = call(rig, "/grpc", "hang", headers={**GRPC, "grpc-timeout": "20S"})
     assert r.headers["grpc-status"] == "4"
-    assert time.monotonic() - start < 3, "capped at grpc_timeout_header_max"
+    elapsed = time.monotonic() - start
+    assert elapsed < 3, "capped at grpc_timeout_header_max"
+    assert elapsed > 1.5, "the cap (2 s) applies, not a shorter limit"
 
 
 def test_route_max_stream_duration(rig: Rig) -> None:
@@ -491,12 +507,16 @@ def test_attempt_count_headers(rig: Rig) -> None:
 
 def test_back_off_spaces_retries(rig: Rig) -> None:
     """Envoy's back-off is random below base, 2 x base, … capped at max: with base =
-    max = 200 ms three retries take a random time below 0.6 s; over many requests
-    the mean is about half of that. One request shows only that it is bounded."""
-    start = time.monotonic()
-    sid, r = call(rig, "/backoff", "503,503,503,200")
-    assert (r.status_code, rig.upstream.count(sid)) == (200, 4)
-    assert time.monotonic() - start < 3
+    max = 200 ms three retries take a random time below 0.6 s, 0.3 s on average. Each
+    request is bounded; eight of them (24 back-offs, 2.4 s expected) cannot all be
+    near zero unless there is no back-off."""
+    total = time.monotonic()
+    for _ in range(8):
+        start = time.monotonic()
+        sid, r = call(rig, "/backoff", "503,503,503,200")
+        assert (r.status_code, rig.upstream.count(sid)) == (200, 4)
+        assert time.monotonic() - start < 3
+    assert time.monotonic() - total > 0.8, "retries were not spaced by a back-off"
 
 
 # -- internal and external requests -------------------------------------------------------

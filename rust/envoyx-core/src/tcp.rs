@@ -101,9 +101,20 @@ impl TcpProxy {
         };
         record.upstream_host = Some(host.address);
         let stats = &cluster.stats;
+        // The connection is the whole transaction for outlier detection, as in
+        // Envoy's TCP proxy (connect failure / "connect success final").
+        use crate::upstream::outlier::{LocalOriginEvent, put_result};
         let mut upstream = match crate::upstream::connect(&cluster, host.shared(), None).await {
-            Ok(s) => s,
+            Ok(s) => {
+                put_result(
+                    &cluster,
+                    host.shared(),
+                    LocalOriginEvent::ConnectSuccessFinal,
+                );
+                s
+            }
             Err(_) => {
+                put_result(&cluster, host.shared(), LocalOriginEvent::ConnectFailed);
                 record.response_flags = "UF";
                 self.log(record, started);
                 return;

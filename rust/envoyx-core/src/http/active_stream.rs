@@ -20,8 +20,7 @@ use super::filtering::RequestFilters;
 use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name};
 use super::local_reply::LocalReply;
 
-static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-static GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+use super::headers::{GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT};
 use crate::access_log::LogRecord;
 use crate::config::{HcmLimits, RouteAction, RouteEntry};
 use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
@@ -485,8 +484,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         _ => return None,
     })
 }
-
-static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expiry {

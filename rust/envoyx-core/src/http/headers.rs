@@ -26,6 +26,12 @@ pub static X_ENVOY_EXPECTED_TIMEOUT: HeaderName =
 pub static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+pub static X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName =
+    HeaderName::from_static("x-envoy-immediate-health-check-fail");
+pub static X_ENVOY_DEGRADED: HeaderName = HeaderName::from_static("x-envoy-degraded");
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// On a reply to a request a circuit breaker refused.
 pub static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 

@@ -147,13 +147,14 @@ impl Router<'_, '_> {
             }
             other => other,
         };
-        // A request that may be retried keeps its body for the next try.
+        // A request that may be retried keeps its body for the next try (one
+        // without a body, most of them, has nothing to keep: a retry sends none).
         let (replay, mut body) = match &retry {
-            Some(_) => (
+            Some(_) if !http_body::Body::is_end_stream(&body) => (
                 Some(ReplayBuffer::new(body, action.retry_buffer_limit)),
                 None,
             ),
-            None => (None, Some(body)),
+            _ => (None, Some(body)),
         };
         let (authority, path) = (self.authority, self.path);
         let rewrite = RequestRewrite {
@@ -277,16 +278,14 @@ impl Router<'_, '_> {
                         overflowed = true;
                         retrying = false;
                         if let Some(r) = retry.as_mut() {
-                            r.retries -= 1;
+                            r.refused();
                         }
                     }
                 }
             }
-            retrying = retrying
-                && match &replay {
-                    Some(r) => within(deadline, r.fill()).await.unwrap_or(false),
-                    None => false,
-                };
+            if retrying && let Some(r) = &replay {
+                retrying = within(deadline, r.fill()).await.unwrap_or(false);
+            }
             if !retrying {
                 if overflowed && let Some(r) = self.record.as_mut() {
                     r.response_flags = "UO";
@@ -315,9 +314,7 @@ impl Router<'_, '_> {
                         };
                         self.timeout_reply(&cluster, &timeouts, attempt, exhausted, kind)
                     }
-                    Err(failure) => {
-                        self.failure(failure, &cluster, &timeouts, attempt, exhausted || retried)
-                    }
+                    Err(failure) => self.failure(failure, &cluster, &timeouts, attempt, exhausted),
                 };
             }
             // Retry: the try's response (if any) is dropped unread.

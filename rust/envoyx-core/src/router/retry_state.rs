@@ -9,7 +9,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 
 use crate::config::retry::{RetryPolicy, retry_on};
-use crate::http::headers::X_ENVOY_OVERLOADED;
+use crate::http::headers::{GRPC_STATUS, X_ENVOY_OVERLOADED};
 
 pub static X_ENVOY_RETRY_ON: HeaderName = HeaderName::from_static("x-envoy-retry-on");
 pub static X_ENVOY_RETRY_GRPC_ON: HeaderName = HeaderName::from_static("x-envoy-retry-grpc-on");
@@ -19,7 +19,6 @@ pub static X_ENVOY_RETRIABLE_STATUS_CODES: HeaderName =
 pub static X_ENVOY_RETRIABLE_HEADER_NAMES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-header-names");
 pub static X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Why a try produced no response, as a retry sees it (Envoy's reset reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +176,12 @@ impl RetryState {
     /// A hedged retry on a per-try timeout: made whenever a retry is left.
     pub fn on_hedge(&mut self) -> RetryDecision {
         self.decide(true)
+    }
+
+    /// The retry just decided was refused (the cluster's `max_retries` or retry
+    /// budget): it is not made, so it does not count as one.
+    pub fn refused(&mut self) {
+        self.retries = self.retries.saturating_sub(1);
     }
 
     fn decide(&mut self, retriable: bool) -> RetryDecision {

@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use super::Outcome;
 use super::http::{Conn, authority, uri};
 use crate::config::health_check::GrpcHealthCheck;
+use crate::http::headers::GRPC_STATUS;
 use crate::upstream::cluster::{Cluster, Host};
 
 const PATH: &str = "/grpc.health.v1.Health/Check";
@@ -113,7 +114,7 @@ pub(super) async fn check(
     };
     let (parts, mut body) = response.into_parts();
     let mut data = Vec::new();
-    let mut grpc_status = parts.headers.get("grpc-status").cloned();
+    let mut grpc_status = parts.headers.get(&GRPC_STATUS).cloned();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return (Outcome::NETWORK, None);
@@ -123,7 +124,7 @@ pub(super) async fn check(
             Ok(_) => return (Outcome::ACTIVE, None),
             Err(frame) => {
                 if let Some(t) = frame.trailers_ref() {
-                    grpc_status = t.get("grpc-status").cloned().or(grpc_status);
+                    grpc_status = t.get(&GRPC_STATUS).cloned().or(grpc_status);
                 }
             }
         }

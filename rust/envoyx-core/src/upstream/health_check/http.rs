@@ -11,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{FailureType, Outcome};
 use crate::config::health_check::HttpHealthCheck;
+use crate::http::headers::{X_ENVOY_DEGRADED, X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL};
 use crate::upstream::cluster::{Cluster, Host, health_flag};
 
 /// An open checking connection (HTTP/1.1 or HTTP/2, by `codec_client_type`).
@@ -139,7 +140,10 @@ pub(super) async fn check(
     let status = parts.status.as_u16();
     let in_ranges = |ranges: &[(u16, u16)]| ranges.iter().any(|(s, e)| (*s..*e).contains(&status));
     if !in_ranges(&config.expected_statuses) {
-        if parts.headers.contains_key(super::IMMEDIATE_FAIL) {
+        if parts
+            .headers
+            .contains_key(&X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL)
+        {
             host.set_health_flag(health_flag::EXCLUDED_VIA_IMMEDIATE_HC_FAIL);
         }
         let retriable = in_ranges(&config.retriable_statuses);
@@ -151,6 +155,6 @@ pub(super) async fn check(
             keep,
         );
     }
-    let degraded = parts.headers.contains_key("x-envoy-degraded");
+    let degraded = parts.headers.contains_key(&X_ENVOY_DEGRADED);
     (Outcome::Healthy { degraded }, keep)
 }

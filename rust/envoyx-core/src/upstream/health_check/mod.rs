@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 use super::cluster::{Cluster, ClusterManager, Host, health_flag};
 use super::connect::UpstreamStream;
 use crate::config::health_check::HealthCheckKind;
+use crate::http::headers::X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL;
 
 /// Marks `host` failed at once when a response carries
 /// `x-envoy-immediate-health-check-fail` and the cluster is health checked
@@ -42,15 +43,17 @@ use crate::config::health_check::HealthCheckKind;
 #[inline]
 pub fn check_immediate_fail(cluster: &Cluster, host: &Arc<Host>, headers: &::http::HeaderMap) {
     if let Some(hc) = &cluster.health_checker
-        && headers.contains_key(IMMEDIATE_FAIL)
+        && headers.contains_key(&X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL)
     {
-        host.set_health_flag(health_flag::EXCLUDED_VIA_IMMEDIATE_HC_FAIL);
-        cluster.health_changed();
+        // Only a newly set flag moves the health epoch: each move makes every
+        // worker rebuild its host sets (a ring or Maglev table too), and a draining
+        // host may send the header on every response.
+        if host.set_health_flag(health_flag::EXCLUDED_VIA_IMMEDIATE_HC_FAIL) {
+            cluster.health_changed();
+        }
         let _ = hc.passive.send(host.clone());
     }
 }
-
-const IMMEDIATE_FAIL: &str = "x-envoy-immediate-health-check-fail";
 
 /// Starts the background tasks of a cluster (its health checker and outlier
 /// detector) on the control runtime `rt`.

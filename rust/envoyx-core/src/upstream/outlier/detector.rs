@@ -21,10 +21,6 @@ pub enum LocalOriginEvent {
     ConnectFailed,
     /// No response within the timeout.
     Timeout,
-    /// A non-HTTP transaction failed on the server.
-    ExtOriginRequestFailed,
-    /// A non-HTTP transaction succeeded.
-    ExtOriginRequestSuccess,
 }
 
 /// Envoy's `OutlierEjectionType`.
@@ -110,6 +106,13 @@ impl std::fmt::Debug for Event {
     }
 }
 
+/// Zeroes a consecutive-error counter, writing only when it is not zero already.
+fn reset(counter: &std::sync::atomic::AtomicU32) {
+    if counter.load(Ordering::Relaxed) != 0 {
+        counter.store(0, Ordering::Relaxed);
+    }
+}
+
 fn is_gateway_error(code: u16) -> bool {
     matches!(code, 502..=504)
 }
@@ -151,8 +154,10 @@ impl Detector {
             }
         } else {
             m.external.put(true);
-            m.consecutive_5xx.store(0, Ordering::Relaxed);
-            m.consecutive_gateway_failure.store(0, Ordering::Relaxed);
+            // Stores only when set: the line is shared by every worker, and a
+            // healthy host's counters stay at 0 (no write per response).
+            reset(&m.consecutive_5xx);
+            reset(&m.consecutive_gateway_failure);
         }
     }
 
@@ -162,10 +167,9 @@ impl Detector {
         use LocalOriginEvent::*;
         if !self.config.split_external_local_origin_errors {
             let code = match result {
-                ExtOriginRequestSuccess | ConnectSuccessFinal => 200,
+                ConnectSuccessFinal => 200,
                 Timeout => 504,
                 ConnectFailed => 503,
-                ExtOriginRequestFailed => 500,
                 ConnectSuccess => return,
             };
             return self.put_http_response_code(host, code);
@@ -174,8 +178,7 @@ impl Detector {
         match result {
             ConnectSuccess | ConnectSuccessFinal => {
                 m.local.put(true);
-                m.consecutive_local_origin_failure
-                    .store(0, Ordering::Relaxed);
+                reset(&m.consecutive_local_origin_failure);
             }
             Timeout | ConnectFailed => {
                 m.local.put(false);
@@ -186,13 +189,6 @@ impl Detector {
                 if n == self.config.consecutive_local_origin_failure {
                     self.notify(host, EjectionType::ConsecutiveLocalOriginFailure);
                 }
-            }
-            ExtOriginRequestFailed => self.put_http_response_code(host, 503),
-            ExtOriginRequestSuccess => {
-                self.put_http_response_code(host, 200);
-                m.local.put(true);
-                m.consecutive_local_origin_failure
-                    .store(0, Ordering::Relaxed);
             }
         }
     }
