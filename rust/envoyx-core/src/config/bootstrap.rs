@@ -13,8 +13,9 @@ use serde_json::Value;
 
 use super::listener::{map_address, map_listener};
 use super::model::*;
-use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log, map_route_config};
+use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log};
 use super::reader::{Errors, Obj};
+use super::route::{RouteAction, RouteConfig, map_route_config};
 use super::tls::{map_secret, map_upstream_socket};
 
 pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =

@@ -9,8 +9,13 @@ pub mod model;
 pub mod network;
 pub mod reader;
 pub mod retry;
+pub mod route;
+pub mod route_action;
+pub mod route_match;
 pub mod tls;
 
 pub use bootstrap::map_bootstrap;
 pub use health_check::{HealthCheckConfig, OutlierConfig};
 pub use model::*;
+pub use route::*;
+pub use route_match::{PathMatch, RouteMatch};

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use regex::Regex;
 use serde_json::Value;
 
 #[derive(Debug)]
@@ -447,106 +446,9 @@ pub enum FilterOverride {
 
 #[derive(Debug)]
 pub enum RouteSource {
-    Inline(RouteConfig),
+    Inline(super::route::RouteConfig),
     /// `rds.route_config_name`: the table arrives as a RouteConfiguration resource.
     Rds(String),
-}
-
-#[derive(Debug)]
-pub struct RouteConfig {
-    /// `name`.
-    pub name: String,
-    /// `virtual_hosts`.
-    pub virtual_hosts: Vec<VirtualHostConfig>,
-    /// `validate_clusters`: refuse routes naming unknown clusters. Envoy's default
-    /// is on for static route configurations and off for RDS.
-    pub validate_clusters: Option<bool>,
-    pub raw: Value,
-}
-
-#[derive(Debug)]
-pub struct VirtualHostConfig {
-    pub name: String,
-    /// `domains`: exact, `*.suffix`, `prefix.*` or `*`, lower-cased.
-    pub domains: Vec<String>,
-    pub routes: Vec<RouteEntry>,
-}
-
-#[derive(Debug)]
-pub struct RouteEntry {
-    pub name: String,
-    pub path_match: PathMatch,
-    /// `match.case_sensitive` (default true; regexes are not affected, as in Envoy).
-    pub case_sensitive: bool,
-    pub action: RouteAction,
-    /// `typed_per_filter_config` of the route, over its virtual host's, by filter name.
-    pub filter_overrides: Vec<(String, FilterOverride)>,
-}
-
-#[derive(Debug)]
-pub enum PathMatch {
-    /// `match.prefix`.
-    Prefix(String),
-    /// `match.path`: the whole path without the query string.
-    Path(String),
-    /// `match.safe_regex.regex`, anchored: it must match the whole path without query.
-    Regex(Regex),
-}
-
-#[derive(Debug)]
-pub enum RouteAction {
-    /// `route`.
-    Forward(ForwardAction),
-    /// `direct_response`.
-    Direct { status: u16, body: Option<String> },
-}
-
-#[derive(Debug)]
-pub struct ForwardAction {
-    /// `route.cluster`.
-    pub cluster: String,
-    /// The index of `cluster` among the cluster names of the compiled route table
-    /// ([`crate::router::RouteTable::cluster_names`]), set when it is compiled, so
-    /// that a request finds its cluster without hashing the name.
-    pub cluster_slot: usize,
-    /// `route.timeout` (default 15 s; zero disables).
-    pub timeout: Option<Duration>,
-    /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than
-    /// formatted for every request.
-    pub expected_timeout: Option<http::HeaderValue>,
-    /// `route.prefix_rewrite`.
-    pub prefix_rewrite: Option<String>,
-    /// `route.host_rewrite_literal`.
-    pub host_rewrite: Option<String>,
-    /// `route.retry_policy`, else the virtual host's.
-    pub retry_policy: Option<std::sync::Arc<super::retry::RetryPolicy>>,
-    /// `route.hedge_policy`, else the virtual host's.
-    pub hedge_policy: super::retry::HedgePolicy,
-    /// The virtual host's `include_request_attempt_count`: `x-envoy-attempt-count`
-    /// on each try's request.
-    pub include_attempt_count_in_request: bool,
-    /// The virtual host's `include_attempt_count_in_response`.
-    pub include_attempt_count_in_response: bool,
-    /// `per_request_buffer_limit_bytes` (route, else virtual host; default 1 MiB,
-    /// Envoy's listener buffer limit): how much request body is kept for a retry.
-    pub retry_buffer_limit: u32,
-    /// `route.idle_timeout`: replaces the connection manager's
-    /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
-    pub idle_timeout: Option<Option<Duration>>,
-    /// `route.max_stream_duration`.
-    pub stream_duration: Option<RouteStreamDuration>,
-    /// `route.hash_policy`: the request's hash for ring hash and Maglev.
-    pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
-}
-
-/// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,
-/// which replaces the connection manager's (`0s`: none), and for gRPC requests
-/// the `grpc-timeout` header's (capped by `grpc_timeout_header_max`, zero: no cap).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RouteStreamDuration {
-    pub max: Option<Duration>,
-    pub grpc_header_max: Option<Duration>,
-    pub grpc_header_offset: Option<Duration>,
 }
 
 #[derive(Debug)]

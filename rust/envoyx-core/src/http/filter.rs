@@ -286,7 +286,7 @@ impl FilterPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PathMatch, RouteAction};
+    use crate::config::{PathMatch, RouteAction, RouteMatch};
 
     struct Chain(Vec<FilterInfo>, Option<FilterPlan>);
 
@@ -324,8 +324,10 @@ mod tests {
     fn route(overrides: Vec<(String, FilterOverride)>) -> RouteEntry {
         RouteEntry {
             name: "r".into(),
-            path_match: PathMatch::Prefix("/".into()),
-            case_sensitive: true,
+            route_match: RouteMatch {
+                path: PathMatch::Prefix("/".into()),
+                case_sensitive: true,
+            },
             action: RouteAction::Direct {
                 status: 200,
                 body: None,

@@ -159,7 +159,7 @@ impl Router<'_, '_> {
         let (authority, path) = (self.authority, self.path);
         let rewrite = RequestRewrite {
             action,
-            matched: &route.path_match,
+            matched: &route.route_match.path,
             authority,
             path,
             forwarded_for: hcm.use_remote_address.then_some(conn.peer),

@@ -5,6 +5,7 @@
 pub mod filter;
 pub mod hash_policy;
 pub mod retry_state;
+pub mod route_match;
 pub mod table;
 pub mod upstream_request;
 
