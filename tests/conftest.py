@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from support.differential import Environment
 from support.envoy import EnvoyInstallError, EnvoyProcess, ensure_envoy_binary, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import GrpcUpstream, H2cUpstream, HttpUpstream, TcpEchoUpstream
@@ -131,3 +132,15 @@ def start_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Star
         yield from _runner(factory, tmp_path)
     else:
         yield from _runner(EnvoyxProcess, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def environment(
+    http_upstreams: dict[str, HttpUpstream],
+    h2c_upstream: H2cUpstream,
+    grpc_upstream: GrpcUpstream,
+    tcp_echo: TcpEchoUpstream,
+) -> Iterator[Environment]:
+    refused = RefusedPort()
+    yield Environment(http_upstreams, h2c_upstream, grpc_upstream, tcp_echo, refused)
+    refused.close()

@@ -1,0 +1,561 @@
+"""The differential-test machinery: one :class:`Scenario` (a bootstrap and requests)
+run through the real Envoy 1.40 and through envoyx, each response reduced to facts,
+envoyx's facts compared with Envoy's.
+
+- ``build(ctx)`` returns an Envoy v3 bootstrap (a plain dict, fed unchanged to both);
+- ``requests`` are sent in order on one client connection (HTTP/1.1 or h2c), or as
+  raw bytes on fresh sockets, gRPC calls, or TCP bytes (tcp_proxy);
+- every response is reduced to *facts* (status, local-reply body, which upstream
+  served, the headers that matter, what the upstream received); ``expect`` pins the
+  facts Envoy gives (checked on both proxies), and envoyx's facts must equal Envoy's;
+- ``stats`` are named stat deltas, checked on both;
+- ``access_log`` compares the access-log lines (Envoy's default format) with the
+  varying fields masked;
+- ``sequence`` reduces the whole run (e.g. the round-robin pattern);
+- ``not_compared`` names facts left out of the comparison, each with its reason.
+
+A table of scenarios becomes tests with::
+
+    @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+    @pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+    def test_scenario(target, scenario, envoy_binary, environment, tmp_path):
+        run_differential(target, scenario, envoy_binary, environment, tmp_path)
+
+(the ``environment`` fixture, the shared upstreams, is in conftest.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from support.clients import raw_exchange
+from support.envoy import EnvoyProcess
+from support.proxy import EnvoyxProcess, ProxyProcess
+from support.upstreams import (
+    UNARY_METHOD,
+    GrpcUpstream,
+    H2cUpstream,
+    HttpUpstream,
+    TcpEchoUpstream,
+    pattern,
+)
+from support.wait import RefusedPort, free_port
+
+Facts = dict[str, Any]
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------
+# The table's vocabulary
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a bootstrap builder may refer to. Listener and admin ports differ between
+    the Envoy and the envoyx run; every fact has them replaced by ``{port}``."""
+
+    port: int
+    admin_port: int
+    upstreams: dict[str, tuple[str, int]]
+    refused: tuple[str, int]
+    access_log: str
+
+    def up(self, name: str) -> tuple[str, int]:
+        return self.upstreams[name]
+
+
+@dataclass(frozen=True)
+class Http:
+    """An HTTP request through the proxy.
+
+    ``body``: bytes, or an int for that many bytes of :func:`pattern`; ``chunked``
+    sends it without content-length (HTTP/1.1 chunked); ``http2`` uses h2c with prior
+    knowledge. ``observe`` adds facts to the defaults (see :func:`http_facts`).
+    """
+
+    path: str = "/"
+    method: str = "GET"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes | int | None = None
+    chunked: bool = False
+    http2: bool = False
+    observe: tuple[str, ...] = ()
+    expect: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Raw bytes on a fresh connection; one response is read."""
+
+    data: bytes
+    expect: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grpc:
+    """A gRPC call through the proxy with a grpcio client (raw-bytes messages)."""
+
+    method: str  # UNARY_METHOD or STREAM_METHOD
+    payload: bytes
+    metadata: tuple[tuple[str, str], ...] = ()
+    expect: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tcp:
+    """Bytes on a fresh TCP connection: sent while reading, then a half-close; the
+    connection is read to EOF (or reset)."""
+
+    payload: bytes
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    build: Callable[[Ctx], Json]
+    requests: tuple[Request, ...]
+    stats: dict[str, int] = field(default_factory=dict)
+    access_log: bool = False
+    sequence: Callable[[list[Facts]], Any] | None = None
+    expect_sequence: Any = None
+    # Facts left out of the Envoy/envoyx comparison, each with the reason. Where
+    # envoyx differs from Envoy on purpose, the difference is listed here and says why.
+    not_compared: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------
+# Observing
+# ---------------------------------------------------------------------------------
+
+DEFAULT_HTTP_FACTS = ("status", "upstream", "header:server", "header:content-type", "has:date")
+ECHO = "application/json"
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _body_content(req: Http) -> bytes | Iterator[bytes] | None:
+    if req.body is None:
+        return None
+    data = b"".join(pattern(req.body)) if isinstance(req.body, int) else req.body
+    if req.chunked:
+        return iter([data[i : i + 65536] for i in range(0, len(data), 65536)] or [b""])
+    return data
+
+
+def http_facts(req: Http, resp: httpx.Response) -> Facts:
+    """Facts of one response. Defaults: status, upstream (x-upstream), server,
+    content-type, date presence; for a reply the proxy made itself (no x-upstream)
+    also body and content-length. ``observe`` names more:
+
+    ``header:N`` value or None · ``has:N`` presence · ``body.sha256`` (length, sha256)
+    · ``protocol`` downstream HTTP version · ``up.header:N`` / ``up.has:N`` what the
+    upstream received · ``up.headers`` sorted header names the upstream received ·
+    ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
+    ``up.connection`` upstream connection id (for reuse patterns, see :func:`relabel`).
+    """
+    facts: Facts = {}
+    upstream = resp.headers.get("x-upstream")
+    echo: Json | None = None
+    if upstream is not None and resp.headers.get("content-type") == ECHO:
+        echo = json.loads(resp.content)
+    for name in (*DEFAULT_HTTP_FACTS, *req.observe):
+        facts[name] = _fact(name, resp, echo)
+    if upstream is None:
+        facts["body"] = resp.content.decode("utf-8", "replace")
+        facts["header:content-length"] = resp.headers.get("content-length")
+    return facts
+
+
+def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
+    kind, _, arg = name.partition(":")
+    if kind == "status":
+        return resp.status_code
+    if kind == "upstream":
+        return resp.headers.get("x-upstream")
+    if kind == "header":
+        return resp.headers.get(arg)
+    if kind == "has":
+        return arg in resp.headers
+    if kind == "body.sha256":
+        return (len(resp.content), hashlib.sha256(resp.content).hexdigest())
+    if kind == "protocol":
+        return resp.http_version
+    if kind.startswith("up."):
+        if echo is None:
+            return "<no echo>"
+        headers = {k: v for k, v in echo["headers"]}
+        sub = kind[3:]
+        if sub == "header":
+            return headers.get(arg)
+        if sub == "has":
+            return arg in headers
+        if sub == "headers":
+            return sorted(headers)
+        if sub == "body":
+            return (echo["body_length"], echo["body_sha256"])
+        if sub == "protocol":
+            return echo["http_version"]
+        if sub == "method":
+            return echo["method"]
+        if sub == "path":
+            return echo["path"]
+        if sub == "connection":
+            return f"{echo['upstream']}#{echo['connection_id']}"
+    raise ValueError(f"unknown fact {name!r}")
+
+
+def raw_facts(address: tuple[str, int], req: Raw) -> Facts:
+    try:
+        resp = raw_exchange(address, req.data)
+    except ConnectionError:
+        return {"status": None, "closed": True, "answered": False}
+    facts: Facts = {
+        "status": resp.status,
+        "reason": resp.reason,
+        "upstream": resp.header("x-upstream"),
+        "header:content-type": resp.header("content-type"),
+        "header:connection": resp.header("connection"),
+        "header:server": resp.header("server"),
+        "closed": resp.closed,
+        "answered": True,
+    }
+    if facts["upstream"] is None:  # a reply the proxy made itself
+        facts["body"] = resp.body.decode("utf-8", "replace")
+        facts["header:content-length"] = resp.header("content-length")
+    return facts
+
+
+def grpc_facts(address: tuple[str, int], req: Grpc) -> Facts:
+    target = f"{address[0]}:{address[1]}"
+    with grpc.insecure_channel(target) as channel:
+        if req.method == UNARY_METHOD:
+            call = channel.unary_unary(req.method)
+            try:
+                reply, state = call.with_call(req.payload, metadata=req.metadata, timeout=10)
+                messages = [reply]
+                code, details = state.code(), state.details()
+                initial, trailing = state.initial_metadata(), state.trailing_metadata()
+            except grpc.RpcError as err:
+                messages = []
+                code, details = err.code(), err.details()
+                initial = err.initial_metadata()
+                trailing = err.trailing_metadata()
+        else:
+            stream = channel.unary_stream(req.method)(
+                req.payload, metadata=req.metadata, timeout=10
+            )
+            messages = list(stream)
+            code, details = stream.code(), stream.details()
+            initial, trailing = stream.initial_metadata(), stream.trailing_metadata()
+    keep = ("x-upstream", "x-trailer", "x-trailer-bin")
+    return {
+        "grpc.code": code.name,
+        "grpc.details": details,
+        "grpc.messages": messages,
+        "grpc.initial": sorted((k, v) for k, v in initial if k in keep),
+        "grpc.trailing": sorted((k, v) for k, v in trailing if k in keep),
+    }
+
+
+def tcp_facts(address: tuple[str, int], req: Tcp) -> Facts:
+    received = bytearray()
+    reset = False
+    with socket.create_connection(address, timeout=30) as sock:
+
+        def read() -> None:
+            nonlocal reset
+            try:
+                while data := sock.recv(1 << 16):
+                    received.extend(data)
+            except ConnectionResetError:
+                reset = True
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            sock.sendall(req.payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            reset = True
+        reader.join(30)
+        assert not reader.is_alive(), "no EOF from the proxy after the client's half-close"
+    return {
+        "tcp.received": (len(received), hashlib.sha256(received).hexdigest()),
+        "tcp.echo_exact": bytes(received) == req.payload,
+        "tcp.reset": reset,
+    }
+
+
+def relabel(values: list[Any]) -> str:
+    """Name values by first appearance: [b, c, a, b, c, a] -> 'ABCABC'. Compares
+    round-robin order and connection reuse without depending on the start point."""
+    names: dict[Any, str] = {}
+    return "".join(names.setdefault(v, chr(ord("A") + len(names))) for v in values)
+
+
+def upstream_pattern(facts: list[Facts]) -> str:
+    return relabel([f["upstream"] for f in facts])
+
+
+def connection_pattern(facts: list[Facts]) -> str:
+    return relabel([f["up.connection"] for f in facts])
+
+
+ACCESS_LOG_RE = re.compile(
+    r'^\[(?P<start>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) (?P<proto>\S+)" '
+    r"(?P<code>\d+) (?P<flags>\S+) (?P<rx>\d+) (?P<tx>\d+) (?P<duration>\d+) "
+    r'(?P<ust>\S+) "(?P<xff>[^"]*)" "(?P<ua>[^"]*)" "(?P<rid>[^"]*)" '
+    r'"(?P<authority>[^"]*)" "(?P<host>[^"]*)"$'
+)
+START_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def mask_access_log(line: str) -> str:
+    """Envoy's default format with start time, duration, upstream service time and a
+    generated request id masked (their format is still checked)."""
+    m = ACCESS_LOG_RE.match(line)
+    if m is None:
+        return f"<not Envoy's default format: {line!r}>"
+    f = m.groupdict()
+    start = "T" if START_TIME_RE.match(f["start"]) else f"<bad time {f['start']}>"
+    ust = "-" if f["ust"] == "-" else ("N" if f["ust"].isdigit() else f["ust"])
+    rid = "<uuid>" if UUID_RE.match(f["rid"]) else f["rid"]
+    return (
+        f'[{start}] "{f["method"]} {f["path"]} {f["proto"]}" {f["code"]} {f["flags"]} '
+        f'{f["rx"]} {f["tx"]} D {ust} "{f["xff"]}" "{f["ua"]}" "{rid}" '
+        f'"{f["authority"]}" "{f["host"]}"'
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Running one scenario through one proxy
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    facts: list[Facts]
+    stats: dict[str, int]
+    access_log: list[str]
+    sequence: Any
+
+
+def _normalize(value: Any, ports: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for real, placeholder in ports.items():
+            value = re.sub(rf"(?<=[:_]){real}(?!\d)", placeholder, value)
+        return value
+    if isinstance(value, list):
+        return [_normalize(v, ports) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_normalize(v, ports) for v in value)
+    if isinstance(value, dict):
+        return {k: _normalize(v, ports) for k, v in value.items()}
+    return value
+
+
+_RUNS = itertools.count()
+
+
+def run_scenario(
+    scenario: Scenario,
+    make_proxy: Callable[[Json, Path], ProxyProcess],
+    env: Environment,
+    workdir: Path,
+) -> Result:
+    access_log = workdir / f"{scenario.name}.{next(_RUNS)}.access.log"
+    ctx = Ctx(
+        port=free_port(),
+        admin_port=free_port(),
+        upstreams=env.addresses,
+        refused=env.refused,
+        access_log=str(access_log),
+    )
+    listener_stat = f"127.0.0.1_{ctx.port}"
+    stat_names = {k.replace("{listener}", listener_stat): k for k in scenario.stats}
+    proxy = make_proxy(scenario.build(ctx), workdir)
+    proxy.start()
+    try:
+        address = ("127.0.0.1", ctx.port)
+        before = proxy.stats()
+        facts = _send_all(scenario, address)
+        expected = {real: scenario.stats[tmpl] for real, tmpl in stat_names.items()}
+        seen = proxy.wait_stats(expected, before)
+        stats = {stat_names[k]: v for k, v in seen.items()}
+        rc = proxy.stop()
+        assert rc == 0, f"{proxy.kind} exited with {rc} on SIGTERM; log:\n{proxy.log_text()}"
+    finally:
+        if proxy.running:
+            proxy.stop()
+    lines: list[str] = []
+    if scenario.access_log:
+        # Read after the clean exit: Envoy flushes access logs every 10 s
+        # (--file-flush-interval-msec) and when it exits.
+        lines = access_log.read_text().splitlines() if access_log.exists() else []
+    ports = {str(ctx.port): "{port}", str(ctx.admin_port): "{admin_port}"}
+    facts = _normalize(facts, ports)
+    lines = [_normalize(mask_access_log(line), ports) for line in lines]
+    seq = scenario.sequence(facts) if scenario.sequence is not None else None
+    return Result(facts=facts, stats=stats, access_log=lines, sequence=seq)
+
+
+def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
+    base = f"http://{address[0]}:{address[1]}"
+    timeout = httpx.Timeout(30.0)
+    out: list[Facts] = []
+    with (
+        httpx.Client(base_url=base, timeout=timeout) as h1,
+        httpx.Client(base_url=base, timeout=timeout, http1=False, http2=True) as h2,
+    ):
+        for req in scenario.requests:
+            if isinstance(req, Raw):
+                out.append(raw_facts(address, req))
+            elif isinstance(req, Grpc):
+                out.append(grpc_facts(address, req))
+            elif isinstance(req, Tcp):
+                out.append(tcp_facts(address, req))
+            else:
+                client = h2 if req.http2 else h1
+                resp = client.request(
+                    req.method, req.path, headers=list(req.headers), content=_body_content(req)
+                )
+                out.append(http_facts(req, resp))
+    return out
+
+
+class Environment:
+    """The upstreams shared by every scenario of the session."""
+
+    def __init__(
+        self,
+        http: dict[str, HttpUpstream],
+        h2: H2cUpstream,
+        grpc_up: GrpcUpstream,
+        echo: TcpEchoUpstream,
+        refused: RefusedPort,
+    ) -> None:
+        self.addresses = {name: up.address for name, up in http.items()}
+        self.addresses["h2"] = h2.address
+        self.addresses["grpc"] = grpc_up.address
+        self.addresses["echo"] = echo.address
+        self.refused = (refused.host, refused.port)
+
+
+_ENVOY_RESULTS: dict[str, Result] = {}
+
+
+def _envoy_result(
+    scenario: Scenario, envoy_binary: Path, env: Environment, workdir: Path
+) -> Result:
+    if scenario.name not in _ENVOY_RESULTS:
+
+        def make(bs: Json, wd: Path) -> ProxyProcess:
+            return EnvoyProcess(envoy_binary, bs, wd / "envoy", concurrency=1)
+
+        _ENVOY_RESULTS[scenario.name] = run_scenario(scenario, make, env, workdir)
+    return _ENVOY_RESULTS[scenario.name]
+
+
+def check_expectations(scenario: Scenario, result: Result, who: str) -> None:
+    problems = []
+    for i, (req, facts) in enumerate(zip(scenario.requests, result.facts, strict=True)):
+        for key, want in req.expect.items():
+            got = facts.get(key, "<not observed>")
+            if got != want:
+                problems.append(
+                    f"request {i} ({_describe(req)}): {key} = {got!r}, expected {want!r}"
+                )
+    for name, want in scenario.stats.items():
+        got = result.stats.get(name)
+        if got != want:
+            problems.append(f"stat {name}: delta {got}, expected {want}")
+    if scenario.access_log and len(result.access_log) != len(scenario.requests):
+        problems.append(
+            f"{len(result.access_log)} access log lines for {len(scenario.requests)} requests"
+        )
+    if scenario.expect_sequence is not None and result.sequence != scenario.expect_sequence:
+        problems.append(f"sequence {result.sequence!r}, expected {scenario.expect_sequence!r}")
+    assert not problems, f"{who} on scenario {scenario.name}:\n  " + "\n  ".join(problems)
+
+
+def _describe(req: Request) -> str:
+    if isinstance(req, Http):
+        return f"{req.method} {req.path}" + (" h2" if req.http2 else "")
+    if isinstance(req, Raw):
+        return f"raw {req.data[:30]!r}"
+    if isinstance(req, Tcp):
+        return f"tcp {len(req.payload)} bytes"
+    return f"grpc {req.method}"
+
+
+# Facts that name things of one run (upstream connection ids count per session); they
+# are compared only through a scenario's ``sequence``.
+RUN_SPECIFIC = ("up.connection",)
+
+
+def _drop(facts: Facts, keys: tuple[str, ...]) -> Facts:
+    return {k: v for k, v in facts.items() if k not in keys and k not in RUN_SPECIFIC}
+
+
+def run_differential(
+    target: str,
+    scenario: Scenario,
+    envoy_binary: Path,
+    environment: Environment,
+    tmp_path: Path,
+) -> None:
+    """One half of a scenario's test: ``target`` "envoy" checks the table against
+    Envoy alone; "envoyx" runs envoyx too and compares it with Envoy's result."""
+    envoy = _envoy_result(scenario, envoy_binary, environment, tmp_path)
+    if target == "envoy":
+        check_expectations(scenario, envoy, "Envoy")
+        return
+
+    def make(bs: Json, wd: Path) -> ProxyProcess:
+        return EnvoyxProcess(bs, wd / "envoyx", concurrency=1)
+
+    ours = run_scenario(scenario, make, environment, tmp_path)
+    skip = tuple(scenario.not_compared)
+    diffs = []
+    for i, (req, e_facts, x_facts) in enumerate(
+        zip(scenario.requests, envoy.facts, ours.facts, strict=True)
+    ):
+        e, x = _drop(e_facts, skip), _drop(x_facts, skip)
+        for key in sorted(set(e) | set(x)):
+            if e.get(key) != x.get(key):
+                diffs.append(
+                    f"request {i} ({_describe(req)}): {key}: "
+                    f"envoy={e.get(key)!r} envoyx={x.get(key)!r}"
+                )
+    for name in scenario.stats:
+        if envoy.stats.get(name) != ours.stats.get(name):
+            diffs.append(
+                f"stat {name}: envoy={envoy.stats.get(name)} envoyx={ours.stats.get(name)}"
+            )
+    if envoy.sequence != ours.sequence:
+        diffs.append(f"sequence: envoy={envoy.sequence!r} envoyx={ours.sequence!r}")
+    if envoy.access_log != ours.access_log:
+        diffs.append(
+            "access log:\n    envoy:  "
+            + "\n            ".join(envoy.access_log)
+            + "\n    envoyx: "
+            + "\n            ".join(ours.access_log)
+        )
+    assert not diffs, f"envoyx differs from Envoy on {scenario.name}:\n  " + "\n  ".join(diffs)
+    check_expectations(scenario, ours, "envoyx")
