@@ -78,6 +78,25 @@ SCENARIOS: dict[str, Json] = {
     "plain": {},
     "buffer": {"retry_policy": {"retry_on": "5xx", "num_retries": 1}},
     "body": {"retry_policy": {"retry_on": "5xx", "num_retries": 2}},
+    "ratelimited": {
+        "retry_policy": {
+            "retry_on": "retriable-status-codes",
+            "retriable_status_codes": [429],
+            "num_retries": 2,
+            "rate_limited_retry_back_off": {
+                "reset_headers": [
+                    {"name": "retry-after"},
+                    {"name": "x-ratelimit-reset", "format": "UNIX_TIMESTAMP"},
+                ],
+                "max_interval": "5s",
+            },
+        }
+    },
+    "hedge": {
+        "timeout": "5s",
+        "retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"},
+        "hedge_policy": {"hedge_on_per_try_timeout": True},
+    },
     "backoff": {
         "retry_policy": {
             "retry_on": "5xx",
@@ -364,6 +383,11 @@ def test_per_try_timeout_is_retried(rig: Rig) -> None:
     sid, r = call(rig, "/pertry", "hang,200")
     assert r.status_code == 200
     assert rig.upstream.count(sid) == 2
+    # Each try is told its per-try timeout (it is shorter than what is left).
+    assert [a.headers.get("x-envoy-expected-rq-timeout-ms") for a in rig.upstream.seen(sid)] == [
+        "300",
+        "300",
+    ]
     rig.wait_stats("pertry", {"upstream_rq_per_try_timeout": 1, "upstream_rq_retry": 1})
 
 
@@ -519,6 +543,100 @@ def test_back_off_spaces_retries(rig: Rig) -> None:
     assert time.monotonic() - total > 0.8, "retries were not spaced by a back-off"
 
 
+def test_rate_limited_back_off_waits_as_the_reset_header_says(rig: Rig) -> None:
+    """`rate_limited_retry_back_off`: a retried 429's `retry-after: 1` makes the next
+    try wait between 1 and 1.5 s (Envoy's lower-bound jitter), counted as a
+    rate-limited back-off; a value above `max_interval` falls back to the exponential
+    back-off."""
+    start = time.monotonic()
+    sid, r = call(rig, "/ratelimited", "429;retry-after=1,200")
+    waited = time.monotonic() - start
+    assert (r.status_code, r.text, rig.upstream.count(sid)) == (200, "attempt 2 200", 2)
+    assert waited >= 1.0, f"the retry came after {waited:.3f} s, before retry-after"
+    rig.wait_stats(
+        "ratelimited",
+        {
+            "upstream_rq_retry_backoff_ratelimited": 1,
+            "upstream_rq_retry_backoff_exponential": 0,
+        },
+    )
+    # 60 s is above max_interval (5 s): skipped, the second header is absent.
+    sid, r = call(rig, "/ratelimited", "429;retry-after=60,200")
+    assert (r.status_code, rig.upstream.count(sid)) == (200, 2)
+    rig.wait_stats(
+        "ratelimited",
+        {
+            "upstream_rq_retry_backoff_ratelimited": 1,
+            "upstream_rq_retry_backoff_exponential": 1,
+        },
+    )
+    # The second header, a Unix time 1-2 s ahead, is read when the first is absent.
+    reset = int(time.time()) + 2
+    start = time.monotonic()
+    sid, r = call(rig, "/ratelimited", f"429;x-ratelimit-reset={reset},200")
+    assert (r.status_code, rig.upstream.count(sid)) == (200, 2)
+    assert time.monotonic() - start >= 1.0
+    rig.wait_stats(
+        "ratelimited",
+        {
+            "upstream_rq_retry_backoff_ratelimited": 2,
+            "upstream_rq_retry_backoff_exponential": 1,
+        },
+    )
+
+
+def test_hedging_keeps_the_first_try_after_its_per_try_timeout(rig: Rig) -> None:
+    """`hedge_on_per_try_timeout`: at the first try's per-try timeout (0.3 s) a second
+    try starts beside it; the first answers at 0.45 s and wins, the second (which would
+    answer at 1.5 s) is reset. Without hedging the first try would have been reset and
+    the second's answer returned (test_per_try_timeout_is_retried)."""
+    sid, r = call(rig, "/hedge", "slow:450,slow:1500")
+    assert (r.status_code, r.text) == (200, "attempt 1 200")
+    assert rig.upstream.count(sid) == 2
+    # A hedged request's tries may each run until the route's timeout: the expected
+    # timeout the upstream is told is the route's (what is left of it for the hedge),
+    # not the per-try one.
+    first, hedge = (
+        int(a.headers["x-envoy-expected-rq-timeout-ms"]) for a in rig.upstream.seen(sid)
+    )
+    assert first == 5000
+    assert 4000 < hedge <= 5000 - 300
+    rig.wait_stats(
+        "hedge",
+        # A hedge resets nothing: no per-try timeout is counted.
+        {"upstream_rq_per_try_timeout": 0, "upstream_rq_retry": 1, "upstream_rq_200": 1},
+    )
+    _, code, flags, _ = rig.log_line(sid)
+    assert (code, flags) == ("200", "-")
+
+
+def test_a_hedged_try_answers_when_the_first_is_slower(rig: Rig) -> None:
+    sid, r = call(rig, "/hedge", "slow:1500,200")
+    assert (r.status_code, r.text) == (200, "attempt 2 200")
+    assert rig.upstream.count(sid) == 2
+
+
+def test_hedging_with_no_retry_left_waits_for_the_outstanding_tries(rig: Rig) -> None:
+    """num_retries 1: the second try's per-try timeout finds no retry left (the
+    request is flagged URX) but both tries go on; the first to answer wins."""
+    sid, r = call(rig, "/hedge", "slow:900,slow:1200")
+    assert (r.status_code, r.text) == (200, "attempt 1 200")
+    assert rig.upstream.count(sid) == 2
+    _, code, flags, _ = rig.log_line(sid)
+    assert (code, flags) == ("200", "URX")
+
+
+def test_a_retriable_answer_of_a_hedged_try_waits_for_the_other(rig: Rig) -> None:
+    """The first try, already hedged, answers 503 (retriable under 5xx, but a hedged
+    try is not retried again): it is dropped while the hedge is out, and the hedge's
+    answer is the request's."""
+    sid, r = call(rig, "/hedge", "503@450,slow:900")
+    assert (r.status_code, r.text) == (200, "attempt 2 200")
+    assert rig.upstream.count(sid) == 2
+    _, code, flags, _ = rig.log_line(sid)
+    assert (code, flags) == ("200", "URX")
+
+
 # -- internal and external requests -------------------------------------------------------
 
 CONTROL = {
@@ -589,18 +707,17 @@ ROUTE_PATH = (
             {
                 "retry_policy": {
                     "retry_on": "5xx",
-                    "rate_limited_retry_back_off": {
-                        "reset_headers": [{"name": "retry-after"}],
-                    },
+                    "rate_limited_retry_back_off": {"reset_headers": [{"name": "bad header"}]},
                 }
             },
-            f"{ROUTE_PATH}.retry_policy.rate_limited_retry_back_off: not supported by envoyx",
-            id="rate-limited-back-off",
+            f"{ROUTE_PATH}.retry_policy.rate_limited_retry_back_off.reset_headers[0].name: "
+            'invalid header name "bad header"',
+            id="rate-limited-back-off-header",
         ),
         pytest.param(
-            {"hedge_policy": {"hedge_on_per_try_timeout": True}},
-            f"{ROUTE_PATH}.hedge_policy.hedge_on_per_try_timeout: hedging",
-            id="hedging",
+            {"hedge_policy": {"additional_request_chance": {"numerator": 1}}},
+            f"{ROUTE_PATH}.hedge_policy.additional_request_chance: not supported by envoyx",
+            id="hedging-chance",
         ),
     ],
 )

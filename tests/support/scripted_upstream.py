@@ -9,6 +9,9 @@ that request (attempts are told apart by ``x-script-id``), comma-separated:
 ``cut``        send the response headers and half the body, then reset (RST)
 ``slow:<ms>``  answer 200 after that many milliseconds
 
+A status step may carry response headers (``429;retry-after=1;x-a=b``) and come after
+a delay (``503@450``: a 503 after 450 ms).
+
 The last entry repeats once the script is used up. Every attempt is recorded
 (id, method, body, headers) so a test can count what the upstream saw.
 """
@@ -163,14 +166,19 @@ class ScriptedUpstream:
             self._stop.wait(30)
             return False
         status = 200
+        step, *extra = step.split(";")
+        if "@" in step:
+            step, delay = step.split("@")
+            time.sleep(int(delay) / 1000)
         if step.startswith("slow:"):
             time.sleep(int(step[5:]) / 1000)
         else:
             status = int(step)
         body = f"attempt {attempt} {status}".encode()
+        headers = "".join(f"{h.partition('=')[0]}: {h.partition('=')[2]}\r\n" for h in extra)
         conn.sendall(
             f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n"
-            f"x-upstream: {self.name}\r\nx-attempt: {attempt}\r\n\r\n".encode()
+            f"x-upstream: {self.name}\r\nx-attempt: {attempt}\r\n{headers}\r\n".encode()
             + body
         )
         return True

@@ -125,6 +125,50 @@ pub struct RetryPolicy {
     pub retriable_headers: Vec<HeaderCondition>,
     /// `retriable_request_headers`: only a request matching one is retried.
     pub retriable_request_headers: Vec<HeaderCondition>,
+    /// `rate_limited_retry_back_off`: a retried response's reset header sets the
+    /// back-off before the next try.
+    pub rate_limited_back_off: Option<RateLimitedBackOff>,
+}
+
+/// `RetryPolicy.RateLimitedRetryBackOff`: the first of `reset_headers` present in a
+/// retried response, when it parses and is at most `max_interval`, sets the next
+/// back-off (Envoy's `JitteredLowerBoundBackOffStrategy`: between it and 1.5× it).
+#[derive(Debug, Clone)]
+pub struct RateLimitedBackOff {
+    pub reset_headers: Vec<(http::HeaderName, ResetFormat)>,
+    /// `max_interval` (default 300 s).
+    pub max_interval: Duration,
+}
+
+/// `RetryPolicy.ResetHeaderFormat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetFormat {
+    /// Seconds to wait.
+    Seconds,
+    /// The Unix time (seconds) to wait until.
+    UnixTimestamp,
+}
+
+impl RateLimitedBackOff {
+    /// The interval the response's reset headers ask for (Envoy's
+    /// `RetryStateImpl::parseResetInterval`): only the first value of a header is
+    /// read, a timestamp in the past or an interval above `max_interval` is skipped.
+    pub fn interval(&self, headers: &http::HeaderMap) -> Option<Duration> {
+        self.reset_headers.iter().find_map(|(name, format)| {
+            let secs: u64 = headers.get(name)?.to_str().ok()?.parse().ok()?;
+            let interval = match format {
+                ResetFormat::Seconds => Duration::from_secs(secs),
+                ResetFormat::UnixTimestamp => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?
+                        .as_secs();
+                    Duration::from_secs(secs.checked_sub(now)?)
+                }
+            };
+            (interval <= self.max_interval).then_some(interval)
+        })
+    }
 }
 
 impl Default for RetryPolicy {
@@ -141,6 +185,7 @@ impl Default for RetryPolicy {
             retriable_status_codes: Vec::new(),
             retriable_headers: Vec::new(),
             retriable_request_headers: Vec::new(),
+            rate_limited_back_off: None,
         }
     }
 }
@@ -235,7 +280,44 @@ pub fn map_retry_policy(p: &Obj<'_>) -> RetryPolicy {
         .iter()
         .filter_map(map_header_condition)
         .collect();
+    policy.rate_limited_back_off = p
+        .obj("rate_limited_retry_back_off")
+        .map(|r| map_rate_limited_back_off(&r));
     policy
+}
+
+fn map_rate_limited_back_off(r: &Obj<'_>) -> RateLimitedBackOff {
+    let mut reset_headers = Vec::new();
+    for h in r.list("reset_headers") {
+        let name = h.str("name").unwrap_or_default();
+        let format = match h.str("format") {
+            None | Some("SECONDS") => ResetFormat::Seconds,
+            Some("UNIX_TIMESTAMP") => ResetFormat::UnixTimestamp,
+            Some(other) => {
+                h.error("format", format!("unknown reset header format {other:?}"));
+                continue;
+            }
+        };
+        match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => reset_headers.push((n, format)),
+            Err(_) => h.error("name", format!("invalid header name {name:?}")),
+        }
+    }
+    if reset_headers.is_empty() {
+        r.error("reset_headers", "must have at least 1 item");
+    }
+    let max_interval = match r.duration("max_interval") {
+        Some(d) if d.is_zero() => {
+            r.error("max_interval", "must be greater than 0s");
+            d
+        }
+        Some(d) => d,
+        None => Duration::from_secs(300),
+    };
+    RateLimitedBackOff {
+        reset_headers,
+        max_interval,
+    }
 }
 
 pub fn map_hedge_policy(h: &Obj<'_>) -> HedgePolicy {
@@ -244,15 +326,15 @@ pub fn map_hedge_policy(h: &Obj<'_>) -> HedgePolicy {
     {
         h.error("initial_requests", "only 1 is supported by envoyx");
     }
-    let on_per_try_timeout = h.bool("hedge_on_per_try_timeout").unwrap_or(false);
-    if on_per_try_timeout {
-        // Refused rather than accepted and ignored: a hedged try is not built yet.
+    if h.obj("additional_request_chance").is_some() {
         h.error(
-            "hedge_on_per_try_timeout",
-            "hedging on per-try timeouts is not supported by envoyx yet",
+            "additional_request_chance",
+            "not supported by envoyx (Envoy does not implement it either)",
         );
     }
-    HedgePolicy { on_per_try_timeout }
+    HedgePolicy {
+        on_per_try_timeout: h.bool("hedge_on_per_try_timeout").unwrap_or(false),
+    }
 }
 
 /// `envoy.config.route.v3.HeaderMatcher` in the forms a retry policy uses: `name`
@@ -317,6 +399,52 @@ mod tests {
         assert!(
             text.contains("retry_policy.retry_priority: not supported"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn rate_limited_back_off_reads_the_first_usable_reset_header() {
+        let (p, errors) = map(serde_json::json!({
+            "retry_on": "retriable-status-codes",
+            "rate_limited_retry_back_off": {
+                "reset_headers": [
+                    {"name": "Retry-After"},
+                    {"name": "x-ratelimit-reset", "format": "UNIX_TIMESTAMP"}
+                ],
+                "max_interval": "10s"
+            }
+        }));
+        assert!(errors.is_empty(), "{errors:?}");
+        let rl = p.rate_limited_back_off.unwrap();
+        let mut h = http::HeaderMap::new();
+        assert_eq!(rl.interval(&h), None);
+        // Above max_interval: skipped, the next header is read.
+        h.insert("retry-after", "60".parse().unwrap());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        h.insert("x-ratelimit-reset", (now + 3).to_string().parse().unwrap());
+        let got = rl.interval(&h).unwrap();
+        assert!(
+            got <= Duration::from_secs(3) && got >= Duration::from_secs(2),
+            "{got:?}"
+        );
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(rl.interval(&h), Some(Duration::from_secs(2)));
+        // A timestamp in the past gives nothing.
+        h.remove("retry-after");
+        h.insert("x-ratelimit-reset", "1000".parse().unwrap());
+        assert_eq!(rl.interval(&h), None);
+        let (_, errors) = map(serde_json::json!({
+            "retry_on": "5xx",
+            "rate_limited_retry_back_off": {"reset_headers": []}
+        }));
+        assert!(
+            errors
+                .join("")
+                .contains("reset_headers: must have at least 1 item"),
+            "{errors:?}"
         );
     }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderValue};
 
-use super::retry_state::{RetryDecision, RetryState};
+use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
 use crate::config::circuit_breakers::Priority;
@@ -174,6 +174,29 @@ impl Router<'_, '_> {
                 tls.sni_for(Some(action.host_rewrite.as_deref().unwrap_or(authority)))
             });
         let deadline = timeouts.global.map(|t| Instant::now() + t);
+        if timeouts.hedge
+            && let Some(per_try) = timeouts.per_try
+            && let Some(retry) = retry.take()
+        {
+            return self
+                .decode_hedged(super::hedge::Hedged {
+                    cluster: &cluster,
+                    upstream: &upstream,
+                    timeouts: &timeouts,
+                    rewrite: &rewrite,
+                    deadline,
+                    per_try,
+                    retry,
+                    hash: hash.hash,
+                    set_cookie: hash.set_cookie,
+                    replay,
+                    body,
+                    parts,
+                    sni,
+                    include_attempt_count: action.include_attempt_count_in_request,
+                })
+                .await;
+        }
         let stats = &cluster.stats;
         let mut previous_hosts: Vec<LocalHandle<Host>> = Vec::new();
         let mut attempt: u32 = 1;
@@ -216,6 +239,9 @@ impl Router<'_, '_> {
                 None => body.take().unwrap_or(ProxyBody::Empty),
             };
             let limit = timeouts.for_try(deadline);
+            let expected = (attempt > 1)
+                .then(|| timeouts.expected_for_retry(deadline))
+                .flatten();
             let sent = upstream
                 .send(
                     &host,
@@ -223,7 +249,7 @@ impl Router<'_, '_> {
                     try_parts,
                     try_body,
                     limit.wait,
-                    |p, h2| rewrite.apply(p, h2),
+                    |p, h2| rewrite.apply_for_try(p, h2, expected),
                 )
                 .await;
             let decision = match &sent {
@@ -257,13 +283,13 @@ impl Router<'_, '_> {
                 }
             };
             let back_off = match decision {
-                RetryDecision::Yes(back_off) => back_off,
+                RetryDecision::Yes(back_off) => Some(back_off),
                 RetryDecision::LimitExceeded => {
                     stats.upstream_rq_retry_limit_exceeded.inc();
                     exhausted = true;
-                    Duration::ZERO
+                    None
                 }
-                RetryDecision::No => Duration::ZERO,
+                RetryDecision::No => None,
             };
             // The previous retry's place in `max_retries` ends with its outcome.
             _retry_in_progress = None;
@@ -323,10 +349,14 @@ impl Router<'_, '_> {
             }
             drop(sent);
             stats.upstream_rq_retry.inc();
-            stats.upstream_rq_retry_backoff_exponential.inc();
+            let back_off = back_off.expect("a retry has a back-off");
+            match back_off {
+                BackOff::Exponential(_) => stats.upstream_rq_retry_backoff_exponential.inc(),
+                BackOff::RateLimited(_) => stats.upstream_rq_retry_backoff_ratelimited.inc(),
+            }
             previous_hosts.push(host);
             attempt += 1;
-            if within(deadline, tokio::time::sleep(back_off))
+            if within(deadline, tokio::time::sleep(back_off.delay()))
                 .await
                 .is_none()
             {
@@ -344,7 +374,7 @@ impl Router<'_, '_> {
 
     /// The upstream's response headers: counted, then handed to the encoder path
     /// with the route's timers on its body.
-    fn upstream_response(
+    pub(super) fn upstream_response(
         self,
         resp: TryResponse,
         cluster: &LocalHandle<Cluster>,
@@ -378,7 +408,7 @@ impl Router<'_, '_> {
 
     /// The reply when the route's timeout or the last try's fired before
     /// response headers.
-    fn timeout_reply(
+    pub(super) fn timeout_reply(
         self,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
@@ -401,7 +431,7 @@ impl Router<'_, '_> {
     /// body and flags. `retried`: earlier tries were retried (Envoy then says
     /// "retried and the latest reset reason"); `exhausted`: the last failure was
     /// retriable but no retry was left (`URX`).
-    fn failure(
+    pub(super) fn failure(
         self,
         failure: TryFailure,
         cluster: &LocalHandle<Cluster>,
@@ -500,7 +530,7 @@ impl Router<'_, '_> {
 }
 
 /// A copy of a request's head for one try (the body is the try's own).
-fn clone_head(p: &http::request::Parts) -> http::request::Parts {
+pub(super) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
     let mut req = http::Request::new(());
     *req.method_mut() = p.method.clone();
     *req.uri_mut() = p.uri.clone();
@@ -528,6 +558,9 @@ pub(crate) struct Timeouts {
     /// 504, or 204 with `x-envoy-upstream-rq-timeout-alt-response`.
     pub timeout_status: u16,
     pub attempt_count_in_response: bool,
+    /// `hedge_on_per_try_timeout` (the route's hedge policy, or an internal
+    /// request's `x-envoy-hedge-on-per-try-timeout`).
+    pub hedge: bool,
     /// Whether the timeouts differ from the route's own (the precomputed
     /// `x-envoy-expected-rq-timeout-ms` then does not apply).
     from_request: bool,
@@ -535,7 +568,7 @@ pub(crate) struct Timeouts {
 
 /// Which timeout ended a request (its reply's details).
 #[derive(Clone, Copy)]
-enum TimeoutKind {
+pub(super) enum TimeoutKind {
     Route,
     PerTry,
     PerTryIdle,
@@ -562,13 +595,15 @@ impl Timeouts {
             {
                 per_try = None;
             }
+            let hedge = action.hedge_policy.on_per_try_timeout;
             return Timeouts {
                 global,
                 per_try,
                 per_try_idle: policy.and_then(|p| p.per_try_idle_timeout),
                 timeout_status: 504,
                 attempt_count_in_response: action.include_attempt_count_in_response,
-                from_request: per_try.is_some(),
+                hedge,
+                from_request: per_try.is_some() && !hedge,
             };
         }
         let mut from_request = false;
@@ -588,25 +623,46 @@ impl Timeouts {
         let alt = headers
             .remove(&X_ENVOY_UPSTREAM_RQ_TIMEOUT_ALT_RESPONSE)
             .is_some();
-        headers.remove(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT);
+        let hedge = match headers.remove(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT) {
+            Some(v) if v == "true" => true,
+            Some(v) if v == "false" => false,
+            _ => action.hedge_policy.on_per_try_timeout,
+        };
         Timeouts {
             global,
             per_try,
             per_try_idle: policy.and_then(|p| p.per_try_idle_timeout),
             timeout_status: if alt { 204 } else { 504 },
             attempt_count_in_response: action.include_attempt_count_in_response,
-            from_request: from_request || per_try.is_some(),
+            hedge,
+            from_request: from_request || (per_try.is_some() && !hedge),
         }
     }
 
-    /// `x-envoy-expected-rq-timeout-ms`: the per-try timeout, else the route's.
+    /// `x-envoy-expected-rq-timeout-ms`: the per-try timeout, else the route's
+    /// (when hedging, the route's: a try may outlive its per-try timeout).
     fn expected_header(&self, action: &ForwardAction) -> Option<HeaderValue> {
         if !self.from_request {
             return action.expected_timeout.clone();
         }
-        self.per_try
+        let per_try = if self.hedge { None } else { self.per_try };
+        per_try
             .or(self.global)
             .map(|t| HeaderValue::from(t.as_millis() as u64))
+    }
+
+    /// `x-envoy-expected-rq-timeout-ms` for a retry (Envoy's `setTimeoutHeaders`
+    /// with the time elapsed): the first try's value, capped by what is left of
+    /// the route's timeout (at least 1 ms). None: the first try's value stands.
+    pub(super) fn expected_for_retry(&self, deadline: Option<Instant>) -> Option<HeaderValue> {
+        let (global, deadline) = (self.global?, deadline?);
+        let expected = match self.per_try {
+            Some(p) if !self.hedge => p,
+            _ => global,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = expected.min(left).as_millis().max(1) as u64;
+        Some(HeaderValue::from(ms))
     }
 
     fn for_try(&self, deadline: Option<Instant>) -> TryLimit {
@@ -643,7 +699,7 @@ fn take_millis(headers: &mut http::HeaderMap, name: &http::HeaderName) -> Option
 }
 
 /// The edits Envoy makes to a request for its upstream.
-struct RequestRewrite<'a> {
+pub(super) struct RequestRewrite<'a> {
     action: &'a ForwardAction,
     matched: &'a PathMatch,
     authority: &'a str,
@@ -664,9 +720,22 @@ struct RequestRewrite<'a> {
 }
 
 impl RequestRewrite<'_> {
+    /// [`Self::apply`] for a try, with the try's own expected timeout (a retry's).
+    pub(super) fn apply_for_try(
+        &self,
+        req: &mut http::request::Parts,
+        h2_upstream: bool,
+        expected_timeout: Option<HeaderValue>,
+    ) {
+        self.apply(req, h2_upstream);
+        if let Some(v) = expected_timeout {
+            req.headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), v);
+        }
+    }
+
     /// Edits the request in place; touches the URI and `Host` only when something
     /// changes (a rewrite, or the protocol's form of the target).
-    fn apply(&self, req: &mut http::request::Parts, h2_upstream: bool) {
+    pub(super) fn apply(&self, req: &mut http::request::Parts, h2_upstream: bool) {
         let action = self.action;
         let path = self.path;
         let new_path = match (&action.prefix_rewrite, self.matched) {

@@ -4,6 +4,7 @@
 
 pub mod filter;
 pub mod hash_policy;
+mod hedge;
 pub mod retry_state;
 pub mod route_match;
 pub mod table;

@@ -33,13 +33,31 @@ pub enum ResetKind {
     PerTryTimeout,
 }
 
+/// The wait before a retry, and where it came from (each kind has its stat).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackOff {
+    /// Envoy's jittered exponential back-off (`upstream_rq_retry_backoff_exponential`).
+    Exponential(Duration),
+    /// A reset header of the response under `rate_limited_retry_back_off`
+    /// (`upstream_rq_retry_backoff_ratelimited`).
+    RateLimited(Duration),
+}
+
+impl BackOff {
+    pub fn delay(self) -> Duration {
+        match self {
+            BackOff::Exponential(d) | BackOff::RateLimited(d) => d,
+        }
+    }
+}
+
 /// The decision on a try's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryDecision {
     /// Not a retriable outcome: it is the request's answer.
     No,
     /// Retry after this back-off.
-    Yes(Duration),
+    Yes(BackOff),
     /// Retriable, but the retries are used up (`URX`).
     LimitExceeded,
 }
@@ -144,7 +162,27 @@ impl RetryState {
     /// The decision on a response (its status and headers).
     pub fn on_response(&mut self, status: u16, headers: &HeaderMap) -> RetryDecision {
         let retriable = self.would_retry_response(status, headers);
-        self.decide(retriable)
+        let decision = self.decide(retriable);
+        // A rate-limited back-off replaces this one wait; the exponential one is
+        // not advanced (Envoy keeps the two strategies apart).
+        let rate_limited = match decision {
+            RetryDecision::Yes(_) => self
+                .policy
+                .as_ref()
+                .and_then(|p| p.rate_limited_back_off.as_ref())
+                .and_then(|r| r.interval(headers))
+                .filter(|i| i.as_millis() > 1),
+            _ => None,
+        };
+        match rate_limited {
+            Some(min) => {
+                let min = min.as_millis() as u64;
+                RetryDecision::Yes(BackOff::RateLimited(Duration::from_millis(
+                    min + rand::random::<u64>() % (min >> 1),
+                )))
+            }
+            None => decision,
+        }
     }
 
     /// The decision on a try that ended without a response.
@@ -193,7 +231,7 @@ impl RetryState {
         }
         self.remaining -= 1;
         self.retries += 1;
-        RetryDecision::Yes(self.next_back_off())
+        RetryDecision::Yes(BackOff::Exponential(self.next_back_off()))
     }
 
     fn next_back_off(&mut self) -> Duration {
@@ -208,7 +246,8 @@ impl RetryState {
         Duration::from_millis(jittered).min(self.max_interval)
     }
 
-    fn would_retry_response(&self, status: u16, headers: &HeaderMap) -> bool {
+    /// Whether a response is retriable under the policy (nothing is counted).
+    pub fn would_retry_response(&self, status: u16, headers: &HeaderMap) -> bool {
         let on = self.retry_on;
         // A shed or rate-limited answer from another Envoy is not retried, unless
         // the policy asks for rate-limited ones.
@@ -372,7 +411,9 @@ mod tests {
         let bounds = [10, 20, 35, 35];
         for bound in bounds {
             match s.on_reset(ResetKind::Reset) {
-                RetryDecision::Yes(d) => assert!(d < Duration::from_millis(bound), "{d:?} {bound}"),
+                RetryDecision::Yes(BackOff::Exponential(d)) => {
+                    assert!(d < Duration::from_millis(bound), "{d:?} {bound}")
+                }
                 other => panic!("{other:?}"),
             }
         }
