@@ -273,6 +273,41 @@ def test_http2_max_requests(start_proxy: StartProxy, h2_upstream: H2cUpstream) -
     assert InFlight(proxy, "/c", hold=False).result().status_code == 200
 
 
+def test_a_high_priority_route_counts_against_the_high_breakers(
+    start_proxy: StartProxy, h2_upstream: H2cUpstream
+) -> None:
+    """Route ``priority: HIGH``: its requests use HIGH's thresholds (``max_requests: 1``
+    here) and connections of their own; DEFAULT's (unlimited) are untouched. While one
+    HIGH request is held, a second HIGH request overflows and a DEFAULT one is served."""
+    c = cluster(BACKEND, [h2_upstream.address], http2=True)
+    c["circuit_breakers"] = {"thresholds": [{"priority": "HIGH", "max_requests": 1}]}
+    high = route({"prefix": "/high"}, cluster=BACKEND)
+    high["route"]["priority"] = "HIGH"
+    routes = [high, route({"prefix": "/"}, cluster=BACKEND)]
+    proxy = start_proxy(
+        bootstrap(
+            admin_port=free_port(),
+            listeners=[
+                http_listener(port=free_port(), virtual_hosts=[virtual_host("all", ["*"], routes)])
+            ],
+            clusters=[c],
+        )
+    )
+    a = InFlight(proxy, "/high/a", hold=True)
+    until(lambda: h2_upstream.holding(a.token), what="A at the upstream")
+    assert breaker_gauges(proxy, "high")["rq_open"] == 1
+    assert breaker_gauges(proxy, "default")["rq_open"] == 0
+    assert_overflow_reply(InFlight(proxy, "/high/b", hold=False).result())
+    assert InFlight(proxy, "/default", hold=False).result().status_code == 200
+    h2_upstream.release(a.token)
+    assert a.result().status_code == 200
+    # Each priority has its own connection pool, as in Envoy.
+    assert cluster_stats(proxy, ["upstream_cx_total", "upstream_rq_active_overflow"]) == {
+        "upstream_cx_total": 2,
+        "upstream_rq_active_overflow": 1,
+    }
+
+
 def test_defaults_when_unset(start_proxy: StartProxy, http1_upstream: HttpUpstream) -> None:
     """No circuit_breakers: both priorities have their gauges at 0, none tracks its
     remaining counts, and five concurrent requests open five connections (the

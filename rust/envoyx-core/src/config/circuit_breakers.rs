@@ -4,7 +4,7 @@
 use super::reader::Obj;
 
 /// `envoy.config.core.v3.RoutingPriority`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Priority {
     #[default]
     Default,

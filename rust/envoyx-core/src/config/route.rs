@@ -89,6 +89,9 @@ pub struct ForwardAction {
     pub idle_timeout: Option<Option<Duration>>,
     /// `route.max_stream_duration`.
     pub stream_duration: Option<RouteStreamDuration>,
+    /// `route.priority`: the circuit breakers and connection pools of this
+    /// priority (DEFAULT or HIGH).
+    pub priority: crate::config::circuit_breakers::Priority,
     /// `route.hash_policy`: the request's hash for ring hash and Maglev.
     pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
 }

@@ -14,7 +14,6 @@ use http::header::{self, HeaderValue};
 use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
-use crate::config::circuit_breakers::Priority;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
@@ -128,6 +127,7 @@ impl Router<'_, '_> {
         let upstream = UpstreamRequest {
             cluster: &cluster,
             pools: &conn.pools,
+            priority: action.priority,
         };
         let mut parts = parts;
         // One pass over the names: most requests carry no x-envoy-* header, and
@@ -298,7 +298,7 @@ impl Router<'_, '_> {
             if retrying {
                 // The cluster's `max_retries` / retry budget (Envoy checks it after
                 // the retry limit): refused, the try's outcome stands, flagged `UO`.
-                match cluster.resources.try_acquire_retry(Priority::Default) {
+                match cluster.resources.try_acquire_retry(action.priority) {
                     Some(guard) => _retry_in_progress = Some(guard),
                     None => {
                         overflowed = true;

@@ -225,8 +225,14 @@ impl Router<'_, '_> {
                         continue;
                     }
                     let decision = retry.on_hedge();
-                    let verdict =
-                        schedule(decision, cluster, &mut retry, &mut pending, &mut exhausted);
+                    let verdict = schedule(
+                        decision,
+                        cluster,
+                        upstream.priority,
+                        &mut retry,
+                        &mut pending,
+                        &mut exhausted,
+                    );
                     if let (Verdict::Overflow, Some(r)) = (verdict, router.record.as_mut()) {
                         r.response_flags = "UO";
                     }
@@ -249,6 +255,7 @@ impl Router<'_, '_> {
                                 let verdict = schedule(
                                     decision,
                                     cluster,
+                                    upstream.priority,
                                     &mut retry,
                                     &mut pending,
                                     &mut exhausted,
@@ -279,6 +286,7 @@ impl Router<'_, '_> {
                                 schedule(
                                     decision,
                                     cluster,
+                                    upstream.priority,
                                     &mut retry,
                                     &mut pending,
                                     &mut exhausted,
@@ -335,6 +343,7 @@ enum Event {
 fn schedule<'c>(
     decision: RetryDecision,
     cluster: &'c LocalHandle<Cluster>,
+    priority: Priority,
     retry: &mut RetryState,
     pending: &mut Option<(Pin<Box<tokio::time::Sleep>>, ResourceGuard<'c>)>,
     exhausted: &mut bool,
@@ -350,7 +359,7 @@ fn schedule<'c>(
         RetryDecision::Yes(back_off) => {
             // A replaced retry gives its slot back first.
             *pending = None;
-            match cluster.resources.try_acquire_retry(Priority::Default) {
+            match cluster.resources.try_acquire_retry(priority) {
                 Some(slot) => {
                     stats.upstream_rq_retry.inc();
                     match back_off {

@@ -176,6 +176,7 @@ mod tests {
                 retry_buffer_limit: 0,
                 idle_timeout: None,
                 hash_policy: None,
+                priority: Default::default(),
                 stream_duration: None,
             }),
             filter_overrides: Vec::new(),

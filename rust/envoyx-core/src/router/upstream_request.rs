@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::config::circuit_breakers::Priority;
 use crate::http::body::{ProxyBody, StreamEnd};
 use crate::per_worker::LocalHandle;
 use crate::upstream::ConnectError;
@@ -51,6 +52,8 @@ pub struct UpstreamRequest<'a> {
     /// reference count another worker writes).
     pub cluster: &'a LocalHandle<Cluster>,
     pub pools: &'a Rc<WorkerPools>,
+    /// The route's `priority`: whose connections and circuit breakers.
+    pub priority: Priority,
 }
 
 impl UpstreamRequest<'_> {
@@ -81,9 +84,9 @@ impl UpstreamRequest<'_> {
         // The timeout runs from here: a request waiting for a connection (pending
         // behind a circuit breaker) times out as in Envoy.
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let acquired = self
-            .pools
-            .acquire(cluster.shared(), host.shared(), sni.clone());
+        let acquired =
+            self.pools
+                .acquire(cluster.shared(), host.shared(), sni.clone(), self.priority);
         let acquired = match deadline {
             Some(d) => tokio::time::timeout_at(d, acquired).await,
             None => Ok(acquired.await),
@@ -119,6 +122,7 @@ impl UpstreamRequest<'_> {
             pools: self.pools.clone(),
             sender: None,
             sni,
+            priority: self.priority,
         };
         let sent_at = Instant::now();
         let sent = sender.send(Request::from_parts(parts, body));
@@ -172,8 +176,9 @@ pub struct UpstreamHandle {
     host: LocalHandle<Host>,
     pools: Rc<WorkerPools>,
     sender: Option<Sender>,
-    /// The pool key's SNI, to return the connection to the right pool.
+    /// The pool key's SNI and priority, to return the connection to its pool.
     sni: Option<Arc<str>>,
+    priority: Priority,
 }
 
 impl TryFailure {
@@ -223,6 +228,7 @@ impl UpstreamHandle {
                         self.cluster.shared(),
                         self.host.shared(),
                         self.sni.take(),
+                        self.priority,
                         conn,
                     );
                 }

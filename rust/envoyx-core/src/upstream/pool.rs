@@ -34,7 +34,9 @@ use crate::per_worker::LocalHandle;
 
 /// Cluster id, host address, and the SNI of TLS connections (two SNIs never
 /// share a connection).
-type PoolKey = (usize, SocketAddr, Option<Arc<str>>);
+/// A worker's pool: cluster, host, SNI and the request's routing priority (each
+/// priority has its own connections and circuit breakers, as in Envoy).
+type PoolKey = (usize, SocketAddr, Option<Arc<str>>, Priority);
 
 /// An HTTP/1.1 connection and how many requests it has carried.
 pub struct PooledHttp1 {
@@ -246,7 +248,7 @@ struct HostPool {
 }
 
 impl HostPool {
-    fn new(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Self {
+    fn new(cluster: &Arc<Cluster>, host: &Arc<Host>, priority: Priority) -> Self {
         HostPool {
             cluster: cluster.clone(),
             host: host.clone(),
@@ -254,7 +256,7 @@ impl HostPool {
             http2: None,
             http2_connecting: Rc::default(),
             alpn_h2: None,
-            resources: LocalHandle::new(cluster.resources.get(Priority::Default).clone()),
+            resources: LocalHandle::new(cluster.resources.get(priority).clone()),
             http1: Rc::default(),
         }
     }
@@ -384,7 +386,7 @@ impl WorkerPools {
                 {
                     self.hosts
                         .borrow_mut()
-                        .retain(|(id, _, _), _| *id != cluster.id);
+                        .retain(|(id, ..), _| *id != cluster.id);
                 }
                 local.set = Rc::new(PrioritySet::new(
                     &current,
@@ -405,14 +407,15 @@ impl WorkerPools {
     /// (HTTP/1.1 at `max_connections`) one another request releases. A request
     /// that has to wait is pending and counted in `upstream_rq_pending_total`, as
     /// in Envoy; `max_pending_requests` and `max_requests` refuse it with
-    /// [`AcquireError::Overflow`]. Requests use the DEFAULT priority's limits.
+    /// [`AcquireError::Overflow`] — the limits of the route's `priority`.
     pub async fn acquire(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         sni: Option<Arc<str>>,
+        priority: Priority,
     ) -> Result<Sender, AcquireError> {
-        let key = (cluster.id, host.address, sni);
+        let key = (cluster.id, host.address, sni, priority);
         let http2 = match cluster.protocol {
             UpstreamProtocol::Http1 => Some(false),
             UpstreamProtocol::Http2 => Some(true),
@@ -472,7 +475,7 @@ impl WorkerPools {
                 Ok(Sender::Http1(conn))
             }
             Err(e) => {
-                self.release(cluster, host, key.2, conn);
+                self.release(cluster, host, key.2, key.3, conn);
                 Err(e)
             }
         }
@@ -532,7 +535,7 @@ impl WorkerPools {
         std::cell::RefMut::map(self.hosts.borrow_mut(), |hosts| {
             hosts
                 .entry(key.clone())
-                .or_insert_with(|| HostPool::new(cluster, host))
+                .or_insert_with(|| HostPool::new(cluster, host, key.3))
         })
     }
 
@@ -649,6 +652,7 @@ impl WorkerPools {
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         sni: Option<Arc<str>>,
+        priority: Priority,
         mut conn: PooledHttp1,
     ) {
         // Its request has ended.
@@ -669,7 +673,7 @@ impl WorkerPools {
             cluster.stats.upstream_cx_max_requests.inc();
             return;
         }
-        let key = (cluster.id, host.address, sni);
+        let key = (cluster.id, host.address, sni, priority);
         let shared = self.host_pool(cluster, host, &key).http1.clone();
         if let Some(conn) = shared.hand_over(Some(conn)) {
             self.host_pool(cluster, host, &key)
@@ -686,7 +690,7 @@ impl WorkerPools {
     /// past their cluster's idle timeout.
     pub fn maintain(&self, live: &std::collections::HashSet<usize>) {
         let now = Instant::now();
-        self.hosts.borrow_mut().retain(|(id, _, _), pool| {
+        self.hosts.borrow_mut().retain(|(id, ..), pool| {
             if !live.contains(id) || pool.host.is_removed() {
                 return false;
             }
@@ -882,7 +886,7 @@ mod tests {
             let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
-            let acquires = (0..8).map(|_| pools.acquire(&c, &host, None));
+            let acquires = (0..8).map(|_| pools.acquire(&c, &host, None, Priority::Default));
             let senders = futures_util::future::join_all(acquires).await;
             assert!(senders.iter().all(|s| matches!(s, Ok(Sender::Http2(_)))));
             // One connection opened; every request but the first waited for it.
@@ -904,7 +908,10 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             for _ in 0..5 {
-                let mut s = pools.acquire(&c, &host, None).await.unwrap();
+                let mut s = pools
+                    .acquire(&c, &host, None, Priority::Default)
+                    .await
+                    .unwrap();
                 let req = http::Request::builder()
                     .uri(format!("http://127.0.0.1:{port}/"))
                     .body(ProxyBody::Empty)
@@ -928,7 +935,10 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             let live: HashSet<usize> = [c.id].into();
-            let lease = pools.acquire(&c, &host, None).await.unwrap();
+            let lease = pools
+                .acquire(&c, &host, None, Priority::Default)
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
             pools.maintain(&live);
             // In use: kept.
@@ -941,7 +951,12 @@ mod tests {
 
             let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
             let host = c.hosts.load()[0].clone();
-            drop(pools.acquire(&c, &host, None).await.unwrap());
+            drop(
+                pools
+                    .acquire(&c, &host, None, Priority::Default)
+                    .await
+                    .unwrap(),
+            );
             let live: HashSet<usize> = [c.id].into();
             pools.maintain(&live);
             assert_eq!(pools.pooled(), 1);
@@ -976,24 +991,27 @@ mod tests {
             let limits = c.resources.get(Priority::Default).clone();
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
-            let first = pools.acquire(&c, &host, None).await.unwrap();
+            let first = pools
+                .acquire(&c, &host, None, Priority::Default)
+                .await
+                .unwrap();
             assert_eq!(limits.connections.count(), 1);
             assert_eq!(limits.requests.count(), 1);
             // The second waits for the only connection, as pending.
-            let second = pools.acquire(&c, &host, None);
+            let second = pools.acquire(&c, &host, None, Priority::Default);
             tokio::pin!(second);
             assert!((&mut second).now_or_never().is_none());
             assert_eq!(limits.pending_requests.count(), 1);
             assert_eq!(c.resources.upstream_cx_overflow.get(), 1);
             // A third finds the pending slot taken.
-            let third = pools.acquire(&c, &host, None).await;
+            let third = pools.acquire(&c, &host, None, Priority::Default).await;
             assert!(matches!(third, Err(AcquireError::Overflow)));
             assert_eq!(c.resources.upstream_rq_pending_overflow.get(), 1);
             // The first's exchange ends: its connection goes to the second.
             let Sender::Http1(conn) = first else {
                 panic!("an HTTP/1.1 connection")
             };
-            pools.release(&c, &host, None, conn);
+            pools.release(&c, &host, None, Priority::Default, conn);
             let second = second.await.unwrap();
             assert!(matches!(&second, Sender::Http1(c) if c.requests == 2));
             assert_eq!(accepted.get(), 1);
@@ -1032,13 +1050,22 @@ mod tests {
             );
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
-            let a = pools.acquire(&c, &host, None).await.unwrap();
-            let b = pools.acquire(&c, &host, None).await.unwrap();
-            let refused = pools.acquire(&c, &host, None).await;
+            let a = pools
+                .acquire(&c, &host, None, Priority::Default)
+                .await
+                .unwrap();
+            let b = pools
+                .acquire(&c, &host, None, Priority::Default)
+                .await
+                .unwrap();
+            let refused = pools.acquire(&c, &host, None, Priority::Default).await;
             assert!(matches!(refused, Err(AcquireError::Overflow)));
             assert_eq!(c.resources.upstream_rq_active_overflow.get(), 1);
             drop(a);
-            let c2 = pools.acquire(&c, &host, None).await.unwrap();
+            let c2 = pools
+                .acquire(&c, &host, None, Priority::Default)
+                .await
+                .unwrap();
             assert!(c2.is_http2());
             drop((b, c2));
             assert_eq!(c.resources.get(Priority::Default).requests.count(), 0);
