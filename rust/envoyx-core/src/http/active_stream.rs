@@ -144,10 +144,7 @@ impl ActiveStream {
             conn,
             version,
             head_request: req.method() == http::Method::HEAD,
-            grpc: req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            grpc: crate::router::route_match::is_grpc_content_type(req.headers()),
             started: Instant::now(),
             record,
             filters,

@@ -1,6 +1,5 @@
 //! Matching a request against a route's `match`.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 
 use http::{HeaderMap, Method};
@@ -65,28 +64,14 @@ impl<'a> RouteRequest<'a> {
         self.path.split_once('?').map(|(_, q)| q)
     }
 
-    /// One header's value as Envoy's matchers see it: all its values joined with
-    /// `,` (an allocation only when the header is repeated).
-    fn header(&self, source: &HeaderSource) -> Option<Cow<'a, str>> {
+    /// A pseudo-header's value; None for a regular header.
+    fn pseudo(&self, source: &HeaderSource) -> Option<&'a str> {
         match source {
-            HeaderSource::Authority => Some(Cow::Borrowed(self.authority)),
-            HeaderSource::Path => Some(Cow::Borrowed(self.path)),
-            HeaderSource::Method => Some(Cow::Borrowed(self.method.as_str())),
-            HeaderSource::Scheme => Some(Cow::Borrowed(self.scheme)),
-            HeaderSource::OtherPseudo => None,
-            HeaderSource::Header(name) => {
-                let mut values = self.headers.get_all(name).iter();
-                let first = String::from_utf8_lossy(values.next()?.as_bytes());
-                let Some(second) = values.next() else {
-                    return Some(first);
-                };
-                let mut joined = first.into_owned();
-                for v in std::iter::once(second).chain(values) {
-                    joined.push(',');
-                    joined.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                }
-                Some(Cow::Owned(joined))
-            }
+            HeaderSource::Authority => Some(self.authority),
+            HeaderSource::Path => Some(self.path),
+            HeaderSource::Method => Some(self.method.as_str()),
+            HeaderSource::Scheme => Some(self.scheme),
+            HeaderSource::OtherPseudo | HeaderSource::Header(_) => None,
         }
     }
 }
@@ -149,37 +134,66 @@ impl MatchConditions {
     }
 }
 
-/// Envoy's `Grpc::Common::isGrpcRequestHeaders`: `application/grpc`, optionally
-/// followed by `+subtype` or `;parameters`.
+/// Envoy's `Grpc::Common::isGrpcRequestHeaders`: `application/grpc`, or
+/// `application/grpc+subtype` (not `application/grpc-web`, nor with parameters).
 fn is_grpc(req: &RouteRequest<'_>) -> bool {
-    req.headers
+    is_grpc_content_type(req.headers)
+}
+
+/// Whether a request's `content-type` makes it gRPC, as Envoy decides it (for
+/// route matching and for its local replies alike).
+pub fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
-        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+')))
 }
 
 impl HeaderMatcher {
+    /// Envoy 1.40 compares each value of a repeated header on its own: the header
+    /// matches when one of its values does (then `invert_match` applies), so
+    /// nothing is joined or copied.
     pub fn matches(&self, req: &RouteRequest<'_>) -> bool {
-        let value = req.header(&self.name);
-        if let HeaderMatchKind::Present(present) = self.kind {
-            return (value.is_some() == present) != self.invert;
-        }
-        let value = match value {
-            Some(v) => v,
-            None if self.treat_missing_as_empty => Cow::Borrowed(""),
-            // A missing header fails even an inverted matcher, as in Envoy.
-            None => return false,
+        let matched = match &self.name {
+            HeaderSource::Header(name) => {
+                let mut values = req.headers.get_all(name).iter().peekable();
+                if values.peek().is_none() {
+                    return self.missing();
+                }
+                if let HeaderMatchKind::Present(present) = self.kind {
+                    return present != self.invert;
+                }
+                values.any(|v| self.value_matches(&String::from_utf8_lossy(v.as_bytes())))
+            }
+            source => match (req.pseudo(source), &self.kind) {
+                (None, _) => return self.missing(),
+                (Some(_), HeaderMatchKind::Present(present)) => return *present != self.invert,
+                (Some(v), _) => self.value_matches(v),
+            },
         };
-        let matched = match &self.kind {
-            HeaderMatchKind::String(m) => m.matches(&value),
-            HeaderMatchKind::LegacyExact(expected) => expected.is_empty() || *value == **expected,
+        matched != self.invert
+    }
+
+    /// A header the request does not have: it fails even an inverted matcher, as
+    /// in Envoy, unless it is treated as empty.
+    fn missing(&self) -> bool {
+        match self.kind {
+            HeaderMatchKind::Present(present) => !present != self.invert,
+            _ if self.treat_missing_as_empty => self.value_matches("") != self.invert,
+            _ => false,
+        }
+    }
+
+    fn value_matches(&self, value: &str) -> bool {
+        match &self.kind {
+            HeaderMatchKind::String(m) => m.matches(value),
+            HeaderMatchKind::LegacyExact(expected) => expected.is_empty() || value == expected,
             HeaderMatchKind::Range { start, end } => value
                 .trim_matches(|c: char| c.is_ascii_whitespace())
                 .parse::<i64>()
                 .is_ok_and(|n| n >= *start && n < *end),
-            HeaderMatchKind::Present(_) => unreachable!("handled above"),
-        };
-        matched != self.invert
+            HeaderMatchKind::Present(_) => true,
+        }
     }
 }
 
@@ -303,8 +317,10 @@ mod tests {
                 ..Default::default()
             })
         };
-        // Repeated headers are joined with ",".
-        assert!(m(header("x-a", exact("1,2"), false, false)).matches(&req("/", &h)));
+        // Each value of a repeated header is compared on its own.
+        assert!(!m(header("x-a", exact("1,2"), false, false)).matches(&req("/", &h)));
+        assert!(m(header("x-a", exact("2"), false, false)).matches(&req("/", &h)));
+        assert!(!m(header("x-a", exact("2"), true, false)).matches(&req("/", &h)));
         // Missing: false even inverted, unless treated as empty.
         assert!(!m(header("x-b", exact("v"), true, false)).matches(&req("/", &h)));
         assert!(m(header("x-b", exact("v"), true, true)).matches(&req("/", &h)));
@@ -329,7 +345,8 @@ mod tests {
         let range = |s, e| HeaderMatchKind::Range { start: s, end: e };
         assert!(m(header("x-n", range(-10, -4), false, false)).matches(&req("/", &h)));
         assert!(!m(header("x-n", range(-4, 10), false, false)).matches(&req("/", &h)));
-        assert!(!m(header("x-a", range(0, 10), false, false)).matches(&req("/", &h)));
+        assert!(m(header("x-a", range(0, 10), false, false)).matches(&req("/", &h)));
+        assert!(!m(header("x-a", range(3, 10), false, false)).matches(&req("/", &h)));
     }
 
     #[test]
@@ -381,7 +398,7 @@ mod tests {
         for (ct, ok) in [
             ("application/grpc", true),
             ("application/grpc+proto", true),
-            ("application/grpc;x=y", true),
+            ("application/grpc;x=y", false),
             ("application/grpc-web", false),
             ("application/json", false),
         ] {
