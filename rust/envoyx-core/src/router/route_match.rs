@@ -178,7 +178,8 @@ impl HeaderMatcher {
     /// in Envoy, unless it is treated as empty.
     fn missing(&self) -> bool {
         match self.kind {
-            HeaderMatchKind::Present(present) => !present != self.invert,
+            // Absent: matches `present_match: false`, inverted or not as asked.
+            HeaderMatchKind::Present(present) => present == self.invert,
             _ if self.treat_missing_as_empty => self.value_matches("") != self.invert,
             _ => false,
         }
