@@ -19,6 +19,7 @@ pub mod log;
 pub mod options;
 pub mod per_worker;
 pub mod router;
+pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod tcp;
@@ -66,7 +67,11 @@ pub fn route_match_ns(
         )));
     };
     let table = router::RouteTable::new(route_config);
-    let matched = table.find(authority, path).map(|r| {
+    let headers = ::http::HeaderMap::new();
+    let method = ::http::Method::GET;
+    let request =
+        router::route_match::RouteRequest::new(authority, path, &method, "http", &headers);
+    let matched = table.find(&request).map(|r| {
         router::cluster_of(r)
             .unwrap_or("<direct_response>")
             .to_string()
@@ -74,9 +79,14 @@ pub fn route_match_ns(
     let iterations = iterations.max(1);
     let started = std::time::Instant::now();
     for _ in 0..iterations {
-        std::hint::black_box(
-            table.find(std::hint::black_box(authority), std::hint::black_box(path)),
+        let request = router::route_match::RouteRequest::new(
+            std::hint::black_box(authority),
+            std::hint::black_box(path),
+            &method,
+            "http",
+            &headers,
         );
+        std::hint::black_box(table.find(&request));
     }
     Ok((
         started.elapsed().as_nanos() as f64 / iterations as f64,

@@ -32,6 +32,8 @@ pub struct Server {
 impl Server {
     /// Builds every runtime object of a mapped bootstrap; binds nothing yet.
     pub fn new(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self> {
+        // Envoy's runtime is the process's: the last server built sets it.
+        crate::runtime::install(bootstrap.runtime);
         let store = StatStore::with_workers(options.concurrency.max(1));
         let secrets = Arc::new(SecretStore::new(bootstrap.secrets));
         let clusters =

@@ -64,11 +64,11 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
     }
     // Accepted without effect: they only tune Envoy's own internals or name things
     // that envoyx reports itself; documented in docs/config-support.md.
-    root.ignore(&[
-        "layered_runtime",
-        "stats_flush_interval",
-        "overload_manager",
-    ]);
+    let runtime = root
+        .obj("layered_runtime")
+        .map(|lr| crate::runtime::map_layered_runtime(&lr))
+        .unwrap_or_default();
+    root.ignore(&["stats_flush_interval", "overload_manager"]);
     // Read and validated by the Python xDS client (python/envoyx/xds), which feeds
     // the resources it receives to `Server::apply`.
     root.ignore(&["dynamic_resources"]);
@@ -78,6 +78,7 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
         listeners,
         clusters,
         secrets,
+        runtime,
         raw: root.to_value(),
     }
 }

@@ -70,6 +70,12 @@ pub fn map_string_matcher(m: &Obj<'_>) -> Option<StringMatcher> {
         );
         return None;
     };
+    if ignore_case && matches!(pattern, StringPattern::Regex(_)) {
+        // Envoy's StringMatcherImpl refuses it rather than ignore it.
+        m.errors()
+            .push(m.path(), "ignore_case has no effect for safe_regex.");
+        return None;
+    }
     Some(StringMatcher {
         pattern,
         ignore_case,

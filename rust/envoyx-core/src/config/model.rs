@@ -21,6 +21,8 @@ pub struct Bootstrap {
     pub clusters: Vec<ClusterConfig>,
     /// `static_resources.secrets`: name, secret, the resource as given.
     pub secrets: Vec<(String, SecretConfig, Value)>,
+    /// `layered_runtime`: the static layers' values.
+    pub runtime: crate::runtime::Runtime,
     /// The whole bootstrap as given, for `/config_dump`.
     pub raw: Value,
 }
@@ -287,6 +289,8 @@ pub struct HttpConnectionManagerConfig {
     pub use_remote_address: bool,
     /// `xff_num_trusted_hops` (default 0).
     pub xff_num_trusted_hops: u32,
+    /// `strip_matching_host_port` / `strip_any_host_port`.
+    pub strip_host_port: super::route_match::StripHostPort,
     /// `internal_address_config.cidr_ranges`: the addresses whose requests are
     /// internal. Unset, no address is (Envoy 1.40's default).
     pub internal_cidrs: Vec<CidrRange>,

@@ -68,6 +68,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
         use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
         xff_num_trusted_hops: hcm.u32("xff_num_trusted_hops").unwrap_or(0),
+        strip_host_port: super::route_match::map_strip_host_port(hcm),
         internal_cidrs: hcm
             .obj("internal_address_config")
             .map(|c| {

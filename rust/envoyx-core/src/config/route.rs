@@ -15,7 +15,7 @@ use super::network::{
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
 use super::route_action::{RouteDefaults, map_direct_response, map_forward_action};
-use super::route_match::{RouteMatch, map_route_match};
+use super::route_match::{RouteMatch, map_path_rewrite_policy, map_route_match};
 
 #[derive(Debug)]
 pub struct RouteConfig {
@@ -26,6 +26,9 @@ pub struct RouteConfig {
     /// `validate_clusters`: refuse routes naming unknown clusters. Envoy's default
     /// is on for static route configurations and off for RDS.
     pub validate_clusters: Option<bool>,
+    /// `ignore_port_in_host_matching`: virtual hosts are selected by the host
+    /// without its port.
+    pub ignore_port_in_host_matching: bool,
     pub raw: Value,
 }
 
@@ -177,6 +180,7 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
         name,
         virtual_hosts: vhosts,
         validate_clusters: rc.bool("validate_clusters"),
+        ignore_port_in_host_matching: rc.bool("ignore_port_in_host_matching").unwrap_or(false),
         raw: rc.to_value(),
     })
 }
@@ -233,8 +237,9 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
         r.error("match", "is required");
         None
     })?;
-    let route_match = map_route_match(&m)?;
+    let mut route_match = map_route_match(&m)?;
     let action = if let Some(route) = r.obj("route") {
+        map_path_rewrite_policy(&route, &mut route_match);
         RouteAction::Forward(map_forward_action(&route, r, inherited)?)
     } else if let Some(dr) = r.obj("direct_response") {
         map_direct_response(&dr)

@@ -80,9 +80,38 @@ impl ActiveStream {
             .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        // Before route selection, as Envoy's connection manager does; the upstream
+        // sees the stripped host too.
+        let authority = match crate::router::table::strip_host_port(
+            hcm.strip_host_port,
+            authority,
+            req.method(),
+            conn.local.map(|a| a.port()),
+        ) {
+            Some(stripped) => {
+                if req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(stripped)
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                stripped
+            }
+            None => authority,
+        };
 
         let routes = conn.route_table();
-        let route = routes.find(authority, path);
+        let scheme = match uri.scheme_str() {
+            Some(s) => s,
+            None if conn.tls.is_some() => "https",
+            None => "http",
+        };
+        let route = routes.find(&crate::router::route_match::RouteRequest::new(
+            authority,
+            path,
+            req.method(),
+            scheme,
+            req.headers(),
+        ));
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
@@ -115,10 +144,7 @@ impl ActiveStream {
             conn,
             version,
             head_request: req.method() == http::Method::HEAD,
-            grpc: req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            grpc: crate::router::route_match::is_grpc_content_type(req.headers()),
             started: Instant::now(),
             record,
             filters,

@@ -148,6 +148,8 @@ pub struct HttpConnectionManager {
     pub(crate) server_name: HeaderValue,
     pub(crate) generate_request_id: bool,
     pub(crate) use_remote_address: bool,
+    /// `strip_matching_host_port` / `strip_any_host_port`.
+    pub(crate) strip_host_port: crate::config::route_match::StripHostPort,
     /// Which requests are internal (and keep their `x-envoy-*` control headers).
     pub(crate) internal_policy: super::internal_request::InternalAddressPolicy,
     pub(crate) forward_client_cert: ForwardClientCert,
@@ -186,6 +188,7 @@ impl HttpConnectionManager {
                 .unwrap_or_else(|_| HeaderValue::from_static("envoy")),
             generate_request_id: config.generate_request_id,
             use_remote_address: config.use_remote_address,
+            strip_host_port: config.strip_host_port,
             internal_policy: super::internal_request::InternalAddressPolicy {
                 use_remote_address: config.use_remote_address,
                 xff_num_trusted_hops: config.xff_num_trusted_hops,

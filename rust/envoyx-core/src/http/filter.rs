@@ -327,6 +327,7 @@ mod tests {
             route_match: RouteMatch {
                 path: PathMatch::Prefix("/".into()),
                 case_sensitive: true,
+                conditions: None,
             },
             action: RouteAction::Direct {
                 status: 200,

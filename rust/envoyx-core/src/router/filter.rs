@@ -739,9 +739,13 @@ impl RequestRewrite<'_> {
         let action = self.action;
         let path = self.path;
         let new_path = match (&action.prefix_rewrite, self.matched) {
-            (Some(rewrite), PathMatch::Prefix(prefix)) if path.len() >= prefix.len() => {
+            (Some(rewrite), PathMatch::Prefix(prefix) | PathMatch::PathSeparatedPrefix(prefix))
+                if path.len() >= prefix.len() =>
+            {
                 Some(format!("{rewrite}{}", &path[prefix.len()..]))
             }
+            // `path_rewrite_policy`: the URI template's variables put in place.
+            (None, PathMatch::Template(template)) => template.rewrite(path),
             _ => None,
         };
         let authority = action.host_rewrite.as_deref().unwrap_or(self.authority);

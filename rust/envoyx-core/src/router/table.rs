@@ -2,12 +2,17 @@
 //!
 //! Virtual host selection follows Envoy's precedence: an exact domain, then the
 //! longest `*.suffix` wildcard, then the longest `prefix.*` wildcard, then `*`.
-//! Within a virtual host the first matching route wins.
+//! Within a virtual host the first matching route wins. Domains may name a port
+//! (`example.com:8080`): then only a Host with that port matches them, unless the
+//! route configuration's `ignore_port_in_host_matching` drops the request's port.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::config::route_match::StripHostPort;
 use crate::config::{RouteAction, RouteConfig, RouteEntry, VirtualHostConfig};
+
+use super::route_match::RouteRequest;
 
 #[derive(Debug)]
 pub struct VirtualHost {
@@ -26,6 +31,8 @@ pub struct RouteTable {
     /// `example.*` as `example.` → vhost, grouped the same way.
     prefixes: WildcardTable,
     default: Option<usize>,
+    /// `ignore_port_in_host_matching`.
+    ignore_port: bool,
     /// Every cluster the routes name, once each; a route's `cluster_slot` indexes it.
     pub cluster_names: Vec<String>,
 }
@@ -39,6 +46,7 @@ impl RouteTable {
             suffixes: WildcardTable::default(),
             prefixes: WildcardTable::default(),
             default: None,
+            ignore_port: config.ignore_port_in_host_matching,
             cluster_names: Vec::new(),
         };
         let mut slots: HashMap<String, usize> = HashMap::new();
@@ -83,12 +91,18 @@ impl RouteTable {
             name: name.to_string(),
             virtual_hosts: Vec::new(),
             validate_clusters: None,
+            ignore_port_in_host_matching: false,
             raw: serde_json::Value::Null,
         })
     }
 
     /// The virtual host for a `Host`/`:authority` value.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let host = if self.ignore_port {
+            port_start(host).map_or(host, |at| &host[..at])
+        } else {
+            host
+        };
         let lowered;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lowered = host.to_ascii_lowercase();
@@ -106,11 +120,41 @@ impl RouteTable {
         Some(&self.vhosts[index])
     }
 
-    /// The first route of the selected virtual host matching `path` (with its query).
-    pub fn find(&self, host: &str, path: &str) -> Option<&RouteEntry> {
-        let vhost = self.virtual_host(host)?;
-        vhost.routes.iter().find(|r| r.route_match.matches(path))
+    /// The first route of the request's virtual host that matches it.
+    pub fn find(&self, req: &RouteRequest<'_>) -> Option<&RouteEntry> {
+        let vhost = self.virtual_host(req.authority)?;
+        vhost.routes.iter().find(|r| r.route_match.matches(req))
     }
+}
+
+/// Where the port of a `Host` value starts (its `:`), if it has one: Envoy's
+/// `HeaderUtility::getPortStart` (an IPv6 literal's colons are inside `[]`).
+fn port_start(host: &str) -> Option<usize> {
+    let colon = host.rfind(':')?;
+    match host.rfind(']') {
+        Some(v6_end) if v6_end > colon => None,
+        _ => Some(colon),
+    }
+}
+
+/// The connection manager's `strip_matching_host_port` / `strip_any_host_port`
+/// (Envoy's `HeaderUtility::stripPortFromHost`): the host without its port, or
+/// None when nothing is stripped. CONNECT keeps its port (RFC 2817).
+pub fn strip_host_port<'h>(
+    mode: StripHostPort,
+    host: &'h str,
+    method: &http::Method,
+    listener_port: Option<u16>,
+) -> Option<&'h str> {
+    if mode == StripHostPort::No || method == http::Method::CONNECT {
+        return None;
+    }
+    let at = port_start(host)?;
+    let port: u32 = host[at + 1..].parse().ok()?;
+    if mode == StripHostPort::Matching && Some(port) != listener_port.map(u32::from) {
+        return None;
+    }
+    Some(&host[..at])
 }
 
 /// Wildcard domains by the length of their fixed part, longest length first.
@@ -161,6 +205,7 @@ mod tests {
             route_match: RouteMatch {
                 path: m,
                 case_sensitive: true,
+                conditions: None,
             },
             action: RouteAction::Forward(ForwardAction {
                 cluster: cluster.into(),
@@ -192,12 +237,64 @@ mod tests {
     }
 
     fn table(vhosts: Vec<VirtualHostConfig>) -> Arc<RouteTable> {
+        table_with(vhosts, false)
+    }
+
+    fn table_with(vhosts: Vec<VirtualHostConfig>, ignore_port: bool) -> Arc<RouteTable> {
         RouteTable::new(RouteConfig {
             name: "t".into(),
             virtual_hosts: vhosts,
             validate_clusters: None,
+            ignore_port_in_host_matching: ignore_port,
             raw: serde_json::Value::Null,
         })
+    }
+
+    #[test]
+    fn domains_with_ports() {
+        let vhosts = || {
+            vec![
+                vhost("default", &["*"]),
+                vhost("with_port", &["example.com:8080"]),
+                vhost("without_port", &["example.com"]),
+                vhost("wild_port", &["*.example.com:8080"]),
+                vhost("v6", &["[::1]:8080"]),
+            ]
+        };
+        let t = table(vhosts());
+        let name = |t: &RouteTable, h: &str| t.virtual_host(h).map(|v| v.name.clone());
+        assert_eq!(name(&t, "example.com:8080").as_deref(), Some("with_port"));
+        assert_eq!(name(&t, "example.com").as_deref(), Some("without_port"));
+        assert_eq!(name(&t, "example.com:9090").as_deref(), Some("default"));
+        assert_eq!(name(&t, "a.example.com:8080").as_deref(), Some("wild_port"));
+        assert_eq!(name(&t, "[::1]:8080").as_deref(), Some("v6"));
+        let t = table_with(vhosts(), true);
+        assert_eq!(
+            name(&t, "example.com:9090").as_deref(),
+            Some("without_port")
+        );
+        assert_eq!(name(&t, "[::1]").as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn stripping_host_ports() {
+        let get = http::Method::GET;
+        let s = |mode, host, port| strip_host_port(mode, host, &get, port);
+        assert_eq!(s(StripHostPort::Any, "a.com:81", Some(80)), Some("a.com"));
+        assert_eq!(s(StripHostPort::Matching, "a.com:81", Some(80)), None);
+        assert_eq!(
+            s(StripHostPort::Matching, "a.com:80", Some(80)),
+            Some("a.com")
+        );
+        assert_eq!(s(StripHostPort::Any, "[::1]", None), None);
+        assert_eq!(s(StripHostPort::Any, "[::1]:5", None), Some("[::1]"));
+        assert_eq!(s(StripHostPort::Any, "a.com:x", None), None);
+        assert_eq!(s(StripHostPort::No, "a.com:1", None), None);
+        let connect = http::Method::CONNECT;
+        assert_eq!(
+            strip_host_port(StripHostPort::Any, "a:1", &connect, None),
+            None
+        );
     }
 
     #[test]
@@ -240,7 +337,11 @@ mod tests {
                 route(PathMatch::Prefix("/api".into()), "prefix"),
             ],
         }]);
-        let cluster = |p: &str| t.find("h", p).and_then(cluster_of).map(str::to_string);
+        let headers = http::HeaderMap::new();
+        let cluster = |p: &str| {
+            let req = RouteRequest::new("h", p, &http::Method::GET, "http", &headers);
+            t.find(&req).and_then(cluster_of).map(str::to_string)
+        };
         assert_eq!(cluster("/exact").as_deref(), Some("path"));
         assert_eq!(cluster("/exact?x=1").as_deref(), Some("path"));
         assert_eq!(cluster("/exactly"), None);
