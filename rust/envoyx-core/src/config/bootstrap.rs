@@ -202,15 +202,18 @@ fn check_chain_references(
             }
             for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
                 for (r, route) in vh.routes.iter().enumerate() {
-                    if let RouteAction::Forward(fwd) = &route.action
-                        && !names.contains(fwd.cluster.as_str())
-                    {
-                        sr.errors().push(
-                            &format!(
-                                "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].route.cluster"
-                            ),
-                            format!("route: unknown cluster '{}'", fwd.cluster),
-                        );
+                    let RouteAction::Forward(fwd) = &route.action else {
+                        continue;
+                    };
+                    for (field, name, what) in fwd.named_clusters() {
+                        if !names.contains(name) {
+                            sr.errors().push(
+                                &format!(
+                                    "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].{field}"
+                                ),
+                                format!("route: unknown {what} '{name}'"),
+                            );
+                        }
                     }
                 }
             }
