@@ -83,10 +83,10 @@ pub struct ForwardAction {
     /// formatted for every request.
     pub expected_timeout: Option<http::HeaderValue>,
     /// `route.prefix_rewrite` or `route.regex_rewrite`.
-    pub path_rewrite: Option<PathRewrite>,
+    pub path_rewrite: Option<Box<PathRewrite>>,
     /// `route.host_rewrite_literal`, `host_rewrite_header`, `host_rewrite_path_regex`
     /// or `auto_host_rewrite`.
-    pub host_rewrite: Option<HostRewrite>,
+    pub host_rewrite: Option<Box<HostRewrite>>,
     /// `route.append_x_forwarded_host`.
     pub append_x_forwarded_host: bool,
     /// `route.request_mirror_policies`, else the virtual host's, else the route

@@ -162,8 +162,8 @@ pub fn map_forward_action(
         );
     }
     let path_rewrite = match (prefix_rewrite, regex_rewrite) {
-        (Some(p), _) => Some(PathRewrite::Prefix(p.to_string())),
-        (None, Some(re)) => Some(PathRewrite::Regex(re)),
+        (Some(p), _) => Some(Box::new(PathRewrite::Prefix(p.to_string()))),
+        (None, Some(re)) => Some(Box::new(PathRewrite::Regex(re))),
         (None, None) => None,
     };
     let mirrors = {
@@ -182,7 +182,7 @@ pub fn map_forward_action(
         timeout,
         expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
         path_rewrite,
-        host_rewrite: map_host_rewrite(route),
+        host_rewrite: map_host_rewrite(route).map(Box::new),
         append_x_forwarded_host: route.bool("append_x_forwarded_host").unwrap_or(false),
         mirrors,
         retry_policy: route

@@ -376,8 +376,9 @@ impl ActiveStream {
             reply.body = bytes::Bytes::new();
         }
         // Envoy sets a length only for a body; its HTTP/1 codec writes
-        // `content-length: 0` for an empty one, its HTTP/2 codec nothing.
-        if !reply.body.is_empty() || self.version != http::Version::HTTP_2 {
+        // `content-length: 0` for an empty one (not to a HEAD request), its
+        // HTTP/2 codec nothing.
+        if !reply.body.is_empty() || (self.version != http::Version::HTTP_2 && !self.head_request) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         }
         if reply.close_connection {

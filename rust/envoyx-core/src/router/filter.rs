@@ -747,7 +747,7 @@ impl<'a> HostEdit<'a> {
             forwarded_host: None,
             auto: false,
         };
-        let new: Option<Cow<'a, str>> = match &action.host_rewrite {
+        let new: Option<Cow<'a, str>> = match action.host_rewrite.as_deref() {
             None => None,
             Some(HostRewrite::Literal(h)) => Some(Cow::Borrowed(h.as_str())),
             Some(HostRewrite::Header(name)) => headers

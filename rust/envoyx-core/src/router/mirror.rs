@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use super::upstream_request::UpstreamRequest;
 use crate::config::route_action::{MirrorCluster, MirrorPolicy};
 use crate::http::body::{ProxyBody, ReplayBuffer};
+use crate::http::internal_request::X_ENVOY_INTERNAL;
 use crate::per_worker::LocalHandle;
 use crate::upstream::lb::LbContext;
 use crate::upstream::{Cluster, ClusterManager, WorkerPools};
@@ -62,6 +63,11 @@ pub fn spawn(
     {
         head.headers.insert(header::HOST, v);
     }
+    // Envoy's shadow goes through its async client, which marks it internal.
+    // (It also appends the server's own address to `x-forwarded-for`; envoyx
+    // does not.)
+    head.headers
+        .insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
     let pools = pools.clone();
     tokio::task::spawn_local(async move {
         let body = match body {
