@@ -397,9 +397,11 @@ impl Instance {
             .iter()
             .flat_map(|vh| &vh.routes)
             .find_map(|r| match &r.action {
-                crate::config::RouteAction::Forward(f) if !known(&f.cluster) => {
-                    Some(format!("route: unknown cluster '{}'", f.cluster))
-                }
+                crate::config::RouteAction::Forward(f) => f
+                    .named_clusters()
+                    .into_iter()
+                    .find(|(_, name, _)| !known(name))
+                    .map(|(_, name, what)| format!("route: unknown {what} '{name}'")),
                 _ => None,
             })
     }

@@ -203,15 +203,18 @@ fn check_chain_references(
             }
             for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
                 for (r, route) in vh.routes.iter().enumerate() {
-                    if let RouteAction::Forward(fwd) = &route.action
-                        && !names.contains(fwd.cluster.as_str())
-                    {
-                        sr.errors().push(
-                            &format!(
-                                "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].route.cluster"
-                            ),
-                            format!("route: unknown cluster '{}'", fwd.cluster),
-                        );
+                    let RouteAction::Forward(fwd) = &route.action else {
+                        continue;
+                    };
+                    for (field, name, what) in fwd.named_clusters() {
+                        if !names.contains(name) {
+                            sr.errors().push(
+                                &format!(
+                                    "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].{field}"
+                                ),
+                                format!("route: unknown {what} '{name}'"),
+                            );
+                        }
                     }
                 }
             }
@@ -1215,13 +1218,13 @@ mod tests {
     #[test]
     fn unsupported_fields_are_all_reported() {
         let doc = front_proxy(json!({
-            "match": {"prefix": "/", "headers": [{"name": "x"}]},
+            "match": {"prefix": "/", "tls_context": {"presented": true}},
             "route": {"cluster": "backend", "retry_policy": {"retry_priority": {"name": "p"}}}
         }));
         let errs = map_bootstrap(&doc).unwrap_err();
         let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
         assert!(
-            errs.contains(&format!("{base}.match.headers: not supported by envoyx")),
+            errs.contains(&format!("{base}.match.tls_context: not supported by envoyx")),
             "{errs:?}"
         );
         assert!(

@@ -14,7 +14,11 @@ use super::network::{
 };
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
-use super::route_action::{RouteDefaults, map_direct_response, map_forward_action};
+use super::route_action::{
+    ClusterSpecifier, DEFAULT_MAX_DIRECT_BODY, HostRewrite, MirrorCluster, MirrorPolicy,
+    PathRewrite, Redirect, RouteDefaults, map_direct_response, map_forward_action,
+    map_mirror_policy, map_redirect,
+};
 use super::route_match::{RouteMatch, map_path_rewrite_policy, map_route_match};
 
 #[derive(Debug)]
@@ -54,27 +58,43 @@ pub struct RouteEntry {
 pub enum RouteAction {
     /// `route`.
     Forward(ForwardAction),
-    /// `direct_response`.
-    Direct { status: u16, body: Option<String> },
+    /// `direct_response`, or `redirect` (a direct response with a `location`, as
+    /// Envoy treats it).
+    Direct {
+        status: u16,
+        body: Option<bytes::Bytes>,
+        /// How `location` is made: `redirect`, or a 201/3xx `direct_response`.
+        redirect: Option<Box<Redirect>>,
+    },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ForwardAction {
-    /// `route.cluster`.
+    /// `route.cluster` ("" with `cluster_header` or `weighted_clusters`).
     pub cluster: String,
     /// The index of `cluster` among the cluster names of the compiled route table
     /// ([`crate::router::RouteTable::cluster_names`]), set when it is compiled, so
     /// that a request finds its cluster without hashing the name.
     pub cluster_slot: usize,
+    /// `route.cluster_header` or `route.weighted_clusters` (None: `cluster`).
+    pub cluster_specifier: Option<Box<ClusterSpecifier>>,
+    /// `route.cluster_not_found_response_code` (503, 404 or 500).
+    pub cluster_not_found_status: u16,
     /// `route.timeout` (default 15 s; zero disables).
     pub timeout: Option<Duration>,
     /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than
     /// formatted for every request.
     pub expected_timeout: Option<http::HeaderValue>,
-    /// `route.prefix_rewrite`.
-    pub prefix_rewrite: Option<String>,
-    /// `route.host_rewrite_literal`.
-    pub host_rewrite: Option<String>,
+    /// `route.prefix_rewrite` or `route.regex_rewrite`.
+    pub path_rewrite: Option<Box<PathRewrite>>,
+    /// `route.host_rewrite_literal`, `host_rewrite_header`, `host_rewrite_path_regex`
+    /// or `auto_host_rewrite`.
+    pub host_rewrite: Option<Box<HostRewrite>>,
+    /// `route.append_x_forwarded_host`.
+    pub append_x_forwarded_host: bool,
+    /// `route.request_mirror_policies`, else the virtual host's, else the route
+    /// configuration's.
+    pub mirrors: Vec<MirrorPolicy>,
     /// `route.retry_policy`, else the virtual host's.
     pub retry_policy: Option<std::sync::Arc<super::retry::RetryPolicy>>,
     /// `route.hedge_policy`, else the virtual host's.
@@ -107,6 +127,43 @@ pub struct RouteStreamDuration {
     pub max: Option<Duration>,
     pub grpc_header_max: Option<Duration>,
     pub grpc_header_offset: Option<Duration>,
+}
+
+impl ForwardAction {
+    /// The clusters this action names in its configuration (for
+    /// `validate_clusters`), each with the field naming it and Envoy's message.
+    pub fn named_clusters(&self) -> Vec<(String, &str, &'static str)> {
+        let mut out = Vec::new();
+        match self.cluster_specifier.as_deref() {
+            None => out.push((
+                "route.cluster".to_string(),
+                self.cluster.as_str(),
+                "cluster",
+            )),
+            Some(ClusterSpecifier::Weighted(w)) => {
+                for (i, c) in w.clusters.iter().enumerate() {
+                    if let Some(name) = &c.name {
+                        out.push((
+                            format!("route.weighted_clusters.clusters[{i}].name"),
+                            name.as_str(),
+                            "weighted cluster",
+                        ));
+                    }
+                }
+            }
+            Some(ClusterSpecifier::Header(_)) => {}
+        }
+        for (i, m) in self.mirrors.iter().enumerate() {
+            if let MirrorCluster::Name(name) = &m.cluster {
+                out.push((
+                    format!("route.request_mirror_policies[{i}].cluster"),
+                    name.as_str(),
+                    "shadow cluster",
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// `typed_per_filter_config`: per filter name, disabled or a config override.
@@ -158,10 +215,18 @@ fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
 
 pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     let name = rc.str("name").unwrap_or_default().to_string();
+    let max_direct_body = rc
+        .u32("max_direct_response_body_size_bytes")
+        .unwrap_or(DEFAULT_MAX_DIRECT_BODY);
+    let mirrors: Vec<MirrorPolicy> = rc
+        .list("request_mirror_policies")
+        .iter()
+        .filter_map(map_mirror_policy)
+        .collect();
     let vhosts: Vec<VirtualHostConfig> = rc
         .list("virtual_hosts")
         .iter()
-        .filter_map(map_virtual_host)
+        .filter_map(|vh| map_virtual_host(vh, max_direct_body, &mirrors))
         .collect();
     let mut seen = HashSet::new();
     for (i, vh) in vhosts.iter().enumerate() {
@@ -185,7 +250,11 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     })
 }
 
-fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
+fn map_virtual_host(
+    vh: &Obj<'_>,
+    max_direct_body: u32,
+    config_mirrors: &[MirrorPolicy],
+) -> Option<VirtualHostConfig> {
     let name = vh.str("name").unwrap_or_default().to_string();
     let domains: Vec<String> = vh
         .strings("domains")
@@ -211,6 +280,19 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
             .bool("include_attempt_count_in_response")
             .unwrap_or(false),
         buffer_limit: vh.u32("per_request_buffer_limit_bytes"),
+        mirrors: {
+            let own: Vec<MirrorPolicy> = vh
+                .list("request_mirror_policies")
+                .iter()
+                .filter_map(map_mirror_policy)
+                .collect();
+            if own.is_empty() {
+                config_mirrors.to_vec()
+            } else {
+                own
+            }
+        },
+        max_direct_body,
     };
     let mut routes: Vec<RouteEntry> = vh
         .list("routes")
@@ -242,11 +324,13 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
         map_path_rewrite_policy(&route, &mut route_match);
         RouteAction::Forward(map_forward_action(&route, r, inherited)?)
     } else if let Some(dr) = r.obj("direct_response") {
-        map_direct_response(&dr)
+        map_direct_response(&dr, inherited.max_direct_body)
+    } else if let Some(rd) = r.obj("redirect") {
+        map_redirect(&rd)
     } else {
         r.errors().push(
             r.path(),
-            "a route needs `route` or `direct_response` (others are not supported by envoyx)",
+            "a route needs `route`, `redirect` or `direct_response` (others are not supported by envoyx)",
         );
         return None;
     };

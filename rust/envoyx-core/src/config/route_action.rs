@@ -1,7 +1,12 @@
 //! A route's action: `route` (forward to a cluster, with its timeouts, retries,
-//! rewrites and hashing) or `direct_response`.
+//! rewrites, hashing and mirrors), `redirect` or `direct_response`.
 
 use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::HeaderName;
+use regex::Regex;
 
 use super::reader::Obj;
 use super::retry::{HedgePolicy, RetryPolicy, map_hedge_policy, map_retry_policy};
@@ -14,11 +19,113 @@ pub struct RouteDefaults {
     pub include_attempt_count_in_request: bool,
     pub include_attempt_count_in_response: bool,
     pub buffer_limit: Option<u32>,
+    /// `request_mirror_policies` of the virtual host, else of the route configuration.
+    pub mirrors: Vec<MirrorPolicy>,
+    /// The route configuration's `max_direct_response_body_size_bytes`.
+    pub max_direct_body: u32,
 }
+
+/// Envoy's default `max_direct_response_body_size_bytes`.
+pub const DEFAULT_MAX_DIRECT_BODY: u32 = 4096;
 
 /// Envoy's default `per_connection_buffer_limit_bytes`, which bounds a request's
 /// body kept for retries when no `per_request_buffer_limit_bytes` is set.
 const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
+
+/// How a forwarding route names its cluster, besides a plain `cluster`.
+#[derive(Debug)]
+pub enum ClusterSpecifier {
+    /// `cluster_header`: the request header's (first) value names the cluster.
+    Header(HeaderName),
+    /// `weighted_clusters`.
+    Weighted(WeightedClusters),
+}
+
+/// `route.weighted_clusters`: one of the clusters by weight, per request.
+#[derive(Debug)]
+pub struct WeightedClusters {
+    pub clusters: Vec<ClusterWeight>,
+    /// The sum of the weights (`total_weight` is deprecated and ignored by Envoy).
+    pub total_weight: u64,
+    /// `header_name`: a request header whose integer value replaces the random value.
+    pub header_name: Option<HeaderName>,
+}
+
+#[derive(Debug)]
+pub struct ClusterWeight {
+    /// `name`, or None with `cluster_header`.
+    pub name: Option<String>,
+    /// `cluster_header`: the header naming the cluster when this entry is picked.
+    pub cluster_header: Option<HeaderName>,
+    pub weight: u64,
+    /// `host_rewrite_literal` of this entry (over the route's).
+    pub host_rewrite: Option<String>,
+}
+
+/// `route.prefix_rewrite` or `route.regex_rewrite` (Envoy allows one).
+#[derive(Debug)]
+pub enum PathRewrite {
+    /// Replaces the matched part of the path (Envoy's `matched_path`).
+    Prefix(String),
+    /// Replaces every match in the path without its query.
+    Regex(RegexRewrite),
+}
+
+/// A `RegexMatchAndSubstitute`, with the substitution in the regex crate's syntax.
+#[derive(Debug)]
+pub struct RegexRewrite {
+    pub regex: Regex,
+    pub substitution: String,
+}
+
+impl RegexRewrite {
+    pub fn replace_all(&self, input: &str) -> String {
+        self.regex
+            .replace_all(input, self.substitution.as_str())
+            .into_owned()
+    }
+}
+
+/// The route's rewrite of the upstream `Host` (Envoy's precedence: literal,
+/// header, path regex; `auto_host_rewrite` when the host has a hostname).
+#[derive(Debug)]
+pub enum HostRewrite {
+    Literal(String),
+    Header(HeaderName),
+    PathRegex(RegexRewrite),
+    Auto,
+}
+
+/// `RequestMirrorPolicy`: a copy of the request to another cluster, not waited for.
+#[derive(Debug, Clone)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// `runtime_fraction.default_value` as (numerator, denominator); None: always.
+    pub fraction: Option<(u64, u64)>,
+    /// `disable_shadow_host_suffix_append`.
+    pub keep_host: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum MirrorCluster {
+    Name(String),
+    Header(HeaderName),
+}
+
+/// `redirect`, or the `location` of a 201/3xx `direct_response`.
+#[derive(Debug, Default)]
+pub struct Redirect {
+    /// `scheme_redirect`, or `https` for `https_redirect`.
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    /// `:port` of `port_redirect`.
+    pub port: Option<String>,
+    pub path: Option<String>,
+    pub path_has_query: bool,
+    /// `prefix_rewrite` or `regex_rewrite` of the redirect.
+    pub rewrite: Option<PathRewrite>,
+    pub strip_query: bool,
+}
 
 /// `route`: the forwarding action of route `r`.
 pub fn map_forward_action(
@@ -26,25 +133,58 @@ pub fn map_forward_action(
     r: &Obj<'_>,
     inherited: &RouteDefaults,
 ) -> Option<ForwardAction> {
-    let Some(cluster) = route.str("cluster") else {
-        route.error(
-            "cluster",
-            "is required (other cluster specifiers are not supported by envoyx)",
-        );
-        return None;
-    };
+    let (cluster, specifier) = map_cluster_specifier(route)?;
     let timeout = match route.duration("timeout") {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
         None => Some(Duration::from_secs(15)),
     };
+    let cluster_not_found_status = match route.str("cluster_not_found_response_code") {
+        None | Some("SERVICE_UNAVAILABLE") => 503,
+        Some("NOT_FOUND") => 404,
+        Some("INTERNAL_SERVER_ERROR") => 500,
+        Some(other) => {
+            route.error(
+                "cluster_not_found_response_code",
+                format!("unknown code {other}"),
+            );
+            503
+        }
+    };
+    let prefix_rewrite = route.str("prefix_rewrite").filter(|p| !p.is_empty());
+    let regex_rewrite = route
+        .obj("regex_rewrite")
+        .and_then(|rr| map_regex_rewrite(&rr));
+    if prefix_rewrite.is_some() && route.has("regex_rewrite") {
+        route.error(
+            "regex_rewrite",
+            "Specify only one of prefix_rewrite, regex_rewrite or path_rewrite_policy",
+        );
+    }
+    let path_rewrite = match (prefix_rewrite, regex_rewrite) {
+        (Some(p), _) => Some(Box::new(PathRewrite::Prefix(p.to_string()))),
+        (None, Some(re)) => Some(Box::new(PathRewrite::Regex(re))),
+        (None, None) => None,
+    };
+    let mirrors = {
+        let list = route.list("request_mirror_policies");
+        if list.is_empty() {
+            inherited.mirrors.clone()
+        } else {
+            list.iter().filter_map(map_mirror_policy).collect()
+        }
+    };
     Some(ForwardAction {
-        cluster: cluster.to_string(),
+        cluster,
         cluster_slot: 0,
+        cluster_specifier: specifier.map(Box::new),
+        cluster_not_found_status,
         timeout,
         expected_timeout: timeout.map(|t| http::HeaderValue::from(t.as_millis() as u64)),
-        prefix_rewrite: route.str("prefix_rewrite").map(str::to_string),
-        host_rewrite: route.str("host_rewrite_literal").map(str::to_string),
+        path_rewrite,
+        host_rewrite: map_host_rewrite(route).map(Box::new),
+        append_x_forwarded_host: route.bool("append_x_forwarded_host").unwrap_or(false),
+        mirrors,
         retry_policy: route
             .obj("retry_policy")
             .map(|p| std::sync::Arc::new(map_retry_policy(&p)))
@@ -75,25 +215,333 @@ pub fn map_forward_action(
     })
 }
 
-/// `direct_response`: a status and an optional body, answered without an upstream.
-pub fn map_direct_response(dr: &Obj<'_>) -> RouteAction {
+/// `cluster`, `cluster_header` or `weighted_clusters` (exactly one, as Envoy's
+/// oneof): the plain cluster's name ("" otherwise) and the other specifiers.
+fn map_cluster_specifier(route: &Obj<'_>) -> Option<(String, Option<ClusterSpecifier>)> {
+    if let Some(cluster) = route.str("cluster") {
+        return Some((cluster.to_string(), None));
+    }
+    if let Some(name) = route.str("cluster_header") {
+        let header = header_name(route, "cluster_header", name)?;
+        return Some((String::new(), Some(ClusterSpecifier::Header(header))));
+    }
+    if let Some(wc) = route.obj("weighted_clusters") {
+        return map_weighted_clusters(&wc)
+            .map(|w| (String::new(), Some(ClusterSpecifier::Weighted(w))));
+    }
+    route.error(
+        "cluster",
+        "one of cluster, cluster_header or weighted_clusters is required (others are not supported by envoyx)",
+    );
+    None
+}
+
+fn map_weighted_clusters(wc: &Obj<'_>) -> Option<WeightedClusters> {
+    // Deprecated; Envoy 1.40 accepts it and uses the sum of the weights instead.
+    wc.ignore(&["total_weight"]);
+    let random_header = match wc.str("header_name").filter(|h| !h.is_empty()) {
+        Some(h) => Some(header_name(wc, "header_name", h)?),
+        None => None,
+    };
+    let mut clusters = Vec::new();
+    for c in wc.list("clusters") {
+        let name = c.str("name").filter(|n| !n.is_empty());
+        let cluster_header = match c.str("cluster_header").filter(|h| !h.is_empty()) {
+            Some(h) => Some(header_name(&c, "cluster_header", h)?),
+            None => None,
+        };
+        match (&name, &cluster_header) {
+            (Some(_), Some(_)) => {
+                c.errors().push(
+                    c.path(),
+                    "Only one of name or cluster_header can be specified",
+                );
+            }
+            (None, None) => c.errors().push(
+                c.path(),
+                "At least one of name or cluster_header need to be specified",
+            ),
+            _ => {}
+        }
+        let Some(weight) = c.u32("weight") else {
+            c.error("weight", "Field 'weight' is missing");
+            continue;
+        };
+        clusters.push(ClusterWeight {
+            name: name.map(str::to_string),
+            cluster_header,
+            weight: u64::from(weight),
+            host_rewrite: c
+                .str("host_rewrite_literal")
+                .filter(|h| !h.is_empty())
+                .map(str::to_string),
+        });
+    }
+    let total_weight: u64 = clusters.iter().map(|c| c.weight).sum();
+    if total_weight == 0 {
+        wc.error(
+            "clusters",
+            "Sum of weights in the weighted_cluster must be greater than 0.",
+        );
+        return None;
+    }
+    Some(WeightedClusters {
+        clusters,
+        total_weight,
+        header_name: random_header,
+    })
+}
+
+fn header_name(owner: &Obj<'_>, field: &str, name: &str) -> Option<HeaderName> {
+    match HeaderName::try_from(name.to_ascii_lowercase()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            owner.error(field, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+/// `host_rewrite_literal`, `auto_host_rewrite`, `host_rewrite_header`,
+/// `host_rewrite_path_regex` (a oneof in Envoy's proto).
+fn map_host_rewrite(route: &Obj<'_>) -> Option<HostRewrite> {
+    if let Some(h) = route.str("host_rewrite_literal").filter(|h| !h.is_empty()) {
+        return Some(HostRewrite::Literal(h.to_string()));
+    }
+    if let Some(h) = route.str("host_rewrite_header").filter(|h| !h.is_empty()) {
+        return header_name(route, "host_rewrite_header", h).map(HostRewrite::Header);
+    }
+    if let Some(rr) = route.obj("host_rewrite_path_regex") {
+        return map_regex_rewrite(&rr).map(HostRewrite::PathRegex);
+    }
+    route
+        .bool("auto_host_rewrite")
+        .unwrap_or(false)
+        .then_some(HostRewrite::Auto)
+}
+
+/// A `RegexMatchAndSubstitute`: the pattern unanchored (it replaces every match),
+/// the substitution's `\N` group references in the regex crate's `${N}` form.
+pub fn map_regex_rewrite(rr: &Obj<'_>) -> Option<RegexRewrite> {
+    let substitution = rr.str("substitution").unwrap_or_default();
+    let pattern = rr.obj("pattern").or_else(|| {
+        rr.error("pattern", "is required");
+        None
+    })?;
+    let re = pattern.str("regex").unwrap_or_default();
+    if let Some(g) = pattern.obj("google_re2") {
+        g.ignore(&["max_program_size"]);
+    }
+    let regex = match Regex::new(re) {
+        Ok(r) => r,
+        Err(e) => {
+            pattern.error("regex", format!("invalid regex '{re}': {e}"));
+            return None;
+        }
+    };
+    Some(RegexRewrite {
+        regex,
+        substitution: re2_substitution(substitution),
+    })
+}
+
+/// RE2's rewrite string (`\0`..`\9`, `\\`) in the regex crate's syntax.
+fn re2_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.peek() {
+                Some(d) if d.is_ascii_digit() => {
+                    out.push_str(&format!("${{{d}}}"));
+                    chars.next();
+                }
+                Some('\\') => {
+                    out.push('\\');
+                    chars.next();
+                }
+                _ => out.push('\\'),
+            },
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One `request_mirror_policies` entry.
+pub fn map_mirror_policy(m: &Obj<'_>) -> Option<MirrorPolicy> {
+    let cluster = m.str("cluster").filter(|c| !c.is_empty());
+    let header = m.str("cluster_header").filter(|c| !c.is_empty());
+    let cluster = match (cluster, header) {
+        (Some(c), Some(h)) => {
+            m.errors().push(
+                m.path(),
+                format!(
+                    "Only one of cluster '{c}' or cluster_header '{h}' in request mirror policy can be specified"
+                ),
+            );
+            return None;
+        }
+        (Some(c), None) => MirrorCluster::Name(c.to_string()),
+        (None, Some(h)) => MirrorCluster::Header(header_name(m, "cluster_header", h)?),
+        (None, None) => {
+            m.errors().push(
+                m.path(),
+                "Exactly one of cluster or cluster_header in request mirror policy need to be specified",
+            );
+            return None;
+        }
+    };
+    // Tracing is not part of envoyx: only Envoy's default (true) is accepted.
+    if m.bool("trace_sampled") == Some(false) {
+        m.error(
+            "trace_sampled",
+            "false is not supported by envoyx (no tracing)",
+        );
+    }
+    let fraction = m.obj("runtime_fraction").map(|rf| {
+        let dv = rf.obj("default_value");
+        let numerator = dv.as_ref().and_then(|d| d.u32("numerator")).unwrap_or(0);
+        let denominator = match dv.as_ref().and_then(|d| d.str("denominator")) {
+            None | Some("HUNDRED") => 100,
+            Some("TEN_THOUSAND") => 10_000,
+            Some("MILLION") => 1_000_000,
+            Some(other) => {
+                rf.error("default_value.denominator", format!("unknown {other}"));
+                100
+            }
+        };
+        (u64::from(numerator), denominator)
+    });
+    Some(MirrorPolicy {
+        cluster,
+        fraction,
+        keep_host: m.bool("disable_shadow_host_suffix_append").unwrap_or(false),
+    })
+}
+
+/// `redirect`.
+pub fn map_redirect(rd: &Obj<'_>) -> RouteAction {
+    let status = match rd.str("response_code") {
+        None | Some("MOVED_PERMANENTLY") => 301,
+        Some("FOUND") => 302,
+        Some("SEE_OTHER") => 303,
+        Some("TEMPORARY_REDIRECT") => 307,
+        Some("PERMANENT_REDIRECT") => 308,
+        Some(other) => {
+            rd.error("response_code", format!("unknown code {other}"));
+            301
+        }
+    };
+    let scheme = rd
+        .str("scheme_redirect")
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            rd.bool("https_redirect")
+                .unwrap_or(false)
+                .then(|| "https".to_string())
+        });
+    let path = rd
+        .str("path_redirect")
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
+    let rewrite = if let Some(p) = rd.str("prefix_rewrite").filter(|p| !p.is_empty()) {
+        Some(PathRewrite::Prefix(p.to_string()))
+    } else {
+        rd.obj("regex_rewrite")
+            .and_then(|rr| map_regex_rewrite(&rr))
+            .map(PathRewrite::Regex)
+    };
+    let redirect = Redirect {
+        scheme,
+        host: rd
+            .str("host_redirect")
+            .filter(|h| !h.is_empty())
+            .map(str::to_string),
+        port: rd
+            .u32("port_redirect")
+            .filter(|p| *p != 0)
+            .map(|p| format!(":{p}")),
+        path_has_query: path.as_deref().is_some_and(|p| p.contains('?')),
+        path,
+        rewrite,
+        strip_query: rd.bool("strip_query").unwrap_or(false),
+    };
+    RouteAction::Direct {
+        status,
+        body: None,
+        redirect: Some(Box::new(redirect)),
+    }
+}
+
+/// `direct_response`: a status and an optional body, answered without an
+/// upstream. A 201 or 3xx answer carries a `location` (the request's URL), as
+/// Envoy's does.
+pub fn map_direct_response(dr: &Obj<'_>, max_body: u32) -> RouteAction {
     let status = dr.u32("status").unwrap_or(200);
     if !(200..=599).contains(&status) {
         dr.error("status", "must be in [200, 599]");
     }
-    let body = dr.obj("body").and_then(|b| {
-        if let Some(s) = b.str("inline_string") {
-            Some(s.to_string())
-        } else {
-            b.errors()
-                .push(b.path(), "only inline_string is supported by envoyx");
-            None
-        }
-    });
+    let body = dr.obj("body").and_then(|b| map_body(&b, max_body));
     RouteAction::Direct {
         status: status as u16,
         body,
+        redirect: (status == 201 || (300..400).contains(&status))
+            .then(|| Box::new(Redirect::default())),
     }
+}
+
+/// A direct response's `DataSource` body, bounded by the route configuration's
+/// `max_direct_response_body_size_bytes`.
+fn map_body(b: &Obj<'_>, max: u32) -> Option<Bytes> {
+    let max = max as usize;
+    if let Some(filename) = b.str("filename") {
+        let data = match std::fs::read(filename) {
+            Ok(d) => d,
+            Err(_) => {
+                b.error("filename", format!("file {filename} does not exist"));
+                return None;
+            }
+        };
+        if data.len() > max {
+            b.error(
+                "filename",
+                format!(
+                    "file {filename} size is {} bytes; maximum is {max} (max_direct_response_body_size_bytes)",
+                    data.len()
+                ),
+            );
+            return None;
+        }
+        return Some(Bytes::from(data));
+    }
+    let (field, data) = if let Some(s) = b.str("inline_bytes") {
+        match base64::engine::general_purpose::STANDARD.decode(s) {
+            Ok(d) => ("inline_bytes", Bytes::from(d)),
+            Err(e) => {
+                b.error("inline_bytes", format!("invalid base64: {e}"));
+                return None;
+            }
+        }
+    } else if let Some(s) = b.str("inline_string") {
+        ("inline_string", Bytes::copy_from_slice(s.as_bytes()))
+    } else {
+        // `environment_variable` (and anything newer) is left unread: refused by name.
+        return None;
+    };
+    if data.len() > max {
+        b.error(
+            field,
+            format!(
+                "response body size is {} bytes; maximum is {max} (max_direct_response_body_size_bytes)",
+                data.len()
+            ),
+        );
+        return None;
+    }
+    Some(data)
 }
 
 /// `route.hash_policy`: None when empty (no hash: consistent-hash policies pick

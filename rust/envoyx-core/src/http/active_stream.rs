@@ -401,7 +401,12 @@ impl ActiveStream {
             reply.status = http::StatusCode::OK;
             reply.body = bytes::Bytes::new();
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
+        // Envoy sets a length only for a body; its HTTP/1 codec writes
+        // `content-length: 0` for an empty one (not to a HEAD request), its
+        // HTTP/2 codec nothing.
+        if !reply.body.is_empty() || (self.version != http::Version::HTTP_2 && !self.head_request) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
+        }
         if reply.close_connection {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -389,6 +389,10 @@ struct Shared {
     overflowed: bool,
     failed: bool,
     ended: bool,
+    /// Readers waiting on the source besides the last one to poll it (the source
+    /// keeps one waker): woken when it yields, so that two readers at the live
+    /// edge at once (a try and a mirror) both go on.
+    waiting: Vec<std::task::Waker>,
 }
 
 impl Shared {
@@ -397,6 +401,15 @@ impl Shared {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.source).poll_frame(cx);
+        if polled.is_pending() {
+            if !self.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                self.waiting.push(cx.waker().clone());
+            }
+        } else {
+            for w in self.waiting.drain(..) {
+                w.wake();
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -435,6 +448,7 @@ impl ReplayBuffer {
             overflowed: false,
             failed: false,
             ended,
+            waiting: Vec::new(),
         })))
     }
 
@@ -444,6 +458,7 @@ impl ReplayBuffer {
             shared: self.clone(),
             next: 0,
             trailers_sent: false,
+            abandon_on_overflow: false,
         })
     }
 
@@ -470,6 +485,18 @@ impl ReplayBuffer {
         let s = self.0.borrow();
         s.ended && !s.failed && !s.overflowed
     }
+
+    /// The body for a mirrored (shadow) request: like a try's, but it fails once
+    /// the body outgrew the limit, since a reader behind the live edge could then
+    /// miss bytes (Envoy abandons the shadow too).
+    pub fn shadow_body(&self) -> ProxyBody {
+        ProxyBody::Replay(ReplayBody {
+            shared: self.clone(),
+            next: 0,
+            trailers_sent: false,
+            abandon_on_overflow: true,
+        })
+    }
 }
 
 /// One try's view of the [`ReplayBuffer`].
@@ -478,6 +505,8 @@ pub struct ReplayBody {
     /// The index of the next kept frame this try sends.
     next: usize,
     trailers_sent: bool,
+    /// A shadow's body: fails once the buffer overflowed.
+    abandon_on_overflow: bool,
 }
 
 impl std::fmt::Debug for ReplayBody {
@@ -498,6 +527,11 @@ impl Body for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let mut s = this.shared.0.borrow_mut();
+        if this.abandon_on_overflow && s.overflowed {
+            return Poll::Ready(Some(Err(BodyError::Http1(
+                "request body over the buffer limit of a mirrored request",
+            ))));
+        }
         if !s.overflowed && this.next < s.kept.len() {
             this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(s.kept[this.next - 1].clone()))));

@@ -332,6 +332,7 @@ mod tests {
             action: RouteAction::Direct {
                 status: 200,
                 body: None,
+                redirect: None,
             },
             filter_overrides: overrides,
         }

@@ -2,6 +2,7 @@
 //! filter chain: route → cluster → upstream request, the request headers Envoy
 //! writes for the upstream, and the local replies for what goes wrong on the way.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -14,6 +15,7 @@ use http::header::{self, HeaderValue};
 use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
+use crate::config::route_action::HostRewrite;
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
@@ -28,6 +30,7 @@ use crate::router::RouteTable;
 use crate::upstream::lb::LbContext;
 use crate::upstream::{Cluster, Host};
 
+static X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
 pub static X_ENVOY_ATTEMPT_COUNT: http::HeaderName =
     http::HeaderName::from_static("x-envoy-attempt-count");
 static X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS: http::HeaderName =
@@ -85,6 +88,8 @@ impl Router<'_, '_> {
         let conn = self.conn.clone();
         let hcm = &conn.hcm;
         let stats = &hcm.stats;
+        // Every request the router decodes, direct responses and misses included.
+        stats.rq_total.inc();
         let Some(route) = route else {
             stats.no_route.inc();
             return RouterOutcome::Reply(LocalReply::new(
@@ -95,32 +100,49 @@ impl Router<'_, '_> {
             ));
         };
         let action = match &route.action {
-            RouteAction::Direct { status, body } => {
+            RouteAction::Direct {
+                status,
+                body,
+                redirect,
+            } => {
                 stats.rq_direct_response.inc();
-                let body = body.clone().map(Bytes::from).unwrap_or_default();
-                return RouterOutcome::Reply(LocalReply::new(
+                let mut reply = LocalReply::new(
                     *status,
-                    body,
+                    body.clone().unwrap_or_default(),
                     "-",
                     "direct_response",
-                ));
+                );
+                if let Some(redirect) = redirect {
+                    let url = self.request_url(&parts);
+                    let location =
+                        super::redirect::location(redirect, &route.route_match.path, &url);
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        reply.headers.push((header::LOCATION, v));
+                    }
+                }
+                return RouterOutcome::Reply(reply);
             }
             RouteAction::Forward(f) => f,
         };
-        stats.rq_total.inc();
-        let cluster = match chosen_cluster {
-            Some(name) => hcm.clusters.get(name).map(LocalHandle::new),
-            None => conn.cluster_for(self.routes, action),
+        let picked = action
+            .cluster_specifier
+            .as_deref()
+            .map(|spec| super::cluster_specifier::pick(spec, &parts.headers));
+        let cluster = match (chosen_cluster, &picked) {
+            (Some(name), _) => hcm.clusters.get(name).map(LocalHandle::new),
+            (None, Some(p)) => hcm.clusters.get(&p.cluster).map(LocalHandle::new),
+            (None, None) => conn.cluster_for(self.routes, action),
         };
         let Some(cluster) = cluster else {
             stats.no_cluster.inc();
             return RouterOutcome::Reply(LocalReply::new(
-                503,
+                action.cluster_not_found_status,
                 Bytes::new(),
                 "NC",
                 "cluster_not_found",
             ));
         };
+        let cluster_host_rewrite = picked.and_then(|p| p.host_rewrite);
         if let Some(r) = self.record.as_mut() {
             r.upstream_cluster = Some(cluster.name.clone());
         }
@@ -147,20 +169,38 @@ impl Router<'_, '_> {
             }
             other => other,
         };
-        // A request that may be retried keeps its body for the next try (one
-        // without a body, most of them, has nothing to keep: a retry sends none).
+        // Mirrors configured and sampled for this request (none: no allocation).
+        let shadows = if action.mirrors.is_empty() || parts.method == http::Method::CONNECT {
+            Vec::new()
+        } else {
+            super::mirror::active(&action.mirrors, &parts.headers)
+        };
+        // A request that may be retried or is mirrored keeps its body for the
+        // next try or the shadow (one without a body, most of them, has nothing
+        // to keep: a retry sends none).
         let (replay, mut body) = match &retry {
-            Some(_) if !http_body::Body::is_end_stream(&body) => (
-                Some(ReplayBuffer::new(body, action.retry_buffer_limit)),
-                None,
-            ),
+            _ if (retry.is_some() || !shadows.is_empty())
+                && !http_body::Body::is_end_stream(&body) =>
+            {
+                (
+                    Some(ReplayBuffer::new(body, action.retry_buffer_limit)),
+                    None,
+                )
+            }
             _ => (None, Some(body)),
         };
         let (authority, path) = (self.authority, self.path);
+        let host = HostEdit::of(
+            action,
+            cluster_host_rewrite,
+            authority,
+            &parts.headers,
+            path,
+        );
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,
-            authority,
+            host,
             path,
             forwarded_for: hcm.use_remote_address.then_some(conn.peer),
             downstream_tls: conn.tls.as_deref(),
@@ -168,11 +208,26 @@ impl Router<'_, '_> {
             upstream_tls: upstream.cluster.tls.is_some(),
             expected_timeout: timeouts.expected_header(action),
         };
-        // TLS with auto_sni names the host the request goes to (after any rewrite).
-        let sni =
-            upstream.cluster.tls.as_ref().and_then(|tls| {
-                tls.sni_for(Some(action.host_rewrite.as_deref().unwrap_or(authority)))
-            });
+        // TLS with auto_sni names the host the request goes to (after any rewrite
+        // but auto_host_rewrite's, as in Envoy).
+        let sni = upstream
+            .cluster
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.sni_for(Some(&rewrite.host.authority)));
+        for (policy, shadow_cluster) in shadows {
+            let mut head = clone_head(&parts);
+            rewrite.apply(&mut head, false, "");
+            super::mirror::spawn(
+                &hcm.clusters,
+                &conn.pools,
+                policy,
+                shadow_cluster,
+                head,
+                replay.clone(),
+                timeouts.global,
+            );
+        }
         let deadline = timeouts.global.map(|t| Instant::now() + t);
         if timeouts.hedge
             && let Some(per_try) = timeouts.per_try
@@ -249,7 +304,7 @@ impl Router<'_, '_> {
                     try_parts,
                     try_body,
                     limit.wait,
-                    |p, h2| rewrite.apply_for_try(p, h2, expected),
+                    |p, h2| rewrite.apply_for_try(p, h2, &host.hostname, expected),
                 )
                 .await;
             let decision = match &sent {
@@ -369,6 +424,29 @@ impl Router<'_, '_> {
                     TimeoutKind::Route,
                 );
             }
+        }
+    }
+
+    /// The request's URL as a redirect sees it: the scheme of the request (else of
+    /// the connection) and `x-forwarded-proto` as the connection manager sets it.
+    fn request_url<'p>(
+        &'p self,
+        parts: &'p http::request::Parts,
+    ) -> super::redirect::RequestUrl<'p> {
+        let conn_scheme = if self.conn.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let forwarded_proto = match parts.headers.get(&X_FORWARDED_PROTO) {
+            Some(v) if !self.conn.hcm.use_remote_address => v.to_str().unwrap_or(conn_scheme),
+            _ => conn_scheme,
+        };
+        super::redirect::RequestUrl {
+            scheme: parts.uri.scheme_str().unwrap_or(conn_scheme),
+            forwarded_proto,
+            host: self.authority,
+            path: self.path,
         }
     }
 
@@ -698,11 +776,82 @@ fn take_millis(headers: &mut http::HeaderMap, name: &http::HeaderName) -> Option
     v.to_str().ok()?.trim().parse().ok()
 }
 
+/// The upstream `Host` of a request, decided once before its tries: a picked
+/// weighted cluster's `host_rewrite_literal`, then the route's literal, header
+/// or path-regex rewrite (Envoy's `finalizeRequestHeaders`); `auto_host_rewrite`
+/// waits for the host each try picks.
+struct HostEdit<'a> {
+    authority: Cow<'a, str>,
+    /// The authority differs from the request's.
+    changed: bool,
+    /// The host to append to `x-forwarded-host` (`append_x_forwarded_host`).
+    forwarded_host: Option<Cow<'a, str>>,
+    auto: bool,
+}
+
+impl<'a> HostEdit<'a> {
+    fn of(
+        action: &'a ForwardAction,
+        cluster_rewrite: Option<&'a str>,
+        authority: &'a str,
+        headers: &http::HeaderMap,
+        path: &str,
+    ) -> Self {
+        let mut edit = HostEdit {
+            authority: Cow::Borrowed(cluster_rewrite.unwrap_or(authority)),
+            changed: cluster_rewrite.is_some(),
+            forwarded_host: None,
+            auto: false,
+        };
+        let new: Option<Cow<'a, str>> = match action.host_rewrite.as_deref() {
+            None => None,
+            Some(HostRewrite::Literal(h)) => Some(Cow::Borrowed(h.as_str())),
+            Some(HostRewrite::Header(name)) => headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(|v| Cow::Owned(v.to_string())),
+            Some(HostRewrite::PathRegex(re)) => {
+                Some(Cow::Owned(re.replace_all(super::redirect::path_only(path))))
+            }
+            Some(HostRewrite::Auto) => {
+                edit.auto = true;
+                None
+            }
+        };
+        if let Some(new) = new {
+            let old = std::mem::replace(&mut edit.authority, new);
+            edit.changed = true;
+            if action.append_x_forwarded_host && !old.is_empty() {
+                edit.forwarded_host = Some(old);
+            }
+        }
+        edit
+    }
+}
+
+/// Appends `host` to `x-forwarded-host` unless it is already its last value
+/// (Envoy's idempotent `updateAuthority`).
+fn append_forwarded_host(headers: &mut http::HeaderMap, host: &str) {
+    let value = match headers.get(&X_FORWARDED_HOST).and_then(|v| v.to_str().ok()) {
+        Some(xfh) if !xfh.is_empty() => {
+            if xfh.rsplit(',').next() == Some(host) {
+                return;
+            }
+            format!("{xfh},{host}")
+        }
+        _ => host.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+}
+
 /// The edits Envoy makes to a request for its upstream.
 pub(super) struct RequestRewrite<'a> {
     action: &'a ForwardAction,
     matched: &'a PathMatch,
-    authority: &'a str,
+    host: HostEdit<'a>,
     path: &'a str,
     /// The downstream peer, appended to `x-forwarded-for` (`use_remote_address`).
     forwarded_for: Option<SocketAddr>,
@@ -725,30 +874,33 @@ impl RequestRewrite<'_> {
         &self,
         req: &mut http::request::Parts,
         h2_upstream: bool,
+        hostname: &str,
         expected_timeout: Option<HeaderValue>,
     ) {
-        self.apply(req, h2_upstream);
+        self.apply(req, h2_upstream, hostname);
         if let Some(v) = expected_timeout {
             req.headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), v);
         }
     }
 
     /// Edits the request in place; touches the URI and `Host` only when something
-    /// changes (a rewrite, or the protocol's form of the target).
-    pub(super) fn apply(&self, req: &mut http::request::Parts, h2_upstream: bool) {
+    /// changes (a rewrite, or the protocol's form of the target). `hostname`: the
+    /// picked host's (for `auto_host_rewrite`; "" for none).
+    pub(super) fn apply(&self, req: &mut http::request::Parts, h2_upstream: bool, hostname: &str) {
         let action = self.action;
         let path = self.path;
-        let new_path = match (&action.prefix_rewrite, self.matched) {
-            (Some(rewrite), PathMatch::Prefix(prefix) | PathMatch::PathSeparatedPrefix(prefix))
-                if path.len() >= prefix.len() =>
-            {
-                Some(format!("{rewrite}{}", &path[prefix.len()..]))
-            }
+        let new_path = match (&action.path_rewrite, self.matched) {
+            (Some(rw), matched) => super::redirect::rewrite_path(rw, matched, path),
             // `path_rewrite_policy`: the URI template's variables put in place.
             (None, PathMatch::Template(template)) => template.rewrite(path),
-            _ => None,
+            (None, _) => None,
         };
-        let authority = action.host_rewrite.as_deref().unwrap_or(self.authority);
+        let auto = self.host.auto && !hostname.is_empty();
+        let (authority, host_changed) = if auto {
+            (hostname, true)
+        } else {
+            (self.host.authority.as_ref(), self.host.changed)
+        };
         let headers = &mut req.headers;
         strip_hop_by_hop(headers);
         // Envoy writes the downstream scheme at the edge (use_remote_address),
@@ -775,6 +927,11 @@ impl RequestRewrite<'_> {
         if let Some(expected) = &self.expected_timeout {
             headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
         }
+        if let Some(old) = &self.host.forwarded_host {
+            append_forwarded_host(headers, old);
+        } else if auto && action.append_x_forwarded_host && !self.host.authority.is_empty() {
+            append_forwarded_host(headers, &self.host.authority);
+        }
         if new_path.is_some()
             && let Ok(v) = HeaderValue::from_str(path)
         {
@@ -793,7 +950,7 @@ impl RequestRewrite<'_> {
             }
         } else {
             // An HTTP/1.1 request already carries Host unless it came over HTTP/2.
-            if (action.host_rewrite.is_some() || !headers.contains_key(header::HOST))
+            if (host_changed || !headers.contains_key(header::HOST))
                 && let Ok(v) = HeaderValue::from_str(authority)
             {
                 headers.insert(header::HOST, v);

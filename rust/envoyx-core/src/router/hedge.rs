@@ -150,7 +150,7 @@ impl Router<'_, '_> {
                         sends.push(Box::pin(async move {
                             let sent = upstream
                                 .send(&host, sni, try_parts, try_body, wait, |p, h2| {
-                                    rewrite.apply_for_try(p, h2, expected)
+                                    rewrite.apply_for_try(p, h2, &host.hostname, expected)
                                 })
                                 .await;
                             (index, sent)

@@ -2,9 +2,12 @@
 //! every HTTP filter chain ([`filter`]), and one upstream try ([`upstream_request`]),
 //! as Envoy's `source/common/router/` splits them.
 
+pub mod cluster_specifier;
 pub mod filter;
 pub mod hash_policy;
 mod hedge;
+pub mod mirror;
+pub mod redirect;
 pub mod retry_state;
 pub mod route_match;
 pub mod table;

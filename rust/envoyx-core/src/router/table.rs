@@ -209,20 +209,7 @@ mod tests {
             },
             action: RouteAction::Forward(ForwardAction {
                 cluster: cluster.into(),
-                cluster_slot: 0,
-                timeout: None,
-                expected_timeout: None,
-                prefix_rewrite: None,
-                host_rewrite: None,
-                retry_policy: None,
-                hedge_policy: Default::default(),
-                include_attempt_count_in_request: false,
-                include_attempt_count_in_response: false,
-                retry_buffer_limit: 0,
-                idle_timeout: None,
-                hash_policy: None,
-                priority: Default::default(),
-                stream_duration: None,
+                ..Default::default()
             }),
             filter_overrides: Vec::new(),
         }
