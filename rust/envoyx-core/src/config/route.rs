@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
 use super::model::FilterOverride;
 use super::network::{
     FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
@@ -45,6 +46,9 @@ pub struct RouteEntry {
     pub action: RouteAction,
     /// `typed_per_filter_config` of the route, over its virtual host's, by filter name.
     pub filter_overrides: Vec<(String, FilterOverride)>,
+    /// `request_headers_to_add` and kin of the route, its virtual host and its
+    /// route configuration, in Envoy's order; None when none is set.
+    pub header_mutations: Option<Arc<RouteHeaderMutations>>,
 }
 
 #[derive(Debug)]
@@ -150,12 +154,24 @@ fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
     out
 }
 
+/// The header mutations a virtual host hands its routes: the route
+/// configuration's and its own, and their order.
+struct InheritedMutations {
+    route_config: Option<Arc<HeaderMutations>>,
+    virtual_host: Option<Arc<HeaderMutations>>,
+    most_specific_wins: bool,
+}
+
 pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     let name = rc.str("name").unwrap_or_default().to_string();
+    let route_config_mutations = map_header_mutations(rc);
+    let most_specific_wins = rc
+        .bool("most_specific_header_mutations_wins")
+        .unwrap_or(false);
     let vhosts: Vec<VirtualHostConfig> = rc
         .list("virtual_hosts")
         .iter()
-        .filter_map(map_virtual_host)
+        .filter_map(|vh| map_virtual_host(vh, &route_config_mutations, most_specific_wins))
         .collect();
     let mut seen = HashSet::new();
     for (i, vh) in vhosts.iter().enumerate() {
@@ -178,7 +194,11 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     })
 }
 
-fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
+fn map_virtual_host(
+    vh: &Obj<'_>,
+    route_config_mutations: &Option<Arc<HeaderMutations>>,
+    most_specific_wins: bool,
+) -> Option<VirtualHostConfig> {
     let name = vh.str("name").unwrap_or_default().to_string();
     let domains: Vec<String> = vh
         .strings("domains")
@@ -205,10 +225,15 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
             .unwrap_or(false),
         buffer_limit: vh.u32("per_request_buffer_limit_bytes"),
     };
+    let mutations = InheritedMutations {
+        route_config: route_config_mutations.clone(),
+        virtual_host: map_header_mutations(vh),
+        most_specific_wins,
+    };
     let mut routes: Vec<RouteEntry> = vh
         .list("routes")
         .iter()
-        .filter_map(|r| map_route(r, &inherited))
+        .filter_map(|r| map_route(r, &inherited, &mutations))
         .collect();
     for route in &mut routes {
         for (name, o) in &vhost_overrides {
@@ -224,8 +249,18 @@ fn map_virtual_host(vh: &Obj<'_>) -> Option<VirtualHostConfig> {
     })
 }
 
-fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
+fn map_route(
+    r: &Obj<'_>,
+    inherited: &RouteDefaults,
+    mutations: &InheritedMutations,
+) -> Option<RouteEntry> {
     let name = r.str("name").unwrap_or_default().to_string();
+    let header_mutations = RouteHeaderMutations::new(
+        map_header_mutations(r).as_ref(),
+        mutations.virtual_host.as_ref(),
+        mutations.route_config.as_ref(),
+        mutations.most_specific_wins,
+    );
     let m = r.obj("match").or_else(|| {
         r.error("match", "is required");
         None
@@ -247,5 +282,6 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
         route_match,
         action,
         filter_overrides: map_filter_overrides(r),
+        header_mutations,
     })
 }

@@ -333,6 +333,7 @@ mod tests {
                 body: None,
             },
             filter_overrides: overrides,
+            header_mutations: None,
         }
     }
 

@@ -157,6 +157,9 @@ impl Router<'_, '_> {
             _ => (None, Some(body)),
         };
         let (authority, path) = (self.authority, self.path);
+        let start = self.record.as_ref().and_then(|r| r.start);
+        let mutations =
+            super::header_mutation::RequestMutations::of(route, &conn, authority, path, start);
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,
@@ -167,6 +170,7 @@ impl Router<'_, '_> {
             xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
             expected_timeout: timeouts.expected_header(action),
+            mutations,
         };
         // TLS with auto_sni names the host the request goes to (after any rewrite).
         let sni =
@@ -661,6 +665,8 @@ struct RequestRewrite<'a> {
     upstream_tls: bool,
     /// `x-envoy-expected-rq-timeout-ms`.
     expected_timeout: Option<HeaderValue>,
+    /// The route's `request_headers_to_add` and kin (Envoy's `finalizeRequestHeaders`).
+    mutations: Option<super::header_mutation::RequestMutations<'a>>,
 }
 
 impl RequestRewrite<'_> {
@@ -701,6 +707,11 @@ impl RequestRewrite<'_> {
         }
         if let Some(expected) = &self.expected_timeout {
             headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
+        }
+        // After the headers the connection manager and the router's timeouts add
+        // (a mutation may remove them), before the path and host rewrites.
+        if let Some(m) = &self.mutations {
+            m.apply(headers, &req.method, req.version);
         }
         if new_path.is_some()
             && let Ok(v) = HeaderValue::from_str(path)

@@ -4,6 +4,7 @@
 
 pub mod filter;
 pub mod hash_policy;
+pub mod header_mutation;
 pub mod retry_state;
 pub mod route_match;
 pub mod table;

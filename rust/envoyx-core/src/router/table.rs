@@ -179,6 +179,7 @@ mod tests {
                 stream_duration: None,
             }),
             filter_overrides: Vec::new(),
+            header_mutations: None,
         }
     }
 
