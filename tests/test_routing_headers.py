@@ -595,6 +595,28 @@ SCENARIOS: list[Scenario] = [
         ),
     ),
     Scenario(
+        "the_response_reads_the_request_its_mutations_made",
+        setup(
+            [
+                fwd(
+                    request_headers_to_add=[hv("x-added", "by-route")],
+                    request_headers_to_remove=["x-gone"],
+                    response_headers_to_add=[
+                        hv("x-saw-added", "%REQ(x-added)%"),
+                        hv("x-saw-gone", "%REQ(x-gone)%"),
+                    ],
+                )
+            ]
+        ),
+        (
+            Http(
+                headers=(("x-gone", "1"),),
+                observe=("header:x-saw-added", "has:x-saw-gone"),
+                expect={"header:x-saw-added": "by-route", "has:x-saw-gone": False},
+            ),
+        ),
+    ),
+    Scenario(
         "request_id_echoed_in_the_response",
         setup([fwd(response_headers_to_add=[hv("x-echo-id", "%REQ(x-request-id)%")])]),
         (

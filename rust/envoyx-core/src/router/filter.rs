@@ -220,6 +220,7 @@ impl Router<'_, '_> {
                 None => body.take().unwrap_or(ProxyBody::Empty),
             };
             let limit = timeouts.for_try(deadline);
+            let record = &mut *self.record;
             let sent = upstream
                 .send(
                     &host,
@@ -227,7 +228,16 @@ impl Router<'_, '_> {
                     try_parts,
                     try_body,
                     limit.wait,
-                    |p, h2| rewrite.apply(p, h2),
+                    |p, h2| {
+                        rewrite.apply(p, h2);
+                        // Envoy's log and response formatters read the request
+                        // its mutations changed (one map there).
+                        if rewrite.mutations.is_some()
+                            && let Some(r) = record.as_mut()
+                        {
+                            r.request_headers = Some(p.headers.clone());
+                        }
+                    },
                 )
                 .await;
             let decision = match &sent {
