@@ -140,6 +140,8 @@ fn map_header_value_option(option: &Obj<'_>, parser: &mut HeaderParser) -> Optio
                 "append",
                 "Both append and append_action are set and it's not allowed",
             );
+            // One error for the option, not a second one for its unread header.
+            option.ignore(&["header"]);
             return None;
         }
         (Some(true), None) | (None, None) => AppendAction::AppendIfExistsOrAdd,
