@@ -64,8 +64,38 @@ RETRY_ROUTE = (
 )
 
 
+#: The routes of the ``envoyx-headers`` / ``envoyx-resp-headers`` targets: four headers
+#: added (two literal, two formatted) and two removed at route level, on the request
+#: or on the response, to show what header mutation costs per request.
+HEADERS_ROUTE = {
+    "request": (
+        "route: { cluster: nginx }\n"
+        "                request_headers_to_remove: [user-agent, accept]\n"
+        "                request_headers_to_add:\n"
+        '                - header: { key: x-literal-a, value: "a" }\n'
+        '                - header: { key: x-literal-b, value: "b" }\n'
+        "                  append_action: OVERWRITE_IF_EXISTS_OR_ADD\n"
+        "                - header: { key: x-peer,"
+        ' value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" }\n'
+        '                - header: { key: x-path, value: "%REQ(:path)%" }\n'
+    ),
+    "response": (
+        "route: { cluster: nginx }\n"
+        "                response_headers_to_remove: [server, etag]\n"
+        "                response_headers_to_add:\n"
+        '                - header: { key: x-literal-a, value: "a" }\n'
+        '                - header: { key: x-literal-b, value: "b" }\n'
+        "                  append_action: OVERWRITE_IF_EXISTS_OR_ADD\n"
+        "                - header: { key: x-peer,"
+        ' value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" }\n'
+        '                - header: { key: x-type, value: "%RESP(content-type)%" }\n'
+    ),
+}
+MUTATION_TARGETS = {"envoyx-headers": "request", "envoyx-resp-headers": "response"}
+
+
 def proxy_command(name: str, workdir: Path, listen: int, admin: int, upstream: int) -> list[str]:
-    if name in ("envoyx", "envoyx-retry"):
+    if name in ("envoyx", "envoyx-retry", *MUTATION_TARGETS):
         cfg = render(
             "bootstrap.yaml",
             workdir / f"{name}-bootstrap.yaml",
@@ -78,6 +108,12 @@ def proxy_command(name: str, workdir: Path, listen: int, admin: int, upstream: i
             if "route: { cluster: nginx }" not in text:
                 raise HarnessError("bootstrap.yaml has no route to add a retry policy to")
             cfg.write_text(text.replace("route: { cluster: nginx }", RETRY_ROUTE))
+        if name in MUTATION_TARGETS:
+            text = cfg.read_text()
+            if "route: { cluster: nginx }" not in text:
+                raise HarnessError("bootstrap.yaml has no route to add header mutations to")
+            route = HEADERS_ROUTE[MUTATION_TARGETS[name]]
+            cfg.write_text(text.replace("route: { cluster: nginx }\n", route))
         # The console script is Python; run its module directly so that valgrind
         # follows one process.
         return [*ENVOYX_PYTHON, "-m", "envoyx", "-c", str(cfg), "--concurrency", "1"]
@@ -175,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--targets",
         default="envoyx,haproxy",
-        help="envoyx,haproxy (both); envoyx-retry: envoyx with an unused retry policy",
+        help="envoyx,haproxy (both); envoyx-retry: envoyx with an unused retry policy; "
+        "envoyx-headers / envoyx-resp-headers: 4 headers added and 2 removed at route "
+        "level on the request / the response",
     )
     p.add_argument("--top", action="store_true", help="print where the instructions went")
     p.add_argument(

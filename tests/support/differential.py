@@ -98,10 +98,12 @@ class Http:
 
 @dataclass(frozen=True)
 class Raw:
-    """Raw bytes on a fresh connection; one response is read."""
+    """Raw bytes on a fresh connection; one response is read. ``observe`` adds
+    ``up.*`` facts (what the upstream received) for a proxied response."""
 
     data: bytes
     expect: Facts = field(default_factory=dict)
+    observe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,10 +165,11 @@ def http_facts(req: Http, resp: httpx.Response) -> Facts:
     content-type, date presence; for a reply the proxy made itself (no x-upstream)
     also body and content-length. ``observe`` names more:
 
-    ``header:N`` value or None · ``has:N`` presence · ``body.sha256`` (length, sha256)
-    · ``protocol`` downstream HTTP version · ``up.header:N`` / ``up.has:N`` what the
-    upstream received · ``up.headers`` sorted header names the upstream received ·
-    ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
+    ``header:N`` value or None · ``header_all:N`` every value in order · ``has:N``
+    presence · ``body.sha256`` (length, sha256) · ``protocol`` downstream HTTP version
+    · ``up.header:N`` / ``up.has:N`` what the upstream received · ``up.header_all:N``
+    every value it received, in order · ``up.headers`` sorted header names the upstream
+    received · ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
     ``up.connection`` upstream connection id (for reuse patterns, see :func:`relabel`).
     """
     facts: Facts = {}
@@ -182,7 +185,7 @@ def http_facts(req: Http, resp: httpx.Response) -> Facts:
     return facts
 
 
-def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
+def _fact(name: str, resp: Any, echo: Json | None) -> Any:
     kind, _, arg = name.partition(":")
     if kind == "status":
         return resp.status_code
@@ -192,6 +195,8 @@ def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
         return resp.headers.get(arg)
     if kind == "has":
         return arg in resp.headers
+    if kind == "header_all":
+        return resp.headers.get_list(arg)
     if kind == "body.sha256":
         return (len(resp.content), hashlib.sha256(resp.content).hexdigest())
     if kind == "protocol":
@@ -205,6 +210,8 @@ def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
             return headers.get(arg)
         if sub == "has":
             return arg in headers
+        if sub == "header_all":
+            return [v for k, v in echo["headers"] if k == arg]
         if sub == "headers":
             return sorted(headers)
         if sub == "body":
@@ -238,6 +245,12 @@ def raw_facts(address: tuple[str, int], req: Raw) -> Facts:
     if facts["upstream"] is None:  # a reply the proxy made itself
         facts["body"] = resp.body.decode("utf-8", "replace")
         facts["header:content-length"] = resp.header("content-length")
+    if req.observe:
+        echo = json.loads(resp.body) if resp.header("content-type") == ECHO else None
+        for name in req.observe:
+            if not name.startswith("up."):
+                raise ValueError(f"a raw request observes only up.* facts, not {name!r}")
+            facts[name] = _fact(name, None, echo)
     return facts
 
 

@@ -167,6 +167,8 @@ class _Controls:
     token: str | None = None
     hold: bool = False
     hold_response: bool = False
+    # ``x-test-response-header: name: value`` (repeatable): headers to answer with.
+    response_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, headers: list[tuple[str, str]]) -> _Controls:
@@ -180,6 +182,12 @@ class _Controls:
             token=h.get("x-test-token"),
             hold=h.get("x-test-hold") == "1",
             hold_response=h.get("x-test-hold-response") == "1",
+            response_headers=tuple(
+                (name.strip(), value.strip())
+                for k, v in headers
+                if k == "x-test-response-header"
+                for name, _, value in [v.partition(":")]
+            ),
         )
 
 
@@ -366,6 +374,7 @@ class HttpUpstream(_UpstreamBase):
         self._record(req)
 
         resp_headers = [("x-upstream", self.name), ("server", f"{self.name}-server")]
+        resp_headers.extend(ctl.response_headers)
         if ctl.close:
             resp_headers.append(("connection", "close"))
         if ctl.response_size is not None:

@@ -1,7 +1,6 @@
 //! Access-log formats: Envoy's format strings and command operators compiled once,
 //! and the record of a request they render. Knows nothing of sinks or config.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -170,6 +169,16 @@ fn parse_operator(command: &str) -> Result<Operator, String> {
         "DOWNSTREAM_TLS_VERSION" => Operator::Tls(TlsField::Version),
         "DOWNSTREAM_TLS_CIPHER" => Operator::Tls(TlsField::Cipher),
         "REQUESTED_SERVER_NAME" => Operator::Tls(TlsField::RequestedServerName),
+        "UPSTREAM_METADATA"
+        | "DYNAMIC_METADATA"
+        | "CLUSTER_METADATA"
+        | "UPSTREAM_CLUSTER_METADATA"
+        | "ROUTE_METADATA"
+        | "VIRTUAL_CLUSTER_METADATA" => {
+            return Err(format!(
+                "%{name}% is not supported by envoyx (envoyx keeps no metadata)"
+            ));
+        }
         other => return Err(format!("Not supported field in StreamInfo: {other}")),
     })
 }
@@ -221,128 +230,256 @@ fn tls_text(t: &crate::tls::PeerTls, field: TlsField) -> Option<String> {
     })
 }
 
+/// A header's first value, as bytes: a value may hold obs-text (bytes past
+/// 0x7f), which Envoy's formatters copy as they came.
 fn header_value<'a>(
     headers: Option<&'a HeaderMap>,
     pseudo: impl Fn(&str) -> Option<&'a str>,
     name: &str,
-) -> Option<&'a str> {
+) -> Option<&'a [u8]> {
     if let Some(v) = pseudo(name) {
-        return Some(v);
+        return Some(v.as_bytes());
     }
-    headers?.get(name).and_then(|v| v.to_str().ok())
+    headers?.get(name).map(|v| v.as_bytes())
 }
 
-fn truncate(s: &str, max: Option<usize>) -> &str {
+fn truncate(s: &[u8], max: Option<usize>) -> &[u8] {
     match max {
-        Some(n) if s.len() > n => {
-            let mut end = n;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            &s[..end]
-        }
+        Some(n) if s.len() > n => &s[..n],
         _ => s,
     }
 }
 
+/// Where a format renders: an access-log line (text) or a header value (bytes).
+pub trait FormatOut: std::fmt::Write {
+    fn text(&mut self, s: &str);
+    fn bytes(&mut self, b: &[u8]);
+}
+
+impl FormatOut for String {
+    fn text(&mut self, s: &str) {
+        self.push_str(s);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.push_str(&String::from_utf8_lossy(b));
+    }
+}
+
+/// A header value being rendered.
+#[derive(Debug, Default)]
+pub struct HeaderBytes(pub Vec<u8>);
+
+impl std::fmt::Write for HeaderBytes {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+impl FormatOut for HeaderBytes {
+    fn text(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+}
+
+/// What a format reads of one request: borrowed from a [`LogRecord`] for the
+/// access log, or from the request in flight for a header formatter
+/// (`request_headers_to_add` and kin), so that both share the operators.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamFacts<'a> {
+    pub start: Option<SystemTime>,
+    pub request_headers: Option<&'a HeaderMap>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub response_headers: Option<&'a HeaderMap>,
+    pub response_code: u16,
+    pub response_flags: &'a str,
+    pub response_code_details: &'a str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Option<Duration>,
+    pub response_duration: Option<Duration>,
+    pub protocol: &'a str,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_cluster: Option<&'a str>,
+    pub upstream_failure: Option<&'a str>,
+    pub downstream_remote: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+    pub route_name: &'a str,
+    pub downstream_tls: Option<&'a crate::tls::PeerTls>,
+}
+
+impl LogRecord {
+    pub fn facts(&self) -> StreamFacts<'_> {
+        StreamFacts {
+            start: self.start,
+            request_headers: self.request_headers.as_ref(),
+            method: &self.method,
+            path: &self.path,
+            authority: &self.authority,
+            response_headers: self.response_headers.as_ref(),
+            response_code: self.response_code,
+            response_flags: self.response_flags,
+            response_code_details: self.response_code_details,
+            bytes_received: self.bytes_received,
+            bytes_sent: self.bytes_sent,
+            duration: Some(self.duration),
+            response_duration: self.response_duration,
+            protocol: self.protocol,
+            upstream_host: self.upstream_host,
+            upstream_cluster: self.upstream_cluster.as_deref(),
+            upstream_failure: self.upstream_failure.as_deref(),
+            downstream_remote: self.downstream_remote,
+            downstream_local: self.downstream_local,
+            route_name: &self.route_name,
+            downstream_tls: self.downstream_tls.as_deref(),
+        }
+    }
+}
+
 impl Format {
+    /// An access-log line: an operator without a value prints `-`.
     pub fn render(&self, r: &LogRecord, out: &mut String) {
+        self.render_facts(&r.facts(), NONE, out);
+    }
+
+    /// A header value (Envoy's formatter with `omit_empty_values`): an operator
+    /// without a value prints nothing.
+    pub fn render_header(&self, f: &StreamFacts<'_>, out: &mut HeaderBytes) {
+        self.render_facts(f, "", out);
+    }
+
+    /// Whether the format reads the request's headers (`%REQ(...)%`).
+    pub fn reads_request_headers(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Op(Operator::Req(..))))
+    }
+
+    /// Whether the format reads the start time (`%START_TIME%`).
+    pub fn reads_start_time(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Op(Operator::StartTime(_))))
+    }
+
+    /// The format without operators: its text, when it is only text.
+    pub fn as_literal(&self) -> Option<String> {
+        let mut s = String::new();
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => s.push_str(t),
+                Piece::Op(_) => return None,
+            }
+        }
+        Some(s)
+    }
+
+    fn render_facts<O: FormatOut>(&self, r: &StreamFacts<'_>, none: &str, out: &mut O) {
         for piece in &self.0 {
             match piece {
-                Piece::Text(t) => out.push_str(t),
+                Piece::Text(t) => out.text(t),
                 Piece::Op(op) => match op {
                     Operator::StartTime(fmt) => match r.start {
                         Some(t) => fmt.render(t, out),
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
                     Operator::Req(h, alt, max) => {
                         // An empty pseudo-header (a refused request has none) prints as `-`.
                         let pseudo = |n: &str| {
                             match n {
-                                ":method" => Some(r.method.as_str()),
-                                ":path" => Some(r.path.as_str()),
-                                ":authority" | "host" => Some(r.authority.as_str()),
+                                ":method" => Some(r.method),
+                                ":path" => Some(r.path),
+                                ":authority" | "host" => Some(r.authority),
                                 _ => None,
                             }
                             .filter(|v| !v.is_empty())
                         };
-                        let v = header_value(r.request_headers.as_ref(), pseudo, h).or_else(|| {
+                        let v = header_value(r.request_headers, pseudo, h).or_else(|| {
                             alt.as_deref()
-                                .and_then(|a| header_value(r.request_headers.as_ref(), pseudo, a))
+                                .and_then(|a| header_value(r.request_headers, pseudo, a))
                         });
-                        out.push_str(v.map_or(NONE, |v| truncate(v, *max)));
+                        match v {
+                            Some(v) => out.bytes(truncate(v, *max)),
+                            None => out.text(none),
+                        }
                     }
                     Operator::Resp(h, alt, max) => {
-                        let none = |_: &str| None;
-                        let v = header_value(r.response_headers.as_ref(), none, h).or_else(|| {
+                        let no_pseudo = |_: &str| None;
+                        let v = header_value(r.response_headers, no_pseudo, h).or_else(|| {
                             alt.as_deref()
-                                .and_then(|a| header_value(r.response_headers.as_ref(), none, a))
+                                .and_then(|a| header_value(r.response_headers, no_pseudo, a))
                         });
-                        out.push_str(v.map_or(NONE, |v| truncate(v, *max)));
+                        match v {
+                            Some(v) => out.bytes(truncate(v, *max)),
+                            None => out.text(none),
+                        }
                     }
                     Operator::ResponseCode => {
                         let _ = write!(out, "{}", r.response_code);
                     }
-                    Operator::ResponseFlags => out.push_str(r.response_flags),
-                    Operator::ResponseCodeDetails => out.push_str(r.response_code_details),
+                    Operator::ResponseFlags => out.text(r.response_flags),
+                    Operator::ResponseCodeDetails => out.text(r.response_code_details),
                     Operator::BytesReceived => {
                         let _ = write!(out, "{}", r.bytes_received);
                     }
                     Operator::BytesSent => {
                         let _ = write!(out, "{}", r.bytes_sent);
                     }
-                    Operator::Duration => {
-                        let _ = write!(out, "{}", r.duration.as_millis());
-                    }
+                    Operator::Duration => match r.duration {
+                        Some(d) => {
+                            let _ = write!(out, "{}", d.as_millis());
+                        }
+                        None => out.text(none),
+                    },
                     Operator::ResponseDuration => match r.response_duration {
                         Some(d) => {
                             let _ = write!(out, "{}", d.as_millis());
                         }
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
-                    Operator::Protocol => out.push_str(r.protocol),
+                    Operator::Protocol => out.text(r.protocol),
                     Operator::UpstreamHost => match r.upstream_host {
                         Some(a) => {
                             let _ = write!(out, "{a}");
                         }
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
-                    Operator::UpstreamCluster => {
-                        out.push_str(r.upstream_cluster.as_deref().unwrap_or(NONE))
-                    }
+                    Operator::UpstreamCluster => out.text(r.upstream_cluster.unwrap_or(none)),
                     Operator::UpstreamTransportFailureReason => {
-                        out.push_str(r.upstream_failure.as_deref().unwrap_or(NONE))
+                        out.text(r.upstream_failure.unwrap_or(none))
                     }
                     Operator::DownstreamRemoteAddress => match r.downstream_remote {
                         Some(a) => {
                             let _ = write!(out, "{a}");
                         }
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
                     Operator::DownstreamRemoteAddressWithoutPort => match r.downstream_remote {
                         Some(a) => {
                             let _ = write!(out, "{}", a.ip());
                         }
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
                     Operator::DownstreamLocalAddress => match r.downstream_local {
                         Some(a) => {
                             let _ = write!(out, "{a}");
                         }
-                        None => out.push_str(NONE),
+                        None => out.text(none),
                     },
-                    Operator::RouteName => out.push_str(if r.route_name.is_empty() {
-                        NONE
+                    Operator::RouteName => out.text(if r.route_name.is_empty() {
+                        none
                     } else {
-                        &r.route_name
+                        r.route_name
                     }),
-                    Operator::Hostname(name) => out.push_str(name),
+                    Operator::Hostname(name) => out.text(name),
                     Operator::Tls(field) => {
-                        let text = r
-                            .downstream_tls
-                            .as_deref()
-                            .and_then(|t| tls_text(t, *field));
-                        out.push_str(text.as_deref().filter(|t| !t.is_empty()).unwrap_or(NONE));
+                        let text = r.downstream_tls.and_then(|t| tls_text(t, *field));
+                        out.text(text.as_deref().filter(|t| !t.is_empty()).unwrap_or(none));
                     }
                 },
             }
@@ -422,7 +559,7 @@ impl TimeFormat {
         TimeFormat(pieces)
     }
 
-    fn render(&self, t: SystemTime, out: &mut String) {
+    fn render(&self, t: SystemTime, out: &mut impl std::fmt::Write) {
         let dt: chrono::DateTime<chrono::Utc> = t.into();
         for piece in &self.0 {
             match piece {

@@ -24,7 +24,7 @@ use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogSink};
 
 mod format;
 
-pub use format::{Format, LogRecord};
+pub use format::{Format, HeaderBytes, LogRecord, StreamFacts};
 
 #[derive(Debug)]
 enum CompiledFormat {

@@ -1224,7 +1224,9 @@ mod tests {
         let errs = map_bootstrap(&doc).unwrap_err();
         let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
         assert!(
-            errs.contains(&format!("{base}.match.tls_context: not supported by envoyx")),
+            errs.contains(&format!(
+                "{base}.match.tls_context: not supported by envoyx"
+            )),
             "{errs:?}"
         );
         assert!(

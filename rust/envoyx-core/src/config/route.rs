@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
 use super::model::FilterOverride;
 use super::network::{
     FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
@@ -52,6 +53,9 @@ pub struct RouteEntry {
     pub action: RouteAction,
     /// `typed_per_filter_config` of the route, over its virtual host's, by filter name.
     pub filter_overrides: Vec<(String, FilterOverride)>,
+    /// `request_headers_to_add` and kin of the route, its virtual host and its
+    /// route configuration, in Envoy's order; None when none is set.
+    pub header_mutations: Option<Arc<RouteHeaderMutations>>,
 }
 
 #[derive(Debug)]
@@ -213,6 +217,26 @@ fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
     out
 }
 
+/// The header mutations a virtual host hands its routes: the route
+/// configuration's and its own, and their order.
+struct InheritedMutations {
+    route_config: Option<Arc<HeaderMutations>>,
+    virtual_host: Option<Arc<HeaderMutations>>,
+    most_specific_wins: bool,
+}
+
+/// What a route configuration gives each of its virtual hosts.
+struct ConfigDefaults<'a> {
+    /// `max_direct_response_body_size_bytes`.
+    max_direct_body: u32,
+    /// `request_mirror_policies`, for routes and virtual hosts without their own.
+    mirrors: &'a [MirrorPolicy],
+    /// The route configuration's header mutations.
+    mutations: &'a Option<Arc<HeaderMutations>>,
+    /// `most_specific_header_mutations_wins`.
+    most_specific_wins: bool,
+}
+
 pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     let name = rc.str("name").unwrap_or_default().to_string();
     let max_direct_body = rc
@@ -223,10 +247,20 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
         .iter()
         .filter_map(map_mirror_policy)
         .collect();
+    let route_config_mutations = map_header_mutations(rc);
+    let most_specific_wins = rc
+        .bool("most_specific_header_mutations_wins")
+        .unwrap_or(false);
+    let config = ConfigDefaults {
+        max_direct_body,
+        mirrors: &mirrors,
+        mutations: &route_config_mutations,
+        most_specific_wins,
+    };
     let vhosts: Vec<VirtualHostConfig> = rc
         .list("virtual_hosts")
         .iter()
-        .filter_map(|vh| map_virtual_host(vh, max_direct_body, &mirrors))
+        .filter_map(|vh| map_virtual_host(vh, &config))
         .collect();
     let mut seen = HashSet::new();
     for (i, vh) in vhosts.iter().enumerate() {
@@ -250,11 +284,7 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     })
 }
 
-fn map_virtual_host(
-    vh: &Obj<'_>,
-    max_direct_body: u32,
-    config_mirrors: &[MirrorPolicy],
-) -> Option<VirtualHostConfig> {
+fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<VirtualHostConfig> {
     let name = vh.str("name").unwrap_or_default().to_string();
     let domains: Vec<String> = vh
         .strings("domains")
@@ -287,17 +317,22 @@ fn map_virtual_host(
                 .filter_map(map_mirror_policy)
                 .collect();
             if own.is_empty() {
-                config_mirrors.to_vec()
+                config.mirrors.to_vec()
             } else {
                 own
             }
         },
-        max_direct_body,
+        max_direct_body: config.max_direct_body,
+    };
+    let mutations = InheritedMutations {
+        route_config: config.mutations.clone(),
+        virtual_host: map_header_mutations(vh),
+        most_specific_wins: config.most_specific_wins,
     };
     let mut routes: Vec<RouteEntry> = vh
         .list("routes")
         .iter()
-        .filter_map(|r| map_route(r, &inherited))
+        .filter_map(|r| map_route(r, &inherited, &mutations))
         .collect();
     for route in &mut routes {
         for (name, o) in &vhost_overrides {
@@ -313,8 +348,18 @@ fn map_virtual_host(
     })
 }
 
-fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
+fn map_route(
+    r: &Obj<'_>,
+    inherited: &RouteDefaults,
+    mutations: &InheritedMutations,
+) -> Option<RouteEntry> {
     let name = r.str("name").unwrap_or_default().to_string();
+    let header_mutations = RouteHeaderMutations::new(
+        map_header_mutations(r).as_ref(),
+        mutations.virtual_host.as_ref(),
+        mutations.route_config.as_ref(),
+        mutations.most_specific_wins,
+    );
     let m = r.obj("match").or_else(|| {
         r.error("match", "is required");
         None
@@ -339,5 +384,6 @@ fn map_route(r: &Obj<'_>, inherited: &RouteDefaults) -> Option<RouteEntry> {
         route_match,
         action,
         filter_overrides: map_filter_overrides(r),
+        header_mutations,
     })
 }

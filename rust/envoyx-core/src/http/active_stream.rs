@@ -42,6 +42,16 @@ pub(crate) struct ActiveStream {
     pub(crate) bytes_received: Rc<Cell<u64>>,
     /// The upstream try whose response is being streamed (pool return, stats).
     upstream: Option<UpstreamHandle>,
+    /// The route's `response_headers_to_add` and kin, when it has some.
+    response_mutations: Option<ResponseMutations>,
+}
+
+/// A route's response mutations; the access-log record (kept for them) holds
+/// what their formatters read. A direct-response route's apply only to its
+/// direct response, as Envoy's (it has no route entry for other local replies).
+struct ResponseMutations {
+    route: Arc<crate::config::header_mutation::RouteHeaderMutations>,
+    direct: bool,
 }
 
 impl ActiveStream {
@@ -124,22 +134,30 @@ impl ActiveStream {
             )
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
-        let record = (!hcm.access_logs.is_empty() || wants_log).then(|| {
-            Box::new(LogRecord {
-                start: Some(SystemTime::now()),
-                request_headers: Some(req.headers().clone()),
-                method: req.method().as_str().to_string(),
-                path: path.to_string(),
-                authority: authority.to_string(),
-                protocol: protocol_name(version),
-                downstream_remote: Some(conn.peer),
-                downstream_local: conn.local,
-                response_flags: "-",
-                route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
-                downstream_tls: conn.tls.clone(),
-                ..Default::default()
+        let response_mutations = route.and_then(|r| {
+            let m = r.header_mutations.as_ref().filter(|m| m.has_response)?;
+            Some(ResponseMutations {
+                route: m.clone(),
+                direct: matches!(r.action, RouteAction::Direct { .. }),
             })
         });
+        let record = (!hcm.access_logs.is_empty() || wants_log || response_mutations.is_some())
+            .then(|| {
+                Box::new(LogRecord {
+                    start: Some(SystemTime::now()),
+                    request_headers: Some(req.headers().clone()),
+                    method: req.method().as_str().to_string(),
+                    path: path.to_string(),
+                    authority: authority.to_string(),
+                    protocol: protocol_name(version),
+                    downstream_remote: Some(conn.peer),
+                    downstream_local: conn.local,
+                    response_flags: "-",
+                    route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+                    downstream_tls: conn.tls.clone(),
+                    ..Default::default()
+                })
+            });
         let mut stream = ActiveStream {
             conn,
             version,
@@ -150,6 +168,7 @@ impl ActiveStream {
             filters,
             bytes_received: Rc::new(Cell::new(0)),
             upstream: None,
+            response_mutations,
         };
         let (mut parts, mut body) = req.into_parts();
         // Envoy's stream timers, only for streams that have one: they race the
@@ -247,6 +266,8 @@ impl ActiveStream {
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time.as_millis() as u64),
         );
+        // After the router's own headers, before the connection manager's.
+        self.mutate_response(&mut parts.headers, parts.status.as_u16(), false);
         parts
             .headers
             .insert(header::SERVER, hcm.server_name.clone());
@@ -357,17 +378,40 @@ impl ActiveStream {
         self.send_local_reply(reply)
     }
 
-    /// A local reply's headers: Envoy's defaults, then those a filter asked for.
+    /// A local reply's headers: the route's response mutations, those the router
+    /// or a filter asked for, then Envoy's defaults (a content-type set by a
+    /// mutation stays, as in Envoy's `prepareLocalReply`).
     fn local_reply_headers(&self, reply: &mut LocalReply) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        if !reply.body.is_empty() {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        // Envoy formats a local reply's headers before it records the reply's
+        // status: `%RESPONSE_CODE%` is 0 there.
+        self.mutate_response(&mut headers, 0, reply.details == "direct_response");
+        if reply.body.is_empty() {
+            // Envoy's `prepareLocalReply`: a reply without a body has no type.
+            headers.remove(header::CONTENT_TYPE);
         }
         headers.insert(header::SERVER, self.conn.hcm.server_name.clone());
         for (name, value) in reply.headers.drain(..) {
             headers.insert(name, value);
         }
+        if !reply.body.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
         headers
+    }
+
+    /// Applies the route's response mutations (Envoy's `finalizeResponseHeaders`).
+    fn mutate_response(&self, headers: &mut HeaderMap, response_code: u16, direct: bool) {
+        let (Some(m), Some(record)) = (&self.response_mutations, &self.record) else {
+            return;
+        };
+        if m.direct && !direct {
+            return;
+        }
+        let mut facts = record.facts();
+        facts.response_code = response_code;
+        facts.duration = None;
+        m.route.apply_response(headers, &facts);
     }
 
     /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place

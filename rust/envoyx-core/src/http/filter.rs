@@ -335,6 +335,7 @@ mod tests {
                 redirect: None,
             },
             filter_overrides: overrides,
+            header_mutations: None,
         }
     }
 

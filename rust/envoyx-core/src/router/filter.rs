@@ -197,6 +197,9 @@ impl Router<'_, '_> {
             &parts.headers,
             path,
         );
+        let start = self.record.as_ref().and_then(|r| r.start);
+        let mutations =
+            super::header_mutation::RequestMutations::of(route, &conn, authority, path, start);
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,
@@ -207,6 +210,7 @@ impl Router<'_, '_> {
             xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
             expected_timeout: timeouts.expected_header(action),
+            mutations,
         };
         // TLS with auto_sni names the host the request goes to (after any rewrite
         // but auto_host_rewrite's, as in Envoy).
@@ -297,6 +301,7 @@ impl Router<'_, '_> {
             let expected = (attempt > 1)
                 .then(|| timeouts.expected_for_retry(deadline))
                 .flatten();
+            let record = &mut *self.record;
             let sent = upstream
                 .send(
                     &host,
@@ -304,7 +309,16 @@ impl Router<'_, '_> {
                     try_parts,
                     try_body,
                     limit.wait,
-                    |p, h2| rewrite.apply_for_try(p, h2, &host.hostname, expected),
+                    |p, h2| {
+                        rewrite.apply_for_try(p, h2, &host.hostname, expected);
+                        // Envoy's log and response formatters read the request
+                        // its mutations changed (one map there).
+                        if rewrite.mutations.is_some()
+                            && let Some(r) = record.as_mut()
+                        {
+                            r.request_headers = Some(p.headers.clone());
+                        }
+                    },
                 )
                 .await;
             let decision = match &sent {
@@ -866,6 +880,8 @@ pub(super) struct RequestRewrite<'a> {
     upstream_tls: bool,
     /// `x-envoy-expected-rq-timeout-ms`.
     expected_timeout: Option<HeaderValue>,
+    /// The route's `request_headers_to_add` and kin (Envoy's `finalizeRequestHeaders`).
+    mutations: Option<super::header_mutation::RequestMutations<'a>>,
 }
 
 impl RequestRewrite<'_> {
@@ -926,6 +942,11 @@ impl RequestRewrite<'_> {
         }
         if let Some(expected) = &self.expected_timeout {
             headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
+        }
+        // After the headers the connection manager and the router's timeouts add
+        // (a mutation may remove them), before the path and host rewrites.
+        if let Some(m) = &self.mutations {
+            m.apply(headers, &req.method, req.version);
         }
         if let Some(old) = &self.host.forwarded_host {
             append_forwarded_host(headers, old);

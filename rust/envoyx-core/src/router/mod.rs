@@ -5,6 +5,7 @@
 pub mod cluster_specifier;
 pub mod filter;
 pub mod hash_policy;
+pub mod header_mutation;
 mod hedge;
 pub mod mirror;
 pub mod redirect;

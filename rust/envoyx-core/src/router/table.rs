@@ -212,6 +212,7 @@ mod tests {
                 ..Default::default()
             }),
             filter_overrides: Vec::new(),
+            header_mutations: None,
         }
     }
 
