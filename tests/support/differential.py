@@ -26,6 +26,7 @@ A table of scenarios becomes tests with::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -40,7 +41,7 @@ from typing import Any
 import grpc
 import httpx
 
-from support.clients import raw_exchange
+from support.clients import RawResponse, _Reader, raw_exchange, read_response
 from support.envoy import EnvoyProcess
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import (
@@ -123,7 +124,21 @@ class Tcp:
     expect: Facts = field(default_factory=dict)
 
 
-Request = Http | Raw | Grpc | Tcp
+@dataclass(frozen=True)
+class RawSeq:
+    """Raw bytes on a fresh connection (pipelined requests, interim ``100
+    Continue`` responses): ``data`` is sent at once, ``responses`` responses are
+    read off the one connection (interim ones included), then the client
+    half-closes and reads to EOF. ``observe`` adds facts of each response
+    (``header:N``, and ``up.*`` from the echo upstream, see :func:`http_facts`)."""
+
+    data: bytes
+    responses: int = 1
+    observe: tuple[str, ...] = ()
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp | RawSeq
 
 
 @dataclass(frozen=True)
@@ -163,7 +178,8 @@ def http_facts(req: Http, resp: httpx.Response) -> Facts:
     content-type, date presence; for a reply the proxy made itself (no x-upstream)
     also body and content-length. ``observe`` names more:
 
-    ``header:N`` value or None · ``has:N`` presence · ``body.sha256`` (length, sha256)
+    ``header:N`` value or None · ``has:N`` presence · ``uuid:N`` whether the
+    value is a UUID (``up.uuid:N`` upstream side) · ``body.sha256`` (length, sha256)
     · ``protocol`` downstream HTTP version · ``up.header:N`` / ``up.has:N`` what the
     upstream received · ``up.headers`` sorted header names the upstream received ·
     ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
@@ -192,6 +208,8 @@ def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
         return resp.headers.get(arg)
     if kind == "has":
         return arg in resp.headers
+    if kind == "uuid":
+        return bool(UUID_RE.match(resp.headers.get(arg) or ""))
     if kind == "body.sha256":
         return (len(resp.content), hashlib.sha256(resp.content).hexdigest())
     if kind == "protocol":
@@ -205,6 +223,8 @@ def _fact(name: str, resp: httpx.Response, echo: Json | None) -> Any:
             return headers.get(arg)
         if sub == "has":
             return arg in headers
+        if sub == "uuid":
+            return bool(UUID_RE.match(headers.get(arg) or ""))
         if sub == "headers":
             return sorted(headers)
         if sub == "body":
@@ -239,6 +259,46 @@ def raw_facts(address: tuple[str, int], req: Raw) -> Facts:
         facts["body"] = resp.body.decode("utf-8", "replace")
         facts["header:content-length"] = resp.header("content-length")
     return facts
+
+
+def raw_seq_facts(address: tuple[str, int], req: RawSeq) -> Facts:
+    """``responses``: per response (status, x-upstream, the proxy's own body or
+    None, then the observed facts); ``eof``: whether the connection ended after
+    them (the proxy closed it) without further bytes; ``answered``: how many."""
+    responses: list[tuple[Any, ...]] = []
+    eof = False
+    with socket.create_connection(address, timeout=10) as sock:
+        reader = _Reader(sock)
+        try:
+            sock.sendall(req.data)
+            while len(responses) < req.responses:
+                resp = read_response(reader)
+                upstream = resp.header("x-upstream")
+                echo = None
+                if upstream is not None and resp.header("content-type") == ECHO:
+                    echo = json.loads(resp.body)
+                own = None if upstream is not None else resp.body.decode("utf-8", "replace")
+                observed = tuple(_raw_fact(name, resp, echo) for name in req.observe)
+                responses.append((resp.status, upstream, own, *observed))
+        except (ConnectionError, OSError):
+            pass
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        try:
+            rest = reader.read_to_eof()
+            eof = not rest
+        except OSError:
+            eof = True
+    return {"responses": responses, "answered": len(responses), "eof_after": eof}
+
+
+def _raw_fact(name: str, resp: RawResponse, echo: Json | None) -> Any:
+    kind, _, arg = name.partition(":")
+    if kind == "header":
+        return resp.header(arg)
+    if kind == "has":
+        return resp.header(arg) is not None
+    return _fact(name, None, echo)  # type: ignore[arg-type]
 
 
 def grpc_facts(address: tuple[str, int], req: Grpc) -> Facts:
@@ -426,6 +486,8 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
         for req in scenario.requests:
             if isinstance(req, Raw):
                 out.append(raw_facts(address, req))
+            elif isinstance(req, RawSeq):
+                out.append(raw_seq_facts(address, req))
             elif isinstance(req, Grpc):
                 out.append(grpc_facts(address, req))
             elif isinstance(req, Tcp):
@@ -498,6 +560,8 @@ def _describe(req: Request) -> str:
     if isinstance(req, Http):
         return f"{req.method} {req.path}" + (" h2" if req.http2 else "")
     if isinstance(req, Raw):
+        return f"raw {req.data[:30]!r}"
+    if isinstance(req, RawSeq):
         return f"raw {req.data[:30]!r}"
     if isinstance(req, Tcp):
         return f"tcp {len(req.payload)} bytes"

@@ -59,6 +59,8 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         .iter()
         .filter_map(map_access_log)
         .collect();
+    let mut limits = map_hcm_limits(hcm);
+    let options = map_hcm_options(hcm, &mut limits);
     Some(HttpConnectionManagerConfig {
         stat_prefix,
         codec,
@@ -102,8 +104,82 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             })
             .unwrap_or_default(),
         http_filters,
-        limits: Box::new(map_hcm_limits(hcm)),
+        limits: Box::new(limits),
+        options: Box::new(options),
     })
+}
+
+/// The connection manager's header edits and request-id options, and
+/// `http_protocol_options` (its codec switches go into `limits`).
+fn map_hcm_options(hcm: &Obj<'_>, limits: &mut HcmLimits) -> HcmOptions {
+    let server_header = match hcm
+        .str("server_header_transformation")
+        .unwrap_or("OVERWRITE")
+    {
+        "OVERWRITE" => ServerHeaderTransformation::Overwrite,
+        "APPEND_IF_ABSENT" => ServerHeaderTransformation::AppendIfAbsent,
+        "PASS_THROUGH" => ServerHeaderTransformation::PassThrough,
+        other => {
+            hcm.error(
+                "server_header_transformation",
+                format!("unknown value {other}"),
+            );
+            ServerHeaderTransformation::Overwrite
+        }
+    };
+    let scheme_to_overwrite = hcm.obj("scheme_header_transformation").and_then(|t| {
+        // `match_upstream` (the upstream connection's scheme) is not read: refused.
+        let scheme = t.str("scheme_to_overwrite")?;
+        if scheme != "http" && scheme != "https" {
+            t.error("scheme_to_overwrite", "must be http or https");
+        }
+        Some(scheme.to_string())
+    });
+    let via = hcm.str("via").filter(|v| !v.is_empty()).map(|v| {
+        if http::HeaderValue::from_str(v).is_err() {
+            hcm.error("via", "is not a valid header value");
+        }
+        v.to_string()
+    });
+    let mut default_host_for_http_10 = None;
+    if let Some(h1) = hcm.obj("http_protocol_options") {
+        limits.accept_http_10 = h1.bool("accept_http_10").unwrap_or(false);
+        limits.allow_chunked_length = h1.bool("allow_chunked_length").unwrap_or(false);
+        default_host_for_http_10 = h1
+            .str("default_host_for_http_10")
+            .filter(|h| !h.is_empty())
+            .map(str::to_string);
+    }
+    let escaped_slashes = match hcm
+        .str("path_with_escaped_slashes_action")
+        .unwrap_or("IMPLEMENTATION_SPECIFIC_DEFAULT")
+    {
+        "IMPLEMENTATION_SPECIFIC_DEFAULT" | "KEEP_UNCHANGED" => EscapedSlashesAction::KeepUnchanged,
+        "REJECT_REQUEST" => EscapedSlashesAction::RejectRequest,
+        "UNESCAPE_AND_REDIRECT" => EscapedSlashesAction::UnescapeAndRedirect,
+        "UNESCAPE_AND_FORWARD" => EscapedSlashesAction::UnescapeAndForward,
+        other => {
+            hcm.error(
+                "path_with_escaped_slashes_action",
+                format!("unknown value {other}"),
+            );
+            EscapedSlashesAction::KeepUnchanged
+        }
+    };
+    HcmOptions {
+        normalize_path: hcm.bool("normalize_path").unwrap_or(false),
+        merge_slashes: hcm.bool("merge_slashes").unwrap_or(false),
+        escaped_slashes,
+        skip_xff_append: hcm.bool("skip_xff_append").unwrap_or(false),
+        via,
+        server_header,
+        scheme_to_overwrite,
+        preserve_external_request_id: hcm.bool("preserve_external_request_id").unwrap_or(false),
+        always_set_request_id_in_response: hcm
+            .bool("always_set_request_id_in_response")
+            .unwrap_or(false),
+        default_host_for_http_10,
+    }
 }
 
 /// The connection manager's timeouts and `common_http_protocol_options`.
@@ -122,6 +198,13 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         delayed_close_timeout: timer(hcm, "delayed_close_timeout", d.delayed_close_timeout),
         ..d
     };
+    if let Some(kb) = hcm.u32("max_request_headers_kb") {
+        // Envoy's bounds: (0, 8192].
+        if kb == 0 || kb > 8192 {
+            hcm.error("max_request_headers_kb", "must be in [1, 8192]");
+        }
+        limits.max_request_headers_bytes = kb.clamp(1, 8192) as usize * 1024;
+    }
     if let Some(common) = hcm.obj("common_http_protocol_options") {
         limits.idle_timeout = timer(&common, "idle_timeout", d.idle_timeout);
         limits.max_connection_duration = timer(&common, "max_connection_duration", None);

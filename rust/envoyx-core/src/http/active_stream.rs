@@ -21,8 +21,10 @@ use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name}
 use super::local_reply::LocalReply;
 
 use super::headers::{GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT};
+use super::internal_request::Origin;
+use super::path_normalization::Normalized;
 use crate::access_log::LogRecord;
-use crate::config::{HcmLimits, RouteAction, RouteEntry};
+use crate::config::{HcmLimits, RouteAction, RouteEntry, ServerHeaderTransformation};
 use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
 use crate::router::upstream_request::UpstreamHandle;
 
@@ -42,6 +44,27 @@ pub(crate) struct ActiveStream {
     pub(crate) bytes_received: Rc<Cell<u64>>,
     /// The upstream try whose response is being streamed (pool return, stats).
     upstream: Option<UpstreamHandle>,
+    /// A CONNECT request: HTTP/1 closes the connection after a local reply (the
+    /// request never ends), as Envoy does.
+    connect: bool,
+    /// The request's `x-request-id`, for the response
+    /// (`always_set_request_id_in_response`).
+    request_id: Option<HeaderValue>,
+}
+
+/// `via` appended, Envoy's way (`, ` between values).
+fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    let value = match headers.get(header::VIA) {
+        Some(existing) if !existing.is_empty() => {
+            let mut v = Vec::with_capacity(existing.len() + 2 + via.len());
+            v.extend_from_slice(existing.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(via.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| via.clone())
+        }
+        _ => via.clone(),
+    };
+    headers.insert(header::VIA, value);
 }
 
 impl ActiveStream {
@@ -57,14 +80,47 @@ impl ActiveStream {
         let hcm = &*connection.hcm;
         let version = req.version();
         conn.begin_request(version);
+        let edits = &hcm.edits;
+        if version == Version::HTTP_10
+            && let Some(default) = &edits.default_host_for_http_10
+            && !req.headers().contains_key(header::HOST)
+            && req.uri().authority().is_none()
+        {
+            req.headers_mut().insert(header::HOST, default.clone());
+        }
         // Before any filter or the router reads them, as Envoy does.
-        hcm.internal_policy.apply(req.headers_mut(), conn.peer);
-        if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
-            let id = uuid::Uuid::new_v4();
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let s = id.hyphenated().encode_lower(&mut buf);
-            if let Ok(v) = HeaderValue::from_str(s) {
-                req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+        let origin = hcm
+            .internal_policy
+            .apply(req.headers_mut(), conn.peer, conn.tls.is_some());
+        if hcm.generate_request_id {
+            // An edge request gets its own id unless the client's is to be kept.
+            let replace = origin == Origin::Edge && !edits.preserve_external_request_id;
+            if replace || !req.headers().contains_key(&X_REQUEST_ID) {
+                let id = uuid::Uuid::new_v4();
+                let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let s = id.hyphenated().encode_lower(&mut buf);
+                if let Ok(v) = HeaderValue::from_str(s) {
+                    req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+                }
+            }
+        }
+        if let Some(via) = &edits.via {
+            append_via(req.headers_mut(), via);
+        }
+        // Envoy's path normalisation, before anything routes on the path.
+        let mut path_verdict = None;
+        if edits.paths.is_active() && req.uri().path().starts_with('/') {
+            let p = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            match edits.paths.apply(p) {
+                Normalized::Unchanged => {}
+                Normalized::Changed(new) => {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = new.parse().ok();
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                verdict => path_verdict = Some(verdict),
             }
         }
         // Borrowed from a clone of the URI (and Host), which shares the bytes hyper
@@ -74,15 +130,55 @@ impl ActiveStream {
             Some(_) => None,
             None => req.headers().get(header::HOST).cloned(),
         };
+        let has_host = uri.authority().is_some() || host.is_some();
         let authority = uri
             .authority()
             .map(|a| a.as_str())
             .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let connect = req.method() == http::Method::CONNECT;
+        // A CONNECT target is an authority, not a path: without one, no route
+        // with a path matcher takes it (Envoy's CONNECT has no `:path`).
+        let path = match uri.path_and_query() {
+            Some(p) => p.as_str(),
+            None if connect => "",
+            None => "/",
+        };
+        // Envoy's checks of the head before routing: HTTP/1 needs a Host (400),
+        // and only a path is routed (`OPTIONS *` and the like get 404).
+        let early = if !has_host && version != Version::HTTP_2 {
+            let mut reply = LocalReply::new(400, "", "-", "missing_host_header");
+            reply.close_connection = true;
+            Some(reply)
+        } else if !path.is_empty() && !path.starts_with('/') {
+            hcm.stats.downstream_rq_non_relative_path.inc();
+            Some(LocalReply::new(404, "", "-", "absolute_path"))
+        } else {
+            match path_verdict {
+                Some(Normalized::Redirect(to)) => {
+                    hcm.stats
+                        .downstream_rq_redirected_with_normalized_path
+                        .inc();
+                    let mut reply = LocalReply::new(307, "", "-", "path_normalization_redirect");
+                    if let Ok(v) = HeaderValue::from_str(&to) {
+                        reply.headers.push((header::LOCATION, v));
+                    }
+                    Some(reply)
+                }
+                Some(_) => {
+                    hcm.stats.downstream_rq_failed_path_normalization.inc();
+                    Some(LocalReply::new(400, "", "-", "path_normalization_failed"))
+                }
+                None => None,
+            }
+        };
 
         let routes = conn.route_table();
-        let route = routes.find(authority, path);
+        let route = if early.is_some() {
+            None
+        } else {
+            routes.find(authority, path)
+        };
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
@@ -124,7 +220,17 @@ impl ActiveStream {
             filters,
             bytes_received: Rc::new(Cell::new(0)),
             upstream: None,
+            connect,
+            request_id: if edits.always_set_request_id_in_response {
+                req.headers().get(&X_REQUEST_ID).cloned()
+            } else {
+                None
+            },
         };
+        if let Some(reply) = early {
+            let (parts, body) = stream.send_local_reply(reply).into_parts();
+            return Response::from_parts(parts, StreamBody::new(body, None));
+        }
         let (mut parts, mut body) = req.into_parts();
         // Envoy's stream timers, only for streams that have one: they race the
         // decoding (filters, router, upstream) until the response starts.
@@ -213,7 +319,6 @@ impl ActiveStream {
             handle,
             service_time,
         } = up;
-        let hcm = &self.conn.hcm;
         // Envoy writes its own reason phrase, not the upstream's.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         super::headers::strip_hop_by_hop(&mut parts.headers);
@@ -221,9 +326,7 @@ impl ActiveStream {
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time.as_millis() as u64),
         );
-        parts
-            .headers
-            .insert(header::SERVER, hcm.server_name.clone());
+        self.edit_response_headers(&mut parts.headers);
         parts.version = self.version;
         self.upstream = Some(handle);
         let encodes = self
@@ -331,13 +434,37 @@ impl ActiveStream {
         self.send_local_reply(reply)
     }
 
+    /// The connection manager's edits of every response (Envoy's
+    /// `encodeHeaders` and `mutateResponseHeaders`): `server`, `via`, the
+    /// request's id when asked for.
+    fn edit_response_headers(&self, headers: &mut HeaderMap) {
+        let hcm = &self.conn.hcm;
+        match hcm.edits.server_header {
+            ServerHeaderTransformation::Overwrite => {
+                headers.insert(header::SERVER, hcm.server_name.clone());
+            }
+            ServerHeaderTransformation::AppendIfAbsent => {
+                if !headers.contains_key(header::SERVER) {
+                    headers.insert(header::SERVER, hcm.server_name.clone());
+                }
+            }
+            ServerHeaderTransformation::PassThrough => {}
+        }
+        if let Some(via) = &hcm.edits.via {
+            append_via(headers, via);
+        }
+        if let Some(id) = &self.request_id {
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+    }
+
     /// A local reply's headers: Envoy's defaults, then those a filter asked for.
     fn local_reply_headers(&self, reply: &mut LocalReply) -> HeaderMap {
         let mut headers = HeaderMap::new();
         if !reply.body.is_empty() {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
-        headers.insert(header::SERVER, self.conn.hcm.server_name.clone());
+        self.edit_response_headers(&mut headers);
         for (name, value) in reply.headers.drain(..) {
             headers.insert(name, value);
         }
@@ -376,7 +503,7 @@ impl ActiveStream {
             reply.body = bytes::Bytes::new();
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
-        if reply.close_connection {
+        if reply.close_connection || (self.connect && self.version != Version::HTTP_2) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(r) = self.record.as_mut() {

@@ -1,0 +1,279 @@
+"""The HTTP connection manager's options beside Envoy 1.40 (differential): the
+edge (``use_remote_address`` with a loopback client, ``xff_num_trusted_hops``,
+``skip_xff_append``), ``via``, ``server_header_transformation``,
+``scheme_header_transformation``, request ids (``preserve_external_request_id``,
+``always_set_request_id_in_response``), header limits (``max_request_headers_kb``,
+``max_headers_count``) on HTTP/1.1 and HTTP/2. The machinery is in
+``support/differential.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
+from support.differential import Ctx, Http, Json, Raw, Scenario, run_differential
+from support.envoy import targets_from_env
+
+pytestmark = pytest.mark.envoy
+
+H = "http.ingress_http."
+
+
+def proxy(**hcm: Any) -> Any:
+    """A builder: ``/direct`` answered by the proxy, everything else to the echo
+    upstream ``a``; ``hcm`` fields set on the connection manager as written."""
+
+    def build(ctx: Ctx) -> Json:
+        listener = http_listener(
+            port=ctx.port,
+            virtual_hosts=[
+                virtual_host(
+                    "all",
+                    ["*"],
+                    [
+                        route({"prefix": "/direct"}, direct=(200, "direct")),
+                        route({"prefix": "/"}, cluster="backend"),
+                    ],
+                ),
+            ],
+        )
+        listener["filter_chains"][0]["filters"][0]["typed_config"].update(hcm)
+        return bootstrap(
+            admin_port=ctx.admin_port,
+            listeners=[listener],
+            clusters=[cluster("backend", [ctx.up("a")])],
+        )
+
+    return build
+
+
+EDGE = (
+    "up.header:x-forwarded-for",
+    "up.header:x-envoy-external-address",
+    "up.header:x-forwarded-proto",
+    "up.has:x-envoy-internal",
+)
+
+
+def both(path: str = "/", **kw: Any) -> tuple[Http, Http]:
+    """The same request over HTTP/1.1 and over HTTP/2."""
+    return (Http(path, **kw), Http(path, http2=True, **kw))
+
+
+def many_headers(n: int) -> bytes:
+    return (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(n)) + b"\r\n"
+    )
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario(
+        "edge_loopback_client",
+        proxy(use_remote_address=True),
+        (
+            # A loopback client is appended as the node's own address; the
+            # external address is the client's.
+            Http("/", observe=EDGE, expect={"up.header:x-envoy-external-address": "127.0.0.1"}),
+            Http("/", headers=(("x-forwarded-for", "203.0.113.7"),), observe=EDGE),
+            # An untrusted hop's proto is overwritten.
+            Http(
+                "/",
+                headers=(("x-forwarded-proto", "https"),),
+                observe=EDGE,
+                expect={"up.header:x-forwarded-proto": "http"},
+            ),
+            Http("/", http2=True, observe=EDGE),
+        ),
+    ),
+    Scenario(
+        "edge_trusted_hops",
+        proxy(use_remote_address=True, xff_num_trusted_hops=1),
+        (
+            Http("/", observe=EDGE),
+            Http("/", headers=(("x-forwarded-for", "203.0.113.7"),), observe=EDGE),
+            Http(
+                "/",
+                headers=(("x-forwarded-for", "198.51.100.1, 203.0.113.7"),),
+                observe=EDGE,
+                expect={"up.header:x-envoy-external-address": "203.0.113.7"},
+            ),
+            # A trusted hop's proto is kept.
+            Http(
+                "/",
+                headers=(("x-forwarded-proto", "https"),),
+                observe=EDGE,
+                expect={"up.header:x-forwarded-proto": "https"},
+            ),
+        ),
+    ),
+    Scenario(
+        "edge_skip_xff_append",
+        proxy(use_remote_address=True, skip_xff_append=True),
+        (
+            Http("/", observe=EDGE, expect={"up.header:x-forwarded-for": None}),
+            Http(
+                "/",
+                headers=(("x-forwarded-for", "203.0.113.7"),),
+                observe=EDGE,
+                expect={"up.header:x-forwarded-for": "203.0.113.7"},
+            ),
+        ),
+    ),
+    Scenario(
+        "not_edge",
+        proxy(),
+        (
+            Http("/", observe=EDGE),
+            Http("/", headers=(("x-forwarded-for", "203.0.113.7"),), observe=EDGE),
+            Http("/", headers=(("x-forwarded-proto", "https"),), observe=EDGE),
+        ),
+    ),
+    Scenario(
+        "edge_internal_loopback",
+        proxy(
+            use_remote_address=True,
+            internal_address_config={
+                "cidr_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]
+            },
+        ),
+        (
+            Http("/", observe=EDGE),
+            Http("/", headers=(("x-forwarded-for", "203.0.113.7"),), observe=EDGE),
+        ),
+    ),
+    Scenario(
+        "via",
+        proxy(via="envoyx-test"),
+        (
+            Http("/", observe=("up.header:via", "header:via")),
+            Http(
+                "/",
+                headers=(("via", "1.1 other"),),
+                observe=("up.header:via", "header:via"),
+                expect={"up.header:via": "1.1 other, envoyx-test", "header:via": "envoyx-test"},
+            ),
+            Http("/direct", observe=("header:via",), expect={"header:via": "envoyx-test"}),
+            Http("/", http2=True, observe=("up.header:via", "header:via")),
+        ),
+    ),
+    Scenario(
+        "server_header_overwrite",
+        proxy(server_name="front", server_header_transformation="OVERWRITE"),
+        (*both("/", expect={"header:server": "front"}), Http("/direct")),
+    ),
+    Scenario(
+        "server_header_append_if_absent",
+        proxy(server_header_transformation="APPEND_IF_ABSENT"),
+        (
+            *both("/", expect={"header:server": "a-server"}),
+            Http("/direct", expect={"header:server": "envoy"}),
+        ),
+    ),
+    Scenario(
+        "server_header_pass_through",
+        proxy(server_header_transformation="PASS_THROUGH"),
+        (
+            *both("/", expect={"header:server": "a-server"}),
+            Http("/direct", expect={"header:server": None}),
+        ),
+    ),
+    Scenario(
+        "scheme_header_overwrite",
+        proxy(scheme_header_transformation={"scheme_to_overwrite": "https"}),
+        (
+            *both(
+                "/",
+                observe=("up.header:x-forwarded-proto",),
+                expect={"up.header:x-forwarded-proto": "https"},
+            ),
+        ),
+    ),
+    Scenario(
+        "request_id_default",
+        proxy(),
+        (
+            Http(
+                "/",
+                headers=(("x-request-id", "given-id"),),
+                observe=("up.header:x-request-id", "header:x-request-id"),
+            ),
+            Http("/", observe=("up.has:x-request-id", "has:x-request-id")),
+        ),
+    ),
+    Scenario(
+        "request_id_replaced_at_edge",
+        proxy(use_remote_address=True),
+        (
+            Http(
+                "/",
+                headers=(("x-request-id", "given-id"),),
+                observe=("up.header:x-request-id", "up.uuid:x-request-id"),
+                expect={"up.uuid:x-request-id": True},
+            ),
+        ),
+        not_compared={"up.header:x-request-id": "a fresh id each time; its form is compared"},
+    ),
+    Scenario(
+        "request_id_preserved_at_edge",
+        proxy(use_remote_address=True, preserve_external_request_id=True),
+        (Http("/", headers=(("x-request-id", "given-id"),), observe=("up.header:x-request-id",)),),
+    ),
+    Scenario(
+        "request_id_in_response",
+        proxy(always_set_request_id_in_response=True),
+        (
+            Http("/", headers=(("x-request-id", "given-id"),), observe=("header:x-request-id",)),
+            Http(
+                "/direct", headers=(("x-request-id", "given-id"),), observe=("header:x-request-id",)
+            ),
+            Http("/", observe=("has:x-request-id",)),
+        ),
+    ),
+    Scenario(
+        "request_id_not_generated",
+        proxy(generate_request_id=False, always_set_request_id_in_response=True),
+        (
+            Http("/", observe=("up.has:x-request-id", "has:x-request-id")),
+            Http("/", headers=(("x-request-id", "given-id"),), observe=("header:x-request-id",)),
+        ),
+    ),
+    Scenario(
+        "max_request_headers_kb",
+        proxy(max_request_headers_kb=2),
+        (
+            Http("/", headers=(("x-big", "v" * 1500),), expect={"status": 200}),
+            Http(
+                "/",
+                headers=(("x-big", "v" * 2100),),
+                expect={"status": 431, "body": "Request Header Fields Too Large"},
+            ),
+            Raw(
+                b"GET / HTTP/1.1\r\nHost: x\r\nx-big: " + b"v" * 3000 + b"\r\n\r\n",
+                expect={"status": 431, "closed": True},
+            ),
+        ),
+        stats={
+            H + "downstream_rq_4xx": 2,
+            H + "downstream_cx_protocol_error": 2,
+            H + "downstream_rq_2xx": 1,
+        },
+    ),
+    Scenario(
+        "max_headers_count",
+        proxy(common_http_protocol_options={"max_headers_count": 10}),
+        (
+            Raw(many_headers(12), expect={"status": 431, "closed": True}),
+            Raw(many_headers(5), expect={"status": 200}),
+        ),
+        stats={H + "downstream_rq_4xx": 1, H + "downstream_cx_protocol_error": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_scenario(target, scenario, envoy_binary, environment, tmp_path):
+    run_differential(target, scenario, envoy_binary, environment, tmp_path)
