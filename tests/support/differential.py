@@ -95,6 +95,9 @@ class Http:
     http2: bool = False
     observe: tuple[str, ...] = ()
     expect: Facts = field(default_factory=dict)
+    # An HTTP/2 stream reset is the answer (the fact ``reset``: its error code)
+    # rather than a failure of the test.
+    may_reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -494,9 +497,16 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
                 out.append(tcp_facts(address, req))
             else:
                 client = h2 if req.http2 else h1
-                resp = client.request(
-                    req.method, req.path, headers=list(req.headers), content=_body_content(req)
-                )
+                try:
+                    resp = client.request(
+                        req.method, req.path, headers=list(req.headers), content=_body_content(req)
+                    )
+                except httpx.RemoteProtocolError as err:
+                    reset = re.search(r"StreamReset stream_id:\d+, error_code:(\d+)", str(err))
+                    if not (req.may_reset and reset):
+                        raise
+                    out.append({"reset": int(reset.group(1))})
+                    continue
                 out.append(http_facts(req, resp))
     return out
 

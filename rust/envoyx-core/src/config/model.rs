@@ -305,8 +305,10 @@ pub struct HttpConnectionManagerConfig {
 
 /// What the connection manager writes into requests and responses beyond its
 /// defaults (Envoy's fields of the same names).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HcmOptions {
+    /// `local_reply_config`, compiled.
+    pub local_reply: Option<crate::http::local_reply::LocalReplyConfig>,
     /// `skip_xff_append`: at the edge, `x-forwarded-for` is left as it came.
     pub skip_xff_append: bool,
     /// `via`: appended to the request's and the response's `via`.

@@ -167,7 +167,10 @@ impl ActiveStream {
                 }
                 Some(_) => {
                     hcm.stats.downstream_rq_failed_path_normalization.inc();
-                    Some(LocalReply::new(400, "", "-", "path_normalization_failed"))
+                    let mut reply = LocalReply::new(400, "", "-", "path_normalization_failed");
+                    // Envoy closes after it (the reply counts as a protocol error).
+                    reply.close_connection = true;
+                    Some(reply)
                 }
                 None => None,
             }
@@ -191,7 +194,9 @@ impl ActiveStream {
             )
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
-        let record = (!hcm.access_logs.is_empty() || wants_log).then(|| {
+        // A local reply format or mapper reads the request (its headers).
+        let reply_reads = edits.local_reply.as_ref().is_some_and(|l| l.needs_record());
+        let record = (!hcm.access_logs.is_empty() || wants_log || reply_reads).then(|| {
             Box::new(LogRecord {
                 start: Some(SystemTime::now()),
                 request_headers: Some(req.headers().clone()),
@@ -474,15 +479,26 @@ impl ActiveStream {
     /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place
     /// where a generated response is built.
     pub fn send_local_reply(mut self, mut reply: LocalReply) -> Response<ResponseBody> {
+        let mut headers = match reply.edited_headers.take() {
+            Some(h) => h,
+            None => self.local_reply_headers(&mut reply),
+        };
+        let conn = self.conn.clone();
+        if let Some(config) = &conn.hcm.edits.local_reply {
+            let had_body = !reply.body.is_empty();
+            match self.record.as_deref_mut() {
+                Some(record) => config.rewrite(&mut reply, &mut headers, record),
+                None => config.rewrite(&mut reply, &mut headers, &mut LogRecord::default()),
+            }
+            if !had_body && !reply.body.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+        }
         let status = reply.status.as_u16();
         self.conn
             .hcm
             .stats
             .response_class(if self.grpc { 200 } else { status });
-        let mut headers = match reply.edited_headers.take() {
-            Some(h) => h,
-            None => self.local_reply_headers(&mut reply),
-        };
         if self.grpc {
             // A gRPC client gets a gRPC status (trailers-only), as from Envoy:
             // HTTP 200, `grpc-status` and the text as `grpc-message`.

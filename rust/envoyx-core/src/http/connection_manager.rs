@@ -180,6 +180,8 @@ pub(crate) struct HeaderEdits {
     pub default_host_for_http_10: Option<HeaderValue>,
     /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
     pub paths: super::path_normalization::PathNormalization,
+    /// `local_reply_config`.
+    pub local_reply: Option<super::local_reply::LocalReplyConfig>,
 }
 
 impl HttpConnectionManager {
@@ -229,6 +231,7 @@ impl HttpConnectionManager {
                 preserve_external_request_id: options.preserve_external_request_id,
                 always_set_request_id_in_response: options.always_set_request_id_in_response,
                 default_host_for_http_10: header(options.default_host_for_http_10),
+                local_reply: options.local_reply,
                 paths: super::path_normalization::PathNormalization {
                     normalize_path: options.normalize_path,
                     merge_slashes: options.merge_slashes,
