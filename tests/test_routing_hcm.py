@@ -233,6 +233,28 @@ SCENARIOS: list[Scenario] = [
         ),
     ),
     Scenario(
+        "request_id_uuid_extension",
+        proxy(
+            always_set_request_id_in_response=True,
+            request_id_extension={
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                    "pack_trace_reason": False,
+                    "use_request_id_for_trace_sampling": False,
+                }
+            },
+        ),
+        (
+            Http(
+                "/",
+                observe=("uuid:x-request-id", "up.uuid:x-request-id"),
+                expect={"uuid:x-request-id": True, "up.uuid:x-request-id": True},
+            ),
+            Http("/direct", observe=("uuid:x-request-id",), expect={"uuid:x-request-id": True}),
+        ),
+    ),
+    Scenario(
         "request_id_not_generated",
         proxy(generate_request_id=False, always_set_request_id_in_response=True),
         (

@@ -17,6 +17,7 @@ use crate::http::local_reply::{
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const UUID_REQUEST_ID_TYPE: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
 pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
 pub const TYPED_STRUCT_TYPE: &str = "xds.type.v3.TypedStruct";
 pub const UDPA_TYPED_STRUCT_TYPE: &str = "udpa.type.v1.TypedStruct";
@@ -170,6 +171,9 @@ fn map_hcm_options(hcm: &Obj<'_>, limits: &mut HcmLimits) -> HcmOptions {
             EscapedSlashesAction::KeepUnchanged
         }
     };
+    if let Some(ext) = hcm.obj("request_id_extension") {
+        map_request_id_extension(&ext);
+    }
     HcmOptions {
         local_reply: hcm.obj("local_reply_config").map(|c| map_local_reply(&c)),
         normalize_path: hcm.bool("normalize_path").unwrap_or(false),
@@ -251,6 +255,28 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         limits.h2_initial_connection_window_size = window("initial_connection_window_size");
     }
     limits
+}
+
+/// `request_id_extension`: Envoy's UUID extension is the only one, and the
+/// default. Its two switches act on tracing decisions (the trace reason packed
+/// into the id, sampling by the id), and envoyx has no tracing: with any values
+/// the ids are what the default makes, as in Envoy without a tracer.
+fn map_request_id_extension(ext: &Obj<'_>) {
+    let Some(tc) = ext.obj("typed_config") else {
+        ext.error("typed_config", "is required");
+        return;
+    };
+    match tc.any_type() {
+        Some(UUID_REQUEST_ID_TYPE) => {
+            tc.bool("pack_trace_reason");
+            tc.bool("use_request_id_for_trace_sampling");
+        }
+        Some(other) => tc.error(
+            "@type",
+            format!("request id extension {other} is not supported by envoyx"),
+        ),
+        None => {}
+    }
 }
 
 /// `local_reply_config`: mappers and the body format.
@@ -759,11 +785,13 @@ mod tests {
             "http_protocol_options": {"header_key_format": {"proper_case_words": {}}}
         }));
         assert!(
-            errs.iter().any(|e| e.contains("mappers[0].filter.duration_filter: not supported")),
+            errs.iter()
+                .any(|e| e.contains("mappers[0].filter.duration_filter: not supported")),
             "{errs:?}"
         );
         assert!(
-            errs.iter().any(|e| e.contains("http_protocol_options.header_key_format: not supported")),
+            errs.iter()
+                .any(|e| e.contains("http_protocol_options.header_key_format: not supported")),
             "{errs:?}"
         );
     }
