@@ -175,7 +175,7 @@ pub fn local_address() -> IpAddr {
 
 fn first_interface_v4() -> Option<Ipv4Addr> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        let ip = Ipv4Addr::from(ifa.address?.as_sockaddr_in()?.ip());
+        let ip = ifa.address?.as_sockaddr_in()?.ip();
         (!ip.is_loopback()).then_some(ip)
     })
 }
