@@ -26,6 +26,7 @@ A table of scenarios becomes tests with::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -40,7 +41,7 @@ from typing import Any
 import grpc
 import httpx
 
-from support.clients import raw_exchange
+from support.clients import RawResponse, _Reader, raw_exchange, read_response
 from support.envoy import EnvoyProcess
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import (
@@ -94,6 +95,9 @@ class Http:
     http2: bool = False
     observe: tuple[str, ...] = ()
     expect: Facts = field(default_factory=dict)
+    # An HTTP/2 stream reset is the answer (the fact ``reset``: its error code)
+    # rather than a failure of the test.
+    may_reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,21 @@ class Tcp:
     expect: Facts = field(default_factory=dict)
 
 
-Request = Http | Raw | Grpc | Tcp
+@dataclass(frozen=True)
+class RawSeq:
+    """Raw bytes on a fresh connection (pipelined requests, interim ``100
+    Continue`` responses): ``data`` is sent at once, ``responses`` responses are
+    read off the one connection (interim ones included), then the client
+    half-closes and reads to EOF. ``observe`` adds facts of each response
+    (``header:N``, and ``up.*`` from the echo upstream, see :func:`http_facts`)."""
+
+    data: bytes
+    responses: int = 1
+    observe: tuple[str, ...] = ()
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp | RawSeq
 
 
 @dataclass(frozen=True)
@@ -166,7 +184,8 @@ def http_facts(req: Http, resp: httpx.Response) -> Facts:
     also body and content-length. ``observe`` names more:
 
     ``header:N`` value or None · ``header_all:N`` every value in order · ``has:N``
-    presence · ``body.sha256`` (length, sha256) · ``protocol`` downstream HTTP version
+    presence · ``uuid:N`` whether the value is a UUID (``up.uuid:N`` upstream side) ·
+    ``body.sha256`` (length, sha256) · ``protocol`` downstream HTTP version
     · ``up.header:N`` / ``up.has:N`` what the upstream received · ``up.header_all:N``
     every value it received, in order · ``up.headers`` sorted header names the upstream
     received · ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
@@ -197,6 +216,8 @@ def _fact(name: str, resp: Any, echo: Json | None) -> Any:
         return arg in resp.headers
     if kind == "header_all":
         return resp.headers.get_list(arg)
+    if kind == "uuid":
+        return bool(UUID_RE.match(resp.headers.get(arg) or ""))
     if kind == "body.sha256":
         return (len(resp.content), hashlib.sha256(resp.content).hexdigest())
     if kind == "protocol":
@@ -212,6 +233,8 @@ def _fact(name: str, resp: Any, echo: Json | None) -> Any:
             return arg in headers
         if sub == "header_all":
             return [v for k, v in echo["headers"] if k == arg]
+        if sub == "uuid":
+            return bool(UUID_RE.match(headers.get(arg) or ""))
         if sub == "headers":
             return sorted(headers)
         if sub == "body":
@@ -252,6 +275,46 @@ def raw_facts(address: tuple[str, int], req: Raw) -> Facts:
                 raise ValueError(f"a raw request observes only up.* facts, not {name!r}")
             facts[name] = _fact(name, None, echo)
     return facts
+
+
+def raw_seq_facts(address: tuple[str, int], req: RawSeq) -> Facts:
+    """``responses``: per response (status, x-upstream, the proxy's own body or
+    None, then the observed facts); ``eof``: whether the connection ended after
+    them (the proxy closed it) without further bytes; ``answered``: how many."""
+    responses: list[tuple[Any, ...]] = []
+    eof = False
+    with socket.create_connection(address, timeout=10) as sock:
+        reader = _Reader(sock)
+        try:
+            sock.sendall(req.data)
+            while len(responses) < req.responses:
+                resp = read_response(reader)
+                upstream = resp.header("x-upstream")
+                echo = None
+                if upstream is not None and resp.header("content-type") == ECHO:
+                    echo = json.loads(resp.body)
+                own = None if upstream is not None else resp.body.decode("utf-8", "replace")
+                observed = tuple(_raw_fact(name, resp, echo) for name in req.observe)
+                responses.append((resp.status, upstream, own, *observed))
+        except (ConnectionError, OSError):
+            pass
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        try:
+            rest = reader.read_to_eof()
+            eof = not rest
+        except OSError:
+            eof = True
+    return {"responses": responses, "answered": len(responses), "eof_after": eof}
+
+
+def _raw_fact(name: str, resp: RawResponse, echo: Json | None) -> Any:
+    kind, _, arg = name.partition(":")
+    if kind == "header":
+        return resp.header(arg)
+    if kind == "has":
+        return resp.header(arg) is not None
+    return _fact(name, None, echo)  # type: ignore[arg-type]
 
 
 def grpc_facts(address: tuple[str, int], req: Grpc) -> Facts:
@@ -439,15 +502,24 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
         for req in scenario.requests:
             if isinstance(req, Raw):
                 out.append(raw_facts(address, req))
+            elif isinstance(req, RawSeq):
+                out.append(raw_seq_facts(address, req))
             elif isinstance(req, Grpc):
                 out.append(grpc_facts(address, req))
             elif isinstance(req, Tcp):
                 out.append(tcp_facts(address, req))
             else:
                 client = h2 if req.http2 else h1
-                resp = client.request(
-                    req.method, req.path, headers=list(req.headers), content=_body_content(req)
-                )
+                try:
+                    resp = client.request(
+                        req.method, req.path, headers=list(req.headers), content=_body_content(req)
+                    )
+                except httpx.RemoteProtocolError as err:
+                    reset = re.search(r"StreamReset stream_id:\d+, error_code:(\d+)", str(err))
+                    if not (req.may_reset and reset):
+                        raise
+                    out.append({"reset": int(reset.group(1))})
+                    continue
                 out.append(http_facts(req, resp))
     return out
 
@@ -511,6 +583,8 @@ def _describe(req: Request) -> str:
     if isinstance(req, Http):
         return f"{req.method} {req.path}" + (" h2" if req.http2 else "")
     if isinstance(req, Raw):
+        return f"raw {req.data[:30]!r}"
+    if isinstance(req, RawSeq):
         return f"raw {req.data[:30]!r}"
     if isinstance(req, Tcp):
         return f"tcp {len(req.payload)} bytes"

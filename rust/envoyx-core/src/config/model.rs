@@ -303,6 +303,59 @@ pub struct HttpConnectionManagerConfig {
     /// The connection manager's timeouts and per-connection limits (boxed: the
     /// network filter enum stays small).
     pub limits: Box<HcmLimits>,
+    /// Header edits and request-id options (boxed, as `limits`).
+    pub options: Box<HcmOptions>,
+}
+
+/// What the connection manager writes into requests and responses beyond its
+/// defaults (Envoy's fields of the same names).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HcmOptions {
+    /// `local_reply_config`, compiled.
+    pub local_reply: Option<crate::http::local_reply::LocalReplyConfig>,
+    /// `skip_xff_append`: at the edge, `x-forwarded-for` is left as it came.
+    pub skip_xff_append: bool,
+    /// `via`: appended to the request's and the response's `via`.
+    pub via: Option<String>,
+    /// `server_header_transformation` (default OVERWRITE).
+    pub server_header: ServerHeaderTransformation,
+    /// `scheme_header_transformation.scheme_to_overwrite` (`http` or `https`).
+    pub scheme_to_overwrite: Option<String>,
+    /// `preserve_external_request_id`: an edge request keeps its `x-request-id`.
+    pub preserve_external_request_id: bool,
+    /// `always_set_request_id_in_response`.
+    pub always_set_request_id_in_response: bool,
+    /// `http_protocol_options.default_host_for_http_10`.
+    pub default_host_for_http_10: Option<String>,
+    /// `normalize_path` (default false).
+    pub normalize_path: bool,
+    /// `merge_slashes` (default false).
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action` (default: KEEP_UNCHANGED).
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// `HttpConnectionManager.PathWithEscapedSlashesAction`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EscapedSlashesAction {
+    /// Also IMPLEMENTATION_SPECIFIC_DEFAULT, as Envoy's default runtime has it.
+    #[default]
+    KeepUnchanged,
+    RejectRequest,
+    UnescapeAndRedirect,
+    UnescapeAndForward,
+}
+
+/// `HttpConnectionManager.ServerHeaderTransformation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerHeaderTransformation {
+    /// `server` is `server_name`, whatever the upstream sent.
+    #[default]
+    Overwrite,
+    /// `server_name` only where the response has no `server`.
+    AppendIfAbsent,
+    /// The response's own `server` (none on local replies).
+    PassThrough,
 }
 
 /// The connection manager's timers and limits, with Envoy's defaults. A zero
@@ -330,6 +383,13 @@ pub struct HcmLimits {
     pub headers_with_underscores: UnderscoresAction,
     /// `common_http_protocol_options.max_headers_count` (default 100).
     pub max_headers_count: usize,
+    /// `max_request_headers_kb` in bytes (default 60 KiB).
+    pub max_request_headers_bytes: usize,
+    /// `http_protocol_options.accept_http_10` (default false: 426).
+    pub accept_http_10: bool,
+    /// `http_protocol_options.allow_chunked_length` (default false: a request
+    /// with both framings is a 400).
+    pub allow_chunked_length: bool,
     /// `http2_protocol_options`: what the HTTP/2 codec advertises (None: hyper's
     /// defaults).
     pub h2_max_concurrent_streams: Option<u32>,
@@ -354,6 +414,9 @@ impl Default for HcmLimits {
             max_stream_duration: None,
             headers_with_underscores: UnderscoresAction::Allow,
             max_headers_count: 100,
+            max_request_headers_bytes: 60 * 1024,
+            accept_http_10: false,
+            allow_chunked_length: false,
             h2_max_concurrent_streams: None,
             h2_initial_stream_window_size: None,
             h2_initial_connection_window_size: None,

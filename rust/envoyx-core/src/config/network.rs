@@ -9,10 +9,15 @@ use serde_json::Value;
 use super::model::*;
 use super::reader::Obj;
 use super::route::map_route_config;
+use crate::http::local_reply::{
+    BodyFormat, BodyFormatKind, BodyText, Comparison, HeaderValueMatch, LocalReplyConfig,
+    ReplyFilter, ReplyMapper,
+};
 
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const UUID_REQUEST_ID_TYPE: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
 pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
 pub const TYPED_STRUCT_TYPE: &str = "xds.type.v3.TypedStruct";
 pub const UDPA_TYPED_STRUCT_TYPE: &str = "udpa.type.v1.TypedStruct";
@@ -59,6 +64,8 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         .iter()
         .filter_map(map_access_log)
         .collect();
+    let mut limits = map_hcm_limits(hcm);
+    let options = map_hcm_options(hcm, &mut limits);
     Some(HttpConnectionManagerConfig {
         stat_prefix,
         codec,
@@ -103,8 +110,86 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             })
             .unwrap_or_default(),
         http_filters,
-        limits: Box::new(map_hcm_limits(hcm)),
+        limits: Box::new(limits),
+        options: Box::new(options),
     })
+}
+
+/// The connection manager's header edits and request-id options, and
+/// `http_protocol_options` (its codec switches go into `limits`).
+fn map_hcm_options(hcm: &Obj<'_>, limits: &mut HcmLimits) -> HcmOptions {
+    let server_header = match hcm
+        .str("server_header_transformation")
+        .unwrap_or("OVERWRITE")
+    {
+        "OVERWRITE" => ServerHeaderTransformation::Overwrite,
+        "APPEND_IF_ABSENT" => ServerHeaderTransformation::AppendIfAbsent,
+        "PASS_THROUGH" => ServerHeaderTransformation::PassThrough,
+        other => {
+            hcm.error(
+                "server_header_transformation",
+                format!("unknown value {other}"),
+            );
+            ServerHeaderTransformation::Overwrite
+        }
+    };
+    let scheme_to_overwrite = hcm.obj("scheme_header_transformation").and_then(|t| {
+        // `match_upstream` (the upstream connection's scheme) is not read: refused.
+        let scheme = t.str("scheme_to_overwrite")?;
+        if scheme != "http" && scheme != "https" {
+            t.error("scheme_to_overwrite", "must be http or https");
+        }
+        Some(scheme.to_string())
+    });
+    let via = hcm.str("via").filter(|v| !v.is_empty()).map(|v| {
+        if http::HeaderValue::from_str(v).is_err() {
+            hcm.error("via", "is not a valid header value");
+        }
+        v.to_string()
+    });
+    let mut default_host_for_http_10 = None;
+    if let Some(h1) = hcm.obj("http_protocol_options") {
+        limits.accept_http_10 = h1.bool("accept_http_10").unwrap_or(false);
+        limits.allow_chunked_length = h1.bool("allow_chunked_length").unwrap_or(false);
+        default_host_for_http_10 = h1
+            .str("default_host_for_http_10")
+            .filter(|h| !h.is_empty())
+            .map(str::to_string);
+    }
+    let escaped_slashes = match hcm
+        .str("path_with_escaped_slashes_action")
+        .unwrap_or("IMPLEMENTATION_SPECIFIC_DEFAULT")
+    {
+        "IMPLEMENTATION_SPECIFIC_DEFAULT" | "KEEP_UNCHANGED" => EscapedSlashesAction::KeepUnchanged,
+        "REJECT_REQUEST" => EscapedSlashesAction::RejectRequest,
+        "UNESCAPE_AND_REDIRECT" => EscapedSlashesAction::UnescapeAndRedirect,
+        "UNESCAPE_AND_FORWARD" => EscapedSlashesAction::UnescapeAndForward,
+        other => {
+            hcm.error(
+                "path_with_escaped_slashes_action",
+                format!("unknown value {other}"),
+            );
+            EscapedSlashesAction::KeepUnchanged
+        }
+    };
+    if let Some(ext) = hcm.obj("request_id_extension") {
+        map_request_id_extension(&ext);
+    }
+    HcmOptions {
+        local_reply: hcm.obj("local_reply_config").map(|c| map_local_reply(&c)),
+        normalize_path: hcm.bool("normalize_path").unwrap_or(false),
+        merge_slashes: hcm.bool("merge_slashes").unwrap_or(false),
+        escaped_slashes,
+        skip_xff_append: hcm.bool("skip_xff_append").unwrap_or(false),
+        via,
+        server_header,
+        scheme_to_overwrite,
+        preserve_external_request_id: hcm.bool("preserve_external_request_id").unwrap_or(false),
+        always_set_request_id_in_response: hcm
+            .bool("always_set_request_id_in_response")
+            .unwrap_or(false),
+        default_host_for_http_10,
+    }
 }
 
 /// The connection manager's timeouts and `common_http_protocol_options`.
@@ -123,6 +208,13 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         delayed_close_timeout: timer(hcm, "delayed_close_timeout", d.delayed_close_timeout),
         ..d
     };
+    if let Some(kb) = hcm.u32("max_request_headers_kb") {
+        // Envoy's bounds: (0, 8192].
+        if kb == 0 || kb > 8192 {
+            hcm.error("max_request_headers_kb", "must be in [1, 8192]");
+        }
+        limits.max_request_headers_bytes = kb.clamp(1, 8192) as usize * 1024;
+    }
     if let Some(common) = hcm.obj("common_http_protocol_options") {
         limits.idle_timeout = timer(&common, "idle_timeout", d.idle_timeout);
         limits.max_connection_duration = timer(&common, "max_connection_duration", None);
@@ -164,6 +256,255 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         limits.h2_initial_connection_window_size = window("initial_connection_window_size");
     }
     limits
+}
+
+/// `request_id_extension`: Envoy's UUID extension is the only one, and the
+/// default. Its two switches act on tracing decisions (the trace reason packed
+/// into the id, sampling by the id), and envoyx has no tracing: with any values
+/// the ids are what the default makes, as in Envoy without a tracer.
+fn map_request_id_extension(ext: &Obj<'_>) {
+    let Some(tc) = ext.obj("typed_config") else {
+        ext.error("typed_config", "is required");
+        return;
+    };
+    match tc.any_type() {
+        Some(UUID_REQUEST_ID_TYPE) => {
+            tc.bool("pack_trace_reason");
+            tc.bool("use_request_id_for_trace_sampling");
+        }
+        Some(other) => tc.error(
+            "@type",
+            format!("request id extension {other} is not supported by envoyx"),
+        ),
+        None => {}
+    }
+}
+
+/// `local_reply_config`: mappers and the body format.
+fn map_local_reply(c: &Obj<'_>) -> LocalReplyConfig {
+    let mappers = c
+        .list("mappers")
+        .iter()
+        .filter_map(|m| {
+            let Some(filter) = m.obj("filter").and_then(|f| map_reply_filter(&f)) else {
+                m.error("filter", "is required");
+                return None;
+            };
+            let status_code = m.u32("status_code").map(|n| {
+                if !(200..600).contains(&n) {
+                    m.error("status_code", "must be in [200, 600)");
+                }
+                n as u16
+            });
+            let body = m.obj("body").and_then(|b| {
+                let s = b.str("inline_string");
+                if s.is_none() {
+                    b.errors()
+                        .push(b.path(), "only inline_string is supported by envoyx");
+                }
+                s.map(|s| bytes::Bytes::copy_from_slice(s.as_bytes()))
+            });
+            let body_format_override = m
+                .obj("body_format_override")
+                .and_then(|f| map_body_format(&f));
+            let headers_to_add = m
+                .list("headers_to_add")
+                .iter()
+                .filter_map(map_literal_header)
+                .collect();
+            Some(ReplyMapper {
+                filter,
+                status_code,
+                body,
+                body_format_override,
+                headers_to_add,
+            })
+        })
+        .collect();
+    LocalReplyConfig {
+        mappers,
+        body_format: c.obj("body_format").and_then(|f| map_body_format(&f)),
+    }
+}
+
+/// The `AccessLogFilter` kinds a local reply mapper may use.
+fn map_reply_filter(f: &Obj<'_>) -> Option<ReplyFilter> {
+    if let Some(s) = f.obj("status_code_filter") {
+        let cmp = s.obj("comparison")?;
+        let op = match cmp.str("op").unwrap_or("EQ") {
+            "EQ" => Comparison::Eq,
+            "GE" => Comparison::Ge,
+            "LE" => Comparison::Le,
+            "NE" => Comparison::Ne,
+            other => {
+                cmp.error("op", format!("unknown value {other}"));
+                return None;
+            }
+        };
+        let value = cmp.obj("value")?;
+        // The runtime key names a runtime override envoyx has none of: the
+        // default value applies, as in Envoy without that key.
+        value.str("runtime_key");
+        let n = value.u32("default_value").unwrap_or(0);
+        return Some(ReplyFilter::Status(op, n.min(u32::from(u16::MAX)) as u16));
+    }
+    if let Some(r) = f.obj("response_flag_filter") {
+        let flags = r
+            .raw("flags")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Some(ReplyFilter::Flags(flags));
+    }
+    if let Some(h) = f.obj("header_filter") {
+        let header = h.obj("header")?;
+        let name = header.str("name").unwrap_or_default();
+        let Ok(name) = http::header::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        else {
+            header.error("name", "is not a valid header name");
+            return None;
+        };
+        let invert = header.bool("invert_match").unwrap_or(false);
+        let matcher = if let Some(p) = header.bool("present_match") {
+            HeaderValueMatch::Present(p)
+        } else if let Some(e) = header.str("exact_match") {
+            HeaderValueMatch::Exact(e.to_string())
+        } else if let Some(sm) = header.obj("string_match") {
+            if let Some(e) = sm.str("exact") {
+                HeaderValueMatch::Exact(e.to_string())
+            } else if let Some(e) = sm.str("prefix") {
+                HeaderValueMatch::Prefix(e.to_string())
+            } else if let Some(e) = sm.str("suffix") {
+                HeaderValueMatch::Suffix(e.to_string())
+            } else if let Some(e) = sm.str("contains") {
+                HeaderValueMatch::Contains(e.to_string())
+            } else {
+                sm.errors().push(
+                    sm.path(),
+                    "envoyx supports exact, prefix, suffix and contains here",
+                );
+                return None;
+            }
+        } else {
+            HeaderValueMatch::Present(true)
+        };
+        return Some(ReplyFilter::Header {
+            name,
+            matcher,
+            invert,
+        });
+    }
+    for (key, and) in [("and_filter", true), ("or_filter", false)] {
+        if let Some(g) = f.obj(key) {
+            let filters: Vec<ReplyFilter> = g
+                .list("filters")
+                .iter()
+                .filter_map(map_reply_filter)
+                .collect();
+            return Some(if and {
+                ReplyFilter::And(filters)
+            } else {
+                ReplyFilter::Or(filters)
+            });
+        }
+    }
+    // Any other filter kind stays unread: refused by name.
+    None
+}
+
+/// A `SubstitutionFormatString` for local reply bodies.
+fn map_body_format(f: &Obj<'_>) -> Option<BodyFormat> {
+    let parse = |s: &str, field: &str| match BodyText::parse(s) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            f.error(field, e);
+            None
+        }
+    };
+    let (kind, default_type) = if let Some(src) = f.obj("text_format_source") {
+        let Some(s) = src.str("inline_string") else {
+            src.errors()
+                .push(src.path(), "only inline_string is supported by envoyx");
+            return None;
+        };
+        (
+            BodyFormatKind::Text(parse(s, "text_format_source")?),
+            "text/plain",
+        )
+    } else if let Some(s) = f.str("text_format") {
+        (BodyFormatKind::Text(parse(s, "text_format")?), "text/plain")
+    } else if let Some(Value::Object(map)) = f.raw("json_format") {
+        let mut fields = Vec::new();
+        for (k, v) in map {
+            match v {
+                Value::String(s) => fields.push((k.clone(), parse(s, "json_format")?)),
+                _ => {
+                    f.error(
+                        &format!("json_format.{k}"),
+                        "only string values are supported by envoyx",
+                    );
+                    return None;
+                }
+            }
+        }
+        (BodyFormatKind::Json(fields), "application/json")
+    } else {
+        f.errors().push(
+            f.path(),
+            "text_format, text_format_source or json_format is required",
+        );
+        return None;
+    };
+    let content_type = f
+        .str("content_type")
+        .filter(|c| !c.is_empty())
+        .unwrap_or(default_type);
+    let Ok(content_type) = http::HeaderValue::from_str(content_type) else {
+        f.error("content_type", "is not a valid header value");
+        return None;
+    };
+    Some(BodyFormat { kind, content_type })
+}
+
+/// A `HeaderValueOption` with a literal value (`append_action` or the older
+/// `append`); values with `%` formatters are refused.
+fn map_literal_header(o: &Obj<'_>) -> Option<(http::header::HeaderName, http::HeaderValue, bool)> {
+    let h = o.obj("header")?;
+    let key = h.str("key").unwrap_or_default();
+    let value = h.str("value").unwrap_or_default();
+    if value.contains('%') {
+        h.error(
+            "value",
+            "formatters in local reply headers are not supported by envoyx",
+        );
+        return None;
+    }
+    let append = match o.str("append_action") {
+        Some("APPEND_IF_EXISTS_OR_ADD") => true,
+        Some("OVERWRITE_IF_EXISTS_OR_ADD") => false,
+        Some(other) => {
+            o.error(
+                "append_action",
+                format!("{other} is not supported by envoyx"),
+            );
+            return None;
+        }
+        None => o.bool("append").unwrap_or(true),
+    };
+    match (
+        http::header::HeaderName::from_bytes(key.to_ascii_lowercase().as_bytes()),
+        http::HeaderValue::from_str(value),
+    ) {
+        (Ok(n), Ok(v)) => Some((n, v, append)),
+        _ => {
+            h.error("key", "is not a valid header");
+            None
+        }
+    }
 }
 
 /// `http_filters`: Python filters, then the router, which must be last.
@@ -406,6 +747,53 @@ mod tests {
             vec![
                 "hcm.common_http_protocol_options.max_response_headers_kb: not supported by envoyx"
             ]
+        );
+    }
+
+    fn options(hcm: Value) -> (HcmOptions, Vec<String>) {
+        let errors = Errors::default();
+        let options = {
+            let obj = Obj::new(&hcm, "hcm".into(), &errors).unwrap();
+            map_hcm_options(&obj, &mut HcmLimits::default())
+        };
+        (options, errors.into_vec())
+    }
+
+    #[test]
+    fn local_reply_config_maps_and_refuses_by_path() {
+        let (o, errs) = options(json!({
+            "local_reply_config": {
+                "mappers": [{
+                    "filter": {"status_code_filter": {"comparison": {
+                        "op": "GE", "value": {"default_value": 500, "runtime_key": "k"}}}},
+                    "status_code": 502,
+                    "body": {"inline_string": "down"},
+                    "headers_to_add": [{"header": {"key": "X-A", "value": "1"}, "append": false}]
+                }],
+                "body_format": {"json_format": {"m": "%LOCAL_REPLY_BODY%"}}
+            },
+            "normalize_path": true,
+            "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT"
+        }));
+        assert!(errs.is_empty(), "{errs:?}");
+        let lr = o.local_reply.unwrap();
+        assert_eq!(lr.mappers.len(), 1);
+        assert_eq!(lr.mappers[0].status_code, Some(502));
+        assert!(o.normalize_path);
+        assert_eq!(o.escaped_slashes, EscapedSlashesAction::UnescapeAndRedirect);
+        let (_, errs) = options(json!({
+            "local_reply_config": {"mappers": [{"filter": {"duration_filter": {}}}]},
+            "http_protocol_options": {"header_key_format": {"proper_case_words": {}}}
+        }));
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("mappers[0].filter.duration_filter: not supported")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("http_protocol_options.header_key_format: not supported")),
+            "{errs:?}"
         );
     }
 }

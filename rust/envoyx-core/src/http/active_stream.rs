@@ -21,8 +21,10 @@ use super::headers::{X_ENVOY_UPSTREAM_SERVICE_TIME, X_REQUEST_ID, protocol_name}
 use super::local_reply::LocalReply;
 
 use super::headers::{GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT};
+use super::internal_request::Origin;
+use super::path_normalization::Normalized;
 use crate::access_log::LogRecord;
-use crate::config::{HcmLimits, RouteAction, RouteEntry};
+use crate::config::{HcmLimits, RouteAction, RouteEntry, ServerHeaderTransformation};
 use crate::router::filter::{Router, RouterOutcome, UpstreamResponse};
 use crate::router::upstream_request::UpstreamHandle;
 
@@ -42,8 +44,29 @@ pub(crate) struct ActiveStream {
     pub(crate) bytes_received: Rc<Cell<u64>>,
     /// The upstream try whose response is being streamed (pool return, stats).
     upstream: Option<UpstreamHandle>,
+    /// A CONNECT request: HTTP/1 closes the connection after a local reply (the
+    /// request never ends), as Envoy does.
+    connect: bool,
+    /// The request's `x-request-id`, for the response
+    /// (`always_set_request_id_in_response`).
+    request_id: Option<HeaderValue>,
     /// The route's `response_headers_to_add` and kin, when it has some.
     response_mutations: Option<ResponseMutations>,
+}
+
+/// `via` appended, Envoy's way (`, ` between values).
+fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    let value = match headers.get(header::VIA) {
+        Some(existing) if !existing.is_empty() => {
+            let mut v = Vec::with_capacity(existing.len() + 2 + via.len());
+            v.extend_from_slice(existing.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(via.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| via.clone())
+        }
+        _ => via.clone(),
+    };
+    headers.insert(header::VIA, value);
 }
 
 /// A route's response mutations; the access-log record (kept for them) holds
@@ -67,14 +90,47 @@ impl ActiveStream {
         let hcm = &*connection.hcm;
         let version = req.version();
         conn.begin_request(version);
+        let edits = &hcm.edits;
+        if version == Version::HTTP_10
+            && let Some(default) = &edits.default_host_for_http_10
+            && !req.headers().contains_key(header::HOST)
+            && req.uri().authority().is_none()
+        {
+            req.headers_mut().insert(header::HOST, default.clone());
+        }
         // Before any filter or the router reads them, as Envoy does.
-        hcm.internal_policy.apply(req.headers_mut(), conn.peer);
-        if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
-            let id = uuid::Uuid::new_v4();
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let s = id.hyphenated().encode_lower(&mut buf);
-            if let Ok(v) = HeaderValue::from_str(s) {
-                req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+        let origin = hcm
+            .internal_policy
+            .apply(req.headers_mut(), conn.peer, conn.tls.is_some());
+        if hcm.generate_request_id {
+            // An edge request gets its own id unless the client's is to be kept.
+            let replace = origin == Origin::Edge && !edits.preserve_external_request_id;
+            if replace || !req.headers().contains_key(&X_REQUEST_ID) {
+                let id = uuid::Uuid::new_v4();
+                let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let s = id.hyphenated().encode_lower(&mut buf);
+                if let Ok(v) = HeaderValue::from_str(s) {
+                    req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+                }
+            }
+        }
+        if let Some(via) = &edits.via {
+            append_via(req.headers_mut(), via);
+        }
+        // Envoy's path normalisation, before anything routes on the path.
+        let mut path_verdict = None;
+        if edits.paths.is_active() && req.uri().path().starts_with('/') {
+            let p = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            match edits.paths.apply(p) {
+                Normalized::Unchanged => {}
+                Normalized::Changed(new) => {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = new.parse().ok();
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                verdict => path_verdict = Some(verdict),
             }
         }
         // Borrowed from a clone of the URI (and Host), which shares the bytes hyper
@@ -84,12 +140,20 @@ impl ActiveStream {
             Some(_) => None,
             None => req.headers().get(header::HOST).cloned(),
         };
+        let has_host = uri.authority().is_some() || host.is_some();
         let authority = uri
             .authority()
             .map(|a| a.as_str())
             .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let connect = req.method() == http::Method::CONNECT;
+        // A CONNECT target is an authority, not a path: without one, no route
+        // with a path matcher takes it (Envoy's CONNECT has no `:path`).
+        let path = match uri.path_and_query() {
+            Some(p) => p.as_str(),
+            None if connect => "",
+            None => "/",
+        };
         // Before route selection, as Envoy's connection manager does; the upstream
         // sees the stripped host too.
         let authority = match crate::router::table::strip_host_port(
@@ -109,19 +173,55 @@ impl ActiveStream {
             None => authority,
         };
 
+        // Envoy's checks of the head before routing: HTTP/1 needs a Host (400),
+        // and only a path is routed (`OPTIONS *` and the like get 404).
+        let early = if !has_host && version != Version::HTTP_2 {
+            let mut reply = LocalReply::new(400, "", "-", "missing_host_header");
+            reply.close_connection = true;
+            Some(reply)
+        } else if !path.is_empty() && !path.starts_with('/') {
+            hcm.stats.downstream_rq_non_relative_path.inc();
+            Some(LocalReply::new(404, "", "-", "absolute_path"))
+        } else {
+            match path_verdict {
+                Some(Normalized::Redirect(to)) => {
+                    hcm.stats
+                        .downstream_rq_redirected_with_normalized_path
+                        .inc();
+                    let mut reply = LocalReply::new(307, "", "-", "path_normalization_redirect");
+                    if let Ok(v) = HeaderValue::from_str(&to) {
+                        reply.headers.push((header::LOCATION, v));
+                    }
+                    Some(reply)
+                }
+                Some(_) => {
+                    hcm.stats.downstream_rq_failed_path_normalization.inc();
+                    let mut reply = LocalReply::new(400, "", "-", "path_normalization_failed");
+                    // Envoy closes after it (the reply counts as a protocol error).
+                    reply.close_connection = true;
+                    Some(reply)
+                }
+                None => None,
+            }
+        };
+
         let routes = conn.route_table();
         let scheme = match uri.scheme_str() {
             Some(s) => s,
             None if conn.tls.is_some() => "https",
             None => "http",
         };
-        let route = routes.find(&crate::router::route_match::RouteRequest::new(
-            authority,
-            path,
-            req.method(),
-            scheme,
-            req.headers(),
-        ));
+        let route = if early.is_some() {
+            None
+        } else {
+            routes.find(&crate::router::route_match::RouteRequest::new(
+                authority,
+                path,
+                req.method(),
+                scheme,
+                req.headers(),
+            ))
+        };
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
@@ -141,23 +241,28 @@ impl ActiveStream {
                 direct: matches!(r.action, RouteAction::Direct { .. }),
             })
         });
-        let record = (!hcm.access_logs.is_empty() || wants_log || response_mutations.is_some())
-            .then(|| {
-                Box::new(LogRecord {
-                    start: Some(SystemTime::now()),
-                    request_headers: Some(req.headers().clone()),
-                    method: req.method().as_str().to_string(),
-                    path: path.to_string(),
-                    authority: authority.to_string(),
-                    protocol: protocol_name(version),
-                    downstream_remote: Some(conn.peer),
-                    downstream_local: conn.local,
-                    response_flags: "-",
-                    route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
-                    downstream_tls: conn.tls.clone(),
-                    ..Default::default()
-                })
-            });
+        // A local reply format or mapper reads the request (its headers).
+        let reply_reads = edits.local_reply.as_ref().is_some_and(|l| l.needs_record());
+        let record = (!hcm.access_logs.is_empty()
+            || wants_log
+            || reply_reads
+            || response_mutations.is_some())
+        .then(|| {
+            Box::new(LogRecord {
+                start: Some(SystemTime::now()),
+                request_headers: Some(req.headers().clone()),
+                method: req.method().as_str().to_string(),
+                path: path.to_string(),
+                authority: authority.to_string(),
+                protocol: protocol_name(version),
+                downstream_remote: Some(conn.peer),
+                downstream_local: conn.local,
+                response_flags: "-",
+                route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+                downstream_tls: conn.tls.clone(),
+                ..Default::default()
+            })
+        });
         let mut stream = ActiveStream {
             conn,
             version,
@@ -168,8 +273,18 @@ impl ActiveStream {
             filters,
             bytes_received: Rc::new(Cell::new(0)),
             upstream: None,
+            connect,
+            request_id: if edits.always_set_request_id_in_response {
+                req.headers().get(&X_REQUEST_ID).cloned()
+            } else {
+                None
+            },
             response_mutations,
         };
+        if let Some(reply) = early {
+            let (parts, body) = stream.send_local_reply(reply).into_parts();
+            return Response::from_parts(parts, StreamBody::new(body, None));
+        }
         let (mut parts, mut body) = req.into_parts();
         // Envoy's stream timers, only for streams that have one: they race the
         // decoding (filters, router, upstream) until the response starts.
@@ -258,7 +373,6 @@ impl ActiveStream {
             handle,
             service_time,
         } = up;
-        let hcm = &self.conn.hcm;
         // Envoy writes its own reason phrase, not the upstream's.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         super::headers::strip_hop_by_hop(&mut parts.headers);
@@ -268,9 +382,7 @@ impl ActiveStream {
         );
         // After the router's own headers, before the connection manager's.
         self.mutate_response(&mut parts.headers, parts.status.as_u16(), false);
-        parts
-            .headers
-            .insert(header::SERVER, hcm.server_name.clone());
+        self.edit_response_headers(&mut parts.headers);
         parts.version = self.version;
         self.upstream = Some(handle);
         let encodes = self
@@ -378,6 +490,30 @@ impl ActiveStream {
         self.send_local_reply(reply)
     }
 
+    /// The connection manager's edits of every response (Envoy's
+    /// `encodeHeaders` and `mutateResponseHeaders`): `server`, `via`, the
+    /// request's id when asked for.
+    fn edit_response_headers(&self, headers: &mut HeaderMap) {
+        let hcm = &self.conn.hcm;
+        match hcm.edits.server_header {
+            ServerHeaderTransformation::Overwrite => {
+                headers.insert(header::SERVER, hcm.server_name.clone());
+            }
+            ServerHeaderTransformation::AppendIfAbsent => {
+                if !headers.contains_key(header::SERVER) {
+                    headers.insert(header::SERVER, hcm.server_name.clone());
+                }
+            }
+            ServerHeaderTransformation::PassThrough => {}
+        }
+        if let Some(via) = &hcm.edits.via {
+            append_via(headers, via);
+        }
+        if let Some(id) = &self.request_id {
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+    }
+
     /// A local reply's headers: the route's response mutations, those the router
     /// or a filter asked for, then Envoy's defaults (a content-type set by a
     /// mutation stays, as in Envoy's `prepareLocalReply`).
@@ -390,7 +526,7 @@ impl ActiveStream {
             // Envoy's `prepareLocalReply`: a reply without a body has no type.
             headers.remove(header::CONTENT_TYPE);
         }
-        headers.insert(header::SERVER, self.conn.hcm.server_name.clone());
+        self.edit_response_headers(&mut headers);
         for (name, value) in reply.headers.drain(..) {
             headers.insert(name, value);
         }
@@ -417,15 +553,26 @@ impl ActiveStream {
     /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place
     /// where a generated response is built.
     pub fn send_local_reply(mut self, mut reply: LocalReply) -> Response<ResponseBody> {
+        let mut headers = match reply.edited_headers.take() {
+            Some(h) => h,
+            None => self.local_reply_headers(&mut reply),
+        };
+        let conn = self.conn.clone();
+        if let Some(config) = &conn.hcm.edits.local_reply {
+            let had_body = !reply.body.is_empty();
+            match self.record.as_deref_mut() {
+                Some(record) => config.rewrite(&mut reply, &mut headers, record),
+                None => config.rewrite(&mut reply, &mut headers, &mut LogRecord::default()),
+            }
+            if !had_body && !reply.body.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+        }
         let status = reply.status.as_u16();
         self.conn
             .hcm
             .stats
             .response_class(if self.grpc { 200 } else { status });
-        let mut headers = match reply.edited_headers.take() {
-            Some(h) => h,
-            None => self.local_reply_headers(&mut reply),
-        };
         if self.grpc {
             // A gRPC client gets a gRPC status (trailers-only), as from Envoy:
             // HTTP 200, `grpc-status` and the text as `grpc-message`.
@@ -451,7 +598,7 @@ impl ActiveStream {
         if !reply.body.is_empty() || (self.version != http::Version::HTTP_2 && !self.head_request) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         }
-        if reply.close_connection {
+        if reply.close_connection || (self.connect && self.version != Version::HTTP_2) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(r) = self.record.as_mut() {

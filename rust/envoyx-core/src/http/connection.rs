@@ -96,6 +96,9 @@ impl DownstreamConnection {
         HeadRules {
             max_headers: limits.max_headers_count,
             underscores: limits.headers_with_underscores,
+            max_head: limits.max_request_headers_bytes,
+            accept_http_10: limits.accept_http_10,
+            allow_chunked_length: limits.allow_chunked_length,
         }
     }
 

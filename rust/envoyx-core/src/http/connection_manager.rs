@@ -15,7 +15,7 @@ use super::filter::FilterChain;
 use crate::access_log::{AccessLogOptions, AccessLogger};
 use crate::config::{
     ClientCertDetails, CodecType, ForwardClientCert, HcmLimits, HttpConnectionManagerConfig,
-    RouteSource,
+    RouteSource, ServerHeaderTransformation,
 };
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Histogram, StatStore};
@@ -53,6 +53,11 @@ pub struct HcmStats {
     pub downstream_cx_max_duration_reached: Counter,
     pub downstream_cx_max_requests_reached: Counter,
     pub downstream_cx_delayed_close_timeout: Counter,
+    /// A request target that is not a path (`OPTIONS *`): 404.
+    pub downstream_rq_non_relative_path: Counter,
+    /// Path normalisation refused the path (400) or redirected to it (307).
+    pub downstream_rq_failed_path_normalization: Counter,
+    pub downstream_rq_redirected_with_normalized_path: Counter,
     /// The codecs' `http1.*` and `http2.*` stats (not under the stat prefix, as
     /// in Envoy).
     pub http1_dropped_headers_with_underscores: Counter,
@@ -103,6 +108,11 @@ impl HcmStats {
             downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             downstream_cx_delayed_close_timeout: c("downstream_cx_delayed_close_timeout"),
+            downstream_rq_non_relative_path: c("downstream_rq_non_relative_path"),
+            downstream_rq_failed_path_normalization: c("downstream_rq_failed_path_normalization"),
+            downstream_rq_redirected_with_normalized_path: c(
+                "downstream_rq_redirected_with_normalized_path",
+            ),
             http1_dropped_headers_with_underscores: store
                 .counter("http1.dropped_headers_with_underscores"),
             http1_requests_rejected_with_underscores_in_headers: store
@@ -157,6 +167,24 @@ pub struct HttpConnectionManager {
     /// The Python filters before the router; None on the fast path.
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
     pub(crate) limits: HcmLimits,
+    pub(crate) edits: HeaderEdits,
+}
+
+/// The connection manager's own header edits, precomputed (Envoy's
+/// `mutateRequestHeaders` / `mutateResponseHeaders` options).
+#[derive(Debug, Default)]
+pub(crate) struct HeaderEdits {
+    /// `via`: appended to request and response.
+    pub via: Option<HeaderValue>,
+    pub server_header: ServerHeaderTransformation,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    /// `http_protocol_options.default_host_for_http_10`.
+    pub default_host_for_http_10: Option<HeaderValue>,
+    /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
+    pub paths: super::path_normalization::PathNormalization,
+    /// `local_reply_config`.
+    pub local_reply: Option<super::local_reply::LocalReplyConfig>,
 }
 
 impl HttpConnectionManager {
@@ -172,6 +200,8 @@ impl HttpConnectionManager {
             .iter()
             .map(|c| AccessLogger::open(c, log_options))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let options = *config.options;
+        let header = |v: Option<String>| v.and_then(|v| HeaderValue::from_str(&v).ok());
         let (table, rds_name) = match config.routes {
             RouteSource::Inline(rc) => (RouteTable::new(rc), None),
             RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name)),
@@ -193,11 +223,26 @@ impl HttpConnectionManager {
                 use_remote_address: config.use_remote_address,
                 xff_num_trusted_hops: config.xff_num_trusted_hops,
                 internal_cidrs: config.internal_cidrs,
+                skip_xff_append: options.skip_xff_append,
+                scheme_to_overwrite: header(options.scheme_to_overwrite),
             },
             forward_client_cert: config.forward_client_cert,
             client_cert_details: config.client_cert_details,
             filters,
             limits: *config.limits,
+            edits: HeaderEdits {
+                via: header(options.via),
+                server_header: options.server_header,
+                preserve_external_request_id: options.preserve_external_request_id,
+                always_set_request_id_in_response: options.always_set_request_id_in_response,
+                default_host_for_http_10: header(options.default_host_for_http_10),
+                local_reply: options.local_reply,
+                paths: super::path_normalization::PathNormalization {
+                    normalize_path: options.normalize_path,
+                    merge_slashes: options.merge_slashes,
+                    escaped_slashes: options.escaped_slashes,
+                },
+            },
         }))
     }
 

@@ -429,6 +429,17 @@ fn screen_h2_headers(
     if headers.len() + 4 > limits.max_headers_count {
         return Err(StreamRefused("too many headers"));
     }
+    // `max_request_headers_kb` when set (hyper's own limit stands otherwise):
+    // the bytes of the names and values, as Envoy's codec counts them.
+    if limits.max_request_headers_bytes != crate::http::h1::head::MAX_HEAD
+        && headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum::<usize>()
+            > limits.max_request_headers_bytes
+    {
+        return Err(StreamRefused("headers too large"));
+    }
     if limits.headers_with_underscores != UnderscoresAction::Allow {
         let names: Vec<_> = headers
             .keys()

@@ -6,12 +6,13 @@
 //! loses them before any filter or the router reads them, so a client outside can
 //! never shorten a timeout or multiply the requests an upstream sees.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
-use super::headers::X_FORWARDED_FOR;
+use super::headers::{X_FORWARDED_FOR, X_FORWARDED_PROTO};
 use crate::config::CidrRange;
 
 pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
@@ -50,20 +51,51 @@ pub struct InternalAddressPolicy {
     pub xff_num_trusted_hops: u32,
     /// `internal_address_config.cidr_ranges` (empty: nothing is internal).
     pub internal_cidrs: Vec<CidrRange>,
+    /// `skip_xff_append`: at the edge, `x-forwarded-for` is left as it came.
+    pub skip_xff_append: bool,
+    /// `scheme_header_transformation.scheme_to_overwrite`, as the
+    /// `x-forwarded-proto` every request gets.
+    pub scheme_to_overwrite: Option<HeaderValue>,
+}
+
+/// How the rule classified a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Internal,
+    External,
+    /// External and at the edge (`use_remote_address`): Envoy's `edge_request`.
+    Edge,
 }
 
 impl InternalAddressPolicy {
-    /// Classifies the request from `peer` and edits its headers as Envoy does:
-    /// `x-envoy-internal: true` on an internal request; on an external one the
-    /// control headers removed and, at the edge, `x-envoy-external-address` set.
-    /// Returns whether it is internal.
-    pub fn apply(&self, headers: &mut HeaderMap, peer: SocketAddr) -> bool {
+    /// Classifies the request from `peer` and edits its headers as Envoy's
+    /// `mutateRequestHeaders` does: at the edge the peer appended to
+    /// `x-forwarded-for` (a loopback peer as the proxy's own address) and
+    /// `x-forwarded-proto` written; `x-envoy-internal: true` on an internal
+    /// request; on an external one the control headers removed and, at the
+    /// edge, `x-envoy-external-address` set.
+    pub fn apply(&self, headers: &mut HeaderMap, peer: SocketAddr, tls: bool) -> Origin {
         let (client, single) = self.client_address(headers, peer);
+        let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
+        if self.use_remote_address {
+            if !self.skip_xff_append {
+                append_xff(headers, xff_address(peer.ip()));
+            }
+            // A proto from an untrusted hop is overwritten.
+            if self.xff_num_trusted_hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
+                headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+            }
+        } else if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+        }
+        if let Some(s) = &self.scheme_to_overwrite {
+            headers.insert(X_FORWARDED_PROTO.clone(), s.clone());
+        }
         let internal =
             single && client.is_some_and(|ip| self.internal_cidrs.iter().any(|c| c.contains(ip)));
         if internal {
             headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
-            return true;
+            return Origin::Internal;
         }
         let edge = self.use_remote_address;
         if has_envoy_header(headers) {
@@ -81,8 +113,9 @@ impl InternalAddressPolicy {
             if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
                 headers.insert(X_ENVOY_EXTERNAL_ADDRESS.clone(), v);
             }
+            return Origin::Edge;
         }
-        false
+        Origin::External
     }
 
     /// The trusted client address and whether `x-forwarded-for` held a single
@@ -104,6 +137,47 @@ impl InternalAddressPolicy {
             last_xff_address(headers, hops)
         }
     }
+}
+
+/// The address appended to `x-forwarded-for` for `peer`: Envoy appends its own
+/// (the node's) address instead of a loopback peer's.
+fn xff_address(peer: IpAddr) -> IpAddr {
+    if peer.is_loopback() {
+        local_address()
+    } else {
+        peer
+    }
+}
+
+/// `x-forwarded-for` with `ip` appended, Envoy's way (`,` without a space).
+fn append_xff(headers: &mut HeaderMap, ip: IpAddr) {
+    use std::fmt::Write as _;
+    let mut value = String::with_capacity(64);
+    if let Some(existing) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+        && !existing.is_empty()
+    {
+        value.push_str(existing);
+        value.push(',');
+    }
+    let _ = write!(value, "{ip}");
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// The node's address, as Envoy's `LocalInfo` has it
+/// (`Network::Utility::getLocalAddress(v4)`): the first IPv4 address of a
+/// non-loopback interface, else 127.0.0.1. Found once.
+pub fn local_address() -> IpAddr {
+    static LOCAL: OnceLock<IpAddr> = OnceLock::new();
+    *LOCAL.get_or_init(|| first_interface_v4().map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V4))
+}
+
+fn first_interface_v4() -> Option<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let ip = ifa.address?.as_sockaddr_in()?.ip();
+        (!ip.is_loopback()).then_some(ip)
+    })
 }
 
 /// Whether any header name starts with `x-envoy-`: one pass over the names, so
@@ -163,7 +237,10 @@ mod tests {
             ("x-envoy-upstream-rq-timeout-ms", "1"),
             ("x-envoy-decorator-operation", "op"),
         ]);
-        assert!(!policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_ne!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         assert!(h.get("x-envoy-retry-on").is_none());
         assert!(h.get("x-envoy-upstream-rq-timeout-ms").is_none());
         // Not at the edge: only the control headers go.
@@ -181,9 +258,27 @@ mod tests {
             ("x-envoy-decorator-operation", "op"),
             ("x-envoy-external-address", "1.2.3.4"),
         ]);
-        assert!(!policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_ne!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         assert!(h.get("x-envoy-decorator-operation").is_none());
         assert_eq!(h.get("x-envoy-external-address").unwrap(), "127.0.0.1");
+        // A loopback peer is appended as the node's own address, Envoy's way.
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            local_address().to_string().as_str()
+        );
+        let mut h = headers(&[("x-forwarded-for", "203.0.113.7")]);
+        assert_eq!(
+            policy.apply(&mut h, "198.51.100.1:1".parse().unwrap(), true),
+            Origin::Edge
+        );
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "203.0.113.7,198.51.100.1"
+        );
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }
 
     #[test]
@@ -194,7 +289,10 @@ mod tests {
             ..Default::default()
         };
         let mut h = headers(&[("x-envoy-retry-on", "5xx")]);
-        assert!(policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_eq!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         assert_eq!(h.get("x-envoy-retry-on").unwrap(), "5xx");
         assert_eq!(h.get("x-envoy-internal").unwrap(), "true");
         // A forwarded request is not "single address": external.
@@ -202,7 +300,10 @@ mod tests {
             ("x-forwarded-for", "127.0.0.2"),
             ("x-envoy-retry-on", "5xx"),
         ]);
-        assert!(!policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_ne!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         assert!(h.get("x-envoy-retry-on").is_none());
     }
 
@@ -213,11 +314,20 @@ mod tests {
             ..Default::default()
         };
         let mut h = headers(&[("x-forwarded-for", "10.1.2.3")]);
-        assert!(policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_eq!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         let mut h = headers(&[("x-forwarded-for", "8.8.8.8")]);
-        assert!(!policy.apply(&mut h, PEER.parse().unwrap()));
+        assert_ne!(
+            policy.apply(&mut h, PEER.parse().unwrap(), false),
+            Origin::Internal
+        );
         // No header at all: external, even from an internal peer.
         let mut h = HeaderMap::new();
-        assert!(!policy.apply(&mut h, "10.0.0.9:1".parse().unwrap()));
+        assert_ne!(
+            policy.apply(&mut h, "10.0.0.9:1".parse().unwrap(), false),
+            Origin::Internal
+        );
     }
 }

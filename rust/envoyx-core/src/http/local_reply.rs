@@ -72,3 +72,207 @@ pub fn grpc_message(text: &[u8]) -> String {
     }
     out
 }
+
+/// `local_reply_config`, compiled: the first mapper whose filter matches a
+/// local reply rewrites its status, body and headers (and may name its own
+/// body format); then the body format renders the body (Envoy's
+/// `LocalReplyImpl::rewrite`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalReplyConfig {
+    pub mappers: Vec<ReplyMapper>,
+    pub body_format: Option<BodyFormat>,
+}
+
+/// One `mappers[]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyMapper {
+    pub filter: ReplyFilter,
+    pub status_code: Option<u16>,
+    pub body: Option<Bytes>,
+    pub body_format_override: Option<BodyFormat>,
+    /// `headers_to_add`: (name, value, append).
+    pub headers_to_add: Vec<(HeaderName, HeaderValue, bool)>,
+}
+
+/// The `AccessLogFilter` subset Envoy's local replies are mapped by.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyFilter {
+    /// `status_code_filter`: the reply's status compared with a value.
+    Status(Comparison, u16),
+    /// `response_flag_filter`: any of these flags (empty: any flag at all).
+    Flags(Vec<String>),
+    /// `header_filter`: a request header's presence or value.
+    Header {
+        name: HeaderName,
+        matcher: HeaderValueMatch,
+        invert: bool,
+    },
+    And(Vec<ReplyFilter>),
+    Or(Vec<ReplyFilter>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Eq,
+    Ge,
+    Le,
+    Ne,
+}
+
+/// A `header_filter`'s value test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderValueMatch {
+    Present(bool),
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+}
+
+/// `body_format` / `body_format_override` (a `SubstitutionFormatString`):
+/// text or JSON fields, each split at `%LOCAL_REPLY_BODY%`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyFormat {
+    pub kind: BodyFormatKind,
+    /// `content_type` (default `text/plain`, JSON `application/json`).
+    pub content_type: HeaderValue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyFormatKind {
+    Text(BodyText),
+    Json(Vec<(String, BodyText)>),
+}
+
+/// A format string with the reply's body where `%LOCAL_REPLY_BODY%` stood.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyText(Vec<crate::access_log::Format>);
+
+pub const LOCAL_REPLY_BODY: &str = "%LOCAL_REPLY_BODY%";
+
+impl BodyText {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        s.split(LOCAL_REPLY_BODY)
+            .map(crate::access_log::Format::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(BodyText)
+    }
+
+    fn render(&self, record: &crate::access_log::LogRecord, body: &[u8], out: &mut String) {
+        for (i, f) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_str(&String::from_utf8_lossy(body));
+            }
+            f.render(record, out);
+        }
+    }
+}
+
+impl ReplyFilter {
+    fn matches(&self, status: u16, flags: &str, request: Option<&HeaderMap>) -> bool {
+        match self {
+            ReplyFilter::Status(cmp, value) => match cmp {
+                Comparison::Eq => status == *value,
+                Comparison::Ge => status >= *value,
+                Comparison::Le => status <= *value,
+                Comparison::Ne => status != *value,
+            },
+            ReplyFilter::Flags(wanted) => {
+                let set: Vec<&str> = flags.split(',').filter(|f| *f != "-").collect();
+                if wanted.is_empty() {
+                    !set.is_empty()
+                } else {
+                    wanted.iter().any(|w| set.contains(&w.as_str()))
+                }
+            }
+            ReplyFilter::Header {
+                name,
+                matcher,
+                invert,
+            } => {
+                let value = request
+                    .and_then(|h| h.get(name))
+                    .and_then(|v| v.to_str().ok());
+                let hit = match (matcher, value) {
+                    (HeaderValueMatch::Present(p), v) => v.is_some() == *p,
+                    (_, None) => false,
+                    (HeaderValueMatch::Exact(e), Some(v)) => v == e,
+                    (HeaderValueMatch::Prefix(e), Some(v)) => v.starts_with(e.as_str()),
+                    (HeaderValueMatch::Suffix(e), Some(v)) => v.ends_with(e.as_str()),
+                    (HeaderValueMatch::Contains(e), Some(v)) => v.contains(e.as_str()),
+                };
+                hit != *invert
+            }
+            ReplyFilter::And(all) => all.iter().all(|f| f.matches(status, flags, request)),
+            ReplyFilter::Or(any) => any.iter().any(|f| f.matches(status, flags, request)),
+        }
+    }
+}
+
+impl LocalReplyConfig {
+    /// Whether rendering needs the request's record (its headers).
+    pub fn needs_record(&self) -> bool {
+        self.body_format.is_some() || !self.mappers.is_empty()
+    }
+
+    /// Rewrites `reply` and its `headers` as Envoy's `LocalReplyImpl::rewrite`.
+    /// `record` describes the request (its response code is set here).
+    pub fn rewrite(
+        &self,
+        reply: &mut LocalReply,
+        headers: &mut HeaderMap,
+        record: &mut crate::access_log::LogRecord,
+    ) {
+        let status = reply.status.as_u16();
+        let mut format = self.body_format.as_ref();
+        for mapper in &self.mappers {
+            if !mapper
+                .filter
+                .matches(status, reply.flags, record.request_headers.as_ref())
+            {
+                continue;
+            }
+            if let Some(body) = &mapper.body {
+                reply.body = body.clone();
+            }
+            for (name, value, append) in &mapper.headers_to_add {
+                if *append {
+                    headers.append(name.clone(), value.clone());
+                } else {
+                    headers.insert(name.clone(), value.clone());
+                }
+            }
+            if let Some(code) = mapper.status_code
+                && let Ok(s) = StatusCode::from_u16(code)
+            {
+                reply.status = s;
+            }
+            if mapper.body_format_override.is_some() {
+                format = mapper.body_format_override.as_ref();
+            }
+            break;
+        }
+        let Some(format) = format else {
+            return;
+        };
+        record.response_code = reply.status.as_u16();
+        record.response_flags = reply.flags;
+        record.response_code_details = reply.details;
+        let mut out = String::new();
+        match &format.kind {
+            BodyFormatKind::Text(t) => t.render(record, &reply.body, &mut out),
+            BodyFormatKind::Json(fields) => {
+                let mut map = serde_json::Map::new();
+                for (k, t) in fields {
+                    let mut v = String::new();
+                    t.render(record, &reply.body, &mut v);
+                    map.insert(k.clone(), serde_json::Value::String(v));
+                }
+                out = serde_json::Value::Object(map).to_string();
+                out.push('\n');
+            }
+        }
+        reply.body = Bytes::from(out);
+        headers.insert(http::header::CONTENT_TYPE, format.content_type.clone());
+    }
+}

@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,8 @@ use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
 use crate::http::headers::{
-    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_ENVOY_OVERLOADED, X_FORWARDED_FOR,
-    X_FORWARDED_PROTO, forward_client_cert, strip_hop_by_hop,
+    X_ENVOY_EXPECTED_TIMEOUT, X_ENVOY_ORIGINAL_PATH, X_ENVOY_OVERLOADED, X_FORWARDED_PROTO,
+    forward_client_cert, strip_hop_by_hop,
 };
 use crate::http::internal_request::has_envoy_header;
 use crate::http::local_reply::LocalReply;
@@ -205,7 +204,6 @@ impl Router<'_, '_> {
             matched: &route.route_match.path,
             host,
             path,
-            forwarded_for: hcm.use_remote_address.then_some(conn.peer),
             downstream_tls: conn.tls.as_deref(),
             xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
@@ -867,9 +865,8 @@ pub(super) struct RequestRewrite<'a> {
     matched: &'a PathMatch,
     host: HostEdit<'a>,
     path: &'a str,
-    /// The downstream peer, appended to `x-forwarded-for` (`use_remote_address`).
-    forwarded_for: Option<SocketAddr>,
-    /// The downstream TLS session (`x-forwarded-proto: https`, client cert details).
+    /// The downstream TLS session (client cert details). `x-forwarded-for` and
+    /// `x-forwarded-proto` are the connection manager's (http/internal_request.rs).
     downstream_tls: Option<&'a crate::tls::PeerTls>,
     /// `forward_client_cert_details` and `set_current_client_cert_details`.
     xfcc: (
@@ -919,27 +916,7 @@ impl RequestRewrite<'_> {
         };
         let headers = &mut req.headers;
         strip_hop_by_hop(headers);
-        // Envoy writes the downstream scheme at the edge (use_remote_address),
-        // elsewhere only when the header is absent.
-        if self.forwarded_for.is_some() || !headers.contains_key(&X_FORWARDED_PROTO) {
-            let scheme = if self.downstream_tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
-        }
         forward_client_cert(headers, self.xfcc.0, self.xfcc.1, self.downstream_tls);
-        if let Some(peer) = self.forwarded_for {
-            let peer = peer.ip().to_string();
-            let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(existing) => format!("{existing}, {peer}"),
-                None => peer,
-            };
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(X_FORWARDED_FOR.clone(), v);
-            }
-        }
         if let Some(expected) = &self.expected_timeout {
             headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
         }

@@ -314,7 +314,13 @@ async fn exchange(
             .add(u64::from(dropped_underscores));
     }
     let head_request = request.method() == Method::HEAD;
+    let http10 = request.version() == http::Version::HTTP_10;
     let body = shared.begin_body(framing, expect_continue);
+    if expect_continue && framing != super::head::Framing::None {
+        // The `100 Continue` envoyx owes (sent once the body is read; Envoy
+        // sends it at once) counts as a 1xx response, as in Envoy.
+        conn.hcm.stats.response_class(100);
+    }
     let request = request.map(|()| PeerBody::Http1(body));
     // Boxed on its own (it is large): this future stays small, so that neither
     // boxing it nor selecting on the stream copies the stream's state.
@@ -332,12 +338,16 @@ async fn exchange(
     // Envoy closes after a response that came before the request's end, and
     // once its drain started (idle timeout, max duration, max requests).
     let ours = conn.draining() || !shared.read.borrow().body_over();
-    let written = write_response(
-        shared,
-        response,
-        head_request,
-        keep_alive && !ours && !*drain.borrow(),
-    );
+    let keeps = keep_alive && !ours && !*drain.borrow();
+    let mut response = response;
+    if http10 && keeps {
+        // HTTP/1.0 closes by default: a kept connection is announced.
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("keep-alive"),
+        );
+    }
+    let written = write_response(shared, response, head_request, keeps);
     let keep = tokio::select! {
         biased;
         k = written => k,

@@ -112,6 +112,7 @@ const fn reason(status: u16) -> &'static str {
     match status {
         408 => "Request Timeout",
         426 => "Upgrade Required",
+        501 => "Not Implemented",
         431 => "Request Header Fields Too Large",
         _ => "Bad Request",
     }
@@ -124,6 +125,12 @@ pub struct HeadRules {
     pub max_headers: usize,
     /// `headers_with_underscores_action`.
     pub underscores: UnderscoresAction,
+    /// `max_request_headers_kb` in bytes.
+    pub max_head: usize,
+    /// `http_protocol_options.accept_http_10`.
+    pub accept_http_10: bool,
+    /// `http_protocol_options.allow_chunked_length`.
+    pub allow_chunked_length: bool,
 }
 
 impl Default for HeadRules {
@@ -131,6 +138,9 @@ impl Default for HeadRules {
         HeadRules {
             max_headers: MAX_HEADERS,
             underscores: UnderscoresAction::Allow,
+            max_head: MAX_HEAD,
+            accept_http_10: false,
+            allow_chunked_length: false,
         }
     }
 }
@@ -187,13 +197,15 @@ pub fn parse_with(buf: &[u8], rules: HeadRules) -> Parsed {
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Parsed::Refused(TOO_LARGE),
+        Ok(httparse::Status::Partial) if buf.len() > rules.max_head => {
+            return Parsed::Refused(TOO_LARGE);
+        }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(e) => {
             // Decided on the whole head, as Envoy's codec does: its request line
             // first, then what httparse found.
             return match find(buf, b"\r\n\r\n") {
-                None if buf.len() > MAX_HEAD => Parsed::Refused(TOO_LARGE),
+                None if buf.len() > rules.max_head => Parsed::Refused(TOO_LARGE),
                 None => Parsed::Partial,
                 Some(end) => Parsed::Refused(match screen_request_line(&buf[..end + 4]) {
                     Err(r) => r,
@@ -208,13 +220,13 @@ pub fn parse_with(buf: &[u8], rules: HeadRules) -> Parsed {
             };
         }
     };
-    if len > MAX_HEAD {
+    if len > rules.max_head {
         return Parsed::Refused(TOO_LARGE);
     }
     if req.headers.len() > rules.max_headers {
         return Parsed::Refused(Refusal::new(431, "http1.too_many_headers"));
     }
-    match build(buf, len, &req, rules.underscores) {
+    match build(buf, len, &req, rules) {
         Ok(head) => Parsed::Head(Box::new(head), len),
         Err(r) => Parsed::Refused(r),
     }
@@ -239,13 +251,16 @@ fn build(
     buf: &[u8],
     len: usize,
     req: &httparse::Request<'_, '_>,
-    underscores: UnderscoresAction,
+    rules: HeadRules,
 ) -> Result<Head, Refusal> {
+    let underscores = rules.underscores;
     screen_request_line(&buf[..len])?;
     // Envoy refuses HTTP/1.0 unless accept_http_10 is set.
-    if req.version != Some(1) {
-        return Err(Refusal::new(426, "low_version"));
-    }
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) if rules.accept_http_10 => Version::HTTP_10,
+        _ => return Err(Refusal::new(426, "low_version")),
+    };
     let raw = Bytes::copy_from_slice(&buf[..len]);
     let base = buf.as_ptr() as usize;
     let shared = |s: &[u8]| raw.slice_ref_at(s.as_ptr() as usize - base, s.len());
@@ -253,13 +268,18 @@ fn build(
     let method =
         Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| CODEC_ERROR)?;
     let path = req.path.unwrap_or_default();
-    let uri = Uri::from_maybe_shared(shared(path.as_bytes())).map_err(|_| CODEC_ERROR)?;
+    // `*` is a target of OPTIONS only.
+    if path == "*" && method != Method::OPTIONS {
+        return Err(CODEC_ERROR);
+    }
+    let mut uri = Uri::from_maybe_shared(shared(path.as_bytes())).map_err(|_| CODEC_ERROR)?;
 
     let mut map = HeaderMap::with_capacity(req.headers.len());
     let mut content_length: Option<u64> = None;
-    let mut te = false;
+    let mut te = 0;
     let mut chunked = false;
-    let mut keep_alive = true;
+    // HTTP/1.0 closes unless asked to keep the connection.
+    let mut keep_alive = version == Version::HTTP_11;
     let mut expect_continue = false;
     let mut dropped_underscores = 0;
     for h in req.headers.iter() {
@@ -291,29 +311,44 @@ fn build(
                 }
             }
             header::TRANSFER_ENCODING => {
-                te = true;
-                chunked = h
-                    .value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+                // Envoy implements exactly one coding: `chunked`, alone.
+                te += 1;
+                chunked = te == 1 && trim(h.value).eq_ignore_ascii_case(b"chunked");
             }
             header::CONNECTION if has_token(h.value, b"close") => keep_alive = false,
-            header::EXPECT => {
-                expect_continue = trim(h.value).eq_ignore_ascii_case(b"100-continue");
+            header::CONNECTION if has_token(h.value, b"keep-alive") => keep_alive = true,
+            header::EXPECT if trim(h.value).eq_ignore_ascii_case(b"100-continue") => {
+                // Envoy answers it itself and does not forward it.
+                expect_continue = true;
+                continue;
             }
             _ => {}
         }
         map.append(name, value);
     }
-    if te && content_length.is_some() {
-        return Err(Refusal::new(
-            400,
-            "http1.content_length_and_chunked_not_allowed",
-        ));
+    if te > 0 && content_length.is_some() {
+        if !(chunked && rules.allow_chunked_length) {
+            return Err(Refusal::new(
+                400,
+                "http1.content_length_and_chunked_not_allowed",
+            ));
+        }
+        // The chunked framing wins; the length is not forwarded.
+        map.remove(header::CONTENT_LENGTH);
     }
-    if te && !chunked {
-        return Err(Refusal::new(400, "http1.invalid_transfer_encoding"));
+    if te > 0 && (!chunked || method == Method::CONNECT) {
+        return Err(Refusal::new(501, "http1.invalid_transfer_encoding"));
+    }
+    // An absolute-form target names the host: it replaces `Host`, and the
+    // request goes on with its path (Envoy's codec does the same).
+    if uri.scheme().is_some()
+        && let Some(authority) = uri.authority()
+    {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| CODEC_ERROR)?;
+        map.insert(header::HOST, host);
+        let origin = uri.path_and_query().map_or("/", |p| p.as_str());
+        uri =
+            Uri::try_from(if origin.is_empty() { "/" } else { origin }).map_err(|_| CODEC_ERROR)?;
     }
     let framing = if chunked {
         Framing::Chunked
@@ -326,7 +361,7 @@ fn build(
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
+    *request.version_mut() = version;
     *request.headers_mut() = map;
     Ok(Head {
         request,

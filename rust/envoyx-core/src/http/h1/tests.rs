@@ -268,7 +268,7 @@ fn expected_parses() {
     };
     let corpus = corpus();
     assert_eq!(status(&corpus[7]), Some(400), "both framings");
-    assert_eq!(status(&corpus[8]), Some(400), "not chunked");
+    assert_eq!(status(&corpus[8]), Some(501), "not exactly chunked");
     assert_eq!(status(&corpus[9]), Some(400), "content-lengths disagree");
     assert_eq!(status(&corpus[11]), Some(426), "HTTP/1.0");
     assert_eq!(status(&corpus[12]), Some(426), "HTTP/9.9");
@@ -346,6 +346,7 @@ fn head_rules_count_headers_and_screen_underscores() {
     let rules = |max_headers, underscores| HeadRules {
         max_headers,
         underscores,
+        ..HeadRules::default()
     };
     let Parsed::Head(h, _) = parse_with(req, rules(3, UnderscoresAction::Allow)) else {
         panic!("three headers are allowed");
@@ -381,4 +382,70 @@ fn head_rules_count_headers_and_screen_underscores() {
         parse_with(&many, rules(149, UnderscoresAction::Allow)),
         Parsed::Refused(_)
     ));
+}
+
+#[test]
+fn heads_screened_as_envoy() {
+    use head::{HeadRules, Parsed, parse, parse_with};
+    let refused = |r: &[u8]| match parse(r) {
+        Parsed::Refused(refusal) => Some(refusal.status),
+        _ => None,
+    };
+    assert_eq!(refused(b"GET * HTTP/1.1\r\nhost: x\r\n\r\n"), Some(400));
+    assert_eq!(refused(b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n"), None);
+    let te2 = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n";
+    assert_eq!(refused(te2), Some(501));
+    assert_eq!(
+        refused(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: CHUNKED\r\n\r\n"),
+        None
+    );
+    // An absolute-form target names the host.
+    let Parsed::Head(h, _) =
+        parse(b"GET http://abs.example:8080/p?q HTTP/1.1\r\nhost: other\r\n\r\n")
+    else {
+        panic!("refused")
+    };
+    assert_eq!(h.request.uri(), "/p?q");
+    assert_eq!(h.request.headers()["host"], "abs.example:8080");
+    // Expect: 100-continue is answered, not forwarded.
+    let Parsed::Head(h, _) =
+        parse(b"PUT / HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n")
+    else {
+        panic!("refused")
+    };
+    assert!(h.expect_continue && !h.request.headers().contains_key("expect"));
+    // HTTP/1.0 when accepted: it closes unless asked to keep the connection.
+    let rules = HeadRules {
+        accept_http_10: true,
+        allow_chunked_length: true,
+        ..HeadRules::default()
+    };
+    let Parsed::Head(h, _) = parse_with(b"GET / HTTP/1.0\r\n\r\n", rules) else {
+        panic!("refused")
+    };
+    assert_eq!(h.request.version(), http::Version::HTTP_10);
+    assert!(!h.keep_alive);
+    let Parsed::Head(h, _) = parse_with(b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n", rules)
+    else {
+        panic!("refused")
+    };
+    assert!(h.keep_alive);
+    let both =
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
+    let Parsed::Head(h, _) = parse_with(both, rules) else {
+        panic!("refused")
+    };
+    assert!(!h.request.headers().contains_key("content-length"));
+    assert_eq!(refused(both), Some(400));
+    let small = HeadRules {
+        max_head: 64,
+        ..HeadRules::default()
+    };
+    let big = [
+        &b"GET / HTTP/1.1\r\nhost: x\r\nx: "[..],
+        &[b'a'; 80],
+        b"\r\n\r\n",
+    ]
+    .concat();
+    assert!(matches!(parse_with(&big, small), Parsed::Refused(r) if r.status == 431));
 }
