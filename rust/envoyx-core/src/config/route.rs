@@ -91,6 +91,8 @@ pub struct ForwardAction {
     pub stream_duration: Option<RouteStreamDuration>,
     /// `route.hash_policy`: the request's hash for ring hash and Maglev.
     pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
+    /// `route.upgrade_configs` (None: the connection manager's decide).
+    pub upgrades: Option<Box<super::upgrade::RouteUpgrades>>,
 }
 
 /// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,

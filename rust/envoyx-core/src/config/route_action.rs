@@ -71,6 +71,7 @@ pub fn map_forward_action(
                 grpc_header_offset: m.duration("grpc_timeout_header_offset"),
             }),
         hash_policy: map_hash_policies(&route.list("hash_policy")),
+        upgrades: super::upgrade::map_route_upgrades(route),
     })
 }
 

@@ -20,6 +20,9 @@ pub enum PathMatch {
     Path(String),
     /// `match.safe_regex.regex`, anchored: it must match the whole path without query.
     Regex(Regex),
+    /// `match.connect_matcher`: CONNECT requests (looked up with an empty path,
+    /// since they have none), and only those.
+    Connect,
 }
 
 /// `match`.
@@ -31,10 +34,12 @@ pub fn map_route_match(m: &Obj<'_>) -> Option<RouteMatch> {
         PathMatch::Path(p.to_string())
     } else if let Some(sr) = m.obj("safe_regex") {
         PathMatch::Regex(map_safe_regex(&sr)?)
+    } else if m.obj("connect_matcher").is_some() {
+        PathMatch::Connect
     } else {
         m.errors().push(
             m.path(),
-            "one of prefix, path or safe_regex is required by envoyx",
+            "one of prefix, path, safe_regex or connect_matcher is required by envoyx",
         );
         return None;
     };

@@ -42,6 +42,8 @@ pub(crate) struct ActiveStream {
     pub(crate) bytes_received: Rc<Cell<u64>>,
     /// The upstream try whose response is being streamed (pool return, stats).
     upstream: Option<UpstreamHandle>,
+    /// An upgrade (WebSocket, CONNECT…) the route allowed.
+    upgrade: Option<Box<super::upgrade::UpgradeRequest>>,
 }
 
 impl ActiveStream {
@@ -57,6 +59,8 @@ impl ActiveStream {
         let hcm = &*connection.hcm;
         let version = req.version();
         conn.begin_request(version);
+        let mut upgrade = super::upgrade::UpgradeRequest::detect(&mut req);
+        let was_upgrade = upgrade.is_some();
         // Before any filter or the router reads them, as Envoy does.
         hcm.internal_policy.apply(req.headers_mut(), conn.peer);
         if hcm.generate_request_id && !req.headers().contains_key(&X_REQUEST_ID) {
@@ -79,10 +83,21 @@ impl ActiveStream {
             .map(|a| a.as_str())
             .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        // A CONNECT has no path: only `connect_matcher` routes take it.
+        let path = match &upgrade {
+            Some(u) if u.is_connect() => "",
+            _ => uri.path_and_query().map_or("/", |p| p.as_str()),
+        };
 
         let routes = conn.route_table();
         let route = routes.find(authority, path);
+        let upgrade_refused = match (upgrade.as_mut(), route) {
+            (Some(u), Some(r)) => matches!(
+                u.decide(&hcm.upgrades, r),
+                super::upgrade::Decision::Refused
+            ),
+            _ => false,
+        };
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
@@ -124,7 +139,16 @@ impl ActiveStream {
             filters,
             bytes_received: Rc::new(Cell::new(0)),
             upstream: None,
+            upgrade,
         };
+        if upgrade_refused {
+            // Envoy's answer, and the connection closes: bytes after a refused
+            // upgrade's head must never be read as another request.
+            let mut reply = LocalReply::new(403, bytes::Bytes::new(), "-", "upgrade_failed");
+            reply.close_connection = true;
+            let (parts, body) = stream.send_local_reply(reply).into_parts();
+            return Response::from_parts(parts, StreamBody::new(body, None));
+        }
         let (mut parts, mut body) = req.into_parts();
         // Envoy's stream timers, only for streams that have one: they race the
         // decoding (filters, router, upstream) until the response starts.
@@ -158,6 +182,7 @@ impl ActiveStream {
                 conn: &stream.conn,
                 record: &mut stream.record,
                 bytes_received: &stream.bytes_received,
+                upgrade: &mut stream.upgrade,
                 routes: &routes,
                 authority,
                 path,
@@ -185,13 +210,23 @@ impl ActiveStream {
             Decoded::Router(RouterOutcome::Upstream(response)) => {
                 stream.encode_upstream(response).await
             }
+            Decoded::Router(RouterOutcome::Tunnel(mut parts)) => {
+                parts
+                    .headers
+                    .insert(header::SERVER, hcm.server_name.clone());
+                parts.version = stream.version;
+                stream.respond(parts, ProxyBody::Empty)
+            }
             Decoded::Expired(expiry) => {
                 let complete = watch.as_ref().is_some_and(|w| w.request_complete.get());
                 let reply = expiry.local_reply(&hcm.stats, complete);
                 stream.encode_local_reply(reply).await
             }
         };
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        if was_upgrade && version == Version::HTTP_11 {
+            super::upgrade::close_unless_switched(&mut parts);
+        }
         // The idle and duration timers go on while the response body streams.
         let timers = timers
             .filter(|t| (t.idle.is_some() || t.max_duration.is_some()) && !body.is_end_stream())
@@ -210,13 +245,22 @@ impl ActiveStream {
         let UpstreamResponse {
             mut parts,
             body,
-            handle,
+            mut handle,
             service_time,
         } = up;
         let hcm = &self.conn.hcm;
         // Envoy writes its own reason phrase, not the upstream's.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        let upgraded = match self.upgrade.as_mut() {
+            Some(u) => u.on_upstream_response(&mut parts, self.version),
+            None => None,
+        };
         super::headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(upgraded) = upgraded {
+            // The connection is the tunnel's now, never the pool's again.
+            handle.forgo_reuse();
+            upgraded.restore(&mut parts.headers);
+        }
         parts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time.as_millis() as u64),

@@ -155,6 +155,8 @@ pub struct HttpConnectionManager {
     /// The Python filters before the router; None on the fast path.
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
     pub(crate) limits: HcmLimits,
+    /// `upgrade_configs` and the upgrade stats.
+    pub(crate) upgrades: super::upgrade::Upgrades,
 }
 
 impl HttpConnectionManager {
@@ -174,6 +176,7 @@ impl HttpConnectionManager {
             RouteSource::Inline(rc) => (RouteTable::new(rc), None),
             RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name)),
         };
+        let upgrades = super::upgrade::Upgrades::new(config.upgrades, store, &config.stat_prefix);
         Ok(Arc::new(HttpConnectionManager {
             codec: config.codec,
             stats: HcmStats::new(store, &config.stat_prefix, filters.is_some()),
@@ -195,6 +198,7 @@ impl HttpConnectionManager {
             client_cert_details: config.client_cert_details,
             filters,
             limits: *config.limits,
+            upgrades,
         }))
     }
 

@@ -14,6 +14,7 @@ pub mod h1;
 pub mod headers;
 pub mod internal_request;
 pub mod local_reply;
+pub(crate) mod upgrade;
 
 pub use connection_manager::HttpConnectionManager;
 pub use downstream::{serve_tcp, serve_tls};

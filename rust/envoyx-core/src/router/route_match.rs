@@ -26,6 +26,7 @@ impl RouteMatch {
                 }
             }
             PathMatch::Regex(re) => re.is_match(path),
+            PathMatch::Connect => path_and_query.is_empty(),
         }
     }
 }

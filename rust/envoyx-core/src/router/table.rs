@@ -175,6 +175,7 @@ mod tests {
                 include_attempt_count_in_response: false,
                 retry_buffer_limit: 0,
                 idle_timeout: None,
+                upgrades: None,
                 hash_policy: None,
                 stream_duration: None,
             }),
