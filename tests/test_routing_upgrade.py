@@ -389,6 +389,34 @@ SCENARIOS = [
         stats={UP + "downstream_rq_ws_on_non_ws_route": 1},
     ),
     sc(
+        "ws_upgrades_counted_per_connection",
+        lambda ctx: _build(ctx, [ws_route()], hcm_upgrades=WS),
+        Upgrade(ws_head("/one"), WS_THEN, expect=SWITCHED),
+        Upgrade(ws_head("/two"), WS_THEN, expect=SWITCHED),
+        Upgrade(ws_head("/refuse"), expect={"status": 403}),
+        stats={UP + "downstream_cx_upgrades_total": 3, UP + "downstream_rq_1xx": 2},
+    ),
+    sc(
+        "ws_h2_upstream_unreachable",
+        lambda ctx: _build(
+            ctx, [ws_route()], hcm_upgrades=WS, allow_connect=True, upstream="refused"
+        ),
+        H2Upgrade(
+            "example.com",
+            protocol="websocket",
+            path="/ws",
+            headers=H2_WS_HEADERS,
+            expect={"status": 503},
+        ),
+        stats={UP + "downstream_rq_5xx": 1},
+        not_compared={
+            "h2.reset": (
+                "after its reply to an extended CONNECT Envoy resets the stream with "
+                "CONNECT_ERROR, hyper with NO_ERROR (the request side was never ended)"
+            )
+        },
+    ),
+    sc(
         "connect_upstream_unreachable",
         lambda ctx: _build(ctx, [connect_route("refused")]),
         Upgrade(CONNECT_HEAD, expect={"status": 503}),
