@@ -462,6 +462,7 @@ def test_table_is_large_enough() -> None:
 # ---------------------------------------------------------------------------------
 
 MESSAGES = 10_000
+ACTIVE = "http.ingress_http.downstream_cx_upgrades_active"
 
 
 def _echo_bootstrap(port: int, admin: int, upstream: tuple[str, int]) -> Json:
@@ -513,6 +514,7 @@ def test_websocket_echo_over_http1(
             for i in range(MESSAGES):
                 assert await ws.recv() == _message(i)
             await sender
+            assert proxy.stats().get(ACTIVE) == 1  # for as long as the tunnel is open
             await ws.send(b"\x00\x01binary\xff")
             assert await ws.recv() == b"\x00\x01binary\xff"
             await ws.close(4000, "client bye")
@@ -523,6 +525,7 @@ def test_websocket_echo_over_http1(
     _wait_for(lambda: len(ws_upstream.closes) > closes_before)
     assert ws_upstream.closes[-1] == (4000, "client bye")
     assert proxy.stats().get("http.ingress_http.downstream_cx_upgrades_total") == 1
+    _wait_for(lambda: proxy.stats().get(ACTIVE) == 0)
 
 
 def test_websocket_server_close_reaches_the_client(ws_proxy: tuple[ProxyProcess, int]) -> None:
