@@ -481,3 +481,61 @@ impl AsyncWrite for H1Io<'_> {
         Poll::Ready(self.shared.io.shutdown_write())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, headers: &[(&'static str, &'static str)]) -> Request<()> {
+        let mut req = Request::builder().method(method).uri("/ws");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_needs_connection_upgrade() {
+        let mut req = request(
+            Method::GET,
+            &[
+                ("upgrade", "WebSocket"),
+                ("connection", "keep-alive, Upgrade"),
+            ],
+        );
+        let u = UpgradeRequest::detect(&mut req).unwrap();
+        assert_eq!(u.kind, Kind::Token("websocket".into()));
+        assert_eq!(u.upstream_token().unwrap(), "WebSocket");
+        let mut plain = request(Method::GET, &[("upgrade", "websocket")]);
+        assert!(UpgradeRequest::detect(&mut plain).is_none());
+        let mut h2c = request(
+            Method::GET,
+            &[("upgrade", "h2c"), ("connection", "upgrade")],
+        );
+        assert!(UpgradeRequest::detect(&mut h2c).is_none());
+        let mut none = request(Method::GET, &[]);
+        assert!(UpgradeRequest::detect(&mut none).is_none());
+    }
+
+    #[test]
+    fn extended_connect_becomes_the_http1_upgrade() {
+        let mut req = request(Method::CONNECT, &[]);
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let u = UpgradeRequest::detect(&mut req).unwrap();
+        assert_eq!(u.kind, Kind::Token("websocket".into()));
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.headers()[header::UPGRADE], "websocket");
+        assert_eq!(req.headers()[header::CONNECTION], "upgrade");
+        assert!(req.extensions().get::<hyper::ext::Protocol>().is_none());
+    }
+
+    #[test]
+    fn connect_is_its_own_upgrade_type() {
+        let mut req = request(Method::CONNECT, &[]);
+        let u = UpgradeRequest::detect(&mut req).unwrap();
+        assert!(u.is_connect());
+        assert_eq!(req.method(), Method::CONNECT);
+        assert!(u.upstream_token().is_none());
+    }
+}
