@@ -777,8 +777,8 @@ def test_http2_protocol_options_are_advertised(
             "common_http_protocol_options.max_response_headers_kb",
         ),
         (
-            {"http2_protocol_options": {"allow_connect": True}},
-            "http2_protocol_options.allow_connect",
+            {"http2_protocol_options": {"allow_metadata": True}},
+            "http2_protocol_options.allow_metadata",
         ),
         ({"http_protocol_options": {"accept_http_10": True}}, "http_protocol_options"),
     ],

@@ -143,7 +143,42 @@ class RawSeq:
     expect: Facts = field(default_factory=dict)
 
 
-Request = Http | Raw | Grpc | Tcp | RawSeq
+
+@dataclass(frozen=True)
+class Upgrade:
+    """An upgrade or CONNECT on a fresh raw HTTP/1.1 connection: ``head`` is sent
+    and the response head read. When the proxy switched (101, or 2xx to a CONNECT),
+    ``then`` is sent (followed by a half-close when ``half_close``) and everything
+    that comes back until the connection ends is a fact (``tunnel.received``);
+    otherwise the response body is read."""
+
+    head: bytes
+    # Several parts: each but the last waits for an answer before the next goes.
+    then: bytes | tuple[bytes, ...] = b""
+    half_close: bool = False
+    expect: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class H2Upgrade:
+    """A CONNECT over h2c with prior knowledge (the ``h2`` package): with
+    ``protocol``, an RFC 8441 extended CONNECT to ``path``; without, a plain
+    CONNECT to ``authority``. On a 2xx, ``then`` is sent as DATA (then END_STREAM
+    when ``half_close``) and the DATA that comes back until the stream ends is a
+    fact; otherwise the response body is. The server's
+    SETTINGS_ENABLE_CONNECT_PROTOCOL is a fact too."""
+
+    authority: str
+    protocol: str | None = None
+    path: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+    # Several parts: each but the first goes once DATA came back for the previous.
+    then: bytes | tuple[bytes, ...] = b""
+    half_close: bool = False
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp | RawSeq | Upgrade | H2Upgrade
 
 
 @dataclass(frozen=True)
@@ -378,6 +413,171 @@ def tcp_facts(address: tuple[str, int], req: Tcp) -> Facts:
     }
 
 
+UPGRADE_HEADERS = (
+    "upgrade",
+    "connection",
+    "server",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "sec-websocket-accept",
+    "x-upstream",
+)
+
+
+def upgrade_facts(address: tuple[str, int], req: Upgrade) -> Facts:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(req.head)
+        reader = _RawReader(sock)
+        try:
+            head = reader.read_until(b"\r\n\r\n")
+        except ConnectionError:
+            return {"status": None, "answered": False}
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers.setdefault(k.strip().lower(), v.strip())
+        facts: Facts = {"status": status, "reason": lines[0].split(" ", 2)[2]}
+        for name in UPGRADE_HEADERS:
+            facts[f"header:{name}"] = headers.get(name)
+        facts["has:date"] = "date" in headers
+        switched = status == 101 or (req.head.startswith(b"CONNECT ") and 200 <= status < 300)
+        if switched:
+            parts = req.then if isinstance(req.then, tuple) else (req.then,)
+            for i, part in enumerate(parts):
+                sock.sendall(part)
+                if i + 1 < len(parts) and not reader.buf:
+                    reader.fill()
+            if req.half_close:
+                sock.shutdown(socket.SHUT_WR)
+            facts["tunnel.received"] = reader.read_to_eof()
+        else:
+            length = int(headers.get("content-length", "0"))
+            facts["body"] = reader.read_exact(length).decode("utf-8", "replace")
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            facts["closed_after"] = reader.read_to_eof() == b"" and reader.eof
+    return facts
+
+
+class _RawReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.eof = False
+
+    def fill(self) -> bool:
+        try:
+            data = self.sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def read_until(self, sep: bytes) -> bytes:
+        while sep not in self.buf:
+            if not self.fill():
+                raise ConnectionError(f"closed before {sep!r}")
+        head, _, self.buf = self.buf.partition(sep)
+        return head
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n and self.fill():
+            pass
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_to_eof(self) -> bytes:
+        while self.fill():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+
+def h2_upgrade_facts(address: tuple[str, int], req: H2Upgrade) -> Facts:
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+    import h2.settings
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    facts: Facts = {}
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        headers = [(":method", "CONNECT"), (":authority", req.authority)]
+        if req.protocol is not None:
+            headers += [(":protocol", req.protocol), (":scheme", "http"), (":path", req.path)]
+        headers += list(req.headers)
+        stream = 1
+        sent = False
+        switched = False
+        received = bytearray()
+        queue = list(req.then) if isinstance(req.then, tuple) else [req.then]
+        response: dict[str, str] = {}
+        ended = False
+        while not ended:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                data = b""
+            if not data:
+                facts["h2.closed"] = True
+                break
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                facts["h2.closed"] = True
+                break
+            for event in events:
+                # The request goes after the server's SETTINGS: an extended CONNECT
+                # needs its permission.
+                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
+                    facts["h2.enable_connect_protocol"] = conn.remote_settings.get(
+                        h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0
+                    )
+                    try:
+                        conn.send_headers(stream, headers)
+                    except Exception as exc:  # the h2 package refuses :protocol without the setting
+                        facts["h2.refused_locally"] = type(exc).__name__
+                        ended = True
+                        break
+                    sent = True
+                elif isinstance(event, h2.events.ResponseReceived):
+                    response = {k.decode(): v.decode() for k, v in event.headers}
+                    status = int(response[":status"])
+                    facts["status"] = status
+                    for name in UPGRADE_HEADERS:
+                        facts[f"header:{name}"] = response.get(name)
+                    switched = 200 <= status < 300
+                    if switched:
+                        conn.send_data(stream, queue.pop(0))
+                        if req.half_close and not queue:
+                            conn.end_stream(stream)
+                elif isinstance(event, h2.events.DataReceived):
+                    received.extend(event.data)
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                    if switched and queue:
+                        conn.send_data(stream, queue.pop(0))
+                        if req.half_close and not queue:
+                            conn.end_stream(stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    facts["h2.reset"] = int(event.error_code)
+                    ended = True
+            sock.sendall(conn.data_to_send())
+    key = "tunnel.received" if switched else "body"
+    facts[key] = bytes(received) if switched else received.decode("utf-8", "replace")
+    return facts
+
+
 def relabel(values: list[Any]) -> str:
     """Name values by first appearance: [b, c, a, b, c, a] -> 'ABCABC'. Compares
     round-robin order and connection reuse without depending on the start point."""
@@ -508,6 +708,10 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
                 out.append(grpc_facts(address, req))
             elif isinstance(req, Tcp):
                 out.append(tcp_facts(address, req))
+            elif isinstance(req, Upgrade):
+                out.append(upgrade_facts(address, req))
+            elif isinstance(req, H2Upgrade):
+                out.append(h2_upgrade_facts(address, req))
             else:
                 client = h2 if req.http2 else h1
                 try:
@@ -588,6 +792,10 @@ def _describe(req: Request) -> str:
         return f"raw {req.data[:30]!r}"
     if isinstance(req, Tcp):
         return f"tcp {len(req.payload)} bytes"
+    if isinstance(req, Upgrade):
+        return f"upgrade {req.head[:40]!r}"
+    if isinstance(req, H2Upgrade):
+        return f"h2 CONNECT {req.protocol or req.authority}"
     return f"grpc {req.method}"
 
 

@@ -14,6 +14,7 @@ pub mod route;
 pub mod route_action;
 pub mod route_match;
 pub mod tls;
+pub mod upgrade;
 
 pub use bootstrap::map_bootstrap;
 pub use health_check::{HealthCheckConfig, OutlierConfig};

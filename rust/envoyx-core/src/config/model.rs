@@ -305,6 +305,8 @@ pub struct HttpConnectionManagerConfig {
     pub limits: Box<HcmLimits>,
     /// Header edits and request-id options (boxed, as `limits`).
     pub options: Box<HcmOptions>,
+    /// `upgrade_configs`: the upgrade types (WebSocket, CONNECT…) it allows.
+    pub upgrades: super::upgrade::HcmUpgrades,
 }
 
 /// What the connection manager writes into requests and responses beyond its
@@ -395,6 +397,9 @@ pub struct HcmLimits {
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_initial_stream_window_size: Option<u32>,
     pub h2_initial_connection_window_size: Option<u32>,
+    /// `http2_protocol_options.allow_connect`: advertise extended CONNECT
+    /// (RFC 8441, WebSocket over HTTP/2).
+    pub h2_allow_connect: bool,
     /// `drain_timeout` (default 5 s): between a drain's start and the close.
     pub drain_timeout: Duration,
     /// `delayed_close_timeout` (default 1 s): after a close envoyx decided, how
@@ -420,6 +425,7 @@ impl Default for HcmLimits {
             h2_max_concurrent_streams: None,
             h2_initial_stream_window_size: None,
             h2_initial_connection_window_size: None,
+            h2_allow_connect: false,
             drain_timeout: Duration::from_secs(5),
             delayed_close_timeout: Some(Duration::from_secs(1)),
         }

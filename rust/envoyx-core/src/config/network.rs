@@ -112,6 +112,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         http_filters,
         limits: Box::new(limits),
         options: Box::new(options),
+        upgrades: super::upgrade::map_hcm_upgrades(hcm),
     })
 }
 
@@ -254,6 +255,7 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         };
         limits.h2_initial_stream_window_size = window("initial_stream_window_size");
         limits.h2_initial_connection_window_size = window("initial_connection_window_size");
+        limits.h2_allow_connect = h2.bool("allow_connect").unwrap_or(false);
     }
     limits
 }

@@ -58,6 +58,9 @@ pub struct RouteEntry {
     pub header_mutations: Option<Arc<RouteHeaderMutations>>,
 }
 
+// Built once per configuration and only read by reference while routing: the
+// size of the forwarding variant costs nothing per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RouteAction {
     /// `route`.
@@ -121,6 +124,8 @@ pub struct ForwardAction {
     pub priority: crate::config::circuit_breakers::Priority,
     /// `route.hash_policy`: the request's hash for ring hash and Maglev.
     pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
+    /// `route.upgrade_configs` (None: the connection manager's decide).
+    pub upgrades: Option<Box<super::upgrade::RouteUpgrades>>,
 }
 
 /// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,

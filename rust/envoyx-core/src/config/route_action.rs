@@ -212,6 +212,7 @@ pub fn map_forward_action(
             }),
         hash_policy: map_hash_policies(&route.list("hash_policy")),
         priority: super::circuit_breakers::Priority::read(route, "priority"),
+        upgrades: super::upgrade::map_route_upgrades(route),
     })
 }
 

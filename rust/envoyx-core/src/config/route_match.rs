@@ -39,6 +39,9 @@ pub enum PathMatch {
     PathSeparatedPrefix(String),
     /// `match.path_match_policy` with a URI template.
     Template(Box<UriTemplate>),
+    /// `match.connect_matcher`: CONNECT requests (looked up with an empty path,
+    /// since they have none), and only those.
+    Connect,
 }
 
 /// What a route requires beyond its path.
@@ -202,10 +205,12 @@ pub fn map_route_match(m: &Obj<'_>) -> Option<RouteMatch> {
         PathMatch::PathSeparatedPrefix(p.to_string())
     } else if let Some(policy) = m.obj("path_match_policy") {
         PathMatch::Template(Box::new(map_path_match_policy(&policy)?))
+    } else if m.obj("connect_matcher").is_some() {
+        PathMatch::Connect
     } else {
         m.errors().push(
             m.path(),
-            "one of prefix, path, safe_regex, path_separated_prefix or path_match_policy is required by envoyx",
+            "one of prefix, path, safe_regex, path_separated_prefix, path_match_policy or connect_matcher is required by envoyx",
         );
         return None;
     };

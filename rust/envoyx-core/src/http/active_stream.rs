@@ -52,6 +52,8 @@ pub(crate) struct ActiveStream {
     request_id: Option<HeaderValue>,
     /// The route's `response_headers_to_add` and kin, when it has some.
     response_mutations: Option<ResponseMutations>,
+    /// An upgrade (WebSocket, CONNECT…) the route allowed.
+    upgrade: Option<Box<super::upgrade::UpgradeRequest>>,
 }
 
 /// `via` appended, Envoy's way (`, ` between values).
@@ -98,6 +100,8 @@ impl ActiveStream {
         {
             req.headers_mut().insert(header::HOST, default.clone());
         }
+        let mut upgrade = super::upgrade::UpgradeRequest::detect(&mut req);
+        let was_upgrade = upgrade.is_some();
         // Before any filter or the router reads them, as Envoy does.
         let origin = hcm
             .internal_policy
@@ -222,6 +226,13 @@ impl ActiveStream {
                 req.headers(),
             ))
         };
+        let upgrade_refused = match (upgrade.as_mut(), route) {
+            (Some(u), Some(r)) => matches!(
+                u.decide(&hcm.upgrades, r),
+                super::upgrade::Decision::Refused
+            ),
+            _ => false,
+        };
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
@@ -280,7 +291,16 @@ impl ActiveStream {
                 None
             },
             response_mutations,
+            upgrade,
         };
+        if upgrade_refused {
+            // Envoy's answer, and the connection closes: bytes after a refused
+            // upgrade's head must never be read as another request.
+            let mut reply = LocalReply::new(403, bytes::Bytes::new(), "-", "upgrade_failed");
+            reply.close_connection = true;
+            let (parts, body) = stream.send_local_reply(reply).into_parts();
+            return Response::from_parts(parts, StreamBody::new(body, None));
+        }
         if let Some(reply) = early {
             let (parts, body) = stream.send_local_reply(reply).into_parts();
             return Response::from_parts(parts, StreamBody::new(body, None));
@@ -318,6 +338,7 @@ impl ActiveStream {
                 conn: &stream.conn,
                 record: &mut stream.record,
                 bytes_received: &stream.bytes_received,
+                upgrade: &mut stream.upgrade,
                 routes: &routes,
                 authority,
                 path,
@@ -345,13 +366,23 @@ impl ActiveStream {
             Decoded::Router(RouterOutcome::Upstream(response)) => {
                 stream.encode_upstream(response).await
             }
+            Decoded::Router(RouterOutcome::Tunnel(mut parts)) => {
+                parts
+                    .headers
+                    .insert(header::SERVER, hcm.server_name.clone());
+                parts.version = stream.version;
+                stream.respond(parts, ProxyBody::Empty)
+            }
             Decoded::Expired(expiry) => {
                 let complete = watch.as_ref().is_some_and(|w| w.request_complete.get());
                 let reply = expiry.local_reply(&hcm.stats, complete);
                 stream.encode_local_reply(reply).await
             }
         };
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        if was_upgrade && version == Version::HTTP_11 {
+            super::upgrade::close_unless_switched(&mut parts);
+        }
         // The idle and duration timers go on while the response body streams.
         let timers = timers
             .filter(|t| (t.idle.is_some() || t.max_duration.is_some()) && !body.is_end_stream())
@@ -370,12 +401,21 @@ impl ActiveStream {
         let UpstreamResponse {
             mut parts,
             body,
-            handle,
+            mut handle,
             service_time,
         } = up;
         // Envoy writes its own reason phrase, not the upstream's.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        let upgraded = match self.upgrade.as_mut() {
+            Some(u) => u.on_upstream_response(&mut parts, self.version),
+            None => None,
+        };
         super::headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(upgraded) = upgraded {
+            // The connection is the tunnel's now, never the pool's again.
+            handle.forgo_reuse();
+            upgraded.restore(&mut parts.headers);
+        }
         parts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
             HeaderValue::from(service_time.as_millis() as u64),

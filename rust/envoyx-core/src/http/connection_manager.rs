@@ -168,6 +168,8 @@ pub struct HttpConnectionManager {
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
     pub(crate) limits: HcmLimits,
     pub(crate) edits: HeaderEdits,
+    /// `upgrade_configs` and the upgrade stats.
+    pub(crate) upgrades: super::upgrade::Upgrades,
 }
 
 /// The connection manager's own header edits, precomputed (Envoy's
@@ -206,6 +208,7 @@ impl HttpConnectionManager {
             RouteSource::Inline(rc) => (RouteTable::new(rc), None),
             RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name)),
         };
+        let upgrades = super::upgrade::Upgrades::new(config.upgrades, store, &config.stat_prefix);
         Ok(Arc::new(HttpConnectionManager {
             codec: config.codec,
             stats: HcmStats::new(store, &config.stat_prefix, filters.is_some()),
@@ -243,6 +246,7 @@ impl HttpConnectionManager {
                     escaped_slashes: options.escaped_slashes,
                 },
             },
+            upgrades,
         }))
     }
 

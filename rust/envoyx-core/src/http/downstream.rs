@@ -258,6 +258,10 @@ async fn serve_h2<S>(
     if let Some(n) = limits.h2_initial_connection_window_size {
         builder.initial_connection_window_size(n);
     }
+    if limits.h2_allow_connect {
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket over HTTP/2 (RFC 8441).
+        builder.enable_connect_protocol();
+    }
     let served = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(served);
     let result = tokio::select! {
@@ -414,7 +418,14 @@ impl hyper::service::Service<Request<Incoming>> for StreamService {
         if let Err(refused) = screen_h2_headers(&conn, req.headers_mut()) {
             return Box::pin(std::future::ready(Err(refused)));
         }
-        Box::pin(async move { Ok(ActiveStream::run(conn, req.map(PeerBody::Hyper)).await) })
+        Box::pin(async move {
+            let mut response = ActiveStream::run(conn, req.map(PeerBody::Hyper)).await;
+            if let Some(tunnel) = crate::http::upgrade::Tunnel::take_h2(&mut response) {
+                // The stream is the tunnel's once hyper has sent this response.
+                tokio::task::spawn_local(tunnel.run_h2());
+            }
+            Ok(response)
+        })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod headers;
 pub mod internal_request;
 pub mod local_reply;
 pub mod path_normalization;
+pub(crate) mod upgrade;
 
 pub use connection_manager::HttpConnectionManager;
 pub use downstream::{serve_tcp, serve_tls};

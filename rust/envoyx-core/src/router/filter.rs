@@ -50,6 +50,9 @@ pub(crate) enum RouterOutcome {
     CodecError(LocalReply),
     /// The upstream's response headers; its body is still to stream.
     Upstream(UpstreamResponse),
+    /// A CONNECT the route terminates: its response (200), carrying the tunnel
+    /// to the cluster's host (http/upgrade.rs).
+    Tunnel(http::response::Parts),
 }
 
 pub(crate) struct UpstreamResponse {
@@ -67,6 +70,8 @@ pub(crate) struct Router<'s, 'r> {
     pub record: &'s mut Option<Box<LogRecord>>,
     /// Where the downstream body's bytes are counted as they stream upstream.
     pub bytes_received: &'s Rc<Cell<u64>>,
+    /// The request's upgrade, when its route allowed one.
+    pub upgrade: &'s mut Option<Box<crate::http::upgrade::UpgradeRequest>>,
     /// The table `route` came from (its cluster slots index the connection's
     /// cluster handles).
     pub routes: &'r LocalHandle<RouteTable>,
@@ -155,6 +160,15 @@ impl Router<'_, '_> {
         // then none of the lookups below (each hashes a name) is made.
         let envoy_headers = has_envoy_header(&parts.headers);
         let timeouts = Timeouts::of(action, &mut parts.headers, envoy_headers);
+        if self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.terminates_connect(action))
+        {
+            return self.terminate_connect(&upstream, &timeouts).await;
+        }
+        // An upgrade keeps its `upgrade` / `connection` headers upstream.
+        let upgrade_headers = self.upgrade.as_ref().and_then(|u| u.upstream_token());
         let mut retry = match &action.retry_policy {
             None if !envoy_headers => None,
             policy => RetryState::new(policy.as_ref(), &mut parts.headers),
@@ -316,6 +330,9 @@ impl Router<'_, '_> {
                         {
                             r.request_headers = Some(p.headers.clone());
                         }
+                        if let Some(token) = &upgrade_headers {
+                            crate::http::upgrade::restore_request_headers(&mut p.headers, token);
+                        }
                     },
                 )
                 .await;
@@ -459,6 +476,37 @@ impl Router<'_, '_> {
             forwarded_proto,
             host: self.authority,
             path: self.path,
+        }
+    }
+
+    /// A CONNECT the route terminates (`connect_config`): a TCP connection to a
+    /// host of the cluster, then the 200 that starts the tunnel over it.
+    async fn terminate_connect(
+        self,
+        upstream: &UpstreamRequest<'_>,
+        timeouts: &Timeouts,
+    ) -> RouterOutcome {
+        use crate::upstream::outlier::{LocalOriginEvent, put_result};
+        let cluster = upstream.cluster;
+        let host = match upstream.choose_host(&LbContext::default()) {
+            Ok(h) => h,
+            Err(failure) => return self.failure(failure, cluster, timeouts, 1, false),
+        };
+        if let Some(r) = self.record.as_mut() {
+            r.upstream_host = Some(host.address);
+        }
+        match crate::upstream::connect(cluster, host.shared(), None).await {
+            Ok(stream) => {
+                put_result(cluster, host.shared(), LocalOriginEvent::ConnectSuccess);
+                let Some(upgrade) = self.upgrade.as_mut() else {
+                    unreachable!("checked by the caller");
+                };
+                RouterOutcome::Tunnel(upgrade.connect_response(stream))
+            }
+            Err(e) => {
+                put_result(cluster, host.shared(), LocalOriginEvent::ConnectFailed);
+                self.failure(TryFailure::Connect(e), cluster, timeouts, 1, false)
+            }
         }
     }
 

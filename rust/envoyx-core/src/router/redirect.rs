@@ -17,7 +17,7 @@ pub fn path_only(path: &str) -> &str {
 fn matched_len(matched: &PathMatch, path: &str) -> usize {
     let len = match matched {
         PathMatch::Prefix(p) | PathMatch::Path(p) | PathMatch::PathSeparatedPrefix(p) => p.len(),
-        PathMatch::Regex(_) | PathMatch::Template(_) => path_only(path).len(),
+        PathMatch::Regex(_) | PathMatch::Template(_) | PathMatch::Connect => path_only(path).len(),
     };
     len.min(path.len())
 }

@@ -103,6 +103,7 @@ impl RouteMatch {
                     && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
             }
             PathMatch::Template(t) => t.regex.is_match(req.path_only()),
+            PathMatch::Connect => req.path.is_empty(),
         }
     }
 }

@@ -735,7 +735,8 @@ async fn open_http1(
         .await
         .map_err(ConnectError::Handshake)?;
     cluster.stats.upstream_cx_http1_total.inc();
-    tokio::task::spawn_local(track_connection(conn, cluster, host, slot));
+    // An upgrade's `101` hands the connection to the tunnel (http/upgrade.rs).
+    tokio::task::spawn_local(track_connection(conn.with_upgrades(), cluster, host, slot));
     Ok(PooledHttp1 {
         sender,
         requests: 0,

@@ -335,6 +335,15 @@ async fn exchange(
         return Close::Peer;
     }
     conn.check_duration();
+    let mut response = response;
+    if let Some(tunnel) = crate::http::upgrade::Tunnel::take(&mut response) {
+        // An upgrade (101) or a terminated CONNECT (200): the connection is the
+        // tunnel's from here, and closes with it.
+        let (parts, body) = response.into_parts();
+        drop(body);
+        tunnel.run_h1(shared, &parts).await;
+        return Close::Now;
+    }
     // Envoy closes after a response that came before the request's end, and
     // once its drain started (idle timeout, max duration, max requests).
     let ours = conn.draining() || !shared.read.borrow().body_over();
