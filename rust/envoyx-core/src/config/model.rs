@@ -21,6 +21,8 @@ pub struct Bootstrap {
     pub clusters: Vec<ClusterConfig>,
     /// `static_resources.secrets`: name, secret, the resource as given.
     pub secrets: Vec<(String, SecretConfig, Value)>,
+    /// `cluster_manager.outlier_detection.event_log_path`.
+    pub outlier_event_log_path: Option<String>,
     /// The whole bootstrap as given, for `/config_dump`.
     pub raw: Value,
 }
