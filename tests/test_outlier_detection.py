@@ -318,14 +318,22 @@ def test_clusters_json_reports_the_ejection(
     assert by_port[a.port] == {"eds_health_status": "HEALTHY"}
 
 
-def test_outlier_event_log_is_refused_by_name() -> None:
-    """envoyx writes no outlier event log yet (Envoy's bootstrap
-    ``cluster_manager.outlier_detection.event_log_path``): refused, not ignored."""
+def test_outlier_event_service_is_refused_by_name(tmp_path: Any) -> None:
+    """The bootstrap's ``cluster_manager.outlier_detection.event_log_path`` is written
+    (tests/test_event_logs.py); a gRPC ``event_service`` is refused, not ignored."""
     import envoyx
 
     config = proxy_config([("127.0.0.1", 1)], {"consecutive_5xx": 2})
-    config["cluster_manager"] = {"outlier_detection": {"event_log_path": "/tmp/od.log"}}
-    with pytest.raises(envoyx.ConfigError, match=r"cluster_manager: not supported"):
+    config["cluster_manager"] = {
+        "outlier_detection": {
+            "event_log_path": str(tmp_path / "od.log"),
+            "event_service": {"grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER}}},
+        }
+    }
+    with pytest.raises(
+        envoyx.ConfigError,
+        match=r"cluster_manager\.outlier_detection\.event_service: not supported",
+    ):
         envoyx.Server(config)
 
 

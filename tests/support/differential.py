@@ -143,7 +143,6 @@ class RawSeq:
     expect: Facts = field(default_factory=dict)
 
 
-
 @dataclass(frozen=True)
 class Upgrade:
     """An upgrade or CONNECT on a fresh raw HTTP/1.1 connection: ``head`` is sent

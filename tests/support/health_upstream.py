@@ -7,6 +7,8 @@ and start it again on the same port).
   bytes that are not HTTP at all (``garbage``).
 - any other path answers the traffic status (default 200) with ``x-upstream: <name>``.
 - ``traffic_immediate=1`` adds ``x-envoy-immediate-health-check-fail`` to traffic answers.
+- ``healthchecked=1`` adds ``x-envoy-upstream-healthchecked-cluster: <name>-svc`` to
+  health-check answers (what ``service_name_matcher`` looks at).
 - ``GET /count`` answers how many health checks it has answered.
 - ``POST /control?hc=503&status=500&immediate=1&degraded=1&garbage=1`` sets them.
 """
@@ -29,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 port, name = int(sys.argv[1]), sys.argv[2]
 state = {"hc": 200, "status": 200, "immediate": 0, "degraded": 0, "garbage": 0, "checks": 0,
-         "traffic_immediate": 0}
+         "traffic_immediate": 0, "healthchecked": 0}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -59,6 +61,8 @@ class Handler(BaseHTTPRequestHandler):
                 headers.append(("x-envoy-immediate-health-check-fail", "true"))
             if state["degraded"]:
                 headers.append(("x-envoy-degraded", "true"))
+            if state["healthchecked"]:
+                headers.append(("x-envoy-upstream-healthchecked-cluster", name + "-svc"))
             return self._reply(state["hc"], headers, b"hc")
         headers = [("x-upstream", name)]
         if state["traffic_immediate"]:

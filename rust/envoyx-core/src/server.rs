@@ -38,6 +38,13 @@ impl Server {
         let secrets = Arc::new(SecretStore::new(bootstrap.secrets));
         let clusters =
             ClusterManager::new(&bootstrap.clusters, &store, secrets).map_err(Error::Config)?;
+        clusters.set_event_logs(
+            crate::upstream::outlier::event_log::EventLogs::open(
+                bootstrap.outlier_event_log_path.as_deref(),
+                options.file_flush,
+            )
+            .map_err(|e| Error::Config(vec![e]))?,
+        );
         let workers = options.concurrency.max(1);
         let cx = BuildContext {
             clusters: &clusters,

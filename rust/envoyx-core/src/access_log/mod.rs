@@ -30,6 +30,8 @@ pub use format::{Format, HeaderBytes, LogRecord, StreamFacts};
 enum CompiledFormat {
     Text(Format),
     Json(Vec<(String, Format)>),
+    /// Lines rendered by the caller ([`AccessLogger::log_line`]).
+    Lines,
 }
 
 /// When buffered lines are written: Envoy's `--file-flush-interval-msec` and
@@ -106,12 +108,7 @@ impl AccessLogger {
         // stdout and stderr are buffered like files, as Envoy does: a reader
         // that is slow to drain a pipe must not stall a worker either.
         let sink = match &config.sink {
-            AccessLogSink::File(path) if path == "/dev/stdout" => Sink::Stdout,
-            AccessLogSink::File(path) if path == "/dev/stderr" => Sink::Stderr,
-            AccessLogSink::File(path) => Sink::File {
-                file: OpenOptions::new().create(true).append(true).open(path)?,
-                path: path.clone(),
-            },
+            AccessLogSink::File(path) => Sink::open(path)?,
             AccessLogSink::Stdout => Sink::Stdout,
             AccessLogSink::Stderr => Sink::Stderr,
         };
@@ -119,14 +116,48 @@ impl AccessLogger {
         Ok(Arc::new(AccessLogger { format, buffer }))
     }
 
+    /// A file of lines its callers render themselves: Envoy's event logs (health
+    /// checking, outlier detection) share its access-log files and their flushing.
+    pub fn open_lines(path: &str, options: AccessLogOptions) -> std::io::Result<Arc<Self>> {
+        let buffer = LogBuffer::register(Sink::open(path)?, options)?;
+        Ok(Arc::new(AccessLogger {
+            format: CompiledFormat::Lines,
+            buffer,
+        }))
+    }
+
+    /// Appends `line` and a newline to the calling thread's buffer.
+    pub fn log_line(&self, line: &str) {
+        let shard = self.shard();
+        let mut lines = lock(&shard.0);
+        lines.push_str(line);
+        lines.push('\n');
+        self.wake_if_full(lines);
+    }
+
+    fn shard(&self) -> &Shard {
+        let b = &*self.buffer;
+        b.shards
+            .get(crate::per_worker::shard())
+            .unwrap_or(&b.shards[0])
+    }
+
+    /// Wakes the flusher when the buffer passed its minimum size, or for the
+    /// logger's very first line.
+    fn wake_if_full(&self, lines: MutexGuard<'_, String>) {
+        let b = &*self.buffer;
+        let full = lines.len() > b.settings.min_size
+            || (!b.started.load(Ordering::Relaxed) && !b.started.swap(true, Ordering::AcqRel));
+        drop(lines);
+        // Waking the flusher is an atomic flag and a futex wake: it never waits.
+        if full && !b.urgent.swap(true, Ordering::AcqRel) {
+            b.flusher.unpark();
+        }
+    }
+
     /// Renders one line into the calling thread's buffer; never writes to the sink.
     pub fn log(&self, record: &LogRecord) {
-        let b = &*self.buffer;
-        let shard = b
-            .shards
-            .get(crate::per_worker::shard())
-            .unwrap_or(&b.shards[0]);
-        let mut lines = lock(&shard.0);
+        let mut lines = lock(&self.shard().0);
         match &self.format {
             CompiledFormat::Text(f) => f.render(record, &mut lines),
             CompiledFormat::Json(fields) => {
@@ -138,14 +169,9 @@ impl AccessLogger {
                 }
                 let _ = writeln!(lines, "{}", serde_json::Value::Object(map));
             }
+            CompiledFormat::Lines => return,
         }
-        let full = lines.len() > b.settings.min_size
-            || (!b.started.load(Ordering::Relaxed) && !b.started.swap(true, Ordering::AcqRel));
-        drop(lines);
-        // Waking the flusher is an atomic flag and a futex wake: it never waits.
-        if full && !b.urgent.swap(true, Ordering::AcqRel) {
-            b.flusher.unpark();
-        }
+        self.wake_if_full(lines);
     }
 
     /// Writes this logger's buffered lines now; returns once they are written.
@@ -209,6 +235,17 @@ enum Sink {
 }
 
 impl Sink {
+    fn open(path: &str) -> std::io::Result<Sink> {
+        Ok(match path {
+            "/dev/stdout" => Sink::Stdout,
+            "/dev/stderr" => Sink::Stderr,
+            _ => Sink::File {
+                file: OpenOptions::new().create(true).append(true).open(path)?,
+                path: path.to_string(),
+            },
+        })
+    }
+
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Stdout => {

@@ -44,6 +44,9 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
         .cloned()
         .unwrap_or(Value::Object(Default::default()));
     let admin = root.obj("admin").and_then(|a| map_admin(&a));
+    let outlier_event_log_path = root
+        .obj("cluster_manager")
+        .and_then(|cm| map_cluster_manager(&cm));
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     let mut secrets = Vec::new();
@@ -79,8 +82,18 @@ fn map_root(root: &Obj<'_>) -> Bootstrap {
         clusters,
         secrets,
         runtime,
+        outlier_event_log_path,
         raw: root.to_value(),
     }
+}
+
+/// `cluster_manager`: envoyx reads only `outlier_detection.event_log_path` (the
+/// file of outlier ejection events); everything else in it stays refused.
+fn map_cluster_manager(cm: &Obj<'_>) -> Option<String> {
+    let od = cm.obj("outlier_detection")?;
+    od.str("event_log_path")
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
 }
 
 /// Static secrets named by TLS contexts must exist (dynamic ones come over SDS),

@@ -6,7 +6,13 @@ use std::time::Duration;
 
 use base64::Engine;
 
+use super::matcher::{StringMatcher, map_string_matcher};
 use super::reader::Obj;
+
+/// The `@type` of `event_logger[].typed_config` envoyx writes (Envoy's
+/// `envoy.health_check.event_sink.file`).
+const FILE_EVENT_SINK: &str =
+    "envoy.extensions.health_check.event_sinks.file.v3.HealthCheckEventFileSink";
 
 /// One `health_checks[]` entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +43,13 @@ pub struct HealthCheckConfig {
     pub unhealthy_edge_interval: Duration,
     /// `healthy_edge_interval` (default `interval`).
     pub healthy_edge_interval: Duration,
+    /// Where health-check events go: the deprecated `event_log_path`, then each
+    /// `event_logger[]` file sink, in order.
+    pub event_log_paths: Vec<String>,
+    /// `always_log_health_check_failures` (default: only a host's first failure).
+    pub always_log_health_check_failures: bool,
+    /// `always_log_health_check_success` (default: only the healthy transition).
+    pub always_log_health_check_success: bool,
     pub kind: HealthCheckKind,
 }
 
@@ -65,6 +78,22 @@ pub struct HttpHealthCheck {
     pub request_headers_to_remove: Vec<http::HeaderName>,
     /// `codec_client_type` HTTP2 (default HTTP1).
     pub http2: bool,
+    /// `service_name_matcher`: a passing answer must carry a matching
+    /// `x-envoy-upstream-healthchecked-cluster` (counted in `verify_cluster`).
+    pub service_name_matcher: Option<ServiceNameMatcher>,
+}
+
+/// A `service_name_matcher`, compared by its config (matchers hold compiled regexes).
+#[derive(Debug, Clone)]
+pub struct ServiceNameMatcher {
+    pub matcher: StringMatcher,
+    raw: serde_json::Value,
+}
+
+impl PartialEq for ServiceNameMatcher {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +110,8 @@ pub struct GrpcHealthCheck {
     pub service_name: String,
     /// `authority` (default: the cluster's name).
     pub authority: Option<String>,
+    /// `initial_metadata`: headers added to each check request (name, value, append).
+    pub initial_metadata: Vec<(http::HeaderName, http::HeaderValue, bool)>,
 }
 
 /// `outlier_detection`, with Envoy's defaults (percentages are 0–100).
@@ -122,9 +153,13 @@ pub type ClusterHealth = (Vec<HealthCheckConfig>, Option<OutlierConfig>, bool);
 pub fn map_cluster_health(c: &Obj<'_>) -> ClusterHealth {
     let list = c.list("health_checks");
     if list.len() > 1 {
-        list[1].errors().push(
-            list[1].path(),
-            "envoyx supports one health check per cluster",
+        // Envoy 1.40 runs several checks as a group only when each has a `name`,
+        // a field the v3 schema envoyx validates against does not have: every
+        // list of several checks envoyx can read is one Envoy 1.40 refuses, in
+        // these words.
+        list[0].errors().push(
+            list[0].path(),
+            "health check at index 0 is missing a name; all health checks must have a name when multiple health checks are configured",
         );
     }
     let checks = list.iter().filter_map(map_health_check).collect();
@@ -188,6 +223,7 @@ fn map_health_check(h: &Obj<'_>) -> Option<HealthCheckConfig> {
                 .str("authority")
                 .filter(|a| !a.is_empty())
                 .map(str::to_string),
+            initial_metadata: header_options(&grpc, "initial_metadata"),
         }));
     }
     if kinds.len() != 1 {
@@ -215,8 +251,81 @@ fn map_health_check(h: &Obj<'_>) -> Option<HealthCheckConfig> {
             .duration("unhealthy_edge_interval")
             .unwrap_or(unhealthy_interval),
         healthy_edge_interval: h.duration("healthy_edge_interval").unwrap_or(interval),
+        event_log_paths: event_log_paths(h),
+        always_log_health_check_failures: h
+            .bool("always_log_health_check_failures")
+            .unwrap_or(false),
+        always_log_health_check_success: h.bool("always_log_health_check_success").unwrap_or(false),
         kind: kinds.pop()?,
     })
+}
+
+/// The files a health check's events are written to: `event_log_path` (deprecated,
+/// still honoured by Envoy 1.40) and the `event_logger` file sinks.
+fn event_log_paths(h: &Obj<'_>) -> Vec<String> {
+    let mut paths: Vec<String> = h
+        .str("event_log_path")
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    for sink in h.list("event_logger") {
+        sink.ignore(&["name"]);
+        let Some(tc) = sink.obj("typed_config") else {
+            sink.error("typed_config", "is required");
+            continue;
+        };
+        if tc.any_type() != Some(FILE_EVENT_SINK) {
+            tc.error(
+                "@type",
+                format!(
+                    "{} is not supported by envoyx (only {FILE_EVENT_SINK})",
+                    tc.any_type().unwrap_or_default()
+                ),
+            );
+            continue;
+        }
+        match tc.str("event_log_path").filter(|p| !p.is_empty()) {
+            Some(path) => paths.push(path.to_string()),
+            None => tc.error("event_log_path", "is required"),
+        }
+    }
+    paths
+}
+
+/// A list of `envoy.config.core.v3.HeaderValueOption` (request_headers_to_add,
+/// initial_metadata): (name, value, append).
+fn header_options(
+    o: &Obj<'_>,
+    key: &'static str,
+) -> Vec<(http::HeaderName, http::HeaderValue, bool)> {
+    let mut out = Vec::new();
+    for option in o.list(key) {
+        let append = match option.str("append_action") {
+            None | Some("APPEND_IF_EXISTS_OR_ADD") => true,
+            Some("OVERWRITE_IF_EXISTS_OR_ADD") => false,
+            Some(other) => {
+                option.error(
+                    "append_action",
+                    format!("{other} is not supported by envoyx"),
+                );
+                true
+            }
+        };
+        let Some(header) = option.obj("header") else {
+            continue;
+        };
+        let key = header.str("key").unwrap_or_default();
+        let value = header.str("value").unwrap_or_default();
+        match (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(k), Ok(v)) => out.push((k, v, append)),
+            _ => header.error("key", "invalid header"),
+        }
+    }
+    out
 }
 
 fn map_http(o: &Obj<'_>) -> HttpHealthCheck {
@@ -257,32 +366,7 @@ fn map_http(o: &Obj<'_>) -> HttpHealthCheck {
         expected_statuses.push((200, 201));
     }
     let retriable_statuses = ranges(o, "retriable_statuses", "retriable");
-    let mut request_headers_to_add = Vec::new();
-    for option in o.list("request_headers_to_add") {
-        let append = match option.str("append_action") {
-            None | Some("APPEND_IF_EXISTS_OR_ADD") => true,
-            Some("OVERWRITE_IF_EXISTS_OR_ADD") => false,
-            Some(other) => {
-                option.error(
-                    "append_action",
-                    format!("{other} is not supported by envoyx"),
-                );
-                true
-            }
-        };
-        let Some(header) = option.obj("header") else {
-            continue;
-        };
-        let key = header.str("key").unwrap_or_default();
-        let value = header.str("value").unwrap_or_default();
-        match (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(value),
-        ) {
-            (Ok(k), Ok(v)) => request_headers_to_add.push((k, v, append)),
-            _ => header.error("key", "invalid header"),
-        }
-    }
+    let request_headers_to_add = header_options(o, "request_headers_to_add");
     let request_headers_to_remove = o
         .strings("request_headers_to_remove")
         .into_iter()
@@ -306,6 +390,12 @@ fn map_http(o: &Obj<'_>) -> HttpHealthCheck {
         request_headers_to_add,
         request_headers_to_remove,
         http2,
+        service_name_matcher: o.obj("service_name_matcher").and_then(|m| {
+            Some(ServiceNameMatcher {
+                matcher: map_string_matcher(&m)?,
+                raw: m.to_value(),
+            })
+        }),
     }
 }
 
@@ -458,7 +548,12 @@ mod tests {
         let (h, o, errs) = map(json!({"health_checks": [{
             "timeout": "1s", "interval": "0.5s", "unhealthy_threshold": 2, "healthy_threshold": 1,
             "http_health_check": {"path": "/hc", "service_name_matcher": {"prefix": "x"}},
-            "event_log_path": "/tmp/x"
+            "event_log_path": "/tmp/x",
+            "event_logger": [{"name": "f", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.health_check.event_sinks.file.v3.HealthCheckEventFileSink",
+                "event_log_path": "/tmp/y"}}, {"name": "g", "typed_config": {
+                "@type": "type.googleapis.com/some.Other"}}],
+            "event_service": {}
         }]}));
         assert!(o.is_none());
         let hc = &h[0];
@@ -469,11 +564,19 @@ mod tests {
             panic!()
         };
         assert_eq!(http.expected_statuses, vec![(200, 201)]);
+        assert!(
+            http.service_name_matcher
+                .as_ref()
+                .unwrap()
+                .matcher
+                .matches("xyz")
+        );
+        assert_eq!(hc.event_log_paths, vec!["/tmp/x", "/tmp/y"]);
         assert_eq!(
             errs,
             vec![
-                "c.health_checks[0].http_health_check.service_name_matcher: not supported by envoyx",
-                "c.health_checks[0].event_log_path: not supported by envoyx",
+                "c.health_checks[0].event_logger[1].typed_config.@type: some.Other is not supported by envoyx (only envoy.extensions.health_check.event_sinks.file.v3.HealthCheckEventFileSink)",
+                "c.health_checks[0].event_service: not supported by envoyx",
             ]
         );
     }

@@ -23,6 +23,8 @@ pub struct Bootstrap {
     pub secrets: Vec<(String, SecretConfig, Value)>,
     /// `layered_runtime`: the static layers' values.
     pub runtime: crate::runtime::Runtime,
+    /// `cluster_manager.outlier_detection.event_log_path`.
+    pub outlier_event_log_path: Option<String>,
     /// The whole bootstrap as given, for `/config_dump`.
     pub raw: Value,
 }

@@ -29,6 +29,10 @@ pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-
 pub static X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL: HeaderName =
     HeaderName::from_static("x-envoy-immediate-health-check-fail");
 pub static X_ENVOY_DEGRADED: HeaderName = HeaderName::from_static("x-envoy-degraded");
+/// The cluster a health-checked host says it is (its `service_cluster`), matched
+/// by `service_name_matcher`.
+pub static X_ENVOY_UPSTREAM_HEALTHCHECKED_CLUSTER: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-healthchecked-cluster");
 pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");

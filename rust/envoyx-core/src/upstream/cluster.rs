@@ -569,6 +569,8 @@ pub struct ClusterManager {
     /// The control thread, where DNS resolution and each cluster's background
     /// tasks run.
     control: OnceLock<Control>,
+    /// Where health-check and outlier events are written (set by the server).
+    event_logs: OnceLock<super::outlier::event_log::EventLogs>,
     pub cds_version: Mutex<String>,
     /// Secrets by name (static and SDS), for the TLS contexts of clusters and
     /// listeners.
@@ -605,6 +607,7 @@ impl ClusterManager {
             eds: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
             control: OnceLock::new(),
+            event_logs: OnceLock::new(),
             cds_version: Mutex::new(String::new()),
             secrets,
         });
@@ -620,6 +623,16 @@ impl ClusterManager {
             runtime,
             start_tasks,
         });
+    }
+
+    /// The event files (bootstrap `cluster_manager.outlier_detection`, the file
+    /// flush settings health checkers' event files use); set once by the server.
+    pub fn set_event_logs(&self, logs: super::outlier::event_log::EventLogs) {
+        let _ = self.event_logs.set(logs);
+    }
+
+    pub fn event_logs(&self) -> super::outlier::event_log::EventLogs {
+        self.event_logs.get().cloned().unwrap_or_default()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {

@@ -109,6 +109,13 @@ pub(super) async fn check(
     );
     h.insert(header::TE, HeaderValue::from_static("trailers"));
     h.insert(header::USER_AGENT, HeaderValue::from_static("Envoy/HC"));
+    for (name, value, append) in &config.initial_metadata {
+        if *append {
+            h.append(name.clone(), value.clone());
+        } else {
+            h.insert(name.clone(), value.clone());
+        }
+    }
     let Some(response) = conn.send(req).await else {
         return (Outcome::NETWORK, None);
     };

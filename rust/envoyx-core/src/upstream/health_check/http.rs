@@ -11,7 +11,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{FailureType, Outcome};
 use crate::config::health_check::HttpHealthCheck;
-use crate::http::headers::{X_ENVOY_DEGRADED, X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL};
+use crate::http::headers::{
+    X_ENVOY_DEGRADED, X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL, X_ENVOY_UPSTREAM_HEALTHCHECKED_CLUSTER,
+};
+use crate::stats::Counter;
 use crate::upstream::cluster::{Cluster, Host, health_flag};
 
 /// An open checking connection (HTTP/1.1 or HTTP/2, by `codec_client_type`).
@@ -91,6 +94,7 @@ pub(super) async fn check(
     host: &Arc<Host>,
     config: &HttpHealthCheck,
     conn: Option<Conn>,
+    verify_cluster: &Counter,
 ) -> (Outcome, Option<Conn>) {
     let mut conn = match conn.filter(|c| !c.is_closed()) {
         Some(c) => c,
@@ -151,10 +155,27 @@ pub(super) async fn check(
             Outcome::Failed {
                 kind: FailureType::Active,
                 retriable,
+                status,
             },
             keep,
         );
     }
     let degraded = parts.headers.contains_key(&X_ENVOY_DEGRADED);
+    if let Some(m) = &config.service_name_matcher {
+        verify_cluster.inc();
+        let cluster_header = parts
+            .headers
+            .get(&X_ENVOY_UPSTREAM_HEALTHCHECKED_CLUSTER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !m.matcher.matches(cluster_header) {
+            let failed = Outcome::Failed {
+                kind: FailureType::Active,
+                retriable: false,
+                status,
+            };
+            return (failed, keep);
+        }
+    }
     (Outcome::Healthy { degraded }, keep)
 }

@@ -14,6 +14,7 @@
 //! cluster warms until every host it started with has had its first check.
 
 pub mod checker;
+mod event_log;
 mod grpc;
 mod http;
 mod tcp;
@@ -36,6 +37,7 @@ use super::cluster::{Cluster, ClusterManager, Host, health_flag};
 use super::connect::UpstreamStream;
 use crate::config::health_check::HealthCheckKind;
 use crate::http::headers::X_ENVOY_IMMEDIATE_HEALTH_CHECK_FAIL;
+use event_log::FailureType;
 
 /// Marks `host` failed at once when a response carries
 /// `x-envoy-immediate-health-check-fail` and the cluster is health checked
@@ -58,10 +60,12 @@ pub fn check_immediate_fail(cluster: &Cluster, host: &Arc<Host>, headers: &::htt
 /// Starts the background tasks of a cluster (its health checker and outlier
 /// detector) on the control runtime `rt`.
 pub fn start(rt: &tokio::runtime::Handle, cluster: &Arc<Cluster>, cm: &Arc<ClusterManager>) {
+    let logs = cm.event_logs();
     if cluster.outlier.is_some() {
-        rt.spawn(super::outlier::run(cluster.clone()));
+        rt.spawn(super::outlier::run(cluster.clone(), logs.outlier.clone()));
     }
-    if cluster.health_checker.is_some() {
+    if let Some(hc) = &cluster.health_checker {
+        hc.open_event_log(&cluster.name, logs.file_flush);
         rt.spawn(supervise(cluster.clone(), Arc::downgrade(cm)));
     }
 }
@@ -178,30 +182,31 @@ async fn supervise(cluster: Arc<Cluster>, cm: Weak<ClusterManager>) {
     }
 }
 
-/// Why a check failed (Envoy's `HealthCheckFailureType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailureType {
-    Active,
-    Passive,
-    Network,
-    NetworkTimeout,
-}
-
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    Healthy { degraded: bool },
-    Failed { kind: FailureType, retriable: bool },
+    Healthy {
+        degraded: bool,
+    },
+    /// `status`: the HTTP status of a failed answer (0 when there was none),
+    /// reported in the failure's events.
+    Failed {
+        kind: FailureType,
+        retriable: bool,
+        status: u16,
+    },
 }
 
 impl Outcome {
     const NETWORK: Outcome = Outcome::Failed {
         kind: FailureType::Network,
         retriable: false,
+        status: 0,
     };
     const ACTIVE: Outcome = Outcome::Failed {
         kind: FailureType::Active,
         retriable: false,
+        status: 0,
     };
 }
 
@@ -267,17 +272,22 @@ impl Session {
                     Outcome::Failed {
                         kind: FailureType::NetworkTimeout,
                         retriable: false,
+                        status: 0,
                     }
                 }
             };
             let was_first = self.first_check;
             let (healthy, transition) = match outcome {
                 Outcome::Healthy { degraded } => (true, self.handle_success(degraded)),
-                Outcome::Failed { kind, retriable } => {
+                Outcome::Failed {
+                    kind,
+                    retriable,
+                    status,
+                } => {
                     if matches!(kind, FailureType::Network | FailureType::NetworkTimeout) {
                         self.conn = None;
                     }
-                    (false, self.set_unhealthy(kind, retriable))
+                    (false, self.set_unhealthy(kind, retriable, status))
                 }
             };
             if was_first {
@@ -288,7 +298,7 @@ impl Session {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
                     Some(()) = passive.recv() => {
-                        self.set_unhealthy(FailureType::Passive, false);
+                        self.set_unhealthy(FailureType::Passive, false, 0);
                     }
                 }
             }
@@ -304,7 +314,8 @@ impl Session {
                     Some(Conn::Http(c)) => Some(c),
                     _ => None,
                 };
-                let (outcome, conn) = http::check(&self.cluster, &self.host, h, conn).await;
+                let verify = &self.hc.stats.verify_cluster;
+                let (outcome, conn) = http::check(&self.cluster, &self.host, h, conn, verify).await;
                 self.conn = conn.filter(|_| config.reuse_connection).map(Conn::Http);
                 outcome
             }
@@ -350,16 +361,31 @@ impl Session {
                 );
                 self.hc.stats.healthy.inc();
                 transition = Transition::Changed;
+                if let Some(log) = self.hc.event_log() {
+                    log.add_healthy(&self.host, self.first_check);
+                }
             } else {
                 transition = Transition::ChangePending;
             }
+        }
+        if transition != Transition::Changed
+            && self.hc.config.always_log_health_check_success
+            && let Some(log) = self.hc.event_log()
+        {
+            log.success(&self.host);
         }
         transition = self.clear_pending(transition);
         if degraded != self.flag(health_flag::DEGRADED_ACTIVE_HC) {
             if degraded {
                 self.host.set_health_flag(health_flag::DEGRADED_ACTIVE_HC);
                 self.hc.stats.degraded.inc();
+                if let Some(log) = self.hc.event_log() {
+                    log.degraded(&self.host);
+                }
             } else {
+                if let Some(log) = self.hc.event_log() {
+                    log.no_longer_degraded(&self.host);
+                }
                 self.host.clear_health_flag(health_flag::DEGRADED_ACTIVE_HC);
                 self.hc.stats.degraded.dec();
             }
@@ -381,7 +407,7 @@ impl Session {
 
     /// Envoy's `setUnhealthy`: a failed response fails the host at once; network
     /// failures and retriable statuses count against `unhealthy_threshold`.
-    fn set_unhealthy(&mut self, kind: FailureType, retriable: bool) -> Transition {
+    fn set_unhealthy(&mut self, kind: FailureType, retriable: bool, status: u16) -> Transition {
         let before = self.host.health_flags();
         let network = matches!(kind, FailureType::Network | FailureType::NetworkTimeout);
         self.num_healthy = 0;
@@ -394,6 +420,9 @@ impl Session {
                 self.host.set_health_flag(health_flag::FAILED_ACTIVE_HC);
                 self.hc.stats.healthy.dec();
                 transition = Transition::Changed;
+                if let Some(log) = self.hc.event_log() {
+                    log.eject_unhealthy(&self.host, kind, status);
+                }
                 if self.flag(health_flag::PENDING_DYNAMIC_REMOVAL) {
                     self.cluster.remove_pending_host(&self.host);
                 }
@@ -407,6 +436,11 @@ impl Session {
             self.host.clear_health_flag(health_flag::ACTIVE_HC_TIMEOUT);
         }
         transition = self.clear_pending(transition);
+        if (self.first_check || self.hc.config.always_log_health_check_failures)
+            && let Some(log) = self.hc.event_log()
+        {
+            log.failure(&self.host, kind, self.first_check, status);
+        }
         self.hc.stats.failure.inc();
         if network {
             self.hc.stats.network_failure.inc();

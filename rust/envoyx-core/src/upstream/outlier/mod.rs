@@ -10,6 +10,7 @@
 //! hosts whose ejection time has passed, as Envoy's interval timer does.
 
 pub mod detector;
+pub mod event_log;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use super::cluster::{Cluster, Host, health_flag};
 
 use detector::Event;
 pub use detector::{Detector, EjectionType, LocalOriginEvent};
+use event_log::{EjectDetail, OutlierEventLog};
 
 /// Reports a try's response status to the cluster's outlier detector, if any.
 #[inline]
@@ -52,7 +54,8 @@ struct EjectionState {
 }
 
 /// The detector task of one cluster, on the control thread; ends with the cluster.
-pub async fn run(cluster: Arc<Cluster>) {
+/// `log`: the cluster manager's outlier event log, if the bootstrap names one.
+pub async fn run(cluster: Arc<Cluster>, log: Option<Arc<OutlierEventLog>>) {
     let Some(detector) = cluster.outlier.as_ref() else {
         return;
     };
@@ -68,6 +71,7 @@ pub async fn run(cluster: Arc<Cluster>) {
         cluster: &cluster,
         detector,
         states: HashMap::new(),
+        log,
     };
     let interval = detector.config.interval;
     let mut next = Instant::now() + interval;
@@ -98,6 +102,7 @@ struct DetectorTask<'a> {
     detector: &'a Detector,
     /// By host (pointer identity), for the cluster's current hosts.
     states: HashMap<usize, EjectionState>,
+    log: Option<Arc<OutlierEventLog>>,
 }
 
 fn key(host: &Arc<Host>) -> usize {
@@ -135,7 +140,7 @@ impl DetectorTask<'_> {
             return;
         }
         self.detector.stats.by_type[kind as usize].0.inc();
-        self.eject(host, kind);
+        self.eject(host, kind, EjectDetail::Consecutive);
         let m = &host.outlier;
         match kind {
             EjectionType::Consecutive5xx => {
@@ -164,7 +169,7 @@ impl DetectorTask<'_> {
     }
 
     /// Envoy's `ejectHost`.
-    fn eject(&mut self, host: &Arc<Host>, kind: EjectionType) {
+    fn eject(&mut self, host: &Arc<Host>, kind: EjectionType, detail: EjectDetail) {
         let config = &self.detector.config;
         let stats = &self.detector.stats;
         let hosts = self.cluster.hosts.load().len().max(1);
@@ -185,15 +190,26 @@ impl DetectorTask<'_> {
             stats.ejections_total.inc();
         }
         let enforcing = self.detector.enforcing(kind);
+        let now = Instant::now();
+        let state = self.states.entry(key(host)).or_default();
         if rand::rng().random_range(0..100) >= enforcing {
+            if let Some(log) = &self.log {
+                let since = state.last_unejection.map(|t| now - t);
+                let n = state.num_ejections;
+                log.log_eject(&self.cluster.name, host, kind, false, n, since, detail);
+            }
             return;
         }
         stats.ejections_enforced_total.inc();
         stats.by_type[kind as usize].1.inc();
         host.set_health_flag(health_flag::FAILED_OUTLIER_CHECK);
-        let state = self.states.entry(key(host)).or_default();
         state.num_ejections += 1;
-        state.last_ejection = Some(Instant::now());
+        state.last_ejection = Some(now);
+        if let Some(log) = &self.log {
+            let since = state.last_unejection.map(|t| now - t);
+            let n = state.num_ejections;
+            log.log_eject(&self.cluster.name, host, kind, true, n, since, detail);
+        }
         let jitter_ms = config.max_ejection_time_jitter.as_millis() as u64;
         state.jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
         let base = config.base_ejection_time;
@@ -213,7 +229,12 @@ impl DetectorTask<'_> {
     fn uneject(&mut self, host: &Arc<Host>, now: Instant) {
         host.clear_health_flag(health_flag::FAILED_OUTLIER_CHECK);
         host.outlier.reset_consecutive();
-        self.states.entry(key(host)).or_default().last_unejection = Some(now);
+        let state = self.states.entry(key(host)).or_default();
+        state.last_unejection = Some(now);
+        if let Some(log) = &self.log {
+            let since = state.last_ejection.map(|t| now - t);
+            log.log_uneject(&self.cluster.name, host, state.num_ejections, since);
+        }
         self.publish();
     }
 
@@ -301,6 +322,11 @@ impl DetectorTask<'_> {
                 mean - f64::from(c.success_rate_stdev_factor) / 1000.0 * variance.sqrt();
             for (host, rate, _) in sr {
                 if *rate < threshold {
+                    let detail = EjectDetail::SuccessRate {
+                        host: *rate,
+                        average: mean,
+                        threshold,
+                    };
                     self.detector.stats.ejections_success_rate.inc();
                     let kind = if local {
                         EjectionType::SuccessRateLocalOrigin
@@ -308,7 +334,7 @@ impl DetectorTask<'_> {
                         EjectionType::SuccessRate
                     };
                     self.detector.stats.by_type[kind as usize].0.inc();
-                    self.eject(host, kind);
+                    self.eject(host, kind, detail);
                 }
             }
         }
@@ -327,7 +353,7 @@ impl DetectorTask<'_> {
                         EjectionType::FailurePercentage
                     };
                     self.detector.stats.by_type[kind as usize].0.inc();
-                    self.eject(host, kind);
+                    self.eject(host, kind, EjectDetail::FailurePercentage { host: *rate });
                 }
             }
         }
