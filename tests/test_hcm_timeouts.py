@@ -780,7 +780,10 @@ def test_http2_protocol_options_are_advertised(
             {"http2_protocol_options": {"allow_metadata": True}},
             "http2_protocol_options.allow_metadata",
         ),
-        ({"http_protocol_options": {"accept_http_10": True}}, "http_protocol_options"),
+        (
+            {"http_protocol_options": {"header_key_format": {"proper_case_words": {}}}},
+            "http_protocol_options.header_key_format",
+        ),
     ],
     ids=["max_response_headers_kb", "http2_protocol_options", "http_protocol_options"],
 )
