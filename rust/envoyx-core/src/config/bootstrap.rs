@@ -15,7 +15,8 @@ use super::listener::{map_address, map_listener};
 use super::model::*;
 use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log};
 use super::reader::{Errors, Obj};
-use super::route::{RouteAction, RouteConfig, map_route_config};
+use super::route::{RouteConfig, map_route_config};
+use super::route_action::RouteAction;
 use super::tls::{map_secret, map_upstream_socket};
 
 pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
@@ -1153,7 +1154,7 @@ mod tests {
         };
         let overrides = &rc.virtual_hosts[0].routes[0].filter_overrides;
         assert!(
-            matches!(&overrides[..], [(a, FilterOverride::Disabled), (t, FilterOverride::Config(c))]
+            matches!(&overrides[..], [(a, crate::config::FilterOverride::Disabled), (t, crate::config::FilterOverride::Config(c))]
             if a == "auth" && t == "tag" && &**c == r#"{"k":1}"#),
             "{overrides:?}"
         );

@@ -316,7 +316,7 @@ pub struct HttpConnectionManagerConfig {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HcmOptions {
     /// `local_reply_config`, compiled.
-    pub local_reply: Option<crate::http::local_reply::LocalReplyConfig>,
+    pub local_reply: Option<super::local_reply::LocalReplyConfig>,
     /// `skip_xff_append`: at the edge, `x-forwarded-for` is left as it came.
     pub skip_xff_append: bool,
     /// `via`: appended to the request's and the response's `via`.
@@ -508,15 +508,6 @@ impl Default for FilterSettings {
             max_response_bytes: 1 << 20,
         }
     }
-}
-
-/// A route's `typed_per_filter_config` entry for one filter.
-#[derive(Debug, Clone)]
-pub enum FilterOverride {
-    /// `envoy.config.route.v3.FilterConfig` with `disabled: true`.
-    Disabled,
-    /// A TypedStruct whose `value.config` replaces the filter's config (JSON text).
-    Config(Arc<str>),
 }
 
 #[derive(Debug)]

@@ -6,27 +6,16 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::model::*;
-use super::reader::Obj;
-use super::route::map_route_config;
-use crate::http::local_reply::{
+use super::local_reply::{
     BodyFormat, BodyFormatKind, BodyText, Comparison, HeaderValueMatch, LocalReplyConfig,
     ReplyFilter, ReplyMapper,
 };
+use super::model::*;
+use super::reader::Obj;
+use super::route::map_route_config;
+pub use super::type_urls::*;
 
-pub const HCM_TYPE: &str =
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 pub const UUID_REQUEST_ID_TYPE: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
-pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
-pub const TYPED_STRUCT_TYPE: &str = "xds.type.v3.TypedStruct";
-pub const UDPA_TYPED_STRUCT_TYPE: &str = "udpa.type.v1.TypedStruct";
-pub const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
-/// The TypedStruct `type_url` of a Python HTTP filter.
-pub const PYTHON_FILTER_TYPE: &str = "envoyx.filters.http.python";
-pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
-pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
-pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
 /// Envoy's default access log format (`DEFAULT_FORMAT` in substitution_format_string).
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
 

@@ -4,23 +4,29 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::Value;
 
 use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
-use super::model::FilterOverride;
-use super::network::{
-    FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
-};
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
 use super::route_action::{
-    ClusterSpecifier, DEFAULT_MAX_DIRECT_BODY, HostRewrite, MirrorCluster, MirrorPolicy,
-    PathRewrite, Redirect, RouteDefaults, map_direct_response, map_forward_action,
-    map_mirror_policy, map_redirect,
+    DEFAULT_MAX_DIRECT_BODY, MirrorPolicy, RouteAction, RouteDefaults, map_direct_response,
+    map_forward_action, map_mirror_policy, map_redirect,
 };
 use super::route_match::{RouteMatch, map_path_rewrite_policy, map_route_match};
+use super::type_urls::{
+    FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
+};
+
+/// A route's `typed_per_filter_config` entry for one filter.
+#[derive(Debug, Clone)]
+pub enum FilterOverride {
+    /// `envoy.config.route.v3.FilterConfig` with `disabled: true`.
+    Disabled,
+    /// A TypedStruct whose `value.config` replaces the filter's config (JSON text).
+    Config(Arc<str>),
+}
 
 #[derive(Debug)]
 pub struct RouteConfig {
@@ -56,123 +62,6 @@ pub struct RouteEntry {
     /// `request_headers_to_add` and kin of the route, its virtual host and its
     /// route configuration, in Envoy's order; None when none is set.
     pub header_mutations: Option<Arc<RouteHeaderMutations>>,
-}
-
-// Built once per configuration and only read by reference while routing: the
-// size of the forwarding variant costs nothing per request.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum RouteAction {
-    /// `route`.
-    Forward(ForwardAction),
-    /// `direct_response`, or `redirect` (a direct response with a `location`, as
-    /// Envoy treats it).
-    Direct {
-        status: u16,
-        body: Option<bytes::Bytes>,
-        /// How `location` is made: `redirect`, or a 201/3xx `direct_response`.
-        redirect: Option<Box<Redirect>>,
-    },
-}
-
-#[derive(Debug, Default)]
-pub struct ForwardAction {
-    /// `route.cluster` ("" with `cluster_header` or `weighted_clusters`).
-    pub cluster: String,
-    /// The index of `cluster` among the cluster names of the compiled route table
-    /// ([`crate::router::RouteTable::cluster_names`]), set when it is compiled, so
-    /// that a request finds its cluster without hashing the name.
-    pub cluster_slot: usize,
-    /// `route.cluster_header` or `route.weighted_clusters` (None: `cluster`).
-    pub cluster_specifier: Option<Box<ClusterSpecifier>>,
-    /// `route.cluster_not_found_response_code` (503, 404 or 500).
-    pub cluster_not_found_status: u16,
-    /// `route.timeout` (default 15 s; zero disables).
-    pub timeout: Option<Duration>,
-    /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than
-    /// formatted for every request.
-    pub expected_timeout: Option<http::HeaderValue>,
-    /// `route.prefix_rewrite` or `route.regex_rewrite`.
-    pub path_rewrite: Option<Box<PathRewrite>>,
-    /// `route.host_rewrite_literal`, `host_rewrite_header`, `host_rewrite_path_regex`
-    /// or `auto_host_rewrite`.
-    pub host_rewrite: Option<Box<HostRewrite>>,
-    /// `route.append_x_forwarded_host`.
-    pub append_x_forwarded_host: bool,
-    /// `route.request_mirror_policies`, else the virtual host's, else the route
-    /// configuration's.
-    pub mirrors: Vec<MirrorPolicy>,
-    /// `route.retry_policy`, else the virtual host's.
-    pub retry_policy: Option<std::sync::Arc<super::retry::RetryPolicy>>,
-    /// `route.hedge_policy`, else the virtual host's.
-    pub hedge_policy: super::retry::HedgePolicy,
-    /// The virtual host's `include_request_attempt_count`: `x-envoy-attempt-count`
-    /// on each try's request.
-    pub include_attempt_count_in_request: bool,
-    /// The virtual host's `include_attempt_count_in_response`.
-    pub include_attempt_count_in_response: bool,
-    /// `per_request_buffer_limit_bytes` (route, else virtual host; default 1 MiB,
-    /// Envoy's listener buffer limit): how much request body is kept for a retry.
-    pub retry_buffer_limit: u32,
-    /// `route.idle_timeout`: replaces the connection manager's
-    /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
-    pub idle_timeout: Option<Option<Duration>>,
-    /// `route.max_stream_duration`.
-    pub stream_duration: Option<RouteStreamDuration>,
-    /// `route.priority`: the circuit breakers and connection pools of this
-    /// priority (DEFAULT or HIGH).
-    pub priority: crate::config::circuit_breakers::Priority,
-    /// `route.hash_policy`: the request's hash for ring hash and Maglev.
-    pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
-    /// `route.upgrade_configs` (None: the connection manager's decide).
-    pub upgrades: Option<Box<super::upgrade::RouteUpgrades>>,
-}
-
-/// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,
-/// which replaces the connection manager's (`0s`: none), and for gRPC requests
-/// the `grpc-timeout` header's (capped by `grpc_timeout_header_max`, zero: no cap).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RouteStreamDuration {
-    pub max: Option<Duration>,
-    pub grpc_header_max: Option<Duration>,
-    pub grpc_header_offset: Option<Duration>,
-}
-
-impl ForwardAction {
-    /// The clusters this action names in its configuration (for
-    /// `validate_clusters`), each with the field naming it and Envoy's message.
-    pub fn named_clusters(&self) -> Vec<(String, &str, &'static str)> {
-        let mut out = Vec::new();
-        match self.cluster_specifier.as_deref() {
-            None => out.push((
-                "route.cluster".to_string(),
-                self.cluster.as_str(),
-                "cluster",
-            )),
-            Some(ClusterSpecifier::Weighted(w)) => {
-                for (i, c) in w.clusters.iter().enumerate() {
-                    if let Some(name) = &c.name {
-                        out.push((
-                            format!("route.weighted_clusters.clusters[{i}].name"),
-                            name.as_str(),
-                            "weighted cluster",
-                        ));
-                    }
-                }
-            }
-            Some(ClusterSpecifier::Header(_)) => {}
-        }
-        for (i, m) in self.mirrors.iter().enumerate() {
-            if let MirrorCluster::Name(name) = &m.cluster {
-                out.push((
-                    format!("route.request_mirror_policies[{i}].cluster"),
-                    name.as_str(),
-                    "shadow cluster",
-                ));
-            }
-        }
-        out
-    }
 }
 
 /// `typed_per_filter_config`: per filter name, disabled or a config override.

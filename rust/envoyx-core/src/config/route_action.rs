@@ -1,6 +1,7 @@
 //! A route's action: `route` (forward to a cluster, with its timeouts, retries,
 //! rewrites, hashing and mirrors), `redirect` or `direct_response`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -10,7 +11,123 @@ use regex::Regex;
 
 use super::reader::Obj;
 use super::retry::{HedgePolicy, RetryPolicy, map_hedge_policy, map_retry_policy};
-use super::route::{ForwardAction, RouteAction, RouteStreamDuration};
+
+// Built once per configuration and only read by reference while routing: the
+// size of the forwarding variant costs nothing per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum RouteAction {
+    /// `route`.
+    Forward(ForwardAction),
+    /// `direct_response`, or `redirect` (a direct response with a `location`, as
+    /// Envoy treats it).
+    Direct {
+        status: u16,
+        body: Option<bytes::Bytes>,
+        /// How `location` is made: `redirect`, or a 201/3xx `direct_response`.
+        redirect: Option<Box<Redirect>>,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct ForwardAction {
+    /// `route.cluster` ("" with `cluster_header` or `weighted_clusters`).
+    pub cluster: String,
+    /// The index of `cluster` among the cluster names of the compiled route table
+    /// ([`crate::router::RouteTable::cluster_names`]), set when it is compiled, so
+    /// that a request finds its cluster without hashing the name.
+    pub cluster_slot: usize,
+    /// `route.cluster_header` or `route.weighted_clusters` (None: `cluster`).
+    pub cluster_specifier: Option<Box<ClusterSpecifier>>,
+    /// `route.cluster_not_found_response_code` (503, 404 or 500).
+    pub cluster_not_found_status: u16,
+    /// `route.timeout` (default 15 s; zero disables).
+    pub timeout: Option<Duration>,
+    /// `x-envoy-expected-rq-timeout-ms` for `timeout`, made once here rather than
+    /// formatted for every request.
+    pub expected_timeout: Option<http::HeaderValue>,
+    /// `route.prefix_rewrite` or `route.regex_rewrite`.
+    pub path_rewrite: Option<Box<PathRewrite>>,
+    /// `route.host_rewrite_literal`, `host_rewrite_header`, `host_rewrite_path_regex`
+    /// or `auto_host_rewrite`.
+    pub host_rewrite: Option<Box<HostRewrite>>,
+    /// `route.append_x_forwarded_host`.
+    pub append_x_forwarded_host: bool,
+    /// `route.request_mirror_policies`, else the virtual host's, else the route
+    /// configuration's.
+    pub mirrors: Vec<MirrorPolicy>,
+    /// `route.retry_policy`, else the virtual host's.
+    pub retry_policy: Option<std::sync::Arc<super::retry::RetryPolicy>>,
+    /// `route.hedge_policy`, else the virtual host's.
+    pub hedge_policy: super::retry::HedgePolicy,
+    /// The virtual host's `include_request_attempt_count`: `x-envoy-attempt-count`
+    /// on each try's request.
+    pub include_attempt_count_in_request: bool,
+    /// The virtual host's `include_attempt_count_in_response`.
+    pub include_attempt_count_in_response: bool,
+    /// `per_request_buffer_limit_bytes` (route, else virtual host; default 1 MiB,
+    /// Envoy's listener buffer limit): how much request body is kept for a retry.
+    pub retry_buffer_limit: u32,
+    /// `route.idle_timeout`: replaces the connection manager's
+    /// `stream_idle_timeout` for this route (Some(None): `0s`, disabled).
+    pub idle_timeout: Option<Option<Duration>>,
+    /// `route.max_stream_duration`.
+    pub stream_duration: Option<RouteStreamDuration>,
+    /// `route.priority`: the circuit breakers and connection pools of this
+    /// priority (DEFAULT or HIGH).
+    pub priority: crate::config::circuit_breakers::Priority,
+    /// `route.hash_policy`: the request's hash for ring hash and Maglev.
+    pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
+    /// `route.upgrade_configs` (None: the connection manager's decide).
+    pub upgrades: Option<Box<super::upgrade::RouteUpgrades>>,
+}
+
+/// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,
+/// which replaces the connection manager's (`0s`: none), and for gRPC requests
+/// the `grpc-timeout` header's (capped by `grpc_timeout_header_max`, zero: no cap).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteStreamDuration {
+    pub max: Option<Duration>,
+    pub grpc_header_max: Option<Duration>,
+    pub grpc_header_offset: Option<Duration>,
+}
+
+impl ForwardAction {
+    /// The clusters this action names in its configuration (for
+    /// `validate_clusters`), each with the field naming it and Envoy's message.
+    pub fn named_clusters(&self) -> Vec<(String, &str, &'static str)> {
+        let mut out = Vec::new();
+        match self.cluster_specifier.as_deref() {
+            None => out.push((
+                "route.cluster".to_string(),
+                self.cluster.as_str(),
+                "cluster",
+            )),
+            Some(ClusterSpecifier::Weighted(w)) => {
+                for (i, c) in w.clusters.iter().enumerate() {
+                    if let Some(name) = &c.name {
+                        out.push((
+                            format!("route.weighted_clusters.clusters[{i}].name"),
+                            name.as_str(),
+                            "weighted cluster",
+                        ));
+                    }
+                }
+            }
+            Some(ClusterSpecifier::Header(_)) => {}
+        }
+        for (i, m) in self.mirrors.iter().enumerate() {
+            if let MirrorCluster::Name(name) = &m.cluster {
+                out.push((
+                    format!("route.request_mirror_policies[{i}].cluster"),
+                    name.as_str(),
+                    "shadow cluster",
+                ));
+            }
+        }
+        out
+    }
+}
 
 /// What a virtual host gives the routes that do not set it themselves.
 pub struct RouteDefaults {

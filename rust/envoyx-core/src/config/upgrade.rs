@@ -1,9 +1,9 @@
 //! `upgrade_configs` of the connection manager and of a route (WebSocket and other
 //! HTTP/1.1 upgrades, and `CONNECT`), mapped onto the model. What they decide at
-//! run time is in [`crate::http::upgrade`].
+//! run time is in `http/upgrade.rs`.
 
-use super::network::ROUTER_TYPE;
 use super::reader::Obj;
+use super::type_urls::ROUTER_TYPE;
 
 /// The connection manager's `upgrade_configs`: the upgrade types it allows (or
 /// lists as disabled), by lower-cased `upgrade_type` (`CONNECT` is `connect`).

@@ -175,7 +175,13 @@ impl Router<'_, '_> {
         };
         // Once per request: every try hashes to the same place, and a generated
         // cookie is sent back once.
-        let hash = super::hash_policy::for_request(action, &parts.headers, self.path, &conn);
+        let hash = super::hash_policy::for_request(
+            action.hash_policy.as_deref(),
+            &parts.headers,
+            self.path,
+            conn.peer,
+            conn.local,
+        );
         let body = match body {
             ProxyBody::Stream(b) if self.record.is_some() => {
                 ProxyBody::Counted(b, self.bytes_received.clone())
@@ -250,7 +256,7 @@ impl Router<'_, '_> {
             && let Some(retry) = retry.take()
         {
             return self
-                .decode_hedged(super::hedge::Hedged {
+                .decode_hedged(Hedged {
                     cluster: &cluster,
                     upstream: &upstream,
                     timeouts: &timeouts,
@@ -665,6 +671,25 @@ impl Router<'_, '_> {
         }
         RouterOutcome::Reply(reply)
     }
+}
+
+/// What a hedged request needs, prepared by the router (its tries run in
+/// [`super::hedge`]).
+pub(super) struct Hedged<'a> {
+    pub cluster: &'a LocalHandle<Cluster>,
+    pub upstream: &'a UpstreamRequest<'a>,
+    pub timeouts: &'a Timeouts,
+    pub rewrite: &'a RequestRewrite<'a>,
+    pub deadline: Option<Instant>,
+    pub per_try: Duration,
+    pub retry: RetryState,
+    pub hash: Option<u64>,
+    pub set_cookie: Option<HeaderValue>,
+    pub replay: Option<ReplayBuffer>,
+    pub body: Option<ProxyBody>,
+    pub parts: http::request::Parts,
+    pub sni: Option<std::sync::Arc<str>>,
+    pub include_attempt_count: bool,
 }
 
 /// A copy of a request's head for one try (the body is the try's own).

@@ -53,17 +53,18 @@ pub struct HashInput<'a> {
 
 /// The hash of a request on a route (none without a `hash_policy`).
 pub(crate) fn for_request(
-    action: &crate::config::ForwardAction,
+    policy: Option<&HashPolicy>,
     headers: &HeaderMap,
     path: &str,
-    conn: &crate::http::connection::DownstreamConnection,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
 ) -> RequestHash {
-    match &action.hash_policy {
+    match policy {
         Some(policy) => policy.generate(&HashInput {
             headers,
             path,
-            peer: conn.peer,
-            local: conn.local,
+            peer,
+            local,
         }),
         None => RequestHash::default(),
     }

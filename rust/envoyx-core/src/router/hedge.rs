@@ -13,41 +13,22 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
 
 use super::filter::{
-    RequestRewrite, Router, RouterOutcome, TimeoutKind, Timeouts, X_ENVOY_ATTEMPT_COUNT, clone_head,
+    Hedged, Router, RouterOutcome, TimeoutKind, X_ENVOY_ATTEMPT_COUNT, clone_head,
 };
 use super::retry_state::{BackOff, RetryDecision, RetryState};
-use super::upstream_request::{TryFailure, TryResponse, UpstreamRequest};
+use super::upstream_request::{TryFailure, TryResponse};
 use crate::config::circuit_breakers::Priority;
-use crate::http::body::{ProxyBody, ReplayBuffer};
+use crate::http::body::ProxyBody;
 use crate::per_worker::LocalHandle;
 use crate::upstream::lb::LbContext;
 use crate::upstream::resource_manager::ResourceGuard;
 use crate::upstream::{Cluster, Host};
-
-/// What a hedged request needs, prepared by the router.
-pub(super) struct Hedged<'a> {
-    pub cluster: &'a LocalHandle<Cluster>,
-    pub upstream: &'a UpstreamRequest<'a>,
-    pub timeouts: &'a Timeouts,
-    pub rewrite: &'a RequestRewrite<'a>,
-    pub deadline: Option<Instant>,
-    pub per_try: Duration,
-    pub retry: RetryState,
-    pub hash: Option<u64>,
-    pub set_cookie: Option<HeaderValue>,
-    pub replay: Option<ReplayBuffer>,
-    pub body: Option<ProxyBody>,
-    pub parts: http::request::Parts,
-    pub sni: Option<Arc<str>>,
-    pub include_attempt_count: bool,
-}
 
 type TryFuture<'a> = Pin<Box<dyn Future<Output = (usize, Result<TryResponse, TryFailure>)> + 'a>>;
 type TimerFuture = Pin<Box<dyn Future<Output = usize>>>;
