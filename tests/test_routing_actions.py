@@ -441,6 +441,29 @@ def build_logical_dns(ctx: Ctx) -> Json:
     )
 
 
+def build_weighted_host_layers(ctx: Ctx) -> Json:
+    return _proxy(
+        ctx,
+        [
+            _fwd(
+                ALL,
+                {
+                    "weighted_clusters": {
+                        "header_name": "x-pick",
+                        "clusters": [
+                            {"name": "a", "weight": 1, "host_rewrite_literal": "entry.host"},
+                            {"name": "b", "weight": 1},
+                        ],
+                    },
+                    "host_rewrite_header": "x-host",
+                    "append_x_forwarded_host": True,
+                },
+            )
+        ],
+        _abc(ctx),
+    )
+
+
 A = {"upstream": "a", "status": 200}
 
 SCENARIOS: list[Scenario] = [
@@ -869,6 +892,61 @@ SCENARIOS: list[Scenario] = [
             redirected("/re/ab/cd", "http://example.com/cd/ab"),
             # No match: the path stays.
             redirected("/re/a-b/c", "http://example.com/re/a-b/c"),
+        ),
+    ),
+    Scenario(
+        "weighted_entry_host_under_route_host_rewrite",
+        build_weighted_host_layers,
+        (
+            Http(
+                "/",
+                headers=(("x-pick", "0"), ("host", "orig")),
+                observe=UP_HOST,
+                expect={"upstream": "a", "up.header:host": "entry.host"},
+            ),
+            Http(
+                "/",
+                headers=(("x-pick", "0"), ("host", "orig"), ("x-host", "hdr.host")),
+                observe=UP_HOST,
+                expect={"upstream": "a", "up.header:host": "hdr.host"},
+            ),
+            Http(
+                "/",
+                headers=(("x-pick", "1"), ("host", "orig"), ("x-host", "hdr.host")),
+                observe=UP_HOST,
+                expect={
+                    "upstream": "b",
+                    "up.header:host": "hdr.host",
+                    "up.header:x-forwarded-host": "orig",
+                },
+            ),
+        ),
+    ),
+    Scenario(
+        "cluster_header_first_value",
+        build_cluster_header,
+        (
+            Http("/", headers=(("x-cluster", "b"), ("x-cluster", "c")), expect={"upstream": "b"}),
+            Http(
+                "/",
+                headers=(("x-cluster", "nope"), ("x-cluster", "c")),
+                expect={"status": 503, "upstream": None},
+            ),
+        ),
+    ),
+    Scenario(
+        "direct_response_to_head",
+        build_direct_bodies,
+        (
+            Http("/string", method="HEAD", expect={"status": 200, "body": ""}),
+            Http("/plain", method="HEAD", expect={"status": 404, "body": ""}),
+            Http(
+                "/found",
+                method="HEAD",
+                headers=(("host", "d.example"),),
+                observe=("header:location",),
+                expect={"status": 302, "header:location": "http://d.example/found"},
+            ),
         ),
     ),
     # -- mirroring: what the shadow clusters count ------------------------------------
