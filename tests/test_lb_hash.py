@@ -88,10 +88,12 @@ def test_keys_reach_the_same_hosts_as_in_envoy(
     full, fewer = maps["envoyx"]
     assert len(set(full.values())) == 5
     moved = [k for k in KEYS if full[k] != fewer[k]]
-    # The removed host's keys (about 1/5) and, as the ring/table is rebuilt, a few
-    # others.
+    # The removed host's keys (about 1/5) and, as the ring/table is rebuilt with more
+    # points per remaining host, some others: how many depends on where the hosts'
+    # (random) ports put them, up to ~40% in runs here — with exactly Envoy's maps, as
+    # asserted above. The bound only catches a rebuild that moves most keys.
     assert {k for k in KEYS if full[k] == "u2"} <= set(moved)
-    assert 0.1 * len(KEYS) <= len(moved) <= 0.35 * len(KEYS), len(moved)
+    assert 0.1 * len(KEYS) <= len(moved) <= 0.5 * len(KEYS), len(moved)
 
 
 def test_weighted_ring_and_table_match_envoy(
