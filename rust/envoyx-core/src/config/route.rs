@@ -5,16 +5,21 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use http::HeaderName;
 use serde_json::Value;
 
 use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
+use super::matcher::{StringMatcher, StringPattern};
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
 use super::route_action::{
-    DEFAULT_MAX_DIRECT_BODY, MirrorPolicy, RouteAction, RouteDefaults, map_direct_response,
-    map_forward_action, map_mirror_policy, map_redirect,
+    DEFAULT_MAX_DIRECT_BODY, MirrorPolicy, Redirect, RouteAction, RouteDefaults,
+    map_direct_response, map_forward_action, map_mirror_policy, map_redirect,
 };
-use super::route_match::{RouteMatch, map_path_rewrite_policy, map_route_match};
+use super::route_match::{
+    HeaderMatchKind, HeaderMatcher, HeaderSource, MatchConditions, PathMatch, RouteMatch,
+    map_path_rewrite_policy, map_route_match,
+};
 use super::type_urls::{
     FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
 };
@@ -40,6 +45,8 @@ pub struct RouteConfig {
     /// `ignore_port_in_host_matching`: virtual hosts are selected by the host
     /// without its port.
     pub ignore_port_in_host_matching: bool,
+    /// `internal_only_headers`: removed from every request that is not internal.
+    pub internal_only_headers: Vec<HeaderName>,
     pub raw: Value,
 }
 
@@ -174,6 +181,21 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
         virtual_hosts: vhosts,
         validate_clusters: rc.bool("validate_clusters"),
         ignore_port_in_host_matching: rc.bool("ignore_port_in_host_matching").unwrap_or(false),
+        internal_only_headers: rc
+            .strings("internal_only_headers")
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    rc.error(
+                        &format!("internal_only_headers[{i}]"),
+                        format!("{h:?} is not a valid header name"),
+                    );
+                    None
+                }
+            })
+            .collect(),
         raw: rc.to_value(),
     })
 }
@@ -223,11 +245,12 @@ fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<Virtual
         virtual_host: map_header_mutations(vh),
         most_specific_wins: config.most_specific_wins,
     };
-    let mut routes: Vec<RouteEntry> = vh
-        .list("routes")
-        .iter()
-        .filter_map(|r| map_route(r, &inherited, &mutations))
-        .collect();
+    let mut routes: Vec<RouteEntry> = map_require_tls(vh).into_iter().collect();
+    routes.extend(
+        vh.list("routes")
+            .iter()
+            .filter_map(|r| map_route(r, &inherited, &mutations)),
+    );
     for route in &mut routes {
         for (name, o) in &vhost_overrides {
             if !route.filter_overrides.iter().any(|(n, _)| n == name) {
@@ -239,6 +262,57 @@ fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<Virtual
         name,
         domains,
         routes,
+    })
+}
+
+/// `require_tls`: Envoy's `SslRedirectRoute`, checked before the virtual host's
+/// routes — a request whose `x-forwarded-proto` is not `https` (with `EXTERNAL_ONLY`:
+/// and which is not `x-envoy-internal: true`) gets a 301 to `https://` + Host + path.
+/// Compiled as a first route of the virtual host, so hosts without it pay nothing.
+fn map_require_tls(vh: &Obj<'_>) -> Option<RouteEntry> {
+    let external_only = match vh.str("require_tls")? {
+        "NONE" => return None,
+        "EXTERNAL_ONLY" => true,
+        "ALL" => false,
+        other => {
+            vh.error("require_tls", format!("unknown value {other}"));
+            return None;
+        }
+    };
+    let not_equal = |name: &'static str, value: &str, missing_as_empty: bool| HeaderMatcher {
+        name: HeaderSource::Header(HeaderName::from_static(name)),
+        kind: HeaderMatchKind::String(StringMatcher {
+            pattern: StringPattern::Exact(value.to_string()),
+            ignore_case: false,
+        }),
+        invert: true,
+        treat_missing_as_empty: missing_as_empty,
+    };
+    // The connection manager always sets x-forwarded-proto before routing.
+    let mut headers = vec![not_equal("x-forwarded-proto", "https", false)];
+    if external_only {
+        headers.push(not_equal("x-envoy-internal", "true", true));
+    }
+    Some(RouteEntry {
+        name: String::new(),
+        route_match: RouteMatch {
+            path: PathMatch::Prefix(String::new()),
+            case_sensitive: true,
+            conditions: Some(Box::new(MatchConditions {
+                headers,
+                ..Default::default()
+            })),
+        },
+        action: RouteAction::Direct {
+            status: 301,
+            body: None,
+            redirect: Some(Box::new(Redirect {
+                ssl_redirect: true,
+                ..Default::default()
+            })),
+        },
+        filter_overrides: Vec::new(),
+        header_mutations: None,
     })
 }
 

@@ -242,6 +242,9 @@ pub struct Redirect {
     /// `prefix_rewrite` or `regex_rewrite` of the redirect.
     pub rewrite: Option<PathRewrite>,
     pub strip_query: bool,
+    /// The virtual host's `require_tls`: `https://` + Host + path as they are (Envoy's
+    /// `SslRedirector`; no port handling, unlike `https_redirect`).
+    pub ssl_redirect: bool,
 }
 
 /// `route`: the forwarding action of route `r`.
@@ -586,6 +589,7 @@ pub fn map_redirect(rd: &Obj<'_>) -> RouteAction {
         path,
         rewrite,
         strip_query: rd.bool("strip_query").unwrap_or(false),
+        ssl_redirect: false,
     };
     RouteAction::Direct {
         status,

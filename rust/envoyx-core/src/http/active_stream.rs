@@ -106,6 +106,12 @@ impl ActiveStream {
         let origin = hcm
             .internal_policy
             .apply(req.headers_mut(), conn.peer, conn.tls.is_some());
+        let routes = conn.route_table();
+        if origin != Origin::Internal {
+            for name in &routes.internal_only_headers {
+                req.headers_mut().remove(name);
+            }
+        }
         if hcm.generate_request_id {
             // An edge request gets its own id unless the client's is to be kept.
             let replace = origin == Origin::Edge && !edits.preserve_external_request_id;
@@ -209,7 +215,6 @@ impl ActiveStream {
             }
         };
 
-        let routes = conn.route_table();
         let scheme = match uri.scheme_str() {
             Some(s) => s,
             None if conn.tls.is_some() => "https",

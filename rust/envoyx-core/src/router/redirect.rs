@@ -50,6 +50,9 @@ pub struct RequestUrl<'a> {
 
 /// The `location` of a redirect (or of a 201/3xx direct response).
 pub fn location(r: &Redirect, matched: &PathMatch, req: &RequestUrl<'_>) -> String {
+    if r.ssl_redirect {
+        return format!("https://{}{}", req.host, req.path);
+    }
     let scheme = r.scheme.as_deref().unwrap_or(req.scheme);
     let port = r.port.as_deref().unwrap_or("");
     let host = match &r.host {

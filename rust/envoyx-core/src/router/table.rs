@@ -35,6 +35,9 @@ pub struct RouteTable {
     ignore_port: bool,
     /// Every cluster the routes name, once each; a route's `cluster_slot` indexes it.
     pub cluster_names: Vec<String>,
+    /// `internal_only_headers`, removed by the connection manager from requests that
+    /// are not internal, with Envoy's other control headers.
+    pub internal_only_headers: Vec<http::HeaderName>,
 }
 
 impl RouteTable {
@@ -48,6 +51,7 @@ impl RouteTable {
             default: None,
             ignore_port: config.ignore_port_in_host_matching,
             cluster_names: Vec::new(),
+            internal_only_headers: config.internal_only_headers,
         };
         let mut slots: HashMap<String, usize> = HashMap::new();
         for (
@@ -92,6 +96,7 @@ impl RouteTable {
             virtual_hosts: Vec::new(),
             validate_clusters: None,
             ignore_port_in_host_matching: false,
+            internal_only_headers: Vec::new(),
             raw: serde_json::Value::Null,
         })
     }
