@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 import yaml
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
 from google.protobuf import text_format
 
 import envoyx
@@ -298,16 +301,27 @@ def test_wrong_types() -> None:
     ]["port_value"] = "http"
     cluster["connect_timeout"] = 5
     hcm(document)["stat_prefix"] = ["a"]
-    hcm(document)["route_config"]["virtual_hosts"][0]["domains"] = "*"
+    hcm(document)["route_config"]["virtual_hosts"][0]["domains"] = 7
     errors = errors_of(document)
     assert set(errors) == {
         f"{HCM_PATH}.stat_prefix: expected a string, got a list",
-        f'{HCM_PATH}.route_config.virtual_hosts[0].domains: expected a list, got string "*"',
+        # A single value for a repeated field is a list of it, as in Envoy.
+        f"{HCM_PATH}.route_config.virtual_hosts[0].domains[0]: expected a string, got integer 7",
         'static_resources.clusters[0].connect_timeout: expected a duration string like "1.5s", '
         "got integer 5",
         "static_resources.clusters[0].load_assignment.endpoints[0].lb_endpoints[0].endpoint"
         '.address.socket_address.port_value: expected an integer (uint32), got string "http"',
     }
+
+
+def test_a_single_value_for_a_repeated_field_is_a_list_of_it() -> None:
+    # Envoy 1.40 takes `domains: "*"` and `grpc_services: {...}` as one-element lists.
+    document = bootstrap_dict()
+    hcm(document)["route_config"]["virtual_hosts"][0]["domains"] = "*"
+    bootstrap = load_bootstrap(document)
+    manager = http_connection_manager_pb2.HttpConnectionManager()
+    bootstrap.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert list(manager.route_config.virtual_hosts[0].domains) == ["*"]
 
 
 def test_bad_enum_name_lists_the_choices() -> None:

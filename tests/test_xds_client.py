@@ -1077,6 +1077,20 @@ def test_settings_from_an_ads_bootstrap() -> None:
     assert parse_dynamic_resources(load_bootstrap({"node": {"id": "x"}})) is None
 
 
+def test_the_management_servers_cluster_without_a_type_is_static() -> None:
+    doc = _bootstrap_with()
+    (xds_cluster,) = doc["static_resources"]["clusters"]
+    xds_cluster.pop("type", None)
+    settings = parse_dynamic_resources(load_bootstrap(doc))
+    assert settings is not None and settings.ads is not None
+    assert settings.ads.target.target == "127.0.0.1:5678"
+    xds_cluster["type"] = "EDS"
+    assert any(
+        "the management server's cluster must be STATIC" in e and e.endswith("LOGICAL_DNS")
+        for e in _settings_errors(doc)
+    )
+
+
 def test_google_grpc_target_and_disabled_fetch_timeout() -> None:
     doc = _bootstrap_with(
         ads_config={

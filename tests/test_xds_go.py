@@ -594,3 +594,36 @@ def test_go_control_plane_snapshots(
         raise AssertionError(f"{exc}\n-- xds-go events --\n{server.transcript()}") from None
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------
+# go-control-plane's own sample bootstraps
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sample", ["bootstrap-ads.yaml", "bootstrap-delta-ads.yaml", "bootstrap-delta.yaml"]
+)
+def test_go_control_planes_sample_bootstraps_load(xds_go_binary: Path, sample: str) -> None:
+    """The sample bootstraps shipped with go-control-plane v0.14 (their xds_cluster has
+    no `type`: STATIC, as Envoy reads it) load, with their xDS settings, as in Envoy."""
+    import envoyx
+    from envoyx.config import bootstrap_to_json, load_bootstrap
+    from envoyx.xds.settings import parse_dynamic_resources
+
+    env = dict(os.environ, GOFLAGS="-mod=mod")
+    module_dir = subprocess.run(
+        [_go_binary(), "list", "-m", "-f", "{{.Dir}}", "github.com/envoyproxy/go-control-plane"],
+        cwd=XDS_GO_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=BUILD_TIMEOUT_S,
+    ).stdout.strip()
+    bootstrap = load_bootstrap(Path(module_dir) / "sample" / sample)
+    settings = parse_dynamic_resources(bootstrap)
+    assert settings is not None
+    source = settings.ads if settings.ads is not None else settings.lds.source  # type: ignore[union-attr]
+    assert source is not None and source.target.target == "127.0.0.1:18000"
+    assert envoyx._core.validate(bootstrap_to_json(bootstrap)) == []

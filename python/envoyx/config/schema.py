@@ -355,8 +355,10 @@ class SchemaWalker:
             return self.map(value, fd, path)
         if fd.is_repeated:
             if not isinstance(value, list | tuple):
-                self.error(path, f"expected a list, got {_describe(value)}")
-                return None
+                # Envoy's JSON parser (protobuf's) reads a single value given for a
+                # repeated field as a list of that one value; go-control-plane's own
+                # sample bootstrap relies on it (`grpc_services:` with one object).
+                value = [value]
             items: list[object] = []
             for index, item in enumerate(value):
                 item_path = f"{path}[{index}]"

@@ -412,7 +412,9 @@ def _envoy_grpc_target(
 
 def _cluster_address(cluster: cluster_pb2.Cluster, path: str, errors: list[str]) -> str | None:
     kind = cluster.WhichOneof("cluster_discovery_type")
-    ctype = cluster.type if kind == "type" else None
+    # An unset discovery type is STATIC (the enum's zero), as in Envoy: go-control-plane's
+    # sample bootstrap names no type for its xds_cluster.
+    ctype = cluster.type if kind in ("type", None) else None
     dns = ctype in (cluster_pb2.Cluster.STRICT_DNS, cluster_pb2.Cluster.LOGICAL_DNS)
     if ctype != cluster_pb2.Cluster.STATIC and not dns:
         shown = cluster_pb2.Cluster.DiscoveryType.Name(ctype) if ctype is not None else kind
