@@ -997,22 +997,25 @@ REFUSED: list[tuple[str, str, Json, str, str | None]] = [
     ),
 ]
 
-# Where envoyx refuses what Envoy accepts, on purpose: envoyx keeps no metadata, so
-# a metadata operator would always be empty; it is refused by name instead.
+# Where envoyx refuses what Envoy accepts, on purpose: route headers are written
+# before the upstream host is picked, and envoyx keeps no dynamic metadata, so these
+# operators would be empty; they are refused by name instead.
 REFUSED_BY_ENVOYX_ONLY: list[tuple[str, str, Json, str, str]] = [
     (
         "upstream_metadata",
         "route",
         {"response_headers_to_add": [hv("x", "%UPSTREAM_METADATA(envoy.lb:canary)%")]},
         "virtual_hosts[0].routes[0].response_headers_to_add[0].header.value",
-        "%UPSTREAM_METADATA% is not supported by envoyx (envoyx keeps no metadata)",
+        "metadata operators (%UPSTREAM_METADATA% and kin) are not supported in header "
+        "mutations by envoyx",
     ),
     (
         "dynamic_metadata",
         "vhost",
         {"request_headers_to_add": [hv("x", "%DYNAMIC_METADATA(ns:key)%")]},
         "virtual_hosts[0].request_headers_to_add[0].header.value",
-        "%DYNAMIC_METADATA% is not supported by envoyx (envoyx keeps no metadata)",
+        "%DYNAMIC_METADATA% is not supported by envoyx (envoyx keeps no dynamic or "
+        "virtual-cluster metadata)",
     ),
 ]
 

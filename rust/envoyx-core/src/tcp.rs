@@ -92,6 +92,7 @@ impl TcpProxy {
             self.log(record, started);
             return;
         };
+        cluster.record_in(&mut record);
         let Some(host) = pools.choose_host(&cluster, &crate::upstream::lb::LbContext::default())
         else {
             cluster.stats.upstream_cx_none_healthy.inc();
@@ -99,7 +100,7 @@ impl TcpProxy {
             self.log(record, started);
             return;
         };
-        record.upstream_host = Some(host.address);
+        host.record_in(&mut record);
         let stats = &cluster.stats;
         // The connection is the whole transaction for outlier detection, as in
         // Envoy's TCP proxy (connect failure / "connect success final").

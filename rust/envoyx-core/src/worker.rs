@@ -91,7 +91,18 @@ impl Worker {
     async fn accept_loop(self: Rc<Self>, listener: Arc<Listener>, socket: tokio::net::TcpListener) {
         let mut stop = listener.stop_accepting.subscribe();
         let mut failures = AcceptFailures::default();
+        let mut accepted_since_yield = 0u32;
         loop {
+            // Envoy accepts at most this many connections per socket event and takes
+            // the rest on a later loop iteration: here, after every `max` accepts the
+            // worker's other tasks run before the next.
+            if let Some(max) = listener.max_accepts_per_wakeup {
+                accepted_since_yield += 1;
+                if accepted_since_yield > max {
+                    accepted_since_yield = 1;
+                    tokio::task::yield_now().await;
+                }
+            }
             let accepted = tokio::select! {
                 r = socket.accept() => r,
                 _ = stop.wait_for(|d| *d) => return,

@@ -2,10 +2,13 @@
 //! and the record of a request they render. Knows nothing of sinks or config.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::format::{Item, StrftimeItems};
 use http::HeaderMap;
+
+use crate::config::metadata::{Metadata, format_value};
 
 /// One command operator of Envoy's substitution format language.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,17 @@ enum Operator {
     Hostname(String),
     /// A fact of the downstream TLS session.
     Tls(TlsField),
+    /// `%UPSTREAM_METADATA(NS:KEY*)%`, `%CLUSTER_METADATA(...)%`,
+    /// `%METADATA(TYPE:NS:KEY*)%`: a value of that metadata.
+    Metadata(MetadataSource, String, Vec<String>),
+}
+
+/// Whose metadata a metadata operator reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MetadataSource {
+    UpstreamHost,
+    Cluster,
+    Route,
 }
 
 /// The downstream TLS operators (`%DOWNSTREAM_PEER_URI_SAN%` and kin).
@@ -169,18 +183,55 @@ fn parse_operator(command: &str) -> Result<Operator, String> {
         "DOWNSTREAM_TLS_VERSION" => Operator::Tls(TlsField::Version),
         "DOWNSTREAM_TLS_CIPHER" => Operator::Tls(TlsField::Cipher),
         "REQUESTED_SERVER_NAME" => Operator::Tls(TlsField::RequestedServerName),
-        "UPSTREAM_METADATA"
-        | "DYNAMIC_METADATA"
-        | "CLUSTER_METADATA"
-        | "UPSTREAM_CLUSTER_METADATA"
-        | "ROUTE_METADATA"
-        | "VIRTUAL_CLUSTER_METADATA" => {
+        "UPSTREAM_METADATA" | "CLUSTER_METADATA" => {
+            let source = if name == "CLUSTER_METADATA" {
+                MetadataSource::Cluster
+            } else {
+                MetadataSource::UpstreamHost
+            };
+            let (namespace, path) = metadata_key(name, arg, max_len)?;
+            Operator::Metadata(source, namespace, path)
+        }
+        "METADATA" => {
+            let arg = arg.unwrap_or_default();
+            let (kind, key) = arg.split_once(':').unwrap_or((arg, ""));
+            let source = match kind {
+                "UPSTREAM_HOST" => MetadataSource::UpstreamHost,
+                "CLUSTER" => MetadataSource::Cluster,
+                "ROUTE" => MetadataSource::Route,
+                other => {
+                    return Err(format!(
+                        "%METADATA({other}:...)% is not supported by envoyx (CLUSTER, ROUTE and UPSTREAM_HOST are)"
+                    ));
+                }
+            };
+            let (namespace, path) = metadata_key(name, Some(key), max_len)?;
+            Operator::Metadata(source, namespace, path)
+        }
+        "DYNAMIC_METADATA" | "UPSTREAM_CLUSTER_METADATA" | "VIRTUAL_CLUSTER_METADATA" => {
             return Err(format!(
-                "%{name}% is not supported by envoyx (envoyx keeps no metadata)"
+                "%{name}% is not supported by envoyx (envoyx keeps no dynamic or virtual-cluster metadata)"
             ));
         }
         other => return Err(format!("Not supported field in StreamInfo: {other}")),
     })
+}
+
+/// `NAMESPACE:KEY:...` of a metadata operator (Envoy requires the namespace).
+/// Envoy's metadata formatters take no `:length`.
+fn metadata_key(
+    name: &str,
+    arg: Option<&str>,
+    max_len: Option<usize>,
+) -> Result<(String, Vec<String>), String> {
+    if max_len.is_some() {
+        return Err(format!("{name} does not allow length to be specified."));
+    }
+    let mut parts = arg.unwrap_or_default().split(':');
+    let namespace = parts.next().filter(|n| !n.is_empty()).ok_or_else(|| {
+        format!("{name} requires parameters: a namespace, then keys, separated by ':'")
+    })?;
+    Ok((namespace.to_string(), parts.map(str::to_string).collect()))
 }
 
 /// Everything a log line can refer to, filled in as the request proceeds.
@@ -209,6 +260,10 @@ pub struct LogRecord {
     pub route_name: String,
     /// The downstream TLS session, if any.
     pub downstream_tls: Option<std::sync::Arc<crate::tls::PeerTls>>,
+    /// The metadata of the upstream host, its cluster and the route, where set.
+    pub upstream_metadata: Option<Arc<Metadata>>,
+    pub cluster_metadata: Option<Arc<Metadata>>,
+    pub route_metadata: Option<Arc<Metadata>>,
 }
 
 const NONE: &str = "-";
@@ -311,6 +366,9 @@ pub struct StreamFacts<'a> {
     pub downstream_local: Option<SocketAddr>,
     pub route_name: &'a str,
     pub downstream_tls: Option<&'a crate::tls::PeerTls>,
+    pub upstream_metadata: Option<&'a Metadata>,
+    pub cluster_metadata: Option<&'a Metadata>,
+    pub route_metadata: Option<&'a Metadata>,
 }
 
 impl LogRecord {
@@ -337,6 +395,9 @@ impl LogRecord {
             downstream_local: self.downstream_local,
             route_name: &self.route_name,
             downstream_tls: self.downstream_tls.as_deref(),
+            upstream_metadata: self.upstream_metadata.as_deref(),
+            cluster_metadata: self.cluster_metadata.as_deref(),
+            route_metadata: self.route_metadata.as_deref(),
         }
     }
 }
@@ -358,6 +419,13 @@ impl Format {
         self.0
             .iter()
             .any(|p| matches!(p, Piece::Op(Operator::Req(..))))
+    }
+
+    /// Whether the format reads metadata (`%UPSTREAM_METADATA%` and kin).
+    pub fn reads_metadata(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Op(Operator::Metadata(..))))
     }
 
     /// Whether the format reads the start time (`%START_TIME%`).
@@ -480,6 +548,21 @@ impl Format {
                     Operator::Tls(field) => {
                         let text = r.downstream_tls.and_then(|t| tls_text(t, *field));
                         out.text(text.as_deref().filter(|t| !t.is_empty()).unwrap_or(none));
+                    }
+                    Operator::Metadata(source, namespace, path) => {
+                        let metadata = match source {
+                            MetadataSource::UpstreamHost => r.upstream_metadata,
+                            MetadataSource::Cluster => r.cluster_metadata,
+                            MetadataSource::Route => r.route_metadata,
+                        };
+                        match metadata.and_then(|m| m.lookup(namespace, path)) {
+                            Some(value) => {
+                                let mut text = String::new();
+                                format_value(value, &mut text);
+                                out.text(&text);
+                            }
+                            None => out.text(none),
+                        }
                     }
                 },
             }

@@ -403,8 +403,14 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
             "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
         );
     }
+    let stat_name = match c.str("alt_stat_name") {
+        Some(alt) if !alt.is_empty() => alt.to_string(),
+        _ => name.clone(),
+    };
     Some(ClusterConfig {
         name,
+        stat_name,
+        metadata: super::metadata::map_metadata(c),
         discovery,
         connect_timeout,
         endpoints,
@@ -755,6 +761,7 @@ fn map_load_assignment(la: &Obj<'_>, ip_only: bool) -> LoadAssignment {
                 locality: place.clone(),
                 locality_weight,
                 health,
+                metadata: super::metadata::map_metadata(&lb),
             });
         }
     }

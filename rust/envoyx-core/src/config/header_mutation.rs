@@ -168,6 +168,14 @@ fn map_header_value_option(option: &Obj<'_>, parser: &mut HeaderParser) -> Optio
         }
     };
     let format = match Format::parse(value) {
+        Ok(f) if f.reads_metadata() => {
+            // Route headers are written before the upstream host is picked.
+            header.error(
+                "value",
+                "metadata operators (%UPSTREAM_METADATA% and kin) are not supported in header mutations by envoyx",
+            );
+            return None;
+        }
         Ok(f) => f,
         Err(e) => {
             header.error("value", e);

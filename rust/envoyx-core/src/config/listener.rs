@@ -54,6 +54,11 @@ pub fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
     let continue_on_listener_filters_timeout = l
         .bool("continue_on_listener_filters_timeout")
         .unwrap_or(false);
+    // Greater than 0 (the schema checks it).
+    let max_accepts_per_wakeup = l.u32("max_connections_to_accept_per_socket_event");
+    // `traffic_direction` only labels the listener (Envoy's tracing and Istio read it);
+    // kept in /config_dump, checked by the schema, no behaviour.
+    l.str("traffic_direction");
     ok.then(|| ListenerConfig {
         name,
         address,
@@ -62,6 +67,7 @@ pub fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
         listener_filters,
         listener_filters_timeout,
         continue_on_listener_filters_timeout,
+        max_accepts_per_wakeup,
         raw: l.to_value(),
     })
 }

@@ -7,6 +7,7 @@ pub mod health_check;
 pub mod listener;
 pub mod local_reply;
 pub mod matcher;
+pub mod metadata;
 pub mod model;
 pub mod network;
 pub mod reader;

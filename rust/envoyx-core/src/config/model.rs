@@ -53,6 +53,8 @@ pub struct ListenerConfig {
     pub listener_filters_timeout: Option<Duration>,
     /// `continue_on_listener_filters_timeout` (default false: the connection closes).
     pub continue_on_listener_filters_timeout: bool,
+    /// `max_connections_to_accept_per_socket_event` (None: as many as are pending).
+    pub max_accepts_per_wakeup: Option<u32>,
     pub raw: Value,
 }
 
@@ -258,6 +260,8 @@ pub struct UpstreamTlsConfig {
     pub path: String,
 }
 
+// Built once per filter chain when configuration is applied; its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum NetworkFilter {
     /// `envoy.filters.network.http_connection_manager`.
@@ -605,6 +609,11 @@ pub enum UpstreamProtocol {
 #[derive(Debug)]
 pub struct ClusterConfig {
     pub name: String,
+    /// `alt_stat_name`, else the name: the cluster's name in stats and access logs
+    /// (Envoy's observability name).
+    pub stat_name: String,
+    /// `metadata` (`%CLUSTER_METADATA%`).
+    pub metadata: Option<Arc<super::metadata::Metadata>>,
     /// `type`.
     pub discovery: DiscoveryType,
     /// `connect_timeout` (default 5 s).
@@ -674,6 +683,8 @@ pub struct EndpointConfig {
     pub locality_weight: u32,
     /// `lb_endpoints[].health_status`.
     pub health: EdsHealth,
+    /// `lb_endpoints[].metadata` (`%UPSTREAM_METADATA%`).
+    pub metadata: Option<Arc<super::metadata::Metadata>>,
 }
 
 impl Default for EndpointConfig {
@@ -686,6 +697,7 @@ impl Default for EndpointConfig {
             locality: None,
             locality_weight: 0,
             health: EdsHealth::Healthy,
+            metadata: None,
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct RouteEntry {
     /// `request_headers_to_add` and kin of the route, its virtual host and its
     /// route configuration, in Envoy's order; None when none is set.
     pub header_mutations: Option<Arc<RouteHeaderMutations>>,
+    /// `metadata` (`%METADATA(ROUTE:...)%`).
+    pub metadata: Option<Arc<super::metadata::Metadata>>,
 }
 
 /// `typed_per_filter_config`: per filter name, disabled or a config override.
@@ -158,6 +160,8 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
         mutations: &route_config_mutations,
         most_specific_wins,
     };
+    // As a virtual host's: checked and kept in /config_dump, read by nothing else.
+    super::metadata::map_metadata(rc);
     let vhosts: Vec<VirtualHostConfig> = rc
         .list("virtual_hosts")
         .iter()
@@ -202,6 +206,9 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
 
 fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<VirtualHostConfig> {
     let name = vh.str("name").unwrap_or_default().to_string();
+    // Checked, and kept in /config_dump: Envoy reads a virtual host's metadata only in
+    // %METADATA(VIRTUAL_HOST:...)% and filters, which envoyx does not have.
+    super::metadata::map_metadata(vh);
     let domains: Vec<String> = vh
         .strings("domains")
         .iter()
@@ -313,7 +320,21 @@ fn map_require_tls(vh: &Obj<'_>) -> Option<RouteEntry> {
         },
         filter_overrides: Vec::new(),
         header_mutations: None,
+        metadata: None,
     })
+}
+
+/// `decorator`: Envoy uses it only for tracing (the span's name and the
+/// `x-envoy-decorator-operation` header it propagates), and only when the connection
+/// manager has `tracing`, which envoyx refuses — so, as in Envoy without tracing, it
+/// changes nothing. Checked as Envoy checks it.
+fn map_decorator(r: &Obj<'_>) {
+    if let Some(d) = r.obj("decorator") {
+        if d.str("operation").unwrap_or_default().is_empty() {
+            d.error("operation", "must not be empty");
+        }
+        d.bool("propagate");
+    }
 }
 
 fn map_route(
@@ -347,11 +368,13 @@ fn map_route(
         );
         return None;
     };
+    map_decorator(r);
     Some(RouteEntry {
         name,
         route_match,
         action,
         filter_overrides: map_filter_overrides(r),
         header_mutations,
+        metadata: super::metadata::map_metadata(r),
     })
 }

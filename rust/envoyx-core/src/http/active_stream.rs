@@ -275,6 +275,7 @@ impl ActiveStream {
                 downstream_local: conn.local,
                 response_flags: "-",
                 route_name: route.map(|r| r.name.clone()).unwrap_or_default(),
+                route_metadata: route.and_then(|r| r.metadata.clone()),
                 downstream_tls: conn.tls.clone(),
                 ..Default::default()
             })

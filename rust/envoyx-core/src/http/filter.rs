@@ -336,6 +336,7 @@ mod tests {
             },
             filter_overrides: overrides,
             header_mutations: None,
+            metadata: None,
         }
     }
 

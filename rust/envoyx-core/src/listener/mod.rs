@@ -51,6 +51,9 @@ pub struct Listener {
     pub listener_filters: Vec<ListenerFilterKind>,
     pub listener_filters_timeout: Option<Duration>,
     pub continue_on_listener_filters_timeout: bool,
+    /// `max_connections_to_accept_per_socket_event`: the accept loop yields to the
+    /// worker's other tasks after every this many accepted connections.
+    pub max_accepts_per_wakeup: Option<u32>,
     pub inspector_stats: inspect::InspectorStats,
     pub stats: ListenerStats,
     pub origin: Origin,
@@ -141,6 +144,7 @@ impl Listener {
             listener_filters: config.listener_filters,
             listener_filters_timeout: config.listener_filters_timeout,
             continue_on_listener_filters_timeout: config.continue_on_listener_filters_timeout,
+            max_accepts_per_wakeup: config.max_accepts_per_wakeup,
             origin,
             stop_accepting: watch::channel(false).0,
             drain: watch::channel(false).0,

@@ -148,7 +148,7 @@ impl Router<'_, '_> {
         };
         let cluster_host_rewrite = picked.and_then(|p| p.host_rewrite);
         if let Some(r) = self.record.as_mut() {
-            r.upstream_cluster = Some(cluster.name.clone());
+            cluster.record_in(r);
         }
         let upstream = UpstreamRequest {
             cluster: &cluster,
@@ -297,7 +297,7 @@ impl Router<'_, '_> {
                 Err(failure) => return self.failure(failure, &cluster, &timeouts, attempt, false),
             };
             if let Some(r) = self.record.as_mut() {
-                r.upstream_host = Some(host.address);
+                host.record_in(r);
             }
             // A try's own copy of the head when another try may follow.
             let mut try_parts = match (&retry, parts.as_ref()) {
@@ -499,7 +499,7 @@ impl Router<'_, '_> {
             Err(failure) => return self.failure(failure, cluster, timeouts, 1, false),
         };
         if let Some(r) = self.record.as_mut() {
-            r.upstream_host = Some(host.address);
+            host.record_in(r);
         }
         match crate::upstream::connect(cluster, host.shared(), None).await {
             Ok(stream) => {

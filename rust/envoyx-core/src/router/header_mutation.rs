@@ -344,7 +344,7 @@ mod tests {
                 "route.request_headers_to_add[0].header.key: :-prefixed or host headers may not be modified",
                 "route.request_headers_to_add[1].header.key: :-prefixed or host headers may not be modified",
                 "route.request_headers_to_add[2].append: Both append and append_action are set and it's not allowed",
-                "route.request_headers_to_add[3].header.value: %UPSTREAM_METADATA% is not supported by envoyx (envoyx keeps no metadata)",
+                "route.request_headers_to_add[3].header.value: metadata operators (%UPSTREAM_METADATA% and kin) are not supported in header mutations by envoyx",
                 "route.request_headers_to_add[4].header.value: Not supported field in StreamInfo: NOPE",
                 "route.response_headers_to_remove[0]: :-prefixed or host headers may not be removed",
                 "route.response_headers_to_remove[1]: :-prefixed or host headers may not be removed",

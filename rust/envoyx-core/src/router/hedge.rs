@@ -102,7 +102,7 @@ impl Router<'_, '_> {
                 match upstream.choose_host(&context) {
                     Ok(host) => {
                         if let Some(r) = router.record.as_mut() {
-                            r.upstream_host = Some(host.address);
+                            host.record_in(r);
                         }
                         let mut try_parts = clone_head(&parts);
                         if include_attempt_count {

@@ -218,6 +218,7 @@ mod tests {
             }),
             filter_overrides: Vec::new(),
             header_mutations: None,
+            metadata: None,
         }
     }
 
@@ -239,6 +240,7 @@ mod tests {
             virtual_hosts: vhosts,
             validate_clusters: None,
             ignore_port_in_host_matching: ignore_port,
+            internal_only_headers: Vec::new(),
             raw: serde_json::Value::Null,
         })
     }

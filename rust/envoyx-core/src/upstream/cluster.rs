@@ -148,6 +148,10 @@ pub struct Cluster {
     /// Process-unique id, the key of worker-local pools.
     pub id: usize,
     pub name: String,
+    /// `alt_stat_name`, else the name: what stats and access logs call the cluster.
+    pub observability_name: String,
+    /// `metadata` (`%CLUSTER_METADATA%`).
+    pub metadata: Option<Arc<crate::config::metadata::Metadata>>,
     pub discovery: DiscoveryType,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
@@ -230,6 +234,13 @@ impl Origin {
 }
 
 impl Cluster {
+    /// Records this cluster as the request's (`%UPSTREAM_CLUSTER%`: the observability
+    /// name, `%CLUSTER_METADATA%`).
+    pub fn record_in(&self, record: &mut crate::access_log::LogRecord) {
+        record.upstream_cluster = Some(self.observability_name.clone());
+        record.cluster_metadata = self.metadata.clone();
+    }
+
     pub fn new(
         config: &ClusterConfig,
         store: &Arc<StatStore>,
@@ -243,22 +254,23 @@ impl Cluster {
                     UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
                     UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
                 };
-                let stats = SslStats::new(store, &format!("cluster.{}.", config.name), "client");
+                let stats =
+                    SslStats::new(store, &format!("cluster.{}.", config.stat_name), "client");
                 Some(ClientTlsContext::new(tls.clone(), alpn, secrets, stats)?)
             }
             None => None,
         };
-        let stats = ClusterStats::new(store, &config.name);
+        let stats = ClusterStats::new(store, &config.stat_name);
         let health_checker = super::health_check::checker::HealthChecker::new(
             &config.health_checks,
             config.protocol,
             store,
-            &config.name,
+            &config.stat_name,
         )?;
         let outlier = config
             .outlier_detection
             .clone()
-            .map(|o| super::outlier::detector::Detector::new(o, store, &config.name));
+            .map(|o| super::outlier::detector::Detector::new(o, store, &config.stat_name));
         let shards = store.shards();
         let hosts: Vec<Arc<Host>> = if config.discovery == DiscoveryType::Static {
             config
@@ -283,6 +295,8 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
+            observability_name: config.stat_name.clone(),
+            metadata: config.metadata.clone(),
             discovery: config.discovery,
             protocol: config.protocol,
             connect_timeout: config.connect_timeout,
@@ -308,7 +322,7 @@ impl Cluster {
             ignore_health_on_host_removal: config.ignore_health_on_host_removal,
             resources: super::resource_manager::ClusterResources::new(
                 store,
-                &config.name,
+                &config.stat_name,
                 &config.circuit_breakers,
             ),
             raw: config.raw.clone(),

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use arc_swap::ArcSwapOption;
+
 use super::host_stats::HostStats;
+use crate::config::metadata::Metadata;
 use crate::config::{EdsHealth, EndpointConfig, Locality};
 
 /// Why a host is out of (or degraded in) rotation: Envoy's `Host::HealthFlag`, one
@@ -64,6 +67,8 @@ pub struct Host {
     locality_weight: AtomicU32,
     /// Its `locality` (a host that moves to another locality is a new host).
     pub locality: Option<Arc<Locality>>,
+    /// Its endpoint's `metadata` (EDS may change it in place, as in Envoy).
+    metadata: ArcSwapOption<Metadata>,
 }
 
 /// What DNS, EDS or the static config say of one host.
@@ -76,6 +81,7 @@ pub struct HostSpec {
     pub locality: Option<Arc<Locality>>,
     pub locality_weight: u32,
     pub health: EdsHealth,
+    pub metadata: Option<Arc<Metadata>>,
 }
 
 impl HostSpec {
@@ -89,6 +95,7 @@ impl HostSpec {
             locality: ep.locality.clone(),
             locality_weight: ep.locality_weight,
             health: ep.health,
+            metadata: ep.metadata.clone(),
         }
     }
 
@@ -99,6 +106,18 @@ impl HostSpec {
 }
 
 impl Host {
+    /// The endpoint's `metadata`, if it has any.
+    pub fn metadata(&self) -> Option<Arc<Metadata>> {
+        self.metadata.load_full()
+    }
+
+    /// Records this host as the one a request went to (`%UPSTREAM_HOST%`,
+    /// `%UPSTREAM_METADATA%`).
+    pub fn record_in(&self, record: &mut crate::access_log::LogRecord) {
+        record.upstream_host = Some(self.address);
+        record.upstream_metadata = self.metadata();
+    }
+
     /// `shards`: the server's workers + 1 (rows of the host's stats).
     pub fn new(address: SocketAddr, hostname: String, shards: usize) -> Self {
         Host {
@@ -112,6 +131,7 @@ impl Host {
             priority: AtomicU32::new(0),
             locality_weight: AtomicU32::new(0),
             locality: None,
+            metadata: ArcSwapOption::empty(),
         }
     }
 
@@ -127,6 +147,9 @@ impl Host {
     /// Applies `spec`'s weight, priority and EDS health; (whether the weights or
     /// priority changed, whether the EDS health flags changed).
     pub(super) fn update(&self, spec: &HostSpec) -> (bool, bool) {
+        if self.metadata.load().as_ref() != spec.metadata.as_ref() {
+            self.metadata.store(spec.metadata.clone());
+        }
         let mut changed = self.weight.swap(spec.weight, Ordering::Relaxed) != spec.weight;
         changed |= self.priority.swap(spec.priority, Ordering::Relaxed) != spec.priority;
         changed |= self

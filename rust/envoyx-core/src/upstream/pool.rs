@@ -794,6 +794,8 @@ mod tests {
     ) -> Arc<Cluster> {
         let config = ClusterConfig {
             name: "c".into(),
+            stat_name: "c".into(),
+            metadata: None,
             discovery: DiscoveryType::Static,
             connect_timeout: Duration::from_secs(1),
             endpoints: vec![EndpointConfig {
