@@ -366,6 +366,9 @@ impl ActiveStream {
             Decoded::Router(RouterOutcome::Upstream(response)) => {
                 stream.encode_upstream(response).await
             }
+            Decoded::Router(RouterOutcome::InternalRedirect(_)) => {
+                unreachable!("the router follows its internal redirects")
+            }
             Decoded::Router(RouterOutcome::Tunnel(mut parts)) => {
                 parts
                     .headers
