@@ -222,14 +222,19 @@ def build_copy(ctx: Ctx) -> Json:
     return _proxy(ctx, [_route("start", "/start", "a", policy)], final_b())
 
 
+def _append(name: str, value: str) -> Json:
+    return {"header": {"key": name, "value": value}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+
+
 def build_rewrites(ctx: Ctx) -> Json:
     r = _route("start", "/start", "a", {}, prefix_rewrite="/rewritten")
-    r["request_headers_to_add"] = [
-        {"header": {"key": "x-added", "value": "first"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
-    ]
+    r["request_headers_to_add"] = [_append("x-added", "first")]
     b = final_b()
     b[0]["request_headers_to_add"].append(
-        {"header": {"key": "x-added", "value": "second"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+        {
+            "header": {"key": "x-added", "value": "second"},
+            "append_action": "APPEND_IF_EXISTS_OR_ADD",
+        }
     )
     return _proxy(ctx, [r], b)
 
@@ -466,16 +471,13 @@ ROUTE = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.
 
 
 def _config(action: Json) -> Json:
+    entry = {"match": {"prefix": "/"}, "route": {"cluster": "a", **action}}
     return bootstrap(
         admin_port=free_port(),
         listeners=[
             http_listener(
                 port=free_port(),
-                virtual_hosts=[
-                    virtual_host(
-                        "v", ["*"], [{"match": {"prefix": "/"}, "route": {"cluster": "a", **action}}]
-                    )
-                ],
+                virtual_hosts=[virtual_host("v", ["*"], [entry])],
             )
         ],
         clusters=[cluster("a", [("127.0.0.1", 1)])],
