@@ -267,6 +267,18 @@ def build_deprecated(ctx: Ctx) -> Json:
     )
 
 
+def build_targets(ctx: Ctx) -> Json:
+    """The redirect lands on a direct response, or on a route with its own
+    response headers (the first route's are not the final response's)."""
+    first = _route("start", "/start", "a", {})
+    first["response_headers_to_add"] = [_set("x-route", "start")]
+    final = _route("b-route", "/", "b", status="200")
+    final["response_headers_to_add"] = [_set("x-route", "b-route")]
+    direct = {"name": "c-direct", "match": {"prefix": "/"}, "direct_response": {"status": 200}}
+    direct["direct_response"]["body"] = {"inline_string": "direct"}
+    return _proxy(ctx, [first], [final], [direct])
+
+
 B_FINAL = "http://b.internal/final?x=1"
 A = "cluster.a"
 H = "http.ingress_http"
@@ -433,6 +445,38 @@ SCENARIOS = [
                 expect={"upstream": "b"},
             ),
         ),
+    ),
+    Scenario(
+        "redirect_targets",
+        build_targets,
+        (
+            Http(
+                "/start",
+                headers=(
+                    ("x-test-status", "302"),
+                    ("x-test-response-header", f"location: {B_FINAL}"),
+                ),
+                observe=(*OBSERVE, "header:x-route"),
+                expect={"upstream": "b", "header:x-route": "b-route"},
+            ),
+            Http(
+                "/start",
+                headers=(
+                    ("x-test-status", "302"),
+                    ("x-test-response-header", "location: http://c.internal/d"),
+                ),
+                observe=("header:x-route", "header:location"),
+                expect={"status": 200, "body": "direct"},
+            ),
+            # Not followed: the first route's response headers.
+            Http(
+                "/start",
+                headers=(("x-test-status", "302"),),
+                observe=("header:x-route",),
+                expect={"status": 302, "header:x-route": "start"},
+            ),
+        ),
+        stats={f"{H}.rq_direct_response": 1},
     ),
     Scenario(
         "deprecated_internal_redirect_action",

@@ -80,6 +80,9 @@ pub(crate) struct Router<'s, 'r> {
     pub routes: &'r LocalHandle<RouteTable>,
     pub authority: &'r str,
     pub path: &'r str,
+    /// Set to the route of the last request when internal redirects were
+    /// followed (its response headers are the response's).
+    pub redirected_to: &'s mut Option<&'r RouteEntry>,
 }
 
 impl Router<'_, '_> {
@@ -102,6 +105,7 @@ impl Router<'_, '_> {
             routes: self.routes,
             authority: self.authority,
             path: self.path,
+            redirected_to: &mut *self.redirected_to,
         };
         match hop
             .decode_hop(route, parts, body, chosen_cluster, None)

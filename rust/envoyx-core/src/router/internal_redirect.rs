@@ -8,6 +8,7 @@
 use http::header::{self, HeaderValue};
 
 use super::filter::{Router, RouterOutcome, clone_head};
+use crate::access_log::LogRecord;
 use crate::config::internal_redirect::{InternalRedirectPolicy, Predicate};
 use crate::http::body::{ProxyBody, ReplayBuffer};
 use crate::per_worker::LocalHandle;
@@ -246,6 +247,7 @@ pub(super) async fn follow(
         bytes_received,
         upgrade,
         routes,
+        redirected_to,
         ..
     } = router;
     let mut next = first;
@@ -273,6 +275,22 @@ pub(super) async fn follow(
         } else {
             stats.downstream_rq_http1_total.inc();
         }
+        *redirected_to = route;
+        // The final route's response headers may need a record the first
+        // route's did not.
+        if record.is_none()
+            && route.is_some_and(|r| r.header_mutations.as_ref().is_some_and(|m| m.has_response))
+        {
+            *record = Some(Box::new(LogRecord {
+                start: Some(std::time::SystemTime::now()),
+                protocol: crate::http::headers::protocol_name(version),
+                downstream_remote: Some(conn.peer),
+                downstream_local: conn.local,
+                response_flags: "-",
+                downstream_tls: conn.tls.clone(),
+                ..Default::default()
+            }));
+        }
         if let Some(r) = record.as_mut() {
             r.method = parts.method.as_str().to_string();
             r.path.clone_from(&path);
@@ -290,6 +308,8 @@ pub(super) async fn follow(
             routes,
             authority: &authority,
             path: &path,
+            // Only this loop sets it (a hop's own redirect comes back here).
+            redirected_to: &mut None,
         };
         match hop
             .decode_hop(route, parts, body, None, Some(Box::new(chain)))
