@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import envoyx
-from support.bootstrap import bootstrap, cluster, http_listener, virtual_host
+from support.bootstrap import bootstrap, cluster, file_access_log, http_listener, virtual_host
 from support.differential import (
     Ctx,
     Environment,
@@ -28,8 +28,10 @@ from support.differential import (
     Json,
     Scenario,
     run_differential,
+    run_scenario,
 )
-from support.envoy import targets_from_env
+from support.envoy import EnvoyProcess, targets_from_env
+from support.proxy import EnvoyxProcess
 from support.wait import free_port
 
 pytestmark = pytest.mark.envoy
@@ -279,6 +281,17 @@ def build_targets(ctx: Ctx) -> Json:
     return _proxy(ctx, [first], [final], [direct])
 
 
+def build_edge(ctx: Ctx) -> Json:
+    """The connection manager's request edits (use_remote_address, via) on the
+    next request."""
+    bs = build_defaults(ctx)
+    listener = bs["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["use_remote_address"] = True
+    hcm["via"] = "edge"
+    return bs
+
+
 B_FINAL = "http://b.internal/final?x=1"
 A = "cluster.a"
 H = "http.ingress_http"
@@ -479,6 +492,30 @@ SCENARIOS = [
         stats={f"{H}.rq_direct_response": 1},
     ),
     Scenario(
+        "connection_manager_edits",
+        build_edge,
+        (
+            Http(
+                "/start",
+                headers=(
+                    ("x-test-status", "302"),
+                    ("x-test-response-header", f"location: {B_FINAL}"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ),
+                observe=(
+                    *OBSERVE,
+                    "up.header:x-forwarded-for",
+                    "up.header:via",
+                    "up.header:x-forwarded-proto",
+                    "up.header:x-envoy-external-address",
+                    "up.has:x-envoy-expected-rq-timeout-ms",
+                    "header:via",
+                ),
+                expect={"upstream": "b"},
+            ),
+        ),
+    ),
+    Scenario(
         "deprecated_internal_redirect_action",
         build_deprecated,
         (
@@ -500,6 +537,47 @@ def test_scenario(
     tmp_path: Path,
 ) -> None:
     run_differential(target, scenario, envoy_binary, environment, tmp_path)
+
+
+def build_logged(ctx: Ctx) -> Json:
+    bs = build_defaults(ctx)
+    listener = bs["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [file_access_log(ctx.access_log)]
+    return bs
+
+
+def test_access_log_has_a_line_per_redirected_request(
+    envoy_binary: Path, environment: Environment, tmp_path: Path
+) -> None:
+    """Envoy ends the redirected stream (a line with the next request's method, path
+    and authority, the redirect's status, the first upstream) and logs the new one:
+    three lines for a followed redirect and one passed on. Envoy's own check of the
+    table (one line per request) does not fit, so the lines are compared here."""
+    scenario = Scenario(
+        "logged",
+        build_logged,
+        (ask("/start", 302, B_FINAL), ask("/start", 302, "/relative")),
+        access_log=True,
+    )
+    results = {
+        kind: run_scenario(
+            scenario,
+            lambda bs, wd, kind=kind: (
+                EnvoyProcess(envoy_binary, bs, wd / kind, concurrency=1)
+                if kind == "envoy"
+                else EnvoyxProcess(bs, wd / kind, concurrency=1)
+            ),
+            environment,
+            tmp_path,
+        ).access_log
+        for kind in ("envoy", "envoyx")
+    }
+    envoy = results["envoy"]
+    assert len(envoy) == 3, envoy
+    assert envoy[0].split('"')[1] == "GET /final?x=1 HTTP/1.1"
+    assert " 302 - 0 0 D - " in envoy[0], envoy[0]
+    assert results["envoyx"] == envoy
 
 
 def test_table_names_are_unique() -> None:

@@ -38,6 +38,9 @@ pub(crate) struct Next {
     pub path: String,
     pub scheme: String,
     pub chain: Chain,
+    /// The redirect response, for the access-log line of the request it ends
+    /// (None: the stream keeps no record).
+    pub logged: Option<(u16, http::HeaderMap)>,
 }
 
 /// The redirect response and the request as the try sent it upstream (Envoy
@@ -176,6 +179,10 @@ impl Router<'_, '_> {
             path: url.path.to_string(),
             scheme: url.scheme.to_ascii_lowercase(),
             chain,
+            logged: self
+                .record
+                .is_some()
+                .then(|| (c.status, c.response.clone())),
         }))
     }
 }
@@ -259,6 +266,7 @@ pub(super) async fn follow(
             path,
             scheme,
             chain,
+            logged,
         } = *next;
         let route = routes.find(&RouteRequest::new(
             &authority,
@@ -276,6 +284,35 @@ pub(super) async fn follow(
             stats.downstream_rq_http1_total.inc();
         }
         *redirected_to = route;
+        // Envoy ends the redirected stream (its access-log line, with the
+        // headers already rewritten for the next request) and starts another.
+        if let (Some(old), Some((status, headers))) = (record.take(), logged) {
+            let mut line = *old;
+            line.method = parts.method.as_str().to_string();
+            line.path.clone_from(&path);
+            line.authority.clone_from(&authority);
+            line.request_headers = Some(parts.headers.clone());
+            line.response_code = status;
+            line.response_code_details = "internal_redirect";
+            line.response_headers = Some(headers);
+            line.bytes_received = bytes_received.get();
+            line.duration = line
+                .start
+                .and_then(|s| s.elapsed().ok())
+                .unwrap_or_default();
+            for logger in &conn.hcm.access_logs {
+                logger.log(&line);
+            }
+            *record = Some(Box::new(LogRecord {
+                start: Some(std::time::SystemTime::now()),
+                protocol: line.protocol,
+                downstream_remote: line.downstream_remote,
+                downstream_local: line.downstream_local,
+                response_flags: "-",
+                downstream_tls: line.downstream_tls.take(),
+                ..Default::default()
+            }));
+        }
         // The final route's response headers may need a record the first
         // route's did not.
         if record.is_none()
