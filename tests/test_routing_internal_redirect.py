@@ -202,9 +202,35 @@ def build_cross_scheme(ctx: Ctx) -> Json:
         [
             _route("strict", "/strict", "a", {}),
             _route("cross", "/cross", "a", {"allow_cross_scheme_redirect": True}),
+            _route(
+                "safe",
+                "/safe",
+                "a",
+                {"allow_cross_scheme_redirect": True, "predicates": [SAFE_CROSS_SCHEME]},
+            ),
         ],
         final_b(),
     )
+
+
+SAFE_CROSS_SCHEME = {
+    "name": "safe_cross_scheme",
+    "typed_config": {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.internal_redirect.safe_cross_scheme.v3.SafeCrossSchemeConfig"
+    },
+}
+
+
+def build_retry_first(ctx: Ctx) -> Json:
+    """A retriable 302 is retried first; the last try's 302 is then followed."""
+    retry = {
+        "retry_on": "retriable-status-codes",
+        "retriable_status_codes": [302],
+        "num_retries": 1,
+        "retry_back_off": {"base_interval": "0.001s"},
+    }
+    return _proxy(ctx, [_route("start", "/start", "a", {}, retry_policy=retry)], final_b())
 
 
 def build_bodies(ctx: Ctx) -> Json:
@@ -399,8 +425,23 @@ SCENARIOS = [
                 headers=(("x-check", "1"),),
                 expect={"status": 200, "upstream": "b"},
             ),
+            # safe_cross_scheme: an http request is never sent on to https.
+            ask("/safe", 302, "https://b.internal/s", expect={"status": 302, "upstream": "a"}),
         ),
-        stats={f"{H}.passthrough_internal_redirect_unsafe_scheme": 1},
+        stats={
+            f"{H}.passthrough_internal_redirect_unsafe_scheme": 1,
+            f"{H}.passthrough_internal_redirect_predicate": 1,
+        },
+    ),
+    Scenario(
+        "retry_before_redirect",
+        build_retry_first,
+        (ask("/start", 302, B_FINAL, expect={"status": 200, "upstream": "b"}),),
+        stats={
+            f"{A}.upstream_rq_retry": 1,
+            f"{A}.upstream_rq_total": 2,
+            f"{A}.upstream_internal_redirect_succeeded_total": 1,
+        },
     ),
     Scenario(
         "request_bodies",

@@ -38,7 +38,8 @@ pub enum Predicate {
     AllowListedRoutes(Vec<String>),
     /// No target route twice (per route having the policy).
     PreviousRoutes,
-    /// No redirect from https to http.
+    /// An http request is not redirected to https (Envoy's `safe_cross_scheme`:
+    /// an https request may go to either).
     SafeCrossScheme,
 }
 

@@ -137,8 +137,9 @@ impl Router<'_, '_> {
         };
         for predicate in &policy.predicates {
             let accepted = match predicate {
-                Predicate::AllowListedRoutes(names) => names.iter().any(|n| *n == route.name),
-                Predicate::SafeCrossScheme => c.downstream_is_http || !target_is_http,
+                Predicate::AllowListedRoutes(names) => names.contains(&route.name),
+                // Envoy's: an https request may go anywhere, an http one only to http.
+                Predicate::SafeCrossScheme => !c.downstream_is_http || target_is_http,
                 Predicate::PreviousRoutes => chain.insert_previous(&policy.route_name, &route.name),
             };
             if !accepted {
