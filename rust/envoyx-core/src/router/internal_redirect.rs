@@ -7,7 +7,7 @@
 
 use http::header::{self, HeaderValue};
 
-use super::filter::{Router, RouterOutcome, clone_head};
+use super::filter::{Router, RouterOutcome};
 use crate::access_log::LogRecord;
 use crate::config::internal_redirect::{InternalRedirectPolicy, Predicate};
 use crate::http::body::{ProxyBody, ReplayBuffer};
@@ -174,7 +174,7 @@ impl Router<'_, '_> {
         }
         sent.uri = url.path.parse().ok()?;
         Some(Box::new(Next {
-            parts: clone_head(&sent),
+            parts: sent,
             body,
             authority: url.host.to_string(),
             path: url.path.to_string(),
