@@ -233,6 +233,18 @@ def build_retry_first(ctx: Ctx) -> Json:
     return _proxy(ctx, [_route("start", "/start", "a", {}, retry_policy=retry)], final_b())
 
 
+def build_h2_upstream(ctx: Ctx) -> Json:
+    """The redirect leads to an HTTP/2 upstream (its request has no Host, an
+    absolute target). (The h2c test upstream cannot answer with a Location.)"""
+    bs = _proxy(
+        ctx,
+        [_route("to-h2", "/to", "a", {})],
+        [_route("b-h2", "/h2", "h2", status="200"), *final_b()],
+    )
+    bs["static_resources"]["clusters"].append(cluster("h2", [ctx.up("h2")], http2=True))
+    return bs
+
+
 def build_bodies(ctx: Ctx) -> Json:
     policy = {"redirect_response_codes": [307]}
     return _proxy(
@@ -441,6 +453,25 @@ SCENARIOS = [
             f"{A}.upstream_rq_retry": 1,
             f"{A}.upstream_rq_total": 2,
             f"{A}.upstream_internal_redirect_succeeded_total": 1,
+        },
+    ),
+    Scenario(
+        "http2_upstreams",
+        build_h2_upstream,
+        (
+            ask(
+                "/to",
+                307,
+                "http://b.internal/h2/x",
+                method="POST",
+                body=b"hello",
+                expect={"status": 307, "upstream": "a"},
+            ),
+            ask("/to", 302, "http://b.internal/h2/x", expect={"status": 200, "upstream": "h2"}),
+        ),
+        stats={
+            f"{A}.upstream_internal_redirect_succeeded_total": 1,
+            "cluster.h2.upstream_rq_200": 1,
         },
     ),
     Scenario(
