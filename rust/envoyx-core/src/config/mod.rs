@@ -4,6 +4,7 @@ pub mod bootstrap;
 pub mod circuit_breakers;
 pub mod header_mutation;
 pub mod health_check;
+pub mod internal_redirect;
 pub mod listener;
 pub mod local_reply;
 pub mod matcher;

@@ -80,6 +80,8 @@ pub struct ForwardAction {
     pub hash_policy: Option<Arc<crate::router::hash_policy::HashPolicy>>,
     /// `route.upgrade_configs` (None: the connection manager's decide).
     pub upgrades: Option<Box<super::upgrade::RouteUpgrades>>,
+    /// `route.internal_redirect_policy` (or the deprecated `internal_redirect_action`).
+    pub internal_redirect: Option<Box<super::internal_redirect::InternalRedirectPolicy>>,
 }
 
 /// `RouteAction.MaxStreamDuration`: the route's limit on a stream's duration,
@@ -333,6 +335,10 @@ pub fn map_forward_action(
         hash_policy: map_hash_policies(&route.list("hash_policy")),
         priority: super::circuit_breakers::Priority::read(route, "priority"),
         upgrades: super::upgrade::map_route_upgrades(route),
+        internal_redirect: super::internal_redirect::map_internal_redirect(
+            route,
+            r.str("name").unwrap_or_default(),
+        ),
     })
 }
 

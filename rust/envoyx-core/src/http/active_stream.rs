@@ -79,6 +79,16 @@ struct ResponseMutations {
     direct: bool,
 }
 
+impl ResponseMutations {
+    fn of(r: &RouteEntry) -> Option<Self> {
+        let m = r.header_mutations.as_ref().filter(|m| m.has_response)?;
+        Some(ResponseMutations {
+            route: m.clone(),
+            direct: matches!(r.action, RouteAction::Direct { .. }),
+        })
+    }
+}
+
 impl ActiveStream {
     /// Serves one request to its end: what is returned is the response whose body
     /// completes the stream.
@@ -250,13 +260,7 @@ impl ActiveStream {
             )
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
-        let response_mutations = route.and_then(|r| {
-            let m = r.header_mutations.as_ref().filter(|m| m.has_response)?;
-            Some(ResponseMutations {
-                route: m.clone(),
-                direct: matches!(r.action, RouteAction::Direct { .. }),
-            })
-        });
+        let response_mutations = route.and_then(ResponseMutations::of);
         // A local reply format or mapper reads the request (its headers).
         let reply_reads = edits.local_reply.as_ref().is_some_and(|l| l.needs_record());
         let record = (!hcm.access_logs.is_empty()
@@ -320,6 +324,8 @@ impl ActiveStream {
             body = body.watched(w);
         }
         let started = stream.started;
+        // The route an internal redirect ended on, if any.
+        let mut redirected_to = None;
 
         let decoding = async {
             // Decoder filters run before the router, as in Envoy: a filter may
@@ -348,6 +354,7 @@ impl ActiveStream {
                 routes: &routes,
                 authority,
                 path,
+                redirected_to: &mut redirected_to,
             };
             Decoded::Router(
                 router
@@ -365,12 +372,18 @@ impl ActiveStream {
             }
             _ => decoding.await,
         };
+        if let Some(r) = redirected_to {
+            stream.response_mutations = ResponseMutations::of(r);
+        }
         let response = match decoded {
             Decoded::FilterReply(reply) => stream.send_local_reply(reply),
             Decoded::Router(RouterOutcome::Reply(reply)) => stream.encode_local_reply(reply).await,
             Decoded::Router(RouterOutcome::CodecError(reply)) => stream.send_local_reply(reply),
             Decoded::Router(RouterOutcome::Upstream(response)) => {
                 stream.encode_upstream(response).await
+            }
+            Decoded::Router(RouterOutcome::InternalRedirect(_)) => {
+                unreachable!("the router follows its internal redirects")
             }
             Decoded::Router(RouterOutcome::Tunnel(mut parts)) => {
                 parts

@@ -69,6 +69,12 @@ pub struct HcmStats {
     pub no_cluster: Counter,
     pub rq_direct_response: Counter,
     pub rq_total: Counter,
+    /// Upstream redirects a route's `internal_redirect_policy` did not follow.
+    pub passthrough_internal_redirect_bad_location: Counter,
+    pub passthrough_internal_redirect_unsafe_scheme: Counter,
+    pub passthrough_internal_redirect_too_many_redirects: Counter,
+    pub passthrough_internal_redirect_no_route: Counter,
+    pub passthrough_internal_redirect_predicate: Counter,
     /// `python.errors` / `python.timeouts`: hooks that raised or overran (only
     /// registered when the connection manager has Python filters).
     pub python_errors: Counter,
@@ -125,6 +131,17 @@ impl HcmStats {
             no_cluster: c("no_cluster"),
             rq_direct_response: c("rq_direct_response"),
             rq_total: c("rq_total"),
+            passthrough_internal_redirect_bad_location: c(
+                "passthrough_internal_redirect_bad_location",
+            ),
+            passthrough_internal_redirect_unsafe_scheme: c(
+                "passthrough_internal_redirect_unsafe_scheme",
+            ),
+            passthrough_internal_redirect_too_many_redirects: c(
+                "passthrough_internal_redirect_too_many_redirects",
+            ),
+            passthrough_internal_redirect_no_route: c("passthrough_internal_redirect_no_route"),
+            passthrough_internal_redirect_predicate: c("passthrough_internal_redirect_predicate"),
             python_errors: if python {
                 c("python.errors")
             } else {

@@ -53,6 +53,9 @@ pub(crate) enum RouterOutcome {
     /// A CONNECT the route terminates: its response (200), carrying the tunnel
     /// to the cluster's host (http/upgrade.rs).
     Tunnel(http::response::Parts),
+    /// An upstream redirect the route follows: the next request, routed again
+    /// ([`super::internal_redirect::follow`]; never leaves the router).
+    InternalRedirect(Box<super::internal_redirect::Next>),
 }
 
 pub(crate) struct UpstreamResponse {
@@ -77,17 +80,53 @@ pub(crate) struct Router<'s, 'r> {
     pub routes: &'r LocalHandle<RouteTable>,
     pub authority: &'r str,
     pub path: &'r str,
+    /// Set to the route of the last request when internal redirects were
+    /// followed (its response headers are the response's).
+    pub redirected_to: &'s mut Option<&'r RouteEntry>,
 }
 
 impl Router<'_, '_> {
     /// Routes the request (after the decoder filters; `chosen_cluster` is a
-    /// filter's choice) and sends it upstream.
+    /// filter's choice) and sends it upstream, following the internal redirects
+    /// its routes accept.
     pub async fn decode(
         self,
         route: Option<&RouteEntry>,
         parts: http::request::Parts,
         body: ProxyBody,
         chosen_cluster: Option<&str>,
+    ) -> RouterOutcome {
+        let version = parts.version;
+        let hop = Router {
+            conn: self.conn,
+            record: &mut *self.record,
+            bytes_received: self.bytes_received,
+            upgrade: &mut *self.upgrade,
+            routes: self.routes,
+            authority: self.authority,
+            path: self.path,
+            redirected_to: &mut *self.redirected_to,
+        };
+        match hop
+            .decode_hop(route, parts, body, chosen_cluster, None)
+            .await
+        {
+            RouterOutcome::InternalRedirect(next) => {
+                Box::pin(super::internal_redirect::follow(self, next, version)).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// One pass of the router over a request (an internal redirect's next request
+    /// makes another, with the redirects followed so far in `chain`).
+    pub(super) async fn decode_hop(
+        self,
+        route: Option<&RouteEntry>,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        chosen_cluster: Option<&str>,
+        chain: Option<Box<super::internal_redirect::Chain>>,
     ) -> RouterOutcome {
         let conn = self.conn.clone();
         let hcm = &conn.hcm;
@@ -194,11 +233,11 @@ impl Router<'_, '_> {
         } else {
             super::mirror::active(&action.mirrors, &parts.headers)
         };
-        // A request that may be retried or is mirrored keeps its body for the
-        // next try or the shadow (one without a body, most of them, has nothing
-        // to keep: a retry sends none).
+        // A request that may be retried, redirected or is mirrored keeps its body
+        // for the next try or the shadow (one without a body, most of them, has
+        // nothing to keep: a retry sends none).
         let (replay, mut body) = match &retry {
-            _ if (retry.is_some() || !shadows.is_empty())
+            _ if (retry.is_some() || !shadows.is_empty() || action.internal_redirect.is_some())
                 && !http_body::Body::is_end_stream(&body) =>
             {
                 (
@@ -320,6 +359,8 @@ impl Router<'_, '_> {
                 .then(|| timeouts.expected_for_retry(deadline))
                 .flatten();
             let record = &mut *self.record;
+            // The request as sent, for an internal redirect to start from.
+            let mut sent_head = None;
             let sent = upstream
                 .send(
                     &host,
@@ -338,6 +379,9 @@ impl Router<'_, '_> {
                         }
                         if let Some(token) = &upgrade_headers {
                             crate::http::upgrade::restore_request_headers(&mut p.headers, token);
+                        }
+                        if action.internal_redirect.is_some() {
+                            sent_head = Some(clone_head(p));
                         }
                     },
                 )
@@ -409,6 +453,23 @@ impl Router<'_, '_> {
                 let retried = retry.as_ref().is_some_and(|r| r.retries > 0);
                 return match sent {
                     Ok(resp) => {
+                        if let Some(policy) = action.internal_redirect.as_deref()
+                            && policy.redirects_on(resp.response.status().as_u16())
+                            && let Some(next) = self.accept_redirect(
+                                super::internal_redirect::Candidate {
+                                    policy,
+                                    status: resp.response.status().as_u16(),
+                                    response: resp.response.headers(),
+                                    sent: sent_head,
+                                    replay: replay.as_ref(),
+                                    downstream_is_http: self.conn.tls.is_none(),
+                                    chain,
+                                },
+                                &cluster,
+                            )
+                        {
+                            return RouterOutcome::InternalRedirect(next);
+                        }
                         if retried && !exhausted {
                             stats.upstream_rq_retry_success.inc();
                         }

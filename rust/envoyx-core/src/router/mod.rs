@@ -7,6 +7,7 @@ pub mod filter;
 pub mod hash_policy;
 pub mod header_mutation;
 mod hedge;
+pub mod internal_redirect;
 pub mod mirror;
 pub mod redirect;
 pub mod retry_state;
