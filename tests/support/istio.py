@@ -1,0 +1,482 @@
+"""Istio's control plane (istiod's ``pilot-discovery``) run without Kubernetes.
+
+:class:`Istiod` starts the binary built by :mod:`support.istio_build` with
+``--registries=`` (no service registry but the ServiceEntries of its config store) and a
+mesh config whose ``configSources`` is ``fs://<dir>``: a folder of Istio YAML
+(ServiceEntry, Gateway, VirtualService, DestinationRule, PeerAuthentication) that
+:class:`MeshFiles` writes and rewrites (istiod watches the folder). Every port is chosen
+free on 127.0.0.1; xDS is plaintext gRPC. The environment that makes this work (and why
+each variable is set) is :data:`ISTIOD_ENV`; docs/istio.md keeps the same list.
+
+What a proxy was sent and whether it ACKed is read from istiod itself:
+``/debug/syncz`` gives, per connected proxy and type, the nonce sent, the nonce ACKed
+and the error of the last NACK; ``/debug/config_dump?proxyID=`` gives what istiod
+generates for a proxy. That is the same for Envoy and envoyx, so a test compares them
+on the control plane's word.
+
+Nodes: :func:`gateway_node` (``router~…``, labels that the Gateway selects) and
+:func:`sidecar_node` (``sidecar~…``, interception NONE: outbound listeners bound to
+127.0.0.1 on each service port, no iptables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import subprocess
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from support.istio_build import ISTIO_VERSION, IstioBuildError, binary_path, ensure_pilot_discovery
+from support.wait import Timeout, free_port, until
+
+__all__ = [
+    "ISTIOD_ENV",
+    "ISTIO_VERSION",
+    "TYPES",
+    "IstioBuildError",
+    "Istiod",
+    "MeshFiles",
+    "binary_path",
+    "ensure_pilot_discovery",
+    "gateway_node",
+    "istio_bootstrap",
+    "sidecar_node",
+]
+
+Json = dict[str, Any]
+
+NAMESPACE = "ns"
+DOMAIN = "cluster.local"
+# What the proxy says it is: istiod turns on features by the proxy's Istio version.
+PROXY_ISTIO_VERSION = "1.31.0"
+GATEWAY_LABELS = {"istio": "ingressgateway"}
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPES = {"CDS": CLUSTER, "EDS": ENDPOINT, "LDS": LISTENER, "RDS": ROUTE}
+
+#: istiod's environment besides the ports (flags): what running without Kubernetes,
+#: without istio-proxy and without certificates needs.
+ISTIOD_ENV = {
+    # istio-proxy's own extensions (istio.metadata_exchange, istio.alpn): stock Envoy
+    # has neither, so every listener/cluster carrying them would be rejected.
+    "PILOT_ENABLE_METADATA_EXCHANGE": "false",
+    "PILOT_ENABLE_ALPN_FILTER": "false",
+    # No Kubernetes: no CA (it wants a cluster secret or writes a self-signed root),
+    # no webhook/validation controllers, no JWT policy for tokens.
+    "ENABLE_CA_SERVER": "false",
+    "JWT_POLICY": "none",
+    "PILOT_ENABLE_XDS_IDENTITY_CHECK": "false",
+    # Which namespace is istiod's own ("root" namespace of mesh-wide policies).
+    "POD_NAMESPACE": "istio-system",
+    "POD_NAME": "istiod-test",
+    "CLUSTER_ID": "Kubernetes",
+    # Pushes follow a config change quickly (defaults: 100 ms quiet, 10 s max).
+    "PILOT_DEBOUNCE_AFTER": "20ms",
+    "PILOT_DEBOUNCE_MAX": "500ms",
+}
+
+ISTIOD_START_TIMEOUT_S = 60.0
+
+
+def _loopback(port: int) -> Json:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+# ---------------------------------------------------------------------------------
+# Istio config: the files istiod reads
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MeshFiles:
+    """The ``fs://`` config folder: one backend ServiceEntry per upstream (hosts
+    ``<name>.backend.example``, STATIC resolution to 127.0.0.1:<upstream port>, service
+    port ``service_port``), a Gateway on 127.0.0.1:``gateway_port`` selecting the
+    gateway node, a VirtualService bound to the gateway and to the mesh that routes
+    ``routes`` (path prefix -> backend name), a DestinationRule per backend and a
+    mesh-wide PeerAuthentication; mTLS is off (plaintext upstreams, no certificates)."""
+
+    folder: Path
+    upstreams: dict[str, int]
+    gateway_port: int
+    service_port: int
+    host: str = "web.example"
+
+    def write_all(self, routes: dict[str, str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        docs: list[Json] = []
+        for name, port in self.upstreams.items():
+            docs.append(self._service_entry(name, port))
+            docs.append(self._destination_rule(name))
+        self._write("backends.yaml", docs)
+        self._write("gateway.yaml", [self._gateway()])
+        self._write(
+            "peer-authentication.yaml",
+            [
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "PeerAuthentication",
+                    "metadata": {"name": "default", "namespace": "istio-system"},
+                    "spec": {"mtls": {"mode": "DISABLE"}},
+                }
+            ],
+        )
+        self.set_routes(routes)
+
+    def set_routes(self, routes: dict[str, str]) -> None:
+        """(Re)write the VirtualService: each path prefix to its backend, in order."""
+        self._write("virtual-service.yaml", [self._virtual_service(routes)])
+
+    def backend_host(self, name: str) -> str:
+        return f"{name}.backend.example"
+
+    def _write(self, name: str, docs: list[Json]) -> None:
+        # Renamed into place: istiod's folder watch never sees half a file (it reads
+        # only *.yaml / *.yml, so the temporary name is ignored).
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        tmp.rename(self.folder / name)
+
+    def _service_entry(self, name: str, port: int) -> Json:
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": f"backend-{name}", "namespace": NAMESPACE},
+            "spec": {
+                "hosts": [self.backend_host(name)],
+                "location": "MESH_INTERNAL",
+                "resolution": "STATIC",
+                "ports": [{"number": self.service_port, "name": "http", "protocol": "HTTP"}],
+                "endpoints": [
+                    {"address": "127.0.0.1", "ports": {"http": port}, "labels": {"app": name}}
+                ],
+            },
+        }
+
+    def _destination_rule(self, name: str) -> Json:
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": f"backend-{name}", "namespace": NAMESPACE},
+            "spec": {
+                "host": self.backend_host(name),
+                "trafficPolicy": {
+                    "tls": {"mode": "DISABLE"},
+                    "connectionPool": {
+                        "tcp": {"maxConnections": 100, "connectTimeout": "2s"},
+                        "http": {"http1MaxPendingRequests": 100, "maxRetries": 3},
+                    },
+                },
+            },
+        }
+
+    def _gateway(self) -> Json:
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "gw", "namespace": NAMESPACE},
+            "spec": {
+                "selector": GATEWAY_LABELS,
+                "servers": [
+                    {
+                        "bind": "127.0.0.1",
+                        "port": {"number": self.gateway_port, "name": "http", "protocol": "HTTP"},
+                        "hosts": ["*"],
+                    }
+                ],
+            },
+        }
+
+    def _virtual_service(self, routes: dict[str, str]) -> Json:
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "web", "namespace": NAMESPACE},
+            "spec": {
+                "hosts": [self.host],
+                "gateways": [f"{NAMESPACE}/gw", "mesh"],
+                "http": [
+                    {
+                        "name": f"to-{backend}",
+                        "match": [{"uri": {"prefix": prefix}}],
+                        "route": [
+                            {
+                                "destination": {
+                                    "host": self.backend_host(backend),
+                                    "port": {"number": self.service_port},
+                                }
+                            }
+                        ],
+                        "timeout": "5s",
+                        "retries": {"attempts": 2, "retryOn": "connect-failure"},
+                    }
+                    for prefix, backend in routes.items()
+                ],
+            },
+        }
+
+
+def mesh_config(config_dir: Path, xds_port: int) -> Json:
+    return {
+        "configSources": [{"address": f"fs://{config_dir}"}],
+        "rootNamespace": "istio-system",
+        "trustDomain": DOMAIN,
+        # No certificates: auto mTLS would add istio-tls transport socket matches that
+        # read SDS from the istio-agent, which is not there.
+        "enableAutoMtls": False,
+        # The default tracer (zipkin) names a "zipkin" cluster that only istio-proxy's
+        # bootstrap has.
+        "enableTracing": False,
+        "defaultConfig": {"discoveryAddress": f"127.0.0.1:{xds_port}"},
+    }
+
+
+# ---------------------------------------------------------------------------------
+# istiod
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Nack:
+    """One NACK as istiod logged it: ``ADS:<TYPE>: ACK ERROR <connection> <code>:<message>``."""
+
+    type: str
+    connection: str
+    message: str
+
+
+_NACK_LINE = re.compile(r"ADS:(\w+): ACK ERROR (\S+) (\w+):(.*)$")
+
+
+class Istiod:
+    """``pilot-discovery discovery`` as a child process, reading ``config_dir``."""
+
+    def __init__(self, binary: Path, workdir: Path, config_dir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.xds_port = free_port()
+        self.http_port = free_port()
+        self.monitoring_port = free_port()
+        self.ctrlz_port = free_port()
+        self.mesh_path = workdir / "mesh.yaml"
+        self.mesh_path.write_text(yaml.safe_dump(mesh_config(config_dir, self.xds_port)))
+        self.networks_path = workdir / "meshNetworks.yaml"
+        self.networks_path.write_text("networks: {}\n")
+        self.log_path = workdir / "istiod.log"
+        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ)
+        env.update(ISTIOD_ENV)
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "discovery",
+                "--registries=",
+                f"--meshConfig={self.mesh_path}",
+                f"--networksConfig={self.networks_path}",
+                f"--grpcAddr=127.0.0.1:{self.xds_port}",
+                f"--httpAddr=127.0.0.1:{self.http_port}",
+                f"--monitoringAddr=127.0.0.1:{self.monitoring_port}",
+                # No TLS listeners: no certificates here.
+                "--secureGRPCAddr=",
+                "--httpsAddr=",
+                "--ctrlz_address=127.0.0.1",
+                f"--ctrlz_port={self.ctrlz_port}",
+                f"--domain={DOMAIN}",
+                "--log_output_level=default:info,ads:info",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+        )
+
+    def wait_ready(self, timeout: float = ISTIOD_START_TIMEOUT_S) -> Istiod:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"istiod exited with {self.proc.returncode}:\n{self.log()}")
+            status, _ = self._get("/ready")
+            return status == 200
+
+        try:
+            until(ready, timeout=timeout, interval=0.1, what="istiod /ready")
+        except Timeout:
+            raise AssertionError(f"istiod not ready in {timeout}s:\n{self.log()}") from None
+        return self
+
+    def _get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def debug(self, path: str) -> Any:
+        status, body = self._get(path)
+        if status != 200:
+            raise AssertionError(f"istiod {path} gave {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def syncz(self) -> list[Json]:
+        """``/debug/syncz``: per connected proxy, nonces sent and ACKed per type."""
+        return list(self.debug("/debug/syncz"))
+
+    def sync_of(self, proxy_id: str) -> Json | None:
+        for entry in self.syncz():
+            if entry.get("proxy") == proxy_id:
+                return entry
+        return None
+
+    def config_dump(self, proxy_id: str) -> Json:
+        """What istiod generates for the connected proxy ``proxy_id`` (its
+        ``/config_dump`` as Envoy would show it)."""
+        q = urllib.parse.urlencode({"proxyID": proxy_id})
+        return dict(self.debug(f"/debug/config_dump?{q}"))
+
+    def nacks(self) -> list[Nack]:
+        out = []
+        for line in self.log().splitlines():
+            m = _NACK_LINE.search(line)
+            if m:
+                out.append(Nack(m.group(1), m.group(2), m.group(4)))
+        return out
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        with contextlib.suppress(OSError):
+            self._log.close()
+
+
+def in_sync(entry: Json | None, types: tuple[str, ...] = ("CDS", "EDS", "LDS", "RDS")) -> bool:
+    """Every type in ``types`` was sent and the latest nonce sent was ACKed."""
+    if entry is None:
+        return False
+    resources = entry.get("resources", {})
+    for short in types:
+        st = resources.get(TYPES[short])
+        if not st or not st.get("sent") or st.get("sent") != st.get("acked"):
+            return False
+    return True
+
+
+def answered(entry: Json | None, types: tuple[str, ...] = ("CDS", "LDS")) -> bool:
+    """Every type in ``types`` was answered (ACK or NACK) for its latest nonce: ACKed,
+    or NACKed with the error kept (``lastError``)."""
+    if entry is None:
+        return False
+    resources = entry.get("resources", {})
+    for short in types:
+        st = resources.get(TYPES[short])
+        if not st or not st.get("sent"):
+            return False
+        if st.get("sent") != st.get("acked") and not st.get("lastError"):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------
+# Proxies: nodes and bootstrap
+# ---------------------------------------------------------------------------------
+
+
+def _node(kind: str, name: str, labels: dict[str, str], interception: str | None) -> Json:
+    metadata: Json = {
+        "NAMESPACE": NAMESPACE,
+        "NAME": name,
+        "WORKLOAD_NAME": name,
+        "LABELS": labels,
+        "ISTIO_VERSION": PROXY_ISTIO_VERSION,
+        "INSTANCE_IPS": "127.0.0.1",
+        "CLUSTER_ID": "Kubernetes",
+        "MESH_ID": DOMAIN,
+        "SERVICE_ACCOUNT": "default",
+    }
+    if interception is not None:
+        metadata["INTERCEPTION_MODE"] = interception
+    return {
+        "id": f"{kind}~127.0.0.1~{name}.{NAMESPACE}~{NAMESPACE}.svc.{DOMAIN}",
+        "cluster": f"{name}.{NAMESPACE}",
+        "metadata": metadata,
+    }
+
+
+def gateway_node() -> Json:
+    """An ingress gateway: selected by the Gateway's ``istio: ingressgateway``."""
+    return _node("router", "gw", dict(GATEWAY_LABELS), None)
+
+
+def sidecar_node() -> Json:
+    """A sidecar without traffic capture (interception NONE): its outbound listeners
+    are bound to 127.0.0.1 on each service port."""
+    return _node("sidecar", "app", {"app": "client"}, "NONE")
+
+
+def proxy_id(node: Json) -> str:
+    """The id istiod knows a proxy by in /debug (``name.namespace``)."""
+    return str(node["id"].split("~")[2])
+
+
+def istio_bootstrap(*, node: Json, admin_port: int, xds_port: int, api_type: str) -> Json:
+    """An Envoy bootstrap with ADS (``GRPC`` or ``DELTA_GRPC``) to istiod and nothing
+    else: listeners, routes, clusters and endpoints all come from the control plane."""
+    return {
+        "node": node,
+        "admin": {"address": _loopback(admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                "set_node_on_first_message_only": True,
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds-grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                            "HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds-grpc",
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": _loopback(xds_port)}}]}
+                        ],
+                    },
+                }
+            ]
+        },
+    }
