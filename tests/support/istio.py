@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import urllib.parse
 from dataclasses import dataclass
@@ -102,10 +103,11 @@ def _loopback(port: int) -> Json:
 class MeshFiles:
     """The ``fs://`` config folder: one backend ServiceEntry per upstream (hosts
     ``<name>.backend.example``, STATIC resolution to 127.0.0.1:<upstream port>, service
-    port ``service_port``), a Gateway on 127.0.0.1:``gateway_port`` selecting the
-    gateway node, a VirtualService bound to the gateway and to the mesh that routes
-    ``routes`` (path prefix -> backend name), a DestinationRule per backend and a
-    mesh-wide PeerAuthentication; mTLS is off (plaintext upstreams, no certificates)."""
+    port ``service_port``) and one for ``host`` (to the first upstream), a Gateway on
+    127.0.0.1:``gateway_port`` selecting the gateway node, a VirtualService for ``host``
+    bound to the gateway and to the mesh that routes ``routes`` (path prefix -> backend
+    name), a DestinationRule per backend and a mesh-wide PeerAuthentication; mTLS is off
+    (plaintext upstreams, no certificates)."""
 
     folder: Path
     upstreams: dict[str, int]
@@ -117,8 +119,12 @@ class MeshFiles:
         self.folder.mkdir(parents=True, exist_ok=True)
         docs: list[Json] = []
         for name, port in self.upstreams.items():
-            docs.append(self._service_entry(name, port))
+            docs.append(self._service_entry(name, self.backend_host(name), port))
             docs.append(self._destination_rule(name))
+        # The VirtualService's host is a service too: a sidecar gets routes only for the
+        # hosts of services (its default destination is the first backend).
+        first = next(iter(self.upstreams.values()))
+        docs.append(self._service_entry("web", self.host, first))
         self._write("backends.yaml", docs)
         self._write("gateway.yaml", [self._gateway()])
         self._write(
@@ -148,13 +154,13 @@ class MeshFiles:
         tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         tmp.rename(self.folder / name)
 
-    def _service_entry(self, name: str, port: int) -> Json:
+    def _service_entry(self, name: str, host: str, port: int) -> Json:
         return {
             "apiVersion": "networking.istio.io/v1",
             "kind": "ServiceEntry",
             "metadata": {"name": f"backend-{name}", "namespace": NAMESPACE},
             "spec": {
-                "hosts": [self.backend_host(name)],
+                "hosts": [host],
                 "location": "MESH_INTERNAL",
                 "resolution": "STATIC",
                 "ports": [{"number": self.service_port, "name": "http", "protocol": "HTTP"}],
@@ -262,7 +268,13 @@ _NACK_LINE = re.compile(r"ADS:(\w+): ACK ERROR (\S+) (\w+):(.*)$")
 class Istiod:
     """``pilot-discovery discovery`` as a child process, reading ``config_dir``."""
 
-    def __init__(self, binary: Path, workdir: Path, config_dir: Path) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        workdir: Path,
+        config_dir: Path,
+        log_level: str = "default:info,ads:info",
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.xds_port = free_port()
@@ -293,7 +305,7 @@ class Istiod:
                 "--ctrlz_address=127.0.0.1",
                 f"--ctrlz_port={self.ctrlz_port}",
                 f"--domain={DOMAIN}",
-                "--log_output_level=default:info,ads:info",
+                f"--log_output_level={log_level}",
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -303,16 +315,23 @@ class Istiod:
         )
 
     def wait_ready(self, timeout: float = ISTIOD_START_TIMEOUT_S) -> Istiod:
+        """Until istiod serves xDS. Its ``/ready`` never turns 200 here: it also waits
+        for the sidecar injector and the validation webhook, which need Kubernetes."""
+
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"istiod exited with {self.proc.returncode}:\n{self.log()}")
-            status, _ = self._get("/ready")
+            if "marking server ready" not in self.log():
+                return False
+            with socket.create_connection(("127.0.0.1", self.xds_port), timeout=1):
+                pass
+            status, _ = self._get("/debug/syncz")
             return status == 200
 
         try:
-            until(ready, timeout=timeout, interval=0.1, what="istiod /ready")
+            until(ready, timeout=timeout, interval=0.1, what="istiod serving xDS")
         except Timeout:
-            raise AssertionError(f"istiod not ready in {timeout}s:\n{self.log()}") from None
+            raise AssertionError(f"istiod not ready in {timeout}s:\n{self.log()[-5000:]}") from None
         return self
 
     def _get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -343,7 +362,7 @@ class Istiod:
     def config_dump(self, proxy_id: str) -> Json:
         """What istiod generates for the connected proxy ``proxy_id`` (its
         ``/config_dump`` as Envoy would show it)."""
-        q = urllib.parse.urlencode({"proxyID": proxy_id})
+        q = urllib.parse.urlencode({"proxyID": proxy_id, "include_eds": "true"})
         return dict(self.debug(f"/debug/config_dump?{q}"))
 
     def nacks(self) -> list[Nack]:
@@ -404,14 +423,17 @@ def answered(entry: Json | None, types: tuple[str, ...] = ("CDS", "LDS")) -> boo
 # ---------------------------------------------------------------------------------
 
 
-def _node(kind: str, name: str, labels: dict[str, str], interception: str | None) -> Json:
+def _node(kind: str, name: str, ip: str, labels: dict[str, str], interception: str | None) -> Json:
+    # ``ip`` is only what istiod knows the proxy by; it must not be an endpoint address
+    # (127.0.0.1): istiod takes a proxy at an endpoint's address for that workload and
+    # gives it the endpoint's labels instead of LABELS, and then no Gateway selects it.
     metadata: Json = {
         "NAMESPACE": NAMESPACE,
         "NAME": name,
         "WORKLOAD_NAME": name,
         "LABELS": labels,
         "ISTIO_VERSION": PROXY_ISTIO_VERSION,
-        "INSTANCE_IPS": "127.0.0.1",
+        "INSTANCE_IPS": ip,
         "CLUSTER_ID": "Kubernetes",
         "MESH_ID": DOMAIN,
         "SERVICE_ACCOUNT": "default",
@@ -419,7 +441,7 @@ def _node(kind: str, name: str, labels: dict[str, str], interception: str | None
     if interception is not None:
         metadata["INTERCEPTION_MODE"] = interception
     return {
-        "id": f"{kind}~127.0.0.1~{name}.{NAMESPACE}~{NAMESPACE}.svc.{DOMAIN}",
+        "id": f"{kind}~{ip}~{name}.{NAMESPACE}~{NAMESPACE}.svc.{DOMAIN}",
         "cluster": f"{name}.{NAMESPACE}",
         "metadata": metadata,
     }
@@ -427,13 +449,13 @@ def _node(kind: str, name: str, labels: dict[str, str], interception: str | None
 
 def gateway_node() -> Json:
     """An ingress gateway: selected by the Gateway's ``istio: ingressgateway``."""
-    return _node("router", "gw", dict(GATEWAY_LABELS), None)
+    return _node("router", "gw", "127.0.0.10", dict(GATEWAY_LABELS), None)
 
 
 def sidecar_node() -> Json:
     """A sidecar without traffic capture (interception NONE): its outbound listeners
     are bound to 127.0.0.1 on each service port."""
-    return _node("sidecar", "app", {"app": "client"}, "NONE")
+    return _node("sidecar", "app", "127.0.0.11", {"app": "client"}, "NONE")
 
 
 def proxy_id(node: Json) -> str:

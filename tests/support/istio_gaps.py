@@ -87,8 +87,42 @@ class Gap:
         return re.sub(r"\[\d+\]", "", self.path)
 
 
+def _import_types(doc: Any) -> None:
+    """Import the xds-protos modules of every ``@type`` in ``doc`` (registering them)."""
+    import importlib
+    import pkgutil
+
+    if isinstance(doc, dict):
+        t = doc.get("@type")
+        if isinstance(t, str):
+            package = t.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            try:
+                mod = importlib.import_module(package)
+                for info in pkgutil.iter_modules(mod.__path__):
+                    if info.name.endswith("_pb2"):
+                        importlib.import_module(f"{package}.{info.name}")
+            except ImportError:
+                pass
+        for v in doc.values():
+            _import_types(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            _import_types(v)
+
+
+def _snake_case(dump: Json) -> Json:
+    """istiod writes proto-JSON with camelCase names; the core's paths are snake_case."""
+    from envoy.admin.v3 import config_dump_pb2
+    from google.protobuf import json_format
+
+    _import_types(dump)
+    msg = json_format.ParseDict(dump, config_dump_pb2.ConfigDump(), ignore_unknown_fields=True)
+    return dict(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+
+
 def resources(dump: Json) -> dict[str, list[Json]]:
     """The dynamic resources of an Envoy-style config dump, by type."""
+    dump = _snake_case(dump)
     sections = {c["@type"].rsplit(".", 1)[-1]: c for c in dump.get("configs", [])}
     out: dict[str, list[Json]] = {
         "Cluster": [],
@@ -229,7 +263,11 @@ def peel(kind: str, resource: Json, max_rounds: int = 100) -> tuple[list[Gap], l
                 others.append(err)
                 continue
             rel = m.group("path")[len(at) :].lstrip(".")
-            if rel and _delete(doc, _tokens(rel)):
+            tokens = _tokens(rel)
+            if tokens[-2:] == ["typed_config", "@type"]:
+                # an extension that is not supported: the whole filter goes
+                tokens = tokens[:-2]
+            if rel and _delete(doc, tokens):
                 gaps.append(Gap(kind, name, rel, m.group("msg")))
                 progressed = True
                 break  # indexes after a removed list element moved: map again
