@@ -274,6 +274,7 @@ class Istiod:
         workdir: Path,
         config_dir: Path,
         log_level: str = "default:info,ads:info",
+        mesh: Json | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +283,15 @@ class Istiod:
         self.monitoring_port = free_port()
         self.ctrlz_port = free_port()
         self.mesh_path = workdir / "mesh.yaml"
-        self.mesh_path.write_text(yaml.safe_dump(mesh_config(config_dir, self.xds_port)))
+        # A sidecar with traffic capture listens on the mesh's proxyListenPort (15001)
+        # and proxyInboundListenPort (15006): free ports here.
+        self.outbound_port = free_port()
+        self.inbound_port = free_port()
+        config = mesh_config(config_dir, self.xds_port)
+        config["proxyListenPort"] = self.outbound_port
+        config["proxyInboundListenPort"] = self.inbound_port
+        config.update(mesh or {})
+        self.mesh_path.write_text(yaml.safe_dump(config))
         self.networks_path = workdir / "meshNetworks.yaml"
         self.networks_path.write_text("networks: {}\n")
         self.log_path = workdir / "istiod.log"
@@ -452,10 +461,13 @@ def gateway_node() -> Json:
     return _node("router", "gw", "127.0.0.10", dict(GATEWAY_LABELS), None)
 
 
-def sidecar_node() -> Json:
-    """A sidecar without traffic capture (interception NONE): its outbound listeners
-    are bound to 127.0.0.1 on each service port."""
-    return _node("sidecar", "app", "127.0.0.11", {"app": "client"}, "NONE")
+def sidecar_node(interception: str = "NONE") -> Json:
+    """A sidecar. Without traffic capture (interception NONE) its outbound listeners are
+    bound to 127.0.0.1 on each service port. With REDIRECT (iptables in a pod) they are
+    virtual (``bind_to_port: false``) behind the ``virtualOutbound`` listener on the
+    mesh's proxyListenPort (``use_original_dst``), and ``virtualInbound`` listens on
+    proxyInboundListenPort."""
+    return _node("sidecar", "app", "127.0.0.11", {"app": "client"}, interception)
 
 
 def proxy_id(node: Json) -> str:

@@ -164,6 +164,12 @@ def _bootstrap(kind: str, resource: Json) -> tuple[Json, str]:
         )
         at = _ENDPOINT_AT
     elif kind == "Listener":
+        # tcp_proxy names its cluster, which must exist: a stub for each
+        for name in sorted(_cluster_names(resource)):
+            stub = copy.deepcopy(_XDS_CLUSTER)
+            del stub["typed_extension_protocol_options"]
+            stub["name"] = stub["load_assignment"]["cluster_name"] = name
+            static["clusters"].append(stub)
         static["listeners"].append(resource)
         at = _LISTENER_AT
     else:
@@ -197,6 +203,20 @@ def _bootstrap(kind: str, resource: Json) -> tuple[Json, str]:
         "dynamic_resources": copy.deepcopy(_ADS),
         "static_resources": static,
     }, at
+
+
+def _cluster_names(doc: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == "cluster" and isinstance(v, str):
+                out.add(v)
+            else:
+                out |= _cluster_names(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            out |= _cluster_names(v)
+    return out
 
 
 def _validate(bootstrap: Json) -> list[str]:
