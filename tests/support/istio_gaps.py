@@ -267,6 +267,13 @@ _UNSUPPORTED = re.compile(r"^(?P<path>\S+): (?P<msg>.*not supported by envoyx.*)
 def peel(kind: str, resource: Json, max_rounds: int = 100) -> tuple[list[Gap], list[str]]:
     """Every refused field of one resource, and the errors left that name no field to
     remove (empty when the rest maps)."""
+    gaps, others, _ = stripped(kind, resource, max_rounds)
+    return gaps, others
+
+
+def stripped(kind: str, resource: Json, max_rounds: int = 100) -> tuple[list[Gap], list[str], Json]:
+    """:func:`peel`, and the resource without the refused fields (an unsupported
+    extension goes whole: the HTTP or listener filter that names it)."""
     doc = copy.deepcopy(resource)
     name = str(doc.get("name") or doc.get("cluster_name") or "")
     gaps: list[Gap] = []
@@ -274,7 +281,7 @@ def peel(kind: str, resource: Json, max_rounds: int = 100) -> tuple[list[Gap], l
         bootstrap, at = _bootstrap(kind, doc)
         errors = _validate(bootstrap)
         if not errors:
-            return gaps, []
+            return gaps, [], doc
         progressed = False
         others: list[str] = []
         for err in errors:
@@ -293,8 +300,8 @@ def peel(kind: str, resource: Json, max_rounds: int = 100) -> tuple[list[Gap], l
                 break  # indexes after a removed list element moved: map again
             others.append(err)
         if not progressed:
-            return gaps, others
-    return gaps, ["too many rounds"]
+            return gaps, others, doc
+    return gaps, ["too many rounds"], doc
 
 
 def peel_dump(dump: Json) -> tuple[list[Gap], list[tuple[str, str, str]]]:
