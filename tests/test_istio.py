@@ -1,5 +1,6 @@
 """Istio's control plane drives the proxies: istiod (``pilot-discovery``) without
-Kubernetes, a gateway node and a sidecar node, State of the World and Delta ADS.
+Kubernetes, a gateway node and sidecar nodes (interception NONE and REDIRECT), State of
+the World and Delta ADS. docs/istio.md tells how istiod is built and run.
 
 istiod is built once from the Go module proxy into ``~/.cache/envoyx/istio/`` by
 ``make build-istio`` (``tests/support/istio_build.py``; a CI step, as the build takes
@@ -10,16 +11,16 @@ on 127.0.0.1, a VirtualService ``web.example`` bound to the gateway and to the m
 DestinationRules and a PeerAuthentication. Whether a proxy ACKed is istiod's word
 (``/debug/syncz``: the nonce sent and the nonce ACKed per type, the error of a NACK).
 
-Envoy 1.40 ACKs every resource istiod generates for either node, serves
-``web.example`` through the gateway and through the sidecar's outbound listener, and
-after the VirtualService is rewritten (``/`` to ``v2``) the new route is in force.
+Envoy 1.40 ACKs every resource istiod generates for each node, serves ``web.example``
+through the gateway and through the sidecar's outbound listener, and after the
+VirtualService is rewritten (``/`` to ``v2``) the new route is in force.
 
 envoyx does not ACK all of it yet: docs/istio.md "Known gaps" lists what it refuses
 (fields and filters that issue 12 asks for). Its tests here check what already holds:
-envoyx follows istiod's stream in both modes, answers every response, refuses only by
-naming a field or extension it does not support (each one listed in
-:data:`KNOWN_GAPS`, so a new kind of refusal fails), and the resources it accepts stay
-in force; with nothing refused, the same traffic as Envoy's must pass.
+envoyx answers every response in both modes and stays connected, refuses only by
+naming a field or extension listed in :data:`KNOWN_GAPS` (so a new kind of refusal
+fails; with nothing refused, the same traffic as Envoy's must pass), and with exactly
+those fields removed it ACKs istiod's gateway config and serves it.
 """
 
 from __future__ import annotations
