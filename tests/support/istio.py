@@ -15,8 +15,9 @@ generates for a proxy. That is the same for Envoy and envoyx, so a test compares
 on the control plane's word.
 
 Nodes: :func:`gateway_node` (``router~…``, labels that the Gateway selects) and
-:func:`sidecar_node` (``sidecar~…``, interception NONE: outbound listeners bound to
-127.0.0.1 on each service port, no iptables).
+:func:`sidecar_node` (``sidecar~…``; interception NONE: outbound listeners bound to
+127.0.0.1 on each service port, no iptables; or REDIRECT: the virtual listeners a pod
+behind iptables gets, on the free ports :class:`Istiod` puts in the mesh config).
 """
 
 from __future__ import annotations
