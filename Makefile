@@ -3,7 +3,7 @@ PYTHON ?= python3
 GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/envoyx/target
 
-.PHONY: help install install-test build-xds-go test test-rust test-python lint fmt bench run validate
+.PHONY: help install install-test build-xds-go build-istio test test-rust test-python lint fmt bench run validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -14,11 +14,18 @@ install:  ## build the Rust core with maturin and install envoyx
 install-test:  ## install envoyx and everything the tests need
 	$(PYTHON) -m pip install --quiet ".[test]"
 	$(MAKE) build-xds-go
+	$(MAKE) build-istio
 
 # Built here rather than in the test fixture: a first build on a fresh or busy
 # machine (module downloads, go-control-plane compiled) can take minutes.
 build-xds-go:  ## build the go-control-plane test server into the cache
 	cd tests/xds_go && GOFLAGS="-mod=mod -buildvcs=false" $(GO) build -o $(HOME)/.cache/envoyx/xds-go/xds-go .
+
+# istiod's pilot-discovery from the Go module proxy, patched to run without Kubernetes,
+# cached in ~/.cache/envoyx/istio/ by version and patch (tests/support/istio_build.py).
+# A first build compiles about 1,800 packages: minutes, hence a step of its own.
+build-istio:  ## build istiod's pilot-discovery for tests/test_istio.py into the cache
+	$(PYTHON) tests/support/istio_build.py
 
 test: install-test test-rust test-python  ## install test needs, run every test (Rust unit + pytest)
 
