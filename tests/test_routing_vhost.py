@@ -1,6 +1,8 @@
-"""Virtual host and route configuration options beside Envoy 1.40 (issue 11):
-``require_tls`` (Envoy's SSL redirect route, checked before a virtual host's routes)
-and ``internal_only_headers`` (removed from requests that are not internal).
+"""Virtual host, route configuration and route options beside Envoy 1.40 (issues 11,
+12): ``require_tls`` (Envoy's SSL redirect route, checked before a virtual host's
+routes), ``internal_only_headers`` (removed from requests that are not internal), and
+the deprecated ``max_grpc_timeout`` / ``grpc_timeout_offset`` Istio still sends (a gRPC
+request's route timeout from its ``grpc-timeout``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,51 @@ def to_secure(path: str = "/", host: str = "secure.example", **kw: Any) -> Http:
     return Http(path, headers=(("host", host), *kw.pop("headers", ())), observe=LOCATION, **kw)
 
 
+def grpc_timeouts(ctx: Ctx) -> Json:
+    def fwd(prefix: str, **action: Any) -> Json:
+        return {"match": {"prefix": prefix}, "route": {"cluster": "backend", **action}}
+
+    routes = [
+        fwd("/capped", max_grpc_timeout="2s", grpc_timeout_offset="0.1s"),
+        fwd("/uncapped", max_grpc_timeout="0s"),
+        # max_stream_duration switches to Envoy's new timeouts: max_grpc_timeout is unused.
+        fwd("/new", max_grpc_timeout="2s", max_stream_duration={"max_stream_duration": "9s"}),
+        fwd("/", timeout="3s"),
+    ]
+    listener = http_listener(port=ctx.port, virtual_hosts=[virtual_host("all", ["*"], routes)])
+    return bootstrap(
+        admin_port=ctx.admin_port,
+        listeners=[listener],
+        clusters=[cluster("backend", [ctx.up("a")])],
+    )
+
+
+EXPECTED = ("up.header:x-envoy-expected-rq-timeout-ms",)
+GRPC = (("content-type", "application/grpc"),)
+
+
+def grpc(path: str, timeout: str | None, **kw: Any) -> Http:
+    headers = GRPC + ((("grpc-timeout", timeout),) if timeout else ())
+    return Http(path, method="POST", headers=headers, body=b"", observe=EXPECTED, **kw)
+
+
 SCENARIOS: list[Scenario] = [
+    Scenario(
+        "max_grpc_timeout_from_grpc_timeout",
+        grpc_timeouts,
+        (
+            grpc("/capped", "5S", expect={"up.header:x-envoy-expected-rq-timeout-ms": "2000"}),
+            grpc("/capped", "1S", expect={"up.header:x-envoy-expected-rq-timeout-ms": "900"}),
+            grpc("/capped", "50m"),  # below the offset: not offset
+            grpc("/capped", None),  # no header: the cap
+            grpc("/uncapped", "1500m"),
+            grpc("/uncapped", None),  # infinity: no expected timeout
+            grpc("/new", "1S"),
+            # Not gRPC: the route's timeout (15 s default).
+            Http("/capped", observe=EXPECTED),
+            grpc("/other", "1S"),
+        ),
+    ),
     Scenario(
         "require_tls_all",
         proxy(require_tls="ALL"),

@@ -73,6 +73,10 @@ pub struct ForwardAction {
     pub idle_timeout: Option<Option<Duration>>,
     /// `route.max_stream_duration`.
     pub stream_duration: Option<RouteStreamDuration>,
+    /// The deprecated `max_grpc_timeout` (and `grpc_timeout_offset`), which Istio
+    /// still sends; None when unset or when `max_stream_duration` is set (Envoy then
+    /// uses its new timeouts and ignores them).
+    pub grpc_timeout: Option<GrpcRouteTimeout>,
     /// `route.priority`: the circuit breakers and connection pools of this
     /// priority (DEFAULT or HIGH).
     pub priority: crate::config::circuit_breakers::Priority,
@@ -158,6 +162,31 @@ pub enum ClusterSpecifier {
     Header(HeaderName),
     /// `weighted_clusters`.
     Weighted(WeightedClusters),
+}
+
+/// `max_grpc_timeout` / `grpc_timeout_offset`: a gRPC request's route timeout is its
+/// `grpc-timeout` (none: infinity) less the offset (when that leaves some), capped at
+/// `max` (zero: no cap) — Envoy's `FilterUtility::finalTimeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcRouteTimeout {
+    pub max: Duration,
+    pub offset: Option<Duration>,
+}
+
+impl GrpcRouteTimeout {
+    /// The route timeout for a request with `grpc-timeout` `header` (None: infinity).
+    pub fn timeout(&self, header: Option<Duration>) -> Option<Duration> {
+        let mut t = header.unwrap_or_default();
+        if let Some(offset) = self.offset
+            && offset < t
+        {
+            t -= offset;
+        }
+        if !self.max.is_zero() && (t.is_zero() || t > self.max) {
+            t = self.max;
+        }
+        (!t.is_zero()).then_some(t)
+    }
 }
 
 /// `route.weighted_clusters`: one of the clusters by weight, per request.
@@ -325,6 +354,16 @@ pub fn map_forward_action(
         idle_timeout: route
             .duration("idle_timeout")
             .map(|d| (!d.is_zero()).then_some(d)),
+        grpc_timeout: {
+            let max = route.duration("max_grpc_timeout");
+            let offset = route.duration("grpc_timeout_offset");
+            match max {
+                Some(max) if !route.has("max_stream_duration") => {
+                    Some(GrpcRouteTimeout { max, offset })
+                }
+                _ => None,
+            }
+        },
         stream_duration: route
             .obj("max_stream_duration")
             .map(|m| RouteStreamDuration {

@@ -728,7 +728,7 @@ fn max_stream_duration(
         .grpc_header_max
         .and_then(|_| headers.get(&GRPC_TIMEOUT))
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
+        .and_then(super::headers::parse_grpc_timeout);
     match (grpc_timeout, route.grpc_header_max) {
         (Some(mut t), Some(cap)) => {
             if !cap.is_zero() && t > cap {
@@ -746,24 +746,6 @@ fn max_stream_duration(
             None => hcm,
         },
     }
-}
-
-/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -812,6 +812,18 @@ impl Timeouts {
     fn of(action: &ForwardAction, headers: &mut http::HeaderMap, envoy_headers: bool) -> Self {
         let policy = action.retry_policy.as_deref();
         let mut global = action.timeout;
+        // A gRPC request's own timeout under the deprecated max_grpc_timeout.
+        let grpc_timeout = action
+            .grpc_timeout
+            .filter(|_| crate::router::route_match::is_grpc_content_type(headers));
+        if let Some(g) = grpc_timeout {
+            global = g.timeout(
+                headers
+                    .get(&crate::http::headers::GRPC_TIMEOUT)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::http::headers::parse_grpc_timeout),
+            );
+        }
         let mut per_try = policy.and_then(|p| p.per_try_timeout);
         if !envoy_headers {
             if let (Some(p), Some(g)) = (per_try, global)
@@ -827,10 +839,10 @@ impl Timeouts {
                 timeout_status: 504,
                 attempt_count_in_response: action.include_attempt_count_in_response,
                 hedge,
-                from_request: per_try.is_some() && !hedge,
+                from_request: (per_try.is_some() && !hedge) || grpc_timeout.is_some(),
             };
         }
-        let mut from_request = false;
+        let mut from_request = grpc_timeout.is_some();
         if let Some(ms) = take_millis(headers, &X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS) {
             global = (ms > 0).then(|| Duration::from_millis(ms));
             from_request = true;
