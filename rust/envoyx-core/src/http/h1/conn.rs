@@ -15,9 +15,11 @@ use tokio::sync::watch;
 use super::body::{InBuf, Shared};
 use super::buffers;
 use super::head::{self, BodyLength, Encoder, Head, HeadRules, Parsed, Refusal, RefusalCause};
+use crate::config::HeaderKeyFormat;
 use crate::http::active_stream::{ActiveStream, StreamBody};
 use crate::http::body::{BodyError, PeerBody};
 use crate::http::connection::DownstreamConnection;
+use crate::http::header_case::{self, KeyFormat, RecordedCase};
 
 /// hyper's default: a head must arrive whole within this time of its first byte,
 /// when none of Envoy's stream timers is configured.
@@ -284,7 +286,10 @@ async fn rest_of_head(conn: &DownstreamConnection, shared: &Rc<Shared>, rules: H
 /// Envoy's reply to a refused head; the connection then closes.
 async fn refuse(conn: &DownstreamConnection, shared: &Shared, refusal: Refusal) {
     conn.screen.refusals.borrow_mut().push(refusal);
-    let reply = refusal.reply(conn.hcm.server_name());
+    let mut reply = refusal.reply(conn.hcm.server_name());
+    if conn.hcm.limits.header_key_format == HeaderKeyFormat::ProperCase {
+        header_case::format_head(&mut reply, KeyFormat::ProperCase);
+    }
     let mut pos = 0;
     let _ = poll_fn(|cx| shared.poll_write_all(cx, &reply, &mut pos)).await;
     if let Some(b) = shared.read.borrow_mut().buf.take() {
@@ -356,7 +361,13 @@ async fn exchange(
             http::HeaderValue::from_static("keep-alive"),
         );
     }
-    let written = write_response(shared, response, head_request, keeps);
+    let written = write_response(
+        shared,
+        response,
+        head_request,
+        keeps,
+        conn.hcm.limits.header_key_format,
+    );
     let keep = tokio::select! {
         biased;
         k = written => k,
@@ -412,6 +423,7 @@ async fn write_response(
     response: Response<StreamBody>,
     head_request: bool,
     keep_alive: bool,
+    key_format: HeaderKeyFormat,
 ) -> bool {
     let (mut parts, body) = response.into_parts();
     let length = if body.is_end_stream() {
@@ -427,8 +439,10 @@ async fn write_response(
         buf: buffers::take_write(),
         pos: 0,
     };
+    let start = out.buf.len();
     let (encoder, last) =
         head::encode_response(&mut parts, length, head_request, keep_alive, &mut out.buf);
+    format_response_head(&parts, key_format, &mut out.buf, start);
     drop(parts);
     let ok = match encoder {
         Encoder::None => {
@@ -439,6 +453,25 @@ async fn write_response(
     };
     buffers::give_write(out.buf);
     ok && !last
+}
+
+/// Envoy's header key formatters on the response head encoded at `start` of
+/// `out`: the case the upstream's names came with (a cluster's preserve_case,
+/// with its reason phrase), else the connection manager's `proper_case_words`.
+fn format_response_head(
+    parts: &http::response::Parts,
+    configured: HeaderKeyFormat,
+    out: &mut Vec<u8>,
+    start: usize,
+) {
+    let recorded = parts.extensions.get::<RecordedCase>();
+    let Some(format) = KeyFormat::choose(recorded, configured) else {
+        return;
+    };
+    header_case::format_head(&mut out[start..], format);
+    if let Some(reason) = recorded.and_then(|r| r.0.reason()) {
+        header_case::replace_reason(out, start, reason);
+    }
 }
 
 /// Response bytes waiting to be written.
