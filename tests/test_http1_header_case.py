@@ -43,9 +43,13 @@ REPLY_HEAD = (
 
 class RecordingUpstream:
     """HTTP/1.1 upstream on a raw socket: answers each request (keep-alive) with
-    ``REPLY_HEAD`` and, as a JSON body, the request head exactly as received."""
+    ``REPLY_HEAD`` and, as a JSON body, the request head exactly as received; a
+    request with ``x-fail-once: <token>`` gets a 503 the first time its token is
+    seen, and is served the next time (for retries)."""
 
     def __init__(self) -> None:
+        self.failed: set[bytes] = set()
+        self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -75,13 +79,26 @@ class RecordingUpstream:
                     buf += data
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 length = 0
+                fail = None
                 for line in head.split(b"\r\n")[1:]:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
+                    if name.strip().lower() == b"x-fail-once":
+                        fail = value.strip()
                 while len(buf) < length:
                     buf += conn.recv(65536)
                 buf = buf[length:]
+                with self.lock:
+                    # Failed, then served: the next proxy's run of the token fails again.
+                    first = fail is not None and fail not in self.failed
+                    if first:
+                        self.failed.add(fail)
+                    elif fail is not None:
+                        self.failed.discard(fail)
+                if first:
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    continue
                 body = json.dumps({"head": head.decode("latin-1")}).encode()
                 conn.sendall(REPLY_HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)
 
@@ -145,6 +162,13 @@ def proxy(
                         {
                             "match": {"path": "/direct"},
                             "direct_response": {"status": 200, "body": {"inline_string": "d"}},
+                        },
+                        {
+                            "match": {"prefix": "/retry"},
+                            "route": {
+                                "cluster": "backend",
+                                "retry_policy": {"retry_on": "5xx", "num_retries": 1},
+                            },
                         },
                         route({"prefix": "/"}, cluster="backend"),
                     ],
@@ -294,6 +318,31 @@ SCENARIOS = [
         # The response's recorded case wins over the connection manager's.
         proxy(proper(), preserve(reason=True)),
         requests(DIRECT),
+    ),
+    Scenario(
+        "preserve_case_on_a_retried_request",
+        # The first try gets a 503; the retry carries the client's spelling too.
+        proxy(preserve(), preserve(reason=True)),
+        tuple(
+            RawHead(
+                f"GET /retry HTTP/1.1\r\nHost: example.com\r\nX-Fail-Once: {run}\r\n"
+                "X-Mixed-Case: a\r\n\r\n".encode(),
+                expect={
+                    "status": 201,
+                    "reason": "Very Created",
+                    "up.names": [
+                        "Host",
+                        "X-Fail-Once",
+                        "X-Mixed-Case",
+                        "x-envoy-expected-rq-timeout-ms",
+                        "x-forwarded-proto",
+                        "x-request-id",
+                    ],
+                },
+            )
+            for run in ("r1", "r2")
+        ),
+        stats={"cluster.backend.upstream_rq_retry": 2},
     ),
     Scenario(
         "hcm_preserve_case_at_the_edge",
