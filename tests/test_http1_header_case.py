@@ -41,6 +41,16 @@ REPLY_HEAD = (
 )
 
 
+UPGRADE_REPLY = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUPGRADE: websocket\r\nConnection: Upgrade\r\n"
+    b"X-Up-Mixed: 1\r\n\r\n"
+)
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"X-Mixed-Case: a\r\n\r\n"
+)
+
+
 class RecordingUpstream:
     """HTTP/1.1 upstream on a raw socket: answers each request (keep-alive) with
     ``REPLY_HEAD`` and, as a JSON body, the request head exactly as received; a
@@ -89,6 +99,10 @@ class RecordingUpstream:
                 while len(buf) < length:
                     buf += conn.recv(65536)
                 buf = buf[length:]
+                if b"\r\nupgrade:" in head.lower():
+                    # Switch, then end the tunnel at once.
+                    conn.sendall(UPGRADE_REPLY)
+                    return
                 with self.lock:
                     # Failed, then served: the next proxy's run of the token fails again.
                     first = fail is not None and fail not in self.failed
@@ -343,6 +357,16 @@ SCENARIOS = [
             for run in ("r1", "r2")
         ),
         stats={"cluster.backend.upstream_rq_retry": 2},
+    ),
+    Scenario(
+        "upgrade_response_proper_case",
+        proxy(proper(), upgrade_configs=[{"upgrade_type": "websocket"}]),
+        (RawHead(UPGRADE, expect={"status": 101}),),
+    ),
+    Scenario(
+        "upgrade_response_preserve_case",
+        proxy(preserve(), preserve(), upgrade_configs=[{"upgrade_type": "websocket"}]),
+        (RawHead(UPGRADE, expect={"status": 101}),),
     ),
     Scenario(
         "hcm_preserve_case_at_the_edge",

@@ -139,6 +139,26 @@ pub fn format_head(head: &mut [u8], format: KeyFormat<'_>) {
     }
 }
 
+/// Envoy's header key formatters on the response head encoded at `start` of
+/// `out` (downstream): the case the upstream's names came with (a cluster's
+/// preserve_case, with its reason phrase), else the connection manager's
+/// `proper_case_words`.
+pub fn format_response_head(
+    parts: &http::response::Parts,
+    configured: HeaderKeyFormat,
+    out: &mut Vec<u8>,
+    start: usize,
+) {
+    let recorded = parts.extensions.get::<RecordedCase>();
+    let Some(format) = KeyFormat::choose(recorded, configured) else {
+        return;
+    };
+    format_head(&mut out[start..], format);
+    if let Some(reason) = recorded.and_then(|r| r.0.reason()) {
+        replace_reason(out, start, reason);
+    }
+}
+
 /// Replaces the reason phrase of the status line at `start` of `out`.
 pub fn replace_reason(out: &mut Vec<u8>, start: usize, reason: &[u8]) {
     // "HTTP/1.1 200 " is 13 bytes.
@@ -281,7 +301,9 @@ impl CaseSlot {
                 return;
             };
             let head = &buf[..end];
-            if head.get(9) == Some(&b'1') {
+            // Interim 1xx heads come before the response's own; a 101 is the
+            // response (an upgrade: what follows is the tunnel's).
+            if head.get(9) == Some(&b'1') && head.get(9..12) != Some(&b"101"[..]) {
                 buf.drain(..end);
                 from = 0;
                 continue;
@@ -460,5 +482,10 @@ mod tests {
         assert_eq!(case.0.reason(), Some(&b"Very Created"[..]));
         assert_eq!(case.0.names, vec!["X-Up", "Set-Cookie"]);
         assert!(!slot.busy.load(Ordering::Acquire));
+        // A 101 is the response: the tunnel's bytes after it are not read as a head.
+        assert!(slot.arm(&req, HeaderKeyFormat::PreserveCase(settings)));
+        slot.observe(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n\x81\x00");
+        let case = slot.take_recorded().unwrap();
+        assert_eq!(case.0.names, vec!["Upgrade"]);
     }
 }

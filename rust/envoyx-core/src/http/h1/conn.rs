@@ -19,7 +19,7 @@ use crate::config::HeaderKeyFormat;
 use crate::http::active_stream::{ActiveStream, StreamBody};
 use crate::http::body::{BodyError, PeerBody};
 use crate::http::connection::DownstreamConnection;
-use crate::http::header_case::{self, KeyFormat, RecordedCase};
+use crate::http::header_case::{self, KeyFormat};
 
 /// hyper's default: a head must arrive whole within this time of its first byte,
 /// when none of Envoy's stream timers is configured.
@@ -346,7 +346,9 @@ async fn exchange(
         // tunnel's from here, and closes with it.
         let (parts, body) = response.into_parts();
         drop(body);
-        tunnel.run_h1(shared, &parts).await;
+        tunnel
+            .run_h1(shared, &parts, conn.hcm.limits.header_key_format)
+            .await;
         return Close::Now;
     }
     // Envoy closes after a response that came before the request's end, and
@@ -442,7 +444,7 @@ async fn write_response(
     let start = out.buf.len();
     let (encoder, last) =
         head::encode_response(&mut parts, length, head_request, keep_alive, &mut out.buf);
-    format_response_head(&parts, key_format, &mut out.buf, start);
+    header_case::format_response_head(&parts, key_format, &mut out.buf, start);
     drop(parts);
     let ok = match encoder {
         Encoder::None => {
@@ -453,25 +455,6 @@ async fn write_response(
     };
     buffers::give_write(out.buf);
     ok && !last
-}
-
-/// Envoy's header key formatters on the response head encoded at `start` of
-/// `out`: the case the upstream's names came with (a cluster's preserve_case,
-/// with its reason phrase), else the connection manager's `proper_case_words`.
-fn format_response_head(
-    parts: &http::response::Parts,
-    configured: HeaderKeyFormat,
-    out: &mut Vec<u8>,
-    start: usize,
-) {
-    let recorded = parts.extensions.get::<RecordedCase>();
-    let Some(format) = KeyFormat::choose(recorded, configured) else {
-        return;
-    };
-    header_case::format_head(&mut out[start..], format);
-    if let Some(reason) = recorded.and_then(|r| r.0.reason()) {
-        header_case::replace_reason(out, start, reason);
-    }
 }
 
 /// Response bytes waiting to be written.
