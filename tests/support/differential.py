@@ -177,7 +177,20 @@ class H2Upgrade:
     expect: Facts = field(default_factory=dict)
 
 
-Request = Http | Raw | Grpc | Tcp | RawSeq | Upgrade | H2Upgrade
+@dataclass(frozen=True)
+class RawHead:
+    """Raw bytes on a fresh connection; one response is read with its head as it
+    came on the wire. Facts: ``status``, ``reason`` (the phrase as written),
+    ``names`` (the response's header names as spelled, sorted: the case is the
+    fact, not the order); and when the body is the head an upstream received (a
+    JSON ``{"head": ...}``, as a recording upstream answers), ``up.request_line``
+    and ``up.names`` (the names the upstream received, as spelled, sorted)."""
+
+    data: bytes
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp | RawSeq | Upgrade | H2Upgrade | RawHead
 
 
 @dataclass(frozen=True)
@@ -349,6 +362,35 @@ def _raw_fact(name: str, resp: RawResponse, echo: Json | None) -> Any:
     if kind == "has":
         return resp.header(arg) is not None
     return _fact(name, None, echo)  # type: ignore[arg-type]
+
+
+def raw_head_facts(address: tuple[str, int], req: RawHead) -> Facts:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(req.data)
+        reader = _RawReader(sock)
+        try:
+            head = reader.read_until(b"\r\n\r\n").decode("latin-1")
+        except ConnectionError:
+            return {"status": None, "answered": False}
+        lines = head.split("\r\n")
+        _, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        names = [line.partition(":")[0] for line in lines[1:]]
+        lengths = [line.partition(":")[2].strip() for line in lines[1:] if ":" in line]
+        length = next(
+            (int(v) for n, v in zip(names, lengths, strict=False) if n.lower() == "content-length"),
+            0,
+        )
+        body = reader.read_exact(length)
+    facts: Facts = {"status": int(code), "reason": reason, "names": sorted(names)}
+    try:
+        received = json.loads(body)["head"]
+    except (ValueError, KeyError, TypeError):
+        return facts
+    up_lines = received.split("\r\n")
+    facts["up.request_line"] = up_lines[0]
+    facts["up.names"] = sorted(line.partition(":")[0] for line in up_lines[1:])
+    return facts
 
 
 def grpc_facts(address: tuple[str, int], req: Grpc) -> Facts:
@@ -711,6 +753,8 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
                 out.append(upgrade_facts(address, req))
             elif isinstance(req, H2Upgrade):
                 out.append(h2_upgrade_facts(address, req))
+            elif isinstance(req, RawHead):
+                out.append(raw_head_facts(address, req))
             else:
                 client = h2 if req.http2 else h1
                 try:
@@ -795,6 +839,8 @@ def _describe(req: Request) -> str:
         return f"upgrade {req.head[:40]!r}"
     if isinstance(req, H2Upgrade):
         return f"h2 CONNECT {req.protocol or req.authority}"
+    if isinstance(req, RawHead):
+        return f"raw {req.data[:30]!r}"
     return f"grpc {req.method}"
 
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::header_key_format::map_header_key_format;
 use super::listener::{map_address, map_listener};
 use super::model::*;
 use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log};
@@ -321,6 +322,9 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
     if let Some(n) = c.u32("max_requests_per_connection") {
         pool.max_requests_per_connection = (n > 0).then_some(n);
     }
+    if let Some(h1) = c.obj("http_protocol_options") {
+        pool.header_key_format = map_header_key_format(&h1);
+    }
     if let Some(h2) = c.obj("http2_protocol_options") {
         drop(h2);
         protocol = UpstreamProtocol::Http2;
@@ -341,7 +345,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         }
         if let Some(auto) = opts.obj("auto_config") {
             if let Some(h1) = auto.obj("http_protocol_options") {
-                drop(h1);
+                pool.header_key_format = map_header_key_format(&h1);
             }
             if let Some(h2) = auto.obj("http2_protocol_options") {
                 drop(h2);
@@ -349,7 +353,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
             protocol = UpstreamProtocol::Auto;
         } else if let Some(explicit) = opts.obj("explicit_http_config") {
             if let Some(h1) = explicit.obj("http_protocol_options") {
-                drop(h1);
+                pool.header_key_format = map_header_key_format(&h1);
                 protocol = UpstreamProtocol::Http1;
             } else if let Some(h2) = explicit.obj("http2_protocol_options") {
                 drop(h2);
@@ -899,6 +903,7 @@ fn map_load_assignment_resource_checked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HeaderKeyFormat;
     use crate::config::network::*;
     use serde_json::json;
 
@@ -1298,5 +1303,44 @@ mod tests {
         });
         let b = map_bootstrap(&doc).unwrap();
         assert_eq!(b.clusters[0].protocol, UpstreamProtocol::Http2);
+    }
+
+    #[test]
+    fn header_key_format_of_a_cluster_in_each_place() {
+        let proper = json!({"header_key_format": {"proper_case_words": {}}});
+        let places = [
+            json!({"explicit_http_config": {"http_protocol_options": proper}}),
+            json!({"auto_config": {"http_protocol_options": proper}}),
+        ];
+        for place in places {
+            let mut doc =
+                front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}}));
+            let mut opts = place.clone();
+            opts["@type"] = json!(format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS_TYPE}"));
+            doc["static_resources"]["clusters"][0]["typed_extension_protocol_options"] =
+                json!({ HTTP_PROTOCOL_OPTIONS_KEY: opts });
+            let b = map_bootstrap(&doc).unwrap();
+            assert_eq!(
+                b.clusters[0].pool.header_key_format,
+                HeaderKeyFormat::ProperCase,
+                "{place}"
+            );
+        }
+        let mut doc =
+            front_proxy(json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}}));
+        doc["static_resources"]["clusters"][0]["http_protocol_options"] = proper;
+        let b = map_bootstrap(&doc).unwrap();
+        assert_eq!(
+            b.clusters[0].pool.header_key_format,
+            HeaderKeyFormat::ProperCase
+        );
+        // Other fields of a cluster's Http1ProtocolOptions stay refused.
+        doc["static_resources"]["clusters"][0]["http_protocol_options"] =
+            json!({"enable_trailers": true});
+        let errors = map_bootstrap(&doc).unwrap_err();
+        assert!(
+            format!("{errors:?}").contains("http_protocol_options.enable_trailers: not supported"),
+            "{errors:?}"
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod bootstrap;
 pub mod circuit_breakers;
+pub mod header_key_format;
 pub mod header_mutation;
 pub mod health_check;
 pub mod internal_redirect;
@@ -21,6 +22,7 @@ pub mod type_urls;
 pub mod upgrade;
 
 pub use bootstrap::map_bootstrap;
+pub use header_key_format::{HeaderKeyFormat, PreserveCase};
 pub use health_check::{HealthCheckConfig, OutlierConfig};
 pub use model::*;
 pub use route::*;

@@ -398,6 +398,9 @@ pub struct HcmLimits {
     /// `http_protocol_options.allow_chunked_length` (default false: a request
     /// with both framings is a 400).
     pub allow_chunked_length: bool,
+    /// `http_protocol_options.header_key_format`: how response header names are
+    /// written, and whether the case of request header names is kept.
+    pub header_key_format: super::HeaderKeyFormat,
     /// `http2_protocol_options`: what the HTTP/2 codec advertises (None: hyper's
     /// defaults).
     pub h2_max_concurrent_streams: Option<u32>,
@@ -428,6 +431,7 @@ impl Default for HcmLimits {
             max_request_headers_bytes: 60 * 1024,
             accept_http_10: false,
             allow_chunked_length: false,
+            header_key_format: super::HeaderKeyFormat::Default,
             h2_max_concurrent_streams: None,
             h2_initial_stream_window_size: None,
             h2_initial_connection_window_size: None,
@@ -657,6 +661,9 @@ pub struct PoolSettings {
     /// `max_requests_per_connection`: after this many requests a connection is
     /// not reused (unset or 0: unlimited).
     pub max_requests_per_connection: Option<u32>,
+    /// `http_protocol_options.header_key_format` (HTTP/1.1): how request header
+    /// names are written, and whether the case of response header names is kept.
+    pub header_key_format: super::HeaderKeyFormat,
 }
 
 impl Default for PoolSettings {
@@ -664,6 +671,7 @@ impl Default for PoolSettings {
         PoolSettings {
             idle_timeout: Some(Duration::from_secs(3600)),
             max_requests_per_connection: None,
+            header_key_format: super::HeaderKeyFormat::Default,
         }
     }
 }

@@ -141,6 +141,7 @@ fn map_hcm_options(hcm: &Obj<'_>, limits: &mut HcmLimits) -> HcmOptions {
     if let Some(h1) = hcm.obj("http_protocol_options") {
         limits.accept_http_10 = h1.bool("accept_http_10").unwrap_or(false);
         limits.allow_chunked_length = h1.bool("allow_chunked_length").unwrap_or(false);
+        limits.header_key_format = super::header_key_format::map_header_key_format(&h1);
         default_host_for_http_10 = h1
             .str("default_host_for_http_10")
             .filter(|h| !h.is_empty())
@@ -774,7 +775,7 @@ mod tests {
         assert_eq!(o.escaped_slashes, EscapedSlashesAction::UnescapeAndRedirect);
         let (_, errs) = options(json!({
             "local_reply_config": {"mappers": [{"filter": {"duration_filter": {}}}]},
-            "http_protocol_options": {"header_key_format": {"proper_case_words": {}}}
+            "http_protocol_options": {"enable_trailers": true}
         }));
         assert!(
             errs.iter()
@@ -783,7 +784,7 @@ mod tests {
         );
         assert!(
             errs.iter()
-                .any(|e| e.contains("http_protocol_options.header_key_format: not supported")),
+                .any(|e| e.contains("http_protocol_options.enable_trailers: not supported")),
             "{errs:?}"
         );
     }

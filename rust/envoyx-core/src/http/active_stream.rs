@@ -435,10 +435,14 @@ impl ActiveStream {
             handle.forgo_reuse();
             upgraded.restore(&mut parts.headers);
         }
-        parts.headers.insert(
-            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-            HeaderValue::from(service_time.as_millis() as u64),
-        );
+        // Envoy's router times only a request that was whole when the response
+        // came; an upgrade's (or CONNECT's) request goes on as the tunnel.
+        if self.upgrade.is_none() {
+            parts.headers.insert(
+                X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                HeaderValue::from(service_time.as_millis() as u64),
+            );
+        }
         // After the router's own headers, before the connection manager's.
         self.mutate_response(&mut parts.headers, parts.status.as_u16(), false);
         self.edit_response_headers(&mut parts.headers);

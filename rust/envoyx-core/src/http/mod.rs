@@ -11,6 +11,7 @@ mod downstream;
 pub mod filter;
 mod filtering;
 pub mod h1;
+pub mod header_case;
 pub mod headers;
 pub mod internal_request;
 pub mod local_reply;

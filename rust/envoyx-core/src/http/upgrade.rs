@@ -358,7 +358,12 @@ impl Tunnel {
     /// The HTTP/1.1 side: writes the response head (no body framing: the bytes
     /// that follow are the tunnel's), then the connection is the tunnel. The
     /// connection is over when this returns.
-    pub async fn run_h1(self, shared: &Shared, parts: &http::response::Parts) {
+    pub async fn run_h1(
+        self,
+        shared: &Shared,
+        parts: &http::response::Parts,
+        key_format: crate::config::HeaderKeyFormat,
+    ) {
         let mut head = Vec::with_capacity(256);
         head.extend_from_slice(b"HTTP/1.1 ");
         head.extend_from_slice(parts.status.as_str().as_bytes());
@@ -382,6 +387,7 @@ impl Tunnel {
             head.extend_from_slice(b"\r\n");
         }
         head.extend_from_slice(b"\r\n");
+        super::header_case::format_response_head(parts, key_format, &mut head, 0);
         let mut pos = 0;
         if std::future::poll_fn(|cx| shared.poll_write_all(cx, &head, &mut pos))
             .await

@@ -760,6 +760,10 @@ pub(super) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
     *req.uri_mut() = p.uri.clone();
     *req.version_mut() = p.version;
     *req.headers_mut() = p.headers.clone();
+    // The case the names came with (preserve_case) is every try's.
+    if let Some(case) = p.extensions.get::<crate::http::header_case::RecordedCase>() {
+        req.extensions_mut().insert(case.clone());
+    }
     req.into_parts().0
 }
 

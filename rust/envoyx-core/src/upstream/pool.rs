@@ -26,9 +26,10 @@ use super::cluster::{Cluster, Host};
 use super::connect::{ConnectError, UpstreamStream, connect};
 use super::lb::{LbContext, PrioritySet};
 use super::resource_manager::ResourceManager;
-use crate::config::UpstreamProtocol;
 use crate::config::circuit_breakers::Priority;
+use crate::config::{HeaderKeyFormat, UpstreamProtocol};
 use crate::http::body::ProxyBody;
+use crate::http::header_case::{CaseIo, CaseSlot};
 use crate::io::{CountedIo, LocalExec};
 use crate::per_worker::LocalHandle;
 
@@ -47,6 +48,10 @@ pub struct PooledHttp1 {
     generation: u64,
     /// The request it carries now (none while idle).
     active: Option<ActiveRequest>,
+    /// Header-name case for the request in flight (http/header_case.rs).
+    case: Arc<CaseSlot>,
+    /// The cluster's `http_protocol_options.header_key_format`.
+    key_format: HeaderKeyFormat,
 }
 
 /// Why `acquire` gave no connection.
@@ -214,7 +219,14 @@ impl Sender {
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
         match self {
-            Sender::Http1(c) => c.sender.send_request(req).await,
+            Sender::Http1(c) => {
+                let records = c.case.arm(&req, c.key_format);
+                let mut response = c.sender.send_request(req).await?;
+                if records && let Some(case) = c.case.take_recorded() {
+                    response.extensions_mut().insert(case);
+                }
+                Ok(response)
+            }
             Sender::Http2(l) => l.sender.send_request(req).await,
         }
     }
@@ -730,8 +742,17 @@ async fn open_http1(
     stream: UpstreamStream,
     slot: ConnectionSlot,
 ) -> Result<PooledHttp1, ConnectError> {
+    let case = Arc::new(CaseSlot::default());
+    let io = TokioIo::new(CaseIo::new(
+        CountedIo::new(
+            stream,
+            cluster.stats.upstream_cx_rx_bytes_total.clone(),
+            cluster.stats.upstream_cx_tx_bytes_total.clone(),
+        ),
+        case.clone(),
+    ));
     let (sender, conn) = http1::Builder::new()
-        .handshake(counted(cluster, stream))
+        .handshake(io)
         .await
         .map_err(ConnectError::Handshake)?;
     cluster.stats.upstream_cx_http1_total.inc();
@@ -742,6 +763,8 @@ async fn open_http1(
         requests: 0,
         active: None,
         generation: cluster.host_set_generation(),
+        case,
+        key_format: cluster.pool.header_key_format,
     })
 }
 

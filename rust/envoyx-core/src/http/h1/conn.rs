@@ -15,9 +15,11 @@ use tokio::sync::watch;
 use super::body::{InBuf, Shared};
 use super::buffers;
 use super::head::{self, BodyLength, Encoder, Head, HeadRules, Parsed, Refusal, RefusalCause};
+use crate::config::HeaderKeyFormat;
 use crate::http::active_stream::{ActiveStream, StreamBody};
 use crate::http::body::{BodyError, PeerBody};
 use crate::http::connection::DownstreamConnection;
+use crate::http::header_case::{self, KeyFormat};
 
 /// hyper's default: a head must arrive whole within this time of its first byte,
 /// when none of Envoy's stream timers is configured.
@@ -284,7 +286,10 @@ async fn rest_of_head(conn: &DownstreamConnection, shared: &Rc<Shared>, rules: H
 /// Envoy's reply to a refused head; the connection then closes.
 async fn refuse(conn: &DownstreamConnection, shared: &Shared, refusal: Refusal) {
     conn.screen.refusals.borrow_mut().push(refusal);
-    let reply = refusal.reply(conn.hcm.server_name());
+    let mut reply = refusal.reply(conn.hcm.server_name());
+    if conn.hcm.limits.header_key_format == HeaderKeyFormat::ProperCase {
+        header_case::format_head(&mut reply, KeyFormat::ProperCase);
+    }
     let mut pos = 0;
     let _ = poll_fn(|cx| shared.poll_write_all(cx, &reply, &mut pos)).await;
     if let Some(b) = shared.read.borrow_mut().buf.take() {
@@ -341,7 +346,9 @@ async fn exchange(
         // tunnel's from here, and closes with it.
         let (parts, body) = response.into_parts();
         drop(body);
-        tunnel.run_h1(shared, &parts).await;
+        tunnel
+            .run_h1(shared, &parts, conn.hcm.limits.header_key_format)
+            .await;
         return Close::Now;
     }
     // Envoy closes after a response that came before the request's end, and
@@ -356,7 +363,13 @@ async fn exchange(
             http::HeaderValue::from_static("keep-alive"),
         );
     }
-    let written = write_response(shared, response, head_request, keeps);
+    let written = write_response(
+        shared,
+        response,
+        head_request,
+        keeps,
+        conn.hcm.limits.header_key_format,
+    );
     let keep = tokio::select! {
         biased;
         k = written => k,
@@ -412,6 +425,7 @@ async fn write_response(
     response: Response<StreamBody>,
     head_request: bool,
     keep_alive: bool,
+    key_format: HeaderKeyFormat,
 ) -> bool {
     let (mut parts, body) = response.into_parts();
     let length = if body.is_end_stream() {
@@ -427,8 +441,10 @@ async fn write_response(
         buf: buffers::take_write(),
         pos: 0,
     };
+    let start = out.buf.len();
     let (encoder, last) =
         head::encode_response(&mut parts, length, head_request, keep_alive, &mut out.buf);
+    header_case::format_response_head(&parts, key_format, &mut out.buf, start);
     drop(parts);
     let ok = match encoder {
         Encoder::None => {

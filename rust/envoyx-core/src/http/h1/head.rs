@@ -18,7 +18,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 
-use crate::config::UnderscoresAction;
+use crate::config::{PreserveCase, UnderscoresAction};
+use crate::http::header_case::{HeaderCase, RecordedCase};
 
 /// Envoy's default `max_request_headers_kb`.
 pub const MAX_HEAD: usize = 60 * 1024;
@@ -131,6 +132,9 @@ pub struct HeadRules {
     pub accept_http_10: bool,
     /// `http_protocol_options.allow_chunked_length`.
     pub allow_chunked_length: bool,
+    /// `http_protocol_options.header_key_format` preserve_case: the spelling of
+    /// the request's header names is recorded for the upstream codec.
+    pub preserve_case: Option<PreserveCase>,
 }
 
 impl Default for HeadRules {
@@ -141,6 +145,7 @@ impl Default for HeadRules {
             max_head: MAX_HEAD,
             accept_http_10: false,
             allow_chunked_length: false,
+            preserve_case: None,
         }
     }
 }
@@ -282,7 +287,12 @@ fn build(
     let mut keep_alive = version == Version::HTTP_11;
     let mut expect_continue = false;
     let mut dropped_underscores = 0;
+    // Only with preserve_case: the names are slices of the head's bytes.
+    let mut case = rules.preserve_case.map(HeaderCase::new);
     for h in req.headers.iter() {
+        if let Some(case) = case.as_mut() {
+            case.record(shared(h.name.as_bytes()));
+        }
         if underscores != UnderscoresAction::Allow && h.name.contains('_') {
             if underscores == UnderscoresAction::RejectRequest {
                 return Err(Refusal {
@@ -363,6 +373,11 @@ fn build(
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = map;
+    if let Some(case) = case {
+        request
+            .extensions_mut()
+            .insert(RecordedCase(std::sync::Arc::new(case)));
+    }
     Ok(Head {
         request,
         framing,
