@@ -8,6 +8,7 @@ pub mod listener;
 pub mod local_reply;
 pub mod matcher;
 pub mod model;
+pub mod native_filters;
 pub mod network;
 pub mod reader;
 pub mod retry;

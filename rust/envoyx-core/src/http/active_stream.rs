@@ -54,6 +54,8 @@ pub(crate) struct ActiveStream {
     response_mutations: Option<ResponseMutations>,
     /// An upgrade (WebSocket, CONNECT…) the route allowed.
     upgrade: Option<Box<super::upgrade::UpgradeRequest>>,
+    /// What the native filters keep for the response (None: nothing).
+    native: Option<Box<super::native::NativeState>>,
 }
 
 /// `via` appended, Envoy's way (`, ` between values).
@@ -292,6 +294,7 @@ impl ActiveStream {
             },
             response_mutations,
             upgrade,
+            native: None,
         };
         if upgrade_refused {
             // Envoy's answer, and the connection closes: bytes after a refused
@@ -319,6 +322,27 @@ impl ActiveStream {
             // Decoder filters run before the router, as in Envoy: a filter may
             // answer for a route that does not exist.
             let mut chosen_cluster = None;
+            if let Some(native) = &hcm.native {
+                let mut cx = super::native::DecodeRequest {
+                    req: crate::router::route_match::RouteRequest::new(
+                        authority,
+                        path,
+                        &parts.method,
+                        scheme,
+                        &parts.headers,
+                    ),
+                    route,
+                    state: &mut stream.native,
+                };
+                // Boxed, as the Python filters' futures: a request without them
+                // does not carry their state.
+                if let Err(reply) = Box::pin(native.decode(&mut cx, &mut stream.record)).await {
+                    return Decoded::FilterReply(reply);
+                }
+                if let Some(state) = &stream.native {
+                    body = state.decode_body(body);
+                }
+            }
             let request_body = match &stream.filters {
                 None => ProxyBody::Stream(body),
                 // Filter futures are boxed: a request without filters does not
@@ -467,7 +491,18 @@ impl ActiveStream {
     }
 
     /// Sends the (upstream's) response downstream.
-    fn respond(mut self, parts: http::response::Parts, body: ProxyBody) -> Response<ResponseBody> {
+    fn respond(
+        mut self,
+        mut parts: http::response::Parts,
+        body: ProxyBody,
+    ) -> Response<ResponseBody> {
+        let body = match &self.native {
+            Some(native) => {
+                native.encode_headers(&mut parts.headers);
+                native.encode_body(body)
+            }
+            None => body,
+        };
         let status = parts.status.as_u16();
         self.conn.hcm.stats.response_class(status);
         let elapsed = self.started.elapsed();
@@ -632,6 +667,11 @@ impl ActiveStream {
             reply.status = http::StatusCode::OK;
             reply.body = bytes::Bytes::new();
         }
+        // The encoder filters see a local reply as any response (Envoy's
+        // `sendLocalReply` encodes through them), gRPC status included.
+        if let Some(native) = &self.native {
+            native.encode_headers(&mut headers);
+        }
         // Envoy sets a length only for a body; its HTTP/1 codec writes
         // `content-length: 0` for an empty one (not to a HEAD request), its
         // HTTP/2 codec nothing.
@@ -643,7 +683,7 @@ impl ActiveStream {
         }
         if let Some(r) = self.record.as_mut() {
             r.response_code = status;
-            r.response_flags = reply.flags;
+            r.response_flags = super::native::with_earlier_flags(r.response_flags, reply.flags);
             r.response_code_details = reply.details;
             r.response_headers = Some(headers.clone());
         }

@@ -14,6 +14,7 @@ pub mod h1;
 pub mod headers;
 pub mod internal_request;
 pub mod local_reply;
+pub(crate) mod native;
 pub mod path_normalization;
 pub(crate) mod upgrade;
 
