@@ -323,20 +323,17 @@ impl ActiveStream {
             // answer for a route that does not exist.
             let mut chosen_cluster = None;
             if let Some(native) = &hcm.native {
-                let mut cx = super::native::DecodeRequest {
-                    req: crate::router::route_match::RouteRequest::new(
-                        authority,
-                        path,
-                        &parts.method,
-                        scheme,
-                        &parts.headers,
-                    ),
-                    route,
-                    state: &mut stream.native,
-                };
+                let req = crate::router::route_match::RouteRequest::new(
+                    authority,
+                    path,
+                    &parts.method,
+                    scheme,
+                    &parts.headers,
+                );
                 // Boxed, as the Python filters' futures: a request without them
                 // does not carry their state.
-                if let Err(reply) = Box::pin(native.decode(&mut cx, &mut stream.record)).await {
+                let decode = native.decode(req, route, &mut stream.native, &mut stream.record);
+                if let Err(reply) = Box::pin(decode).await {
                     return Decoded::FilterReply(reply);
                 }
                 if let Some(state) = &stream.native {

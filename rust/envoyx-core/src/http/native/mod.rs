@@ -172,9 +172,12 @@ impl NativeFilters {
     /// ends the request. A delay sets `DI` on the access-log record.
     pub async fn decode(
         &self,
-        cx: &mut DecodeRequest<'_>,
+        req: RouteRequest<'_>,
+        route: Option<&RouteEntry>,
+        state: &mut Option<Box<NativeState>>,
         record: &mut Option<Box<LogRecord>>,
     ) -> Result<(), LocalReply> {
+        let cx = &mut DecodeRequest { req, route, state };
         for (name, filter) in &self.filters {
             let over = match cx
                 .route
