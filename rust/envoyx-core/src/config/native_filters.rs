@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
+
 use super::matcher::{StringMatcher, map_string_matcher};
 use super::reader::Obj;
 use super::route_match::{HeaderMatcher, map_fractional_percent, map_header_matcher};
@@ -251,10 +253,12 @@ pub fn map_fault(tc: &Obj<'_>) -> FaultConfig {
 pub struct CorsPolicy {
     /// `allow_origin_string_match` (None: unset, falls back).
     pub allow_origins: Option<Vec<StringMatcher>>,
-    pub allow_methods: Option<String>,
-    pub allow_headers: Option<String>,
-    pub expose_headers: Option<String>,
-    pub max_age: Option<String>,
+    /// `allow_methods`, `allow_headers`, `expose_headers`, `max_age`: header values
+    /// made once, when the configuration is applied.
+    pub allow_methods: Option<HeaderValue>,
+    pub allow_headers: Option<HeaderValue>,
+    pub expose_headers: Option<HeaderValue>,
+    pub max_age: Option<HeaderValue>,
     pub allow_credentials: Option<bool>,
     pub allow_private_network_access: Option<bool>,
     pub forward_not_matching_preflights: Option<bool>,
@@ -290,7 +294,12 @@ fn runtime_percent(o: &Obj<'_>) -> RuntimePercent {
 
 pub fn map_cors_policy(p: &Obj<'_>) -> CorsPolicy {
     p.str("@type");
-    let text = |field: &'static str| p.str(field).filter(|s| !s.is_empty()).map(str::to_string);
+    let text = |field: &'static str| {
+        let v = p.str(field).filter(|s| !s.is_empty())?;
+        HeaderValue::from_str(v)
+            .map_err(|_| p.error(field, "is not a valid header value"))
+            .ok()
+    };
     let origins: Vec<StringMatcher> = p
         .list("allow_origin_string_match")
         .iter()
@@ -353,8 +362,8 @@ mod tests {
     #[test]
     fn a_route_policy_falls_back_to_its_virtual_host_field_by_field() {
         let vhost = CorsPolicy {
-            allow_methods: Some("GET".into()),
-            max_age: Some("60".into()),
+            allow_methods: Some(HeaderValue::from_static("GET")),
+            max_age: Some(HeaderValue::from_static("60")),
             allow_credentials: Some(true),
             filter_enabled: Some(RuntimePercent {
                 default: Percent {
@@ -366,13 +375,13 @@ mod tests {
             ..CorsPolicy::default()
         };
         let route = CorsPolicy {
-            allow_methods: Some("PUT".into()),
+            allow_methods: Some(HeaderValue::from_static("PUT")),
             allow_credentials: Some(false),
             ..CorsPolicy::default()
         };
         let merged = route.over(&vhost);
-        assert_eq!(merged.allow_methods.as_deref(), Some("PUT"));
-        assert_eq!(merged.max_age.as_deref(), Some("60"));
+        assert_eq!(merged.allow_methods.unwrap(), "PUT");
+        assert_eq!(merged.max_age.unwrap(), "60");
         assert_eq!(merged.allow_credentials, Some(false));
         // Whether the filter is on is the route's alone (unset: on).
         assert!(merged.filter_enabled.is_none());

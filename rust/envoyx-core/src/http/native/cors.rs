@@ -40,14 +40,10 @@ impl Latched {
                 HeaderValue::from_static("true"),
             );
         }
-        if let Some(v) = self.policy.expose_headers.as_deref().and_then(value) {
-            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        if let Some(v) = &self.policy.expose_headers {
+            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
         }
     }
-}
-
-fn value(s: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(s).ok()
 }
 
 fn runtime_enabled(p: &RuntimePercent) -> bool {
@@ -152,16 +148,15 @@ impl NativeFilter for CorsFilter {
                 Some(HeaderValue::from_static("true")),
             );
         }
-        match policy.allow_methods.as_deref() {
-            Some("*") => set(
+        match &policy.allow_methods {
+            Some(m) if m == "*" => set(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
                 Some(request_method.clone()),
             ),
-            Some(m) => set(header::ACCESS_CONTROL_ALLOW_METHODS, value(m)),
-            None => {}
+            m => set(header::ACCESS_CONTROL_ALLOW_METHODS, m.clone()),
         }
-        match policy.allow_headers.as_deref() {
-            Some("*") => set(
+        match &policy.allow_headers {
+            Some(h) if h == "*" => set(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 Some(
                     headers
@@ -170,12 +165,9 @@ impl NativeFilter for CorsFilter {
                         .unwrap_or_else(|| HeaderValue::from_static("")),
                 ),
             ),
-            Some(h) => set(header::ACCESS_CONTROL_ALLOW_HEADERS, value(h)),
-            None => {}
+            h => set(header::ACCESS_CONTROL_ALLOW_HEADERS, h.clone()),
         }
-        if let Some(age) = policy.max_age.as_deref() {
-            set(header::ACCESS_CONTROL_MAX_AGE, value(age));
-        }
+        set(header::ACCESS_CONTROL_MAX_AGE, policy.max_age.clone());
         if policy.allow_private_network_access == Some(true)
             && headers
                 .get(&ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK)

@@ -2,6 +2,7 @@
 //! `source/extensions/filters/http/fault/fault_filter.cc` does (its decisions, runtime
 //! keys, request headers, stats and response flags).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,10 +168,10 @@ impl FaultFilter {
         let runtime = crate::runtime::snapshot();
         let pct = percentage(delay.percentage, headers, &DELAY_REQUEST_PERCENTAGE);
         let key = match keys {
-            Some(k) => k.key("delay.fixed_delay_percent"),
-            None => settings.runtime.delay_percent.clone(),
+            Some(k) => Cow::Owned(k.key("delay.fixed_delay_percent")),
+            None => Cow::Borrowed(settings.runtime.delay_percent.as_str()),
         };
-        if !runtime.feature_enabled(Some(&key), pct.numerator, pct.denominator, rand::random()) {
+        if !runtime.feature_enabled(Some(&*key), pct.numerator, pct.denominator, rand::random()) {
             return None;
         }
         let configured = match delay.source {
@@ -196,10 +197,10 @@ impl FaultFilter {
         let runtime = crate::runtime::snapshot();
         let pct = percentage(abort.percentage, headers, &ABORT_REQUEST_PERCENTAGE);
         let key = match keys {
-            Some(k) => k.key("abort.abort_percent"),
-            None => settings.runtime.abort_percent.clone(),
+            Some(k) => Cow::Owned(k.key("abort.abort_percent")),
+            None => Cow::Borrowed(settings.runtime.abort_percent.as_str()),
         };
-        if !runtime.feature_enabled(Some(&key), pct.numerator, pct.denominator, rand::random()) {
+        if !runtime.feature_enabled(Some(&*key), pct.numerator, pct.denominator, rand::random()) {
             return None;
         }
         let http = match abort.source {
