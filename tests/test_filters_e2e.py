@@ -798,9 +798,10 @@ CONFIG_ERRORS: list[tuple[str, list[Json], bool, list[str]]] = [
         "unsupported-envoy-filter",
         [
             {
-                "name": "envoy.filters.http.cors",
+                "name": "envoy.filters.http.buffer",
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1024,
                 },
             }
         ],

@@ -11,6 +11,7 @@ pub mod local_reply;
 pub mod matcher;
 pub mod metadata;
 pub mod model;
+pub mod native_filters;
 pub mod network;
 pub mod reader;
 pub mod retry;

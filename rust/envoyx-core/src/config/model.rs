@@ -306,6 +306,9 @@ pub struct HttpConnectionManagerConfig {
     pub client_cert_details: ClientCertDetails,
     /// `http_filters` before the router: Python filters, in order.
     pub http_filters: Vec<HttpFilterSpec>,
+    /// `http_filters` implemented in Rust (gRPC stats, fault, CORS), in order; they
+    /// run before the Python filters (boxed, as `limits`).
+    pub native_filters: Box<super::native_filters::NativeFilterSpecs>,
     /// The connection manager's timeouts and per-connection limits (boxed: the
     /// network filter enum stays small).
     pub limits: Box<HcmLimits>,

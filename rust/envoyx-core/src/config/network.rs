@@ -11,6 +11,9 @@ use super::local_reply::{
     ReplyFilter, ReplyMapper,
 };
 use super::model::*;
+use super::native_filters::{
+    NativeFilterKind, NativeFilterSpec, NativeFilterSpecs, map_fault, map_grpc_stats,
+};
 use super::reader::Obj;
 use super::route::map_route_config;
 pub use super::type_urls::*;
@@ -30,7 +33,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             CodecType::Auto
         }
     };
-    let http_filters = map_http_filters(hcm);
+    let (http_filters, native_filters) = map_http_filters(hcm);
     let routes = if let Some(rc) = hcm.obj("route_config") {
         RouteSource::Inline(map_route_config(&rc)?)
     } else if let Some(rds) = hcm.obj("rds") {
@@ -99,6 +102,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
             })
             .unwrap_or_default(),
         http_filters,
+        native_filters: Box::new(NativeFilterSpecs(native_filters)),
         limits: Box::new(limits),
         options: Box::new(options),
         upgrades: super::upgrade::map_hcm_upgrades(hcm),
@@ -499,10 +503,29 @@ fn map_literal_header(o: &Obj<'_>) -> Option<(http::header::HeaderName, http::He
     }
 }
 
-/// `http_filters`: Python filters, then the router, which must be last.
-fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
+/// `http_filters`: native filters (fault, CORS), Python filters, then the router,
+/// which must be last.
+fn map_http_filters(hcm: &Obj<'_>) -> (Vec<HttpFilterSpec>, Vec<NativeFilterSpec>) {
     let filters = hcm.list("http_filters");
     let mut specs = Vec::new();
+    let mut native = Vec::new();
+    // envoyx runs its native filters before the Python ones: a native filter after a
+    // Python filter would run out of the configured order, so it is refused.
+    let mut native_filter =
+        |f: &Obj<'_>, name: &str, kind: NativeFilterKind, after_python: bool| {
+            if after_python {
+                f.error(
+                "name",
+                format!(
+                    "{name}: envoyx runs native filters before Python filters; put it before them"
+                ),
+            );
+            }
+            native.push(NativeFilterSpec {
+                name: name.to_string(),
+                kind,
+            });
+        };
     let mut names = HashSet::new();
     for (i, f) in filters.iter().enumerate() {
         let name = f.str("name").unwrap_or_default();
@@ -517,6 +540,18 @@ fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
         match tc.any_type() {
             Some(ROUTER_TYPE) if last => {}
             Some(ROUTER_TYPE) => f.error("name", "the router must be the last HTTP filter"),
+            Some(FAULT_TYPE) if !last => {
+                let kind = NativeFilterKind::Fault(std::sync::Arc::new(map_fault(&tc)));
+                native_filter(f, name, kind, !specs.is_empty());
+            }
+            Some(CORS_TYPE) if !last => {
+                tc.str("@type");
+                native_filter(f, name, NativeFilterKind::Cors, !specs.is_empty());
+            }
+            Some(GRPC_STATS_TYPE) if !last => {
+                let kind = NativeFilterKind::GrpcStats(std::sync::Arc::new(map_grpc_stats(&tc)));
+                native_filter(f, name, kind, !specs.is_empty());
+            }
             Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
                 if let Some(spec) = map_python_filter(name, &tc) {
                     specs.push(spec);
@@ -528,6 +563,13 @@ fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
                     );
                 }
             }
+            Some(FAULT_TYPE | CORS_TYPE | GRPC_STATS_TYPE) => {
+                tc.ignore(&["@type"]);
+                f.error(
+                    "name",
+                    "the last HTTP filter must be envoy.filters.http.router",
+                );
+            }
             Some(other) => tc.error(
                 "@type",
                 format!("HTTP filter {other} is not supported by envoyx"),
@@ -538,7 +580,7 @@ fn map_http_filters(hcm: &Obj<'_>) -> Vec<HttpFilterSpec> {
     if filters.is_empty() {
         hcm.error("http_filters", "must end with envoy.filters.http.router");
     }
-    specs
+    (specs, native)
 }
 
 /// The TypedStruct of an `envoyx.filters.http.python` filter.

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
 use super::matcher::{StringMatcher, StringPattern};
+use super::native_filters::{CorsPolicy, NativeOverride, map_cors_policy, map_fault};
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
 use super::route_action::{
@@ -21,7 +22,8 @@ use super::route_match::{
     map_path_rewrite_policy, map_route_match,
 };
 use super::type_urls::{
-    FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
+    CORS_POLICY_TYPE, FAULT_TYPE, FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE,
+    UDPA_TYPED_STRUCT_TYPE,
 };
 
 /// A route's `typed_per_filter_config` entry for one filter.
@@ -31,6 +33,8 @@ pub enum FilterOverride {
     Disabled,
     /// A TypedStruct whose `value.config` replaces the filter's config (JSON text).
     Config(Arc<str>),
+    /// The settings of a native filter (`HTTPFault`, `CorsPolicy`).
+    Native(NativeOverride),
 }
 
 #[derive(Debug)]
@@ -110,6 +114,14 @@ fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
                     FilterOverride::Config(config.to_string().into()),
                 ));
             }
+            Some(FAULT_TYPE) => out.push((
+                name.to_string(),
+                FilterOverride::Native(NativeOverride::Fault(Arc::new(map_fault(&any)))),
+            )),
+            Some(CORS_POLICY_TYPE) => out.push((
+                name.to_string(),
+                FilterOverride::Native(NativeOverride::Cors(Arc::new(map_cors_policy(&any)))),
+            )),
             Some(other) => any.error(
                 "@type",
                 format!("per-filter config {other} is not supported by envoyx"),
@@ -223,6 +235,8 @@ fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<Virtual
         }
     }
     let vhost_overrides = map_filter_overrides(vh);
+    // The deprecated `cors` field (Envoy 1.40 still reads it, with a warning).
+    let vhost_cors = vh.obj("cors").map(|c| map_cors_policy(&c));
     let inherited = RouteDefaults {
         retry_policy: vh
             .obj("retry_policy")
@@ -259,9 +273,18 @@ fn map_virtual_host(vh: &Obj<'_>, config: &ConfigDefaults<'_>) -> Option<Virtual
             .filter_map(|r| map_route(r, &inherited, &mutations)),
     );
     for route in &mut routes {
+        legacy_cors(route, vhost_cors.as_ref());
         for (name, o) in &vhost_overrides {
-            if !route.filter_overrides.iter().any(|(n, _)| n == name) {
-                route.filter_overrides.push((name.clone(), o.clone()));
+            match route.filter_overrides.iter_mut().find(|(n, _)| n == name) {
+                None => route.filter_overrides.push((name.clone(), o.clone())),
+                // A route's CORS policy reads its virtual host's for the fields it
+                // leaves unset (Envoy's filter walks both), merged once here.
+                Some((_, FilterOverride::Native(NativeOverride::Cors(own)))) => {
+                    if let FilterOverride::Native(NativeOverride::Cors(vhost)) = o {
+                        *own = Arc::new(own.over(vhost));
+                    }
+                }
+                Some(_) => {}
             }
         }
     }
@@ -354,7 +377,9 @@ fn map_route(
         None
     })?;
     let mut route_match = map_route_match(&m)?;
+    let mut route_cors = None;
     let action = if let Some(route) = r.obj("route") {
+        route_cors = route.obj("cors").map(|c| map_cors_policy(&c));
         map_path_rewrite_policy(&route, &mut route_match);
         RouteAction::Forward(map_forward_action(&route, r, inherited)?)
     } else if let Some(dr) = r.obj("direct_response") {
@@ -369,12 +394,42 @@ fn map_route(
         return None;
     };
     map_decorator(r);
+    let mut filter_overrides = map_filter_overrides(r);
+    if let Some(cors) = route_cors {
+        filter_overrides.push((
+            LEGACY_CORS.to_string(),
+            FilterOverride::Native(NativeOverride::Cors(Arc::new(cors))),
+        ));
+    }
     Some(RouteEntry {
         name,
         route_match,
         action,
-        filter_overrides: map_filter_overrides(r),
+        filter_overrides,
         header_mutations,
         metadata: super::metadata::map_metadata(r),
     })
+}
+
+/// The key under which a route keeps the policy of the deprecated `cors` fields
+/// (its action's over its virtual host's): not a filter name, which is never empty.
+/// The CORS filter reads it only when neither level has a `typed_per_filter_config`
+/// policy, as Envoy's does.
+pub const LEGACY_CORS: &str = "";
+
+fn legacy_cors(route: &mut RouteEntry, vhost: Option<&CorsPolicy>) {
+    let Some(vhost) = vhost else { return };
+    match route
+        .filter_overrides
+        .iter_mut()
+        .find(|(n, _)| n == LEGACY_CORS)
+    {
+        Some((_, FilterOverride::Native(NativeOverride::Cors(own)))) => {
+            *own = Arc::new(own.over(vhost));
+        }
+        _ => route.filter_overrides.push((
+            LEGACY_CORS.to_string(),
+            FilterOverride::Native(NativeOverride::Cors(Arc::new(vhost.clone()))),
+        )),
+    }
 }

@@ -239,7 +239,7 @@ pub fn map_route_match(m: &Obj<'_>) -> Option<RouteMatch> {
     })
 }
 
-fn map_header_matcher(h: &Obj<'_>) -> Option<HeaderMatcher> {
+pub(crate) fn map_header_matcher(h: &Obj<'_>) -> Option<HeaderMatcher> {
     let name = h.str("name").unwrap_or_default().to_ascii_lowercase();
     let source = match name.as_str() {
         ":authority" | "host" => HeaderSource::Authority,

@@ -13,3 +13,7 @@ pub const PYTHON_FILTER_TYPE: &str = "envoyx.filters.http.python";
 pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+pub const FAULT_TYPE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
+pub const CORS_TYPE: &str = "envoy.extensions.filters.http.cors.v3.Cors";
+pub const CORS_POLICY_TYPE: &str = "envoy.extensions.filters.http.cors.v3.CorsPolicy";
+pub const GRPC_STATS_TYPE: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";

@@ -54,6 +54,8 @@ pub(crate) struct ActiveStream {
     response_mutations: Option<ResponseMutations>,
     /// An upgrade (WebSocket, CONNECT…) the route allowed.
     upgrade: Option<Box<super::upgrade::UpgradeRequest>>,
+    /// What the native filters keep for the response (None: nothing).
+    native: Option<Box<super::native::NativeState>>,
 }
 
 /// `via` appended, Envoy's way (`, ` between values).
@@ -302,6 +304,7 @@ impl ActiveStream {
             },
             response_mutations,
             upgrade,
+            native: None,
         };
         if upgrade_refused {
             // Envoy's answer, and the connection closes: bytes after a refused
@@ -331,6 +334,24 @@ impl ActiveStream {
             // Decoder filters run before the router, as in Envoy: a filter may
             // answer for a route that does not exist.
             let mut chosen_cluster = None;
+            if let Some(native) = &hcm.native {
+                let req = crate::router::route_match::RouteRequest::new(
+                    authority,
+                    path,
+                    &parts.method,
+                    scheme,
+                    &parts.headers,
+                );
+                // Boxed, as the Python filters' futures: a request without them
+                // does not carry their state.
+                let decode = native.decode(req, route, &mut stream.native, &mut stream.record);
+                if let Err(reply) = Box::pin(decode).await {
+                    return Decoded::FilterReply(reply);
+                }
+                if let Some(state) = &stream.native {
+                    body = state.decode_body(body);
+                }
+            }
             let request_body = match &stream.filters {
                 None => ProxyBody::Stream(body),
                 // Filter futures are boxed: a request without filters does not
@@ -490,7 +511,18 @@ impl ActiveStream {
     }
 
     /// Sends the (upstream's) response downstream.
-    fn respond(mut self, parts: http::response::Parts, body: ProxyBody) -> Response<ResponseBody> {
+    fn respond(
+        mut self,
+        mut parts: http::response::Parts,
+        body: ProxyBody,
+    ) -> Response<ResponseBody> {
+        let body = match &self.native {
+            Some(native) => {
+                native.encode_headers(&mut parts.headers);
+                native.encode_body(body)
+            }
+            None => body,
+        };
         let status = parts.status.as_u16();
         self.conn.hcm.stats.response_class(status);
         let elapsed = self.started.elapsed();
@@ -655,6 +687,11 @@ impl ActiveStream {
             reply.status = http::StatusCode::OK;
             reply.body = bytes::Bytes::new();
         }
+        // The encoder filters see a local reply as any response (Envoy's
+        // `sendLocalReply` encodes through them), gRPC status included.
+        if let Some(native) = &self.native {
+            native.encode_headers(&mut headers);
+        }
         // Envoy sets a length only for a body; its HTTP/1 codec writes
         // `content-length: 0` for an empty one (not to a HEAD request), its
         // HTTP/2 codec nothing.
@@ -666,7 +703,7 @@ impl ActiveStream {
         }
         if let Some(r) = self.record.as_mut() {
             r.response_code = status;
-            r.response_flags = reply.flags;
+            r.response_flags = super::native::with_earlier_flags(r.response_flags, reply.flags);
             r.response_code_details = reply.details;
             r.response_headers = Some(headers.clone());
         }

@@ -40,6 +40,25 @@ pub enum PeerBody {
     Http1(H1RequestBody),
     /// An upstream response body under the route's timeouts.
     Timed(Box<TimedBody>),
+    /// A body whose frames a native filter sees as they pass (gRPC message counts).
+    Inspected(Box<InspectedBody>),
+}
+
+/// What sees the frames of an [`InspectedBody`].
+pub trait FrameInspector {
+    fn frame(&mut self, frame: &Frame<Bytes>);
+}
+
+/// A body streamed unchanged, each frame shown to an inspector on the way.
+pub struct InspectedBody {
+    pub inner: PeerBody,
+    pub inspector: Box<dyn FrameInspector>,
+}
+
+impl std::fmt::Debug for InspectedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InspectedBody").field(&self.inner).finish()
+    }
 }
 
 /// An upstream response body that must end by the route's deadline and may not
@@ -163,6 +182,13 @@ impl Body for PeerBody {
             }
             PeerBody::Http1(b) => Pin::new(b).poll_frame(cx),
             PeerBody::Timed(b) => b.poll_frame(cx),
+            PeerBody::Inspected(b) => {
+                let polled = Pin::new(&mut b.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    b.inspector.frame(frame);
+                }
+                polled
+            }
         }
     }
 
@@ -171,6 +197,7 @@ impl Body for PeerBody {
             PeerBody::Hyper(b) | PeerBody::Watched(b, _) => b.is_end_stream(),
             PeerBody::Http1(b) => b.is_end_stream(),
             PeerBody::Timed(b) => b.inner.is_end_stream(),
+            PeerBody::Inspected(b) => b.inner.is_end_stream(),
         }
     }
 
@@ -179,6 +206,7 @@ impl Body for PeerBody {
             PeerBody::Hyper(b) | PeerBody::Watched(b, _) => b.size_hint(),
             PeerBody::Http1(b) => b.size_hint(),
             PeerBody::Timed(b) => b.inner.size_hint(),
+            PeerBody::Inspected(b) => b.inner.size_hint(),
         }
     }
 }

@@ -183,6 +183,8 @@ pub struct HttpConnectionManager {
     pub(crate) client_cert_details: ClientCertDetails,
     /// The Python filters before the router; None on the fast path.
     pub(crate) filters: Option<Arc<dyn FilterChain>>,
+    /// The native filters (fault, CORS), before the Python ones; None when none.
+    pub(crate) native: Option<super::native::NativeFilters>,
     pub(crate) limits: HcmLimits,
     pub(crate) edits: HeaderEdits,
     /// `upgrade_configs` and the upgrade stats.
@@ -210,10 +212,12 @@ impl HttpConnectionManager {
     pub fn new(
         config: HttpConnectionManagerConfig,
         clusters: Arc<ClusterManager>,
-        store: &StatStore,
+        store: &Arc<StatStore>,
         filters: Option<Arc<dyn FilterChain>>,
         log_options: AccessLogOptions,
     ) -> std::io::Result<Arc<Self>> {
+        let native =
+            super::native::NativeFilters::new(&config.native_filters.0, store, &config.stat_prefix);
         let access_logs = config
             .access_logs
             .iter()
@@ -249,6 +253,7 @@ impl HttpConnectionManager {
             forward_client_cert: config.forward_client_cert,
             client_cert_details: config.client_cert_details,
             filters,
+            native,
             limits: *config.limits,
             edits: HeaderEdits {
                 via: header(options.via),

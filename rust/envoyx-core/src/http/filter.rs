@@ -245,7 +245,8 @@ impl FilterPlan {
             let config_override = match over {
                 Some(FilterOverride::Disabled) => continue,
                 Some(FilterOverride::Config(json)) => Some(json.clone()),
-                None => None,
+                // A native filter's settings under a Python filter's name: not its.
+                Some(FilterOverride::Native(_)) | None => None,
             };
             plan.hooks = plan.hooks | info.hooks;
             plan.timeout += info.settings.timeout;

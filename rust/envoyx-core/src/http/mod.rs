@@ -15,6 +15,7 @@ pub mod header_case;
 pub mod headers;
 pub mod internal_request;
 pub mod local_reply;
+pub(crate) mod native;
 pub mod path_normalization;
 pub(crate) mod upgrade;
 
