@@ -75,7 +75,7 @@ def grpc_timeouts(ctx: Ctx) -> Json:
     )
 
 
-EXPECTED = ("up.header:x-envoy-expected-rq-timeout-ms",)
+EXPECTED = ("up.header:x-envoy-expected-rq-timeout-ms", "up.header:grpc-timeout")
 GRPC = (("content-type", "application/grpc"),)
 
 

@@ -401,6 +401,10 @@ pub struct HcmLimits {
     /// `http_protocol_options.allow_chunked_length` (default false: a request
     /// with both framings is a 400).
     pub allow_chunked_length: bool,
+    /// `proxy_100_continue`: an HTTP/1.1 request's `Expect: 100-continue` goes
+    /// upstream and the upstream's `100 Continue` comes back, instead of envoyx
+    /// answering it.
+    pub proxy_100_continue: bool,
     /// `http_protocol_options.header_key_format`: how response header names are
     /// written, and whether the case of request header names is kept.
     pub header_key_format: super::HeaderKeyFormat,
@@ -434,6 +438,7 @@ impl Default for HcmLimits {
             max_request_headers_bytes: 60 * 1024,
             accept_http_10: false,
             allow_chunked_length: false,
+            proxy_100_continue: false,
             header_key_format: super::HeaderKeyFormat::Default,
             h2_max_concurrent_streams: None,
             h2_initial_stream_window_size: None,

@@ -141,6 +141,7 @@ fn map_hcm_options(hcm: &Obj<'_>, limits: &mut HcmLimits) -> HcmOptions {
         }
         v.to_string()
     });
+    limits.proxy_100_continue = hcm.bool("proxy_100_continue").unwrap_or(false);
     let mut default_host_for_http_10 = None;
     if let Some(h1) = hcm.obj("http_protocol_options") {
         limits.accept_http_10 = h1.bool("accept_http_10").unwrap_or(false);

@@ -286,6 +286,9 @@ pub fn map_forward_action(
 ) -> Option<ForwardAction> {
     let (cluster, specifier) = map_cluster_specifier(route)?;
     let timeout = match route.duration("timeout") {
+        // With `max_stream_duration` Envoy uses its new timeouts: the route has no
+        // `timeout` at all (Envoy's `usingNewTimeouts`).
+        _ if route.has("max_stream_duration") => None,
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
         None => Some(Duration::from_secs(15)),

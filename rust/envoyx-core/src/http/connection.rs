@@ -99,6 +99,7 @@ impl DownstreamConnection {
             max_head: limits.max_request_headers_bytes,
             accept_http_10: limits.accept_http_10,
             allow_chunked_length: limits.allow_chunked_length,
+            proxy_100_continue: limits.proxy_100_continue,
             preserve_case: limits.header_key_format.preserve(),
         }
     }

@@ -267,6 +267,7 @@ impl Router<'_, '_> {
             xfcc: (hcm.forward_client_cert, hcm.client_cert_details),
             upstream_tls: upstream.cluster.tls.is_some(),
             expected_timeout: timeouts.expected_header(action),
+            grpc_timeout_rewrite: timeouts.grpc,
             mutations,
         };
         // TLS with auto_sni names the host the request goes to (after any rewrite
@@ -764,6 +765,13 @@ pub(super) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
     if let Some(case) = p.extensions.get::<crate::http::header_case::RecordedCase>() {
         req.extensions_mut().insert(case.clone());
     }
+    // Every try may open the client's `100 Continue` (proxy_100_continue).
+    if let Some(gate) = p
+        .extensions
+        .get::<std::sync::Arc<crate::upstream::ContinueGate>>()
+    {
+        req.extensions_mut().insert(gate.clone());
+    }
     req.into_parts().0
 }
 
@@ -792,6 +800,8 @@ pub(crate) struct Timeouts {
     /// Whether the timeouts differ from the route's own (the precomputed
     /// `x-envoy-expected-rq-timeout-ms` then does not apply).
     from_request: bool,
+    /// A gRPC request's timeout came from `max_grpc_timeout` and its `grpc-timeout`.
+    grpc: bool,
 }
 
 /// Which timeout ended a request (its reply's details).
@@ -844,6 +854,7 @@ impl Timeouts {
                 attempt_count_in_response: action.include_attempt_count_in_response,
                 hedge,
                 from_request: (per_try.is_some() && !hedge) || grpc_timeout.is_some(),
+                grpc: grpc_timeout.is_some(),
             };
         }
         let mut from_request = grpc_timeout.is_some();
@@ -876,6 +887,7 @@ impl Timeouts {
             attempt_count_in_response: action.include_attempt_count_in_response,
             hedge,
             from_request: from_request || (per_try.is_some() && !hedge),
+            grpc: grpc_timeout.is_some(),
         }
     }
 
@@ -1027,6 +1039,9 @@ pub(super) struct RequestRewrite<'a> {
     upstream_tls: bool,
     /// `x-envoy-expected-rq-timeout-ms`.
     expected_timeout: Option<HeaderValue>,
+    /// A gRPC request under `max_grpc_timeout`: its `grpc-timeout` is rewritten to
+    /// the expected timeout, as Envoy's `setTimeoutHeaders` does.
+    grpc_timeout_rewrite: bool,
     /// The route's `request_headers_to_add` and kin (Envoy's `finalizeRequestHeaders`).
     mutations: Option<super::header_mutation::RequestMutations<'a>>,
 }
@@ -1042,8 +1057,22 @@ impl RequestRewrite<'_> {
     ) {
         self.apply(req, h2_upstream, hostname);
         if let Some(v) = expected_timeout {
-            req.headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), v);
+            self.set_expected_timeout(&mut req.headers, v);
         }
+    }
+
+    /// `x-envoy-expected-rq-timeout-ms`, and a gRPC request's `grpc-timeout` with it
+    /// under `max_grpc_timeout`.
+    fn set_expected_timeout(&self, headers: &mut http::HeaderMap, ms: HeaderValue) {
+        if self.grpc_timeout_rewrite {
+            let mut grpc = Vec::with_capacity(ms.len() + 1);
+            grpc.extend_from_slice(ms.as_bytes());
+            grpc.push(b'm');
+            if let Ok(v) = HeaderValue::from_bytes(&grpc) {
+                headers.insert(crate::http::headers::GRPC_TIMEOUT.clone(), v);
+            }
+        }
+        headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), ms);
     }
 
     /// Edits the request in place; touches the URI and `Host` only when something
@@ -1068,7 +1097,7 @@ impl RequestRewrite<'_> {
         strip_hop_by_hop(headers);
         forward_client_cert(headers, self.xfcc.0, self.xfcc.1, self.downstream_tls);
         if let Some(expected) = &self.expected_timeout {
-            headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), expected.clone());
+            self.set_expected_timeout(headers, expected.clone());
         }
         // After the headers the connection manager and the router's timeouts add
         // (a mutation may remove them), before the path and host rewrites.

@@ -216,10 +216,18 @@ impl Sender {
 
     pub async fn send(
         &mut self,
-        req: http::Request<ProxyBody>,
+        mut req: http::Request<ProxyBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
         match self {
             Sender::Http1(c) => {
+                if let Some(gate) = req.extensions().get::<Arc<super::ContinueGate>>() {
+                    let gate = gate.clone();
+                    hyper::ext::on_informational(&mut req, move |res| {
+                        if res.status() == http::StatusCode::CONTINUE {
+                            gate.open();
+                        }
+                    });
+                }
                 let records = c.case.arm(&req, c.key_format);
                 let mut response = c.sender.send_request(req).await?;
                 if records && let Some(case) = c.case.take_recorded() {

@@ -108,6 +108,9 @@ pub struct ReadSide {
     pub eof: bool,
     /// `100 Continue` is owed once the body is first read: bytes already written.
     pub expect_continue: Option<usize>,
+    /// Under `proxy_100_continue` the `100 Continue` is owed only once the upstream
+    /// answered one; until then the body is read without it.
+    pub continue_gate: Option<std::sync::Arc<crate::upstream::ContinueGate>>,
     /// The connection waits for the body to end (to watch the peer again).
     pub waiter: Option<Waker>,
     /// Bytes beyond the current request were read (a pipelined request).
@@ -135,6 +138,7 @@ impl Shared {
                 body: BodyState::Done,
                 eof: false,
                 expect_continue: None,
+                continue_gate: None,
                 waiter: None,
                 ahead: false,
             }),
@@ -176,7 +180,12 @@ impl Shared {
     }
 
     /// Starts the body of a new request; the body handle for it.
-    pub fn begin_body(self: &Rc<Self>, framing: Framing, expect_continue: bool) -> RequestBody {
+    pub fn begin_body(
+        self: &Rc<Self>,
+        framing: Framing,
+        expect_continue: bool,
+        continue_gate: Option<std::sync::Arc<crate::upstream::ContinueGate>>,
+    ) -> RequestBody {
         let seq = self.request_seq.get() + 1;
         self.request_seq.set(seq);
         let mut read = self.read.borrow_mut();
@@ -189,6 +198,7 @@ impl Shared {
             Framing::Chunked => BodyState::ChunkSize,
         };
         read.expect_continue = (expect_continue && read.body != BodyState::Done).then_some(0);
+        read.continue_gate = continue_gate;
         RequestBody {
             shared: (read.body != BodyState::Done).then(|| self.clone()),
             watch: None,
@@ -405,7 +415,11 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         }
         let mut read = shared.read.borrow_mut();
-        if let Some(written) = read.expect_continue.as_mut() {
+        let gate_closed = read
+            .continue_gate
+            .as_ref()
+            .is_some_and(|gate| read.expect_continue == Some(0) && !gate.poll_open(cx));
+        if let Some(written) = read.expect_continue.as_mut().filter(|_| !gate_closed) {
             const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
             match shared.poll_write_all(cx, CONTINUE, written) {
                 Poll::Pending => return Poll::Pending,

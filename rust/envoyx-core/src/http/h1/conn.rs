@@ -320,13 +320,21 @@ async fn exchange(
     }
     let head_request = request.method() == Method::HEAD;
     let http10 = request.version() == http::Version::HTTP_10;
-    let body = shared.begin_body(framing, expect_continue);
-    if expect_continue && framing != super::head::Framing::None {
+    // proxy_100_continue: the client's `100 Continue` waits for the upstream's.
+    let continue_gate = (expect_continue
+        && conn.hcm.limits.proxy_100_continue
+        && framing != super::head::Framing::None)
+        .then(std::sync::Arc::<crate::upstream::ContinueGate>::default);
+    let body = shared.begin_body(framing, expect_continue, continue_gate.clone());
+    if expect_continue && framing != super::head::Framing::None && continue_gate.is_none() {
         // The `100 Continue` envoyx owes (sent once the body is read; Envoy
         // sends it at once) counts as a 1xx response, as in Envoy.
         conn.hcm.stats.response_class(100);
     }
-    let request = request.map(|()| PeerBody::Http1(body));
+    let mut request = request.map(|()| PeerBody::Http1(body));
+    if let Some(gate) = continue_gate {
+        request.extensions_mut().insert(gate);
+    }
     // Boxed on its own (it is large): this future stays small, so that neither
     // boxing it nor selecting on the stream copies the stream's state.
     let run = Box::pin(ActiveStream::run(conn.clone(), request));

@@ -132,6 +132,8 @@ pub struct HeadRules {
     pub accept_http_10: bool,
     /// `http_protocol_options.allow_chunked_length`.
     pub allow_chunked_length: bool,
+    /// `proxy_100_continue`: `Expect: 100-continue` is kept for the upstream.
+    pub proxy_100_continue: bool,
     /// `http_protocol_options.header_key_format` preserve_case: the spelling of
     /// the request's header names is recorded for the upstream codec.
     pub preserve_case: Option<PreserveCase>,
@@ -145,6 +147,7 @@ impl Default for HeadRules {
             max_head: MAX_HEAD,
             accept_http_10: false,
             allow_chunked_length: false,
+            proxy_100_continue: false,
             preserve_case: None,
         }
     }
@@ -328,9 +331,12 @@ fn build(
             header::CONNECTION if has_token(h.value, b"close") => keep_alive = false,
             header::CONNECTION if has_token(h.value, b"keep-alive") => keep_alive = true,
             header::EXPECT if trim(h.value).eq_ignore_ascii_case(b"100-continue") => {
-                // Envoy answers it itself and does not forward it.
                 expect_continue = true;
-                continue;
+                // Envoy answers it itself and does not forward it, unless it is
+                // to proxy the upstream's answer.
+                if !rules.proxy_100_continue {
+                    continue;
+                }
             }
             _ => {}
         }
