@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+pub use super::filter_override::FilterOverride;
+use super::filter_override::map_filter_overrides;
 use super::header_mutation::{HeaderMutations, RouteHeaderMutations, map_header_mutations};
 use super::reader::Obj;
 use super::retry::{map_hedge_policy, map_retry_policy};
@@ -15,18 +17,6 @@ use super::route_action::{
     map_forward_action, map_mirror_policy, map_redirect,
 };
 use super::route_match::{RouteMatch, map_path_rewrite_policy, map_route_match};
-use super::type_urls::{
-    FILTER_CONFIG_TYPE, PYTHON_FILTER_TYPE, TYPED_STRUCT_TYPE, UDPA_TYPED_STRUCT_TYPE,
-};
-
-/// A route's `typed_per_filter_config` entry for one filter.
-#[derive(Debug, Clone)]
-pub enum FilterOverride {
-    /// `envoy.config.route.v3.FilterConfig` with `disabled: true`.
-    Disabled,
-    /// A TypedStruct whose `value.config` replaces the filter's config (JSON text).
-    Config(Arc<str>),
-}
 
 #[derive(Debug)]
 pub struct RouteConfig {
@@ -62,53 +52,6 @@ pub struct RouteEntry {
     /// `request_headers_to_add` and kin of the route, its virtual host and its
     /// route configuration, in Envoy's order; None when none is set.
     pub header_mutations: Option<Arc<RouteHeaderMutations>>,
-}
-
-/// `typed_per_filter_config`: per filter name, disabled or a config override.
-fn map_filter_overrides(owner: &Obj<'_>) -> Vec<(String, FilterOverride)> {
-    let mut out = Vec::new();
-    for (name, any) in owner.entries("typed_per_filter_config") {
-        match any.any_type() {
-            Some(FILTER_CONFIG_TYPE) => {
-                // `is_optional` only matters for filters envoyx does not know, which it rejects.
-                any.ignore(&["is_optional"]);
-                if any.raw("config").is_some() {
-                    any.error(
-                        "config",
-                        "not supported by envoyx (use a TypedStruct override)",
-                    );
-                }
-                if any.bool("disabled") == Some(true) {
-                    out.push((name.to_string(), FilterOverride::Disabled));
-                }
-            }
-            Some(TYPED_STRUCT_TYPE | UDPA_TYPED_STRUCT_TYPE) => {
-                let type_url = any.str("type_url").unwrap_or_default();
-                if type_url != PYTHON_FILTER_TYPE {
-                    any.error(
-                        "type_url",
-                        format!("{type_url:?} is not supported by envoyx"),
-                    );
-                    continue;
-                }
-                let Some(value) = any.obj("value") else {
-                    any.error("value", "is required: {config: ...}");
-                    continue;
-                };
-                let config = value.raw("config").cloned().unwrap_or(Value::Null);
-                out.push((
-                    name.to_string(),
-                    FilterOverride::Config(config.to_string().into()),
-                ));
-            }
-            Some(other) => any.error(
-                "@type",
-                format!("per-filter config {other} is not supported by envoyx"),
-            ),
-            None => {}
-        }
-    }
-    out
 }
 
 /// The header mutations a virtual host hands its routes: the route

@@ -75,7 +75,10 @@ fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
 /// what their formatters read. A direct-response route's apply only to its
 /// direct response, as Envoy's (it has no route entry for other local replies).
 struct ResponseMutations {
-    route: Arc<crate::config::header_mutation::RouteHeaderMutations>,
+    route: Option<Arc<crate::config::header_mutation::RouteHeaderMutations>>,
+    /// The picked weighted cluster's, evaluated before the route's (Envoy's
+    /// `WeightedClusterEntry::finalizeResponseHeaders`).
+    cluster: Option<Arc<crate::config::header_mutation::HeaderMutations>>,
     direct: bool,
 }
 
@@ -226,6 +229,10 @@ impl ActiveStream {
                 req.headers(),
             ))
         };
+        // The weighted cluster entry is picked with the route, as in Envoy: its
+        // per-filter configs and header mutations are the most specific.
+        let weighted =
+            route.and_then(|r| crate::router::cluster_specifier::pick_weighted(r, req.headers()));
         let upgrade_refused = match (upgrade.as_mut(), route) {
             (Some(u), Some(r)) => matches!(
                 u.decide(&hcm.upgrades, r),
@@ -236,7 +243,7 @@ impl ActiveStream {
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
-                route,
+                super::filter::RouteFilterConfigs { route, weighted },
                 &req,
                 authority,
                 path,
@@ -246,9 +253,16 @@ impl ActiveStream {
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
         let response_mutations = route.and_then(|r| {
-            let m = r.header_mutations.as_ref().filter(|m| m.has_response)?;
+            let m = r.header_mutations.as_ref().filter(|m| m.has_response);
+            let cluster = weighted
+                .and_then(|w| w.header_mutations.as_ref())
+                .filter(|m| !m.response.is_empty());
+            if m.is_none() && cluster.is_none() {
+                return None;
+            }
             Some(ResponseMutations {
-                route: m.clone(),
+                route: m.cloned(),
+                cluster: cluster.cloned(),
                 direct: matches!(r.action, RouteAction::Direct { .. }),
             })
         });
@@ -340,6 +354,7 @@ impl ActiveStream {
                 bytes_received: &stream.bytes_received,
                 upgrade: &mut stream.upgrade,
                 routes: &routes,
+                weighted,
                 authority,
                 path,
             };
@@ -587,7 +602,12 @@ impl ActiveStream {
         let mut facts = record.facts();
         facts.response_code = response_code;
         facts.duration = None;
-        m.route.apply_response(headers, &facts);
+        if let Some(cluster) = &m.cluster {
+            cluster.apply_response(headers, &facts);
+        }
+        if let Some(route) = &m.route {
+            route.apply_response(headers, &facts);
+        }
     }
 
     /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place

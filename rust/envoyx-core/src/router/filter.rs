@@ -11,10 +11,11 @@ use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderValue};
 
+use super::cluster_specifier::{ClusterChoice, choose};
 use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
-use crate::config::route_action::HostRewrite;
+use crate::config::route_action::{ClusterWeight, HostRewrite};
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
@@ -75,6 +76,8 @@ pub(crate) struct Router<'s, 'r> {
     /// The table `route` came from (its cluster slots index the connection's
     /// cluster handles).
     pub routes: &'r LocalHandle<RouteTable>,
+    /// The route's weighted cluster entry picked for this request (with the route).
+    pub weighted: Option<&'r ClusterWeight>,
     pub authority: &'r str,
     pub path: &'r str,
 }
@@ -128,14 +131,12 @@ impl Router<'_, '_> {
             }
             RouteAction::Forward(f) => f,
         };
-        let picked = action
-            .cluster_specifier
-            .as_deref()
-            .map(|spec| super::cluster_specifier::pick(spec, &parts.headers));
-        let cluster = match (chosen_cluster, &picked) {
-            (Some(name), _) => hcm.clusters.get(name).map(LocalHandle::new),
-            (None, Some(p)) => hcm.clusters.get(&p.cluster).map(LocalHandle::new),
-            (None, None) => conn.cluster_for(self.routes, action),
+        let cluster = match chosen_cluster {
+            Some(name) => hcm.clusters.get(name).map(LocalHandle::new),
+            None => match choose(action, self.weighted, &parts.headers) {
+                ClusterChoice::Slot(slot, name) => conn.cluster_for(self.routes, slot, name),
+                ClusterChoice::Named(name) => hcm.clusters.get(&name).map(LocalHandle::new),
+            },
         };
         let Some(cluster) = cluster else {
             stats.no_cluster.inc();
@@ -146,7 +147,7 @@ impl Router<'_, '_> {
                 "cluster_not_found",
             ));
         };
-        let cluster_host_rewrite = picked.and_then(|p| p.host_rewrite);
+        let cluster_host_rewrite = self.weighted.and_then(|e| e.host_rewrite.as_deref());
         if let Some(r) = self.record.as_mut() {
             r.upstream_cluster = Some(cluster.name.clone());
         }
@@ -217,8 +218,14 @@ impl Router<'_, '_> {
             path,
         );
         let start = self.record.as_ref().and_then(|r| r.start);
-        let mutations =
-            super::header_mutation::RequestMutations::of(route, &conn, authority, path, start);
+        let mutations = super::header_mutation::RequestMutations::of(
+            route,
+            self.weighted,
+            &conn,
+            authority,
+            path,
+            start,
+        );
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::config::route_action::ClusterSpecifier;
 use crate::config::route_match::StripHostPort;
 use crate::config::{RouteAction, RouteConfig, RouteEntry, VirtualHostConfig};
 
@@ -71,12 +72,25 @@ impl RouteTable {
                 }
             }
             let mut routes = routes;
+            let mut slot_of = |name: &str| {
+                *slots.entry(name.to_string()).or_insert_with(|| {
+                    table.cluster_names.push(name.to_string());
+                    table.cluster_names.len() - 1
+                })
+            };
             for route in &mut routes {
                 if let RouteAction::Forward(f) = &mut route.action {
-                    f.cluster_slot = *slots.entry(f.cluster.clone()).or_insert_with(|| {
-                        table.cluster_names.push(f.cluster.clone());
-                        table.cluster_names.len() - 1
-                    });
+                    f.cluster_slot = slot_of(&f.cluster);
+                    // Weighted entries that name their cluster find it as a plain
+                    // `cluster` does; `cluster_header` names stay per request.
+                    if let Some(ClusterSpecifier::Weighted(w)) = f.cluster_specifier.as_deref_mut()
+                    {
+                        for entry in &mut w.clusters {
+                            if let Some(name) = &entry.name {
+                                entry.cluster_slot = slot_of(name);
+                            }
+                        }
+                    }
                 }
             }
             table.vhosts.push(VirtualHost { name, routes });
