@@ -1,11 +1,13 @@
-"""Weighted cluster entries beside Envoy 1.40: each entry's ``request_headers_to_add`` /
-``_to_remove`` and ``response_headers_to_add`` / ``_to_remove`` (Envoy's
-``WeightedClusterEntry`` evaluates them before the route's levels, whatever
+"""Weighted cluster entries and route ``tls_context`` beside Envoy 1.40: each entry's
+``request_headers_to_add`` / ``_to_remove`` and ``response_headers_to_add`` /
+``_to_remove`` (Envoy's ``WeightedClusterEntry`` evaluates them before the route's levels, whatever
 ``most_specific_header_mutations_wins`` says), on proxied responses and on the
 router's local replies, and each entry's ``typed_per_filter_config`` (the most
 specific per-filter config of a request that picked it: Envoy's Lua filter against
 envoyx's Python twin, as in tests/test_filters_differential.py). Every pick is
-deterministic: ``header_name`` chooses the entry.
+deterministic: ``header_name`` chooses the entry. Then a route match's
+``tls_context`` (``presented``, ``validated``) over plaintext and TLS, with and
+without a client certificate.
 
 The scenarios run through the real Envoy and through envoyx (the machinery is
 ``support/differential.py``); the refused configurations through ``envoy --mode
@@ -15,11 +17,12 @@ validate`` and envoyx's own validation, with the field paths.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from test_filters_differential import FIRST, TAG, Req, _describe, _run, disabled
 from test_filters_differential import Scenario as FilterScenario
@@ -37,12 +40,26 @@ from test_filters_e2e import (
 from test_routing_headers import HCM_PATH, dummy_ctx, envoy_refusal, envoyx_errors, hv
 
 import envoyx
-from support.bootstrap import bootstrap, cluster, http_listener, virtual_host
+from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
 from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
 from support.envoy import targets_from_env
+from support.proxy import ProxyProcess
+from support.tls import (
+    Pki,
+    client_context,
+    downstream_tls,
+    hcm_config,
+    https_request,
+    shared_pki,
+    validation_context,
+)
+from support.tls import listener as tls_listener
 from support.upstreams import HttpUpstream
+from support.wait import free_port
 
 pytestmark = pytest.mark.envoy
+
+StartProxy = Callable[..., ProxyProcess]
 
 
 # ---------------------------------------------------------------------------------
@@ -587,3 +604,98 @@ def test_entry_filter_config_of_an_unknown_type_is_refused_by_path(tmp_path: Pat
 def test_entry_fields_still_refused_name_their_path(tmp_path: Path) -> None:
     document = refused_document({"metadata_match": {"filter_metadata": {}}}, tmp_path)
     assert f"{HCM_PATH}.{ENTRY}.metadata_match: not supported by envoyx" in envoyx_errors(document)
+
+
+# ---------------------------------------------------------------------------------
+# Route match tls_context: presented / validated over plaintext and TLS
+# ---------------------------------------------------------------------------------
+
+TLS_SERVER = "server.example.com"  # a DNS SAN of the PKI's server certificates
+
+
+def _tls_routes() -> list[Json]:
+    def on(prefix: str, criteria: Json, body: str) -> Json:
+        r = route({"prefix": prefix}, direct=(200, body))
+        r["match"]["tls_context"] = criteria
+        return r
+
+    return [
+        on("/presented", {"presented": True}, "presented"),
+        on("/presented", {"presented": False}, "not-presented"),
+        on("/validated", {"validated": True}, "validated"),
+        on("/validated", {"validated": False}, "not-validated"),
+        on("/both", {"presented": True, "validated": True}, "both"),
+        on("/unvalidated", {"presented": True, "validated": False}, "presented-unvalidated"),
+        on("/empty", {}, "empty"),
+        route({"prefix": "/"}, direct=(200, "fallback")),
+    ]
+
+
+def _tls_bootstrap(pki: Pki, ports: dict[str, int], admin_port: int) -> Json:
+    def chain(transport_socket: Json | None) -> Json:
+        c: Json = {"filters": [hcm_config([virtual_host("all", ["*"], _tls_routes())])]}
+        if transport_socket is not None:
+            c["transport_socket"] = transport_socket
+        return c
+
+    return bootstrap(
+        admin_port=admin_port,
+        listeners=[
+            tls_listener(ports["plain"], [chain(None)], name="plain"),
+            tls_listener(
+                ports["mtls"],
+                [
+                    chain(
+                        downstream_tls([pki.server_rsa], validation=validation_context(pki.ca_path))
+                    )
+                ],
+                name="mtls",
+            ),
+            tls_listener(ports["tls"], [chain(downstream_tls([pki.server_rsa]))], name="tls"),
+        ],
+        clusters=[],
+    )
+
+
+TLS_PATHS = ("/presented", "/validated", "/both", "/unvalidated", "/empty")
+
+# (listener, client certificate) → the body of each path's route, as Envoy 1.40 answers.
+TLS_EXPECTED: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("plain", False): ("not-presented", "not-validated", "fallback", "fallback", "empty"),
+    ("mtls", False): ("not-presented", "not-validated", "fallback", "fallback", "empty"),
+    ("mtls", True): ("presented", "validated", "both", "fallback", "empty"),
+    # No validation context: Envoy does not ask for a client certificate.
+    ("tls", True): ("not-presented", "not-validated", "fallback", "fallback", "empty"),
+}
+
+
+def _tls_answers(proxy: ProxyProcess, pki: Pki, ports: dict[str, int]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for (where, with_cert), _ in TLS_EXPECTED.items():
+        bodies = []
+        for path in TLS_PATHS:
+            address = ("127.0.0.1", ports[where])
+            if where == "plain":
+                resp = httpx.get(f"http://127.0.0.1:{ports[where]}{path}", timeout=5)
+                bodies.append((resp.status_code, resp.text))
+            else:
+                ctx = client_context(pki, cert=pki.client_web if with_cert else None)
+                raw, _ = https_request(address, ctx, path, server_name=TLS_SERVER)
+                bodies.append((raw.status, raw.body.decode()))
+        out[(where, with_cert)] = bodies
+    return out
+
+
+def test_route_tls_context_presented_and_validated(
+    start_envoy: StartProxy, start_envoyx: StartProxy
+) -> None:
+    pki = shared_pki()
+    answers = {}
+    for who, start in (("envoy", start_envoy), ("envoyx", start_envoyx)):
+        ports = {name: free_port() for name in ("plain", "mtls", "tls")}
+        proxy = start(_tls_bootstrap(pki, ports, free_port()))
+        answers[who] = _tls_answers(proxy, pki, ports)
+        proxy.stop()
+    expected = {key: [(200, body) for body in bodies] for key, bodies in TLS_EXPECTED.items()}
+    assert answers["envoy"] == expected, "the table is Envoy's"
+    assert answers["envoyx"] == answers["envoy"]

@@ -221,13 +221,16 @@ impl ActiveStream {
         let route = if early.is_some() {
             None
         } else {
-            routes.find(&crate::router::route_match::RouteRequest::new(
-                authority,
-                path,
-                req.method(),
-                scheme,
-                req.headers(),
-            ))
+            routes.find(
+                &crate::router::route_match::RouteRequest::new(
+                    authority,
+                    path,
+                    req.method(),
+                    scheme,
+                    req.headers(),
+                )
+                .with_tls(conn.tls.as_deref()),
+            )
         };
         // The weighted cluster entry is picked with the route, as in Envoy: its
         // per-filter configs and header mutations are the most specific.
