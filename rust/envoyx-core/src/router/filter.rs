@@ -86,11 +86,29 @@ impl Router<'_, '_> {
     /// Routes the request (after the decoder filters; `chosen_cluster` is a
     /// filter's choice) and sends it upstream.
     pub async fn decode(
-        self,
+        mut self,
         route: Option<&RouteEntry>,
         parts: http::request::Parts,
         body: ProxyBody,
         chosen_cluster: Option<&str>,
+    ) -> RouterOutcome {
+        let sent = SentRequest::default();
+        let outcome = self
+            .forward(route, parts, body, chosen_cluster, &sent)
+            .await;
+        sent.log_into(self.record);
+        outcome
+    }
+
+    /// The work of [`Self::decode`]; the request as its tries sent it is left in
+    /// `sent`, for the record.
+    async fn forward(
+        &mut self,
+        route: Option<&RouteEntry>,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        chosen_cluster: Option<&str>,
+        sent: &SentRequest,
     ) -> RouterOutcome {
         let conn = self.conn.clone();
         let hcm = &conn.hcm;
@@ -226,6 +244,9 @@ impl Router<'_, '_> {
             path,
             start,
         );
+        // Envoy's log and response formatters read the request its mutations
+        // changed (one map there): the record gets the request as sent.
+        let logged = (mutations.is_some() && self.record.is_some()).then_some(sent);
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,
@@ -278,6 +299,7 @@ impl Router<'_, '_> {
                     parts,
                     sni,
                     include_attempt_count: action.include_attempt_count_in_request,
+                    logged,
                 })
                 .await;
         }
@@ -326,7 +348,6 @@ impl Router<'_, '_> {
             let expected = (attempt > 1)
                 .then(|| timeouts.expected_for_retry(deadline))
                 .flatten();
-            let record = &mut *self.record;
             let sent = upstream
                 .send(
                     &host,
@@ -336,12 +357,8 @@ impl Router<'_, '_> {
                     limit.wait,
                     |p, h2| {
                         rewrite.apply_for_try(p, h2, &host.hostname, expected);
-                        // Envoy's log and response formatters read the request
-                        // its mutations changed (one map there).
-                        if rewrite.mutations.is_some()
-                            && let Some(r) = record.as_mut()
-                        {
-                            r.request_headers = Some(p.headers.clone());
+                        if let Some(l) = logged {
+                            l.capture(&p.headers);
                         }
                         if let Some(token) = &upgrade_headers {
                             crate::http::upgrade::restore_request_headers(&mut p.headers, token);
@@ -356,14 +373,7 @@ impl Router<'_, '_> {
                 },
                 Err(TryFailure::Timeout) if !limit.per_try_binds => {
                     // The route's timeout: the request is over, whatever the policy.
-                    stats.upstream_rq_timeout.inc();
-                    return self.timeout_reply(
-                        &cluster,
-                        &timeouts,
-                        attempt,
-                        false,
-                        TimeoutKind::Route,
-                    );
+                    return self.route_timeout(&cluster, &timeouts, attempt, false);
                 }
                 Err(failure) => {
                     if matches!(failure, TryFailure::Timeout) {
@@ -457,14 +467,7 @@ impl Router<'_, '_> {
                 .await
                 .is_none()
             {
-                stats.upstream_rq_timeout.inc();
-                return self.timeout_reply(
-                    &cluster,
-                    &timeouts,
-                    attempt - 1,
-                    false,
-                    TimeoutKind::Route,
-                );
+                return self.route_timeout(&cluster, &timeouts, attempt - 1, false);
             }
         }
     }
@@ -495,7 +498,7 @@ impl Router<'_, '_> {
     /// A CONNECT the route terminates (`connect_config`): a TCP connection to a
     /// host of the cluster, then the 200 that starts the tunnel over it.
     async fn terminate_connect(
-        self,
+        &mut self,
         upstream: &UpstreamRequest<'_>,
         timeouts: &Timeouts,
     ) -> RouterOutcome {
@@ -526,7 +529,7 @@ impl Router<'_, '_> {
     /// The upstream's response headers: counted, then handed to the encoder path
     /// with the route's timers on its body.
     pub(super) fn upstream_response(
-        self,
+        &mut self,
         resp: TryResponse,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
@@ -557,10 +560,23 @@ impl Router<'_, '_> {
         })
     }
 
+    /// The reply when the route's timeout fired before response headers
+    /// (counted in `upstream_rq_timeout`).
+    pub(super) fn route_timeout(
+        &mut self,
+        cluster: &LocalHandle<Cluster>,
+        timeouts: &Timeouts,
+        attempt: u32,
+        exhausted: bool,
+    ) -> RouterOutcome {
+        cluster.stats.upstream_rq_timeout.inc();
+        self.timeout_reply(cluster, timeouts, attempt, exhausted, TimeoutKind::Route)
+    }
+
     /// The reply when the route's timeout or the last try's fired before
     /// response headers.
     pub(super) fn timeout_reply(
-        self,
+        &mut self,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
         attempt: u32,
@@ -583,7 +599,7 @@ impl Router<'_, '_> {
     /// "retried and the latest reset reason"); `exhausted`: the last failure was
     /// retriable but no retry was left (`URX`).
     pub(super) fn failure(
-        self,
+        &mut self,
         failure: TryFailure,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
@@ -697,6 +713,46 @@ pub(super) struct Hedged<'a> {
     pub parts: http::request::Parts,
     pub sni: Option<std::sync::Arc<str>>,
     pub include_attempt_count: bool,
+    /// Where each try's request goes for the access log (None: not wanted).
+    pub logged: Option<&'a SentRequest>,
+}
+
+/// The request as the route's mutations changed it, for the access log and the
+/// response formatters (Envoy's read the one request map its router mutates):
+/// copied from the first try sent, once per request; a later try writes only
+/// what differs per try over the copy (its attempt count, expected timeout, and
+/// the host `auto_host_rewrite` picked).
+#[derive(Default)]
+pub(super) struct SentRequest(std::cell::RefCell<Option<http::HeaderMap>>);
+
+impl SentRequest {
+    pub(super) fn capture(&self, headers: &http::HeaderMap) {
+        let mut slot = self.0.borrow_mut();
+        let Some(logged) = slot.as_mut() else {
+            *slot = Some(headers.clone());
+            return;
+        };
+        for name in [
+            &X_ENVOY_ATTEMPT_COUNT,
+            &X_ENVOY_EXPECTED_TIMEOUT,
+            &header::HOST,
+        ] {
+            match headers.get(name) {
+                Some(v) => {
+                    logged.insert(name.clone(), v.clone());
+                }
+                None => {
+                    logged.remove(name);
+                }
+            }
+        }
+    }
+
+    fn log_into(self, record: &mut Option<Box<LogRecord>>) {
+        if let (Some(headers), Some(r)) = (self.0.into_inner(), record.as_mut()) {
+            r.request_headers = Some(headers);
+        }
+    }
 }
 
 /// A copy of a request's head for one try (the body is the try's own).
@@ -710,7 +766,10 @@ pub(super) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
 }
 
 /// `fut`, unless `deadline` passes first (None).
-async fn within<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+pub(super) async fn within<F: std::future::Future>(
+    deadline: Option<Instant>,
+    fut: F,
+) -> Option<F::Output> {
     match deadline {
         Some(d) => tokio::time::timeout_at(d.into(), fut).await.ok(),
         None => Some(fut.await),
