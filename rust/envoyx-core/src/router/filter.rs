@@ -1101,3 +1101,30 @@ impl RequestRewrite<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_request_is_copied_once_then_takes_each_try_s_own_headers() {
+        let sent = SentRequest::default();
+        let mut first = http::HeaderMap::new();
+        first.insert("x-added", HeaderValue::from_static("by-route"));
+        first.insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(1));
+        first.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), HeaderValue::from(5000));
+        sent.capture(&first);
+        let mut retry = first.clone();
+        retry.insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(2));
+        retry.remove(&X_ENVOY_EXPECTED_TIMEOUT);
+        retry.insert("x-other", HeaderValue::from_static("not copied again"));
+        sent.capture(&retry);
+        let mut record = Some(Box::new(LogRecord::default()));
+        sent.log_into(&mut record);
+        let logged = record.unwrap().request_headers.unwrap();
+        assert_eq!(logged["x-added"], "by-route");
+        assert_eq!(logged[&X_ENVOY_ATTEMPT_COUNT], "2");
+        assert!(!logged.contains_key(&X_ENVOY_EXPECTED_TIMEOUT));
+        assert!(!logged.contains_key("x-other"));
+    }
+}
