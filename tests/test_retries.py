@@ -41,7 +41,14 @@ from support.wait import free_port, until
 Json = dict[str, Any]
 LOG_FORMAT = "%REQ(X-SCRIPT-ID)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"
 
+# A second log: what the route's request_headers_to_add made of the request.
+ADDED_LOG_FORMAT = "%REQ(X-SCRIPT-ID)% %REQ(X-ADDED)%\n"
+
 _ids = itertools.count()
+
+
+def _added_log(log: Path) -> Path:
+    return log.with_name(log.stem + ".added.log")
 
 
 def _route(prefix: str, cluster_name: str, **action: Any) -> Json:
@@ -97,6 +104,14 @@ SCENARIOS: dict[str, Json] = {
         "retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"},
         "hedge_policy": {"hedge_on_per_try_timeout": True},
     },
+    # With a header the route adds (request_headers_to_add, set below): the access
+    # log reads the request as mutated, hedged or not.
+    "loghedge": {
+        "timeout": "5s",
+        "retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"},
+        "hedge_policy": {"hedge_on_per_try_timeout": True},
+    },
+    "retrylog": {"retry_policy": {"retry_on": "5xx", "num_retries": 1}},
     "backoff": {
         "retry_policy": {
             "retry_on": "5xx",
@@ -150,6 +165,8 @@ def _listener(name: str, port: int, log: Path, *, internal: bool) -> Json:
     for r in routes:
         if r["match"]["prefix"] == "/buffer":
             r["per_request_buffer_limit_bytes"] = 4
+        if r["match"]["prefix"] in ("/loghedge", "/retrylog"):
+            r["request_headers_to_add"] = [{"header": {"key": "x-added", "value": "by-route"}}]
     hcm: Json = {
         "@type": HCM_TYPE,
         "stat_prefix": name,
@@ -163,10 +180,11 @@ def _listener(name: str, port: int, log: Path, *, internal: bool) -> Json:
                 "name": "envoy.access_loggers.file",
                 "typed_config": {
                     "@type": FILE_LOG_TYPE,
-                    "path": str(log),
-                    "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
+                    "path": str(path),
+                    "log_format": {"text_format_source": {"inline_string": fmt}},
                 },
             }
+            for path, fmt in ((log, LOG_FORMAT), (_added_log(log), ADDED_LOG_FORMAT))
         ],
     }
     if internal:
@@ -608,6 +626,29 @@ def test_hedging_keeps_the_first_try_after_its_per_try_timeout(rig: Rig) -> None
     )
     _, code, flags, _ = rig.log_line(sid)
     assert (code, flags) == ("200", "-")
+
+
+@pytest.mark.parametrize(
+    ("path", "script"),
+    [("/loghedge", "slow:450,200"), ("/loghedge", "slow:1500,200"), ("/retrylog", "503,200")],
+)
+def test_the_access_log_reads_the_headers_the_route_added(rig: Rig, path: str, script: str) -> None:
+    """``%REQ(x)%`` of a header the route's ``request_headers_to_add`` set is logged,
+    on a hedged request (two tries in flight) as on a retried one (Envoy's log reads
+    the request map its router mutated)."""
+    sid, r = call(rig, path, script)
+    assert r.status_code == 200
+    assert rig.upstream.count(sid) == 2
+    log = _added_log(rig.logs["external"])
+    found: list[str] = []
+
+    def check() -> bool:
+        text = log.read_text() if log.exists() else ""
+        found[:] = [ln for ln in text.splitlines() if ln.startswith(sid + " ")]
+        return bool(found)
+
+    until(check, timeout=5, what=f"added-header log line of {sid}")
+    assert found == [f"{sid} by-route"]
 
 
 def test_a_hedged_try_answers_when_the_first_is_slower(rig: Rig) -> None:

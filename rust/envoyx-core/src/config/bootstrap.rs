@@ -1244,15 +1244,14 @@ mod tests {
     #[test]
     fn unsupported_fields_are_all_reported() {
         let doc = front_proxy(json!({
-            "match": {"prefix": "/", "tls_context": {"presented": true}},
-            "route": {"cluster": "backend", "retry_policy": {"retry_priority": {"name": "p"}}}
+            "match": {"prefix": "/"},
+            "route": {"cluster": "backend", "retry_policy": {"retry_priority": {"name": "p"}}},
+            "metadata": {"filter_metadata": {"a": {}}}
         }));
         let errs = map_bootstrap(&doc).unwrap_err();
         let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
         assert!(
-            errs.contains(&format!(
-                "{base}.match.tls_context: not supported by envoyx"
-            )),
+            errs.contains(&format!("{base}.metadata: not supported by envoyx")),
             "{errs:?}"
         );
         assert!(

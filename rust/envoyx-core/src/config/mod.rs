@@ -2,6 +2,7 @@
 
 pub mod bootstrap;
 pub mod circuit_breakers;
+pub mod filter_override;
 pub mod header_key_format;
 pub mod header_mutation;
 pub mod health_check;

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::HeaderName;
 use regex::Regex;
 
+use super::filter_override::{FilterOverride, map_filter_overrides};
+use super::header_mutation::{HeaderMutations, map_header_mutations};
 use super::reader::Obj;
 use super::retry::{HedgePolicy, RetryPolicy, map_hedge_policy, map_retry_policy};
 
@@ -208,6 +210,15 @@ pub struct ClusterWeight {
     pub weight: u64,
     /// `host_rewrite_literal` of this entry (over the route's).
     pub host_rewrite: Option<String>,
+    /// The index of `name` among the route table's cluster names (as a plain
+    /// `cluster`'s [`ForwardAction::cluster_slot`]), set when the table is compiled.
+    pub cluster_slot: usize,
+    /// `request_headers_to_add` and kin of this entry: Envoy's
+    /// `WeightedClusterEntry` evaluates them before the route's levels.
+    pub header_mutations: Option<Arc<HeaderMutations>>,
+    /// `typed_per_filter_config` of this entry: the most specific for a request
+    /// that picked it (over the route's and its virtual host's).
+    pub filter_overrides: Vec<(String, FilterOverride)>,
 }
 
 /// `route.prefix_rewrite` or `route.regex_rewrite` (Envoy allows one).
@@ -432,6 +443,10 @@ fn map_weighted_clusters(wc: &Obj<'_>) -> Option<WeightedClusters> {
             ),
             _ => {}
         }
+        // Read before `weight` is checked: one error for an entry, not one more
+        // for each of its fields left unread.
+        let header_mutations = map_header_mutations(&c);
+        let filter_overrides = map_filter_overrides(&c);
         let Some(weight) = c.u32("weight") else {
             c.error("weight", "Field 'weight' is missing");
             continue;
@@ -444,6 +459,9 @@ fn map_weighted_clusters(wc: &Obj<'_>) -> Option<WeightedClusters> {
                 .str("host_rewrite_literal")
                 .filter(|h| !h.is_empty())
                 .map(str::to_string),
+            cluster_slot: 0,
+            header_mutations,
+            filter_overrides,
         });
     }
     let total_weight: u64 = clusters.iter().map(|c| c.weight).sum();

@@ -55,6 +55,17 @@ pub struct MatchConditions {
     pub grpc: bool,
     /// `runtime_fraction`.
     pub runtime_fraction: Option<RuntimeFraction>,
+    /// `tls_context`: what the downstream connection's client certificate must
+    /// be (Envoy's `TlsContextMatchCriteria`); None when neither is set.
+    pub tls_context: Option<TlsContextMatch>,
+}
+
+/// `match.tls_context`: each set field must equal the connection's fact; a
+/// plaintext connection has neither a presented nor a validated certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsContextMatch {
+    pub presented: Option<bool>,
+    pub validated: Option<bool>,
 }
 
 /// Which request header a header matcher reads. Envoy keeps the request line in
@@ -227,11 +238,19 @@ pub fn map_route_match(m: &Obj<'_>) -> Option<RouteMatch> {
             .collect(),
         grpc: m.obj("grpc").is_some(),
         runtime_fraction: m.obj("runtime_fraction").map(|f| map_runtime_fraction(&f)),
+        tls_context: m
+            .obj("tls_context")
+            .map(|t| TlsContextMatch {
+                presented: t.bool("presented"),
+                validated: t.bool("validated"),
+            })
+            .filter(|t| t.presented.is_some() || t.validated.is_some()),
     };
     let any = !conditions.headers.is_empty()
         || !conditions.query_parameters.is_empty()
         || conditions.grpc
-        || conditions.runtime_fraction.is_some();
+        || conditions.runtime_fraction.is_some()
+        || conditions.tls_context.is_some();
     Some(RouteMatch {
         path,
         case_sensitive,

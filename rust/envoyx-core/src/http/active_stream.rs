@@ -77,15 +77,26 @@ fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
 /// what their formatters read. A direct-response route's apply only to its
 /// direct response, as Envoy's (it has no route entry for other local replies).
 struct ResponseMutations {
-    route: Arc<crate::config::header_mutation::RouteHeaderMutations>,
+    route: Option<Arc<crate::config::header_mutation::RouteHeaderMutations>>,
+    /// The picked weighted cluster's, evaluated before the route's (Envoy's
+    /// `WeightedClusterEntry::finalizeResponseHeaders`).
+    cluster: Option<Arc<crate::config::header_mutation::HeaderMutations>>,
     direct: bool,
 }
 
 impl ResponseMutations {
-    fn of(r: &RouteEntry) -> Option<Self> {
-        let m = r.header_mutations.as_ref().filter(|m| m.has_response)?;
+    /// The response mutations of route `r` and its picked weighted cluster entry.
+    fn of(r: &RouteEntry, weighted: Option<&crate::config::route_action::ClusterWeight>) -> Option<Self> {
+        let m = r.header_mutations.as_ref().filter(|m| m.has_response);
+        let cluster = weighted
+            .and_then(|w| w.header_mutations.as_ref())
+            .filter(|m| !m.response.is_empty());
+        if m.is_none() && cluster.is_none() {
+            return None;
+        }
         Some(ResponseMutations {
-            route: m.clone(),
+            route: m.cloned(),
+            cluster: cluster.cloned(),
             direct: matches!(r.action, RouteAction::Direct { .. }),
         })
     }
@@ -235,14 +246,21 @@ impl ActiveStream {
         let route = if early.is_some() {
             None
         } else {
-            routes.find(&crate::router::route_match::RouteRequest::new(
-                authority,
-                path,
-                req.method(),
-                scheme,
-                req.headers(),
-            ))
+            routes.find(
+                &crate::router::route_match::RouteRequest::new(
+                    authority,
+                    path,
+                    req.method(),
+                    scheme,
+                    req.headers(),
+                )
+                .with_tls(conn.tls.as_deref()),
+            )
         };
+        // The weighted cluster entry is picked with the route, as in Envoy: its
+        // per-filter configs and header mutations are the most specific.
+        let weighted =
+            route.and_then(|r| crate::router::cluster_specifier::pick_weighted(r, req.headers()));
         let upgrade_refused = match (upgrade.as_mut(), route) {
             (Some(u), Some(r)) => matches!(
                 u.decide(&hcm.upgrades, r),
@@ -253,7 +271,7 @@ impl ActiveStream {
         let filters = hcm.filters.as_ref().and_then(|chain| {
             RequestFilters::start(
                 chain,
-                route,
+                super::filter::RouteFilterConfigs { route, weighted },
                 &req,
                 authority,
                 path,
@@ -262,7 +280,7 @@ impl ActiveStream {
             )
         });
         let wants_log = filters.as_ref().is_some_and(|f| f.hooks.has(Phase::Log));
-        let response_mutations = route.and_then(ResponseMutations::of);
+        let response_mutations = route.and_then(|r| ResponseMutations::of(r, weighted));
         // A local reply format or mapper reads the request (its headers).
         let reply_reads = edits.local_reply.as_ref().is_some_and(|l| l.needs_record());
         let record = (!hcm.access_logs.is_empty()
@@ -373,6 +391,7 @@ impl ActiveStream {
                 bytes_received: &stream.bytes_received,
                 upgrade: &mut stream.upgrade,
                 routes: &routes,
+                weighted,
                 authority,
                 path,
                 redirected_to: &mut redirected_to,
@@ -394,7 +413,7 @@ impl ActiveStream {
             _ => decoding.await,
         };
         if let Some(r) = redirected_to {
-            stream.response_mutations = ResponseMutations::of(r);
+            stream.response_mutations = ResponseMutations::of(r, None);
         }
         let response = match decoded {
             Decoded::FilterReply(reply) => stream.send_local_reply(reply),
@@ -642,7 +661,12 @@ impl ActiveStream {
         let mut facts = record.facts();
         facts.response_code = response_code;
         facts.duration = None;
-        m.route.apply_response(headers, &facts);
+        if let Some(cluster) = &m.cluster {
+            cluster.apply_response(headers, &facts);
+        }
+        if let Some(route) = &m.route {
+            route.apply_response(headers, &facts);
+        }
     }
 
     /// Sends a local reply as it is (Envoy's `sendLocalReply`), the one place

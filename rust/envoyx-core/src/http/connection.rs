@@ -15,7 +15,6 @@ use http::Version;
 use super::connection_manager::HttpConnectionManager;
 use super::h1::Refusal;
 use super::h1::head::HeadRules;
-use crate::config::ForwardAction;
 use crate::per_worker::LocalHandle;
 use crate::router::RouteTable;
 use crate::upstream::{Cluster, WorkerPools};
@@ -150,11 +149,13 @@ impl DownstreamConnection {
         cached.clone()
     }
 
-    /// The cluster a route forwards to (None: no such cluster now).
+    /// The cluster named `name` whose slot in `routes` is `slot` (a route's
+    /// `cluster` or a weighted entry's `name`; None: no such cluster now).
     pub fn cluster_for(
         &self,
         routes: &LocalHandle<RouteTable>,
-        action: &ForwardAction,
+        slot: usize,
+        name: &str,
     ) -> Option<LocalHandle<Cluster>> {
         let generation = self.hcm.clusters.generation();
         let mut cache = self.clusters.borrow_mut();
@@ -170,9 +171,9 @@ impl DownstreamConnection {
                 slots: vec![None; routes.cluster_names.len()],
             };
         }
-        let slot = cache.slots.get_mut(action.cluster_slot)?;
+        let slot = cache.slots.get_mut(slot)?;
         if slot.is_none() {
-            *slot = self.hcm.clusters.get(&action.cluster).map(LocalHandle::new);
+            *slot = self.hcm.clusters.get(name).map(LocalHandle::new);
         }
         slot.clone()
     }

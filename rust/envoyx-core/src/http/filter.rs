@@ -27,6 +27,7 @@ use http::header::{HeaderName, HeaderValue};
 
 use crate::access_log::LogRecord;
 pub use crate::config::FilterSettings;
+use crate::config::route_action::ClusterWeight;
 use crate::config::{FilterOverride, HttpFilterSpec, RouteEntry};
 use crate::stats::StatStore;
 
@@ -219,6 +220,15 @@ pub struct FilterPlan {
     pub max_response_bytes: usize,
 }
 
+/// Where a request's `typed_per_filter_config` comes from: its route (with its
+/// virtual host's) and the route's weighted cluster entry it picked, the most
+/// specific (Envoy's `WeightedClusterEntry::mostSpecificPerFilterConfig`).
+#[derive(Clone, Copy, Default)]
+pub struct RouteFilterConfigs<'a> {
+    pub route: Option<&'a RouteEntry>,
+    pub weighted: Option<&'a ClusterWeight>,
+}
+
 /// A request's plan: the chain's default one, or the route's own.
 pub enum PlanRef {
     Default,
@@ -228,6 +238,20 @@ pub enum PlanRef {
 impl FilterPlan {
     /// None when no filter is active on the route (the request never touches them).
     pub fn compile(filters: &[FilterInfo], route: Option<&RouteEntry>) -> Option<FilterPlan> {
+        FilterPlan::compile_for(
+            filters,
+            RouteFilterConfigs {
+                route,
+                weighted: None,
+            },
+        )
+    }
+
+    /// [`Self::compile`] for a request that picked the weighted cluster entry
+    /// `weighted` of its route: the entry's `typed_per_filter_config` is the most
+    /// specific (Envoy's `WeightedClusterEntry::mostSpecificPerFilterConfig`).
+    fn compile_for(filters: &[FilterInfo], configs: RouteFilterConfigs<'_>) -> Option<FilterPlan> {
+        let RouteFilterConfigs { route, weighted } = configs;
         let mut plan = FilterPlan {
             active: Vec::new(),
             hooks: Hooks::default(),
@@ -236,15 +260,18 @@ impl FilterPlan {
             max_response_bytes: usize::MAX,
         };
         for (index, info) in filters.iter().enumerate() {
-            let over = route.and_then(|r| {
-                r.filter_overrides
+            let find = |overrides: &'_ [(String, FilterOverride)]| {
+                overrides
                     .iter()
                     .find(|(name, _)| *name == info.name)
-                    .map(|(_, o)| o)
-            });
+                    .map(|(_, o)| o.clone())
+            };
+            let over = weighted
+                .and_then(|w| find(&w.filter_overrides))
+                .or_else(|| route.and_then(|r| find(&r.filter_overrides)));
             let config_override = match over {
                 Some(FilterOverride::Disabled) => continue,
-                Some(FilterOverride::Config(json)) => Some(json.clone()),
+                Some(FilterOverride::Config(json)) => Some(json),
                 // A native filter's settings under a Python filter's name: not its.
                 Some(FilterOverride::Native(_)) | None => None,
             };
@@ -270,14 +297,32 @@ impl FilterPlan {
     /// The plan of a request on `route`: the chain's default unless the route
     /// overrides one of the chain's filters; None when no filter is active.
     pub fn for_route(chain: &dyn FilterChain, route: Option<&RouteEntry>) -> Option<PlanRef> {
+        FilterPlan::for_request(
+            chain,
+            RouteFilterConfigs {
+                route,
+                weighted: None,
+            },
+        )
+    }
+
+    /// [`Self::for_route`] for a request that picked the weighted cluster entry
+    /// `weighted` of its route (its overrides count too).
+    pub fn for_request(
+        chain: &dyn FilterChain,
+        configs: RouteFilterConfigs<'_>,
+    ) -> Option<PlanRef> {
+        let RouteFilterConfigs { route, weighted } = configs;
         let filters = chain.filters();
-        let overrides = route.is_some_and(|r| {
-            r.filter_overrides
+        let names = |overrides: &[(String, FilterOverride)]| {
+            overrides
                 .iter()
                 .any(|(name, _)| filters.iter().any(|f| f.name == *name))
-        });
+        };
+        let overrides = route.is_some_and(|r| names(&r.filter_overrides))
+            || weighted.is_some_and(|w| names(&w.filter_overrides));
         if overrides {
-            FilterPlan::compile(filters, route).map(|p| PlanRef::Route(Box::new(p)))
+            FilterPlan::compile_for(filters, configs).map(|p| PlanRef::Route(Box::new(p)))
         } else {
             chain.default_plan().map(|_| PlanRef::Default)
         }

@@ -16,10 +16,10 @@ use super::body::{PeerBody, ProxyBody};
 use super::connection_manager::HcmStats;
 use super::filter::{
     FilterChain, FilterPlan, FilterStream, HookCall, HookOutcome, HookReply, Hooks, Phase, PlanRef,
-    StreamStart,
+    RouteFilterConfigs, StreamStart,
 };
 use super::local_reply::LocalReply;
-use crate::config::{RouteAction, RouteEntry};
+use crate::config::RouteAction;
 
 /// Why a buffering step ends the request: a reply of the proxy's own, or a hook's outcome.
 pub(crate) enum Rejection {
@@ -50,20 +50,24 @@ impl RequestFilters {
     /// None when no filter is active on the route.
     pub fn start(
         chain: &Arc<dyn FilterChain>,
-        route: Option<&RouteEntry>,
+        configs: RouteFilterConfigs<'_>,
         req: &Request<PeerBody>,
         authority: &str,
         path: &str,
         peer: SocketAddr,
         tls: Option<&Arc<crate::tls::PeerTls>>,
     ) -> Option<RequestFilters> {
-        let plan_ref = FilterPlan::for_route(chain.as_ref(), route)?;
+        let plan_ref = FilterPlan::for_request(chain.as_ref(), configs)?;
+        let RouteFilterConfigs { route, weighted } = configs;
         let (plan, active) = match &plan_ref {
             PlanRef::Default => (chain.default_plan()?, None),
             PlanRef::Route(p) => (&**p, Some(p.active.clone())),
         };
         let cluster = route.and_then(|r| match &r.action {
-            RouteAction::Forward(f) => Some(f.cluster.clone()),
+            RouteAction::Forward(f) => Some(match weighted.and_then(|w| w.name.as_ref()) {
+                Some(name) => name.clone(),
+                None => f.cluster.clone(),
+            }),
             RouteAction::Direct { .. } => None,
         });
         let stream = chain.start(StreamStart {

@@ -6,34 +6,53 @@ use std::borrow::Cow;
 
 use http::HeaderMap;
 
-use crate::config::route_action::{ClusterSpecifier, WeightedClusters};
+use crate::config::route_action::{ClusterSpecifier, ClusterWeight, WeightedClusters};
+use crate::config::{ForwardAction, RouteAction, RouteEntry};
 
-/// The cluster picked for a request, and the picked weighted entry's own
-/// `host_rewrite_literal`.
-pub struct Picked<'h, 's> {
-    /// "" when the request names none (its header is missing): cluster not found.
-    pub cluster: Cow<'h, str>,
-    pub host_rewrite: Option<&'s str>,
+/// The weighted cluster entry of a request on `route` (None: the route has no
+/// `weighted_clusters`). Envoy picks it with the route, before the filters run:
+/// the entry's `typed_per_filter_config` applies to them.
+pub fn pick_weighted<'r>(route: &'r RouteEntry, headers: &HeaderMap) -> Option<&'r ClusterWeight> {
+    let RouteAction::Forward(action) = &route.action else {
+        return None;
+    };
+    match action.cluster_specifier.as_deref()? {
+        ClusterSpecifier::Weighted(w) => Some(&w.clusters[w.index(headers, rand::random::<u64>())]),
+        ClusterSpecifier::Header(_) => None,
+    }
 }
 
-pub fn pick<'h, 's: 'h>(spec: &'s ClusterSpecifier, headers: &'h HeaderMap) -> Picked<'h, 's> {
-    match spec {
-        ClusterSpecifier::Header(name) => Picked {
-            cluster: first_value(headers, name),
-            host_rewrite: None,
-        },
-        ClusterSpecifier::Weighted(w) => {
-            let entry = &w.clusters[w.index(headers, rand::random::<u64>())];
-            let cluster = match (&entry.cluster_header, &entry.name) {
-                (Some(h), _) => first_value(headers, h),
-                (None, Some(name)) => Cow::Borrowed(name.as_str()),
-                (None, None) => Cow::Borrowed(""),
-            };
-            Picked {
-                cluster,
-                host_rewrite: entry.host_rewrite.as_deref(),
-            }
+/// Where the router finds a request's cluster.
+pub enum ClusterChoice<'h, 's> {
+    /// A name known when the route table was compiled: its slot there.
+    Slot(usize, &'s str),
+    /// A name the request gives (`cluster_header`), looked up by name; "" when
+    /// the header is missing (cluster not found).
+    Named(Cow<'h, str>),
+}
+
+/// The cluster of a request on `action`, with `entry` its picked weighted
+/// cluster (see [`pick_weighted`]).
+pub fn choose<'h, 's: 'h>(
+    action: &'s ForwardAction,
+    entry: Option<&'s ClusterWeight>,
+    headers: &'h HeaderMap,
+) -> ClusterChoice<'h, 's> {
+    let entry = match (action.cluster_specifier.as_deref(), entry) {
+        (None, _) => return ClusterChoice::Slot(action.cluster_slot, &action.cluster),
+        (Some(ClusterSpecifier::Header(name)), _) => {
+            return ClusterChoice::Named(first_value(headers, name));
         }
+        (Some(ClusterSpecifier::Weighted(_)), Some(entry)) => entry,
+        // Picked here when the stream did not (it always does before its filters).
+        (Some(ClusterSpecifier::Weighted(w)), None) => {
+            &w.clusters[w.index(headers, rand::random::<u64>())]
+        }
+    };
+    match (&entry.cluster_header, &entry.name) {
+        (Some(h), _) => ClusterChoice::Named(first_value(headers, h)),
+        (None, Some(name)) => ClusterChoice::Slot(entry.cluster_slot, name),
+        (None, None) => ClusterChoice::Named(Cow::Borrowed("")),
     }
 }
 
@@ -88,6 +107,9 @@ mod tests {
                     cluster_header: None,
                     weight: *w,
                     host_rewrite: None,
+                    cluster_slot: 0,
+                    header_mutations: None,
+                    filter_overrides: Vec::new(),
                 })
                 .collect(),
             total_weight: weights.iter().sum(),

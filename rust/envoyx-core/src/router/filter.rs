@@ -11,10 +11,11 @@ use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderValue};
 
+use super::cluster_specifier::{ClusterChoice, choose};
 use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse, UpstreamHandle, UpstreamRequest};
 use crate::access_log::LogRecord;
-use crate::config::route_action::HostRewrite;
+use crate::config::route_action::{ClusterWeight, HostRewrite};
 use crate::config::{ForwardAction, PathMatch, RouteAction, RouteEntry};
 use crate::http::body::{PeerBody, ProxyBody, ReplayBuffer, TimedBody};
 use crate::http::connection::DownstreamConnection;
@@ -78,6 +79,8 @@ pub(crate) struct Router<'s, 'r> {
     /// The table `route` came from (its cluster slots index the connection's
     /// cluster handles).
     pub routes: &'r LocalHandle<RouteTable>,
+    /// The route's weighted cluster entry picked for this request (with the route).
+    pub weighted: Option<&'r ClusterWeight>,
     pub authority: &'r str,
     pub path: &'r str,
     /// Set to the route of the last request when internal redirects were
@@ -103,6 +106,7 @@ impl Router<'_, '_> {
             bytes_received: self.bytes_received,
             upgrade: &mut *self.upgrade,
             routes: self.routes,
+            weighted: self.weighted,
             authority: self.authority,
             path: self.path,
             redirected_to: &mut *self.redirected_to,
@@ -121,12 +125,31 @@ impl Router<'_, '_> {
     /// One pass of the router over a request (an internal redirect's next request
     /// makes another, with the redirects followed so far in `chain`).
     pub(super) async fn decode_hop(
-        self,
+        mut self,
         route: Option<&RouteEntry>,
         parts: http::request::Parts,
         body: ProxyBody,
         chosen_cluster: Option<&str>,
         chain: Option<Box<super::internal_redirect::Chain>>,
+    ) -> RouterOutcome {
+        let sent = SentRequest::default();
+        let outcome = self
+            .forward(route, parts, body, chosen_cluster, chain, &sent)
+            .await;
+        sent.log_into(self.record);
+        outcome
+    }
+
+    /// The work of [`Self::decode_hop`]; the request as its tries sent it is left
+    /// in `sent`, for the record.
+    async fn forward(
+        &mut self,
+        route: Option<&RouteEntry>,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        chosen_cluster: Option<&str>,
+        chain: Option<Box<super::internal_redirect::Chain>>,
+        sent: &SentRequest,
     ) -> RouterOutcome {
         let conn = self.conn.clone();
         let hcm = &conn.hcm;
@@ -167,14 +190,12 @@ impl Router<'_, '_> {
             }
             RouteAction::Forward(f) => f,
         };
-        let picked = action
-            .cluster_specifier
-            .as_deref()
-            .map(|spec| super::cluster_specifier::pick(spec, &parts.headers));
-        let cluster = match (chosen_cluster, &picked) {
-            (Some(name), _) => hcm.clusters.get(name).map(LocalHandle::new),
-            (None, Some(p)) => hcm.clusters.get(&p.cluster).map(LocalHandle::new),
-            (None, None) => conn.cluster_for(self.routes, action),
+        let cluster = match chosen_cluster {
+            Some(name) => hcm.clusters.get(name).map(LocalHandle::new),
+            None => match choose(action, self.weighted, &parts.headers) {
+                ClusterChoice::Slot(slot, name) => conn.cluster_for(self.routes, slot, name),
+                ClusterChoice::Named(name) => hcm.clusters.get(&name).map(LocalHandle::new),
+            },
         };
         let Some(cluster) = cluster else {
             stats.no_cluster.inc();
@@ -185,7 +206,7 @@ impl Router<'_, '_> {
                 "cluster_not_found",
             ));
         };
-        let cluster_host_rewrite = picked.and_then(|p| p.host_rewrite);
+        let cluster_host_rewrite = self.weighted.and_then(|e| e.host_rewrite.as_deref());
         if let Some(r) = self.record.as_mut() {
             cluster.record_in(r);
         }
@@ -256,8 +277,17 @@ impl Router<'_, '_> {
             path,
         );
         let start = self.record.as_ref().and_then(|r| r.start);
-        let mutations =
-            super::header_mutation::RequestMutations::of(route, &conn, authority, path, start);
+        let mutations = super::header_mutation::RequestMutations::of(
+            route,
+            self.weighted,
+            &conn,
+            authority,
+            path,
+            start,
+        );
+        // Envoy's log and response formatters read the request its mutations
+        // changed (one map there): the record gets the request as sent.
+        let logged = (mutations.is_some() && self.record.is_some()).then_some(sent);
         let rewrite = RequestRewrite {
             action,
             matched: &route.route_match.path,
@@ -311,6 +341,7 @@ impl Router<'_, '_> {
                     parts,
                     sni,
                     include_attempt_count: action.include_attempt_count_in_request,
+                    logged,
                 })
                 .await;
         }
@@ -359,7 +390,6 @@ impl Router<'_, '_> {
             let expected = (attempt > 1)
                 .then(|| timeouts.expected_for_retry(deadline))
                 .flatten();
-            let record = &mut *self.record;
             // The request as sent, for an internal redirect to start from.
             let mut sent_head = None;
             let sent = upstream
@@ -371,12 +401,8 @@ impl Router<'_, '_> {
                     limit.wait,
                     |p, h2| {
                         rewrite.apply_for_try(p, h2, &host.hostname, expected);
-                        // Envoy's log and response formatters read the request
-                        // its mutations changed (one map there).
-                        if rewrite.mutations.is_some()
-                            && let Some(r) = record.as_mut()
-                        {
-                            r.request_headers = Some(p.headers.clone());
+                        if let Some(l) = logged {
+                            l.capture(&p.headers);
                         }
                         if let Some(token) = &upgrade_headers {
                             crate::http::upgrade::restore_request_headers(&mut p.headers, token);
@@ -394,14 +420,7 @@ impl Router<'_, '_> {
                 },
                 Err(TryFailure::Timeout) if !limit.per_try_binds => {
                     // The route's timeout: the request is over, whatever the policy.
-                    stats.upstream_rq_timeout.inc();
-                    return self.timeout_reply(
-                        &cluster,
-                        &timeouts,
-                        attempt,
-                        false,
-                        TimeoutKind::Route,
-                    );
+                    return self.route_timeout(&cluster, &timeouts, attempt, false);
                 }
                 Err(failure) => {
                     if matches!(failure, TryFailure::Timeout) {
@@ -512,14 +531,7 @@ impl Router<'_, '_> {
                 .await
                 .is_none()
             {
-                stats.upstream_rq_timeout.inc();
-                return self.timeout_reply(
-                    &cluster,
-                    &timeouts,
-                    attempt - 1,
-                    false,
-                    TimeoutKind::Route,
-                );
+                return self.route_timeout(&cluster, &timeouts, attempt - 1, false);
             }
         }
     }
@@ -550,7 +562,7 @@ impl Router<'_, '_> {
     /// A CONNECT the route terminates (`connect_config`): a TCP connection to a
     /// host of the cluster, then the 200 that starts the tunnel over it.
     async fn terminate_connect(
-        self,
+        &mut self,
         upstream: &UpstreamRequest<'_>,
         timeouts: &Timeouts,
     ) -> RouterOutcome {
@@ -581,7 +593,7 @@ impl Router<'_, '_> {
     /// The upstream's response headers: counted, then handed to the encoder path
     /// with the route's timers on its body.
     pub(super) fn upstream_response(
-        self,
+        &mut self,
         resp: TryResponse,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
@@ -612,10 +624,23 @@ impl Router<'_, '_> {
         })
     }
 
+    /// The reply when the route's timeout fired before response headers
+    /// (counted in `upstream_rq_timeout`).
+    pub(super) fn route_timeout(
+        &mut self,
+        cluster: &LocalHandle<Cluster>,
+        timeouts: &Timeouts,
+        attempt: u32,
+        exhausted: bool,
+    ) -> RouterOutcome {
+        cluster.stats.upstream_rq_timeout.inc();
+        self.timeout_reply(cluster, timeouts, attempt, exhausted, TimeoutKind::Route)
+    }
+
     /// The reply when the route's timeout or the last try's fired before
     /// response headers.
     pub(super) fn timeout_reply(
-        self,
+        &mut self,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
         attempt: u32,
@@ -638,7 +663,7 @@ impl Router<'_, '_> {
     /// "retried and the latest reset reason"); `exhausted`: the last failure was
     /// retriable but no retry was left (`URX`).
     pub(super) fn failure(
-        self,
+        &mut self,
         failure: TryFailure,
         cluster: &LocalHandle<Cluster>,
         timeouts: &Timeouts,
@@ -752,6 +777,46 @@ pub(super) struct Hedged<'a> {
     pub parts: http::request::Parts,
     pub sni: Option<std::sync::Arc<str>>,
     pub include_attempt_count: bool,
+    /// Where each try's request goes for the access log (None: not wanted).
+    pub logged: Option<&'a SentRequest>,
+}
+
+/// The request as the route's mutations changed it, for the access log and the
+/// response formatters (Envoy's read the one request map its router mutates):
+/// copied from the first try sent, once per request; a later try writes only
+/// what differs per try over the copy (its attempt count, expected timeout, and
+/// the host `auto_host_rewrite` picked).
+#[derive(Default)]
+pub(super) struct SentRequest(std::cell::RefCell<Option<http::HeaderMap>>);
+
+impl SentRequest {
+    pub(super) fn capture(&self, headers: &http::HeaderMap) {
+        let mut slot = self.0.borrow_mut();
+        let Some(logged) = slot.as_mut() else {
+            *slot = Some(headers.clone());
+            return;
+        };
+        for name in [
+            &X_ENVOY_ATTEMPT_COUNT,
+            &X_ENVOY_EXPECTED_TIMEOUT,
+            &header::HOST,
+        ] {
+            match headers.get(name) {
+                Some(v) => {
+                    logged.insert(name.clone(), v.clone());
+                }
+                None => {
+                    logged.remove(name);
+                }
+            }
+        }
+    }
+
+    fn log_into(self, record: &mut Option<Box<LogRecord>>) {
+        if let (Some(headers), Some(r)) = (self.0.into_inner(), record.as_mut()) {
+            r.request_headers = Some(headers);
+        }
+    }
 }
 
 /// A copy of a request's head for one try (the body is the try's own).
@@ -776,7 +841,10 @@ pub(super) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
 }
 
 /// `fut`, unless `deadline` passes first (None).
-async fn within<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+pub(super) async fn within<F: std::future::Future>(
+    deadline: Option<Instant>,
+    fut: F,
+) -> Option<F::Output> {
     match deadline {
         Some(d) => tokio::time::timeout_at(d.into(), fut).await.ok(),
         None => Some(fut.await),
@@ -1139,5 +1207,32 @@ impl RequestRewrite<'_> {
                 req.uri = uri;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_request_is_copied_once_then_takes_each_try_s_own_headers() {
+        let sent = SentRequest::default();
+        let mut first = http::HeaderMap::new();
+        first.insert("x-added", HeaderValue::from_static("by-route"));
+        first.insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(1));
+        first.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), HeaderValue::from(5000));
+        sent.capture(&first);
+        let mut retry = first.clone();
+        retry.insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(2));
+        retry.remove(&X_ENVOY_EXPECTED_TIMEOUT);
+        retry.insert("x-other", HeaderValue::from_static("not copied again"));
+        sent.capture(&retry);
+        let mut record = Some(Box::new(LogRecord::default()));
+        sent.log_into(&mut record);
+        let logged = record.unwrap().request_headers.unwrap();
+        assert_eq!(logged["x-added"], "by-route");
+        assert_eq!(logged[&X_ENVOY_ATTEMPT_COUNT], "2");
+        assert!(!logged.contains_key(&X_ENVOY_EXPECTED_TIMEOUT));
+        assert!(!logged.contains_key("x-other"));
     }
 }

@@ -119,32 +119,44 @@ impl RouteHeaderMutations {
     }
 }
 
-/// A route's request mutations with what their formatters read of the request,
-/// applied by the router to each try's headers.
+/// A route's request mutations (and its picked weighted cluster's) with what
+/// their formatters read of the request, applied by the router to each try's
+/// headers.
 pub(crate) struct RequestMutations<'a> {
-    route: &'a RouteHeaderMutations,
+    /// The weighted cluster entry's, evaluated first whatever
+    /// `most_specific_header_mutations_wins` says (Envoy's
+    /// `WeightedClusterEntry::finalizeRequestHeaders`).
+    cluster: Option<&'a HeaderMutations>,
+    route: Option<&'a RouteHeaderMutations>,
     facts: StreamFacts<'a>,
 }
 
 impl<'a> RequestMutations<'a> {
-    /// None when the route mutates no request header: the router then does
-    /// nothing more per request.
+    /// None when neither the route nor its picked weighted cluster mutates a
+    /// request header: the router then does nothing more per request.
     pub fn of(
         route: &'a crate::config::RouteEntry,
+        weighted: Option<&'a crate::config::route_action::ClusterWeight>,
         conn: &'a crate::http::connection::DownstreamConnection,
         authority: &'a str,
         path: &'a str,
         start: Option<std::time::SystemTime>,
     ) -> Option<Self> {
-        let mutations = route
-            .header_mutations
-            .as_deref()
-            .filter(|m| m.has_request)?;
+        let mutations = route.header_mutations.as_deref().filter(|m| m.has_request);
+        let cluster = weighted
+            .and_then(|w| w.header_mutations.as_deref())
+            .filter(|m| !m.request.is_empty());
+        if mutations.is_none() && cluster.is_none() {
+            return None;
+        }
+        let reads_start = mutations.is_some_and(RouteHeaderMutations::reads_start_time)
+            || cluster.is_some_and(|c| c.request.reads_start_time);
         let start = match start {
-            None if mutations.reads_start_time() => Some(std::time::SystemTime::now()),
+            None if reads_start => Some(std::time::SystemTime::now()),
             start => start,
         };
         Some(RequestMutations {
+            cluster,
             route: mutations,
             facts: StreamFacts {
                 start,
@@ -164,7 +176,12 @@ impl<'a> RequestMutations<'a> {
         let mut facts = self.facts;
         facts.method = method.as_str();
         facts.protocol = crate::http::headers::protocol_name(version);
-        self.route.apply_request(headers, &facts);
+        if let Some(cluster) = self.cluster {
+            cluster.apply_request(headers, &facts);
+        }
+        if let Some(route) = self.route {
+            route.apply_request(headers, &facts);
+        }
     }
 }
 

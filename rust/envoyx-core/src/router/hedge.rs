@@ -18,9 +18,7 @@ use std::time::Instant;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
 
-use super::filter::{
-    Hedged, Router, RouterOutcome, TimeoutKind, X_ENVOY_ATTEMPT_COUNT, clone_head,
-};
+use super::filter::{Hedged, Router, RouterOutcome, X_ENVOY_ATTEMPT_COUNT, clone_head, within};
 use super::retry_state::{BackOff, RetryDecision, RetryState};
 use super::upstream_request::{TryFailure, TryResponse};
 use crate::config::circuit_breakers::Priority;
@@ -57,7 +55,7 @@ enum Verdict {
 }
 
 impl Router<'_, '_> {
-    pub(super) async fn decode_hedged(self, h: Hedged<'_>) -> RouterOutcome {
+    pub(super) async fn decode_hedged(&mut self, h: Hedged<'_>) -> RouterOutcome {
         let Hedged {
             cluster,
             upstream,
@@ -73,6 +71,7 @@ impl Router<'_, '_> {
             parts,
             sni,
             include_attempt_count,
+            logged,
         } = h;
         let router = self;
         let stats = &cluster.stats;
@@ -131,7 +130,10 @@ impl Router<'_, '_> {
                         sends.push(Box::pin(async move {
                             let sent = upstream
                                 .send(&host, sni, try_parts, try_body, wait, |p, h2| {
-                                    rewrite.apply_for_try(p, h2, &host.hostname, expected)
+                                    rewrite.apply_for_try(p, h2, &host.hostname, expected);
+                                    if let Some(l) = logged {
+                                        l.capture(&p.headers);
+                                    }
                                 })
                                 .await;
                             (index, sent)
@@ -166,15 +168,8 @@ impl Router<'_, '_> {
                         // The body cannot be sent again: no retry after all.
                         drop(slot);
                         if sends.is_empty() {
-                            stats.upstream_rq_timeout.inc();
                             let attempt = tries.len() as u32;
-                            return router.timeout_reply(
-                                cluster,
-                                timeouts,
-                                attempt,
-                                exhausted,
-                                TimeoutKind::Route,
-                            );
+                            return router.route_timeout(cluster, timeouts, attempt, exhausted);
                         }
                         continue;
                     }
@@ -182,15 +177,8 @@ impl Router<'_, '_> {
                     start_now = true;
                 }
                 Event::Deadline => {
-                    stats.upstream_rq_timeout.inc();
                     let attempt = tries.len() as u32;
-                    return router.timeout_reply(
-                        cluster,
-                        timeouts,
-                        attempt,
-                        false,
-                        TimeoutKind::Route,
-                    );
+                    return router.route_timeout(cluster, timeouts, attempt, false);
                 }
                 Event::PerTryTimeout(index) => {
                     let t = &mut tries[index];
@@ -249,15 +237,8 @@ impl Router<'_, '_> {
                         }
                         Err(TryFailure::Timeout) => {
                             // Only the route's timeout bounds a hedged try.
-                            stats.upstream_rq_timeout.inc();
                             let attempt = tries.len() as u32;
-                            return router.timeout_reply(
-                                cluster,
-                                timeouts,
-                                attempt,
-                                false,
-                                TimeoutKind::Route,
-                            );
+                            return router.route_timeout(cluster, timeouts, attempt, false);
                         }
                         Err(failure) => match failure.reset_kind() {
                             None => Verdict::CouldNotRetry,
@@ -367,12 +348,5 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn within<F: Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d.into(), fut).await.ok(),
-        None => Some(fut.await),
     }
 }

@@ -344,6 +344,9 @@ pub(super) async fn follow(
             bytes_received,
             upgrade: &mut *upgrade,
             routes,
+            // The next route's weighted entry is picked by the router (its entry's
+            // header mutations and filter configs do not apply to a redirect).
+            weighted: None,
             authority: &authority,
             path: &path,
             // Only this loop sets it (a hop's own redirect comes back here).

@@ -20,6 +20,8 @@ pub struct RouteRequest<'a> {
     /// `:scheme`.
     pub scheme: &'a str,
     pub headers: &'a HeaderMap,
+    /// The downstream TLS session (None: plaintext), for `tls_context`.
+    pub tls: Option<&'a crate::tls::PeerTls>,
     /// Envoy draws one random value per stream for every `runtime_fraction` of the
     /// lookup; drawn here on first use.
     random: Cell<Option<u64>>,
@@ -39,8 +41,15 @@ impl<'a> RouteRequest<'a> {
             method,
             scheme,
             headers,
+            tls: None,
             random: Cell::new(None),
         }
+    }
+
+    /// The request came over this downstream TLS session.
+    pub fn with_tls(mut self, tls: Option<&'a crate::tls::PeerTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn random(&self) -> u64 {
@@ -131,7 +140,15 @@ impl MatchConditions {
                 return false;
             }
         }
-        !self.grpc || is_grpc(req)
+        if self.grpc && !is_grpc(req) {
+            return false;
+        }
+        // Envoy's `evaluateTlsContextMatch`, last as in its `matchRoute`.
+        self.tls_context.is_none_or(|t| {
+            let presented = req.tls.is_some_and(|s| s.peer_presented());
+            let validated = req.tls.is_some_and(|s| s.peer_validated);
+            t.presented.is_none_or(|p| p == presented) && t.validated.is_none_or(|v| v == validated)
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::config::route_action::ClusterSpecifier;
 use crate::config::route_match::StripHostPort;
 use crate::config::{RouteAction, RouteConfig, RouteEntry, VirtualHostConfig};
 
@@ -75,12 +76,25 @@ impl RouteTable {
                 }
             }
             let mut routes = routes;
+            let mut slot_of = |name: &str| {
+                *slots.entry(name.to_string()).or_insert_with(|| {
+                    table.cluster_names.push(name.to_string());
+                    table.cluster_names.len() - 1
+                })
+            };
             for route in &mut routes {
                 if let RouteAction::Forward(f) = &mut route.action {
-                    f.cluster_slot = *slots.entry(f.cluster.clone()).or_insert_with(|| {
-                        table.cluster_names.push(f.cluster.clone());
-                        table.cluster_names.len() - 1
-                    });
+                    f.cluster_slot = slot_of(&f.cluster);
+                    // Weighted entries that name their cluster find it as a plain
+                    // `cluster` does; `cluster_header` names stay per request.
+                    if let Some(ClusterSpecifier::Weighted(w)) = f.cluster_specifier.as_deref_mut()
+                    {
+                        for entry in &mut w.clusters {
+                            if let Some(name) = &entry.name {
+                                entry.cluster_slot = slot_of(name);
+                            }
+                        }
+                    }
                 }
             }
             table.vhosts.push(VirtualHost { name, routes });
@@ -344,5 +358,47 @@ mod tests {
         assert_eq!(cluster("/re/12a"), None);
         assert_eq!(cluster("/api/v1").as_deref(), Some("prefix"));
         assert_eq!(cluster("/other"), None);
+    }
+
+    #[test]
+    fn weighted_entries_share_the_cluster_slots_of_plain_clusters() {
+        use crate::config::route_action::{ClusterWeight, WeightedClusters};
+        let entry = |name: Option<&str>| ClusterWeight {
+            name: name.map(str::to_string),
+            cluster_header: name
+                .is_none()
+                .then(|| http::HeaderName::from_static("x-cluster")),
+            weight: 1,
+            host_rewrite: None,
+            cluster_slot: usize::MAX,
+            header_mutations: None,
+            filter_overrides: Vec::new(),
+        };
+        let mut weighted = route(PathMatch::Prefix("/w".into()), "");
+        if let RouteAction::Forward(f) = &mut weighted.action {
+            f.cluster_specifier = Some(Box::new(ClusterSpecifier::Weighted(WeightedClusters {
+                clusters: vec![entry(Some("a")), entry(Some("b")), entry(None)],
+                total_weight: 3,
+                header_name: None,
+            })));
+        }
+        let t = table(vec![VirtualHostConfig {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            routes: vec![route(PathMatch::Prefix("/a".into()), "a"), weighted],
+        }]);
+        let RouteAction::Forward(f) = &t.vhosts[0].routes[1].action else {
+            panic!("a forwarding route")
+        };
+        let Some(ClusterSpecifier::Weighted(w)) = f.cluster_specifier.as_deref() else {
+            panic!("weighted clusters")
+        };
+        let slots: Vec<usize> = w.clusters.iter().map(|c| c.cluster_slot).collect();
+        // `a` shares the plain route's slot; `b` gets its own; a `cluster_header`
+        // entry gets none (its name is the request's).
+        assert_eq!(t.cluster_names[slots[0]], "a");
+        assert_eq!(t.cluster_names[slots[1]], "b");
+        assert_eq!(slots[2], usize::MAX);
+        assert_eq!(t.cluster_names.iter().filter(|n| *n == "a").count(), 1);
     }
 }

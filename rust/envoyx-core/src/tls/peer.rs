@@ -24,6 +24,9 @@ pub struct PeerTls {
     pub cipher: Option<&'static str>,
     /// The client's certificate chain (leaf first), if it presented one.
     pub peer_chain: Vec<CertificateDer<'static>>,
+    /// The client's certificate was validated (chain, SPIFFE or SAN checks):
+    /// Envoy's `peerCertificateValidated` (route `tls_context.validated`).
+    pub peer_validated: bool,
     /// The certificate this side served (approximated when several are
     /// configured: the one for the SNI, else the first); shared, not copied.
     pub local_cert: Option<Arc<rustls::sign::CertifiedKey>>,
@@ -64,6 +67,7 @@ impl PeerTls {
             version,
             cipher,
             peer_chain,
+            peer_validated: false,
             local_cert,
             peer: OnceLock::new(),
             local: OnceLock::new(),

@@ -40,6 +40,10 @@ pub enum HandshakeFailure {
 pub struct Built {
     config: Arc<ServerConfig>,
     resolver: Arc<CertResolver>,
+    /// A presented client certificate has been checked (a chain against
+    /// `trusted_ca` or SPIFFE bundles, or SAN matchers): Envoy's
+    /// `peerCertificateValidated`.
+    validates: bool,
 }
 
 impl ServerTlsContext {
@@ -108,7 +112,8 @@ impl ServerTlsContext {
             .map(<[_]>::to_vec)
             .unwrap_or_default();
         self.stats.handshake_done(&conn, !peer_chain.is_empty());
-        let peer = PeerTls::new(
+        let presented = !peer_chain.is_empty();
+        let mut peer = PeerTls::new(
             sni.clone(),
             conn.alpn_protocol()
                 .map(|p| Arc::from(String::from_utf8_lossy(p).as_ref())),
@@ -118,6 +123,9 @@ impl ServerTlsContext {
             peer_chain,
             built.resolver.served_leaf(sni.as_deref()),
         );
+        // The verifier refuses a certificate it cannot validate: one that got
+        // through was validated, when the context checks anything.
+        peer.peer_validated = presented && built.validates;
         Ok((TlsTransport::new(tcp, conn), peer))
     }
 }
@@ -138,6 +146,7 @@ fn build(
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
         .map_err(|e| format!("{path}: {e}"))?;
+    let mut validates = false;
     let builder = match resolved.validation {
         None => builder.with_no_client_auth(),
         Some(v) => {
@@ -173,6 +182,7 @@ fn build(
                     )
                 }
             };
+            validates = !matches!(chain, ClientChain::Unchecked) || !sans.is_empty();
             builder.with_client_cert_verifier(Arc::new(ClientVerifier {
                 chain,
                 sans,
@@ -212,6 +222,7 @@ fn build(
     Ok(Built {
         config: Arc::new(config),
         resolver,
+        validates,
     })
 }
 
