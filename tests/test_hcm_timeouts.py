@@ -781,8 +781,8 @@ def test_http2_protocol_options_are_advertised(
             "http2_protocol_options.allow_metadata",
         ),
         (
-            {"http_protocol_options": {"header_key_format": {"proper_case_words": {}}}},
-            "http_protocol_options.header_key_format",
+            {"http_protocol_options": {"enable_trailers": True}},
+            "http_protocol_options.enable_trailers",
         ),
     ],
     ids=["max_response_headers_kb", "http2_protocol_options", "http_protocol_options"],

@@ -65,6 +65,13 @@ def grpc_timeouts(ctx: Ctx) -> Json:
         fwd("/uncapped", max_grpc_timeout="0s"),
         # max_stream_duration switches to Envoy's new timeouts: max_grpc_timeout is unused.
         fwd("/new", max_grpc_timeout="2s", max_stream_duration={"max_stream_duration": "9s"}),
+        fwd(
+            "/header-max",
+            max_stream_duration={
+                "grpc_timeout_header_max": "2s",
+                "grpc_timeout_header_offset": "0.5s",
+            },
+        ),
         fwd("/", timeout="3s"),
     ]
     listener = http_listener(port=ctx.port, virtual_hosts=[virtual_host("all", ["*"], routes)])
@@ -96,6 +103,10 @@ SCENARIOS: list[Scenario] = [
             grpc("/uncapped", "1500m"),
             grpc("/uncapped", None),  # infinity: no expected timeout
             grpc("/new", "1S"),
+            # The stream's limit replaces grpc-timeout under max_stream_duration.
+            grpc("/header-max", "5S", expect={"up.header:grpc-timeout": "1500m"}),
+            grpc("/header-max", "300m"),  # the offset would leave nothing: not taken
+            grpc("/header-max", None),
             # Not gRPC: the route's timeout (15 s default).
             Http("/capped", observe=EXPECTED),
             grpc("/other", "1S"),

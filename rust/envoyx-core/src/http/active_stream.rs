@@ -86,7 +86,10 @@ struct ResponseMutations {
 
 impl ResponseMutations {
     /// The response mutations of route `r` and its picked weighted cluster entry.
-    fn of(r: &RouteEntry, weighted: Option<&crate::config::route_action::ClusterWeight>) -> Option<Self> {
+    fn of(
+        r: &RouteEntry,
+        weighted: Option<&crate::config::route_action::ClusterWeight>,
+    ) -> Option<Self> {
         let m = r.header_mutations.as_ref().filter(|m| m.has_response);
         let cluster = weighted
             .and_then(|w| w.header_mutations.as_ref())
@@ -340,6 +343,15 @@ impl ActiveStream {
         // Envoy's stream timers, only for streams that have one: they race the
         // decoding (filters, router, upstream) until the response starts.
         let timers = StreamTimers::for_route(&hcm.limits, route, &parts.headers);
+        // Envoy's refreshDurationTimeout: under the route's max_stream_duration (its
+        // "new timeouts"), a gRPC request's `grpc-timeout` is the stream's limit.
+        if let Some(limit) = timers.as_ref().and_then(|t| t.max_duration)
+            && route.is_some_and(uses_stream_duration)
+            && crate::router::route_match::is_grpc_content_type(&parts.headers)
+            && let Ok(v) = HeaderValue::from_str(&format!("{}m", limit.as_millis()))
+        {
+            parts.headers.insert(GRPC_TIMEOUT.clone(), v);
+        }
         let watch = timers.map(|_| Rc::new(StreamWatch::new(body.is_end_stream())));
         if let Some(w) = &watch {
             body = body.watched(w);
@@ -781,6 +793,11 @@ struct StreamTimers {
 /// request's `grpc-timeout` when its route sets `grpc_timeout_header_max` (capped
 /// by it unless zero, less `grpc_timeout_header_offset`), else the route's
 /// `max_stream_duration` (`0s`: none), else the connection manager's.
+/// Whether route `r` sets `max_stream_duration` (Envoy's `usingNewTimeouts`).
+fn uses_stream_duration(r: &RouteEntry) -> bool {
+    matches!(&r.action, RouteAction::Forward(f) if f.stream_duration.is_some())
+}
+
 fn max_stream_duration(
     hcm: Option<Duration>,
     route: Option<&crate::config::RouteStreamDuration>,
@@ -799,12 +816,14 @@ fn max_stream_duration(
             if !cap.is_zero() && t > cap {
                 t = cap;
             }
+            // An offset that leaves nothing leaves a timer of zero: the stream is
+            // over at once, as in Envoy.
             if let Some(offset) = route.grpc_header_offset
                 && !t.is_zero()
             {
                 t = t.saturating_sub(offset);
             }
-            (!t.is_zero()).then_some(t)
+            Some(t)
         }
         _ => match route.max {
             Some(d) => (!d.is_zero()).then_some(d),
