@@ -97,6 +97,7 @@ impl Router<'_, '_> {
                     },
                     host_selection_attempts: retry.host_selection_max_attempts().saturating_add(1),
                     hash,
+                    headers: Some(&parts.headers),
                 };
                 match upstream.choose_host(&context) {
                     Ok(host) => {

@@ -104,6 +104,7 @@ async fn send(
         previous_hosts: &[],
         host_selection_attempts: 1,
         hash: None,
+        headers: Some(&head.headers),
     };
     let Ok(host) = upstream.choose_host(&context) else {
         return;
