@@ -34,22 +34,25 @@ def _original_dst_cluster(name: str, **lb_config: object) -> Json:
     return c
 
 
-def _via(cluster: Json) -> Callable[[Ctx], Json]:
+ORIGINAL_DST_FILTER: Json = {
+    "name": "envoy.filters.listener.original_dst",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+    },
+}
+
+
+def _via(cluster: Json, listener_filters: list[Json] | None = None) -> Callable[[Ctx], Json]:
     def build(ctx: Ctx) -> Json:
-        return bootstrap(
-            admin_port=ctx.admin_port,
-            listeners=[
-                http_listener(
-                    port=ctx.port,
-                    virtual_hosts=[
-                        virtual_host(
-                            "all", ["*"], [route({"prefix": "/"}, cluster=cluster["name"])]
-                        )
-                    ],
-                )
+        listener = http_listener(
+            port=ctx.port,
+            virtual_hosts=[
+                virtual_host("all", ["*"], [route({"prefix": "/"}, cluster=cluster["name"])])
             ],
-            clusters=[cluster],
         )
+        if listener_filters is not None:
+            listener["listener_filters"] = listener_filters
+        return bootstrap(admin_port=ctx.admin_port, listeners=[listener], clusters=[cluster])
 
     return build
 
@@ -131,6 +134,19 @@ def _scenarios(env: Environment) -> dict[str, Scenario]:
             requests=(Http(headers=((header, a),), expect={"status": 503}),),
             stats={"cluster.od.upstream_cx_none_healthy": 1},
         ),
+        Scenario(
+            name="listener_filter_without_redirect",
+            # The original_dst listener filter on a connection no iptables rule
+            # redirected: the kernel has no original destination for it
+            # (SO_ORIGINAL_DST fails), so nothing is restored and the cluster has
+            # no host.
+            build=_via(
+                _original_dst_cluster("od", upstream_port_override=env.addresses["a"][1]),
+                [ORIGINAL_DST_FILTER],
+            ),
+            requests=(Http(expect={"status": 503}),),
+            stats={"cluster.od.upstream_cx_none_healthy": 1},
+        ),
     ]
     return {s.name: s for s in scenarios}
 
@@ -140,6 +156,7 @@ NAMES = (
     "missing_or_invalid_header_has_no_host",
     "header_name_and_port_override",
     "without_use_http_header_no_host",
+    "listener_filter_without_redirect",
 )
 
 

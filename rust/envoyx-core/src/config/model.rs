@@ -74,6 +74,10 @@ pub enum ListenerFilterKind {
     /// `envoy.filters.listener.http_inspector`: `http/1.0`, `http/1.1` or `h2c`
     /// as the application protocol of a plaintext connection.
     HttpInspector,
+    /// `envoy.filters.listener.original_dst`: the connection's local address is
+    /// restored to its original destination (Linux `SO_ORIGINAL_DST`), which an
+    /// `ORIGINAL_DST` cluster then connects to.
+    OriginalDst,
 }
 
 #[derive(Debug)]

@@ -46,8 +46,15 @@ pub fn serve_connection(
         && let ChainFilter::Http(hcm) = &chain.filter
     {
         let drain = chain.drain.subscribe();
-        let served =
-            crate::http::serve_tcp(hcm.clone(), pools, stream, peer, Vec::new(), drain.clone());
+        let served = crate::http::serve_tcp(
+            hcm.clone(),
+            pools,
+            stream,
+            peer,
+            None,
+            Vec::new(),
+            drain.clone(),
+        );
         return (Either::Left(served), drain);
     }
     let served = serve_general(listener.clone(), pools, stream, peer, drain_time);
@@ -61,7 +68,7 @@ async fn serve_general(
     peer: SocketAddr,
     drain_time: Duration,
 ) {
-    let Ok(local) = stream.local_addr() else {
+    let Ok(mut local) = stream.local_addr() else {
         return;
     };
     let _ = stream.set_nodelay(true);
@@ -88,6 +95,11 @@ async fn serve_general(
                 }
             }
         }
+    }
+    // Envoy's `restoreLocalAddress`: chains match on, and the connection reports,
+    // the original destination.
+    if let Some(original) = inspected.original_dst {
+        local = original;
     }
     let facts = ConnectionFacts {
         local,
@@ -126,8 +138,16 @@ async fn serve_on_chain(
     let Some(tls) = &chain.tls else {
         match &chain.filter {
             ChainFilter::Http(hcm) => {
-                crate::http::serve_tcp(hcm.clone(), pools, stream, peer, inspected.prefix, drain)
-                    .await
+                crate::http::serve_tcp(
+                    hcm.clone(),
+                    pools,
+                    stream,
+                    peer,
+                    inspected.original_dst,
+                    inspected.prefix,
+                    drain,
+                )
+                .await
             }
             ChainFilter::Tcp(tcp) => {
                 tcp.clone()

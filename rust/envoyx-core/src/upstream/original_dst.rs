@@ -1,6 +1,7 @@
 //! `ORIGINAL_DST` clusters (Envoy's `source/extensions/clusters/original_dst/`): no
 //! configured hosts; each request's original destination (a request header's
-//! `ip:port` under `use_http_header`) names the host, made on first use and shared by the workers,
+//! `ip:port` under `use_http_header`, else the downstream connection's local address
+//! when the `original_dst` listener filter restored it) names the host, made on first use and shared by the workers,
 //! and removed once no request picked it for a `cleanup_interval`.
 
 use std::collections::HashMap;
@@ -49,10 +50,11 @@ impl OriginalDst {
     /// Envoy's `OriginalDstCluster::LoadBalancer::chooseHost`: None when the
     /// request has no usable original destination.
     pub fn choose(&self, stats: &ClusterStats, context: &LbContext<'_>) -> Option<Arc<Host>> {
-        // Envoy falls back to the downstream connection's local address only when a
-        // listener filter restored it (`original_dst`), which envoyx has not yet:
-        // without the header there is no host.
-        let mut address = self.request_override_host(stats, context)?;
+        // Then the downstream connection's local address, only when a listener
+        // filter restored it (`original_dst`): else there is no host.
+        let mut address = self
+            .request_override_host(stats, context)
+            .or(context.restored_local_address)?;
         if let Some(port) = self.config.upstream_port_override {
             address.set_port(port);
         }
@@ -168,6 +170,30 @@ mod tests {
         // Without use_http_header the header means nothing.
         let plain = original_dst(false, None, Duration::from_secs(60));
         assert!(pick(&plain, &stats, Some("10.0.0.1:80")).is_none());
+    }
+
+    #[test]
+    fn restored_local_address_when_no_header_names_one() {
+        let stats = ClusterStats::new(&StatStore::new(), "od");
+        let restored = "10.0.0.9:15001".parse().unwrap();
+        let context = |headers| LbContext {
+            headers,
+            restored_local_address: Some(restored),
+            ..LbContext::default()
+        };
+        let plain = original_dst(false, Some(80), Duration::from_secs(60));
+        let host = plain.choose(&stats, &context(None)).unwrap();
+        assert_eq!(host.address, "10.0.0.9:80".parse().unwrap());
+        // With use_http_header a valid header wins; an invalid one falls back.
+        let od = original_dst(true, None, Duration::from_secs(60));
+        let (mut good, mut bad) = (http::HeaderMap::new(), http::HeaderMap::new());
+        good.insert("x-dst", "10.0.0.1:81".parse().unwrap());
+        bad.insert("x-dst", "bad".parse().unwrap());
+        let host = od.choose(&stats, &context(Some(&good))).unwrap();
+        assert_eq!(host.address, "10.0.0.1:81".parse().unwrap());
+        let host = od.choose(&stats, &context(Some(&bad))).unwrap();
+        assert_eq!(host.address, restored);
+        assert_eq!(stats.original_dst_host_invalid.get(), 1);
     }
 
     #[test]

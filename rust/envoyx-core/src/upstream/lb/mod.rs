@@ -40,6 +40,10 @@ pub struct LbContext<'a> {
     /// The downstream request's headers (Envoy's `downstreamHeaders()`): an
     /// `ORIGINAL_DST` cluster's `use_http_header` reads its destination there.
     pub headers: Option<&'a http::HeaderMap>,
+    /// The downstream connection's local address when a listener filter restored
+    /// it to the original destination: an `ORIGINAL_DST` cluster's host when no
+    /// header names one.
+    pub restored_local_address: Option<std::net::SocketAddr>,
 }
 
 impl LbContext<'_> {
