@@ -10,16 +10,19 @@ the environment (the ports are known only then).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from support.bootstrap import bootstrap, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
+from support.bootstrap import bootstrap, http_listener, route, tcp_listener, virtual_host
+from support.differential import Ctx, Environment, Http, Json, Scenario, Tcp, run_differential
 from support.envoy import targets_from_env
 
 pytestmark = pytest.mark.envoy
+
+_SHA256_EMPTY = hashlib.sha256(b"").hexdigest()
 
 
 def _original_dst_cluster(name: str, **lb_config: object) -> Json:
@@ -147,6 +150,26 @@ def _scenarios(env: Environment) -> dict[str, Scenario]:
             requests=(Http(expect={"status": 503}),),
             stats={"cluster.od.upstream_cx_none_healthy": 1},
         ),
+        Scenario(
+            name="tcp_proxy_listener_filter_without_redirect",
+            # Istio's passthrough: tcp_proxy to an ORIGINAL_DST cluster behind the
+            # original_dst filter. Not redirected, so no host: the connection is
+            # closed (UH) without a byte, as Envoy.
+            build=lambda ctx: bootstrap(
+                admin_port=ctx.admin_port,
+                listeners=[
+                    {
+                        **tcp_listener(port=ctx.port, cluster="od"),
+                        "listener_filters": [ORIGINAL_DST_FILTER],
+                    }
+                ],
+                clusters=[
+                    _original_dst_cluster("od", upstream_port_override=env.addresses["echo"][1])
+                ],
+            ),
+            requests=(Tcp(b"hello", expect={"tcp.received": (0, _SHA256_EMPTY)}),),
+            stats={"cluster.od.upstream_cx_none_healthy": 1},
+        ),
     ]
     return {s.name: s for s in scenarios}
 
@@ -157,6 +180,7 @@ NAMES = (
     "header_name_and_port_override",
     "without_use_http_header_no_host",
     "listener_filter_without_redirect",
+    "tcp_proxy_listener_filter_without_redirect",
 )
 
 

@@ -151,7 +151,15 @@ async fn serve_on_chain(
             }
             ChainFilter::Tcp(tcp) => {
                 tcp.clone()
-                    .serve(pools, stream, peer, Some(local), inspected.prefix, drain)
+                    .serve(
+                        pools,
+                        stream,
+                        peer,
+                        Some(local),
+                        inspected.original_dst.is_some(),
+                        inspected.prefix,
+                        drain,
+                    )
                     .await
             }
         }
@@ -160,6 +168,7 @@ async fn serve_on_chain(
     // Boxed, and `inspected` dropped with it: the handshake's state (rustls'
     // handshake, the ClientHello bytes) is freed once it is done instead of
     // staying in every TLS connection's task.
+    let local_restored = inspected.original_dst.is_some();
     let Some((transport, peer_tls)) =
         Box::pin(establish_tls(listener, chain, tls, stream, inspected)).await
     else {
@@ -171,7 +180,15 @@ async fn serve_on_chain(
         }
         ChainFilter::Tcp(tcp) => {
             tcp.clone()
-                .serve(pools, transport, peer, Some(local), Vec::new(), drain)
+                .serve(
+                    pools,
+                    transport,
+                    peer,
+                    Some(local),
+                    local_restored,
+                    Vec::new(),
+                    drain,
+                )
                 .await
         }
     }
