@@ -63,12 +63,16 @@ impl TcpProxy {
 
     /// Proxies one downstream connection until both directions have closed.
     /// `prefix`: bytes a listener filter already read, sent upstream first.
+    #[allow(clippy::too_many_arguments)]
     pub async fn serve<D>(
         self: Arc<Self>,
         pools: Rc<WorkerPools>,
         mut downstream: D,
         peer: SocketAddr,
         local: Option<SocketAddr>,
+        // Whether `local` is the original destination the `original_dst`
+        // listener filter restored (an ORIGINAL_DST cluster's host).
+        local_restored: bool,
         prefix: Vec<u8>,
         mut drain: watch::Receiver<bool>,
     ) where
@@ -93,8 +97,11 @@ impl TcpProxy {
             return;
         };
         cluster.record_in(&mut record);
-        let Some(host) = pools.choose_host(&cluster, &crate::upstream::lb::LbContext::default())
-        else {
+        let context = crate::upstream::lb::LbContext {
+            restored_local_address: local.filter(|_| local_restored),
+            ..Default::default()
+        };
+        let Some(host) = pools.choose_host(&cluster, &context) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             record.response_flags = "UH";
             self.log(record, started);

@@ -282,6 +282,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         "STRICT_DNS" => DiscoveryType::StrictDns,
         "LOGICAL_DNS" => DiscoveryType::LogicalDns,
         "EDS" => DiscoveryType::Eds,
+        "ORIGINAL_DST" => DiscoveryType::OriginalDst,
         other => {
             c.error(
                 "type",
@@ -290,7 +291,8 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
             return None;
         }
     };
-    let lb = map_lb_config(c);
+    let original_dst = (discovery == DiscoveryType::OriginalDst).then(|| map_original_dst(c));
+    let lb = map_lb_config(c, original_dst.is_some());
     let connect_timeout = c
         .duration("connect_timeout")
         .unwrap_or(Duration::from_secs(5));
@@ -430,8 +432,66 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         outlier_detection,
         ignore_health_on_host_removal,
         circuit_breakers: super::circuit_breakers::map_circuit_breakers(c),
+        original_dst,
         raw: c.to_value(),
     })
+}
+
+/// An `ORIGINAL_DST` cluster's settings, with the checks of Envoy's
+/// `OriginalDstClusterFactory::createClusterImpl` (its `lb_policy` is checked by
+/// [`map_lb_config`]).
+fn map_original_dst(c: &Obj<'_>) -> OriginalDstConfig {
+    if c.has("load_assignment") {
+        c.error(
+            "load_assignment",
+            "ORIGINAL_DST clusters must have no load assignment configured",
+        );
+    }
+    // Their checkers and detector follow the configured hosts: on-demand hosts
+    // would go unchecked.
+    for field in ["health_checks", "outlier_detection"] {
+        if c.has(field) {
+            c.error(field, "not supported by envoyx on ORIGINAL_DST clusters");
+        }
+    }
+    let mut config = OriginalDstConfig {
+        http_header_name: None,
+        upstream_port_override: None,
+        cleanup_interval: c
+            .duration("cleanup_interval")
+            .unwrap_or(Duration::from_secs(5)),
+    };
+    let Some(o) = c.obj("original_dst_lb_config") else {
+        return config;
+    };
+    let name = o.str("http_header_name").unwrap_or_default();
+    if o.bool("use_http_header").unwrap_or(false) {
+        let name = if name.is_empty() {
+            "x-envoy-original-dst-host"
+        } else {
+            name
+        };
+        match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+            Ok(h) => config.http_header_name = Some(h),
+            Err(_) => o.error("http_header_name", "is not a valid header name"),
+        }
+    } else if !name.is_empty() {
+        o.error(
+            "http_header_name",
+            format!(
+                "ORIGINAL_DST cluster: invalid config http_header_name={name} and use_http_header \
+                 is false. Set use_http_header to true if http_header_name is desired."
+            ),
+        );
+    }
+    // A `google.protobuf.UInt32Value`: a plain number in JSON and YAML.
+    if let Some(port) = o.u32("upstream_port_override") {
+        match u16::try_from(port) {
+            Ok(p) => config.upstream_port_override = Some(p),
+            Err(_) => o.error("upstream_port_override", "must be a port number"),
+        }
+    }
+    config
 }
 
 /// `envoy.config.core.v3.UpstreamHttpProtocolOptions`: (auto_sni, auto_san_validation).
@@ -466,8 +526,21 @@ const LB_POLICY_PREFIX: &str = "envoy.extensions.load_balancing_policies.";
 /// `lb_policy` with its `*_lb_config`, or `load_balancing_policy`, and
 /// `common_lb_config`. Fields left unread (slow start, zone-aware routing, subsets,
 /// `hash_balance_factor`, …) are refused by name.
-fn map_lb_config(c: &Obj<'_>) -> LbConfig {
+fn map_lb_config(c: &Obj<'_>, original_dst: bool) -> LbConfig {
     let mut lb = LbConfig::default();
+    if original_dst {
+        // The cluster picks its hosts; Envoy accepts no other policy for it.
+        let policy = c.str("lb_policy").unwrap_or("ROUND_ROBIN");
+        if policy != "CLUSTER_PROVIDED" || c.has("load_balancing_policy") {
+            c.error(
+                "lb_policy",
+                format!(
+                    "LB policy {policy} is not valid for Cluster type ORIGINAL_DST. Only \
+                     'CLUSTER_PROVIDED' is allowed with cluster type 'ORIGINAL_DST'"
+                ),
+            );
+        }
+    }
     if let Some(common) = c.obj("common_lb_config") {
         if let Some(t) = common.obj("healthy_panic_threshold") {
             lb.healthy_panic_threshold = percent(&t, 50);
@@ -506,6 +579,8 @@ fn map_lb_config(c: &Obj<'_>) -> LbConfig {
     }
     lb.policy = match c.str("lb_policy").unwrap_or("ROUND_ROBIN") {
         "ROUND_ROBIN" => LbPolicy::RoundRobin,
+        // An ORIGINAL_DST cluster's own balancer (`upstream::original_dst`) picks.
+        "CLUSTER_PROVIDED" if original_dst => LbPolicy::RoundRobin,
         "LEAST_REQUEST" => {
             let (mut choice_count, mut active_request_bias) = (2, 1.0);
             if let Some(cfg) = c.obj("least_request_lb_config") {
@@ -1340,6 +1415,78 @@ mod tests {
         assert!(
             format!("{errors:?}").contains("http_protocol_options.enable_trailers: not supported"),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn maps_original_dst_clusters_with_envoys_checks() {
+        let od = |extra: Value| {
+            let mut c = json!({"type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"});
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            cluster_with(c)
+        };
+        let c = od(json!({})).unwrap();
+        assert_eq!(c.discovery, DiscoveryType::OriginalDst);
+        assert_eq!(
+            c.original_dst,
+            Some(OriginalDstConfig {
+                http_header_name: None,
+                upstream_port_override: None,
+                cleanup_interval: Duration::from_secs(5),
+            })
+        );
+        let c = od(
+            json!({"cleanup_interval": "0.5s", "original_dst_lb_config": {
+            "use_http_header": true, "upstream_port_override": 8080}}),
+        )
+        .unwrap()
+        .original_dst
+        .unwrap();
+        assert_eq!(
+            c.http_header_name.as_ref().map(|h| h.as_str()),
+            Some("x-envoy-original-dst-host")
+        );
+        assert_eq!(c.upstream_port_override, Some(8080));
+        assert_eq!(c.cleanup_interval, Duration::from_millis(500));
+        let c = od(json!({"original_dst_lb_config": {
+            "use_http_header": true, "http_header_name": "X-Dst"}}))
+        .unwrap()
+        .original_dst
+        .unwrap();
+        assert_eq!(c.http_header_name.unwrap().as_str(), "x-dst");
+        assert_eq!(
+            od(json!({"original_dst_lb_config": {"http_header_name": "x-dst"}})).unwrap_err(),
+            vec![
+                "original_dst_lb_config.http_header_name: ORIGINAL_DST cluster: invalid config \
+                 http_header_name=x-dst and use_http_header is false. Set use_http_header to \
+                 true if http_header_name is desired."
+            ]
+        );
+        assert_eq!(
+            od(json!({"lb_policy": "ROUND_ROBIN"})).unwrap_err(),
+            vec![
+                "lb_policy: LB policy ROUND_ROBIN is not valid for Cluster type ORIGINAL_DST. \
+                 Only 'CLUSTER_PROVIDED' is allowed with cluster type 'ORIGINAL_DST'"
+            ]
+        );
+        assert!(
+            od(json!({"load_assignment": {"cluster_name": "c", "endpoints": []}}))
+                .unwrap_err()
+                .contains(
+                    &"load_assignment: ORIGINAL_DST clusters must have no load assignment \
+                     configured"
+                        .to_string()
+                )
+        );
+        assert!(od(json!({"outlier_detection": {}})).unwrap_err().contains(
+            &"outlier_detection: not supported by envoyx on ORIGINAL_DST clusters".to_string()
+        ));
+        // Another cluster type still refuses the policy.
+        assert_eq!(
+            cluster_with(json!({"lb_policy": "CLUSTER_PROVIDED"})).unwrap_err(),
+            vec!["lb_policy: CLUSTER_PROVIDED is not supported by envoyx"]
         );
     }
 }

@@ -12,6 +12,7 @@ use super::tls::map_downstream_socket;
 
 pub const TLS_INSPECTOR_TYPE: &str =
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+pub const ORIGINAL_DST_TYPE: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 pub const HTTP_INSPECTOR_TYPE: &str =
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
 
@@ -224,6 +225,13 @@ fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
                 out.push(ListenerFilterKind::TlsInspector);
             }
             Some(HTTP_INSPECTOR_TYPE) => out.push(ListenerFilterKind::HttpInspector),
+            Some(ORIGINAL_DST_TYPE) => {
+                // `traffic_type` picks the Windows redirect records only.
+                if tc.has("traffic_type") {
+                    tc.str("traffic_type");
+                }
+                out.push(ListenerFilterKind::OriginalDst);
+            }
             Some(other) => tc.error(
                 "@type",
                 format!("listener filter {other} is not supported by envoyx"),

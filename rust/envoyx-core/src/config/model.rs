@@ -74,6 +74,10 @@ pub enum ListenerFilterKind {
     /// `envoy.filters.listener.http_inspector`: `http/1.0`, `http/1.1` or `h2c`
     /// as the application protocol of a plaintext connection.
     HttpInspector,
+    /// `envoy.filters.listener.original_dst`: the connection's local address is
+    /// restored to its original destination (Linux `SO_ORIGINAL_DST`), which an
+    /// `ORIGINAL_DST` cluster then connects to.
+    OriginalDst,
 }
 
 #[derive(Debug)]
@@ -549,6 +553,21 @@ pub enum DiscoveryType {
     LogicalDns,
     /// Endpoints arrive as ClusterLoadAssignment resources for `service_name`.
     Eds,
+    /// `ORIGINAL_DST`: a host per original destination, made on demand
+    /// ([`OriginalDstConfig`]).
+    OriginalDst,
+}
+
+/// An `ORIGINAL_DST` cluster's `original_dst_lb_config` and `cleanup_interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalDstConfig {
+    /// `use_http_header`: the destination is this request header's `ip:port`
+    /// (`http_header_name`, default `x-envoy-original-dst-host`).
+    pub http_header_name: Option<http::HeaderName>,
+    /// `upstream_port_override`: the destination's port is replaced by this one.
+    pub upstream_port_override: Option<u16>,
+    /// `cleanup_interval` (default 5 s): a host not picked for that long leaves.
+    pub cleanup_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -656,6 +675,8 @@ pub struct ClusterConfig {
     pub ignore_health_on_host_removal: bool,
     /// `circuit_breakers`.
     pub circuit_breakers: super::circuit_breakers::CircuitBreakers,
+    /// `ORIGINAL_DST` clusters' settings.
+    pub original_dst: Option<OriginalDstConfig>,
     pub raw: Value,
 }
 

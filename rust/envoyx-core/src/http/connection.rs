@@ -25,6 +25,9 @@ pub(crate) struct DownstreamConnection {
     pub pools: Rc<WorkerPools>,
     pub peer: SocketAddr,
     pub local: Option<SocketAddr>,
+    /// Whether `local` is the original destination a listener filter restored
+    /// (Envoy's `localAddressRestored`): an `ORIGINAL_DST` cluster connects to it.
+    pub local_restored: bool,
     /// The TLS session's facts (None: plaintext).
     pub tls: Option<Arc<crate::tls::PeerTls>>,
     /// The protocol of the first request, for the `downstream_cx_http*` stats.
@@ -75,6 +78,7 @@ impl DownstreamConnection {
             pools,
             peer,
             local,
+            local_restored: false,
             tls,
             protocol: Cell::new(None),
             screen: ConnectionScreen::default(),

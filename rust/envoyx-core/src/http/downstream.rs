@@ -36,6 +36,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct TransportInfo {
     /// The local address the peer connected to.
     pub local: Option<SocketAddr>,
+    /// Whether `local` is an original destination a listener filter restored.
+    pub local_restored: bool,
     /// Bytes a listener filter already read, served first.
     pub prefix: Vec<u8>,
     /// The TLS session's facts (None: plaintext).
@@ -50,12 +52,14 @@ pub fn serve_tcp(
     pools: Rc<WorkerPools>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    restored_local: Option<SocketAddr>,
     prefix: Vec<u8>,
     drain: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + 'static {
     let _ = stream.set_nodelay(true);
     let info = TransportInfo {
-        local: stream.local_addr().ok(),
+        local: restored_local.or_else(|| stream.local_addr().ok()),
+        local_restored: restored_local.is_some(),
         prefix,
         tls: None,
     };
@@ -74,6 +78,8 @@ pub fn serve_tls(
     let _ = stream.tcp().set_nodelay(true);
     let info = TransportInfo {
         local: stream.tcp().local_addr().ok(),
+        // Not carried through the TLS path yet (docs/config-support.md).
+        local_restored: false,
         prefix: Vec::new(),
         tls: Some(Arc::new(tls)),
     };
@@ -100,9 +106,9 @@ where
     }
     // Closes the connection's books even when the worker drops the future (a
     // drain deadline), not only when the codec returns.
-    let books = ConnectionBooks(Rc::new(DownstreamConnection::new(
-        hcm, pools, peer, info.local, info.tls,
-    )));
+    let mut conn = DownstreamConnection::new(hcm, pools, peer, info.local, info.tls);
+    conn.local_restored = info.local_restored;
+    let books = ConnectionBooks(Rc::new(conn));
     let first = (!info.prefix.is_empty()).then(|| h1::InBuf::from_prefix(info.prefix));
     serve_connection(books, stream, first, drain)
 }

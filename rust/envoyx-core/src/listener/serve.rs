@@ -46,8 +46,15 @@ pub fn serve_connection(
         && let ChainFilter::Http(hcm) = &chain.filter
     {
         let drain = chain.drain.subscribe();
-        let served =
-            crate::http::serve_tcp(hcm.clone(), pools, stream, peer, Vec::new(), drain.clone());
+        let served = crate::http::serve_tcp(
+            hcm.clone(),
+            pools,
+            stream,
+            peer,
+            None,
+            Vec::new(),
+            drain.clone(),
+        );
         return (Either::Left(served), drain);
     }
     let served = serve_general(listener.clone(), pools, stream, peer, drain_time);
@@ -61,7 +68,7 @@ async fn serve_general(
     peer: SocketAddr,
     drain_time: Duration,
 ) {
-    let Ok(local) = stream.local_addr() else {
+    let Ok(mut local) = stream.local_addr() else {
         return;
     };
     let _ = stream.set_nodelay(true);
@@ -88,6 +95,11 @@ async fn serve_general(
                 }
             }
         }
+    }
+    // Envoy's `restoreLocalAddress`: chains match on, and the connection reports,
+    // the original destination.
+    if let Some(original) = inspected.original_dst {
+        local = original;
     }
     let facts = ConnectionFacts {
         local,
@@ -126,12 +138,28 @@ async fn serve_on_chain(
     let Some(tls) = &chain.tls else {
         match &chain.filter {
             ChainFilter::Http(hcm) => {
-                crate::http::serve_tcp(hcm.clone(), pools, stream, peer, inspected.prefix, drain)
-                    .await
+                crate::http::serve_tcp(
+                    hcm.clone(),
+                    pools,
+                    stream,
+                    peer,
+                    inspected.original_dst,
+                    inspected.prefix,
+                    drain,
+                )
+                .await
             }
             ChainFilter::Tcp(tcp) => {
                 tcp.clone()
-                    .serve(pools, stream, peer, Some(local), inspected.prefix, drain)
+                    .serve(
+                        pools,
+                        stream,
+                        peer,
+                        Some(local),
+                        inspected.original_dst.is_some(),
+                        inspected.prefix,
+                        drain,
+                    )
                     .await
             }
         }
@@ -140,6 +168,7 @@ async fn serve_on_chain(
     // Boxed, and `inspected` dropped with it: the handshake's state (rustls'
     // handshake, the ClientHello bytes) is freed once it is done instead of
     // staying in every TLS connection's task.
+    let local_restored = inspected.original_dst.is_some();
     let Some((transport, peer_tls)) =
         Box::pin(establish_tls(listener, chain, tls, stream, inspected)).await
     else {
@@ -151,7 +180,15 @@ async fn serve_on_chain(
         }
         ChainFilter::Tcp(tcp) => {
             tcp.clone()
-                .serve(pools, transport, peer, Some(local), Vec::new(), drain)
+                .serve(
+                    pools,
+                    transport,
+                    peer,
+                    Some(local),
+                    local_restored,
+                    Vec::new(),
+                    drain,
+                )
                 .await
         }
     }

@@ -362,6 +362,8 @@ impl Router<'_, '_> {
                     .as_ref()
                     .map_or(1, |r| r.host_selection_max_attempts().saturating_add(1)),
                 hash: hash.hash,
+                headers: parts.as_ref().map(|p| &p.headers),
+                restored_local_address: conn.local.filter(|_| conn.local_restored),
             };
             let host = match upstream.choose_host(&context) {
                 Ok(h) => h,

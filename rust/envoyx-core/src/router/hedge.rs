@@ -97,6 +97,11 @@ impl Router<'_, '_> {
                     },
                     host_selection_attempts: retry.host_selection_max_attempts().saturating_add(1),
                     hash,
+                    headers: Some(&parts.headers),
+                    restored_local_address: router
+                        .conn
+                        .local
+                        .filter(|_| router.conn.local_restored),
                 };
                 match upstream.choose_host(&context) {
                     Ok(host) => {

@@ -104,6 +104,9 @@ async fn send(
         previous_hosts: &[],
         host_selection_attempts: 1,
         hash: None,
+        headers: Some(&head.headers),
+        // A shadow goes through Envoy's async client: no downstream connection.
+        restored_local_address: None,
     };
     let Ok(host) = upstream.choose_host(&context) else {
         return;

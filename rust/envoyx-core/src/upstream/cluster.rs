@@ -35,6 +35,8 @@ pub struct ClusterStats {
     pub upstream_cx_rx_bytes_total: Counter,
     pub upstream_cx_tx_bytes_total: Counter,
     pub upstream_cx_none_healthy: Counter,
+    /// An `ORIGINAL_DST` cluster's `use_http_header` value that is no `ip:port`.
+    pub original_dst_host_invalid: Counter,
     /// Picks made in panic mode (all hosts of a priority, healthy or not).
     pub lb_healthy_panic: Counter,
     pub upstream_cx_connect_ms: Histogram,
@@ -68,7 +70,7 @@ pub struct ClusterStats {
 }
 
 impl ClusterStats {
-    fn new(store: &Arc<StatStore>, name: &str) -> Self {
+    pub(super) fn new(store: &Arc<StatStore>, name: &str) -> Self {
         let prefix = format!("cluster.{name}.");
         let c = |s: &str| store.counter(&format!("{prefix}{s}"));
         let g = |s: &str| store.gauge(&format!("{prefix}{s}"));
@@ -87,6 +89,7 @@ impl ClusterStats {
             upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            original_dst_host_invalid: c("original_dst_host_invalid"),
             lb_healthy_panic: c("lb_healthy_panic"),
             upstream_cx_connect_ms: h("upstream_cx_connect_ms"),
             upstream_rq_total: c("upstream_rq_total"),
@@ -201,6 +204,8 @@ pub struct Cluster {
     ignore_health_on_host_removal: bool,
     /// `circuit_breakers`: the limits and counts shared by every worker.
     pub resources: super::resource_manager::ClusterResources,
+    /// `ORIGINAL_DST`: its own balancer and on-demand hosts.
+    pub original_dst: Option<super::original_dst::OriginalDst>,
     pub raw: serde_json::Value,
 }
 
@@ -319,7 +324,11 @@ impl Cluster {
             eds_service_name: config.eds_service_name.clone(),
             origin,
             removed: AtomicBool::new(false),
-            hosts_ready: AtomicBool::new(config.discovery == DiscoveryType::Static),
+            // An ORIGINAL_DST cluster's hosts come with the requests.
+            hosts_ready: AtomicBool::new(matches!(
+                config.discovery,
+                DiscoveryType::Static | DiscoveryType::OriginalDst
+            )),
             tls,
             health_epoch: AtomicU64::new(0),
             health_checker,
@@ -331,6 +340,10 @@ impl Cluster {
                 &config.stat_name,
                 &config.circuit_breakers,
             ),
+            original_dst: config
+                .original_dst
+                .clone()
+                .map(|o| super::original_dst::OriginalDst::new(o, &config.name, shards)),
             raw: config.raw.clone(),
         }))
     }
@@ -787,11 +800,11 @@ impl ClusterManager {
                 })
                 .inc();
             match cluster.discovery {
-                DiscoveryType::Static if !cluster.is_warm() => {
+                DiscoveryType::Static | DiscoveryType::OriginalDst if !cluster.is_warm() => {
                     // Its TLS context waits for an SDS secret.
                     lock(&self.warming).insert(cluster);
                 }
-                DiscoveryType::Static => {
+                DiscoveryType::Static | DiscoveryType::OriginalDst => {
                     if let Some(old) = active.insert(cluster) {
                         old.removed.store(true, Ordering::Relaxed);
                     }

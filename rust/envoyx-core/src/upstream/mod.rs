@@ -6,6 +6,7 @@ pub mod health_check;
 pub mod host;
 pub mod host_stats;
 pub mod lb;
+pub mod original_dst;
 pub mod outlier;
 pub mod pool;
 pub mod resource_manager;

@@ -384,6 +384,11 @@ impl WorkerPools {
         cluster: &Cluster,
         context: &LbContext<'_>,
     ) -> Option<LocalHandle<Host>> {
+        if let Some(original_dst) = &cluster.original_dst {
+            return original_dst
+                .choose(&cluster.stats, context)
+                .map(LocalHandle::new);
+        }
         let set = {
             let current = cluster.hosts.load();
             let epoch = cluster.health_epoch();
@@ -846,6 +851,7 @@ mod tests {
             outlier_detection: None,
             ignore_health_on_host_removal: false,
             circuit_breakers,
+            original_dst: None,
             raw: serde_json::Value::Null,
         };
         Cluster::new(

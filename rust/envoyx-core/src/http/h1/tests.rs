@@ -25,6 +25,7 @@ fn read_side() -> ReadSide {
         body: BodyState::Done,
         eof: false,
         expect_continue: None,
+        continue_gate: None,
         waiter: None,
         ahead: false,
     }

@@ -37,6 +37,13 @@ pub struct LbContext<'a> {
     /// The route's `hash_policy` result (`computeHashKey`): ring hash and Maglev
     /// map it to a host; without one they pick at random, as Envoy's do.
     pub hash: Option<u64>,
+    /// The downstream request's headers (Envoy's `downstreamHeaders()`): an
+    /// `ORIGINAL_DST` cluster's `use_http_header` reads its destination there.
+    pub headers: Option<&'a http::HeaderMap>,
+    /// The downstream connection's local address when a listener filter restored
+    /// it to the original destination: an `ORIGINAL_DST` cluster's host when no
+    /// header names one.
+    pub restored_local_address: Option<std::net::SocketAddr>,
 }
 
 impl LbContext<'_> {

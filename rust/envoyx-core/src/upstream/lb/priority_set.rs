@@ -490,7 +490,7 @@ mod tests {
         let ctx = LbContext {
             previous_hosts: &previous,
             host_selection_attempts: 3,
-            hash: None,
+            ..LbContext::default()
         };
         for _ in 0..10 {
             assert_eq!(s.choose(&ctx).unwrap().address, hs[2].address);
