@@ -1036,12 +1036,14 @@ mod tests {
         );
         let metadata = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}},
-             "metadata": {}}
+             "metadata": {"typed_filter_metadata": {"x": {}}}}
         ]}]});
         let errs = map_load_assignment_resource(&metadata).unwrap_err();
         assert_eq!(
             errs,
-            vec!["endpoints[0].lb_endpoints[0].metadata: not supported by envoyx"]
+            vec![
+                "endpoints[0].lb_endpoints[0].metadata.typed_filter_metadata: not supported by envoyx"
+            ]
         );
         // A gap in the priorities is refused, as Envoy does.
         let gap = json!({"cluster_name": "c", "endpoints": [{"priority": 1, "lb_endpoints": [
@@ -1321,12 +1323,12 @@ mod tests {
         let doc = front_proxy(json!({
             "match": {"prefix": "/"},
             "route": {"cluster": "backend", "retry_policy": {"retry_priority": {"name": "p"}}},
-            "metadata": {"filter_metadata": {"a": {}}}
+            "tracing": {}
         }));
         let errs = map_bootstrap(&doc).unwrap_err();
         let base = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]";
         assert!(
-            errs.contains(&format!("{base}.metadata: not supported by envoyx")),
+            errs.contains(&format!("{base}.tracing: not supported by envoyx")),
             "{errs:?}"
         );
         assert!(

@@ -270,6 +270,27 @@ fn classify_http(b: &[u8]) -> HttpGuess {
     }
 }
 
+/// Envoy's `Network::Utility::getOriginalDst`: the destination before an iptables
+/// REDIRECT / DNAT (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`); None when the kernel
+/// knows none (no conntrack entry: the socket was not redirected), and then Envoy
+/// leaves the local address as it is.
+fn original_dst(stream: &TcpStream) -> Option<std::net::SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr().ok()?;
+    if local.is_ipv4() {
+        let sin = getsockopt(stream, sockopt::OriginalDst).ok()?;
+        let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        Some(std::net::SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+    } else {
+        let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
+        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        Some(std::net::SocketAddr::from((
+            ip,
+            u16::from_be(sin6.sin6_port),
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,26 +310,5 @@ mod tests {
         assert_eq!(classify_http(b"GET /long"), HttpGuess::Need);
         assert_eq!(classify_http(b"\x16\x03\x01"), HttpGuess::NotHttp);
         assert_eq!(classify_http(b"GET / SPDY/3\r\n"), HttpGuess::NotHttp);
-    }
-}
-
-/// Envoy's `Network::Utility::getOriginalDst`: the destination before an iptables
-/// REDIRECT / DNAT (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`); None when the kernel
-/// knows none (no conntrack entry: the socket was not redirected), and then Envoy
-/// leaves the local address as it is.
-fn original_dst(stream: &TcpStream) -> Option<std::net::SocketAddr> {
-    use nix::sys::socket::{getsockopt, sockopt};
-    let local = stream.local_addr().ok()?;
-    if local.is_ipv4() {
-        let sin = getsockopt(stream, sockopt::OriginalDst).ok()?;
-        let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        Some(std::net::SocketAddr::from((ip, u16::from_be(sin.sin_port))))
-    } else {
-        let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
-        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        Some(std::net::SocketAddr::from((
-            ip,
-            u16::from_be(sin6.sin6_port),
-        )))
     }
 }
