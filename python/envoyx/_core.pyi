@@ -37,6 +37,14 @@ def validate(
     path); empty when valid.
     """
 
+def describe(kind: str, json: str) -> str:
+    """The configuration as the core holds it once mapped (Rust's ``Debug`` form).
+
+    ``kind`` is ``"bootstrap"`` or one xDS resource: ``"listener"``, ``"cluster"``,
+    ``"route_configuration"`` (canonical proto JSON). Raises ``ConfigError`` when the
+    document does not map. Tests compare two documents' effect with it.
+    """
+
 def route_match(
     bootstrap_json: str, listener: str, authority: str, path: str, iterations: int = 100_000
 ) -> tuple[float, str | None]:

@@ -190,7 +190,18 @@ class RawHead:
     expect: Facts = field(default_factory=dict)
 
 
-Request = Http | Raw | Grpc | Tcp | RawSeq | Upgrade | H2Upgrade | RawHead
+@dataclass(frozen=True)
+class H2Settings:
+    """An h2c connection with prior knowledge that sends nothing but its preface and
+    a PING: facts are what the server put in force before answering it — each setting
+    (``h2.setting:NAME``, RFC 9113's initial value where not announced: announcing a
+    setting's default and leaving it out are the same) and the connection window it
+    opened (``h2.connection_window``: 65535 plus its WINDOW_UPDATEs on stream 0)."""
+
+    expect: Facts = field(default_factory=dict)
+
+
+Request = Http | Raw | Grpc | Tcp | RawSeq | Upgrade | H2Upgrade | RawHead | H2Settings
 
 
 @dataclass(frozen=True)
@@ -619,6 +630,46 @@ def h2_upgrade_facts(address: tuple[str, int], req: H2Upgrade) -> Facts:
     return facts
 
 
+def h2_settings_facts(address: tuple[str, int], req: H2Settings) -> Facts:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.ping(b"defaults")
+    # RFC 9113 §6.5.2's initial values (None: unlimited).
+    facts: Facts = {
+        "h2.setting:HEADER_TABLE_SIZE": 4096,
+        "h2.setting:ENABLE_PUSH": 1,
+        "h2.setting:MAX_CONCURRENT_STREAMS": None,
+        "h2.setting:INITIAL_WINDOW_SIZE": 65535,
+        "h2.setting:MAX_FRAME_SIZE": 16384,
+        "h2.setting:MAX_HEADER_LIST_SIZE": None,
+        "h2.setting:ENABLE_CONNECT_PROTOCOL": 0,
+    }
+    window = 65535
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        answered = False
+        while not answered:
+            data = sock.recv(65536)
+            if not data:
+                facts["h2.closed"] = True
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    for code, changed in event.changed_settings.items():
+                        facts[f"h2.setting:{getattr(code, 'name', code)}"] = changed.new_value
+                elif isinstance(event, h2.events.WindowUpdated) and event.stream_id == 0:
+                    window += event.delta
+                elif isinstance(event, h2.events.PingAckReceived):
+                    answered = True
+            sock.sendall(conn.data_to_send())
+    facts["h2.connection_window"] = window
+    return facts
+
+
 def relabel(values: list[Any]) -> str:
     """Name values by first appearance: [b, c, a, b, c, a] -> 'ABCABC'. Compares
     round-robin order and connection reuse without depending on the start point."""
@@ -755,6 +806,8 @@ def _send_all(scenario: Scenario, address: tuple[str, int]) -> list[Facts]:
                 out.append(h2_upgrade_facts(address, req))
             elif isinstance(req, RawHead):
                 out.append(raw_head_facts(address, req))
+            elif isinstance(req, H2Settings):
+                out.append(h2_settings_facts(address, req))
             else:
                 client = h2 if req.http2 else h1
                 try:
@@ -841,6 +894,8 @@ def _describe(req: Request) -> str:
         return f"h2 CONNECT {req.protocol or req.authority}"
     if isinstance(req, RawHead):
         return f"raw {req.data[:30]!r}"
+    if isinstance(req, H2Settings):
+        return "h2 SETTINGS"
     return f"grpc {req.method}"
 
 

@@ -233,11 +233,14 @@ def _make_channel(target: Any) -> Any:
 
     base_ms = max(1, int(target.backoff_base * 1000))
     max_ms = max(base_ms, int(target.backoff_max * 1000))
+    # gRPC core's minimum connect deadline (MIN_CONNECT_TIMEOUT of its connection
+    # back-off) is this option: the cluster's connect_timeout, as Envoy uses it.
+    connect_ms = max(100, int(target.connect_timeout * 1000))
     options: list[tuple[str, Any]] = [
         # A fresh channel per attempt, with its own connection: the back-off is ours.
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.initial_reconnect_backoff_ms", base_ms),
-        ("grpc.min_reconnect_backoff_ms", base_ms),
+        ("grpc.min_reconnect_backoff_ms", connect_ms),
         ("grpc.max_reconnect_backoff_ms", max_ms),
         ("grpc.enable_retries", 0),
         ("grpc.primary_user_agent", "envoyx"),

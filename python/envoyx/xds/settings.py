@@ -58,6 +58,8 @@ _log = logging.getLogger("envoyx.xds")
 DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0
 #: Envoy's reconnect back-off of an xDS stream: 500 ms doubling up to 30 s, full jitter.
 DEFAULT_BACKOFF = (0.5, 30.0)
+#: Envoy's default cluster ``connect_timeout``, the management server's cluster's too.
+DEFAULT_CONNECT_TIMEOUT = 5.0
 #: What envoyx's xDS client supports, sent in ``node.client_features``.
 CLIENT_FEATURES = (
     "envoy.lb.does_not_support_overprovisioning",
@@ -106,6 +108,7 @@ class GrpcTarget:
     channel_options: tuple[tuple[str, int | str], ...] = ()
     backoff_base: float = DEFAULT_BACKOFF[0]
     backoff_max: float = DEFAULT_BACKOFF[1]
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # the cluster's connect_timeout
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,11 @@ def _envoy_grpc_target(
         channel_options=tuple(options),
         backoff_base=base,
         backoff_max=maximum,
+        connect_timeout=(
+            _seconds(cluster.connect_timeout)
+            if cluster.HasField("connect_timeout")
+            else DEFAULT_CONNECT_TIMEOUT
+        ),
     )
 
 

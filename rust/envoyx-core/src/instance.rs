@@ -386,7 +386,7 @@ impl Instance {
 
     /// With `validate_clusters`, the first route naming a cluster that does not exist.
     fn unknown_clusters(&self, rc: &RouteConfig) -> Option<String> {
-        if rc.validate_clusters != Some(true) {
+        if !rc.validate_clusters {
             return None;
         }
         let known = |name: &str| {

@@ -37,6 +37,29 @@ pub fn load_bootstrap(json: &str) -> Result<config::Bootstrap> {
     config::map_bootstrap(&doc).map_err(Error::Config)
 }
 
+/// The configuration as the core holds it once mapped, in Rust's `Debug` form: a whole
+/// bootstrap (`kind` `"bootstrap"`) or one xDS resource (`"listener"`, `"cluster"`,
+/// `"route_configuration"`). Tests compare two documents' effect with it: a field left
+/// unset against Envoy's documented default written out must map to the same thing.
+pub fn describe(kind: &str, json: &str) -> Result<String> {
+    let doc: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::Config(vec![format!("invalid JSON: {e}")]))?;
+    let described = match kind {
+        "bootstrap" => config::map_bootstrap(&doc).map(|m| format!("{m:#?}")),
+        "listener" => config::bootstrap::map_listener_resource(&doc).map(|m| format!("{m:#?}")),
+        "cluster" => config::bootstrap::map_cluster_resource(&doc).map(|m| format!("{m:#?}")),
+        "route_configuration" => {
+            config::bootstrap::map_route_config_resource(&doc).map(|m| format!("{m:#?}"))
+        }
+        other => {
+            return Err(Error::Config(vec![format!(
+                "describe: unknown kind {other:?}"
+            )]));
+        }
+    };
+    described.map_err(Error::Config)
+}
+
 /// Times route selection of one listener's route table: nanoseconds per lookup of
 /// (`authority`, `path`) over `iterations` lookups. For the micro-benchmarks; the
 /// table is compiled exactly as the server compiles it.

@@ -65,6 +65,13 @@ fn validate(
     })
 }
 
+/// The mapped configuration in Rust's `Debug` form (tests compare two documents' effect).
+#[pyfunction]
+fn describe(py: Python<'_>, kind: &str, json: &str) -> PyResult<String> {
+    py.detach(|| envoyx_core::describe(kind, json))
+        .map_err(to_py_err)
+}
+
 /// Nanoseconds per route lookup and the cluster matched (micro-benchmark hook).
 #[pyfunction]
 #[pyo3(signature = (bootstrap_json, listener, authority, path, iterations = 100_000))]
@@ -238,6 +245,7 @@ fn resource_kind(type_url: &str) -> PyResult<ResourceKind> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add_function(wrap_pyfunction!(describe, m)?)?;
     m.add_function(wrap_pyfunction!(route_match, m)?)?;
     m.add_class::<Server>()?;
     m.add_function(wrap_pyfunction!(filters::filter_wakeup_fd, m)?)?;

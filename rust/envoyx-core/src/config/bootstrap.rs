@@ -16,7 +16,7 @@ use super::listener::{map_address, map_listener};
 use super::model::*;
 use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log};
 use super::reader::{Errors, Obj};
-use super::route::{RouteConfig, map_route_config};
+use super::route::{RouteConfig, map_rds_route_config};
 use super::route_action::RouteAction;
 use super::tls::{map_secret, map_upstream_socket};
 
@@ -213,7 +213,7 @@ fn check_chain_references(
             let RouteSource::Inline(route_config) = &hcm.routes else {
                 return;
             };
-            if route_config.validate_clusters == Some(false) {
+            if !route_config.validate_clusters {
                 return;
             }
             for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
@@ -886,19 +886,19 @@ pub fn map_listener_resource(doc: &Value) -> Result<ListenerConfig, Vec<String>>
     map_resource(doc, map_listener)
 }
 
-/// One `envoy.config.cluster.v3.Cluster` resource (CDS).
 /// An SDS `Secret` resource: its name and content.
 pub fn map_secret_resource(doc: &Value) -> Result<(String, SecretConfig), Vec<String>> {
     map_resource(doc, map_secret)
 }
 
+/// One `envoy.config.cluster.v3.Cluster` resource (CDS).
 pub fn map_cluster_resource(doc: &Value) -> Result<ClusterConfig, Vec<String>> {
     map_resource(doc, map_cluster)
 }
 
 /// One `envoy.config.route.v3.RouteConfiguration` resource (RDS).
 pub fn map_route_config_resource(doc: &Value) -> Result<RouteConfig, Vec<String>> {
-    map_resource(doc, map_route_config)
+    map_resource(doc, map_rds_route_config)
 }
 
 /// One `envoy.config.endpoint.v3.ClusterLoadAssignment` resource (EDS):

@@ -412,11 +412,11 @@ pub struct HcmLimits {
     /// `http_protocol_options.header_key_format`: how response header names are
     /// written, and whether the case of request header names is kept.
     pub header_key_format: super::HeaderKeyFormat,
-    /// `http2_protocol_options`: what the HTTP/2 codec advertises (None: hyper's
-    /// defaults).
-    pub h2_max_concurrent_streams: Option<u32>,
-    pub h2_initial_stream_window_size: Option<u32>,
-    pub h2_initial_connection_window_size: Option<u32>,
+    /// `http2_protocol_options`: what the HTTP/2 codec advertises, Envoy's
+    /// defaults when unset (1024 streams, 16 MiB per stream, 24 MiB per connection).
+    pub h2_max_concurrent_streams: u32,
+    pub h2_initial_stream_window_size: u32,
+    pub h2_initial_connection_window_size: u32,
     /// `http2_protocol_options.allow_connect`: advertise extended CONNECT
     /// (RFC 8441, WebSocket over HTTP/2).
     pub h2_allow_connect: bool,
@@ -444,9 +444,9 @@ impl Default for HcmLimits {
             allow_chunked_length: false,
             proxy_100_continue: false,
             header_key_format: super::HeaderKeyFormat::Default,
-            h2_max_concurrent_streams: None,
-            h2_initial_stream_window_size: None,
-            h2_initial_connection_window_size: None,
+            h2_max_concurrent_streams: 1024,
+            h2_initial_stream_window_size: 16 * 1024 * 1024,
+            h2_initial_connection_window_size: 24 * 1024 * 1024,
             h2_allow_connect: false,
             drain_timeout: Duration::from_secs(5),
             delayed_close_timeout: Some(Duration::from_secs(1)),

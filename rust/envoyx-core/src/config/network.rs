@@ -15,7 +15,7 @@ use super::native_filters::{
     NativeFilterKind, NativeFilterSpec, NativeFilterSpecs, map_fault, map_grpc_stats,
 };
 use super::reader::Obj;
-use super::route::map_route_config;
+use super::route::map_inline_route_config;
 pub use super::type_urls::*;
 
 pub const UUID_REQUEST_ID_TYPE: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
@@ -35,7 +35,7 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
     };
     let (http_filters, native_filters) = map_http_filters(hcm);
     let routes = if let Some(rc) = hcm.obj("route_config") {
-        RouteSource::Inline(map_route_config(&rc)?)
+        RouteSource::Inline(map_inline_route_config(&rc)?)
     } else if let Some(rds) = hcm.obj("rds") {
         let Some(name) = rds.str("route_config_name") else {
             rds.error("route_config_name", "is required");
@@ -240,16 +240,26 @@ fn map_hcm_limits(hcm: &Obj<'_>) -> HcmLimits {
         };
     }
     if let Some(h2) = hcm.obj("http2_protocol_options") {
-        limits.h2_max_concurrent_streams = h2.u32("max_concurrent_streams");
-        let window = |key| {
-            let n = h2.u32(key)?;
+        if let Some(n) = h2.u32("max_concurrent_streams") {
+            limits.h2_max_concurrent_streams = n;
+        }
+        let window = |key, default| {
+            let Some(n) = h2.u32(key) else {
+                return default;
+            };
             if !(65_535..=2_147_483_647).contains(&n) {
                 h2.error(key, "must be in [65535, 2147483647]");
             }
-            Some(n)
+            n
         };
-        limits.h2_initial_stream_window_size = window("initial_stream_window_size");
-        limits.h2_initial_connection_window_size = window("initial_connection_window_size");
+        limits.h2_initial_stream_window_size = window(
+            "initial_stream_window_size",
+            limits.h2_initial_stream_window_size,
+        );
+        limits.h2_initial_connection_window_size = window(
+            "initial_connection_window_size",
+            limits.h2_initial_connection_window_size,
+        );
         limits.h2_allow_connect = h2.bool("allow_connect").unwrap_or(false);
     }
     limits

@@ -30,9 +30,10 @@ pub struct RouteConfig {
     pub name: String,
     /// `virtual_hosts`.
     pub virtual_hosts: Vec<VirtualHostConfig>,
-    /// `validate_clusters`: refuse routes naming unknown clusters. Envoy's default
-    /// is on for static route configurations and off for RDS.
-    pub validate_clusters: Option<bool>,
+    /// `validate_clusters`: refuse routes naming unknown clusters. Unset, Envoy's
+    /// default is on for a table inline in a connection manager and off for RDS,
+    /// resolved when the table is mapped.
+    pub validate_clusters: bool,
     /// `ignore_port_in_host_matching`: virtual hosts are selected by the host
     /// without its port.
     pub ignore_port_in_host_matching: bool,
@@ -84,7 +85,18 @@ struct ConfigDefaults<'a> {
     most_specific_wins: bool,
 }
 
-pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
+/// A `route_config` inline in a connection manager.
+pub fn map_inline_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
+    map_route_config(rc, true)
+}
+
+/// An RDS `RouteConfiguration` resource.
+pub fn map_rds_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
+    map_route_config(rc, false)
+}
+
+/// `validate_clusters_default`: Envoy's default for where the table comes from.
+fn map_route_config(rc: &Obj<'_>, validate_clusters_default: bool) -> Option<RouteConfig> {
     let name = rc.str("name").unwrap_or_default().to_string();
     let max_direct_body = rc
         .u32("max_direct_response_body_size_bytes")
@@ -127,7 +139,9 @@ pub fn map_route_config(rc: &Obj<'_>) -> Option<RouteConfig> {
     Some(RouteConfig {
         name,
         virtual_hosts: vhosts,
-        validate_clusters: rc.bool("validate_clusters"),
+        validate_clusters: rc
+            .bool("validate_clusters")
+            .unwrap_or(validate_clusters_default),
         ignore_port_in_host_matching: rc.bool("ignore_port_in_host_matching").unwrap_or(false),
         internal_only_headers: rc
             .strings("internal_only_headers")

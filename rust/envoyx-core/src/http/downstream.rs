@@ -242,6 +242,16 @@ async fn sniff<S: Transport>(
     None
 }
 
+/// The header-list limit hyper's codec announces and enforces (its own default is
+/// 16 KiB, below Envoy's 60 KiB). Envoy announces none and resets a stream over
+/// `max_request_headers_kb` in its own check, which envoyx repeats after the codec:
+/// twice that limit plus RFC 9113's 32 bytes per header leaves every request near
+/// the limit to that check; only one far beyond it gets hyper's 431.
+fn h2_header_list_limit(limits: &crate::config::HcmLimits) -> u32 {
+    let per_header = 32 * (limits.max_headers_count + 8);
+    u32::try_from(limits.max_request_headers_bytes * 2 + per_header).unwrap_or(u32::MAX)
+}
+
 /// HTTP/2 by hyper.
 async fn serve_h2<S>(
     conn: Rc<DownstreamConnection>,
@@ -255,15 +265,11 @@ async fn serve_h2<S>(
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
     builder.timer(TokioTimer::new());
     let limits = &hcm.limits;
-    if let Some(n) = limits.h2_max_concurrent_streams {
-        builder.max_concurrent_streams(n);
-    }
-    if let Some(n) = limits.h2_initial_stream_window_size {
-        builder.initial_stream_window_size(n);
-    }
-    if let Some(n) = limits.h2_initial_connection_window_size {
-        builder.initial_connection_window_size(n);
-    }
+    builder
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(limits.h2_initial_stream_window_size)
+        .initial_connection_window_size(limits.h2_initial_connection_window_size)
+        .max_header_list_size(h2_header_list_limit(limits));
     if limits.h2_allow_connect {
         // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket over HTTP/2 (RFC 8441).
         builder.enable_connect_protocol();

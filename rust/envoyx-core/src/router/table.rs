@@ -108,7 +108,7 @@ impl RouteTable {
         RouteTable::new(RouteConfig {
             name: name.to_string(),
             virtual_hosts: Vec::new(),
-            validate_clusters: None,
+            validate_clusters: false,
             ignore_port_in_host_matching: false,
             internal_only_headers: Vec::new(),
             raw: serde_json::Value::Null,
@@ -252,7 +252,7 @@ mod tests {
         RouteTable::new(RouteConfig {
             name: "t".into(),
             virtual_hosts: vhosts,
-            validate_clusters: None,
+            validate_clusters: false,
             ignore_port_in_host_matching: ignore_port,
             internal_only_headers: Vec::new(),
             raw: serde_json::Value::Null,
