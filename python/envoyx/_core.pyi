@@ -16,6 +16,7 @@ __all__ = [
     "Server",
     "StatStore",
     "StreamInfo",
+    "describe",
     "filter_dispatch",
     "filter_wakeup_fd",
     "route_match",
