@@ -27,11 +27,11 @@ from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from envoyx import _core
+from envoyx import ConfigError, _core
 from envoyx.xds.settings import parse_dynamic_resources
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
 from support.bootstrap import socket_address as _address
-from support.config_fields import _at, _base, fields_of, probe
+from support.config_fields import Place, _at, _base, fields_of, probe
 from support.differential import (
     Ctx,
     Environment,
@@ -302,3 +302,52 @@ def test_the_management_servers_cluster_takes_the_cluster_defaults(
     assert settings is not None and settings.ads is not None
     assert settings.ads.target.target == "127.0.0.1:18000"
     assert settings.ads.target.connect_timeout == seconds
+
+
+def _zero(field: FieldDescriptor) -> Any:
+    """proto3's value of an unset scalar field, as proto JSON writes it."""
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[0].name
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return False
+    if field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+        return ""
+    if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return 0.0
+    return 0
+
+
+def _mapped_or_errors(kind: str, doc: dict[str, Any]) -> str:
+    try:
+        return _mapped(kind, doc)
+    except ConfigError as e:
+        return f"refused: {e}"
+
+
+@pytest.mark.parametrize("place", DEFAULT_PLACES, ids=lambda p: p.message.rsplit(".", 1)[-1])
+def test_an_unset_scalar_reads_as_proto3s_zero_value(place: Place) -> None:
+    # The loader hands the core canonical JSON, which leaves out every scalar equal to
+    # its zero value: the core's reading of an absent bool, number, string or enum must
+    # be that zero value (cluster `type` STATIC, `lb_policy` ROUND_ROBIN,
+    # `dns_lookup_family` AUTO, …), or an explicit `false` would differ from none.
+    base = _base()
+    if place.prepare is not None:
+        place.prepare(base)
+    base = _canonical(base)
+    unset = _mapped_or_errors("bootstrap", base)
+    wrong = []
+    for field in fields_of(place.message):
+        if field.is_repeated or field.type == FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if field.containing_oneof is not None:
+            continue  # a oneof member has presence: set to its zero value, it is chosen
+        if field.name in _at(base, place.path):
+            continue  # the probe document sets it already (a required field)
+        if probe(place, field) != "supported":
+            continue
+        written = copy.deepcopy(base)
+        _at(written, place.path)[field.name] = _zero(field)
+        explicit = _mapped_or_errors("bootstrap", written)
+        if explicit != unset:
+            wrong.append(f"{field.name} = {_zero(field)!r}:\n{_diff(unset, explicit)}")
+    assert not wrong, f"{place.message}: unset is not the zero value\n" + "\n".join(wrong)

@@ -63,7 +63,12 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         codec,
         routes,
         access_logs,
-        server_name: hcm.str("server_name").unwrap_or("envoy").to_string(),
+        // Empty is unset, as Envoy reads it (proto3 cannot tell them apart).
+        server_name: hcm
+            .str("server_name")
+            .filter(|s| !s.is_empty())
+            .unwrap_or("envoy")
+            .to_string(),
         generate_request_id: hcm.bool("generate_request_id").unwrap_or(true),
         use_remote_address: hcm.bool("use_remote_address").unwrap_or(false),
         xff_num_trusted_hops: hcm.u32("xff_num_trusted_hops").unwrap_or(0),
