@@ -198,6 +198,27 @@ def _headers(n: int) -> bytes:
     return b"GET / HTTP/1.1\r\nhost: h\r\n" + lines + b"connection: close\r\n\r\n"
 
 
+def _h2_upstream(ctx: Ctx) -> Json:
+    """A connection manager in front of an HTTP/2 upstream, nothing optional set."""
+    h2 = cluster("h2", [ctx.up("h2")])
+    h2["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return bootstrap(
+        admin_port=ctx.admin_port,
+        listeners=[
+            http_listener(
+                port=ctx.port,
+                virtual_hosts=[virtual_host("all", ["*"], [route({"prefix": "/"}, cluster="h2")])],
+            )
+        ],
+        clusters=[h2],
+    )
+
+
 DEFAULT_SCENARIOS = [
     Scenario(
         "defaults_http2_settings",
@@ -242,6 +263,18 @@ DEFAULT_SCENARIOS = [
             Http("/retry", headers=(("x-test-status", "503"),), expect={"status": 503}),
         ),
         stats={"cluster.a.upstream_rq_retry": 1, "cluster.a.upstream_rq_total": 5},
+    ),
+    Scenario(
+        "defaults_http2_upstream",
+        _h2_upstream,
+        (
+            # max_response_headers_kb unset: 60 KiB from an HTTP/2 upstream too.
+            Http(
+                "/",
+                headers=(("x-test-response-header", "x-big: " + "v" * 40000),),
+                expect={"status": 200, "upstream": "h2"},
+            ),
+        ),
     ),
 ]
 
