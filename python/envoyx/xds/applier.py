@@ -8,6 +8,12 @@ Envoy does not rebuild an unchanged cluster or listener (its ``version_info`` st
 of the update that brought it). The applier also remembers what each listener and
 cluster names (route configurations, EDS services, SDS secrets), to route those
 subscriptions and to name their stats.
+
+It remembers the resources it refused too (by a digest of their bytes as received, see
+:meth:`Applier.remember_rejected`): a management server that answers a NACK by sending
+the same bytes again (go-control-plane's and java-control-plane's caches do, at once,
+thousands of times a second) is answered with the same NACK without the resource being
+decoded, checked or mapped again, for as long as nothing else the core holds changed.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ SUBSCRIPTION_GAUGES = ("version", "update_time")
 #: Counters Envoy keeps beside a subscription's, by stat prefix: an SDS secret's
 #: ``sds.<name>.key_rotation_failed`` (certificate files that failed to reload).
 EXTRA_COUNTERS = {"sds.": ("key_rotation_failed",)}
+#: How many refused resources are remembered (beyond it the memory starts afresh).
+REJECTED_MEMORY = 1024
 #: Where Envoy counts the wildcard subscriptions.
 TYPE_STAT_PREFIX = {LISTENER: "listener_manager.lds.", CLUSTER: "cluster_manager.cds."}
 
@@ -196,6 +204,10 @@ class Applier:
         self._digests: dict[str, dict[str, bytes]] = {t: {} for t in TYPES}
         # what each listener / cluster names: (parent type, parent name) -> dependencies
         self._deps: dict[tuple[str, str], tuple[tuple[Dependency, ResolvedSource], ...]] = {}
+        # bumped by every change the core takes: a refusal may depend on what it holds
+        self.generation = 0
+        # refused resources: (type, digest of the bytes received) -> (name, why, generation)
+        self._rejected: dict[tuple[str, bytes], tuple[str, str, int]] = {}
         self._index_static(bootstrap)
 
     # -- preparing -------------------------------------------------------------------------
@@ -235,6 +247,22 @@ class Applier:
         except (TypeError, ValueError, KeyError) as e:
             raise ResourceRejected(f"cannot convert the {rtype.noun} to JSON: {e}") from e
         return Prepared(name, text, digest, deps)
+
+    def remember_rejected(self, type_url: str, digest: bytes, name: str, why: str) -> None:
+        """``name``, received as the bytes of ``digest``, was refused for ``why``."""
+        with self.lock:
+            if len(self._rejected) >= REJECTED_MEMORY:
+                self._rejected.clear()
+            self._rejected[(type_url, digest)] = (name, why, self.generation)
+
+    def known_rejection(self, type_url: str, digest: bytes) -> tuple[str, str] | None:
+        """(name, why) when the bytes of ``digest`` were refused and nothing changed in
+        the core since (what it holds may have been the reason)."""
+        with self.lock:
+            entry = self._rejected.get((type_url, digest))
+            if entry is None or entry[2] != self.generation:
+                return None
+            return entry[0], entry[1]
 
     def _resolve(
         self, type_url: str, msg: Message, parent: Source | None
@@ -296,6 +324,8 @@ class Applier:
                 )
             )
             held = self._digests[type_url]
+            if removed or len(rejected) < len(changed):
+                self.generation += 1
             for p in changed:
                 if p.name in rejected:
                     continue
