@@ -119,6 +119,7 @@ class Event:
     kind: str
     args: tuple[str, ...]
     line: str
+    at: float = 0.0  # time.monotonic() when it was read
 
 
 class XdsGoServer:
@@ -174,7 +175,7 @@ class XdsGoServer:
             # A NACK is type, version, nonce, then the whole error message.
             args = tuple(rest.split(" ", 3) if kind == "nack" else rest.split())
             with self._cond:
-                self.events.append(Event(kind, args, line))
+                self.events.append(Event(kind, args, line, time.monotonic()))
                 self._cond.notify_all()
         with self._cond:
             self._eof = True

@@ -219,16 +219,20 @@ class Applier:
         *,
         parent: Source | None = None,
         checked: bool = False,
+        digest: bytes | None = None,
     ) -> Prepared:
         """Check one resource of ``type_url`` and give what ``apply`` needs.
 
         ``parent`` is the stream that delivered it (for config sources naming
-        ``self``); ``checked`` skips the schema rules (already checked by the caller).
+        ``self``); ``checked`` skips the schema rules (already checked by the caller);
+        ``digest`` identifies the resource (the xDS client's, of the bytes received:
+        serializing a 10,000-endpoint assignment again to digest it costs 5 ms).
         Raises :class:`ResourceRejected`.
         """
         rtype = TYPES[type_url]
         name = rtype.name_of(msg)
-        digest = _digest(msg)
+        if digest is None:
+            digest = _digest(msg)
         with self.lock:
             if self._digests[type_url].get(name) == digest:
                 return Prepared(name, None, digest, self._deps.get((type_url, name), ()))

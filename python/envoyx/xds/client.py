@@ -126,18 +126,16 @@ class TokenBucket:
 class Outbox:
     """The requests of one stream call, in order, for grpcio's thread to send.
 
-    A State-of-the-World request tells the whole state of its type (version, nonce,
-    names), so a newer one of the same type takes the place of one still waiting (the
-    server would ignore the older one's nonce); Delta requests carry changes and all
-    go out. With a :class:`TokenBucket`, each request takes a token; with none left
-    the request waits for the next (counted in ``control_plane.rate_limit_enforced``,
-    the queue's length in ``control_plane.pending_requests``, as Envoy's ``GrpcStream``).
+    With a :class:`TokenBucket`, each request takes a token; with none left the request
+    waits for the next (counted in ``control_plane.rate_limit_enforced``, the queue's
+    length in ``control_plane.pending_requests``), as Envoy's ``GrpcStream``. Every
+    request goes out, in order (a reply is built before the subscriptions it causes
+    are, so a later request is not always the newer state).
     """
 
-    def __init__(self, bucket: TokenBucket | None, stats: Any, *, coalesce: bool) -> None:
+    def __init__(self, bucket: TokenBucket | None, stats: Any) -> None:
         self._bucket = bucket
         self._stats = stats
-        self._coalesce = coalesce
         self._items: list[Request] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -148,15 +146,7 @@ class Outbox:
         with self._cond:
             if self._closed:
                 return
-            if self._coalesce:
-                for i, pending in enumerate(self._items):
-                    if pending.type_url == request.type_url:
-                        self._items[i] = request
-                        break
-                else:
-                    self._items.append(request)
-            else:
-                self._items.append(request)
+            self._items.append(request)
             if self._waiting:
                 # Envoy tries to drain on every request queued: one more enforcement
                 self._stats.counter("control_plane.rate_limit_enforced")
@@ -270,7 +260,7 @@ class _Stream:
         client = self.client
         target = self.source.target
         channel = _make_channel(target)
-        q = Outbox(self.bucket, client.stats, coalesce=not self.source.delta)
+        q = Outbox(self.bucket, client.stats)
         response_type = (
             discovery_pb2.DeltaDiscoveryResponse
             if self.source.delta

@@ -485,7 +485,9 @@ class StreamProtocol:
                 )
                 continue
             try:
-                ready = self.applier.prepare(type_url, item.msg, parent=self.source)
+                ready = self.applier.prepare(
+                    type_url, item.msg, parent=self.source, digest=item.digest
+                )
                 prepared.append((item, ready))
             except ResourceRejected as e:
                 errors.append((item.name, str(e)))
