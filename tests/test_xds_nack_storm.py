@@ -430,3 +430,37 @@ def test_the_eds_fast_path_writes_what_the_generic_code_writes(shape: int) -> No
     assert errors == schema_errors(cla)
     if not errors:
         assert json.loads(text) == json.loads(canonical_json(cla))
+
+
+def test_a_refusal_is_forgotten_once_anything_changes() -> None:
+    """The memory of refused bytes holds only while the core holds what it held when
+    it refused them (an accepted or removed resource of any type, or a new stream,
+    may have been the reason)."""
+    from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    from envoyx.xds.applier import Applier
+    from envoyx.xds.resources import CLUSTER, ENDPOINT
+
+    class Core:
+        def apply(self, type_url: str, resources: Any, removed: Any, version: str) -> Any:
+            return [(name, "refused") for name, _ in resources if name == "bad"]
+
+        def wanted_resources(self, type_url: str) -> list[str]:
+            return []
+
+    applier = Applier(Core(), Bootstrap())  # type: ignore[arg-type]
+    applier.remember_rejected(ENDPOINT, b"d1", "c", "why")
+    assert applier.known_rejection(ENDPOINT, b"d1") == ("c", "why")
+    assert applier.known_rejection(CLUSTER, b"d1") is None
+    # the core refusing something else changes nothing
+    bad = applier.prepare(ENDPOINT, endpoint_pb2.ClusterLoadAssignment(cluster_name="bad"))
+    assert applier.apply(ENDPOINT, [bad], [], "1") == {"bad": "refused"}
+    assert applier.known_rejection(ENDPOINT, b"d1") == ("c", "why")
+    # anything taken: forgotten
+    ok = applier.prepare(ENDPOINT, endpoint_pb2.ClusterLoadAssignment(cluster_name="ok"))
+    assert applier.apply(ENDPOINT, [ok], [], "2") == {}
+    assert applier.known_rejection(ENDPOINT, b"d1") is None
+    applier.remember_rejected(ENDPOINT, b"d1", "c", "why")
+    applier.forget_rejections()  # a new stream
+    assert applier.known_rejection(ENDPOINT, b"d1") is None

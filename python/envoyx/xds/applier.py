@@ -259,6 +259,12 @@ class Applier:
                 self._rejected.clear()
             self._rejected[(type_url, digest)] = (name, why, self.generation)
 
+    def forget_rejections(self) -> None:
+        """Parse refused resources again when they come back (a new stream: a refusal
+        for a reason outside the configuration, a port in use, may be over)."""
+        with self.lock:
+            self._rejected.clear()
+
     def known_rejection(self, type_url: str, digest: bytes) -> tuple[str, str] | None:
         """(name, why) when the bytes of ``digest`` were refused and nothing changed in
         the core since (what it holds may have been the reason)."""

@@ -28,8 +28,9 @@ What is done as Envoy 1.40 does:
 - A new stream: SotW sends each type's accepted version and no nonce; Delta sends
   ``initial_resource_versions`` of every resource it holds.
 - A resource refused before is answered with the same error without being decoded
-  again when its bytes come back unchanged and nothing changed in the core since
-  (:meth:`~envoyx.xds.applier.Applier.known_rejection`): Envoy parses each resend.
+  again when its bytes come back unchanged on the same stream and nothing changed in
+  the core since (:meth:`~envoyx.xds.applier.Applier.known_rejection`): Envoy parses
+  each resend.
 - SDS (``Secret``) is named like RDS/EDS. A Delta ``removed_resources`` naming a
   subscribed secret is ACKed and counted as a successful update of it; Envoy keeps a
   secret it has, and what waits for one it lacks stops waiting: those names go to the
@@ -224,6 +225,7 @@ class StreamProtocol:
 
     def connect(self) -> None:
         """A new stream is open: send each active subscription's first request."""
+        self.applier.forget_rejections()
         self.connected = True
         self._node_sent = False
         self.held.clear()
