@@ -303,6 +303,13 @@ def test_rate_limit_settings_are_read() -> None:
     assert ads({"fill_rate": 0.5}) == RateLimit(100, 0.5)
     with pytest.raises(ConfigError, match=r"rate_limit_settings\.fill_rate: .*NaN nor Inf"):
         ads({"fill_rate": "NaN"})
+    # Envoy's schema rule (fill_rate gt 0) holds for the whole bootstrap
+    from envoyx.config import load_bootstrap
+
+    doc = ads_bootstrap(admin_port=1, xds_port=2, api_type="GRPC")
+    doc["dynamic_resources"]["ads_config"]["rate_limit_settings"] = {"fill_rate": 0}
+    with pytest.raises(ConfigError, match=r"rate_limit_settings\.fill_rate: value must be greater"):
+        load_bootstrap(doc)
 
 
 def test_the_token_bucket_is_envoys() -> None:
