@@ -251,7 +251,7 @@ def test_a_resent_rejected_assignment_costs_little(target: str, storm_factory: A
     if target == "envoyx":
         # A resend costs envoyx a digest of the bytes, not a parse: the CPU of each NACK
         # answered stays far below that of one parse and apply of the same assignment
-        # (answering each resend by parsing it again costs about half of it).
+        # (answering each resend by parsing it again costs a third of it, measured).
         assert per_nack < apply_cpu / 10, (
             f"{per_nack * 1000:.2f} ms CPU a NACK, {apply_cpu * 1000:.1f} ms an apply"
         )

@@ -225,8 +225,9 @@ class Applier:
 
         ``parent`` is the stream that delivered it (for config sources naming
         ``self``); ``checked`` skips the schema rules (already checked by the caller);
-        ``digest`` identifies the resource (the xDS client's, of the bytes received:
-        serializing a 10,000-endpoint assignment again to digest it costs 5 ms).
+        ``digest`` identifies the resource (the xDS client's, of the bytes received
+        for an assignment: serializing 10,000 endpoints again to digest them costs
+        5 ms).
         Raises :class:`ResourceRejected`.
         """
         rtype = TYPES[type_url]
