@@ -48,6 +48,7 @@ from test_xds_go import (
     free_port_block,
     get,
 )
+from test_xds_java import XdsJavaServer, _served_by, xds_java_classpath  # noqa: F401 (a fixture)
 
 from support.envoy import CACHE_DIR, targets_from_env
 from support.proxy import ProxyProcess
@@ -471,3 +472,61 @@ def test_a_refusal_is_forgotten_once_anything_changes() -> None:
     applier.remember_rejected(ENDPOINT, b"d1", "c", "why")
     applier.forget_rejections()  # a new stream
     assert applier.known_rejection(ENDPOINT, b"d1") is None
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_XDS_TARGETS"))
+def test_java_control_planes_storm_is_bounded_by_the_rate_limit(
+    target: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """java-control-plane 1.0.49's SimpleCache resends a refused snapshot at once too
+    (an endpoint on port 70000: Envoy's rule port_value lte 65535): with
+    ``rate_limit_settings`` the NACKs stay within the bucket, the endpoint accepted
+    before keeps serving, and the next snapshot is taken."""
+
+    from support.xds_resources import ads_bootstrap as ads_bootstrap_of
+
+    classpath = request.getfixturevalue("xds_java_classpath")
+    first, second = HttpUpstream("first").start(), HttpUpstream("second").start()
+    listener_port = free_port()
+    server = XdsJavaServer(
+        classpath,
+        listener_port=listener_port,
+        endpoint_port=first.port,
+        mode="sotw",
+        log=tmp_path / "xds-java.log",
+    )
+    try:
+        bootstrap = ads_bootstrap_of(xds_address=("127.0.0.1", server.port), admin_port=free_port())
+        bootstrap["dynamic_resources"]["ads_config"]["rate_limit_settings"] = {
+            "max_tokens": MAX_TOKENS,
+            "fill_rate": FILL_RATE,
+        }
+        proxy = request.getfixturevalue(f"start_{target}")(bootstrap)
+        server.wait_acks(0)
+        until(lambda: _served_by(listener_port) == "first", what="traffic to the first endpoint")
+
+        mark = server.mark()
+        server.command("snapshot 2 70000")
+        server.wait(lambda w: w[0] == "nack" and w[1] == ENDPOINT_TYPE, start=mark)
+        t0 = time.monotonic()
+        start = server.mark()
+        while time.monotonic() - t0 < STORM_S:
+            assert _served_by(listener_port) == "first", "the accepted endpoint stopped serving"
+            time.sleep(0.1)
+        seconds = time.monotonic() - t0
+        with server._cond:
+            nacks = sum(1 for line in server.lines[start:] if line.startswith("nack "))
+        print(f"\n{target}: java-control-plane storm, {nacks} NACKs in {seconds:.2f}s")
+        bound = MAX_TOKENS + FILL_RATE * seconds + 1
+        assert 1 <= nacks <= bound, f"{target}: {nacks} NACKs in {seconds:.2f}s (bound {bound:.1f})"
+        assert proxy.stats().get("control_plane.rate_limit_enforced", 0) > 0
+
+        server.command(f"snapshot 3 {second.port}")
+        until(lambda: _served_by(listener_port) == "second", what="traffic to the new endpoint")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n-- xds-java events --\n{server.transcript()}") from None
+    finally:
+        server.stop()
+        first.stop()
+        second.stop()
