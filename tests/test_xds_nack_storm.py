@@ -248,6 +248,8 @@ def test_a_resent_rejected_assignment_costs_little(target: str, storm_factory: A
     )
     assert nacks >= 10, f"{target}: no storm ({nacks} NACKs in {seconds:.1f}s)"
     stats = storm.proxy.stats()
+    rejected = stats.get("cluster.cluster-0.update_rejected")
+    print(f"{target}: cluster.cluster-0.update_rejected {rejected}")
     assert stats.get("cluster.cluster-0.update_rejected", 0) >= nacks
     if target == "envoyx":
         # A resend costs envoyx a digest of the bytes, not a parse: the CPU of each NACK
@@ -275,6 +277,17 @@ def test_rate_limit_settings_bound_the_storm(target: str, storm_factory: Any) ->
     bound = MAX_TOKENS + FILL_RATE * seconds + 1
     assert 2 <= nacks <= bound, f"{target}: {nacks} NACKs in {seconds:.2f}s (bound {bound:.1f})"
     stats = storm.proxy.stats()
+    print(
+        f"{target}: "
+        + ", ".join(
+            f"{name} {stats.get(name)}"
+            for name in (
+                "control_plane.rate_limit_enforced",
+                "control_plane.pending_requests",
+                "cluster.cluster-0.update_rejected",
+            )
+        )
+    )
     assert stats.get("control_plane.rate_limit_enforced", 0) > 0, stats
     assert "control_plane.pending_requests" in stats
     took = storm.corrected()
