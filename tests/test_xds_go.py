@@ -119,6 +119,7 @@ class Event:
     kind: str
     args: tuple[str, ...]
     line: str
+    at: float = 0.0  # time.monotonic() when it was read
 
 
 class XdsGoServer:
@@ -133,6 +134,7 @@ class XdsGoServer:
         base_port: int,
         listeners: int,
         log_path: Path,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.mode = mode
         self.log_path = log_path
@@ -152,6 +154,7 @@ class XdsGoServer:
                 mode,
                 "--node-id",
                 NODE_ID,
+                *extra_args,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -172,7 +175,7 @@ class XdsGoServer:
             # A NACK is type, version, nonce, then the whole error message.
             args = tuple(rest.split(" ", 3) if kind == "nack" else rest.split())
             with self._cond:
-                self.events.append(Event(kind, args, line))
+                self.events.append(Event(kind, args, line, time.monotonic()))
                 self._cond.notify_all()
         with self._cond:
             self._eof = True

@@ -11,6 +11,10 @@
 //
 //	stdin   update          set the next snapshot version (v0 is set at start-up)
 //	stdin   listeners N     the next snapshots have N listeners (and routes, clusters)
+//	stdin   endpoints N [P] the next snapshots give cluster 0 N endpoints, 127.x.y.z:P
+//	                        (P: --upstream-port), from 127.1.0.0 on; 0: the one default
+//	stdin   bad on|off      the next snapshots add an endpoint with an empty address
+//	                        (which Envoy's schema rules reject) to cluster 0
 //	stdin   quit (or EOF)   stop the server and exit 0
 //	stdout  listening PORT                  the gRPC server is bound (--xds-port 0 picks one)
 //	stdout  snapshot VERSION                that snapshot is set in the cache
@@ -33,6 +37,10 @@
 // listener in place: the client must warm the new clusters before the new routes can
 // use them, and drop the old ones.
 //
+// --stable-names drops the version from the names (listener-i, route-i, cluster-i), so
+// that an update changes only what differs; --clusters-only leaves listeners and routes
+// out; --any-node serves the snapshots to every node, whatever its id (a fleet).
+//
 // Logs (and --debug traces of every request) go to stderr.
 package main
 
@@ -54,6 +62,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -84,6 +93,13 @@ var (
 	numListeners int
 	mode         string
 	nodeID       string
+	stableNames  bool
+	clustersOnly bool
+	anyNode      bool
+	// what the next snapshots give cluster 0 (the stdin commands endpoints and bad)
+	numEndpoints int
+	endpointPort uint
+	badEndpoint  bool
 )
 
 func init() {
@@ -94,7 +110,15 @@ func init() {
 	flag.IntVar(&numListeners, "listeners", 2, "number of listeners (and of routes, clusters, endpoints)")
 	flag.StringVar(&mode, "mode", testresource.Ads, "ads (State of the World) or delta-ads (incremental)")
 	flag.StringVar(&nodeID, "node-id", "test-id", "node id of the client the snapshots are for")
+	flag.BoolVar(&stableNames, "stable-names", false, "names without the snapshot version")
+	flag.BoolVar(&clustersOnly, "clusters-only", false, "snapshots of clusters and endpoints only")
+	flag.BoolVar(&anyNode, "any-node", false, "serve the snapshots to every node")
 }
+
+// sameNode maps every node to --node-id (--any-node).
+type sameNode struct{}
+
+func (sameNode) ID(*core.Node) string { return nodeID }
 
 // out writes the event lines of stdout, one whole line per write.
 var outMu sync.Mutex
@@ -302,15 +326,62 @@ func makeListener(name string, port uint32, routeName string) *listener.Listener
 	}
 }
 
+func socketAddress(address string, port uint32) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Protocol:      core.SocketAddress_TCP,
+		Address:       address,
+		PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// makeAssignment is cluster 0's ClusterLoadAssignment as the endpoints and bad
+// commands left it: MakeEndpoint's one endpoint, or numEndpoints endpoints on
+// 127.1.0.0, 127.1.0.1, ... (all loopback: an upstream bound to 0.0.0.0 answers each),
+// plus one with an empty address when badEndpoint.
+func makeAssignment(clusterName string) *endpoint.ClusterLoadAssignment {
+	cla := testresource.MakeEndpoint(clusterName, uint32(upstreamPort))
+	if numEndpoints == 0 && !badEndpoint {
+		return cla
+	}
+	if numEndpoints > 0 {
+		lbs := make([]*endpoint.LbEndpoint, 0, numEndpoints+1)
+		for i := 0; i < numEndpoints; i++ {
+			address := fmt.Sprintf("127.%d.%d.%d", 1+i>>16, (i>>8)&255, i&255)
+			lbs = append(lbs, &endpoint.LbEndpoint{HostIdentifier: &endpoint.LbEndpoint_Endpoint{
+				Endpoint: &endpoint.Endpoint{Address: socketAddress(address, uint32(endpointPort))},
+			}})
+		}
+		cla.Endpoints[0].LbEndpoints = lbs
+	}
+	if badEndpoint {
+		cla.Endpoints[0].LbEndpoints = append(cla.Endpoints[0].LbEndpoints, &endpoint.LbEndpoint{
+			HostIdentifier: &endpoint.LbEndpoint_Endpoint{
+				Endpoint: &endpoint.Endpoint{Address: socketAddress("", uint32(upstreamPort))},
+			},
+		})
+	}
+	return cla
+}
+
 func generate(version string) *cache.Snapshot {
 	var listeners, routes, clusters, endpoints []types.Resource
+	tag := version + "-"
+	if stableNames {
+		tag = ""
+	}
 	for i := 0; i < numListeners; i++ {
-		clusterName := fmt.Sprintf("cluster-%s-%d", version, i)
-		routeName := fmt.Sprintf("route-%s-%d", version, i)
+		clusterName := fmt.Sprintf("cluster-%s%d", tag, i)
+		routeName := fmt.Sprintf("route-%s%d", tag, i)
 		clusters = append(clusters, testresource.MakeCluster(mode, clusterName))
-		endpoints = append(endpoints, testresource.MakeEndpoint(clusterName, uint32(upstreamPort)))
-		routes = append(routes, testresource.MakeRouteConfig(routeName, clusterName))
-		listeners = append(listeners, makeListener(fmt.Sprintf("listener-%d", i), uint32(basePort)+uint32(i), routeName))
+		if i == 0 {
+			endpoints = append(endpoints, makeAssignment(clusterName))
+		} else {
+			endpoints = append(endpoints, testresource.MakeEndpoint(clusterName, uint32(upstreamPort)))
+		}
+		if !clustersOnly {
+			routes = append(routes, testresource.MakeRouteConfig(routeName, clusterName))
+			listeners = append(listeners, makeListener(fmt.Sprintf("listener-%d", i), uint32(basePort)+uint32(i), routeName))
+		}
 	}
 	snapshot, err := cache.NewSnapshot(version, map[rsrc.Type][]types.Resource{
 		rsrc.EndpointType: endpoints,
@@ -341,7 +412,11 @@ func main() {
 
 	// As pkg/test/main: the cache holds responses until every resource is named only
 	// in SotW ADS mode, and SotW ADS responses are ordered.
-	snapshots := cache.NewSnapshotCache(mode == testresource.Ads, cache.IDHash{}, logger{})
+	var hash cache.NodeHash = cache.IDHash{}
+	if anyNode {
+		hash = sameNode{}
+	}
+	snapshots := cache.NewSnapshotCache(mode == testresource.Ads, hash, logger{})
 	var opts []conf.XDSOption
 	if mode == testresource.Ads {
 		opts = append(opts, sotw.WithOrderedADS())
@@ -409,9 +484,24 @@ func main() {
 					log.Fatalf("bad command %q: want listeners N, N >= 1", cmd)
 				}
 				numListeners = n
+			case strings.HasPrefix(cmd, "endpoints "):
+				fields := strings.Fields(strings.TrimPrefix(cmd, "endpoints "))
+				n, err := strconv.Atoi(fields[0])
+				port := upstreamPort
+				if err == nil && len(fields) > 1 {
+					var p uint64
+					p, err = strconv.ParseUint(fields[1], 10, 16)
+					port = uint(p)
+				}
+				if err != nil || n < 0 || n > 1<<20 {
+					log.Fatalf("bad command %q: want endpoints N [PORT]", cmd)
+				}
+				numEndpoints, endpointPort = n, port
+			case cmd == "bad on" || cmd == "bad off":
+				badEndpoint = cmd == "bad on"
 			case cmd == "":
 			default:
-				log.Fatalf("unknown command %q (known: update, listeners N, quit)", cmd)
+				log.Fatalf("unknown command %q (known: update, listeners N, endpoints N [PORT], bad on|off, quit)", cmd)
 			}
 		}
 	}

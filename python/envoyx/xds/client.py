@@ -2,7 +2,12 @@
 
 One thread per stream (the ADS stream, or one per type and ``api_config_source``)
 reads responses and hands them to its :class:`~envoyx.xds.protocol.StreamProtocol`;
-requests go out through a queue that grpcio's own thread drains. A stream that ends
+requests go out through an :class:`Outbox` that grpcio's own thread drains. With
+``rate_limit_settings`` the outbox takes a token of the stream's :class:`TokenBucket`
+for each request, as Envoy's ``GrpcStream`` does: what finds the bucket empty waits
+(``control_plane.rate_limit_enforced``, ``control_plane.pending_requests``), so a
+management server that answers every NACK with the same rejected resource at once
+gets at most ``fill_rate`` answers a second. A stream that ends
 (or cannot be opened) is opened again after a jittered exponential back-off (Envoy's:
 full jitter, from ``retry_back_off.base_interval`` (500 ms) doubling up to its
 ``max_interval`` (30 s)); the configuration applied so far keeps serving meanwhile.
@@ -22,7 +27,7 @@ over xDS (an SDS config with ``sds_config``).
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import random
 import threading
 import time
@@ -43,13 +48,17 @@ from envoyx.xds.resources import (
     SECRET,
     TYPES,
 )
-from envoyx.xds.settings import DEFAULT_INITIAL_FETCH_TIMEOUT, Source, XdsSettings
+from envoyx.xds.settings import (
+    DEFAULT_INITIAL_FETCH_TIMEOUT,
+    RateLimit,
+    Source,
+    XdsSettings,
+)
 
-__all__ = ["Backoff", "XdsClient"]
+__all__ = ["Backoff", "Outbox", "TokenBucket", "XdsClient"]
 
 _log = logging.getLogger("envoyx.xds")
 
-_END = object()
 _JOIN_TIMEOUT_S = 5.0
 #: How often the housekeeping thread reads the RDS/EDS/SDS names the core needs.
 REFRESH_INTERVAL_S = 1.0
@@ -78,6 +87,104 @@ class Backoff:
         self._next = self.base
 
 
+class TokenBucket:
+    """Envoy's ``TokenBucketImpl``: starts with ``max_tokens``, refills at ``fill_rate``
+    tokens a second (refilled only when taken from while not full, as Envoy's)."""
+
+    #: Envoy's lowest fill rate: one token a year.
+    MIN_FILL_RATE = 1.0 / (365 * 24 * 60 * 60)
+
+    def __init__(
+        self, max_tokens: int, fill_rate: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_tokens = float(max_tokens)
+        self.fill_rate = max(abs(fill_rate), self.MIN_FILL_RATE)
+        self.tokens = float(max_tokens)
+        self._clock = clock
+        self._last_fill = clock()
+
+    def consume(self) -> bool:
+        """Take one token; False when there is none."""
+        if self.tokens < self.max_tokens:
+            now = self._clock()
+            self.tokens = min(
+                self.tokens + (now - self._last_fill) * self.fill_rate, self.max_tokens
+            )
+            self._last_fill = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def next_token(self) -> float:
+        """Seconds until a token may be there (Envoy's ``nextTokenAvailable``)."""
+        if self.tokens >= 1:
+            return 0.0
+        return math.ceil(1000.0 / self.fill_rate) / 1000.0
+
+
+class Outbox:
+    """The requests of one stream call, in order, for grpcio's thread to send.
+
+    With a :class:`TokenBucket`, each request takes a token; with none left the request
+    waits for the next (counted in ``control_plane.rate_limit_enforced``, the queue's
+    length in ``control_plane.pending_requests``), as Envoy's ``GrpcStream``. Every
+    request goes out, in order (a reply is built before the subscriptions it causes
+    are, so a later request is not always the newer state).
+    """
+
+    def __init__(self, bucket: TokenBucket | None, stats: Any) -> None:
+        self._bucket = bucket
+        self._stats = stats
+        self._items: list[Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._reported = 0  # the pending_requests last set (Envoy sets it once used)
+        self._waiting = False  # the sender waits for a token
+
+    def put(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(request)
+            if self._waiting:
+                # Envoy tries to drain on every request queued: one more enforcement
+                self._stats.counter("control_plane.rate_limit_enforced")
+                self._report()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _report(self) -> None:
+        size = len(self._items)
+        if size != self._reported:
+            self._reported = size
+            self._stats.gauge("control_plane.pending_requests", size)
+
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                bucket = self._bucket
+                if bucket is not None and not bucket.consume():
+                    if not self._waiting:
+                        self._waiting = True
+                        self._stats.counter("control_plane.rate_limit_enforced")
+                        self._report()
+                    self._cond.wait(bucket.next_token())
+                    continue
+                self._waiting = False
+                request = self._items.pop(0)
+                self._report()
+            yield request
+
+
 class _Stream:
     """One gRPC stream to a management server, reopened until stopped."""
 
@@ -95,7 +202,10 @@ class _Stream:
             on_answered=client._on_answered,
         )
         self.backoff = Backoff(source.target.backoff_base, source.target.backoff_max)
-        self._queue: queue.SimpleQueue[object] | None = None
+        # the stream's token bucket outlives its calls, as Envoy's GrpcStream's
+        limit: RateLimit | None = source.rate_limit
+        self.bucket = TokenBucket(limit.max_tokens, limit.fill_rate) if limit is not None else None
+        self._queue: Outbox | None = None
         self._call: Any = None
         self._responded = False
         self._thread: threading.Thread | None = None
@@ -127,17 +237,7 @@ class _Stream:
         if self._call is not None:
             self._call.cancel()
         if self._queue is not None:
-            self._queue.put(_END)
-
-    def _requests(self, q: queue.SimpleQueue[object]) -> Iterator[Request]:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            assert isinstance(
-                item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
-            )
-            yield item
+            self._queue.close()
 
     def _run(self) -> None:
         client = self.client
@@ -160,7 +260,7 @@ class _Stream:
         client = self.client
         target = self.source.target
         channel = _make_channel(target)
-        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        q = Outbox(self.bucket, client.stats)
         response_type = (
             discovery_pb2.DeltaDiscoveryResponse
             if self.source.delta
@@ -185,7 +285,7 @@ class _Stream:
             self._responded = False
             self.protocol.connect()  # queues the first requests
             self._call = multicallable(
-                self._requests(q), metadata=list(target.metadata) or None, wait_for_ready=False
+                iter(q), metadata=list(target.metadata) or None, wait_for_ready=False
             )
         _log.info("xDS %s stream to %s opening", self.name, target.description)
         try:
@@ -211,7 +311,7 @@ class _Stream:
                 )
         finally:
             with client._lock:
-                q.put(_END)
+                q.close()
                 self._queue = None
                 self._call = None
                 self._responded = False

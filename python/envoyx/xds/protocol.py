@@ -27,6 +27,10 @@ What is done as Envoy 1.40 does:
   unsubscribes the difference.
 - A new stream: SotW sends each type's accepted version and no nonce; Delta sends
   ``initial_resource_versions`` of every resource it holds.
+- A resource refused before is answered with the same error without being decoded
+  again when its bytes come back unchanged on the same stream and nothing changed in
+  the core since (:meth:`~envoyx.xds.applier.Applier.known_rejection`): Envoy parses
+  each resend.
 - SDS (``Secret``) is named like RDS/EDS. A Delta ``removed_resources`` naming a
   subscribed secret is ACKed and counted as a successful update of it; Envoy keeps a
   secret it has, and what waits for one it lacks stops waiting: those names go to the
@@ -35,6 +39,7 @@ What is done as Envoy 1.40 does:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -46,7 +51,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected
-from envoyx.xds.resources import ORDER, RESOURCE_WRAPPER, SECRET, TYPES, ResourceType
+from envoyx.xds.resources import ENDPOINT, ORDER, RESOURCE_WRAPPER, SECRET, TYPES, ResourceType
 from envoyx.xds.settings import Source
 
 __all__ = ["NACK_CODE", "Awaited", "StreamProtocol", "TypeState"]
@@ -86,11 +91,21 @@ class TypeState:
 
 @dataclass(frozen=True)
 class _Item:
-    """One resource of a response, decoded."""
+    """One resource of a response, decoded (``msg`` None: refused before, ``rejected``
+    says why)."""
 
     name: str
     msg: Any
     version: str  # Delta: the resource's version
+    digest: bytes = b""  # of the bytes received (type URL and value)
+    rejected: str | None = None
+
+
+def _raw_digest(resource: any_pb2.Any) -> bytes:
+    h = hashlib.blake2b(resource.type_url.encode(), digest_size=16)
+    h.update(b"\0")
+    h.update(resource.value)
+    return h.digest()
 
 
 class _Fatal(Exception):
@@ -210,6 +225,7 @@ class StreamProtocol:
 
     def connect(self) -> None:
         """A new stream is open: send each active subscription's first request."""
+        self.applier.forget_rejections()
         self.connected = True
         self._node_sent = False
         self.held.clear()
@@ -401,6 +417,10 @@ class StreamProtocol:
         )
 
     def _decode_sotw(self, rtype: ResourceType, resource: any_pb2.Any) -> _Item:
+        digest = _raw_digest(resource)
+        known = self.applier.known_rejection(rtype.type_url, digest)
+        if known is not None:
+            return _Item(known[0], None, "", digest, known[1])
         version = ""
         if resource.type_url == RESOURCE_WRAPPER:
             wrapper = discovery_pb2.Resource()
@@ -419,12 +439,16 @@ class StreamProtocol:
             msg = rtype.decode(resource.value)
         except ValueError as e:
             raise _Fatal(str(e)) from e
-        return _Item(rtype.name_of(msg), msg, version)
+        return _Item(rtype.name_of(msg), msg, version, digest)
 
     def _decode_delta(self, rtype: ResourceType, resource: Any) -> _Item | None:
         if not resource.HasField("resource"):
             return None  # a heartbeat (TTL refresh) carries no resource
         body = resource.resource
+        digest = _raw_digest(body)
+        known = self.applier.known_rejection(rtype.type_url, digest)
+        if known is not None and (not resource.name or resource.name == known[0]):
+            return _Item(known[0], None, resource.version, digest, known[1])
         if body.type_url != rtype.type_url:
             raise _Fatal(
                 f"{body.type_url} does not match the message-wide type URL "
@@ -434,7 +458,7 @@ class StreamProtocol:
             msg = rtype.decode(body.value)
         except ValueError as e:
             raise _Fatal(str(e)) from e
-        return _Item(resource.name or rtype.name_of(msg), msg, resource.version)
+        return _Item(resource.name or rtype.name_of(msg), msg, resource.version, digest)
 
     def _apply(
         self,
@@ -450,6 +474,9 @@ class StreamProtocol:
         type_url = rtype.type_url
         prepared: list[tuple[_Item, Prepared]] = []
         for item in candidates:
+            if item.rejected is not None:
+                errors.append((item.name, item.rejected))
+                continue
             own = rtype.name_of(item.msg)
             if own != item.name:
                 errors.append(
@@ -460,10 +487,20 @@ class StreamProtocol:
                 )
                 continue
             try:
-                ready = self.applier.prepare(type_url, item.msg, parent=self.source)
+                # An assignment is known by the digest of its bytes (serializing 10,000
+                # endpoints again costs 5 ms); the others by their deterministic
+                # serialization: a server's map order may vary, and an unchanged
+                # cluster or listener must not be rebuilt.
+                ready = self.applier.prepare(
+                    type_url,
+                    item.msg,
+                    parent=self.source,
+                    digest=item.digest if type_url == ENDPOINT else None,
+                )
                 prepared.append((item, ready))
             except ResourceRejected as e:
                 errors.append((item.name, str(e)))
+                self.applier.remember_rejected(type_url, item.digest, item.name, str(e))
         try:
             rejected = self._apply_groups(type_url, prepared, removed, version)
         except Exception as e:  # the core failed as a whole: nothing was applied
@@ -474,6 +511,9 @@ class StreamProtocol:
         for item, _ in prepared:
             if item.name in rejected:
                 errors.append((item.name, rejected[item.name]))
+                self.applier.remember_rejected(
+                    type_url, item.digest, item.name, rejected[item.name]
+                )
                 continue
             st.resources[item.name] = item.version if self.delta else version
             accepted.append(item.name)
@@ -613,8 +653,10 @@ class StreamProtocol:
         return self._sotw_request(st)
 
     def _nack(self, st: TypeState, message: str, version: str) -> Request:
+        # the same refusal again (a server resending it) is logged once
+        log = _log.debug if message == st.last_error else _log.warning
         st.last_error = message
-        _log.warning("NACK %s version %s: %s", st.rtype.short, version, message)
+        log("NACK %s version %s: %s", st.rtype.short, version, message)
         if self.delta:
             return self._delta_request(st, nonce=st.nonce, error=message)
         return self._sotw_request(st, error=message)

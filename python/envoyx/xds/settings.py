@@ -3,8 +3,9 @@ subscriptions, the node, and how to reach each management server.
 
 Everything envoyx cannot honour is a :class:`~envoyx.ConfigError` naming the field
 (``dynamic_resources.ads_config.api_type: ...``), never silently ignored, except the
-settings that concern only Envoy's own gRPC client (``timeout``,
-``rate_limit_settings``, ...), listed in :data:`IGNORED_FIELDS`.
+settings that concern only Envoy's own gRPC client (``timeout``, ``refresh_delay``,
+...), listed in :data:`IGNORED_FIELDS`. ``rate_limit_settings`` is honoured as in Envoy:
+a token bucket on the discovery requests of the stream (:class:`RateLimit`).
 
 TLS to a management server: ``google_grpc`` with ``channel_credentials.ssl_credentials``,
 or ``envoy_grpc`` naming a static cluster whose ``transport_socket`` is
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError
@@ -44,6 +46,7 @@ __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_INITIAL_FETCH_TIMEOUT",
     "GrpcTarget",
+    "RateLimit",
     "ResolvedSource",
     "Source",
     "SourceError",
@@ -56,6 +59,8 @@ _log = logging.getLogger("envoyx.xds")
 
 #: Envoy's default ``initial_fetch_timeout``.
 DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0
+#: Envoy's ``RateLimitSettings`` defaults: a bucket of 100 tokens refilled at 10 a second.
+DEFAULT_RATE_LIMIT = (100, 10.0)
 #: Envoy's reconnect back-off of an xDS stream: 500 ms doubling up to 30 s, full jitter.
 DEFAULT_BACKOFF = (0.5, 30.0)
 #: Envoy's default cluster ``connect_timeout``, the management server's cluster's too.
@@ -67,7 +72,6 @@ CLIENT_FEATURES = (
 )
 #: Fields that only tune Envoy's own gRPC client; they have no effect in envoyx.
 IGNORED_FIELDS = (
-    "ApiConfigSource.rate_limit_settings",
     "ApiConfigSource.refresh_delay",
     "ApiConfigSource.request_timeout",
     "GrpcService.timeout",
@@ -112,6 +116,15 @@ class GrpcTarget:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """``api_config_source.rate_limit_settings``: at most ``max_tokens`` discovery
+    requests at once, then ``fill_rate`` a second (Envoy's token bucket of a stream)."""
+
+    max_tokens: int = DEFAULT_RATE_LIMIT[0]
+    fill_rate: float = DEFAULT_RATE_LIMIT[1]
+
+
+@dataclass(frozen=True)
 class Source:
     """One management server stream: the ADS stream (``aggregated``), or the gRPC
     stream of an ``api_config_source`` (one stream per type, as in Envoy)."""
@@ -121,6 +134,7 @@ class Source:
     delta: bool
     target: GrpcTarget
     node_first_only: bool = False
+    rate_limit: RateLimit | None = None  # None: requests are not rate limited
 
 
 @dataclass(frozen=True)
@@ -321,6 +335,7 @@ def _api_source(
         except SourceError as e:
             errors.extend(e.errors)
             target = None
+    rate_limit = _rate_limit(api, f"{path}.rate_limit_settings", errors)
     if errors or target is None:
         raise SourceError(errors)
     delta = api.api_type == _API.DELTA_GRPC
@@ -334,7 +349,30 @@ def _api_source(
         delta=delta,
         target=target,
         node_first_only=api.set_node_on_first_message_only,
+        rate_limit=rate_limit,
     )
+
+
+def _rate_limit(
+    api: config_source_pb2.ApiConfigSource, path: str, errors: list[str]
+) -> RateLimit | None:
+    """Envoy's ``Utility::parseRateLimitSettings``: limited only when the message is
+    set, each unset field taking its default."""
+    if not api.HasField("rate_limit_settings"):
+        return None
+    settings = api.rate_limit_settings
+    max_tokens, fill_rate = DEFAULT_RATE_LIMIT
+    if settings.HasField("max_tokens"):
+        max_tokens = settings.max_tokens.value
+    if settings.HasField("fill_rate"):
+        fill_rate = settings.fill_rate.value
+    if math.isnan(fill_rate) or math.isinf(fill_rate):
+        errors.append(
+            f"{path}.fill_rate: The value of fill_rate in RateLimitSettings ({fill_rate}) "
+            "must not be NaN nor Inf"
+        )
+        return None
+    return RateLimit(max_tokens=max_tokens, fill_rate=fill_rate)
 
 
 def _grpc_target(

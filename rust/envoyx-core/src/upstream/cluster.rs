@@ -1,7 +1,7 @@
 //! Clusters: their hosts (swapped atomically when DNS answers change), their stats,
 //! and the cluster manager that names them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -434,8 +434,11 @@ impl Cluster {
         // With health checks, Envoy keeps a removed host that still passes them
         // (PENDING_DYNAMIC_REMOVAL) until a check fails it.
         let keep_passing = self.health_checker.is_some() && !self.ignore_health_on_host_removal;
+        // A set, not a scan of `hosts` per old host: 10,000 hosts replaced by 10,000
+        // others would be 10^8 comparisons (~100 ms of an EDS update).
+        let kept: HashSet<*const Host> = hosts.iter().map(Arc::as_ptr).collect();
         for old in current.iter() {
-            if !hosts.iter().any(|h| Arc::ptr_eq(h, old)) {
+            if !kept.contains(&Arc::as_ptr(old)) {
                 let failed = health_flag::FAILED_ACTIVE_HC | health_flag::FAILED_EDS_HEALTH;
                 if keep_passing && old.health_flags() & failed == 0 {
                     old.set_health_flag(health_flag::PENDING_DYNAMIC_REMOVAL);
