@@ -46,7 +46,14 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected
-from envoyx.xds.resources import ORDER, RESOURCE_WRAPPER, SECRET, TYPES, ResourceType
+from envoyx.xds.resources import (
+    ORDER,
+    RESOURCE_WRAPPER,
+    SCOPED_ROUTE,
+    SECRET,
+    TYPES,
+    ResourceType,
+)
 from envoyx.xds.settings import Source
 
 __all__ = ["NACK_CODE", "Awaited", "StreamProtocol", "TypeState"]
@@ -573,8 +580,9 @@ class StreamProtocol:
     ) -> dict[str, str]:
         """SotW: one ``core.apply`` with the response's version. Delta: each resource
         has its own version (what ``/config_dump`` shows), so one call per version
-        (the removals go with the first)."""
-        if not self.delta:
+        (the removals go with the first) — but SRDS, whose update Envoy applies (or
+        refuses) as a whole under the response's version."""
+        if not self.delta or type_url == SCOPED_ROUTE:
             return self.applier.apply(type_url, [p for _, p in prepared], removed, version)
         groups: dict[str, list[Prepared]] = {}
         for item, ready in prepared:

@@ -6,10 +6,10 @@ resources name other resources, a case in :func:`dependencies`).
 Listeners name route configurations (an HCM's ``rds``), scoped route configurations (an
 HCM's ``scoped_routes.scoped_rds``: a wildcard subscription, whose scopes name route
 configurations in turn, fetched from ``scoped_routes.rds_config_source``) and secrets
-(the SDS configs of their filter chains' ``DownstreamTlsContext``); clusters name ClusterLoadAssignments
-(``type: EDS``) and secrets (their ``UpstreamTlsContext``). A secret reference without
-``sds_config`` names one of the bootstrap's ``static_resources.secrets``: nothing to
-subscribe to.
+(the SDS configs of their filter chains' ``DownstreamTlsContext``); clusters name
+ClusterLoadAssignments (``type: EDS``) and secrets (their ``UpstreamTlsContext``). A
+secret reference without ``sds_config`` names one of the bootstrap's
+``static_resources.secrets``: nothing to subscribe to.
 """
 
 from __future__ import annotations
