@@ -133,6 +133,7 @@ class XdsGoServer:
         base_port: int,
         listeners: int,
         log_path: Path,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.mode = mode
         self.log_path = log_path
@@ -152,6 +153,7 @@ class XdsGoServer:
                 mode,
                 "--node-id",
                 NODE_ID,
+                *extra_args,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
