@@ -472,20 +472,19 @@ class Srds:
         self.nacks: list[XdsRequest] = []
         self.proxy: ProxyProcess | None = None
 
-    def start(self, scopes: dict[str, Json], routes: list[str]) -> None:
+    def start(self, scopes: dict[str, Json], routes: list[str], *, static: bool = False) -> None:
+        """Serve the scopes and route tables; the listener comes by LDS, or is in the
+        bootstrap's ``static_resources`` (``static``)."""
+        main = scoped_listener(
+            "main",
+            self.port,
+            scoped_hcm([header_fragment("x-tenant", index=0)], stat_prefix="main", name=SCOPES),
+        )
         self.server.set_snapshot(
             {
                 CLUSTER: {n: eds_cluster(n) for n in "abc"},
                 ENDPOINT: {n: cluster_load_assignment(n, [self.ups[n].address]) for n in "abc"},
-                LISTENER: {
-                    "main": scoped_listener(
-                        "main",
-                        self.port,
-                        scoped_hcm(
-                            [header_fragment("x-tenant", index=0)], stat_prefix="main", name=SCOPES
-                        ),
-                    )
-                },
+                LISTENER: {} if static else {"main": main},
                 SCOPED_ROUTE: scopes,
                 ROUTE: {name: simple_routes(name, name[-1]) for name in routes},
             }
@@ -496,6 +495,8 @@ class Srds:
             api_type=API_TYPES[self.mode],  # type: ignore[arg-type]
             node_id=f"srds-{self.mode}",
         )
+        if static:
+            bs["static_resources"]["listeners"] = [main]
         self.proxy = self.start_proxy(bs, extra_args=("--drain-time-s", "1"))
 
     @property
@@ -681,3 +682,22 @@ def test_srds_key_conflict_is_nacked_and_changes_nothing(srds: Srds) -> None:
         what="update_rejected counted",
     )
     assert srds.dump_names() == ["one"]
+
+
+def test_srds_of_a_static_listener(srds: Srds) -> None:
+    """A listener of the bootstrap with scoped RDS subscribes to the scopes (and their
+    tables) over the bootstrap's ADS, as one that came by LDS does."""
+    srds.start(
+        {"one": scope("one", ["t1"], route_configuration_name="to_a")}, ["to_a"], static=True
+    )
+    srds.served({"t1": (200, "a"), "t2": (404, None)})
+    srds.push(
+        SCOPED_ROUTE,
+        {
+            "one": scope("one", ["t1"], route_configuration_name="to_a"),
+            "two": scope("two", ["t2"], route_configuration_name="to_b"),
+        },
+    )
+    srds.push(ROUTE, {"to_a": simple_routes("to_a", "a"), "to_b": simple_routes("to_b", "b")})
+    srds.served({"t1": (200, "a"), "t2": (200, "b")})
+    assert srds.dump_names() == ["one", "two"]
