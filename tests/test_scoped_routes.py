@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 
 import envoyx
-from support.bootstrap import HCM, HCM_TYPE, ROUTER_TYPE, bootstrap, cluster, socket_address
+from support.bootstrap import (
+    HCM,
+    HCM_TYPE,
+    ROUTER_TYPE,
+    bootstrap,
+    cluster,
+    file_access_log,
+    socket_address,
+)
 from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
 from support.envoy import targets_from_env
 from support.proxy import ProxyProcess
@@ -129,9 +137,12 @@ def scoped_listener(name: str, port: int, hcm: Json) -> Json:
 
 
 def inline_bootstrap(ctx: Ctx, fragments: list[Json], scopes: list[Json]) -> Json:
+    """One listener with inline scopes, logging in Envoy's default format."""
+    hcm = scoped_hcm(fragments, scopes=scopes)
+    hcm["access_log"] = [file_access_log(ctx.access_log)]
     return bootstrap(
         admin_port=ctx.admin_port,
-        listeners=[scoped_listener("ingress", ctx.port, scoped_hcm(fragments, scopes=scopes))],
+        listeners=[scoped_listener("ingress", ctx.port, hcm)],
         clusters=[cluster("a", [ctx.up("a")]), cluster("b", [ctx.up("b")])],
     )
 
@@ -186,6 +197,7 @@ SCENARIOS = [
             Http(headers=_h(("x-foo-key", "bar=a,bar=b"), ("x-baz", ",b"))),
         ),
         stats={"http.ingress_http.no_route": 7, "http.ingress_http.rq_direct_response": 4},
+        access_log=True,
     ),
     Scenario(
         "whole_value_and_empty_fragments",
@@ -263,6 +275,7 @@ SCENARIOS = [
             "cluster.a.upstream_rq_total": 1,
             "cluster.b.upstream_rq_total": 2,
         },
+        access_log=True,
     ),
     Scenario(
         "same_key_later_scope_wins",
