@@ -714,3 +714,50 @@ def test_srds_of_a_static_listener(srds: Srds) -> None:
     srds.push(ROUTE, {"to_a": simple_routes("to_a", "a"), "to_b": simple_routes("to_b", "b")})
     srds.served({"t1": (200, "a"), "t2": (200, "b")})
     assert srds.dump_names() == ["one", "two"]
+
+
+#: Stats whose value is a time or a hash of the version: compared by name only.
+_VARYING = ("update_time", "config_reload_time_ms", "version")
+
+
+@pytest.mark.parametrize("mode", list(API_TYPES))
+def test_srds_stats_named_as_envoy(
+    mode: str,
+    request: pytest.FixtureRequest,
+    http_upstreams: dict[str, HttpUpstream],
+) -> None:
+    """The same start-up and one added scope through Envoy, then envoyx: the stats
+    under ``http.main.scoped_rds.`` and ``http.main.rds.`` have the same names and
+    (times and version hashes aside) the same values."""
+    seen = []
+    for target in ("envoy", "envoyx"):
+        server = XdsServer().start()
+        try:
+            run = Srds(server, request.getfixturevalue(f"start_{target}"), mode, http_upstreams)
+            run.start({"one": scope("one", ["t1"], route_configuration_name="to_a")}, ["to_a"])
+            run.served({"t1": (200, "a")})
+            run.push(
+                SCOPED_ROUTE,
+                {
+                    "one": scope("one", ["t1"], route_configuration_name="to_a"),
+                    "two": scope("two", ["t2"], route_configuration_name="to_b"),
+                },
+            )
+            run.push(
+                ROUTE, {"to_a": simple_routes("to_a", "a"), "to_b": simple_routes("to_b", "b")}
+            )
+            run.served({"t1": (200, "a"), "t2": (200, "b")})
+            stats = run.p.stats()
+            run.p.stop()
+        finally:
+            server.stop()
+        seen.append(
+            {
+                name: (None if name.rsplit(".", 1)[-1] in _VARYING else value)
+                for name, value in stats.items()
+                if name.startswith(("http.main.scoped_rds.", "http.main.rds."))
+            }
+        )
+    envoy, ours = seen
+    assert SRDS_STATS + "config_reload" in envoy and "http.main.rds.to_b.config_reload" in envoy
+    assert ours == envoy

@@ -49,6 +49,7 @@ from envoyx.xds.applier import Applier, Prepared, ResourceRejected
 from envoyx.xds.resources import (
     ORDER,
     RESOURCE_WRAPPER,
+    ROUTE,
     SCOPED_ROUTE,
     SECRET,
     TYPES,
@@ -400,7 +401,10 @@ class StreamProtocol:
         else:
             # RDS/EDS: Envoy keeps what it has (an active cluster keeps its endpoints,
             # a route configuration goes when no listener names it); only forget it.
+            # Envoy's RDS subscription ignores the removal and succeeds: counted so.
             removed = []
+            if rtype.type_url == ROUTE:
+                updated = [n for n in gone if n in st.names]
             for name in gone:
                 st.resources.pop(name, None)
         self._apply(

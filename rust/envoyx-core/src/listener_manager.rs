@@ -312,12 +312,28 @@ impl ListenerManager {
                 continue;
             }
             let table = RouteTable::new(rc);
+            let scoped_uses = self.scopes.load().scopes.values().any(|s| s.route == name);
+            // Envoy's `http.<stat_prefix>.rds.<name>.config_reload`: once per stat
+            // prefix (Envoy's connection managers share one subscription per name).
+            let mut reloaded = std::collections::BTreeSet::new();
             for l in set.active.iter().chain(&set.warming) {
                 for hcm in l.http_managers() {
                     if hcm.rds_name.as_deref() == Some(name.as_str()) {
                         hcm.routes.store(table.clone());
+                        reloaded.insert(&hcm.stat_prefix);
+                    } else if scoped_uses && hcm.scoped.as_deref().is_some_and(|s| s.is_srds()) {
+                        reloaded.insert(&hcm.stat_prefix);
                     }
                 }
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            for prefix in reloaded {
+                let stat = |s: &str| format!("http.{prefix}.rds.{name}.{s}");
+                self.store.counter(&stat("config_reload")).inc();
+                self.store.gauge(&stat("config_reload_time_ms")).set(now_ms);
+                self.store.counter(&stat("update_empty")); // xDS never hands one over
             }
             routes.insert(
                 name.clone(),
