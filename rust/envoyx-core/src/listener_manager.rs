@@ -326,13 +326,12 @@ impl ListenerManager {
                     }
                 }
             }
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
             for prefix in reloaded {
                 let stat = |s: &str| format!("http.{prefix}.rds.{name}.{s}");
                 self.store.counter(&stat("config_reload")).inc();
-                self.store.gauge(&stat("config_reload_time_ms")).set(now_ms);
+                self.store
+                    .gauge(&stat("config_reload_time_ms"))
+                    .set(unix_ms());
                 self.store.counter(&stat("update_empty")); // xDS never hands one over
             }
             routes.insert(
@@ -407,20 +406,23 @@ impl ListenerManager {
         scopes.origin = Some(Origin::dynamic(version));
         let mut set = (**self.listeners.load()).clone();
         let routes = self.routes.load();
+        // Counted once per stat name: Envoy's managers with the same SRDS source
+        // share one subscription.
+        let mut reloaded = std::collections::HashSet::new();
         for l in set.active.iter().chain(&set.warming) {
-            for scoped in l.http_managers().filter_map(|h| h.scoped.as_deref()) {
-                if let Some(stats) = &scoped.stats {
+            let active = set.active.iter().any(|a| Arc::ptr_eq(a, l));
+            for hcm in l.http_managers() {
+                let Some(scoped) = hcm.scoped.as_deref().filter(|s| s.is_srds()) else {
+                    continue;
+                };
+                if let Some(stats) = &scoped.stats
+                    && reloaded.insert((&hcm.stat_prefix, &scoped.name))
+                {
                     stats.config_reload.inc();
-                    stats.config_reload_time_ms.set(
-                        scopes
-                            .origin
-                            .as_ref()
-                            .and_then(|o| o.last_updated.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_millis() as i64),
-                    );
-                    if set.active.iter().any(|a| Arc::ptr_eq(a, l)) {
-                        take_scopes(scoped, &routes, &scopes);
-                    }
+                    stats.config_reload_time_ms.set(unix_ms());
+                }
+                if active {
+                    take_scopes(scoped, &routes, &scopes);
                 }
             }
         }
@@ -502,6 +504,13 @@ impl ListenerManager {
         }
         names
     }
+}
+
+/// Now, in milliseconds since the epoch (Envoy's `config_reload_time_ms`).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A `scoped_rds` connection manager's scopes from the SRDS scopes and the RDS
