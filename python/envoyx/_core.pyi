@@ -106,17 +106,20 @@ class Server:
         removed: list[str],
         version_info: str,
     ) -> list[tuple[str, str]]:
-        """Apply xDS resources of one type (Listener, RouteConfiguration, Cluster or
-        ClusterLoadAssignment ``type.googleapis.com/...`` URL).
+        """Apply xDS resources of one type (Listener, RouteConfiguration,
+        ScopedRouteConfiguration, Cluster, ClusterLoadAssignment or Secret
+        ``type.googleapis.com/...`` URL).
 
         ``resources`` are (name, canonical proto-JSON of the resource) to add or
         replace; ``removed`` names go away. Valid resources are applied even when
-        others are rejected; returns (name, error) for each rejected one. Listeners
-        and clusters warm (until their routes / endpoints arrive) before serving.
+        others are rejected (ScopedRouteConfigurations: all or none, as Envoy);
+        returns (name, error) for each rejected one. Listeners and clusters warm
+        (until their routes / scopes / endpoints arrive) before serving.
         """
     def wanted_resources(self, type_url: str) -> list[str]:
         """Names the core needs of a named-subscription type: route configurations
-        named by listeners (RDS) and EDS service names of clusters (EDS)."""
+        named by listeners and by SRDS scopes (RDS) and EDS service names of
+        clusters (EDS)."""
     def counter_add(self, name: str, value: int) -> None:
         """Add to a counter shown with Envoy's stats (created on first use)."""
     def gauge_set(self, name: str, value: int) -> None:

@@ -58,7 +58,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type in the pool
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
@@ -78,6 +78,7 @@ ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+SCOPED_ROUTE = TYPE_PREFIX + "envoy.config.route.v3.ScopedRouteConfiguration"
 
 # Type URL -> message class. The server is otherwise type-agnostic.
 RESOURCE_TYPES: dict[str, type[Message]] = {
@@ -86,6 +87,7 @@ RESOURCE_TYPES: dict[str, type[Message]] = {
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
     SECRET: secret_pb2.Secret,
+    SCOPED_ROUTE: scoped_route_pb2.ScopedRouteConfiguration,
 }
 
 
@@ -102,8 +104,15 @@ DEPENDENTS: dict[str, Callable[[any_pb2.Any], list[tuple[str, str]]]] = {
     CLUSTER: _cluster_dependents,
 }
 # Make-before-break order for pushes that change several types at once.
-PUSH_ORDER = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET]
-SHORT_NAMES = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS"}
+PUSH_ORDER = [CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE, SECRET]
+SHORT_NAMES = {
+    CLUSTER: "CDS",
+    ENDPOINT: "EDS",
+    LISTENER: "LDS",
+    ROUTE: "RDS",
+    SECRET: "SDS",
+    SCOPED_ROUTE: "SRDS",
+}
 
 DEFAULT_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0

@@ -100,6 +100,9 @@ var (
 	numEndpoints int
 	endpointPort uint
 	badEndpoint  bool
+	resources    string
+	numClusters  int
+	stripALS     bool
 )
 
 func init() {
@@ -113,6 +116,9 @@ func init() {
 	flag.BoolVar(&stableNames, "stable-names", false, "names without the snapshot version")
 	flag.BoolVar(&clustersOnly, "clusters-only", false, "snapshots of clusters and endpoints only")
 	flag.BoolVar(&anyNode, "any-node", false, "serve the snapshots to every node")
+	flag.StringVar(&resources, "resources", "rds", "rds (the listeners described above) or integration (pkg/test/main's TestSnapshot)")
+	flag.IntVar(&numClusters, "clusters", 4, "integration: number of clusters")
+	flag.BoolVar(&stripALS, "strip-als", false, "integration: remove the HTTP listeners' gRPC access log")
 }
 
 // sameNode maps every node to --node-id (--any-node).
@@ -363,7 +369,60 @@ func makeAssignment(clusterName string) *endpoint.ClusterLoadAssignment {
 	return cla
 }
 
+// generateIntegration is the snapshot pkg/test/main sets for each update: its
+// TestSnapshot with clusters, HTTP listeners (RDS), scoped-route HTTP listeners (SRDS,
+// keyed by the Host header), TCP listeners, one runtime layer and one extension config,
+// each listener on its own port from the base port up (HTTP, then scoped, then TCP).
+func generateIntegration(version string) *cache.Snapshot {
+	ts := testresource.TestSnapshot{
+		Xds:                    mode,
+		Version:                version,
+		UpstreamPort:           uint32(upstreamPort),
+		BasePort:               uint32(basePort),
+		NumClusters:            numClusters,
+		NumHTTPListeners:       numListeners,
+		NumScopedHTTPListeners: numListeners,
+		NumTCPListeners:        numListeners,
+		NumRuntimes:            1,
+		NumExtension:           1,
+	}
+	snapshot := ts.Generate()
+	if stripALS {
+		for _, res := range snapshot.GetResources(rsrc.ListenerType) {
+			withoutAccessLog(res.(*listener.Listener))
+		}
+	}
+	if err := snapshot.Consistent(); err != nil {
+		log.Fatalf("snapshot %s inconsistent: %v", version, err)
+	}
+	return snapshot
+}
+
+// withoutAccessLog removes the access loggers of a listener's HTTP connection managers
+// (the resources' envoy.access_loggers.http_grpc, for a client without it).
+func withoutAccessLog(l *listener.Listener) {
+	for _, chain := range l.GetFilterChains() {
+		for _, f := range chain.GetFilters() {
+			manager := &hcm.HttpConnectionManager{}
+			if f.GetTypedConfig().MessageIs(manager) {
+				if err := f.GetTypedConfig().UnmarshalTo(manager); err != nil {
+					panic(err)
+				}
+				manager.AccessLog = nil
+				typed, err := anypb.New(manager)
+				if err != nil {
+					panic(err)
+				}
+				f.ConfigType = &listener.Filter_TypedConfig{TypedConfig: typed}
+			}
+		}
+	}
+}
+
 func generate(version string) *cache.Snapshot {
+	if resources == "integration" {
+		return generateIntegration(version)
+	}
 	var listeners, routes, clusters, endpoints []types.Resource
 	tag := version + "-"
 	if stableNames {
@@ -406,6 +465,9 @@ func main() {
 	}
 	if numListeners < 1 {
 		log.Fatalf("--listeners must be at least 1")
+	}
+	if resources != "rds" && resources != "integration" {
+		log.Fatalf("--resources must be rds or integration, not %q", resources)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

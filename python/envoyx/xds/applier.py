@@ -40,6 +40,9 @@ from envoyx.xds.resources import (
     DEPENDENT_TYPES,
     ENDPOINT,
     LISTENER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SCOPED_ROUTE_TABLES,
     TYPES,
     Dependency,
     dependencies,
@@ -208,6 +211,8 @@ class Applier:
         self.generation = 0
         # refused resources: (type, digest of the bytes received) -> (name, why, generation)
         self._rejected: dict[tuple[str, bytes], tuple[str, str, int]] = {}
+        # the route configuration each SRDS scope the core holds names
+        self._scope_routes: dict[str, str] = {}
         self._index_static(bootstrap)
 
     # -- preparing -------------------------------------------------------------------------
@@ -324,7 +329,9 @@ class Applier:
         the rejected resources by name, with why."""
         changed = [p for p in prepared if p.json is not None]
         with self.lock:
-            if not changed and not removed:
+            # The core hears of every SRDS update, even one that changes nothing: the
+            # first one ends the wait of the listeners using scoped RDS.
+            if not changed and not removed and type_url != SCOPED_ROUTE:
                 return {}
             rejected = dict(
                 self.core.apply(
@@ -349,6 +356,13 @@ class Applier:
             for name in removed:
                 held.pop(name, None)
                 self._deps.pop((type_url, name), None)
+            if type_url == SCOPED_ROUTE and not rejected:
+                for name in removed:
+                    self._scope_routes.pop(name, None)
+                for p in changed:
+                    self._scope_routes[p.name] = json.loads(p.json or "{}").get(
+                        "route_configuration_name", ""
+                    )
         return rejected
 
     def set_version(self, type_url: str, version_info: str) -> None:
@@ -365,6 +379,18 @@ class Applier:
         with self.lock:
             return list(self.core.wanted_resources(type_url))
 
+    def _names_dep(self, dep: Dependency, type_url: str, name: str) -> bool:
+        """Whether ``dep`` names ``name`` of ``type_url``: by its name; an SRDS
+        subscription whatever the name; the route tables of the scoped connection
+        managers every route configuration an SRDS scope names."""
+        if dep.type_url != type_url:
+            return False
+        if type_url == SCOPED_ROUTE:
+            return True
+        if dep.name == SCOPED_ROUTE_TABLES and type_url == ROUTE:
+            return name in self._scope_routes.values()
+        return dep.name == name
+
     def sources_of(self, type_url: str, name: str) -> list[ResolvedSource]:
         """Where ``name`` (a route configuration, an EDS service) is to be fetched
         from, per what names it (first the first that named it)."""
@@ -373,7 +399,7 @@ class Applier:
                 resolved
                 for deps in self._deps.values()
                 for dep, resolved in deps
-                if dep.type_url == type_url and dep.name == name
+                if self._names_dep(dep, type_url, name)
             ]
 
     def named(self, parent_type: str, type_url: str) -> set[str]:
@@ -408,9 +434,9 @@ class Applier:
             return [fixed]
         with self.lock:
             prefixes = {
-                dep.stat_prefix
+                dep.stat_prefix + (f"{name}." if dep.name == SCOPED_ROUTE_TABLES else "")
                 for deps in self._deps.values()
                 for dep, _ in deps
-                if dep.type_url == type_url and dep.name == name
+                if self._names_dep(dep, type_url, name)
             }
         return sorted(prefixes)

@@ -15,7 +15,9 @@ full jitter, from ``retry_back_off.base_interval`` (500 ms) doubling up to its
 Start-up follows Envoy's initialization order: CDS first, and the endpoints of the EDS
 clusters it brings and the secrets (SDS) of their TLS contexts; once the clusters are
 initialized (or their ``initial_fetch_timeout`` passed), LDS, and the route
-configurations and secrets its listeners name. :meth:`XdsClient.wait_initialized`
+configurations and secrets its listeners name — with scoped RDS, the scopes (SRDS, a
+wildcard subscription opened once a listener uses it) and the route configurations
+they name. :meth:`XdsClient.wait_initialized`
 returns when all of it is done.
 
 The names of route configurations, endpoints and secrets to subscribe to are the
@@ -45,6 +47,7 @@ from envoyx.xds.resources import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SCOPED_ROUTE,
     SECRET,
     TYPES,
 )
@@ -63,7 +66,7 @@ _JOIN_TIMEOUT_S = 5.0
 #: How often the housekeeping thread reads the RDS/EDS/SDS names the core needs.
 REFRESH_INTERVAL_S = 1.0
 #: The start-up phases: each wildcard type, then the named types its resources name.
-PHASES = ((CLUSTER, (ENDPOINT, SECRET)), (LISTENER, (ROUTE, SECRET)))
+PHASES = ((CLUSTER, (ENDPOINT, SECRET)), (LISTENER, (SCOPED_ROUTE, ROUTE, SECRET)))
 
 
 class Backoff:
@@ -501,6 +504,9 @@ class XdsClient:
                 fetch = self._expire_fetches(named_type, None, now)
                 if fetch is not None:
                     nearest = fetch if nearest is None else min(nearest, fetch)
+            scopes = self._expire_scopes(now)
+            if scopes is not None and scopes != float("inf"):
+                nearest = scopes if nearest is None else min(nearest, scopes)
             wait = REFRESH_INTERVAL_S if nearest is None else min(REFRESH_INTERVAL_S, nearest - now)
             self._cond.wait(max(0.0, wait))
             if self._stopping.is_set():
@@ -554,11 +560,41 @@ class XdsClient:
         if nearest is not None:
             return nearest  # the names come once the wildcard type has answered
         for named_type in named:
+            if named_type == SCOPED_ROUTE:
+                deadline = self._expire_scopes(now)
+                if deadline is not None:
+                    return deadline  # the route names come once the scopes have
+                continue
             # Secrets are shared: the clusters' phase waits only for the clusters' own.
             only = self.applier.named(wildcard, named_type) if named_type == SECRET else None
             deadline = self._expire_fetches(named_type, only, now, waiting=True)
             if deadline is not None:
                 wait_until(deadline)
+        return nearest
+
+    def _expire_scopes(self, now: float) -> float | None:
+        """With the lock held: end the initial fetch of the SRDS subscriptions not
+        answered within their ``initial_fetch_timeout``: counted, and the core is told
+        of an empty update, so that the listeners waiting for scopes go on without
+        (as Envoy's do). Returns the nearest other deadline (``inf``: none)."""
+        nearest: float | None = None
+        for _, st in self._streams_of(SCOPED_ROUTE):
+            if not st.active or st.initial_done:
+                continue
+            sources = self.applier.sources_of(SCOPED_ROUTE, "")
+            timeout = sources[0].initial_fetch_timeout if sources else DEFAULT_INITIAL_FETCH_TIMEOUT
+            started = st.started_at if st.started_at is not None else now
+            if timeout is not None and now >= started + timeout:
+                st.initial_done = True
+                self.stats.init_fetch_timeout(self.applier.stat_prefixes(SCOPED_ROUTE, ""))
+                _log.warning("xDS: initial fetch of SRDS timed out")
+                try:
+                    self.applier.apply(SCOPED_ROUTE, [], [], st.version)
+                except Exception:  # the client's thread must go on
+                    _log.exception("xDS: telling the core of the SRDS timeout failed")
+                continue
+            deadline = float("inf") if timeout is None else started + timeout
+            nearest = deadline if nearest is None else min(nearest, deadline)
         return nearest
 
     def _expire_fetches(
@@ -665,11 +701,25 @@ class XdsClient:
         is none to ask about.
         """
         self._refresh(ENDPOINT)
+        self._subscribe_scopes()
         self._refresh(ROUTE)
         if self.applier.named_anywhere(SECRET) or any(
             st.names for _, st in self._streams_of(SECRET)
         ):
             self._refresh(SECRET)
+
+    def _subscribe_scopes(self) -> None:
+        """Open the SRDS wildcard subscription on the stream of each ``scoped_rds``
+        config source the listeners name (once; it stays open, as in Envoy while a
+        listener uses it)."""
+        for resolved in self.applier.sources_of(SCOPED_ROUTE, ""):
+            source = resolved.source or self.settings.ads
+            if source is None:
+                continue
+            stream = self._stream_for(source, SCOPED_ROUTE)
+            st = stream.protocol.types.get(SCOPED_ROUTE)
+            if st is None or not st.active:
+                stream.protocol.add_wildcard(SCOPED_ROUTE)
 
     def _refresh(self, type_url: str) -> None:
         wanted = self.applier.wanted(type_url)

@@ -51,7 +51,16 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from envoyx.xds.applier import Applier, Prepared, ResourceRejected
-from envoyx.xds.resources import ENDPOINT, ORDER, RESOURCE_WRAPPER, SECRET, TYPES, ResourceType
+from envoyx.xds.resources import (
+    ENDPOINT,
+    ORDER,
+    RESOURCE_WRAPPER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SECRET,
+    TYPES,
+    ResourceType,
+)
 from envoyx.xds.settings import Source
 
 __all__ = ["NACK_CODE", "Awaited", "StreamProtocol", "TypeState"]
@@ -409,7 +418,10 @@ class StreamProtocol:
         else:
             # RDS/EDS: Envoy keeps what it has (an active cluster keeps its endpoints,
             # a route configuration goes when no listener names it); only forget it.
+            # Envoy's RDS subscription ignores the removal and succeeds: counted so.
             removed = []
+            if rtype.type_url == ROUTE:
+                updated = [n for n in gone if n in st.names]
             for name in gone:
                 st.resources.pop(name, None)
         self._apply(
@@ -613,8 +625,9 @@ class StreamProtocol:
     ) -> dict[str, str]:
         """SotW: one ``core.apply`` with the response's version. Delta: each resource
         has its own version (what ``/config_dump`` shows), so one call per version
-        (the removals go with the first)."""
-        if not self.delta:
+        (the removals go with the first) — but SRDS, whose update Envoy applies (or
+        refuses) as a whole under the response's version."""
+        if not self.delta or type_url == SCOPED_ROUTE:
             return self.applier.apply(type_url, [p for _, p in prepared], removed, version)
         groups: dict[str, list[Prepared]] = {}
         for item, ready in prepared:

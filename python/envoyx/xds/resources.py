@@ -3,11 +3,13 @@
 Adding a type is adding a :class:`ResourceType` to :data:`TYPES` (and, when its
 resources name other resources, a case in :func:`dependencies`).
 
-Listeners name route configurations (an HCM's ``rds``) and secrets (the SDS configs of
-their filter chains' ``DownstreamTlsContext``); clusters name ClusterLoadAssignments
-(``type: EDS``) and secrets (their ``UpstreamTlsContext``). A secret reference without
-``sds_config`` names one of the bootstrap's ``static_resources.secrets``: nothing to
-subscribe to.
+Listeners name route configurations (an HCM's ``rds``), scoped route configurations (an
+HCM's ``scoped_routes.scoped_rds``: a wildcard subscription, whose scopes name route
+configurations in turn, fetched from ``scoped_routes.rds_config_source``) and secrets
+(the SDS configs of their filter chains' ``DownstreamTlsContext``); clusters name
+ClusterLoadAssignments (``type: EDS``) and secrets (their ``UpstreamTlsContext``). A
+secret reference without ``sds_config`` names one of the bootstrap's
+``static_resources.secrets``: nothing to subscribe to.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "ORDER",
     "RESOURCE_WRAPPER",
     "ROUTE",
+    "SCOPED_ROUTE",
+    "SCOPED_ROUTE_TABLES",
     "SECRET",
     "TYPES",
     "TYPE_PREFIX",
@@ -46,6 +50,10 @@ __all__ = [
 TYPE_PREFIX = "type.googleapis.com/"
 LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SCOPED_ROUTE = TYPE_PREFIX + "envoy.config.route.v3.ScopedRouteConfiguration"
+#: The name of the ROUTE dependency a ``scoped_rds`` connection manager records: every
+#: route configuration its scopes name comes from that source.
+SCOPED_ROUTE_TABLES = ""
 CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -150,6 +158,17 @@ TYPES: dict[str, ResourceType] = {
             "DeltaRoutes",
         ),
         ResourceType(
+            SCOPED_ROUTE,
+            "SRDS",
+            "scoped route",
+            scoped_route_pb2.ScopedRouteConfiguration,
+            "name",
+            True,
+            "envoy.service.route.v3.ScopedRoutesDiscoveryService",
+            "StreamScopedRoutes",
+            "DeltaScopedRoutes",
+        ),
+        ResourceType(
             SECRET,
             "SDS",
             "secret",
@@ -165,7 +184,7 @@ TYPES: dict[str, ResourceType] = {
 
 #: Make-before-break order: the order of initial requests on a stream. Secrets come
 #: first: a listener or cluster naming one is not in force without it.
-ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 
 ADS_METHODS = {
     False: "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
@@ -187,7 +206,13 @@ class Dependency:
 
     ``source`` is the ConfigSource to fetch it from (``path`` its field path inside the
     parent); ``stat_prefix`` is where Envoy counts that subscription's updates
-    (``http.<stat_prefix>.rds.<name>.``, ``cluster.<cluster>.``, ``sds.<secret>.``).
+    (``http.<stat_prefix>.rds.<name>.``, ``cluster.<cluster>.``, ``sds.<secret>.``,
+    ``http.<stat_prefix>.scoped_rds.<name>.``).
+
+    A ``scoped_rds`` connection manager names the SRDS subscription (``name``: its
+    ``scoped_routes.name``) and, as ROUTE :data:`SCOPED_ROUTE_TABLES`, where the route
+    configurations of the scopes come from (``stat_prefix``: ``http.<stat_prefix>.rds.``,
+    to which the route configuration's name and a dot are added).
     """
 
     type_url: str
@@ -214,19 +239,45 @@ def _listener_dependencies(msg: Message) -> list[Dependency]:
             if flt.typed_config.type_url != _HCM:
                 continue
             hcm = http_connection_manager_pb2.HttpConnectionManager()
-            if not flt.typed_config.Unpack(hcm) or not hcm.HasField("rds"):
+            if not flt.typed_config.Unpack(hcm):
                 continue
-            name = hcm.rds.route_config_name
-            out.append(
-                Dependency(
-                    ROUTE,
-                    name,
-                    hcm.rds.config_source,
-                    f"{chain_path}.filters[{j}].typed_config.rds.config_source",
-                    f"http.{hcm.stat_prefix}.rds.{name}.",
+            hcm_path = f"{chain_path}.filters[{j}].typed_config"
+            if hcm.HasField("rds"):
+                name = hcm.rds.route_config_name
+                out.append(
+                    Dependency(
+                        ROUTE,
+                        name,
+                        hcm.rds.config_source,
+                        f"{hcm_path}.rds.config_source",
+                        f"http.{hcm.stat_prefix}.rds.{name}.",
+                    )
                 )
-            )
+            elif hcm.HasField("scoped_routes") and hcm.scoped_routes.HasField("scoped_rds"):
+                out.extend(_scoped_rds_dependencies(hcm, f"{hcm_path}.scoped_routes"))
     return out
+
+
+def _scoped_rds_dependencies(
+    hcm: http_connection_manager_pb2.HttpConnectionManager, path: str
+) -> list[Dependency]:
+    scoped = hcm.scoped_routes
+    return [
+        Dependency(
+            SCOPED_ROUTE,
+            scoped.name,
+            scoped.scoped_rds.scoped_rds_config_source,
+            f"{path}.scoped_rds.scoped_rds_config_source",
+            f"http.{hcm.stat_prefix}.scoped_rds.{scoped.name}.",
+        ),
+        Dependency(
+            ROUTE,
+            SCOPED_ROUTE_TABLES,
+            scoped.rds_config_source,
+            f"{path}.rds_config_source",
+            f"http.{hcm.stat_prefix}.rds.",
+        ),
+    ]
 
 
 def _cluster_dependencies(msg: Message) -> list[Dependency]:
@@ -309,10 +360,10 @@ _DEPENDENCIES: dict[str, Callable[[Message], list[Dependency]]] = {
     CLUSTER: _cluster_dependencies,
 }
 
-#: Types whose resources name resources of other types (LDS -> RDS and SDS, CDS -> EDS
-#: and SDS).
+#: Types whose resources name resources of other types (LDS -> RDS, SRDS and SDS, CDS ->
+#: EDS and SDS).
 DEPENDENT_TYPES: dict[str, tuple[str, ...]] = {
-    LISTENER: (ROUTE, SECRET),
+    LISTENER: (ROUTE, SCOPED_ROUTE, SECRET),
     CLUSTER: (ENDPOINT, SECRET),
 }
 

@@ -514,10 +514,62 @@ pub fn config_dump(shared: &Instance) -> Value {
         },
         clusters_dump,
         listeners_dump,
-        {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
+        scoped_routes_dump(shared),
         routes_dump,
         secrets_dump(shared),
     ]})
+}
+
+/// `ScopedRoutesConfigDump`: each connection manager's inline scopes, and the SRDS
+/// scopes once an update came, under each `scoped_routes.name` that takes them.
+fn scoped_routes_dump(shared: &Instance) -> Value {
+    const SCOPE: &str = "envoy.config.route.v3.ScopedRouteConfiguration";
+    let set = shared.listeners.snapshot();
+    let mut inline = Vec::new();
+    let mut srds_names: Vec<&str> = Vec::new();
+    for l in &set.active {
+        for scoped in l.http_managers().filter_map(|h| h.scoped.as_deref()) {
+            match &scoped.inline {
+                Some(raw) => inline.push(json!({
+                    "name": scoped.name,
+                    "scoped_route_configs": raw.iter().map(|s| with_type(s, SCOPE)).collect::<Vec<_>>(),
+                    "last_updated": timestamp(l.origin.last_updated),
+                })),
+                None if !srds_names.contains(&scoped.name.as_str()) => {
+                    srds_names.push(&scoped.name)
+                }
+                None => {}
+            }
+        }
+    }
+    let mut dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"});
+    if !inline.is_empty() {
+        dump["inline_scoped_route_configs"] = json!(inline);
+    }
+    let scopes = shared.listeners.scopes();
+    if let Some(origin) = scopes.origin.as_ref().filter(|_| !srds_names.is_empty()) {
+        let configs: Vec<Value> = scopes
+            .scopes
+            .values()
+            .map(|s| with_type(&s.raw, SCOPE))
+            .collect();
+        let dynamic: Vec<Value> = srds_names
+            .iter()
+            .map(|name| {
+                let mut entry = json!({
+                    "name": name,
+                    "version_info": origin.version_info,
+                    "last_updated": timestamp(origin.last_updated),
+                });
+                if !configs.is_empty() {
+                    entry["scoped_route_configs"] = json!(configs);
+                }
+                entry
+            })
+            .collect();
+        dump["dynamic_scoped_route_configs"] = json!(dynamic);
+    }
+    dump
 }
 
 /// `SecretsConfigDump`: static secrets, SDS secrets held, and those still awaited

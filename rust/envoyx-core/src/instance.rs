@@ -34,6 +34,7 @@ pub enum ServerState {
 pub enum ResourceKind {
     Listener,
     RouteConfiguration,
+    ScopedRouteConfiguration,
     Cluster,
     ClusterLoadAssignment,
     Secret,
@@ -44,6 +45,9 @@ impl ResourceKind {
         Some(match url.rsplit('/').next().unwrap_or(url) {
             "envoy.config.listener.v3.Listener" => ResourceKind::Listener,
             "envoy.config.route.v3.RouteConfiguration" => ResourceKind::RouteConfiguration,
+            "envoy.config.route.v3.ScopedRouteConfiguration" => {
+                ResourceKind::ScopedRouteConfiguration
+            }
             "envoy.config.cluster.v3.Cluster" => ResourceKind::Cluster,
             "envoy.config.endpoint.v3.ClusterLoadAssignment" => ResourceKind::ClusterLoadAssignment,
             "envoy.extensions.transport_sockets.tls.v3.Secret" => ResourceKind::Secret,
@@ -268,6 +272,30 @@ impl Instance {
                 }
                 self.listeners.apply_routes(upserts, removed, version);
             }
+            ResourceKind::ScopedRouteConfiguration => {
+                let mut upserts = Vec::new();
+                for (name, doc) in parsed {
+                    match map::map_scoped_route_resource(&doc) {
+                        Ok(s) if s.name != name => rejected.push((
+                            name,
+                            format!(
+                                "resource name does not match scoped route configuration name '{}'",
+                                s.name
+                            ),
+                        )),
+                        Ok(s) => upserts.push(s),
+                        Err(errs) => rejected.push((name, errs.join("; "))),
+                    }
+                }
+                // One bad scope refuses the whole update, as Envoy's SRDS does.
+                if rejected.is_empty() {
+                    let _apply = self.apply_guard();
+                    rejected.extend(self.listeners.apply_scopes(upserts, removed, version));
+                } else {
+                    let why = "another scope of the update was rejected".to_string();
+                    rejected.extend(upserts.into_iter().map(|s| (s.name, why.clone())));
+                }
+            }
             ResourceKind::Listener => {
                 // Built (Python filters included) with no lock held.
                 let mut built = Vec::new();
@@ -417,7 +445,9 @@ impl Instance {
                 names.extend(self.clusters.wanted_secrets());
                 names
             }
-            ResourceKind::Listener | ResourceKind::Cluster => Vec::new(),
+            ResourceKind::Listener
+            | ResourceKind::Cluster
+            | ResourceKind::ScopedRouteConfiguration => Vec::new(),
         };
         names.sort();
         names.dedup();

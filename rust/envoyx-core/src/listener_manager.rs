@@ -10,7 +10,7 @@
 //!
 //! [`Instance::apply`]: crate::instance::Instance::apply
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::config::scoped_route::{ScopeConfig, ScopeRoute};
 use crate::config::{RouteConfig, bootstrap as map};
 use crate::listener::{BuildContext, Listener};
 use crate::options::ServerOptions;
@@ -50,6 +51,25 @@ pub struct ListenerSet {
 
 pub type RouteSet = HashMap<String, Arc<DynamicRoutes>>;
 
+/// The scopes received over SRDS (`ScopedRouteConfiguration`), shared by every
+/// connection manager with `scoped_rds`: over ADS they all take the one wildcard
+/// subscription's resources, as Envoy's do.
+#[derive(Default, Clone)]
+pub struct ScopeSet {
+    /// By name (Envoy dumps them in name order).
+    pub scopes: BTreeMap<String, Arc<DynamicScope>>,
+    /// Of the last update applied; None until the first answer (listeners with
+    /// `scoped_rds` warm until then).
+    pub origin: Option<Origin>,
+}
+
+pub struct DynamicScope {
+    pub key: Vec<String>,
+    /// `route_configuration_name`: its table comes by RDS.
+    pub route: String,
+    pub raw: Value,
+}
+
 /// A listener resource built and bound, not yet installed.
 pub struct BuiltListener {
     listener: Arc<Listener>,
@@ -58,6 +78,7 @@ pub struct BuiltListener {
 pub struct ListenerManager {
     listeners: ArcSwap<ListenerSet>,
     routes: ArcSwap<RouteSet>,
+    scopes: ArcSwap<ScopeSet>,
     /// One command channel per worker, set once the workers exist. Listeners
     /// activated before are queued in the channel until the worker runs.
     workers: Mutex<Vec<mpsc::UnboundedSender<WorkerCommand>>>,
@@ -79,6 +100,7 @@ impl ListenerManager {
                 ..Default::default()
             }),
             routes: ArcSwap::from_pointee(RouteSet::new()),
+            scopes: ArcSwap::from_pointee(ScopeSet::default()),
             workers: Mutex::new(Vec::new()),
             store: store.clone(),
         }
@@ -92,6 +114,11 @@ impl ListenerManager {
     /// The current RDS route configurations.
     pub fn routes(&self) -> Arc<RouteSet> {
         self.routes.load_full()
+    }
+
+    /// The current SRDS scopes.
+    pub fn scopes(&self) -> Arc<ScopeSet> {
+        self.scopes.load_full()
     }
 
     pub fn active(&self) -> Vec<Arc<Listener>> {
@@ -179,13 +206,14 @@ impl ListenerManager {
         let mut rejected = Vec::new();
         let mut set = (**self.listeners.load()).clone();
         let routes = self.routes.load();
+        let scopes = self.scopes.load();
         for BuiltListener { listener } in built {
             // Checked again: an earlier listener of the same update may take the address.
             if let Some(err) = address_clash(&set, &listener.name, listener.configured) {
                 rejected.push((listener.name.clone(), err));
                 continue;
             }
-            let warm = self.ready(&listener, &routes);
+            let warm = self.ready(&listener, &routes, &scopes);
             set.warming.retain(|l| l.name != listener.name);
             if warm {
                 self.activate(&mut set, listener);
@@ -208,15 +236,27 @@ impl ListenerManager {
         rejected
     }
 
-    /// Whether a listener has what it waits for (its RDS route tables, which it
-    /// then takes, and its SDS secrets).
-    fn ready(&self, listener: &Listener, routes: &RouteSet) -> bool {
+    /// Whether a listener has what it waits for (its RDS route tables, its SRDS
+    /// scopes and their tables, which it then takes; its SDS secrets).
+    fn ready(&self, listener: &Listener, routes: &RouteSet, scopes: &ScopeSet) -> bool {
         let mut ready = !listener.waits_for_secrets();
         for hcm in listener.http_managers() {
             if let Some(rds) = &hcm.rds_name {
                 match routes.get(rds) {
                     Some(r) => hcm.routes.store(r.table.clone()),
                     None => ready = false,
+                }
+            }
+            if let Some(scoped) = hcm.scoped.as_deref().filter(|s| s.is_srds()) {
+                let complete = scopes.origin.is_some()
+                    && scopes
+                        .scopes
+                        .values()
+                        .all(|s| routes.contains_key(&s.route));
+                if complete {
+                    take_scopes(scoped, routes, scopes);
+                } else {
+                    ready = false;
                 }
             }
         }
@@ -272,12 +312,27 @@ impl ListenerManager {
                 continue;
             }
             let table = RouteTable::new(rc);
+            let scoped_uses = self.scopes.load().scopes.values().any(|s| s.route == name);
+            // Envoy's `http.<stat_prefix>.rds.<name>.config_reload`: once per stat
+            // prefix (Envoy's connection managers share one subscription per name).
+            let mut reloaded = std::collections::BTreeSet::new();
             for l in set.active.iter().chain(&set.warming) {
                 for hcm in l.http_managers() {
                     if hcm.rds_name.as_deref() == Some(name.as_str()) {
                         hcm.routes.store(table.clone());
+                        reloaded.insert(&hcm.stat_prefix);
+                    } else if scoped_uses && hcm.scoped.as_deref().is_some_and(|s| s.is_srds()) {
+                        reloaded.insert(&hcm.stat_prefix);
                     }
                 }
+            }
+            for prefix in reloaded {
+                let stat = |s: &str| format!("http.{prefix}.rds.{name}.{s}");
+                self.store.counter(&stat("config_reload")).inc();
+                self.store
+                    .gauge(&stat("config_reload_time_ms"))
+                    .set(unix_ms());
+                self.store.counter(&stat("update_empty")); // xDS never hands one over
             }
             routes.insert(
                 name.clone(),
@@ -287,6 +342,16 @@ impl ListenerManager {
                     raw,
                 }),
             );
+        }
+        // Active listeners' scopes take their new tables; warming ones take them
+        // when they activate.
+        let scopes = self.scopes.load();
+        for l in &set.active {
+            for scoped in l.http_managers().filter_map(|h| h.scoped.as_deref()) {
+                if scoped.is_srds() {
+                    take_scopes(scoped, &routes, &scopes);
+                }
+            }
         }
         self.routes.store(Arc::new(routes));
         self.activate_ready(&mut set);
@@ -300,13 +365,81 @@ impl ListenerManager {
         self.listeners.store(Arc::new(set));
     }
 
+    /// Installs SRDS scopes (Envoy's `ScopedRdsConfigSubscription::onConfigUpdate`):
+    /// removals, then additions and changes, as one update. Two scopes with one key
+    /// refuse the whole update, as Envoy does. Every connection manager with
+    /// `scoped_rds` takes the new scopes; a scope whose table has not come yet
+    /// answers 404 until it does (active listeners do not wait for it).
+    pub fn apply_scopes(
+        &self,
+        upserts: Vec<ScopeConfig>,
+        removed: &[String],
+        version: &str,
+    ) -> Vec<(String, String)> {
+        let mut scopes = (**self.scopes.load()).clone();
+        for name in removed {
+            scopes.scopes.remove(name);
+        }
+        let names: Vec<String> = upserts.iter().map(|s| s.name.clone()).collect();
+        for scope in upserts {
+            let ScopeRoute::Rds(route) = scope.route else {
+                continue; // SRDS scopes are mapped with route_configuration_name only
+            };
+            scopes.scopes.insert(
+                scope.name,
+                Arc::new(DynamicScope {
+                    key: scope.key,
+                    route,
+                    raw: scope.raw,
+                }),
+            );
+        }
+        let mut by_key: HashMap<&[String], &str> = HashMap::new();
+        for (name, scope) in &scopes.scopes {
+            if let Some(first) = by_key.insert(&scope.key, name) {
+                let why = format!(
+                    "scope key conflict found, first scope is '{first}', second scope is '{name}'"
+                );
+                return names.into_iter().map(|n| (n, why.clone())).collect();
+            }
+        }
+        scopes.origin = Some(Origin::dynamic(version));
+        let mut set = (**self.listeners.load()).clone();
+        let routes = self.routes.load();
+        // Counted once per stat name: Envoy's managers with the same SRDS source
+        // share one subscription.
+        let mut reloaded = std::collections::HashSet::new();
+        for l in set.active.iter().chain(&set.warming) {
+            let active = set.active.iter().any(|a| Arc::ptr_eq(a, l));
+            for hcm in l.http_managers() {
+                let Some(scoped) = hcm.scoped.as_deref().filter(|s| s.is_srds()) else {
+                    continue;
+                };
+                if let Some(stats) = &scoped.stats
+                    && reloaded.insert((&hcm.stat_prefix, &scoped.name))
+                {
+                    stats.config_reload.inc();
+                    stats.config_reload_time_ms.set(unix_ms());
+                }
+                if active {
+                    take_scopes(scoped, &routes, &scopes);
+                }
+            }
+        }
+        self.scopes.store(Arc::new(scopes));
+        self.activate_ready(&mut set);
+        self.listeners.store(Arc::new(set));
+        Vec::new()
+    }
+
     /// Activates the warming listeners that have what they wait for.
     fn activate_ready(&self, set: &mut ListenerSet) {
         let routes = self.routes.load();
+        let scopes = self.scopes.load();
         let now_warm: Vec<Arc<Listener>> = set
             .warming
             .iter()
-            .filter(|l| self.ready(l, &routes))
+            .filter(|l| self.ready(l, &routes, &scopes))
             .cloned()
             .collect();
         for l in now_warm {
@@ -358,14 +491,51 @@ impl ListenerManager {
             .collect()
     }
 
-    /// RDS route configurations named by active or warming listeners.
+    /// RDS route configurations named by active or warming listeners, and by the
+    /// SRDS scopes when a listener uses them.
     pub fn wanted_routes(&self) -> Vec<String> {
         let set = self.listeners.load();
-        set.active
-            .iter()
-            .chain(&set.warming)
+        let listeners = || set.active.iter().chain(&set.warming);
+        let mut names: Vec<String> = listeners()
             .flat_map(|l| l.rds_names().map(str::to_string).collect::<Vec<_>>())
-            .collect()
+            .collect();
+        if listeners().any(|l| l.uses_srds()) {
+            names.extend(self.scopes.load().scopes.values().map(|s| s.route.clone()));
+        }
+        names
+    }
+}
+
+/// Now, in milliseconds since the epoch (Envoy's `config_reload_time_ms`).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A `scoped_rds` connection manager's scopes from the SRDS scopes and the RDS
+/// tables: a scope whose table has not come has an empty one (404), as Envoy's
+/// `NullConfigImpl`.
+fn take_scopes(scoped: &crate::router::scoped::ScopedRoutes, routes: &RouteSet, scopes: &ScopeSet) {
+    use crate::router::scoped::{Scope, ScopeTable};
+    let list = scopes
+        .scopes
+        .iter()
+        .map(|(name, s)| Scope {
+            name: name.clone(),
+            key: s.key.clone(),
+            table: routes
+                .get(&s.route)
+                .map_or_else(|| RouteTable::empty(&s.route), |r| r.table.clone()),
+        })
+        .collect();
+    scoped
+        .table
+        .store(ScopeTable::new(scoped.builder.clone(), list));
+    if let Some(stats) = &scoped.stats {
+        let n = scopes.scopes.len() as i64;
+        stats.all_scopes.set(n);
+        stats.active_scopes.set(n);
     }
 }
 

@@ -18,6 +18,7 @@ use super::network::{DEFAULT_ACCESS_LOG_FORMAT, map_access_log};
 use super::reader::{Errors, Obj};
 use super::route::{RouteConfig, map_rds_route_config};
 use super::route_action::RouteAction;
+use super::scoped_route::{ScopeRoute, ScopesSource};
 use super::tls::{map_secret, map_upstream_socket};
 
 pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
@@ -202,6 +203,29 @@ fn check_references(sr: &Obj<'_>, listeners: &[ListenerConfig], clusters: &[Clus
     }
 }
 
+/// A static route configuration's routes name known clusters (unless it says
+/// `validate_clusters: false`).
+fn check_route_references(sr: &Obj<'_>, names: &HashSet<&str>, at: &str, rc: &RouteConfig) {
+    if !rc.validate_clusters {
+        return;
+    }
+    for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+        for (r, route) in vh.routes.iter().enumerate() {
+            let RouteAction::Forward(fwd) = &route.action else {
+                continue;
+            };
+            for (field, name, what) in fwd.named_clusters() {
+                if !names.contains(name) {
+                    sr.errors().push(
+                        &format!("{at}.virtual_hosts[{v}].routes[{r}].{field}"),
+                        format!("route: unknown {what} '{name}'"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn check_chain_references(
     sr: &Obj<'_>,
     names: &HashSet<&str>,
@@ -209,31 +233,26 @@ fn check_chain_references(
     chain: &FilterChainConfig,
 ) {
     match &chain.filter {
-        NetworkFilter::Http(hcm) => {
-            let RouteSource::Inline(route_config) = &hcm.routes else {
-                return;
-            };
-            if !route_config.validate_clusters {
-                return;
+        NetworkFilter::Http(hcm) => match &hcm.routes {
+            RouteSource::Inline(rc) => {
+                check_route_references(sr, names, &format!("{fpath}.route_config"), rc)
             }
-            for (v, vh) in route_config.virtual_hosts.iter().enumerate() {
-                for (r, route) in vh.routes.iter().enumerate() {
-                    let RouteAction::Forward(fwd) = &route.action else {
-                        continue;
-                    };
-                    for (field, name, what) in fwd.named_clusters() {
-                        if !names.contains(name) {
-                            sr.errors().push(
-                                &format!(
-                                    "{fpath}.route_config.virtual_hosts[{v}].routes[{r}].{field}"
-                                ),
-                                format!("route: unknown {what} '{name}'"),
-                            );
-                        }
+            RouteSource::Scoped(scoped) => {
+                let ScopesSource::Inline(scopes) = &scoped.scopes else {
+                    return;
+                };
+                let list = format!(
+                    "{fpath}.scoped_routes.scoped_route_configurations_list.scoped_route_configurations"
+                );
+                for (i, scope) in scopes.iter().enumerate() {
+                    if let ScopeRoute::Inline(rc) = &scope.route {
+                        let at = format!("{list}[{i}].route_configuration");
+                        check_route_references(sr, names, &at, rc);
                     }
                 }
             }
-        }
+            RouteSource::Rds(_) => {}
+        },
         NetworkFilter::Tcp(tcp) => {
             if !names.contains(tcp.cluster.as_str()) {
                 sr.errors().push(
@@ -899,6 +918,15 @@ pub fn map_cluster_resource(doc: &Value) -> Result<ClusterConfig, Vec<String>> {
 /// One `envoy.config.route.v3.RouteConfiguration` resource (RDS).
 pub fn map_route_config_resource(doc: &Value) -> Result<RouteConfig, Vec<String>> {
     map_resource(doc, map_rds_route_config)
+}
+
+/// One `envoy.config.route.v3.ScopedRouteConfiguration` resource (SRDS).
+pub fn map_scoped_route_resource(
+    doc: &Value,
+) -> Result<super::scoped_route::ScopeConfig, Vec<String>> {
+    map_resource(doc, |s| {
+        super::scoped_route::map_scope(s, super::scoped_route::ScopeOrigin::Srds)
+    })
 }
 
 /// One `envoy.config.endpoint.v3.ClusterLoadAssignment` resource (EDS):

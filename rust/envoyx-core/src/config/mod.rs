@@ -19,6 +19,7 @@ pub mod retry;
 pub mod route;
 pub mod route_action;
 pub mod route_match;
+pub mod scoped_route;
 pub mod tls;
 pub mod type_urls;
 pub mod upgrade;

@@ -535,6 +535,8 @@ pub enum RouteSource {
     Inline(super::route::RouteConfig),
     /// `rds.route_config_name`: the table arrives as a RouteConfiguration resource.
     Rds(String),
+    /// `scoped_routes`: a route table per scope, chosen by the request's headers.
+    Scoped(Box<super::scoped_route::ScopedRoutesConfig>),
 }
 
 #[derive(Debug)]

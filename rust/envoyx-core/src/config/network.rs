@@ -44,10 +44,12 @@ pub fn map_hcm(hcm: &Obj<'_>) -> Option<HttpConnectionManagerConfig> {
         // The config source is the Python xDS client's business; it validates it.
         rds.raw("config_source");
         RouteSource::Rds(name.to_string())
+    } else if let Some(scoped) = hcm.obj("scoped_routes") {
+        RouteSource::Scoped(Box::new(super::scoped_route::map_scoped_routes(&scoped)?))
     } else {
         hcm.error(
             "route_config",
-            "one of route_config or rds is required by envoyx",
+            "one of route_config, rds or scoped_routes is required",
         );
         return None;
     };

@@ -132,7 +132,10 @@ impl ActiveStream {
         let origin = hcm
             .internal_policy
             .apply(req.headers_mut(), conn.peer, conn.tls.is_some());
-        let routes = conn.route_table();
+        let routes = match &hcm.scoped {
+            None => conn.route_table(),
+            Some(scoped) => conn.scoped_route_table(scoped, req.headers()),
+        };
         if origin != Origin::Internal {
             for name in &routes.internal_only_headers {
                 req.headers_mut().remove(name);

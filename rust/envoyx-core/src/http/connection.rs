@@ -153,6 +153,22 @@ impl DownstreamConnection {
         cached.clone()
     }
 
+    /// The route table of the request's scope (`scoped_routes`); the connection
+    /// keeps the last one, so that requests of one scope share its handle.
+    pub fn scoped_route_table(
+        &self,
+        scoped: &crate::router::scoped::ScopedRoutes,
+        headers: &http::HeaderMap,
+    ) -> LocalHandle<RouteTable> {
+        let scopes = scoped.table.load();
+        let current = scopes.find(headers);
+        let mut cached = self.routes.borrow_mut();
+        if !cached.same(current) {
+            *cached = LocalHandle::new(current.clone());
+        }
+        cached.clone()
+    }
+
     /// The cluster named `name` whose slot in `routes` is `slot` (a route's
     /// `cluster` or a weighted entry's `name`; None: no such cluster now).
     pub fn cluster_for(

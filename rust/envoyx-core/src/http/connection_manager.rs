@@ -169,6 +169,9 @@ pub struct HttpConnectionManager {
     /// `rds.route_config_name`: the table arrives later and is swapped into `routes`.
     pub rds_name: Option<String>,
     pub routes: ArcSwap<RouteTable>,
+    /// `scoped_routes`: the request's headers pick the table among scopes; None
+    /// for the others, whose requests use `routes`.
+    pub scoped: Option<Box<crate::router::scoped::ScopedRoutes>>,
     pub clusters: Arc<ClusterManager>,
     pub stats: HcmStats,
     pub(crate) access_logs: Vec<Arc<AccessLogger>>,
@@ -225,9 +228,14 @@ impl HttpConnectionManager {
             .collect::<std::io::Result<Vec<_>>>()?;
         let options = *config.options;
         let header = |v: Option<String>| v.and_then(|v| HeaderValue::from_str(&v).ok());
-        let (table, rds_name) = match config.routes {
-            RouteSource::Inline(rc) => (RouteTable::new(rc), None),
-            RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name)),
+        let (table, rds_name, scoped) = match config.routes {
+            RouteSource::Inline(rc) => (RouteTable::new(rc), None, None),
+            RouteSource::Rds(name) => (RouteTable::empty(&name), Some(name), None),
+            RouteSource::Scoped(sr) => {
+                let scoped =
+                    crate::router::scoped::ScopedRoutes::new(*sr, store, &config.stat_prefix);
+                (RouteTable::empty(""), None, Some(Box::new(scoped)))
+            }
         };
         let upgrades = super::upgrade::Upgrades::new(config.upgrades, store, &config.stat_prefix);
         Ok(Arc::new(HttpConnectionManager {
@@ -236,6 +244,7 @@ impl HttpConnectionManager {
             stat_prefix: config.stat_prefix,
             rds_name,
             routes: ArcSwap::new(table),
+            scoped,
             clusters,
             access_logs,
             server_name: HeaderValue::from_str(&config.server_name)

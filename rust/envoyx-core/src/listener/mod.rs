@@ -171,6 +171,12 @@ impl Listener {
         self.http_managers().filter_map(|h| h.rds_name.as_deref())
     }
 
+    /// Whether a connection manager of it takes its scopes from SRDS.
+    pub fn uses_srds(&self) -> bool {
+        self.http_managers()
+            .any(|h| h.scoped.as_deref().is_some_and(|s| s.is_srds()))
+    }
+
     /// Stops accepting and drains every connection (removal, or a replacement that
     /// changes more than its filter chains).
     pub fn retire(&self) {

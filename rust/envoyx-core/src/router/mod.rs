@@ -12,6 +12,7 @@ pub mod mirror;
 pub mod redirect;
 pub mod retry_state;
 pub mod route_match;
+pub mod scoped;
 pub mod table;
 pub mod upstream_request;
 
