@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::{RouteConfig, bootstrap as map};
-use crate::listener::{BuildContext, Listener};
+use crate::listener::{BuildContext, Listener, ListenersByAddress};
 use crate::options::ServerOptions;
 use crate::router::RouteTable;
 use crate::stats::StatStore;
@@ -57,6 +57,9 @@ pub struct BuiltListener {
 
 pub struct ListenerManager {
     listeners: ArcSwap<ListenerSet>,
+    /// The active listeners by address, republished with every set: the
+    /// workers' hand-off targets for `use_original_dst` listeners.
+    pub by_address: Arc<ListenersByAddress>,
     routes: ArcSwap<RouteSet>,
     /// One command channel per worker, set once the workers exist. Listeners
     /// activated before are queued in the channel until the worker runs.
@@ -73,15 +76,24 @@ impl ListenerManager {
         store
             .counter("listener_manager.listener_added")
             .add(active.len() as u64);
+        let by_address = Arc::new(ListenersByAddress::default());
+        by_address.publish(active.iter());
         ListenerManager {
             listeners: ArcSwap::from_pointee(ListenerSet {
                 active,
                 ..Default::default()
             }),
+            by_address,
             routes: ArcSwap::from_pointee(RouteSet::new()),
             workers: Mutex::new(Vec::new()),
             store: store.clone(),
         }
+    }
+
+    /// Publishes a new listener set (and its listeners by address).
+    fn store(&self, set: ListenerSet) {
+        self.by_address.publish(set.active.iter());
+        self.listeners.store(Arc::new(set));
     }
 
     /// The current listeners; a snapshot, never blocked by a writer.
@@ -204,7 +216,7 @@ impl ListenerManager {
             set.warming.retain(|l| &l.name != name);
         }
         set.lds_version = version.to_string();
-        self.listeners.store(Arc::new(set));
+        self.store(set);
         rejected
     }
 
@@ -297,7 +309,7 @@ impl ListenerManager {
             routes.remove(name);
         }
         self.routes.store(Arc::new(routes));
-        self.listeners.store(Arc::new(set));
+        self.store(set);
     }
 
     /// Activates the warming listeners that have what they wait for.
@@ -338,7 +350,7 @@ impl ListenerManager {
             }
         }
         self.activate_ready(&mut set);
-        self.listeners.store(Arc::new(set));
+        self.store(set);
         rejected
     }
 

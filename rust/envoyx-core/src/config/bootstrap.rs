@@ -353,6 +353,15 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
                 drop(h2);
             }
             protocol = UpstreamProtocol::Auto;
+        } else if let Some(downstream) = opts.obj("use_downstream_protocol_config") {
+            // The options of each protocol apply to the connections of that one.
+            if let Some(h1) = downstream.obj("http_protocol_options") {
+                pool.header_key_format = map_header_key_format(&h1);
+            }
+            if let Some(h2) = downstream.obj("http2_protocol_options") {
+                drop(h2);
+            }
+            protocol = UpstreamProtocol::Downstream;
         } else if let Some(explicit) = opts.obj("explicit_http_config") {
             if let Some(h1) = explicit.obj("http_protocol_options") {
                 pool.header_key_format = map_header_key_format(&h1);
@@ -369,7 +378,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         } else {
             opts.errors().push(
                 opts.path(),
-                "envoyx supports explicit_http_config and auto_config only",
+                "envoyx supports explicit_http_config, use_downstream_protocol_config and auto_config only",
             );
         }
     }
@@ -397,6 +406,16 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         }),
         None => None,
     };
+    if tls.is_some() && protocol == UpstreamProtocol::Downstream {
+        // Each connection would offer its own ALPN: one TLS context per protocol.
+        c.error(
+            "typed_extension_protocol_options",
+            "use_downstream_protocol_config with a transport_socket is not supported by envoyx",
+        );
+    }
+    let upstream_bind = c
+        .obj("upstream_bind_config")
+        .and_then(|b| map_bind_config(&b));
     if tls.is_none() && protocol == UpstreamProtocol::Auto {
         // Envoy negotiates by ALPN, which needs TLS; in plaintext it speaks HTTP/1.1.
         protocol = UpstreamProtocol::Http1;
@@ -421,6 +440,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         connect_timeout,
         endpoints,
         protocol,
+        upstream_bind,
         dns_refresh_rate,
         dns_lookup_family,
         lb,
@@ -492,6 +512,20 @@ fn map_original_dst(c: &Obj<'_>) -> OriginalDstConfig {
         }
     }
     config
+}
+
+/// `envoy.config.core.v3.BindConfig` of a cluster: `source_address` and
+/// `freebind`; socket options and extra source addresses are refused by the reader.
+fn map_bind_config(b: &Obj<'_>) -> Option<UpstreamBindConfig> {
+    let Some(sa) = b.obj("source_address") else {
+        b.error("source_address", "is required by envoyx");
+        return None;
+    };
+    let source = super::listener::map_socket_address(&sa)?;
+    Some(UpstreamBindConfig {
+        source,
+        freebind: b.bool("freebind").unwrap_or(false),
+    })
 }
 
 /// `envoy.config.core.v3.UpstreamHttpProtocolOptions`: (auto_sni, auto_san_validation).
