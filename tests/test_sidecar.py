@@ -136,11 +136,7 @@ SCENARIOS = [
                 "or_match": {
                     "rules": [
                         OTHER_PORT,
-                        {
-                            "and_match": {
-                                "rules": [{"any_match": True}, {"not_match": OTHER_PORT}]
-                            }
-                        },
+                        {"and_match": {"rules": [{"any_match": True}, {"not_match": OTHER_PORT}]}},
                     ]
                 }
             }
@@ -226,9 +222,7 @@ def _errors(c: Json) -> list[str]:
             "upstream_bind_config",
             {
                 "source_address": {"address": "127.0.0.6", "port_value": 0},
-                "extra_source_addresses": [
-                    {"address": {"address": "::1", "port_value": 0}}
-                ],
+                "extra_source_addresses": [{"address": {"address": "::1", "port_value": 0}}],
             },
             "static_resources.clusters[0].upstream_bind_config.extra_source_addresses: "
             "not supported by envoyx",
@@ -252,7 +246,9 @@ def test_refused_by_name(field: str, value: Json, refused: str) -> None:
     addresses, use_downstream_protocol_config beside TLS (each connection would need
     its own ALPN)."""
     c = _downstream_protocol(
-        Ctx(port=1, admin_port=2, upstreams={"h2": ("127.0.0.1", 3)}, refused=("", 0), access_log="")
+        Ctx(
+            port=1, admin_port=2, upstreams={"h2": ("127.0.0.1", 3)}, refused=("", 0), access_log=""
+        )
     )
     c[field] = value
     assert refused in _errors(c)
@@ -260,7 +256,9 @@ def test_refused_by_name(field: str, value: Json, refused: str) -> None:
 
 def test_bind_config_and_downstream_protocol_map() -> None:
     c = _downstream_protocol(
-        Ctx(port=1, admin_port=2, upstreams={"h2": ("127.0.0.1", 3)}, refused=("", 0), access_log="")
+        Ctx(
+            port=1, admin_port=2, upstreams={"h2": ("127.0.0.1", 3)}, refused=("", 0), access_log=""
+        )
     )
     c["upstream_bind_config"] = {
         "source_address": {"address": "192.0.2.1", "port_value": 0},
