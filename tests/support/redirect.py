@@ -177,7 +177,7 @@ def _run(*cmd: str) -> None:
         sys.exit(SETUP_FAILED)
 
 
-def set_up_namespace() -> None:
+def set_up_namespace(outbound_port: int = OUTBOUND_PORT) -> None:
     if shutil.which("iptables") is None:
         print("iptables is not installed (`make install-test` installs it)", file=sys.stderr)
         sys.exit(SETUP_FAILED)
@@ -189,17 +189,19 @@ def set_up_namespace() -> None:
     _run(
         "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", MESH_RANGE,
         "-m", "owner", "!", "--uid-owner", str(PROXY_UID),
-        "-j", "REDIRECT", "--to-ports", str(OUTBOUND_PORT),
+        "-j", "REDIRECT", "--to-ports", str(outbound_port),
     )  # fmt: skip
 
 
-def fetch(url: str) -> Json:
-    """GET ``url`` with curl as the client user: status, x-upstream, and whether the
-    upstream saw the proxy's x-request-id (its echo of the request)."""
+def fetch(url: str, host: str | None = None) -> Json:
+    """GET ``url`` with curl as the client user (``host``: its Host header): status,
+    x-upstream, and whether the upstream saw the proxy's x-request-id (its echo of the
+    request)."""
+    extra = ["-H", f"Host: {host}"] if host else []
     out = subprocess.run(
         [
             "setpriv", f"--reuid={CLIENT_UID}", f"--regid={CLIENT_UID}", "--clear-groups",
-            "curl", "-s", "-i", "--max-time", "5", url,
+            "curl", "-s", "-i", "--max-time", "5", *extra, url,
         ],
         capture_output=True,
         check=False,
