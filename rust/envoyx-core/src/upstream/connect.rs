@@ -84,7 +84,7 @@ impl UpstreamStream {
 
 /// A TCP connection to `address`, from the cluster's `upstream_bind_config`
 /// source address when it has one.
-async fn connect_tcp(cluster: &Cluster, address: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect_tcp(cluster: &Cluster, address: SocketAddr) -> io::Result<TcpStream> {
     let Some(bind) = &cluster.upstream_bind else {
         return TcpStream::connect(address).await;
     };

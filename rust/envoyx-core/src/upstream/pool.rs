@@ -843,6 +843,7 @@ mod tests {
                 ..EndpointConfig::default()
             }],
             protocol,
+            upstream_bind: None,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
             lb: LbConfig::default(),
