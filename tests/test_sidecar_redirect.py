@@ -16,6 +16,12 @@ to each service's real address and port:
 - 10.10.0.2:<c>: handed off to 0.0.0.0:<c>, an HTTP listener routing to the
   PassthroughCluster (Istio's HTTP passthrough), so c sees the proxy's headers.
 
+- 10.10.1.1:<workload>, a workload behind the sidecar: redirected to Istio's
+  ``virtualInbound`` (15006): the ``original_dst`` listener filter restores the
+  destination, the http_inspector (``filter_disabled`` for port 15006, evaluated on the
+  restored address) finds HTTP, and the ORIGINAL_DST ``InboundPassthroughCluster``
+  connects from its ``upstream_bind_config`` source 127.0.0.6, which the workload sees.
+
 The stats say which listener took each connection: a handed-off connection counts on
 the listener that serves it, not on virtualOutbound, as in Envoy.
 
@@ -36,10 +42,18 @@ import pytest
 pytestmark = pytest.mark.envoy
 
 SCRIPT = Path(__file__).parent / "support" / "redirect.py"
+_PROXIED = {"status": 200, "up.has:x-request-id": True}
 EXPECTED_FACTS = {
-    "service": {"status": 200, "upstream": "a", "up.has:x-request-id": True},
-    "tcp passthrough": {"status": 200, "upstream": "b", "up.has:x-request-id": False},
-    "http passthrough": {"status": 200, "upstream": "c", "up.has:x-request-id": True},
+    # Upstream a is the STATIC cluster's 127.0.0.1; b and c listen on 10.10.0.2.
+    "service": {**_PROXIED, "upstream": "a", "up.peer_ip": "127.0.0.1"},
+    "tcp passthrough": {
+        "status": 200,
+        "upstream": "b",
+        "up.has:x-request-id": False,
+        "up.peer_ip": "10.10.0.2",
+    },
+    "http passthrough": {**_PROXIED, "upstream": "c", "up.peer_ip": "10.10.0.2"},
+    "inbound": {**_PROXIED, "upstream": "workload", "up.peer_ip": "127.0.0.6"},
 }
 EXPECTED_STATS = {
     "virtualOutbound connections": 1,
@@ -47,7 +61,9 @@ EXPECTED_STATS = {
     "passthrough HTTP listener connections": 1,
     "cluster a requests": 1,
     "PassthroughCluster connections": 2,
-    "http_inspector http11_found": 2,
+    "http_inspector http11_found": 3,
+    "virtualInbound connections": 1,
+    "inbound passthrough connections": 1,
 }
 
 _ENVOY: dict[str, Any] = {}
@@ -84,7 +100,7 @@ def test_redirected_connections_reach_the_services_through_the_proxy(
     envoy = _ENVOY["result"]
     assert envoy["facts"] == EXPECTED_FACTS
     assert envoy["stats"] == EXPECTED_STATS
-    assert envoy["upstream_requests"] == {"a": 1, "b": 1, "c": 1}
+    assert envoy["upstream_requests"] == {"a": 1, "b": 1, "c": 1, "workload": 1}
     if kind == "envoy":
         return
     envoyx = run_in_namespace("envoyx", envoy_binary, tmp_path / "envoyx")

@@ -19,8 +19,13 @@ rules never touch the machine's other tests. In the namespace:
 Three requests by the client, to the services' own addresses: 10.10.0.1:9080 (handed
 off to 0.0.0.0:9080 → a), 10.10.0.2:<b> (no listener on it: virtualOutbound's own
 chain passes the bytes through to b), 10.10.0.2:<c> (handed off to the HTTP
-listener, whose route goes to the original destination, c). Prints one JSON object:
-each response's facts and the stat deltas, stat names with their ports named.
+listener, whose route goes to the original destination, c). A fourth to a workload
+behind the sidecar, 10.10.1.1:<workload>, redirected to Istio's ``virtualInbound`` on
+15006 (``original_dst`` listener filter, http_inspector ``filter_disabled`` for the
+listener's own port, evaluated on the restored address): HTTP to the ORIGINAL_DST
+``InboundPassthroughCluster``, whose ``upstream_bind_config`` makes the workload see
+127.0.0.6. Prints one JSON object: each response's facts and the stat deltas, stat
+names with their ports named.
 Exit code 3 with a message when the namespace cannot be set up.
 """
 
@@ -42,6 +47,9 @@ from support.upstreams import HttpUpstream
 Json = dict[str, Any]
 
 OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+WORKLOAD_ADDRESS = "10.10.1.1"
+WORKLOAD_RANGE = "10.10.1.0/24"
 SERVICE_ADDRESS = "10.10.0.1"
 SERVICE_PORT = 9080
 UPSTREAM_ADDRESS = "10.10.0.2"
@@ -135,6 +143,34 @@ def _service_listener(port: int, cluster: str) -> Json:
     }
 
 
+def _virtual_inbound() -> Json:
+    """Istio's virtualInbound: the original destination restored by the listener
+    filter, the http_inspector disabled for connections to the listener's own port,
+    HTTP and TCP passed to the original destination from 127.0.0.6."""
+    inspector = dict(_HTTP_INSPECTOR)
+    inspector["filter_disabled"] = {
+        "destination_port_range": {"start": INBOUND_PORT, "end": INBOUND_PORT + 1}
+    }
+    passthrough = _passthrough_chain()
+    passthrough["filters"][0]["typed_config"]["cluster"] = "InboundPassthroughCluster"
+    return {
+        "name": "virtualInbound",
+        "address": _address("0.0.0.0", INBOUND_PORT),
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.original_dst",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener."
+                    "original_dst.v3.OriginalDst"
+                },
+            },
+            inspector,
+        ],
+        "filter_chains": [_http_chain("inbound_http", "InboundPassthroughCluster")],
+        "default_filter_chain": passthrough,
+    }
+
+
 def sidecar_bootstrap(admin_port: int, a: tuple[str, int], c_port: int) -> Json:
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
@@ -148,6 +184,7 @@ def sidecar_bootstrap(admin_port: int, a: tuple[str, int], c_port: int) -> Json:
                 },
                 _service_listener(SERVICE_PORT, "a"),
                 _service_listener(c_port, "PassthroughCluster"),
+                _virtual_inbound(),
             ],
             "clusters": [
                 {
@@ -165,6 +202,15 @@ def sidecar_bootstrap(admin_port: int, a: tuple[str, int], c_port: int) -> Json:
                     "lb_policy": "CLUSTER_PROVIDED",
                     "connect_timeout": "1s",
                 },
+                {
+                    "name": "InboundPassthroughCluster",
+                    "type": "ORIGINAL_DST",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "connect_timeout": "1s",
+                    "upstream_bind_config": {
+                        "source_address": {"address": "127.0.0.6", "port_value": 0}
+                    },
+                },
             ],
         },
     }
@@ -177,12 +223,12 @@ def _run(*cmd: str) -> None:
         sys.exit(SETUP_FAILED)
 
 
-def set_up_namespace(outbound_port: int = OUTBOUND_PORT) -> None:
+def set_up_namespace(outbound_port: int = OUTBOUND_PORT, inbound: bool = False) -> None:
     if shutil.which("iptables") is None:
         print("iptables is not installed (`make install-test` installs it)", file=sys.stderr)
         sys.exit(SETUP_FAILED)
     _run("ip", "link", "set", "lo", "up")
-    for address in (SERVICE_ADDRESS, UPSTREAM_ADDRESS):
+    for address in (SERVICE_ADDRESS, UPSTREAM_ADDRESS, WORKLOAD_ADDRESS):
         _run("ip", "addr", "add", f"{address}/32", "dev", "lo")
     # istio-iptables' ISTIO_OUTPUT: the proxy's own connections (its uid) are left
     # alone, everyone else's to the mesh goes to the proxy's outbound port.
@@ -191,6 +237,14 @@ def set_up_namespace(outbound_port: int = OUTBOUND_PORT) -> None:
         "-m", "owner", "!", "--uid-owner", str(PROXY_UID),
         "-j", "REDIRECT", "--to-ports", str(outbound_port),
     )  # fmt: skip
+    if inbound:
+        # ISTIO_INBOUND stands for the workload's address here: in a pod that is
+        # PREROUTING; this client is local, so OUTPUT again.
+        _run(
+            "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", WORKLOAD_RANGE,
+            "-m", "owner", "!", "--uid-owner", str(PROXY_UID),
+            "-j", "REDIRECT", "--to-ports", str(INBOUND_PORT),
+        )  # fmt: skip
 
 
 def fetch(url: str, host: str | None = None) -> Json:
@@ -215,16 +269,18 @@ def fetch(url: str, host: str | None = None) -> Json:
     if headers.get("content-type") == "application/json":
         echo = json.loads(body)
         facts["up.has:x-request-id"] = any(k == "x-request-id" for k, _ in echo["headers"])
+        facts["up.peer_ip"] = echo["peer_ip"]
     return facts
 
 
 def main() -> None:
     kind, envoy, workdir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    set_up_namespace()
+    set_up_namespace(inbound=True)
     ups = {
         "a": HttpUpstream("a").start(),
         "b": HttpUpstream("b", host=UPSTREAM_ADDRESS).start(),
         "c": HttpUpstream("c", host=UPSTREAM_ADDRESS).start(),
+        "workload": HttpUpstream("workload", host=WORKLOAD_ADDRESS).start(),
     }
     b_port, c_port = ups["b"].port, ups["c"].port
     bootstrap = sidecar_bootstrap(19000, ups["a"].address, c_port)
@@ -240,6 +296,8 @@ def main() -> None:
         "cluster.a.upstream_rq_total": "cluster a requests",
         "cluster.PassthroughCluster.upstream_cx_total": "PassthroughCluster connections",
         "http_inspector.http11_found": "http_inspector http11_found",
+        f"listener.0.0.0.0_{INBOUND_PORT}.downstream_cx_total": "virtualInbound connections",
+        "cluster.InboundPassthroughCluster.upstream_cx_total": "inbound passthrough connections",
     }
     proxy.start()
     try:
@@ -248,6 +306,7 @@ def main() -> None:
             "service": fetch(f"http://{SERVICE_ADDRESS}:{SERVICE_PORT}/svc"),
             "tcp passthrough": fetch(f"http://{UPSTREAM_ADDRESS}:{b_port}/raw"),
             "http passthrough": fetch(f"http://{UPSTREAM_ADDRESS}:{c_port}/http"),
+            "inbound": fetch(f"http://{WORKLOAD_ADDRESS}:{ups['workload'].port}/in"),
         }
         expected = {
             "listener.0.0.0.0_15001.downstream_cx_total": 1,
@@ -255,7 +314,9 @@ def main() -> None:
             f"listener.0.0.0.0_{c_port}.downstream_cx_total": 1,
             "cluster.a.upstream_rq_total": 1,
             "cluster.PassthroughCluster.upstream_cx_total": 2,
-            "http_inspector.http11_found": 2,
+            "http_inspector.http11_found": 3,
+            f"listener.0.0.0.0_{INBOUND_PORT}.downstream_cx_total": 1,
+            "cluster.InboundPassthroughCluster.upstream_cx_total": 1,
         }
         seen = proxy.wait_stats(expected, before)
         stats = {names[k]: v for k, v in seen.items()}
