@@ -429,12 +429,12 @@ def test_every_field_envoyx_refuses_in_istiods_config_is_a_known_gap(fixture: st
 def test_envoyx_serves_istiods_config_once_the_known_gaps_are_removed(
     mesh: Mesh, node_kind: str, tmp_path: Path, envoy_binary: Path
 ) -> None:
-    """The gaps are fields and filters, not structure: what istiod generates for the
-    gateway (and the NONE sidecar), with exactly the refused fields (and the three
-    refused HTTP filters) removed, served over ADS by the test's own management server,
-    is ACKed by envoyx in full and serves ``web.example`` through the listener, RDS
-    route and EDS cluster to the v1 upstream, as istiod's config does in Envoy (which
-    fetches the config from istiod first)."""
+    """What istiod generates for the gateway (and the NONE sidecar, its passthrough
+    clusters included), with the refused fields removed (none are, now: a gap that
+    comes back is removed here and fails the assertion below), served over ADS by the
+    test's own management server, is ACKed by envoyx in full and serves ``web.example``
+    through the listener, RDS route and EDS cluster to the v1 upstream, as istiod's
+    config does in Envoy (which fetches the config from istiod first)."""
     node = NODES[node_kind]()
     pid = proxy_id(node)
     # istiod shows a proxy's config while it is connected, and the routes and
