@@ -32,6 +32,7 @@ Exit code 3 with a message when the namespace cannot be set up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,8 @@ def _run(*cmd: str) -> None:
 
 
 def set_up_namespace(outbound_port: int = OUTBOUND_PORT, inbound: bool = False) -> None:
+    # ip and iptables live in the sbin directories, not always on a CI's PATH.
+    os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     if shutil.which("iptables") is None:
         print("iptables is not installed (`make install-test` installs it)", file=sys.stderr)
         sys.exit(SETUP_FAILED)
