@@ -3,7 +3,7 @@ PYTHON ?= python3
 GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/envoyx/target
 
-.PHONY: help install install-test build-xds-go build-istio test test-rust test-python lint fmt bench run validate
+.PHONY: help install install-test install-iptables build-xds-go build-istio test test-rust test-python lint fmt bench run validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -13,8 +13,14 @@ install:  ## build the Rust core with maturin and install envoyx
 
 install-test:  ## install envoyx and everything the tests need
 	$(PYTHON) -m pip install --quiet ".[test]"
+	$(MAKE) install-iptables
 	$(MAKE) build-xds-go
 	$(MAKE) build-istio
+
+# tests/test_sidecar_redirect.py sets up a real iptables REDIRECT in a private network
+# namespace; installed from Debian's packages when missing (the tests run as root).
+install-iptables:  ## install iptables for the sidecar REDIRECT test
+	command -v iptables >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables; }
 
 # Built here rather than in the test fixture: a first build on a fresh or busy
 # machine (module downloads, go-control-plane compiled) can take minutes.

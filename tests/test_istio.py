@@ -15,12 +15,11 @@ Envoy 1.40 ACKs every resource istiod generates for each node, serves ``web.exam
 through the gateway and through the sidecar's outbound listener, and after the
 VirtualService is rewritten (``/`` to ``v2``) the new route is in force.
 
-envoyx does not ACK all of it yet: docs/istio.md "Known gaps" lists what it refuses
-(fields and filters that issue 12 asks for). Its tests here check what already holds:
-envoyx answers every response in both modes and stays connected, refuses only by
-naming a field or extension listed in :data:`KNOWN_GAPS` (so a new kind of refusal
-fails; with nothing refused, the same traffic as Envoy's must pass), and with exactly
-those fields removed it ACKs istiod's gateway config and serves it.
+envoyx ACKs all of it too, for the gateway and both sidecars, and serves the same
+traffic. The REDIRECT sidecar's traffic needs iptables: both proxies run it inside a
+private network namespace with Istio's nat rule (tests/support/istio_redirect.py). The
+machinery that listed what envoyx refused (:data:`KNOWN_GAPS`, docs/istio.md "Known
+gaps") stays, empty, so that a refusal that comes back names its field.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,47 +56,17 @@ from support.wait import Timeout, free_port, until
 from support.xds_server import XdsServer
 
 API_TYPES = {"ads": "GRPC", "delta-ads": "DELTA_GRPC"}
+ISTIO_REDIRECT = Path(__file__).parent / "support" / "istio_redirect.py"
 SYNC_TIMEOUT_S = 20.0
 TRAFFIC_TIMEOUT_S = 10.0
 
-_NS = "not supported by envoyx"
-_HCM = "filter_chains.filters.typed_config"
 
-#: The fields and extensions envoyx still refuses in what istiod generates
-#: (docs/istio.md, "Known gaps"): the sidecars' interception pieces. A refusal not
-#: matching one of these fails the envoyx tests — the gaps closed since (metadata,
-#: alt_stat_name, decorators, proxy_100_continue, the grpc_stats/fault/cors filters…)
-#: are no longer listed, so their return fails too.
-KNOWN_GAPS: frozenset[str] = frozenset(
-    f"{t} {path}: {why}"
-    for t, path, why in (
-        # The passthrough ORIGINAL_DST clusters: their other fields are read only after
-        # a supported type, so these follow from it.
-        ("CDS", "alt_stat_name", _NS),
-        ("CDS", "circuit_breakers", _NS),
-        ("CDS", "connect_timeout", _NS),
-        ("CDS", "lb_policy", _NS),
-        ("CDS", "lb_policy", "CLUSTER_PROVIDED is not supported by envoyx"),
-        ("CDS", "type", "ORIGINAL_DST clusters are not supported by envoyx yet"),
-        ("CDS", "typed_extension_protocol_options", _NS),
-        (
-            "CDS",
-            'typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.'
-            'HttpProtocolOptions"].use_downstream_protocol_config',
-            _NS,
-        ),
-        ("CDS", "upstream_bind_config", _NS),
-        ("LDS", "bind_to_port", _NS),
-        ("LDS", "use_original_dst", _NS),
-        ("LDS", "listener_filters.filter_disabled", _NS),
-        (
-            "LDS",
-            "listener_filters.typed_config.@type",
-            "listener filter envoy.extensions.filters.listener.original_dst.v3.OriginalDst "
-            f"is {_NS}",
-        ),
-    )
-)
+#: The fields and extensions envoyx refuses in what istiod generates (docs/istio.md,
+#: "Known gaps"): none since the sidecar interception pieces (ORIGINAL_DST passthrough
+#: clusters, use_original_dst, bind_to_port: false, the original_dst listener filter,
+#: filter_disabled, upstream_bind_config, use_downstream_protocol_config) landed. Any
+#: refusal fails the envoyx tests, naming the field.
+KNOWN_GAPS: frozenset[str] = frozenset()
 
 
 Json = dict[str, Any]
@@ -269,8 +240,8 @@ def test_envoy_sidecar_with_traffic_capture_acks_everything(
     """Interception REDIRECT: istiod adds the ``virtualOutbound`` listener
     (``use_original_dst``, on the mesh's proxyListenPort), ``virtualInbound``
     (``original_dst`` listener filter), ``bind_to_port: false`` service listeners and
-    the ORIGINAL_DST passthrough clusters. Envoy ACKs them all and runs them. (Traffic
-    needs iptables REDIRECT, which these tests do not set up.)"""
+    the ORIGINAL_DST passthrough clusters. Envoy ACKs them all and runs them (traffic:
+    test_sidecar_with_traffic_capture_serves_it)."""
     node = sidecar_node("REDIRECT")
     proxy = start("envoy", mesh, node, mode, tmp_path, envoy_binary)
     try:
@@ -293,6 +264,47 @@ def test_envoy_sidecar_with_traffic_capture_acks_everything(
         assert service["bind_to_port"] is False
     finally:
         proxy.stop()
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("mode", list(API_TYPES))
+@pytest.mark.parametrize("kind", ["envoy", "envoyx"])
+def test_sidecar_with_traffic_capture_serves_it(
+    kind: str, mode: str, pilot_discovery: Path, envoy_binary: Path, tmp_path: Path
+) -> None:
+    """Interception REDIRECT with real traffic capture: istiod, the upstreams and the
+    proxy in a private network namespace with Istio's nat OUTPUT rule
+    (tests/support/istio_redirect.py). The client connects to a service address on the
+    service port; virtualOutbound (``use_original_dst``) hands the connection to the
+    ``bind_to_port: false`` listener of that port, whose RDS route reaches v1 (the
+    upstream sees the proxy's x-request-id), and after the VirtualService change the
+    new routes are in force. No NACK; the connections count on the service listener,
+    none on virtualOutbound, as in Envoy."""
+    command = ["unshare", "--net", "--", sys.executable, str(ISTIO_REDIRECT), kind, mode]
+    result = subprocess.run(
+        [*command, str(envoy_binary), str(pilot_discovery), str(tmp_path / kind)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            "the REDIRECT sidecar's traffic needs root (a private network namespace with "
+            "its own nat table: CAP_SYS_ADMIN and CAP_NET_ADMIN) and iptables; "
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-4000:]}",
+            pytrace=False,
+        )
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "error" not in out, f"{out['error']}\n{out['proxy log']}"
+    proxied = {"status": 200, "up.has:x-request-id": True}
+    assert out["first"] == {**proxied, "upstream": "v1"}
+    assert out["after change /"] == {**proxied, "upstream": "v2"}
+    assert out["after change /v1/x"] == {**proxied, "upstream": "v1"}
+    assert out["nacks"] == []
+    assert out["connections"]["virtualOutbound"] == 0, out
+    assert out["connections"]["service listener"] >= 3, out
 
 
 NODES = {
@@ -367,9 +379,8 @@ def test_envoyx_answers_istiod_and_refuses_only_known_gaps(
             "envoyx refuses what docs/istio.md does not list:\n"
             + "\n".join(sorted(refused - KNOWN_GAPS))
         )
-        if node_kind == "gateway":
-            # istiod's whole gateway config is read now: traffic is checked below.
-            assert not nacks, "\n".join(str(n) for n in nacks)
+        # istiod's whole config is read now, for every node: traffic is checked below.
+        assert not nacks, "\n".join(str(n) for n in nacks)
         stats = proxy.stats()
         assert stats.get("control_plane.connected_state") == 1, stats
         rejected = {n.type for n in nacks}
@@ -380,7 +391,8 @@ def test_envoyx_answers_istiod_and_refuses_only_known_gaps(
         if not nacks:
             wait_sync(mesh, pid, proxy)
             if node_kind == "sidecar-redirect":
-                return  # no traffic capture here: see the Envoy test
+                # Its traffic needs iptables: test_sidecar_with_traffic_capture_serves_it.
+                return
             port = mesh.files.gateway_port if node_kind == "gateway" else mesh.files.service_port
             wait_upstream(port, mesh.files.host, "v1")
             check_virtual_service_change(mesh, pid, proxy, port)
@@ -407,18 +419,9 @@ def test_every_field_envoyx_refuses_in_istiods_config_is_a_known_gap(fixture: st
     gaps, left = peel_dump(dump)
     found = {f"{_XDS_TYPE[g.type]} {_INDEX.sub('', g.path)}: {g.message}" for g in gaps}
     assert found <= KNOWN_GAPS, "\n".join(sorted(found - KNOWN_GAPS))
-    if fixture == "gateway.json":
-        # Every field of istiod's gateway config is read now.
-        assert not found, "\n".join(sorted(found))
-    # Removing use_downstream_protocol_config leaves HttpProtocolOptions without its
-    # required protocol choice: the only error left, a consequence of the removal.
-    assert all("upstream_protocol_options: value is required" in e for _, _, e in left), left
-
-
-# The sidecar's ORIGINAL_DST passthrough clusters are left out whole: without the type
-# (and use_downstream_protocol_config) they are not clusters envoyx can map. Nothing the
-# tests send goes there (the allow_any virtual host of unknown hosts does).
-_LEFT_OUT = {"PassthroughCluster", "InboundPassthroughCluster"}
+    # Every field of istiod's config for each node is read now.
+    assert not found, "\n".join(sorted(found))
+    assert not left, left
 
 
 @pytest.mark.envoy
@@ -426,12 +429,12 @@ _LEFT_OUT = {"PassthroughCluster", "InboundPassthroughCluster"}
 def test_envoyx_serves_istiods_config_once_the_known_gaps_are_removed(
     mesh: Mesh, node_kind: str, tmp_path: Path, envoy_binary: Path
 ) -> None:
-    """The gaps are fields and filters, not structure: what istiod generates for the
-    gateway (and the NONE sidecar), with exactly the refused fields (and the three
-    refused HTTP filters) removed, served over ADS by the test's own management server,
-    is ACKed by envoyx in full and serves ``web.example`` through the listener, RDS
-    route and EDS cluster to the v1 upstream, as istiod's config does in Envoy (which
-    fetches the config from istiod first)."""
+    """What istiod generates for the gateway (and the NONE sidecar, its passthrough
+    clusters included), with the refused fields removed (none are, now: a gap that
+    comes back is removed here and fails the assertion below), served over ADS by the
+    test's own management server, is ACKed by envoyx in full and serves ``web.example``
+    through the listener, RDS route and EDS cluster to the v1 upstream, as istiod's
+    config does in Envoy (which fetches the config from istiod first)."""
     node = NODES[node_kind]()
     pid = proxy_id(node)
     # istiod shows a proxy's config while it is connected, and the routes and
@@ -446,15 +449,12 @@ def test_envoyx_serves_istiods_config_once_the_known_gaps_are_removed(
     refused: set[str] = set()
     for kind, docs in resources(dump).items():
         for doc in docs:
-            if doc.get("name") in _LEFT_OUT:
-                continue
             gaps, left, rest = stripped(kind, doc)
             assert not left, left
             refused |= {g.field for g in gaps}
             name = str(rest.get("name") or rest.get("cluster_name"))
             served.setdefault(_XDS_TYPE[kind], {})[name] = rest
-    # Nothing of the gateway's and the NONE sidecar's config is refused any more (the
-    # passthrough clusters are left out whole above).
+    # Nothing of the gateway's and the NONE sidecar's config is refused any more.
     assert not refused, sorted(refused)
     assert set(served) == {"CDS", "EDS", "LDS", "RDS"}, sorted(served)
 

@@ -247,7 +247,8 @@ def http_facts(req: Http, resp: httpx.Response) -> Facts:
     · ``up.header:N`` / ``up.has:N`` what the upstream received · ``up.header_all:N``
     every value it received, in order · ``up.headers`` sorted header names the upstream
     received · ``up.body`` (length, sha256) · ``up.protocol`` · ``up.method`` · ``up.path`` ·
-    ``up.connection`` upstream connection id (for reuse patterns, see :func:`relabel`).
+    ``up.connection`` upstream connection id (for reuse patterns, see :func:`relabel`) ·
+    ``up.peer_ip`` the source address of the upstream connection (HttpUpstream).
     """
     facts: Facts = {}
     upstream = resp.headers.get("x-upstream")
@@ -305,6 +306,8 @@ def _fact(name: str, resp: Any, echo: Json | None) -> Any:
             return echo["path"]
         if sub == "connection":
             return f"{echo['upstream']}#{echo['connection_id']}"
+        if sub == "peer_ip":
+            return echo.get("peer_ip")
     raise ValueError(f"unknown fact {name!r}")
 
 

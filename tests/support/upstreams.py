@@ -101,6 +101,8 @@ class ReceivedRequest:
     connection_id: int
     request_on_connection: int
     trailers: list[tuple[str, str]] = field(default_factory=list)
+    # The connection's source address as the upstream saw it (HttpUpstream only).
+    peer_ip: str = ""
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -120,7 +122,15 @@ class ReceivedRequest:
             "connection_id": self.connection_id,
             "request_on_connection": self.request_on_connection,
             "trailers": [list(t) for t in self.trailers],
+            "peer_ip": self.peer_ip,
         }
+
+
+def _peer_ip(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return ""
 
 
 class _Gates:
@@ -370,6 +380,7 @@ class HttpUpstream(_UpstreamBase):
             connection_id=conn_id,
             request_on_connection=n,
             trailers=trailers,
+            peer_ip=_peer_ip(sock),
         )
         self._record(req)
 

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::config::scoped_route::{ScopeConfig, ScopeRoute};
 use crate::config::{RouteConfig, bootstrap as map};
-use crate::listener::{BuildContext, Listener};
+use crate::listener::{BuildContext, Listener, ListenersByAddress};
 use crate::options::ServerOptions;
 use crate::router::RouteTable;
 use crate::stats::StatStore;
@@ -77,6 +77,9 @@ pub struct BuiltListener {
 
 pub struct ListenerManager {
     listeners: ArcSwap<ListenerSet>,
+    /// The active listeners by address, republished with every set: the
+    /// workers' hand-off targets for `use_original_dst` listeners.
+    pub by_address: Arc<ListenersByAddress>,
     routes: ArcSwap<RouteSet>,
     scopes: ArcSwap<ScopeSet>,
     /// One command channel per worker, set once the workers exist. Listeners
@@ -94,16 +97,25 @@ impl ListenerManager {
         store
             .counter("listener_manager.listener_added")
             .add(active.len() as u64);
+        let by_address = Arc::new(ListenersByAddress::default());
+        by_address.publish(active.iter());
         ListenerManager {
             listeners: ArcSwap::from_pointee(ListenerSet {
                 active,
                 ..Default::default()
             }),
+            by_address,
             routes: ArcSwap::from_pointee(RouteSet::new()),
             scopes: ArcSwap::from_pointee(ScopeSet::default()),
             workers: Mutex::new(Vec::new()),
             store: store.clone(),
         }
+    }
+
+    /// Publishes a new listener set (and its listeners by address).
+    fn store(&self, set: ListenerSet) {
+        self.by_address.publish(set.active.iter());
+        self.listeners.store(Arc::new(set));
     }
 
     /// The current listeners; a snapshot, never blocked by a writer.
@@ -232,7 +244,7 @@ impl ListenerManager {
             set.warming.retain(|l| &l.name != name);
         }
         set.lds_version = version.to_string();
-        self.listeners.store(Arc::new(set));
+        self.store(set);
         rejected
     }
 
@@ -362,7 +374,7 @@ impl ListenerManager {
             routes.remove(name);
         }
         self.routes.store(Arc::new(routes));
-        self.listeners.store(Arc::new(set));
+        self.store(set);
     }
 
     /// Installs SRDS scopes (Envoy's `ScopedRdsConfigSubscription::onConfigUpdate`):
@@ -471,7 +483,7 @@ impl ListenerManager {
             }
         }
         self.activate_ready(&mut set);
-        self.listeners.store(Arc::new(set));
+        self.store(set);
         rejected
     }
 

@@ -133,6 +133,9 @@ impl Server {
                     sockets[i].push((listener.clone(), listen(socket, address)?));
                 }
             }
+            // Port-0 listeners are found by their bound port from here on.
+            let active = instance.listeners.active();
+            instance.listeners.by_address.publish(active.iter());
             let mut senders = Vec::new();
             for _ in 0..workers {
                 let (tx, rx) = mpsc::unbounded_channel();

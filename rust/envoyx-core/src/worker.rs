@@ -14,9 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::instance::Instance;
-use crate::listener::{AcceptFailures, Listener};
+use crate::listener::{AcceptFailures, Listener, ListenerConnectionStats, ListenersByAddress};
 use crate::listener_manager::WorkerCommand;
-use crate::stats::Gauge;
 use crate::upstream::WorkerPools;
 
 /// Runs worker `index` until the server stops: accepts on the sockets it is given
@@ -36,10 +35,10 @@ pub(crate) fn run(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let worker = Rc::new(Worker {
-            index,
             pools: WorkerPools::new(),
             connections: Rc::default(),
             drain_time: instance.options.drain_time,
+            listeners: instance.listeners.by_address.clone(),
         });
         let listen = |listener: Arc<Listener>, socket: StdTcpListener| {
             match tokio::net::TcpListener::from_std(socket) {
@@ -80,11 +79,12 @@ pub(crate) fn run(
 
 /// What one worker owns.
 struct Worker {
-    index: usize,
     pools: Rc<WorkerPools>,
     connections: Rc<ConnectionTracker>,
     /// How long a draining listener's connections may live on (`--drain-time-s`).
     drain_time: Duration,
+    /// Where a `use_original_dst` listener hands its connections.
+    listeners: Arc<ListenersByAddress>,
 }
 
 impl Worker {
@@ -118,22 +118,25 @@ impl Worker {
     }
 
     fn spawn_connection(&self, listener: &Arc<Listener>, stream: TcpStream, peer: SocketAddr) {
-        let stats = &listener.stats;
-        stats.downstream_cx_total.inc();
-        stats.downstream_cx_active.inc();
-        let (worker_total, worker_active) = stats.per_worker[self.index].clone();
-        worker_total.inc();
-        worker_active.inc();
+        // A listener that may hand the connection off counts it only once it
+        // knows which listener serves it (serve.rs).
+        let stats = (!listener.hand_off_restored_destination)
+            .then(|| ListenerConnectionStats::open(listener));
         let guard = TrackedConnection::new(&self.connections);
-        let listener = listener.clone();
         let pools = self.pools.clone();
         let drain_time = self.drain_time;
         // Built here, not inside the task: the task then holds the connection's
         // future once, not also the arguments it was made from. It says which drain
-        // signal the connection follows (its chain's, or the listener's until a
-        // chain is chosen).
-        let (served, drain) =
-            crate::listener::serve_connection(&listener, pools, stream, peer, drain_time);
+        // signal the connection follows (its chain's; on the general path the
+        // listener's until a chain is chosen is followed inside).
+        let (served, drain) = crate::listener::serve_connection(
+            listener,
+            &self.listeners,
+            pools,
+            stream,
+            peer,
+            drain_time,
+        );
         // A draining connection gets the drain time to finish gracefully; then it
         // is closed (Envoy's --drain-time-s).
         let mut deadline = drain;
@@ -146,8 +149,7 @@ impl Worker {
             served,
             drained,
             _books: TaskBooks {
-                listener,
-                worker_active,
+                _stats: stats,
                 _guard: guard,
             },
         });
@@ -179,19 +181,11 @@ impl<F: Future<Output = ()>, D: Future<Output = ()>> Future for ConnectionTask<F
     }
 }
 
-/// A connection's listener stats, closed when its task ends or is dropped.
+/// A connection's listener stats and the worker's count of it, closed when its
+/// task ends or is dropped.
 struct TaskBooks {
-    listener: Arc<Listener>,
-    worker_active: Gauge,
+    _stats: Option<ListenerConnectionStats>,
     _guard: TrackedConnection,
-}
-
-impl Drop for TaskBooks {
-    fn drop(&mut self) {
-        self.listener.stats.downstream_cx_active.dec();
-        self.worker_active.dec();
-        self.listener.stats.downstream_cx_destroy.inc();
-    }
 }
 
 /// Counts a worker's open connections so that stop can wait for them.

@@ -372,6 +372,15 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
                 drop(h2);
             }
             protocol = UpstreamProtocol::Auto;
+        } else if let Some(downstream) = opts.obj("use_downstream_protocol_config") {
+            // The options of each protocol apply to the connections of that one.
+            if let Some(h1) = downstream.obj("http_protocol_options") {
+                pool.header_key_format = map_header_key_format(&h1);
+            }
+            if let Some(h2) = downstream.obj("http2_protocol_options") {
+                drop(h2);
+            }
+            protocol = UpstreamProtocol::Downstream;
         } else if let Some(explicit) = opts.obj("explicit_http_config") {
             if let Some(h1) = explicit.obj("http_protocol_options") {
                 pool.header_key_format = map_header_key_format(&h1);
@@ -388,7 +397,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         } else {
             opts.errors().push(
                 opts.path(),
-                "envoyx supports explicit_http_config and auto_config only",
+                "envoyx supports explicit_http_config, use_downstream_protocol_config and auto_config only",
             );
         }
     }
@@ -416,6 +425,16 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         }),
         None => None,
     };
+    if tls.is_some() && protocol == UpstreamProtocol::Downstream {
+        // Each connection would offer its own ALPN: one TLS context per protocol.
+        c.error(
+            "typed_extension_protocol_options",
+            "use_downstream_protocol_config with a transport_socket is not supported by envoyx",
+        );
+    }
+    let upstream_bind = c
+        .obj("upstream_bind_config")
+        .and_then(|b| map_bind_config(&b));
     if tls.is_none() && protocol == UpstreamProtocol::Auto {
         // Envoy negotiates by ALPN, which needs TLS; in plaintext it speaks HTTP/1.1.
         protocol = UpstreamProtocol::Http1;
@@ -440,6 +459,7 @@ fn map_cluster(c: &Obj<'_>) -> Option<ClusterConfig> {
         connect_timeout,
         endpoints,
         protocol,
+        upstream_bind,
         dns_refresh_rate,
         dns_lookup_family,
         lb,
@@ -511,6 +531,20 @@ fn map_original_dst(c: &Obj<'_>) -> OriginalDstConfig {
         }
     }
     config
+}
+
+/// `envoy.config.core.v3.BindConfig` of a cluster: `source_address` and
+/// `freebind`; socket options and extra source addresses are refused by the reader.
+fn map_bind_config(b: &Obj<'_>) -> Option<UpstreamBindConfig> {
+    let Some(sa) = b.obj("source_address") else {
+        b.error("source_address", "is required by envoyx");
+        return None;
+    };
+    let source = super::listener::map_socket_address(&sa)?;
+    Some(UpstreamBindConfig {
+        source,
+        freebind: b.bool("freebind").unwrap_or(false),
+    })
 }
 
 /// `envoy.config.core.v3.UpstreamHttpProtocolOptions`: (auto_sni, auto_san_validation).
@@ -1518,5 +1552,89 @@ mod tests {
             cluster_with(json!({"lb_policy": "CLUSTER_PROVIDED"})).unwrap_err(),
             vec!["lb_policy: CLUSTER_PROVIDED is not supported by envoyx"]
         );
+    }
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A tcp_proxy listener to an ORIGINAL_DST cluster, with `listener` and
+    /// `cluster` fields added.
+    fn sidecar(listener: Value, cluster: Value) -> Bootstrap {
+        let mut doc = json!({"static_resources": {
+            "listeners": [{
+                "name": "l",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "p", "cluster": "c"}}]}]
+            }],
+            "clusters": [{"name": "c", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}]
+        }});
+        let extend = |target: &mut Value, extra: Value| {
+            let extra = extra.as_object().unwrap().clone();
+            target.as_object_mut().unwrap().extend(extra);
+        };
+        extend(&mut doc["static_resources"]["listeners"][0], listener);
+        extend(&mut doc["static_resources"]["clusters"][0], cluster);
+        map_bootstrap(&doc).unwrap()
+    }
+
+    #[test]
+    fn use_original_dst_adds_the_filter_last_and_bind_to_port() {
+        let inspector = json!({"name": "i", "typed_config": {"@type": format!("type.googleapis.com/{}", super::super::listener::HTTP_INSPECTOR_TYPE)},
+        "filter_disabled": {"or_match": {"rules": [
+            {"destination_port_range": {"start": 15006, "end": 15007}},
+            {"and_match": {"rules": [{"any_match": true}, {"not_match": {"destination_port_range": {"start": 1, "end": 80}}}]}}
+        ]}}});
+        let b = sidecar(
+            json!({"use_original_dst": true, "bind_to_port": false, "listener_filters": [inspector]}),
+            json!({}),
+        );
+        let l = &b.listeners[0];
+        assert!(l.use_original_dst && !l.bind_to_port);
+        let kinds: Vec<_> = l.listener_filters.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ListenerFilterKind::HttpInspector,
+                ListenerFilterKind::OriginalDst
+            ]
+        );
+        let disabled = l.listener_filters[0].disabled.as_ref().unwrap();
+        let at = |port: u16| disabled.matches(std::net::SocketAddr::from(([10, 0, 0, 1], port)));
+        assert!(at(15006));
+        assert!(!at(79));
+        assert!(at(80));
+        assert!(l.listener_filters[1].disabled.is_none());
+        let plain = sidecar(json!({}), json!({}));
+        assert!(!plain.listeners[0].use_original_dst && plain.listeners[0].bind_to_port);
+    }
+
+    #[test]
+    fn bind_config_and_downstream_protocol() {
+        let b = sidecar(
+            json!({}),
+            json!({
+                "upstream_bind_config": {"source_address": {"address": "127.0.0.6", "port_value": 0}, "freebind": true},
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}
+                }}
+            }),
+        );
+        let c = &b.clusters[0];
+        assert_eq!(
+            c.upstream_bind,
+            Some(UpstreamBindConfig {
+                source: "127.0.0.6:0".parse().unwrap(),
+                freebind: true
+            })
+        );
+        assert_eq!(c.protocol, UpstreamProtocol::Downstream);
+        assert_eq!(c.protocol.http2_for(http::Version::HTTP_2), Some(true));
+        assert_eq!(c.protocol.http2_for(http::Version::HTTP_10), Some(false));
     }
 }

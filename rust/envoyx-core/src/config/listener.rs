@@ -46,7 +46,16 @@ pub fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
         return None;
     }
     check_distinct_matches(l, &filter_chains);
-    let listener_filters = map_listener_filters(l);
+    let mut listener_filters = map_listener_filters(l);
+    let use_original_dst = l.bool("use_original_dst").unwrap_or(false);
+    if use_original_dst {
+        // Envoy's `buildOriginalDstListenerFilter`: after the configured ones.
+        listener_filters.push(ListenerFilterConfig {
+            kind: ListenerFilterKind::OriginalDst,
+            disabled: None,
+        });
+    }
+    let bind_to_port = l.bool("bind_to_port").unwrap_or(true);
     let listener_filters_timeout = match l.duration("listener_filters_timeout") {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
@@ -66,6 +75,8 @@ pub fn map_listener(l: &Obj<'_>) -> Option<ListenerConfig> {
         filter_chains,
         default_filter_chain,
         listener_filters,
+        use_original_dst,
+        bind_to_port,
         listener_filters_timeout,
         continue_on_listener_filters_timeout,
         max_accepts_per_wakeup,
@@ -203,7 +214,7 @@ fn check_distinct_matches(l: &Obj<'_>, chains: &[FilterChainConfig]) {
     }
 }
 
-fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
+fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterConfig> {
     let mut out = Vec::new();
     for f in l.list("listener_filters") {
         f.str("name");
@@ -211,7 +222,8 @@ fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
             f.error("typed_config", "is required by envoyx");
             continue;
         };
-        match tc.any_type() {
+        let disabled = f.obj("filter_disabled").and_then(|p| map_predicate(&p));
+        let kind = match tc.any_type() {
             Some(TLS_INSPECTOR_TYPE) => {
                 // JA3/JA4 fingerprints feed filters envoyx does not have.
                 for field in ["enable_ja3_fingerprinting", "enable_ja4_fingerprinting"] {
@@ -222,28 +234,63 @@ fn map_listener_filters(l: &Obj<'_>) -> Vec<ListenerFilterKind> {
                 if tc.has("initial_read_buffer_size") {
                     tc.u32("initial_read_buffer_size");
                 }
-                out.push(ListenerFilterKind::TlsInspector);
+                ListenerFilterKind::TlsInspector
             }
-            Some(HTTP_INSPECTOR_TYPE) => out.push(ListenerFilterKind::HttpInspector),
+            Some(HTTP_INSPECTOR_TYPE) => ListenerFilterKind::HttpInspector,
             Some(ORIGINAL_DST_TYPE) => {
                 // `traffic_type` picks the Windows redirect records only.
                 if tc.has("traffic_type") {
                     tc.str("traffic_type");
                 }
-                out.push(ListenerFilterKind::OriginalDst);
+                ListenerFilterKind::OriginalDst
             }
-            Some(other) => tc.error(
-                "@type",
-                format!("listener filter {other} is not supported by envoyx"),
-            ),
-            None => {}
-        }
-        if f.has("filter_disabled") {
-            f.raw("filter_disabled");
-            f.error("filter_disabled", "not supported by envoyx");
-        }
+            Some(other) => {
+                tc.error(
+                    "@type",
+                    format!("listener filter {other} is not supported by envoyx"),
+                );
+                continue;
+            }
+            None => continue,
+        };
+        out.push(ListenerFilterConfig { kind, disabled });
     }
     out
+}
+
+/// `ListenerFilterChainMatchPredicate` (one rule of its oneof; the schema checks
+/// that one is set).
+fn map_predicate(p: &Obj<'_>) -> Option<ListenerFilterPredicate> {
+    let rules = |field: &'static str| -> Option<Vec<ListenerFilterPredicate>> {
+        let set = p.obj(field)?;
+        set.list("rules").iter().map(map_predicate).collect()
+    };
+    if p.bool("any_match") == Some(true) {
+        Some(ListenerFilterPredicate::Any)
+    } else if let Some(not) = p.obj("not_match") {
+        Some(ListenerFilterPredicate::Not(Box::new(map_predicate(&not)?)))
+    } else if p.has("and_match") {
+        rules("and_match").map(ListenerFilterPredicate::And)
+    } else if p.has("or_match") {
+        rules("or_match").map(ListenerFilterPredicate::Or)
+    } else if let Some(range) = p.obj("destination_port_range") {
+        // An `Int32Range`, compared as Envoy's matcher does, in unsigned 32 bits.
+        let bound = |f: &'static str| match range.raw(f).map(|v| v.as_i64()) {
+            Some(Some(n)) => n as i32 as u32,
+            Some(None) => {
+                range.error(f, "expected an integer");
+                0
+            }
+            None => 0,
+        };
+        Some(ListenerFilterPredicate::DestinationPortRange {
+            start: bound("start"),
+            end: bound("end"),
+        })
+    } else {
+        p.errors().push(p.path(), "a rule is required");
+        None
+    }
 }
 
 /// `envoy.config.core.v3.Address` with a `socket_address` holding an IP literal.
@@ -253,6 +300,11 @@ pub fn map_address(addr: &Obj<'_>) -> Option<SocketAddr> {
             .push(addr.path(), "only socket_address is supported by envoyx");
         return None;
     };
+    map_socket_address(&sa)
+}
+
+/// `envoy.config.core.v3.SocketAddress` holding an IP literal and a port.
+pub fn map_socket_address(sa: &Obj<'_>) -> Option<SocketAddr> {
     if let Some(p) = sa.str("protocol")
         && p != "TCP"
     {

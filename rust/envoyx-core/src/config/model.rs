@@ -47,8 +47,16 @@ pub struct ListenerConfig {
     pub filter_chains: Vec<FilterChainConfig>,
     /// `default_filter_chain`: used when no chain matches.
     pub default_filter_chain: Option<FilterChainConfig>,
-    /// `listener_filters`, in order.
-    pub listener_filters: Vec<ListenerFilterKind>,
+    /// `listener_filters`, in order; `use_original_dst` adds an `original_dst`
+    /// filter after them, as Envoy does.
+    pub listener_filters: Vec<ListenerFilterConfig>,
+    /// `use_original_dst`: a connection whose original destination the
+    /// `original_dst` filter restored is handed to the listener on that address
+    /// (Envoy's `hand_off_restored_destination_connections`).
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true): false makes a listener that only takes
+    /// connections handed off by a `use_original_dst` listener.
+    pub bind_to_port: bool,
     /// `listener_filters_timeout` (default 15 s; zero disables it).
     pub listener_filters_timeout: Option<Duration>,
     /// `continue_on_listener_filters_timeout` (default false: the connection closes).
@@ -62,6 +70,46 @@ impl ListenerConfig {
     /// Every filter chain, the default one last.
     pub fn chains(&self) -> impl Iterator<Item = &FilterChainConfig> {
         self.filter_chains.iter().chain(&self.default_filter_chain)
+    }
+}
+
+/// A listener filter and when it is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerFilterConfig {
+    pub kind: ListenerFilterKind,
+    /// `filter_disabled`: the filter does not run on a connection this matches.
+    pub disabled: Option<ListenerFilterPredicate>,
+}
+
+/// `envoy.config.listener.v3.ListenerFilterChainMatchPredicate` (Envoy's
+/// `ListenerFilterMatcher`s), evaluated on the connection's local address as the
+/// listener filters before have left it (restored by `original_dst`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerFilterPredicate {
+    /// `any_match`.
+    Any,
+    /// `not_match`.
+    Not(Box<ListenerFilterPredicate>),
+    /// `and_match.rules`: all of them (none: true).
+    And(Vec<ListenerFilterPredicate>),
+    /// `or_match.rules`: any of them (none: false).
+    Or(Vec<ListenerFilterPredicate>),
+    /// `destination_port_range`: `start <= port < end`.
+    DestinationPortRange { start: u32, end: u32 },
+}
+
+impl ListenerFilterPredicate {
+    pub fn matches(&self, local: std::net::SocketAddr) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Not(p) => !p.matches(local),
+            Self::And(ps) => ps.iter().all(|p| p.matches(local)),
+            Self::Or(ps) => ps.iter().any(|p| p.matches(local)),
+            Self::DestinationPortRange { start, end } => {
+                let port = u32::from(local.port());
+                *start <= port && port < *end
+            }
+        }
     }
 }
 
@@ -637,6 +685,31 @@ pub enum UpstreamProtocol {
     /// `auto_config`: HTTP/2 when the upstream's TLS handshake negotiates `h2` by
     /// ALPN, else HTTP/1.1.
     Auto,
+    /// `use_downstream_protocol_config`: each request goes out in its downstream
+    /// connection's protocol (HTTP/2 for HTTP/2, HTTP/1.1 for HTTP/1.x).
+    Downstream,
+}
+
+impl UpstreamProtocol {
+    /// HTTP/2 or not for a request that came in as `downstream`; None when ALPN
+    /// is to tell (`auto_config`).
+    pub fn http2_for(self, downstream: http::Version) -> Option<bool> {
+        match self {
+            UpstreamProtocol::Http1 => Some(false),
+            UpstreamProtocol::Http2 => Some(true),
+            UpstreamProtocol::Auto => None,
+            UpstreamProtocol::Downstream => Some(downstream == http::Version::HTTP_2),
+        }
+    }
+}
+
+/// A cluster's `upstream_bind_config`: the local address its connections bind to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamBindConfig {
+    /// `source_address` (port 0: any).
+    pub source: std::net::SocketAddr,
+    /// `freebind`: IP_FREEBIND, binding to an address the host does not have.
+    pub freebind: bool,
 }
 
 #[derive(Debug)]
@@ -655,6 +728,8 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// HTTP/2 when `typed_extension_protocol_options` or `http2_protocol_options` ask.
     pub protocol: UpstreamProtocol,
+    /// `upstream_bind_config`.
+    pub upstream_bind: Option<UpstreamBindConfig>,
     /// `dns_refresh_rate` (default 5 s).
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,

@@ -11,7 +11,7 @@ use std::io;
 use rustls::server::{Accepted, Acceptor};
 use tokio::net::TcpStream;
 
-use crate::config::ListenerFilterKind;
+use crate::config::{ListenerFilterConfig, ListenerFilterKind};
 use crate::stats::{Counter, StatStore};
 
 /// Envoy's tls_inspector limit on a ClientHello.
@@ -84,16 +84,23 @@ pub enum InspectError {
     TooLarge,
 }
 
-/// Runs the listener filters in order. Partial results stay in `out` when the
-/// caller's timeout cuts this short.
+/// Runs the listener filters in order, but those whose `filter_disabled`
+/// matches the local address (as restored so far; `accepted_on` else). Partial
+/// results stay in `out` when the caller's timeout cuts this short.
 pub async fn run(
     stream: &TcpStream,
-    filters: &[ListenerFilterKind],
+    accepted_on: std::net::SocketAddr,
+    filters: &[ListenerFilterConfig],
     stats: &InspectorStats,
     out: &mut Inspected,
 ) -> Result<(), InspectError> {
     for f in filters {
-        match f {
+        if let Some(disabled) = &f.disabled
+            && disabled.matches(out.original_dst.unwrap_or(accepted_on))
+        {
+            continue;
+        }
+        match f.kind {
             ListenerFilterKind::TlsInspector => {
                 read_client_hello(stream, Some(stats), out).await?;
             }

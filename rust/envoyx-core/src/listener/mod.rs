@@ -1,16 +1,18 @@
 //! Listeners: the runtime form of a Listener resource, its sockets and its stats.
 
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessLogOptions, FlushSettings};
 use crate::config::{
-    FilterChainConfig, ListenerConfig, ListenerFilterKind, NetworkFilter, RouteSource,
+    FilterChainConfig, ListenerConfig, ListenerFilterConfig, NetworkFilter, RouteSource,
 };
 use crate::error::{Error, Result};
 use crate::http::HttpConnectionManager;
@@ -48,7 +50,13 @@ pub struct Listener {
     pub configured: SocketAddr,
     pub bound: Mutex<Option<SocketAddr>>,
     pub chains: FilterChains,
-    pub listener_filters: Vec<ListenerFilterKind>,
+    pub listener_filters: Vec<ListenerFilterConfig>,
+    /// `use_original_dst`: a connection whose original destination was restored
+    /// goes to the listener on that address, if there is one (Envoy's
+    /// `hand_off_restored_destination_connections`).
+    pub hand_off_restored_destination: bool,
+    /// `bind_to_port`: false for a listener reached only by such a hand-off.
+    pub bind_to_port: bool,
     pub listener_filters_timeout: Option<Duration>,
     pub continue_on_listener_filters_timeout: bool,
     /// `max_connections_to_accept_per_socket_event`: the accept loop yields to the
@@ -142,6 +150,8 @@ impl Listener {
             bound: Mutex::new(None),
             chains,
             listener_filters: config.listener_filters,
+            hand_off_restored_destination: config.use_original_dst,
+            bind_to_port: config.bind_to_port,
             listener_filters_timeout: config.listener_filters_timeout,
             continue_on_listener_filters_timeout: config.continue_on_listener_filters_timeout,
             max_accepts_per_wakeup: config.max_accepts_per_wakeup,
@@ -225,8 +235,12 @@ impl Listener {
 
     /// Binds one `SO_REUSEPORT` socket per worker (port 0 is resolved by the
     /// first), without listening: a warming listener refuses connections, as in
-    /// Envoy, until [`listen`] on activation.
+    /// Envoy, until [`listen`] on activation. A `bind_to_port: false` listener
+    /// binds nothing.
     pub fn bind(&self, workers: usize) -> Result<Vec<Socket>> {
+        if !self.bind_to_port {
+            return Ok(Vec::new());
+        }
         let first = bind_socket(self.configured, true)?;
         let actual = first
             .local_addr()
@@ -249,6 +263,71 @@ impl Listener {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or(self.configured)
+    }
+}
+
+/// The active listeners by address, as every worker sees them: where a
+/// `use_original_dst` listener hands a connection whose original destination it
+/// restored (Envoy's `ConnectionHandlerImpl::getBalancedHandlerByAddress`).
+/// Published by the listener manager with each new listener set.
+#[derive(Default)]
+pub struct ListenersByAddress(ArcSwap<HashMap<SocketAddr, Arc<Listener>>>);
+
+impl ListenersByAddress {
+    pub fn publish<'a>(&self, active: impl Iterator<Item = &'a Arc<Listener>>) {
+        let map = active.map(|l| (l.address(), l.clone())).collect();
+        self.0.store(Arc::new(map));
+    }
+
+    /// The listener on `address`, else the one on the wildcard address of its
+    /// family and port; a listener that stopped accepting takes nothing.
+    pub fn find(&self, address: SocketAddr) -> Option<Arc<Listener>> {
+        let map = self.0.load();
+        let any: IpAddr = match address {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        [address, SocketAddr::new(any, address.port())]
+            .iter()
+            .filter_map(|a| map.get(a))
+            .find(|l| !*l.stop_accepting.borrow())
+            .cloned()
+    }
+}
+
+/// A connection's share of its listener's `downstream_cx_*` stats (the worker's
+/// too), from when the listener takes it until it closes. A connection handed
+/// off by a `use_original_dst` listener counts on the listener that serves it,
+/// as in Envoy, where only that one makes a connection of the socket.
+pub struct ListenerConnectionStats {
+    listener: Arc<Listener>,
+    worker_active: Gauge,
+}
+
+impl ListenerConnectionStats {
+    /// Counts a connection on `listener`, from the worker this runs on.
+    pub fn open(listener: &Arc<Listener>) -> Self {
+        let stats = &listener.stats;
+        stats.downstream_cx_total.inc();
+        stats.downstream_cx_active.inc();
+        // Worker `i` writes shard `i + 1` (per_worker).
+        let worker = crate::per_worker::shard().saturating_sub(1);
+        let (worker_total, worker_active) =
+            stats.per_worker[worker.min(stats.per_worker.len() - 1)].clone();
+        worker_total.inc();
+        worker_active.inc();
+        ListenerConnectionStats {
+            listener: listener.clone(),
+            worker_active,
+        }
+    }
+}
+
+impl Drop for ListenerConnectionStats {
+    fn drop(&mut self) {
+        self.listener.stats.downstream_cx_active.dec();
+        self.worker_active.dec();
+        self.listener.stats.downstream_cx_destroy.inc();
     }
 }
 

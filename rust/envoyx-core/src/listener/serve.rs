@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::StartHandshake;
 
-use super::Listener;
 use super::filter_chain::{ChainFilter, ConnectionFacts, FilterChain};
 use super::inspect::{self, Inspected};
+use super::{Listener, ListenerConnectionStats, ListenersByAddress};
 use crate::tls::server::HandshakeFailure;
 use crate::tls::{PeerTls, ServerTlsContext, TlsTransport};
 use crate::upstream::WorkerPools;
@@ -29,9 +29,10 @@ pub type Served<H> = Either<H, Pin<Box<dyn Future<Output = ()>>>>;
 /// chain and no listener filters (the common case) serves it directly, in an
 /// unboxed future, and follows its chain's signal; every other takes the general
 /// path, which follows the listener's signal until a chain is chosen and then
-/// that chain's.
+/// that chain's (inside: the returned signal never fires).
 pub fn serve_connection(
     listener: &Arc<Listener>,
+    listeners: &Arc<ListenersByAddress>,
     pools: Rc<WorkerPools>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -57,50 +58,59 @@ pub fn serve_connection(
         );
         return (Either::Left(served), drain);
     }
-    let served = serve_general(listener.clone(), pools, stream, peer, drain_time);
-    (Either::Right(Box::pin(served)), listener.drain.subscribe())
+    let hand_off = listener
+        .hand_off_restored_destination
+        .then(|| listeners.clone());
+    let served = serve_general(listener.clone(), hand_off, pools, stream, peer, drain_time);
+    (Either::Right(Box::pin(served)), NEVER.subscribe())
 }
 
+/// A drain signal that never fires (a receiver of a dropped sender would).
+static NEVER: std::sync::LazyLock<watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| watch::channel(false).0);
+
+/// Waits for `signal`, then for the drain time.
+async fn drained(mut signal: watch::Receiver<bool>, drain_time: Duration) {
+    let _ = signal.wait_for(|d| *d).await;
+    tokio::time::sleep(drain_time).await;
+}
+
+/// `hand_off`: the listeners by address, when `listener` has `use_original_dst`.
 async fn serve_general(
     listener: Arc<Listener>,
+    hand_off: Option<Arc<ListenersByAddress>>,
     pools: Rc<WorkerPools>,
     stream: TcpStream,
     peer: SocketAddr,
     drain_time: Duration,
 ) {
-    let Ok(mut local) = stream.local_addr() else {
+    let Ok(accepted_on) = stream.local_addr() else {
         return;
     };
     let _ = stream.set_nodelay(true);
     let mut inspected = Inspected::default();
-    if !listener.listener_filters.is_empty() {
-        // Boxed: its state is needed only until a chain is chosen.
-        let run = Box::pin(inspect::run(
-            &stream,
-            &listener.listener_filters,
-            &listener.inspector_stats,
-            &mut inspected,
-        ));
-        let outcome = match listener.listener_filters_timeout {
-            Some(t) => tokio::time::timeout(t, run).await.ok(),
-            None => Some(run.await),
-        };
-        match outcome {
-            Some(Ok(())) => {}
-            Some(Err(_)) => return,
-            None => {
-                listener.stats.downstream_pre_cx_timeout.inc();
-                if !listener.continue_on_listener_filters_timeout {
-                    return;
-                }
-            }
+    let mut listener = listener;
+    if !filters_until_drained(&listener, &stream, accepted_on, &mut inspected, drain_time).await {
+        return;
+    }
+    // Envoy's `ActiveTcpSocket::newConnection`: a connection whose original
+    // destination was restored goes to the listener on that address (a
+    // `bind_to_port: false` one, typically), which runs its own listener filters
+    // and chooses among its own chains; with none there, this listener's serve.
+    if let Some(target) = hand_off
+        .as_ref()
+        .zip(inspected.original_dst)
+        .and_then(|(listeners, original)| listeners.find(original))
+    {
+        listener = target;
+        if !filters_until_drained(&listener, &stream, accepted_on, &mut inspected, drain_time).await
+        {
+            return;
         }
     }
     // Envoy's `restoreLocalAddress`: chains match on, and the connection reports,
     // the original destination.
-    if let Some(original) = inspected.original_dst {
-        local = original;
-    }
+    let local = inspected.original_dst.unwrap_or(accepted_on);
     let facts = ConnectionFacts {
         local,
         remote: peer,
@@ -112,18 +122,64 @@ async fn serve_general(
         listener.stats.no_filter_chain_match.inc();
         return;
     };
+    // A connection a hand-off listener accepted counts on the listener that
+    // serves it (the others counted when accepted).
+    let _stats = hand_off
+        .is_some()
+        .then(|| ListenerConnectionStats::open(&listener));
     // From here the chain's drain signal rules: it gets the drain time too.
-    let mut deadline = chain.drain.subscribe();
-    let drained = async move {
-        let _ = deadline.wait_for(|d| *d).await;
-        tokio::time::sleep(drain_time).await;
-    };
     tokio::select! {
         _ = serve_on_chain(&listener, &chain, pools, stream, peer, local, inspected) => {}
-        _ = drained => {}
+        _ = drained(chain.drain.subscribe(), drain_time) => {}
     }
 }
 
+/// [`run_listener_filters`], cut short (false) when the listener drains.
+async fn filters_until_drained(
+    listener: &Listener,
+    stream: &TcpStream,
+    accepted_on: SocketAddr,
+    inspected: &mut Inspected,
+    drain_time: Duration,
+) -> bool {
+    tokio::select! {
+        go_on = run_listener_filters(listener, stream, accepted_on, inspected) => go_on,
+        _ = drained(listener.drain.subscribe(), drain_time) => false,
+    }
+}
+
+/// Runs `listener`'s listener filters; false when the connection is to close
+/// (the peer left, or they timed out without `continue_on_listener_filters_timeout`).
+async fn run_listener_filters(
+    listener: &Listener,
+    stream: &TcpStream,
+    accepted_on: SocketAddr,
+    inspected: &mut Inspected,
+) -> bool {
+    if listener.listener_filters.is_empty() {
+        return true;
+    }
+    // Boxed: its state is needed only until a chain is chosen.
+    let run = Box::pin(inspect::run(
+        stream,
+        accepted_on,
+        &listener.listener_filters,
+        &listener.inspector_stats,
+        inspected,
+    ));
+    let outcome = match listener.listener_filters_timeout {
+        Some(t) => tokio::time::timeout(t, run).await.ok(),
+        None => Some(run.await),
+    };
+    match outcome {
+        Some(Ok(())) => true,
+        Some(Err(_)) => false,
+        None => {
+            listener.stats.downstream_pre_cx_timeout.inc();
+            listener.continue_on_listener_filters_timeout
+        }
+    }
+}
 /// The chain's transport socket, then its network filter.
 async fn serve_on_chain(
     listener: &Listener,
@@ -239,7 +295,8 @@ async fn establish_tls(
     };
     if listener
         .listener_filters
-        .contains(&crate::config::ListenerFilterKind::TlsInspector)
+        .iter()
+        .any(|f| f.kind == crate::config::ListenerFilterKind::TlsInspector)
     {
         peer_tls.requested_server_name = inspected.server_name.as_deref().map(Arc::from);
     }

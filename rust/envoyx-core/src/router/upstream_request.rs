@@ -84,9 +84,13 @@ impl UpstreamRequest<'_> {
         // The timeout runs from here: a request waiting for a connection (pending
         // behind a circuit breaker) times out as in Envoy.
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let acquired =
-            self.pools
-                .acquire(cluster.shared(), host.shared(), sni.clone(), self.priority);
+        let acquired = self.pools.acquire(
+            cluster.shared(),
+            host.shared(),
+            sni.clone(),
+            self.priority,
+            parts.version,
+        );
         let acquired = match deadline {
             Some(d) => tokio::time::timeout_at(d, acquired).await,
             None => Ok(acquired.await),

@@ -37,6 +37,8 @@ pub struct ClusterStats {
     pub upstream_cx_none_healthy: Counter,
     /// An `ORIGINAL_DST` cluster's `use_http_header` value that is no `ip:port`.
     pub original_dst_host_invalid: Counter,
+    /// Connections whose `upstream_bind_config` source address could not be bound.
+    pub bind_errors: Counter,
     /// Picks made in panic mode (all hosts of a priority, healthy or not).
     pub lb_healthy_panic: Counter,
     pub upstream_cx_connect_ms: Histogram,
@@ -90,6 +92,7 @@ impl ClusterStats {
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             original_dst_host_invalid: c("original_dst_host_invalid"),
+            bind_errors: c("bind_errors"),
             lb_healthy_panic: c("lb_healthy_panic"),
             upstream_cx_connect_ms: h("upstream_cx_connect_ms"),
             upstream_rq_total: c("upstream_rq_total"),
@@ -163,6 +166,8 @@ pub struct Cluster {
     pub metadata: Option<Arc<crate::config::metadata::Metadata>>,
     pub discovery: DiscoveryType,
     pub protocol: UpstreamProtocol,
+    /// `upstream_bind_config`: the local address of its connections.
+    pub upstream_bind: Option<crate::config::UpstreamBindConfig>,
     pub connect_timeout: Duration,
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
@@ -264,6 +269,8 @@ impl Cluster {
                     UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
                     UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
                     UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                    // Refused with TLS (config/bootstrap.rs).
+                    UpstreamProtocol::Downstream => Vec::new(),
                 };
                 let stats =
                     SslStats::new(store, &format!("cluster.{}.", config.stat_name), "client");
@@ -310,6 +317,7 @@ impl Cluster {
             metadata: config.metadata.clone(),
             discovery: config.discovery,
             protocol: config.protocol,
+            upstream_bind: config.upstream_bind,
             connect_timeout: config.connect_timeout,
             dns_refresh_rate: config.dns_refresh_rate,
             dns_lookup_family: config.dns_lookup_family,

@@ -4,6 +4,7 @@
 //! as in Envoy, so a failed handshake is a connect failure.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,6 +82,34 @@ impl UpstreamStream {
     }
 }
 
+/// A TCP connection to `address`, from the cluster's `upstream_bind_config`
+/// source address when it has one.
+pub(crate) async fn connect_tcp(cluster: &Cluster, address: SocketAddr) -> io::Result<TcpStream> {
+    let Some(bind) = &cluster.upstream_bind else {
+        return TcpStream::connect(address).await;
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_nonblocking(true)?;
+    if bind.freebind {
+        if bind.source.is_ipv4() {
+            socket.set_freebind_v4(true)?;
+        } else {
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    if let Err(e) = socket.bind(&bind.source.into()) {
+        cluster.stats.bind_errors.inc();
+        return Err(e);
+    }
+    tokio::net::TcpSocket::from_std_stream(socket.into())
+        .connect(address)
+        .await
+}
+
 /// Connects to `host` for `cluster`; `sni` is the name the TLS handshake sends.
 pub async fn connect(
     cluster: &Cluster,
@@ -96,7 +125,7 @@ pub async fn connect(
         host.stats.cx_connect_fail().inc();
     };
     let deadline = tokio::time::Instant::now() + cluster.connect_timeout;
-    let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(host.address)).await {
+    let tcp = match tokio::time::timeout_at(deadline, connect_tcp(cluster, host.address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             failed();

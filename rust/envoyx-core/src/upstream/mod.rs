@@ -12,6 +12,7 @@ pub mod pool;
 pub mod resource_manager;
 
 pub use cluster::{Cluster, ClusterManager, Host, HostHealth, health_flag};
+pub(crate) use connect::connect_tcp;
 pub use connect::{ConnectError, UpstreamStream, connect};
 pub use pool::WorkerPools;
 

@@ -26,8 +26,8 @@ use super::cluster::{Cluster, Host};
 use super::connect::{ConnectError, UpstreamStream, connect};
 use super::lb::{LbContext, PrioritySet};
 use super::resource_manager::ResourceManager;
+use crate::config::HeaderKeyFormat;
 use crate::config::circuit_breakers::Priority;
-use crate::config::{HeaderKeyFormat, UpstreamProtocol};
 use crate::http::body::ProxyBody;
 use crate::http::header_case::{CaseIo, CaseSlot};
 use crate::io::{CountedIo, LocalExec};
@@ -433,18 +433,20 @@ impl WorkerPools {
     /// that has to wait is pending and counted in `upstream_rq_pending_total`, as
     /// in Envoy; `max_pending_requests` and `max_requests` refuse it with
     /// [`AcquireError::Overflow`] — the limits of the route's `priority`.
+    /// `downstream`: the request's protocol as it came in (for
+    /// `use_downstream_protocol_config`).
     pub async fn acquire(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
         sni: Option<Arc<str>>,
         priority: Priority,
+        downstream: http::Version,
     ) -> Result<Sender, AcquireError> {
         let key = (cluster.id, host.address, sni, priority);
-        let http2 = match cluster.protocol {
-            UpstreamProtocol::Http1 => Some(false),
-            UpstreamProtocol::Http2 => Some(true),
-            UpstreamProtocol::Auto => {
+        let http2 = match cluster.protocol.http2_for(downstream) {
+            Some(h2) => Some(h2),
+            None => {
                 if let Some(lease) = self.lease_http2(&key)? {
                     return Ok(Sender::Http2(lease));
                 }
@@ -814,6 +816,7 @@ mod tests {
     use super::*;
     use crate::config::{
         ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointConfig, LbConfig, PoolSettings,
+        UpstreamProtocol,
     };
     use crate::stats::StatStore;
     use crate::upstream::cluster::Origin;
@@ -840,6 +843,7 @@ mod tests {
                 ..EndpointConfig::default()
             }],
             protocol,
+            upstream_bind: None,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
             lb: LbConfig::default(),
@@ -926,7 +930,8 @@ mod tests {
             let c = cluster(UpstreamProtocol::Http2, port, PoolSettings::default());
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
-            let acquires = (0..8).map(|_| pools.acquire(&c, &host, None, Priority::Default));
+            let acquires = (0..8)
+                .map(|_| pools.acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11));
             let senders = futures_util::future::join_all(acquires).await;
             assert!(senders.iter().all(|s| matches!(s, Ok(Sender::Http2(_)))));
             // One connection opened; every request but the first waited for it.
@@ -949,7 +954,7 @@ mod tests {
             let pools = WorkerPools::new();
             for _ in 0..5 {
                 let mut s = pools
-                    .acquire(&c, &host, None, Priority::Default)
+                    .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                     .await
                     .unwrap();
                 let req = http::Request::builder()
@@ -976,7 +981,7 @@ mod tests {
             let pools = WorkerPools::new();
             let live: HashSet<usize> = [c.id].into();
             let lease = pools
-                .acquire(&c, &host, None, Priority::Default)
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -993,7 +998,7 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             drop(
                 pools
-                    .acquire(&c, &host, None, Priority::Default)
+                    .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                     .await
                     .unwrap(),
             );
@@ -1032,19 +1037,21 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             let first = pools
-                .acquire(&c, &host, None, Priority::Default)
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                 .await
                 .unwrap();
             assert_eq!(limits.connections.count(), 1);
             assert_eq!(limits.requests.count(), 1);
             // The second waits for the only connection, as pending.
-            let second = pools.acquire(&c, &host, None, Priority::Default);
+            let second = pools.acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11);
             tokio::pin!(second);
             assert!((&mut second).now_or_never().is_none());
             assert_eq!(limits.pending_requests.count(), 1);
             assert_eq!(c.resources.upstream_cx_overflow.get(), 1);
             // A third finds the pending slot taken.
-            let third = pools.acquire(&c, &host, None, Priority::Default).await;
+            let third = pools
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
+                .await;
             assert!(matches!(third, Err(AcquireError::Overflow)));
             assert_eq!(c.resources.upstream_rq_pending_overflow.get(), 1);
             // The first's exchange ends: its connection goes to the second.
@@ -1091,19 +1098,21 @@ mod tests {
             let host = c.hosts.load()[0].clone();
             let pools = WorkerPools::new();
             let a = pools
-                .acquire(&c, &host, None, Priority::Default)
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                 .await
                 .unwrap();
             let b = pools
-                .acquire(&c, &host, None, Priority::Default)
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                 .await
                 .unwrap();
-            let refused = pools.acquire(&c, &host, None, Priority::Default).await;
+            let refused = pools
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
+                .await;
             assert!(matches!(refused, Err(AcquireError::Overflow)));
             assert_eq!(c.resources.upstream_rq_active_overflow.get(), 1);
             drop(a);
             let c2 = pools
-                .acquire(&c, &host, None, Priority::Default)
+                .acquire(&c, &host, None, Priority::Default, http::Version::HTTP_11)
                 .await
                 .unwrap();
             assert!(c2.is_http2());

@@ -29,7 +29,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -505,9 +504,10 @@ fn jitter(max: Duration) -> Duration {
 }
 
 /// A connection for health checking: no cluster connection stats (Envoy's
-/// `createHealthCheckConnection`), the cluster's TLS when it has one.
+/// `createHealthCheckConnection`), the cluster's source address and TLS when it
+/// has them.
 async fn open(cluster: &Cluster, address: SocketAddr) -> io::Result<UpstreamStream> {
-    let tcp = TcpStream::connect(address).await?;
+    let tcp = crate::upstream::connect_tcp(cluster, address).await?;
     let _ = tcp.set_nodelay(true);
     match &cluster.tls {
         None => Ok(UpstreamStream::Plain(tcp)),
