@@ -171,7 +171,9 @@ def build_element_and_index(ctx: Ctx) -> Json:
 
 
 def _h(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
-    return pairs
+    # A fixed-size answer rather than the echo: the access logs compared carry the
+    # response's size, and the echo's connection ids grow through the session.
+    return (*pairs, ("x-test-response-size", "64"))
 
 
 SCENARIOS = [
@@ -266,7 +268,7 @@ SCENARIOS = [
             Http("/x", headers=_h(("x-scope", "one")), expect={"upstream": "a"}),
             Http("/x", headers=_h(("x-scope", "one"), ("host", "api.example"))),
             Http("/y", headers=_h(("x-scope", "one")), expect={"status": 404}),
-            Http("/y", headers=_h(("x-scope", "two")), observe=("up.path",)),
+            Http("/y", headers=_h(("x-scope", "two")), expect={"upstream": "b"}),
             Http("/y", headers=_h(("x-scope", "three"))),
             Http("/y"),
         ),

@@ -306,6 +306,12 @@ DEFAULTS: list[Default] = [
     # Listeners and TCP proxying.
     _d(
         "envoy.config.listener.v3.Listener",
+        "bind_to_port",
+        True,
+        "Whether the listener should bind to the port. … Default is true.",
+    ),
+    _d(
+        "envoy.config.listener.v3.Listener",
         "listener_filters_timeout",
         "15s",
         "If not specified, a default timeout of 15s is used.",
