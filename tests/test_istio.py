@@ -298,7 +298,7 @@ def test_sidecar_with_traffic_capture_serves_it(
         )
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert "error" not in out, f"{out['error']}\n{out['proxy log']}"
-    proxied = {"status": 200, "up.has:x-request-id": True}
+    proxied = {"status": 200, "up.has:x-request-id": True, "up.peer_ip": "127.0.0.1"}
     assert out["first"] == {**proxied, "upstream": "v1"}
     assert out["after change /"] == {**proxied, "upstream": "v2"}
     assert out["after change /v1/x"] == {**proxied, "upstream": "v1"}
