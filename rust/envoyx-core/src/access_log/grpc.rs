@@ -1,0 +1,648 @@
+//! gRPC access loggers (`envoy.access_loggers.http_grpc` / `tcp_grpc`): Envoy's
+//! `GrpcAccessLogger` streaming `envoy.service.accesslog.v3.AccessLogService/
+//! StreamAccessLogs` to a cluster.
+//!
+//! A worker builds the entry (a prost struct, not yet encoded) when its request
+//! ends and hands it over a bounded channel; it never waits. One task per logger,
+//! on the process's access-log thread, batches entries and flushes them — when the
+//! batch reaches `buffer_size_bytes`, and every `buffer_flush_interval` — as one
+//! message on its one HTTP/2 stream; the stream's first message carries the
+//! identifier (node and `log_name`), as Envoy sends it. Envoy's stats,
+//! `access_logs.grpc_access_log.*`:
+//! - `logs_written`: HTTP entries taken into a batch (Envoy counts no TCP entry);
+//! - `logs_dropped`: entries lost because the channel or the batch was full
+//!   (a receiver that is down, or slower than the traffic);
+//! - `grpc_entries_flushed`: entries of batches written to the stream;
+//! - `grpc_entries_flush_failed`: entries of batches that could not be written
+//!   (no stream could be opened, or the stream is above its buffer); the batch is
+//!   kept and sent with the next flush, as Envoy's documentation says.
+//!
+//! Where envoyx differs: Envoy sends a batch to a stream that is still connecting
+//! and loses it when the connection fails (counted flushed); envoyx opens the
+//! stream first, so a receiver that is down keeps up to `buffer_size_bytes` of
+//! entries until it is back, and counts what does not fit as dropped. After a
+//! failed attempt the next one waits for the next flush interval.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, header};
+use http_body::Frame;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+use tokio::sync::mpsc;
+
+use super::LogRecord;
+use super::als_proto as pb;
+use crate::config::{GrpcAccessLogConfig, GrpcLogKind};
+use crate::stats::{Counter, StatStore};
+use crate::upstream::{ClusterManager, HostHealth};
+
+const METHOD_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
+/// Entries waiting for the logger's task; past this a worker drops (and counts)
+/// its entry rather than wait.
+const CHANNEL_ENTRIES: usize = 1024;
+/// Messages written to the stream but not yet taken by HTTP/2 (flow control):
+/// past this the stream is "above its high watermark" and a flush fails.
+const STREAM_MESSAGES: usize = 16;
+
+/// `access_logs.grpc_access_log.*`, shared by every gRPC logger as in Envoy.
+#[derive(Debug, Clone)]
+struct GrpcLogStats {
+    logs_written: Counter,
+    logs_dropped: Counter,
+    flushed: Counter,
+    flush_failed: Counter,
+}
+
+impl GrpcLogStats {
+    fn new(store: &StatStore) -> Self {
+        let c = |s: &str| store.counter(&format!("access_logs.grpc_access_log.{s}"));
+        GrpcLogStats {
+            logs_written: c("logs_written"),
+            logs_dropped: c("logs_dropped"),
+            flushed: c("grpc_entries_flushed"),
+            flush_failed: c("grpc_entries_flush_failed"),
+        }
+    }
+}
+
+/// What a gRPC logger needs of its server: the cluster it streams to and the stats.
+#[derive(Clone, Copy)]
+pub struct GrpcLogContext<'a> {
+    pub clusters: &'a Arc<ClusterManager>,
+    pub store: &'a StatStore,
+}
+
+/// One entry, built on the worker, encoded by the logger's task.
+#[derive(Debug)]
+enum Entry {
+    Http(Box<pb::HttpAccessLogEntry>),
+    Tcp(Box<pb::TcpAccessLogEntry>),
+}
+
+/// The worker's side of one gRPC access logger.
+pub(super) struct GrpcLogger {
+    config: Arc<GrpcAccessLogConfig>,
+    tx: mpsc::Sender<Entry>,
+    stats: GrpcLogStats,
+}
+
+impl std::fmt::Debug for GrpcLogger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcLogger")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcLogger {
+    pub(super) fn open(
+        config: Arc<GrpcAccessLogConfig>,
+        cx: GrpcLogContext<'_>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(CHANNEL_ENTRIES);
+        let stats = GrpcLogStats::new(cx.store);
+        let task = LoggerTask {
+            config: config.clone(),
+            clusters: cx.clusters.clone(),
+            stats: stats.clone(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            stream: None,
+            retry_at: None,
+        };
+        runtime()?.spawn(task.run(rx));
+        Ok(GrpcLogger { config, tx, stats })
+    }
+
+    /// Hands the request's entry to the logger's task; never waits.
+    pub(super) fn log(&self, record: &LogRecord) {
+        let entry = match self.config.kind {
+            GrpcLogKind::Http => Entry::Http(Box::new(http_entry(&self.config, record))),
+            GrpcLogKind::Tcp => Entry::Tcp(Box::new(tcp_entry(record))),
+        };
+        if self.tx.try_send(entry).is_err() {
+            self.stats.logs_dropped.inc();
+        }
+    }
+}
+
+/// The thread every gRPC logger's task runs on (started with the first logger).
+fn runtime() -> std::io::Result<tokio::runtime::Handle> {
+    static HANDLE: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+    static START: Mutex<()> = Mutex::new(());
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let _once = START.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("envoyx-grpc-alog".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    let _ = HANDLE.set(handle.clone());
+    Ok(handle)
+}
+
+// ---------------------------------------------------------------------------------
+// The node of the identifier
+// ---------------------------------------------------------------------------------
+
+static LOCAL_NODE: Mutex<Option<Arc<pb::Node>>> = Mutex::new(None);
+
+/// The bootstrap's `node`, sent in each stream's identifier. Process-wide, as
+/// Envoy's local info: the last server built sets it.
+pub fn set_local_node(node: &serde_json::Value) {
+    let s = |k: &str| node.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let locality = node.get("locality").map(|l| pb::Locality {
+        region: l
+            .get("region")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .into(),
+        zone: l
+            .get("zone")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .into(),
+        sub_zone: l
+            .get("sub_zone")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .into(),
+    });
+    let version: Vec<u32> = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    let built = pb::Node {
+        id: s("id").into(),
+        cluster: s("cluster").into(),
+        metadata: node.get("metadata").map(pb::Struct::from_json),
+        locality,
+        user_agent_name: "envoyx".into(),
+        user_agent_build_version: Some(pb::BuildVersion {
+            version: Some(pb::SemanticVersion {
+                major_number: version.first().copied().unwrap_or(0),
+                minor_number: version.get(1).copied().unwrap_or(0),
+                patch: version.get(2).copied().unwrap_or(0),
+            }),
+        }),
+    };
+    *LOCAL_NODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(built));
+}
+
+fn local_node() -> Option<pb::Node> {
+    LOCAL_NODE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_deref()
+        .cloned()
+}
+
+// ---------------------------------------------------------------------------------
+// Entries (Envoy's grpc_access_log_utils.cc / http_grpc_access_log_impl.cc)
+// ---------------------------------------------------------------------------------
+
+fn common(record: &LogRecord, log_type: i32) -> pb::AccessLogCommon {
+    let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).ok();
+    let host = record.upstream_host;
+    pb::AccessLogCommon {
+        downstream_remote_address: record.downstream_remote.map(pb::Address::of),
+        downstream_direct_remote_address: record.downstream_remote.map(pb::Address::of),
+        downstream_local_address: record.downstream_local.map(pb::Address::of),
+        start_time: record.start.and_then(since_epoch).map(pb::Timestamp::of),
+        duration: Some(pb::Timestamp::of(record.duration)),
+        time_to_first_upstream_rx_byte: record.response_duration.map(pb::Timestamp::of),
+        upstream_remote_address: host.map(pb::Address::of),
+        // Envoy names the cluster of the upstream host, so only with a host.
+        upstream_cluster: host
+            .and(record.upstream_cluster.clone())
+            .unwrap_or_default(),
+        upstream_transport_failure_reason: record.upstream_failure.clone().unwrap_or_default(),
+        route_name: record.route_name.clone(),
+        response_flags: pb::ResponseFlags::parse(record.response_flags),
+        upstream_request_attempt_count: 0,
+        stream_id: String::new(),
+        access_log_type: log_type,
+    }
+}
+
+fn header_text(record: &LogRecord, name: &str) -> Option<String> {
+    let v = record.request_headers.as_ref()?.get(name)?;
+    Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+fn http_entry(config: &GrpcAccessLogConfig, record: &LogRecord) -> pb::HttpAccessLogEntry {
+    let mut common = common(record, pb::DOWNSTREAM_END);
+    let request_id = header_text(record, "x-request-id").unwrap_or_default();
+    // Envoy's stream id is the request's id when it has one.
+    common.stream_id.clone_from(&request_id);
+    let scheme = if record.downstream_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut request_headers = BTreeMap::new();
+    for name in &config.request_headers {
+        let value = match name.as_str() {
+            ":method" => Some(record.method.clone()),
+            ":path" => Some(record.path.clone()),
+            ":authority" => Some(record.authority.clone()),
+            ":scheme" => Some(scheme.to_string()),
+            other => header_text(record, other),
+        };
+        if let Some(v) = value {
+            request_headers.insert(name.clone(), v);
+        }
+    }
+    let mut response_headers = BTreeMap::new();
+    if let Some(h) = record.response_headers.as_ref() {
+        for name in &config.response_headers {
+            if let Some(v) = h.get(name.as_str()) {
+                response_headers.insert(
+                    name.clone(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                );
+            }
+        }
+    }
+    let protocol_version = match record.protocol {
+        "HTTP/1.0" => 1,
+        "HTTP/1.1" => 2,
+        "HTTP/2" => 3,
+        "HTTP/3" => 4,
+        _ => 0,
+    };
+    pb::HttpAccessLogEntry {
+        common_properties: Some(common),
+        protocol_version,
+        request: Some(pb::HttpRequestProperties {
+            request_method: pb::request_method(&record.method),
+            scheme: scheme.to_string(),
+            authority: record.authority.clone(),
+            path: record.path.clone(),
+            user_agent: header_text(record, "user-agent").unwrap_or_default(),
+            referer: header_text(record, "referer").unwrap_or_default(),
+            forwarded_for: header_text(record, "x-forwarded-for").unwrap_or_default(),
+            request_id,
+            original_path: header_text(record, "x-envoy-original-path").unwrap_or_default(),
+            request_body_bytes: record.bytes_received,
+            request_headers,
+        }),
+        response: Some(pb::HttpResponseProperties {
+            response_code: (record.response_code != 0).then_some(pb::UInt32Value {
+                value: record.response_code.into(),
+            }),
+            response_body_bytes: record.bytes_sent,
+            response_headers,
+            response_code_details: record.response_code_details.to_string(),
+        }),
+    }
+}
+
+fn tcp_entry(record: &LogRecord) -> pb::TcpAccessLogEntry {
+    let mut common = common(record, pb::TCP_CONNECTION_END);
+    common.stream_id = uuid::Uuid::new_v4().to_string();
+    pb::TcpAccessLogEntry {
+        common_properties: Some(common),
+        connection_properties: Some(pb::ConnectionProperties {
+            received_bytes: record.bytes_received,
+            sent_bytes: record.bytes_sent,
+        }),
+    }
+}
+
+impl Entry {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Entry::Http(e) => e.encoded_len(),
+            Entry::Tcp(e) => e.encoded_len(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The logger's task: batching, flushing, the stream
+// ---------------------------------------------------------------------------------
+
+struct LoggerTask {
+    config: Arc<GrpcAccessLogConfig>,
+    clusters: Arc<ClusterManager>,
+    stats: GrpcLogStats,
+    batch: Vec<Entry>,
+    /// Envoy's `approximate_message_size_bytes_`: the entries' encoded sizes.
+    batch_bytes: usize,
+    stream: Option<LogStream>,
+    /// After a failed attempt to open the stream, the next waits for this.
+    retry_at: Option<Instant>,
+}
+
+impl LoggerTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Entry>) {
+        let interval = self
+            .config
+            .buffer_flush_interval
+            .max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                entry = rx.recv() => match entry {
+                    Some(entry) => self.add(entry).await,
+                    // The logger is gone (its listener removed, the server
+                    // stopped): a last flush to a stream that is up.
+                    None => {
+                        self.retry_at = None;
+                        self.flush().await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => self.flush().await,
+            }
+        }
+    }
+
+    /// Envoy's `log()` / `canLogMore()`.
+    async fn add(&mut self, entry: Entry) {
+        let max = self.config.buffer_size_bytes as usize;
+        if max != 0 && self.batch_bytes >= max {
+            self.flush().await;
+            if self.batch_bytes >= max {
+                self.stats.logs_dropped.inc();
+                return;
+            }
+        }
+        if matches!(entry, Entry::Http(_)) {
+            self.stats.logs_written.inc();
+        }
+        self.batch_bytes += entry.encoded_len();
+        self.batch.push(entry);
+        if self.batch_bytes >= max {
+            self.flush().await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let n = self.batch.len() as u64;
+        // A stream the receiver closed is opened again at once (one try).
+        for _ in 0..2 {
+            let identify = match &self.stream {
+                Some(s) if !s.is_closed() => false,
+                _ => {
+                    self.stream = None;
+                    if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                        return;
+                    }
+                    match LogStream::open(&self.clusters, &self.config.cluster).await {
+                        Some(s) => {
+                            self.retry_at = None;
+                            self.stream = Some(s);
+                            true
+                        }
+                        None => {
+                            self.retry_at =
+                                Some(Instant::now() + self.config.buffer_flush_interval);
+                            self.stats.flush_failed.add(n);
+                            return;
+                        }
+                    }
+                }
+            };
+            let frame = self.encode(identify);
+            let stream = self.stream.as_mut().expect("opened above");
+            match stream.body.try_send(Ok(Frame::data(frame))) {
+                Ok(()) => {
+                    self.stats.flushed.add(n);
+                    self.batch.clear();
+                    self.batch_bytes = 0;
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Above the high watermark: kept for the next flush.
+                    self.stats.flush_failed.add(n);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.stream = None,
+            }
+        }
+        self.stats.flush_failed.add(n);
+    }
+
+    fn encode(&self, identify: bool) -> Bytes {
+        let identifier = identify.then(|| pb::Identifier {
+            node: local_node(),
+            log_name: self.config.log_name.clone(),
+        });
+        encode(identifier.as_ref(), self.config.kind, &self.batch)
+    }
+}
+
+/// A batch as one length-prefixed gRPC `StreamAccessLogsMessage`, encoded from
+/// the entries in place (prost's field encoders take references).
+fn encode(identifier: Option<&pb::Identifier>, kind: GrpcLogKind, batch: &[Entry]) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, message};
+    let entries_len: usize = batch
+        .iter()
+        .map(|e| match e {
+            Entry::Http(e) => message::encoded_len(1, &**e),
+            Entry::Tcp(e) => message::encoded_len(1, &**e),
+        })
+        .sum();
+    // `http_logs` (2) or `tcp_logs` (3): HTTPAccessLogEntries / TCPAccessLogEntries.
+    let entries_field = match kind {
+        GrpcLogKind::Http => 2,
+        GrpcLogKind::Tcp => 3,
+    };
+    let len = identifier.map_or(0, |i| message::encoded_len(1, i))
+        + 1
+        + encoded_len_varint(entries_len as u64)
+        + entries_len;
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    if let Some(i) = identifier {
+        message::encode(1, i, &mut out);
+    }
+    encode_key(entries_field, WireType::LengthDelimited, &mut out);
+    encode_varint(entries_len as u64, &mut out);
+    for e in batch {
+        match e {
+            Entry::Http(e) => message::encode(1, &**e, &mut out),
+            Entry::Tcp(e) => message::encode(1, &**e, &mut out),
+        }
+    }
+    debug_assert_eq!(out.len(), 5 + len);
+    out.freeze()
+}
+
+type BodyFrame = Result<Frame<Bytes>, Infallible>;
+
+/// The request body of the stream: the messages the task writes.
+struct ChannelBody(mpsc::Receiver<BodyFrame>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// One open `StreamAccessLogs` call.
+struct LogStream {
+    body: mpsc::Sender<BodyFrame>,
+    /// Kept so that the connection lives as long as the stream.
+    _sender: http2::SendRequest<ChannelBody>,
+}
+
+impl LogStream {
+    /// The stream is gone when HTTP/2 dropped its body (the connection or the
+    /// stream ended).
+    fn is_closed(&self) -> bool {
+        self.body.is_closed()
+    }
+
+    /// Opens a connection to a host of `cluster` and starts the call; None when
+    /// there is no such cluster or host, or the host cannot be reached.
+    async fn open(clusters: &ClusterManager, cluster: &str) -> Option<LogStream> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let cluster = clusters.get(cluster)?;
+        let host = {
+            let hosts = cluster.hosts.load();
+            let healthy: Vec<_> = hosts
+                .iter()
+                .filter(|h| h.health() != HostHealth::Unhealthy)
+                .collect();
+            let pick = NEXT.fetch_add(1, Ordering::Relaxed);
+            (*healthy.get(pick % healthy.len().max(1))?).clone()
+        };
+        let io = crate::upstream::connect(&cluster, &host, None).await.ok()?;
+        let (mut sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        sender.ready().await.ok()?;
+        let (tx, rx) = mpsc::channel(STREAM_MESSAGES);
+        let scheme = if cluster.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{scheme}://{}{METHOD_PATH}", cluster.name))
+            .body(ChannelBody(rx))
+            .ok()?;
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let response = sender.send_request(req);
+        // The receiver answers only when the call ends; reading the answer keeps
+        // the stream open until then.
+        tokio::spawn(async move {
+            if let Ok(resp) = response.await {
+                use http_body_util::BodyExt;
+                let mut body = resp.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+        });
+        Some(LogStream {
+            body: tx,
+            _sender: sender,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_flags_of_the_short_form() {
+        assert_eq!(pb::ResponseFlags::parse("-"), None);
+        let f = pb::ResponseFlags::parse("UF,URX").unwrap();
+        assert!(f.upstream_connection_failure && f.upstream_retry_limit_exceeded);
+        assert!(!f.no_healthy_upstream);
+        assert!(pb::ResponseFlags::parse("UH").unwrap().no_healthy_upstream);
+    }
+
+    #[test]
+    fn an_entry_encodes_with_envoys_field_numbers() {
+        let record = LogRecord {
+            method: "GET".into(),
+            path: "/p".into(),
+            authority: "h".into(),
+            protocol: "HTTP/1.1",
+            response_code: 200,
+            response_flags: "-",
+            ..Default::default()
+        };
+        let config = GrpcAccessLogConfig {
+            kind: GrpcLogKind::Http,
+            log_name: "l".into(),
+            cluster: "c".into(),
+            buffer_size_bytes: 16384,
+            buffer_flush_interval: Duration::from_secs(1),
+            request_headers: vec![":method".into()],
+            response_headers: vec![],
+        };
+        let e = http_entry(&config, &record);
+        let bytes = e.encode_to_vec();
+        let back = pb::HttpAccessLogEntry::decode(&bytes[..]).unwrap();
+        assert_eq!(back, e);
+        let req = back.request.unwrap();
+        assert_eq!(req.request_method, 1);
+        assert_eq!(req.request_headers.get(":method").unwrap(), "GET");
+        assert_eq!(back.protocol_version, 2);
+        assert_eq!(back.response.unwrap().response_code.unwrap().value, 200);
+        // HTTPAccessLogEntry.request is field 3 (length-delimited: tag 0x1a).
+        assert!(bytes.contains(&0x1a));
+
+        // A batch of two with the identifier decodes as Envoy's message.
+        let identifier = pb::Identifier {
+            node: Some(pb::Node {
+                id: "n".into(),
+                ..Default::default()
+            }),
+            log_name: "l".into(),
+        };
+        let batch = vec![
+            Entry::Http(Box::new(e.clone())),
+            Entry::Http(Box::new(e.clone())),
+        ];
+        let framed = encode(Some(&identifier), GrpcLogKind::Http, &batch);
+        assert_eq!(framed[0], 0);
+        let len = u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize;
+        assert_eq!(framed.len(), 5 + len);
+        let msg = pb::StreamAccessLogsMessage::decode(&framed[5..]).unwrap();
+        assert_eq!(msg.identifier, Some(identifier));
+        match msg.log_entries {
+            Some(pb::LogEntries::HttpLogs(h)) => assert_eq!(h.log_entry, vec![e.clone(), e]),
+            other => panic!("{other:?}"),
+        }
+    }
+}

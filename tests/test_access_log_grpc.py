@@ -1,0 +1,530 @@
+"""gRPC access logs (``envoy.access_loggers.http_grpc`` / ``tcp_grpc``) against a real
+access log service: a grpcio server implementing
+``envoy.service.accesslog.v3.AccessLogService`` (the ``xds-protos`` stubs) receives
+what Envoy 1.40 and envoyx send for the same requests, and the entries are compared
+field by field.
+
+Each scenario runs as two tests, as in test_differential.py: ``[envoy-NAME]`` checks
+the scenario's expectations against Envoy alone, ``[envoyx-NAME]`` runs envoyx and
+compares its entries with Envoy's. Masked before comparing: times (start time,
+duration: their presence is compared), ephemeral ports, request and stream ids (their
+form is compared). ``NOT_FILLED`` lists the entry fields envoyx leaves empty, each
+with its reason (docs/config-support.md, "gRPC access loggers"); they are dropped from
+Envoy's entries before the comparison.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import envoyx
+import grpc
+import pytest
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import json_format
+
+from support.bootstrap import (
+    HCM,
+    HCM_TYPE,
+    ROUTER_TYPE,
+    bootstrap,
+    cluster,
+    route,
+    tcp_listener,
+    virtual_host,
+)
+from support.differential import Ctx, Environment, Http, Json, Tcp, _normalize, _send_all
+from support.envoy import EnvoyProcess, targets_from_env
+from support.proxy import EnvoyxProcess, ProxyProcess
+from support.wait import free_port, until
+
+pytestmark = pytest.mark.envoy
+
+HTTP_GRPC_TYPE = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+)
+TCP_GRPC_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+STAT = "access_logs.grpc_access_log."
+
+# Entry fields envoyx leaves empty, and why; they are not compared.
+NOT_FILLED = {
+    # envoyx's record keeps the request's start, duration and the first upstream
+    # byte (%RESPONSE_DURATION%), not the other per-byte timestamps.
+    "common_properties.time_to_last_rx_byte": "no per-byte timing",
+    "common_properties.time_to_first_upstream_tx_byte": "no per-byte timing",
+    "common_properties.time_to_last_upstream_tx_byte": "no per-byte timing",
+    "common_properties.time_to_last_upstream_rx_byte": "no per-byte timing",
+    "common_properties.time_to_first_downstream_tx_byte": "no per-byte timing",
+    "common_properties.time_to_last_downstream_tx_byte": "no per-byte timing",
+    "common_properties.upstream_local_address": "the pool does not report its socket",
+    "common_properties.upstream_request_attempt_count": "the record keeps no try count",
+    # Byte counts of headers and of the wire (framing, TLS) per stream: envoyx
+    # counts body bytes per stream and wire bytes per connection only.
+    "common_properties.downstream_wire_bytes_sent": "no per-stream wire bytes",
+    "common_properties.downstream_wire_bytes_received": "no per-stream wire bytes",
+    "common_properties.upstream_wire_bytes_sent": "no per-stream wire bytes",
+    "common_properties.upstream_wire_bytes_received": "no per-stream wire bytes",
+    "request.request_headers_bytes": "no header byte counts",
+    "request.upstream_header_bytes_sent": "no header byte counts",
+    "request.downstream_header_bytes_received": "no header byte counts",
+    "response.response_headers_bytes": "no header byte counts",
+    "response.upstream_header_bytes_received": "no header byte counts",
+    "response.downstream_header_bytes_sent": "no header byte counts",
+}
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+DURATION_RE = re.compile(r"^\d+(\.\d+)?s$")
+
+
+# ---------------------------------------------------------------------------------
+# The access log service
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One StreamAccessLogs call: its messages as proto-JSON dicts."""
+
+    messages: list[Json] = field(default_factory=list)
+
+    @property
+    def identifier(self) -> Json | None:
+        return self.messages[0].get("identifier") if self.messages else None
+
+
+class AlsReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    """A real ALS: grpcio on a fixed port, so that it can go down and come back."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.streams: list[Stream] = []
+        self._lock = threading.Lock()
+        self._server: grpc.Server | None = None
+
+    def start(self) -> AlsReceiver:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+            self._server = None
+
+    def reset(self) -> None:
+        with self._lock:
+            self.streams = []
+
+    def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        stream = Stream()
+        with self._lock:
+            self.streams.append(stream)
+        for message in request_iterator:
+            as_json = json_format.MessageToDict(message, preserving_proto_field_name=True)
+            with self._lock:
+                stream.messages.append(as_json)
+        return als_pb2.StreamAccessLogsResponse()
+
+    def messages(self) -> list[Json]:
+        with self._lock:
+            return [m for s in self.streams for m in s.messages]
+
+    def entries(self) -> list[Json]:
+        out = []
+        for m in self.messages():
+            logs = m.get("http_logs") or m.get("tcp_logs") or {}
+            out.extend(logs.get("log_entry", []))
+        return out
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Any:
+    r = AlsReceiver().start()
+    yield r
+    r.stop()
+
+
+# ---------------------------------------------------------------------------------
+# Bootstraps
+# ---------------------------------------------------------------------------------
+
+NODE = {
+    "id": "node-a",
+    "cluster": "mesh-1",
+    "metadata": {"team": "edge", "n": 2},
+    "locality": {"region": "r1", "zone": "z1"},
+}
+
+
+def grpc_logger(
+    *,
+    log_name: str = "als-http",
+    tcp: bool = False,
+    request_headers: tuple[str, ...] = (),
+    response_headers: tuple[str, ...] = (),
+    buffer_size_bytes: int | None = None,
+    flush: str | None = None,
+) -> Json:
+    common: Json = {
+        "log_name": log_name,
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "als"}},
+    }
+    if buffer_size_bytes is not None:
+        common["buffer_size_bytes"] = buffer_size_bytes
+    if flush is not None:
+        common["buffer_flush_interval"] = flush
+    typed: Json = {"@type": TCP_GRPC_TYPE if tcp else HTTP_GRPC_TYPE, "common_config": common}
+    if request_headers:
+        typed["additional_request_headers_to_log"] = list(request_headers)
+    if response_headers:
+        typed["additional_response_headers_to_log"] = list(response_headers)
+    name = "envoy.access_loggers.tcp_grpc" if tcp else "envoy.access_loggers.http_grpc"
+    return {"name": name, "typed_config": typed}
+
+
+def http_bootstrap(
+    ctx: Ctx, als_port: int, logger: Json, routes: list[Json] | None = None
+) -> Json:
+    routes = routes or [route({"prefix": "/"}, cluster="backend")]
+    hcm = {
+        "@type": HCM_TYPE,
+        "stat_prefix": "ingress_http",
+        "route_config": {
+            "name": "local_route",
+            "virtual_hosts": [virtual_host("all", ["*"], routes)],
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}],
+        "access_log": [logger],
+    }
+    listener = {
+        "name": "ingress",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": ctx.port}},
+        "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}],
+    }
+    doc = bootstrap(
+        admin_port=ctx.admin_port,
+        listeners=[listener],
+        clusters=[
+            cluster("backend", [ctx.up("a")]),
+            cluster("empty", []),
+            cluster("als", [("127.0.0.1", als_port)], http2=True),
+        ],
+    )
+    doc["node"] = NODE
+    return doc
+
+
+def tcp_bootstrap(ctx: Ctx, als_port: int, logger: Json) -> Json:
+    listener = tcp_listener(port=ctx.port, cluster="echo")
+    listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [logger]
+    doc = bootstrap(
+        admin_port=ctx.admin_port,
+        listeners=[listener],
+        clusters=[
+            cluster("echo", [ctx.up("echo")]),
+            cluster("als", [("127.0.0.1", als_port)], http2=True),
+        ],
+    )
+    doc["node"] = NODE
+    return doc
+
+
+# ---------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlsScenario:
+    """A bootstrap (given the receiver's port), requests, and how many entries the
+    receiver gets for them; ``check`` asserts more of one proxy's run."""
+
+    name: str
+    build: Callable[[Ctx, int], Json]
+    requests: tuple[Http | Tcp, ...]
+    entries: int
+    stats: dict[str, int] = field(default_factory=dict)
+    # Each message's entry count, compared between the proxies.
+    compare_batches: bool = False
+    # Entry fields left out of this scenario's comparison, with the reason.
+    not_compared: dict[str, str] = field(default_factory=dict)
+
+
+HEADERS_LOGGED = ("x-custom", ":method", ":authority", "referer", "x-missing", "x-added")
+
+SCENARIOS = [
+    AlsScenario(
+        "http1_and_http2",
+        lambda ctx, als: http_bootstrap(
+            ctx,
+            als,
+            grpc_logger(request_headers=HEADERS_LOGGED, response_headers=("content-type", "x-nope")),
+        ),
+        (
+            Http(
+                "/one?q=1",
+                headers=(("x-custom", "c1"), ("referer", "http://ref/"), ("user-agent", "ua/1")),
+            ),
+            Http("/two", method="POST", body=b"hello", http2=True, headers=(("x-custom", "c2"),)),
+            Http("/three", method="PUT", body=1000),
+        ),
+        entries=3,
+        stats={STAT + "logs_written": 3, STAT + "logs_dropped": 0},
+    ),
+    AlsScenario(
+        "local_replies_and_flags",
+        lambda ctx, als: http_bootstrap(
+            ctx,
+            als,
+            grpc_logger(request_headers=(":path",)),
+            routes=[
+                {"name": "to-empty", "match": {"prefix": "/empty"}, "route": {"cluster": "empty"}},
+                {
+                    "name": "rewritten",
+                    "match": {"prefix": "/old"},
+                    "route": {"cluster": "backend", "prefix_rewrite": "/new"},
+                },
+                route({"prefix": "/direct"}, direct=(418, "teapot")),
+            ],
+        ),
+        (
+            Http("/empty/x", expect={"status": 503}),
+            Http("/old/path", expect={"status": 200}),
+            Http("/direct", expect={"status": 418}),
+            Http("/nowhere", expect={"status": 404}),
+        ),
+        entries=4,
+        not_compared={
+            # envoyx's access-log record keeps the :path the client sent when a route
+            # rewrites it without header mutations (the file log's %REQ(:PATH)% too).
+            "request.path": "the record keeps the downstream :path",
+            "request.original_path": "the record keeps the downstream :path",
+            "request.request_headers": "the record keeps the downstream :path",
+        },
+    ),
+    AlsScenario(
+        "added_headers",
+        lambda ctx, als: http_bootstrap(
+            ctx,
+            als,
+            grpc_logger(request_headers=("x-added", "x-custom"), response_headers=("x-resp-added",)),
+            routes=[
+                {
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": "backend"},
+                    "request_headers_to_add": [{"header": {"key": "x-added", "value": "yes"}}],
+                    "response_headers_to_add": [
+                        {"header": {"key": "x-resp-added", "value": "%RESPONSE_CODE%"}}
+                    ],
+                }
+            ],
+        ),
+        (Http("/a", headers=(("x-custom", "1"),)), Http("/b", http2=True)),
+        entries=2,
+    ),
+    AlsScenario(
+        "tcp_proxy",
+        lambda ctx, als: tcp_bootstrap(ctx, als, grpc_logger(log_name="als-tcp", tcp=True)),
+        (Tcp(b"ping over tcp"), Tcp(b"x" * 3000)),
+        entries=2,
+        # Envoy counts no TCP entry in logs_written.
+        stats={STAT + "logs_written": 0, STAT + "grpc_entries_flushed": 2},
+    ),
+    AlsScenario(
+        # buffer_size_bytes 1: every entry is flushed alone, long before the interval.
+        "batching_by_size",
+        lambda ctx, als: http_bootstrap(ctx, als, grpc_logger(buffer_size_bytes=1, flush="60s")),
+        (Http("/s1"), Http("/s2"), Http("/s3")),
+        entries=3,
+        stats={STAT + "grpc_entries_flushed": 3},
+        compare_batches=True,
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------
+# Running and comparing
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class AlsResult:
+    facts: list[Json]
+    streams: list[Stream]
+    entries: list[Json]
+    stats: dict[str, int]
+
+
+def _make(target: str, envoy_binary: Path, bs: Json, wd: Path) -> ProxyProcess:
+    if target == "envoy":
+        return EnvoyProcess(envoy_binary, bs, wd / "envoy", concurrency=1)
+    return EnvoyxProcess(bs, wd / "envoyx", concurrency=1)
+
+
+def run_als(
+    target: str,
+    scenario: AlsScenario,
+    envoy_binary: Path,
+    env: Environment,
+    receiver: AlsReceiver,
+    workdir: Path,
+) -> AlsResult:
+    receiver.reset()
+    ctx = Ctx(
+        port=free_port(),
+        admin_port=free_port(),
+        upstreams=env.addresses,
+        refused=env.refused,
+        access_log="",
+    )
+    proxy = _make(target, envoy_binary, scenario.build(ctx, receiver.port), workdir)
+    proxy.start()
+    try:
+        before = proxy.stats()
+        facts = _send_all(scenario, ("127.0.0.1", ctx.port))  # type: ignore[arg-type]
+        until(
+            lambda: len(receiver.entries()) >= scenario.entries,
+            timeout=10,
+            what=f"{scenario.entries} entries at the receiver from {target}",
+        )
+        after = proxy.stats()
+        stats = {k: after.get(k, 0) - before.get(k, 0) for k in scenario.stats}
+    finally:
+        proxy.stop()
+    ports = {str(ctx.port): "{port}"}
+    with receiver._lock:
+        streams = [Stream(list(s.messages)) for s in receiver.streams]
+    entries = [_mask(e, ports) for e in receiver.entries()]
+    return AlsResult(_normalize(facts, ports), streams, entries, stats)
+
+
+def _mask(entry: Json, ports: dict[str, str]) -> Json:
+    """Drops NOT_FILLED fields, masks times, ephemeral ports and ids."""
+    out: Json = {}
+    for part, fields in entry.items():
+        if not isinstance(fields, dict):
+            out[part] = fields
+            continue
+        kept: Json = {}
+        for name, value in fields.items():
+            if f"{part}.{name}" in NOT_FILLED:
+                continue
+            if name == "start_time":
+                value = "<time>" if TIME_RE.match(value) else value
+            elif name.startswith("time_to") or name == "duration":
+                value = "<duration>" if DURATION_RE.match(value) else value
+            elif name in ("stream_id", "request_id"):
+                value = "<uuid>" if UUID_RE.match(value) else value
+            elif name in ("downstream_remote_address", "downstream_direct_remote_address"):
+                value = {"socket_address": {**value["socket_address"], "port_value": "<eph>"}}
+            elif name == "downstream_local_address":
+                port = str(value["socket_address"].get("port_value"))
+                value = {
+                    "socket_address": {
+                        **value["socket_address"],
+                        "port_value": ports.get(port, port),
+                    }
+                }
+            kept[name] = value
+        out[part] = kept
+    return _normalize(out, ports)
+
+
+_ENVOY: dict[str, AlsResult] = {}
+
+
+def _envoy(
+    scenario: AlsScenario, envoy_binary: Path, env: Environment, receiver: AlsReceiver, wd: Path
+) -> AlsResult:
+    if scenario.name not in _ENVOY:
+        _ENVOY[scenario.name] = run_als("envoy", scenario, envoy_binary, env, receiver, wd)
+    return _ENVOY[scenario.name]
+
+
+def _check(scenario: AlsScenario, result: AlsResult, who: str) -> None:
+    problems = []
+    for i, (req, facts) in enumerate(zip(scenario.requests, result.facts, strict=True)):
+        for key, want in req.expect.items():
+            if facts.get(key) != want:
+                problems.append(f"request {i}: {key} = {facts.get(key)!r}, expected {want!r}")
+    for name, want in scenario.stats.items():
+        if result.stats.get(name) != want:
+            problems.append(f"stat {name}: delta {result.stats.get(name)}, expected {want}")
+    if len(result.entries) != scenario.entries:
+        problems.append(f"{len(result.entries)} entries, expected {scenario.entries}")
+    # The identifier: in each stream's first message only, with the node and log name.
+    for s in result.streams:
+        ident = s.identifier
+        if ident is None or ident.get("log_name") not in ("als-http", "als-tcp"):
+            problems.append(f"a stream's first message has no identifier: {s.messages[:1]}")
+            continue
+        node = ident["node"]
+        for key in ("id", "cluster", "metadata", "locality"):
+            want = {k: (float(v) if isinstance(v, int) else v) for k, v in NODE[key].items()} if isinstance(NODE[key], dict) else NODE[key]
+            if node.get(key) != want:
+                problems.append(f"identifier node.{key} = {node.get(key)!r}, expected {want!r}")
+        if any("identifier" in m for m in s.messages[1:]):
+            problems.append("identifier sent after the stream's first message")
+    assert not problems, f"{who} on {scenario.name}:\n  " + "\n  ".join(problems)
+
+
+def _batches(result: AlsResult) -> list[int]:
+    return [
+        len((m.get("http_logs") or m.get("tcp_logs") or {}).get("log_entry", []))
+        for s in result.streams
+        for m in s.messages
+    ]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_scenario(
+    target: str,
+    scenario: AlsScenario,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+) -> None:
+    envoy = _envoy(scenario, envoy_binary, environment, receiver, tmp_path)
+    if target == "envoy":
+        _check(scenario, envoy, "Envoy")
+        return
+    ours = run_als("envoyx", scenario, envoy_binary, environment, receiver, tmp_path)
+    diffs = []
+    for i, (e, x) in enumerate(zip(envoy.facts, ours.facts, strict=True)):
+        if e != x:
+            diffs.append(f"request {i}: envoy={e!r} envoyx={x!r}")
+    for i, (e, x) in enumerate(zip(envoy.entries, ours.entries, strict=False)):
+        for part in sorted(set(e) | set(x)):
+            ep, xp = e.get(part, {}), x.get(part, {})
+            if not isinstance(ep, dict) or not isinstance(xp, dict):
+                if ep != xp:
+                    diffs.append(f"entry {i} {part}: envoy={ep!r} envoyx={xp!r}")
+                continue
+            for name in sorted(set(ep) | set(xp)):
+                if f"{part}.{name}" in scenario.not_compared:
+                    continue
+                if ep.get(name) != xp.get(name):
+                    diffs.append(
+                        f"entry {i} {part}.{name}: envoy={ep.get(name)!r} envoyx={xp.get(name)!r}"
+                    )
+    for name in scenario.stats:
+        if envoy.stats.get(name) != ours.stats.get(name):
+            diffs.append(f"stat {name}: envoy={envoy.stats.get(name)} envoyx={ours.stats.get(name)}")
+    if scenario.compare_batches and _batches(envoy) != _batches(ours):
+        diffs.append(f"batches: envoy={_batches(envoy)} envoyx={_batches(ours)}")
+    assert not diffs, f"envoyx differs from Envoy on {scenario.name}:\n  " + "\n  ".join(diffs)
+    _check(scenario, ours, "envoyx")
