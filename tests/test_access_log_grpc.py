@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import envoyx
 import grpc
+import httpx
 import pytest
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import json_format
 
+import envoyx
 from support.bootstrap import (
     HCM,
     HCM_TYPE,
@@ -126,7 +127,7 @@ class AlsReceiver(als_pb2_grpc.AccessLogServiceServicer):
         with self._lock:
             self.streams = []
 
-    def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+    def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         stream = Stream()
         with self._lock:
             self.streams.append(stream)
@@ -194,9 +195,7 @@ def grpc_logger(
     return {"name": name, "typed_config": typed}
 
 
-def http_bootstrap(
-    ctx: Ctx, als_port: int, logger: Json, routes: list[Json] | None = None
-) -> Json:
+def http_bootstrap(ctx: Ctx, als_port: int, logger: Json, routes: list[Json] | None = None) -> Json:
     routes = routes or [route({"prefix": "/"}, cluster="backend")]
     hcm = {
         "@type": HCM_TYPE,
@@ -205,7 +204,9 @@ def http_bootstrap(
             "name": "local_route",
             "virtual_hosts": [virtual_host("all", ["*"], routes)],
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}],
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+        ],
         "access_log": [logger],
     }
     listener = {
@@ -270,7 +271,9 @@ SCENARIOS = [
         lambda ctx, als: http_bootstrap(
             ctx,
             als,
-            grpc_logger(request_headers=HEADERS_LOGGED, response_headers=("content-type", "x-nope")),
+            grpc_logger(
+                request_headers=HEADERS_LOGGED, response_headers=("content-type", "x-nope")
+            ),
         ),
         (
             Http(
@@ -319,7 +322,9 @@ SCENARIOS = [
         lambda ctx, als: http_bootstrap(
             ctx,
             als,
-            grpc_logger(request_headers=("x-added", "x-custom"), response_headers=("x-resp-added",)),
+            grpc_logger(
+                request_headers=("x-added", "x-custom"), response_headers=("x-resp-added",)
+            ),
             routes=[
                 {
                     "match": {"prefix": "/"},
@@ -472,7 +477,11 @@ def _check(scenario: AlsScenario, result: AlsResult, who: str) -> None:
             continue
         node = ident["node"]
         for key in ("id", "cluster", "metadata", "locality"):
-            want = {k: (float(v) if isinstance(v, int) else v) for k, v in NODE[key].items()} if isinstance(NODE[key], dict) else NODE[key]
+            want = (
+                {k: (float(v) if isinstance(v, int) else v) for k, v in NODE[key].items()}
+                if isinstance(NODE[key], dict)
+                else NODE[key]
+            )
             if node.get(key) != want:
                 problems.append(f"identifier node.{key} = {node.get(key)!r}, expected {want!r}")
         if any("identifier" in m for m in s.messages[1:]):
@@ -523,8 +532,166 @@ def test_scenario(
                     )
     for name in scenario.stats:
         if envoy.stats.get(name) != ours.stats.get(name):
-            diffs.append(f"stat {name}: envoy={envoy.stats.get(name)} envoyx={ours.stats.get(name)}")
+            diffs.append(
+                f"stat {name}: envoy={envoy.stats.get(name)} envoyx={ours.stats.get(name)}"
+            )
     if scenario.compare_batches and _batches(envoy) != _batches(ours):
         diffs.append(f"batches: envoy={_batches(envoy)} envoyx={_batches(ours)}")
     assert not diffs, f"envoyx differs from Envoy on {scenario.name}:\n  " + "\n  ".join(diffs)
     _check(scenario, ours, "envoyx")
+
+
+# ---------------------------------------------------------------------------------
+# Batching by interval, a receiver that is down, bad configuration
+# ---------------------------------------------------------------------------------
+
+
+def _paths(receiver: AlsReceiver) -> list[str]:
+    return [e.get("request", {}).get("path", "") for e in receiver.entries()]
+
+
+def _start(target: str, envoy_binary: Path, doc: Json, tmp_path: Path) -> ProxyProcess:
+    return _make(target, envoy_binary, doc, tmp_path).start()
+
+
+def _ctx(environment: Environment) -> Ctx:
+    return Ctx(
+        port=free_port(),
+        admin_port=free_port(),
+        upstreams=environment.addresses,
+        refused=environment.refused,
+        access_log="",
+    )
+
+
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_entries_wait_for_the_flush_interval(
+    target: str,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+) -> None:
+    """With a large buffer, entries go out once per buffer_flush_interval: the three
+    requests sent right after a flush arrive together, one message, at the next."""
+    receiver.reset()
+    ctx = _ctx(environment)
+    doc = http_bootstrap(ctx, receiver.port, grpc_logger(flush="1s"))
+    proxy = _start(target, envoy_binary, doc, tmp_path)
+    base = f"http://127.0.0.1:{ctx.port}"
+    try:
+        with httpx.Client(base_url=base) as client:
+            assert client.get("/i0").status_code == 200
+            # Its flush marks the interval's phase; the next three follow at once.
+            until(lambda: len(receiver.entries()) == 1, timeout=5, what="the first flush")
+            sent_at = time.monotonic()
+            for i in (1, 2, 3):
+                assert client.get(f"/i{i}").status_code == 200
+            until(lambda: len(receiver.entries()) == 4, timeout=5, what="the next flush")
+            waited = time.monotonic() - sent_at
+    finally:
+        proxy.stop()
+    batches = [len(m["http_logs"]["log_entry"]) for m in receiver.messages() if "http_logs" in m]
+    assert batches == [1, 3], batches
+    assert _paths(receiver) == ["/i0", "/i1", "/i2", "/i3"]
+    # The three waited for the timer (most of the 1 s interval), not sent one by one.
+    assert waited > 0.5, waited
+    assert len(receiver.streams) == 1
+    assert "identifier" in receiver.messages()[0]
+    assert "identifier" not in receiver.messages()[1]
+
+
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_a_receiver_that_is_down_loses_entries_never_traffic(
+    target: str,
+    envoy_binary: Path,
+    environment: Environment,
+    tmp_path: Path,
+) -> None:
+    """While the receiver is down every request is served; once it is back, the
+    entries of later requests arrive on a new stream with its identifier.
+
+    Envoy sends each batch to a stream that is still connecting and loses it with
+    the connection (counted ``grpc_entries_flushed``, nothing dropped). envoyx opens
+    the stream first: it keeps up to ``buffer_size_bytes`` of entries for the
+    receiver's return (``grpc_entries_flush_failed`` counts the failed attempts) and
+    counts what does not fit as ``logs_dropped``."""
+    down = AlsReceiver()
+    ctx = _ctx(environment)
+    doc = http_bootstrap(ctx, down.port, grpc_logger(buffer_size_bytes=600, flush="0.2s"))
+    proxy = _start(target, envoy_binary, doc, tmp_path)
+    base = f"http://127.0.0.1:{ctx.port}"
+    try:
+        before = proxy.stats()
+        with httpx.Client(base_url=base) as client:
+            for i in range(8):
+                assert client.get(f"/down{i}").status_code == 200
+            time.sleep(0.5)  # flush attempts against the closed port
+            down.start()
+            time.sleep(0.6)  # a flush interval past the retry: the stream is back
+            for i in range(2):
+                assert client.get(f"/up{i}").status_code == 200
+        until(
+            lambda: {"/up0", "/up1"} <= set(_paths(down)),
+            timeout=10,
+            what="the entries sent after the receiver came back",
+        )
+        after = proxy.stats()
+    finally:
+        proxy.stop()
+        down.stop()
+    delta = {
+        k[len(STAT) :]: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith(STAT)
+    }
+    for s in down.streams:
+        assert s.identifier is not None and s.identifier["log_name"] == "als-http"
+    if target == "envoy":
+        assert delta["logs_written"] == 10, delta
+        assert delta["logs_dropped"] == 0, delta
+        return
+    kept = [p for p in _paths(down) if p.startswith("/down")]
+    assert delta["logs_dropped"] > 0, delta
+    assert delta["logs_written"] + delta["logs_dropped"] == 10, delta
+    assert delta["grpc_entries_flush_failed"] > 0, delta
+    # What was kept arrives, in order: the first entries, up to the buffer.
+    assert kept and kept == [f"/down{i}" for i in range(len(kept))], kept
+    assert len(kept) + 2 == delta["logs_written"], (kept, delta)
+
+
+BAD: dict[str, tuple[Callable[[Json], None], str]] = {
+    "google_grpc": (
+        lambda t: t["common_config"].__setitem__(
+            "grpc_service", {"google_grpc": {"target_uri": "x:1", "stat_prefix": "s"}}
+        ),
+        "common_config.grpc_service.google_grpc: not supported by envoyx",
+    ),
+    "filter_state_objects_to_log": (
+        lambda t: t["common_config"].__setitem__("filter_state_objects_to_log", ["k"]),
+        "common_config.filter_state_objects_to_log: not supported by envoyx",
+    ),
+    "response_trailers": (
+        lambda t: t.__setitem__("additional_response_trailers_to_log", ["grpc-status"]),
+        "typed_config.additional_response_trailers_to_log: not supported by envoyx",
+    ),
+    "empty_log_name": (
+        lambda t: t["common_config"].pop("log_name"),
+        "common_config.log_name: value length must be at least 1",
+    ),
+    "v2_transport": (
+        lambda t: t["common_config"].__setitem__("transport_api_version", "V2"),
+        "common_config.transport_api_version: V2 is not supported (only V3)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_grpc_logger_config_names_the_field(case: str, environment: Environment) -> None:
+    mutate, message = BAD[case]
+    logger = grpc_logger()
+    mutate(logger["typed_config"])
+    doc = http_bootstrap(_ctx(environment), 1, logger)
+    with pytest.raises(envoyx.ConfigError) as info:
+        envoyx.Server(doc)
+    path = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.access_log[0]"
+    assert any(e.startswith(path) and message in e for e in info.value.errors), info.value.errors
+    assert len(info.value.errors) == 1, info.value.errors

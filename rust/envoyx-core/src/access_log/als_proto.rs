@@ -107,7 +107,9 @@ pub struct Value {
     pub kind: Option<Kind>,
 }
 
+/// `Value.kind`, with protobuf's variant names.
 #[derive(Clone, PartialEq, prost::Oneof)]
+#[allow(clippy::enum_variant_names)]
 pub enum Kind {
     #[prost(int32, tag = "1")]
     NullValue(i32),

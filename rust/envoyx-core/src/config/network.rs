@@ -728,32 +728,6 @@ fn map_grpc_access_log(tc: &Obj<'_>, kind: GrpcLogKind) -> Option<GrpcAccessLogC
     if log_name.is_empty() {
         common.error("log_name", "must not be empty");
     }
-    let cluster = match common.obj("grpc_service") {
-        Some(gs) => match gs.obj("envoy_grpc") {
-            Some(eg) => {
-                let name = eg.str("cluster_name").unwrap_or_default();
-                if name.is_empty() {
-                    eg.error("cluster_name", "must not be empty");
-                }
-                name.to_string()
-            }
-            None if gs.has("google_grpc") => {
-                gs.error(
-                    "google_grpc",
-                    "not supported by envoyx (use envoy_grpc with a cluster)",
-                );
-                return None;
-            }
-            None => {
-                gs.error("envoy_grpc", "is required");
-                return None;
-            }
-        },
-        None => {
-            common.error("grpc_service", "is required");
-            return None;
-        }
-    };
     // Envoy 1.40 speaks only the v3 transport; an unset enum is AUTO, which is v3 too.
     match common.str("transport_api_version") {
         None | Some("V3") | Some("AUTO") => {}
@@ -766,6 +740,32 @@ fn map_grpc_access_log(tc: &Obj<'_>, kind: GrpcLogKind) -> Option<GrpcAccessLogC
     let buffer_flush_interval = common
         .duration("buffer_flush_interval")
         .unwrap_or(std::time::Duration::from_secs(1));
+    let cluster = match common.obj("grpc_service") {
+        Some(gs) => match gs.obj("envoy_grpc") {
+            Some(eg) => {
+                let name = eg.str("cluster_name").unwrap_or_default();
+                if name.is_empty() {
+                    eg.error("cluster_name", "must not be empty");
+                }
+                Some(name.to_string())
+            }
+            None if gs.raw("google_grpc").is_some() => {
+                gs.error(
+                    "google_grpc",
+                    "not supported by envoyx (use envoy_grpc with a cluster)",
+                );
+                None
+            }
+            None => {
+                gs.error("envoy_grpc", "is required");
+                None
+            }
+        },
+        None => {
+            common.error("grpc_service", "is required");
+            None
+        }
+    };
     let headers = |key: &'static str| -> Vec<String> {
         tc.strings(key)
             .into_iter()
@@ -782,7 +782,7 @@ fn map_grpc_access_log(tc: &Obj<'_>, kind: GrpcLogKind) -> Option<GrpcAccessLogC
     Some(GrpcAccessLogConfig {
         kind,
         log_name: log_name.to_string(),
-        cluster,
+        cluster: cluster?,
         buffer_size_bytes,
         buffer_flush_interval,
         request_headers,
