@@ -29,6 +29,7 @@ import httpx
 import pytest
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import json_format
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
 import envoyx
 from support.bootstrap import (
@@ -52,6 +53,11 @@ HTTP_GRPC_TYPE = (
     "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 )
 TCP_GRPC_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+OTEL_TYPE = (
+    "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3."
+    "OpenTelemetryAccessLogConfig"
+)
+OTLP_SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
 STAT = "access_logs.grpc_access_log."
 
 # Entry fields envoyx leaves empty, and why; they are not compared.
@@ -107,12 +113,25 @@ class AlsReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self) -> None:
         self.port = free_port()
         self.streams: list[Stream] = []
+        # OTLP LogsService/Export requests, as proto-JSON dicts.
+        self.exports: list[Json] = []
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
 
     def start(self) -> AlsReceiver:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        otlp = grpc.method_handlers_generic_handler(
+            OTLP_SERVICE,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self._export,
+                    request_deserializer=logs_service_pb2.ExportLogsServiceRequest.FromString,
+                    response_serializer=logs_service_pb2.ExportLogsServiceResponse.SerializeToString,
+                )
+            },
+        )
+        server.add_generic_rpc_handlers((otlp,))
         server.add_insecure_port(f"127.0.0.1:{self.port}")
         server.start()
         self._server = server
@@ -126,6 +145,27 @@ class AlsReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def reset(self) -> None:
         with self._lock:
             self.streams = []
+            self.exports = []
+
+    def _export(self, request: Any, context: Any) -> Any:
+        as_json = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        with self._lock:
+            self.exports.append(as_json)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+    def otel_records(self) -> list[tuple[list[Json], Json]]:
+        """Each log record with its resource's attributes. This xds-protos' OTLP is
+        older: ``scope_logs`` (field 2) decodes as ``instrumentation_library_logs``
+        and ``log_records`` as ``logs``."""
+        out = []
+        with self._lock:
+            exports = list(self.exports)
+        for export in exports:
+            for rl in export.get("resource_logs", []):
+                attrs = rl.get("resource", {}).get("attributes", [])
+                for scope in rl.get("instrumentation_library_logs", []):
+                    out.extend((attrs, rec) for rec in scope.get("logs", []))
+        return out
 
     def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         stream = Stream()
@@ -677,6 +717,18 @@ BAD: dict[str, tuple[Callable[[Json], None], str]] = {
         lambda t: t["common_config"].pop("log_name"),
         "common_config.log_name: value length must be at least 1",
     ),
+    # OpenTelemetry: only string values are formatted.
+    "otel_kvlist_body": (
+        lambda t: (
+            t.clear(),
+            t.update(otel_logger()["typed_config"], body={"kvlist_value": {"values": []}}),
+        ),
+        "typed_config.body.kvlist_value: not supported by envoyx",
+    ),
+    "otel_stat_prefix": (
+        lambda t: (t.clear(), t.update(otel_logger()["typed_config"], stat_prefix="p")),
+        "typed_config.stat_prefix: not supported by envoyx",
+    ),
     "v2_transport": (
         lambda t: t["common_config"].__setitem__("transport_api_version", "V2"),
         "common_config.transport_api_version: V2 is not supported (only V3)",
@@ -695,3 +747,122 @@ def test_bad_grpc_logger_config_names_the_field(case: str, environment: Environm
     path = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.access_log[0]"
     assert any(e.startswith(path) and message in e for e in info.value.errors), info.value.errors
     assert len(info.value.errors) == 1, info.value.errors
+
+
+# ---------------------------------------------------------------------------------
+# OpenTelemetry (OTLP LogsService/Export)
+# ---------------------------------------------------------------------------------
+
+
+def otel_logger(*, flush: str = "0.2s", disable_builtin_labels: bool = False) -> Json:
+    typed: Json = {
+        "@type": OTEL_TYPE,
+        "common_config": {
+            "log_name": "otel-log",
+            "transport_api_version": "V3",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "als"}},
+            "buffer_flush_interval": flush,
+        },
+        "body": {"string_value": "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE%"},
+        "attributes": {
+            "values": [
+                {"key": "flags", "value": {"string_value": "%RESPONSE_FLAGS%"}},
+                {"key": "ua", "value": {"string_value": "%REQ(USER-AGENT)%"}},
+                {"key": "custom", "value": {"string_value": "%REQ(X-CUSTOM)%"}},
+                {"key": "cluster", "value": {"string_value": "%UPSTREAM_CLUSTER%"}},
+            ]
+        },
+        "resource_attributes": {"values": [{"key": "svc", "value": {"string_value": "edge"}}]},
+    }
+    if disable_builtin_labels:
+        typed["disable_builtin_labels"] = True
+    return {"name": "envoy.access_loggers.open_telemetry", "typed_config": typed}
+
+
+OTEL_REQUESTS = (
+    Http("/o1", headers=(("user-agent", "ua/1"), ("x-custom", "c"))),
+    Http("/o2", method="POST", body=b"abc", http2=True),
+    Http("/empty/o3", expect={"status": 503}),
+)
+
+
+def _otel_run(
+    target: str,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+    disable_builtin_labels: bool,
+) -> tuple[list[tuple[list[Json], Json]], dict[str, int]]:
+    receiver.reset()
+    ctx = _ctx(environment)
+    routes = [
+        route({"prefix": "/empty"}, cluster="empty"),
+        route({"prefix": "/"}, cluster="backend"),
+    ]
+    logger = otel_logger(disable_builtin_labels=disable_builtin_labels)
+    doc = http_bootstrap(ctx, receiver.port, logger, routes=routes)
+    proxy = _start(target, envoy_binary, doc, tmp_path)
+    started = time.time_ns()
+    try:
+        before = proxy.stats()
+        facts = _send_all(
+            AlsScenario("otel", http_bootstrap, OTEL_REQUESTS, 3), ("127.0.0.1", ctx.port)
+        )  # type: ignore[arg-type]
+        assert [f["status"] for f in facts] == [200, 200, 503]
+        until(lambda: len(receiver.otel_records()) >= 3, timeout=10, what="3 OTLP log records")
+        after = proxy.stats()
+    finally:
+        proxy.stop()
+    prefix = "access_logs.open_telemetry_access_log."
+    stats = {
+        k[len(prefix) :]: after.get(k, 0) - before.get(k, 0)
+        for k in (prefix + "logs_written", prefix + "logs_dropped")
+    }
+    records = receiver.otel_records()
+    masked = []
+    for attrs, rec in records:
+        stamp = int(rec.pop("time_unix_nano"))
+        assert started <= stamp <= time.time_ns(), (started, stamp)
+        masked.append((attrs, rec))
+    return masked, stats
+
+
+_OTEL_ENVOY: dict[bool, Any] = {}
+
+
+@pytest.mark.parametrize("builtin", [True, False], ids=["builtin_labels", "no_builtin_labels"])
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_open_telemetry_records_match_envoys(
+    target: str,
+    builtin: bool,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+) -> None:
+    """``envoy.access_loggers.open_telemetry``: one Export per batch; the resource
+    carries Envoy's built-in labels from the node (unless disabled) and
+    ``resource_attributes``; each record the start time, the formatted body and
+    attributes (``-`` for an operator without a value)."""
+    if builtin not in _OTEL_ENVOY:
+        _OTEL_ENVOY[builtin] = _otel_run(
+            "envoy", envoy_binary, environment, receiver, tmp_path, not builtin
+        )
+    envoy_records, envoy_stats = _OTEL_ENVOY[builtin]
+    labels = [
+        {"key": "log_name", "value": {"string_value": "otel-log"}},
+        {"key": "zone_name", "value": {"string_value": "z1"}},
+        {"key": "cluster_name", "value": {"string_value": "mesh-1"}},
+        {"key": "node_name", "value": {"string_value": "node-a"}},
+    ]
+    resource = (labels if builtin else []) + [{"key": "svc", "value": {"string_value": "edge"}}]
+    bodies = ["GET /o1 HTTP/1.1 200", "POST /o2 HTTP/2 200", "GET /empty/o3 HTTP/1.1 503"]
+    if target == "envoy":
+        assert [a for a, _ in envoy_records] == [resource] * 3
+        assert [r["body"]["string_value"] for _, r in envoy_records] == bodies
+        assert envoy_stats == {"logs_written": 3, "logs_dropped": 0}
+        return
+    ours, stats = _otel_run("envoyx", envoy_binary, environment, receiver, tmp_path, not builtin)
+    assert ours == envoy_records
+    assert stats == envoy_stats

@@ -446,3 +446,79 @@ pub fn request_method(method: &str) -> i32 {
         _ => 0,
     }
 }
+
+// ---------------------------------------------------------------------------------
+// OTLP logs (`opentelemetry.proto.collector.logs.v1.LogsService/Export`)
+// ---------------------------------------------------------------------------------
+
+/// `opentelemetry.proto.common.v1.AnyValue` with its `string_value` (the only
+/// kind envoyx formats).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AnyValue {
+    #[prost(string, optional, tag = "1")]
+    pub string_value: Option<String>,
+}
+
+/// `opentelemetry.proto.common.v1.KeyValue`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyValue {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(message, optional, tag = "2")]
+    pub value: Option<AnyValue>,
+}
+
+impl KeyValue {
+    pub fn string(key: &str, value: String) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue {
+                string_value: Some(value),
+            }),
+        }
+    }
+}
+
+/// `opentelemetry.proto.logs.v1.LogRecord` (the fields Envoy's logger sets
+/// without tracing).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OtelLogRecord {
+    #[prost(fixed64, tag = "1")]
+    pub time_unix_nano: u64,
+    #[prost(message, optional, tag = "5")]
+    pub body: Option<AnyValue>,
+    #[prost(message, repeated, tag = "6")]
+    pub attributes: Vec<KeyValue>,
+}
+
+/// `opentelemetry.proto.resource.v1.Resource`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resource {
+    #[prost(message, repeated, tag = "1")]
+    pub attributes: Vec<KeyValue>,
+}
+
+/// `ExportLogsServiceRequest` → `ResourceLogs` → `ScopeLogs`: the logger encodes
+/// them field by field around its batch; the structs are the unit tests' decoder.
+#[cfg(test)]
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExportLogsServiceRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub resource_logs: Vec<ResourceLogs>,
+}
+
+#[cfg(test)]
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ResourceLogs {
+    #[prost(message, optional, tag = "1")]
+    pub resource: Option<Resource>,
+    #[prost(message, repeated, tag = "2")]
+    pub scope_logs: Vec<ScopeLogs>,
+}
+
+#[cfg(test)]
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ScopeLogs {
+    #[prost(message, repeated, tag = "2")]
+    pub log_records: Vec<OtelLogRecord>,
+}

@@ -46,6 +46,7 @@ use crate::stats::{Counter, StatStore};
 use crate::upstream::{ClusterManager, HostHealth};
 
 const METHOD_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 /// Entries waiting for the logger's task; past this a worker drops (and counts)
 /// its entry rather than wait.
 const CHANNEL_ENTRIES: usize = 1024;
@@ -53,7 +54,8 @@ const CHANNEL_ENTRIES: usize = 1024;
 /// past this the stream is "above its high watermark" and a flush fails.
 const STREAM_MESSAGES: usize = 16;
 
-/// `access_logs.grpc_access_log.*`, shared by every gRPC logger as in Envoy.
+/// `access_logs.grpc_access_log.*` (`open_telemetry_access_log` for OTLP), shared
+/// by every logger of a kind as in Envoy.
 #[derive(Debug, Clone)]
 struct GrpcLogStats {
     logs_written: Counter,
@@ -63,8 +65,12 @@ struct GrpcLogStats {
 }
 
 impl GrpcLogStats {
-    fn new(store: &StatStore) -> Self {
-        let c = |s: &str| store.counter(&format!("access_logs.grpc_access_log.{s}"));
+    fn new(store: &StatStore, kind: GrpcLogKind) -> Self {
+        let prefix = match kind {
+            GrpcLogKind::OpenTelemetry => "open_telemetry_access_log",
+            GrpcLogKind::Http | GrpcLogKind::Tcp => "grpc_access_log",
+        };
+        let c = |s: &str| store.counter(&format!("access_logs.{prefix}.{s}"));
         GrpcLogStats {
             logs_written: c("logs_written"),
             logs_dropped: c("logs_dropped"),
@@ -86,6 +92,14 @@ pub struct GrpcLogContext<'a> {
 enum Entry {
     Http(Box<pb::HttpAccessLogEntry>),
     Tcp(Box<pb::TcpAccessLogEntry>),
+    Otel(Box<pb::OtelLogRecord>),
+}
+
+/// The OpenTelemetry logger's formats, compiled when it is opened.
+#[derive(Debug)]
+struct OtelFormats {
+    body: Option<super::Format>,
+    attributes: Vec<(String, super::Format)>,
 }
 
 /// The worker's side of one gRPC access logger.
@@ -93,6 +107,7 @@ pub(super) struct GrpcLogger {
     config: Arc<GrpcAccessLogConfig>,
     tx: mpsc::Sender<Entry>,
     stats: GrpcLogStats,
+    otel: Option<OtelFormats>,
 }
 
 impl std::fmt::Debug for GrpcLogger {
@@ -108,19 +123,37 @@ impl GrpcLogger {
         config: Arc<GrpcAccessLogConfig>,
         cx: GrpcLogContext<'_>,
     ) -> std::io::Result<Self> {
+        let parse = |f: &str| super::Format::parse(f).map_err(std::io::Error::other);
+        let otel = match &config.otel {
+            Some(o) => Some(OtelFormats {
+                body: o.body.as_deref().map(parse).transpose()?,
+                attributes: o
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), parse(v)?)))
+                    .collect::<std::io::Result<_>>()?,
+            }),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(CHANNEL_ENTRIES);
-        let stats = GrpcLogStats::new(cx.store);
+        let stats = GrpcLogStats::new(cx.store, config.kind);
         let task = LoggerTask {
             config: config.clone(),
             clusters: cx.clusters.clone(),
             stats: stats.clone(),
             batch: Vec::new(),
             batch_bytes: 0,
+            conn: None,
             stream: None,
             retry_at: None,
         };
         runtime()?.spawn(task.run(rx));
-        Ok(GrpcLogger { config, tx, stats })
+        Ok(GrpcLogger {
+            config,
+            tx,
+            stats,
+            otel,
+        })
     }
 
     /// Hands the request's entry to the logger's task; never waits.
@@ -128,6 +161,10 @@ impl GrpcLogger {
         let entry = match self.config.kind {
             GrpcLogKind::Http => Entry::Http(Box::new(http_entry(&self.config, record))),
             GrpcLogKind::Tcp => Entry::Tcp(Box::new(tcp_entry(record))),
+            GrpcLogKind::OpenTelemetry => match &self.otel {
+                Some(f) => Entry::Otel(Box::new(otel_entry(f, record))),
+                None => return,
+            },
         };
         if self.tx.try_send(entry).is_err() {
             self.stats.logs_dropped.inc();
@@ -326,11 +363,37 @@ fn tcp_entry(record: &LogRecord) -> pb::TcpAccessLogEntry {
     }
 }
 
+/// Envoy's OpenTelemetry `LogRecord`: the start time, the formatted body and
+/// attributes (an operator without a value prints `-`, as in Envoy's).
+fn otel_entry(f: &OtelFormats, record: &LogRecord) -> pb::OtelLogRecord {
+    let render = |format: &super::Format| {
+        let mut out = String::new();
+        format.render(record, &mut out);
+        out
+    };
+    let time_unix_nano = record
+        .start
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    pb::OtelLogRecord {
+        time_unix_nano,
+        body: f.body.as_ref().map(|b| pb::AnyValue {
+            string_value: Some(render(b)),
+        }),
+        attributes: f
+            .attributes
+            .iter()
+            .map(|(k, v)| pb::KeyValue::string(k, render(v)))
+            .collect(),
+    }
+}
+
 impl Entry {
     fn encoded_len(&self) -> usize {
         match self {
             Entry::Http(e) => e.encoded_len(),
             Entry::Tcp(e) => e.encoded_len(),
+            Entry::Otel(e) => e.encoded_len(),
         }
     }
 }
@@ -346,8 +409,10 @@ struct LoggerTask {
     batch: Vec<Entry>,
     /// Envoy's `approximate_message_size_bytes_`: the entries' encoded sizes.
     batch_bytes: usize,
-    stream: Option<LogStream>,
-    /// After a failed attempt to open the stream, the next waits for this.
+    /// The connection to the receiver, and the ALS call on it (its messages).
+    conn: Option<Connection>,
+    stream: Option<mpsc::Sender<BodyFrame>>,
+    /// After a failed attempt to connect, the next waits for this.
     retry_at: Option<Instant>,
 }
 
@@ -386,7 +451,7 @@ impl LoggerTask {
                 return;
             }
         }
-        if matches!(entry, Entry::Http(_)) {
+        if !matches!(entry, Entry::Tcp(_)) {
             self.stats.logs_written.inc();
         }
         self.batch_bytes += entry.encoded_len();
@@ -401,33 +466,53 @@ impl LoggerTask {
             return;
         }
         let n = self.batch.len() as u64;
-        // A stream the receiver closed is opened again at once (one try).
+        // A connection or call the receiver closed is opened again at once (one try).
         for _ in 0..2 {
-            let identify = match &self.stream {
-                Some(s) if !s.is_closed() => false,
-                _ => {
-                    self.stream = None;
-                    if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            if self.conn.as_ref().is_none_or(Connection::is_closed) {
+                self.conn = None;
+                self.stream = None;
+                if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                    return;
+                }
+                match Connection::open(&self.clusters, &self.config.cluster).await {
+                    Some(c) => {
+                        self.retry_at = None;
+                        self.conn = Some(c);
+                    }
+                    None => {
+                        self.retry_at = Some(Instant::now() + self.config.buffer_flush_interval);
+                        self.stats.flush_failed.add(n);
                         return;
                     }
-                    match LogStream::open(&self.clusters, &self.config.cluster).await {
-                        Some(s) => {
-                            self.retry_at = None;
-                            self.stream = Some(s);
-                            true
-                        }
+                }
+            }
+            let conn = self.conn.as_mut().expect("opened above");
+            let sent = if self.config.kind == GrpcLogKind::OpenTelemetry {
+                // One unary Export per batch.
+                let Some(call) = conn.call(EXPORT_PATH).await else {
+                    self.conn = None;
+                    continue;
+                };
+                call.try_send(Ok(Frame::data(self.encode(false))))
+            } else {
+                // One StreamAccessLogs call; its first message identifies the logger.
+                let identify = self.stream.as_ref().is_none_or(|s| s.is_closed());
+                if identify {
+                    match conn.call(METHOD_PATH).await {
+                        Some(call) => self.stream = Some(call),
                         None => {
-                            self.retry_at =
-                                Some(Instant::now() + self.config.buffer_flush_interval);
-                            self.stats.flush_failed.add(n);
-                            return;
+                            self.conn = None;
+                            continue;
                         }
                     }
                 }
+                let frame = self.encode(identify);
+                self.stream
+                    .as_ref()
+                    .expect("started above")
+                    .try_send(Ok(Frame::data(frame)))
             };
-            let frame = self.encode(identify);
-            let stream = self.stream.as_mut().expect("opened above");
-            match stream.body.try_send(Ok(Frame::data(frame))) {
+            match sent {
                 Ok(()) => {
                     self.stats.flushed.add(n);
                     self.batch.clear();
@@ -446,6 +531,9 @@ impl LoggerTask {
     }
 
     fn encode(&self, identify: bool) -> Bytes {
+        if let Some(otel) = &self.config.otel {
+            return encode_otlp(&resource(&self.config.log_name, otel), &self.batch);
+        }
         let identifier = identify.then(|| pb::Identifier {
             node: local_node(),
             log_name: self.config.log_name.clone(),
@@ -458,17 +546,11 @@ impl LoggerTask {
 /// the entries in place (prost's field encoders take references).
 fn encode(identifier: Option<&pb::Identifier>, kind: GrpcLogKind, batch: &[Entry]) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, message};
-    let entries_len: usize = batch
-        .iter()
-        .map(|e| match e {
-            Entry::Http(e) => message::encoded_len(1, &**e),
-            Entry::Tcp(e) => message::encoded_len(1, &**e),
-        })
-        .sum();
+    let entries_len: usize = batch.iter().map(|e| e.field_len(1)).sum();
     // `http_logs` (2) or `tcp_logs` (3): HTTPAccessLogEntries / TCPAccessLogEntries.
     let entries_field = match kind {
-        GrpcLogKind::Http => 2,
         GrpcLogKind::Tcp => 3,
+        GrpcLogKind::Http | GrpcLogKind::OpenTelemetry => 2,
     };
     let len = identifier.map_or(0, |i| message::encoded_len(1, i))
         + 1
@@ -483,10 +565,73 @@ fn encode(identifier: Option<&pb::Identifier>, kind: GrpcLogKind, batch: &[Entry
     encode_key(entries_field, WireType::LengthDelimited, &mut out);
     encode_varint(entries_len as u64, &mut out);
     for e in batch {
-        match e {
-            Entry::Http(e) => message::encode(1, &**e, &mut out),
-            Entry::Tcp(e) => message::encode(1, &**e, &mut out),
+        e.encode_field(1, &mut out);
+    }
+    debug_assert_eq!(out.len(), 5 + len);
+    out.freeze()
+}
+
+impl Entry {
+    /// The entry as field `tag` of its batch message.
+    fn field_len(&self, tag: u32) -> usize {
+        use prost::encoding::message;
+        match self {
+            Entry::Http(e) => message::encoded_len(tag, &**e),
+            Entry::Tcp(e) => message::encoded_len(tag, &**e),
+            Entry::Otel(e) => message::encoded_len(tag, &**e),
         }
+    }
+
+    fn encode_field(&self, tag: u32, out: &mut BytesMut) {
+        use prost::encoding::message;
+        match self {
+            Entry::Http(e) => message::encode(tag, &**e, out),
+            Entry::Tcp(e) => message::encode(tag, &**e, out),
+            Entry::Otel(e) => message::encode(tag, &**e, out),
+        }
+    }
+}
+
+/// The OTLP resource: Envoy's built-in labels (`log_name`, `zone_name`,
+/// `cluster_name`, `node_name`, from the bootstrap node) unless disabled, then
+/// `resource_attributes`.
+fn resource(log_name: &str, otel: &crate::config::OtelLogConfig) -> pb::Resource {
+    let mut attributes = Vec::new();
+    if !otel.disable_builtin_labels {
+        let node = local_node().unwrap_or_default();
+        let zone = node.locality.map(|l| l.zone).unwrap_or_default();
+        attributes.push(pb::KeyValue::string("log_name", log_name.to_string()));
+        attributes.push(pb::KeyValue::string("zone_name", zone));
+        attributes.push(pb::KeyValue::string("cluster_name", node.cluster));
+        attributes.push(pb::KeyValue::string("node_name", node.id));
+    }
+    for (k, v) in &otel.resource_attributes {
+        attributes.push(pb::KeyValue::string(k, v.clone()));
+    }
+    pb::Resource { attributes }
+}
+
+/// A batch as one length-prefixed `ExportLogsServiceRequest`: one
+/// `ResourceLogs` (the resource, one `ScopeLogs` holding the records).
+fn encode_otlp(resource: &pb::Resource, batch: &[Entry]) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, message};
+    let delimited = |n: usize| 1 + encoded_len_varint(n as u64) + n;
+    // ScopeLogs.log_records is field 2.
+    let scope_len: usize = batch.iter().map(|e| e.field_len(2)).sum();
+    // ResourceLogs: resource (1), scope_logs (2).
+    let resource_logs_len = message::encoded_len(1, resource) + delimited(scope_len);
+    // ExportLogsServiceRequest.resource_logs is field 1.
+    let len = delimited(resource_logs_len);
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    encode_key(1, WireType::LengthDelimited, &mut out);
+    encode_varint(resource_logs_len as u64, &mut out);
+    message::encode(1, resource, &mut out);
+    encode_key(2, WireType::LengthDelimited, &mut out);
+    encode_varint(scope_len as u64, &mut out);
+    for e in batch {
+        e.encode_field(2, &mut out);
     }
     debug_assert_eq!(out.len(), 5 + len);
     out.freeze()
@@ -509,23 +654,22 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// One open `StreamAccessLogs` call.
-struct LogStream {
-    body: mpsc::Sender<BodyFrame>,
-    /// Kept so that the connection lives as long as the stream.
-    _sender: http2::SendRequest<ChannelBody>,
+/// An HTTP/2 connection to a host of the receiver's cluster.
+struct Connection {
+    sender: http2::SendRequest<ChannelBody>,
+    /// `http://<cluster>` (`https` with the cluster's TLS), as Envoy's gRPC client
+    /// names the authority.
+    origin: String,
 }
 
-impl LogStream {
-    /// The stream is gone when HTTP/2 dropped its body (the connection or the
-    /// stream ended).
+impl Connection {
     fn is_closed(&self) -> bool {
-        self.body.is_closed()
+        self.sender.is_closed()
     }
 
-    /// Opens a connection to a host of `cluster` and starts the call; None when
-    /// there is no such cluster or host, or the host cannot be reached.
-    async fn open(clusters: &ClusterManager, cluster: &str) -> Option<LogStream> {
+    /// Connects to a host of `cluster`; None when there is no such cluster or
+    /// host, or the host cannot be reached.
+    async fn open(clusters: &ClusterManager, cluster: &str) -> Option<Connection> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let cluster = clusters.get(cluster)?;
         let host = {
@@ -538,20 +682,30 @@ impl LogStream {
             (*healthy.get(pick % healthy.len().max(1))?).clone()
         };
         let io = crate::upstream::connect(&cluster, &host, None).await.ok()?;
-        let (mut sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .ok()?;
         tokio::spawn(conn);
-        sender.ready().await.ok()?;
-        let (tx, rx) = mpsc::channel(STREAM_MESSAGES);
         let scheme = if cluster.tls.is_some() {
             "https"
         } else {
             "http"
         };
+        Some(Connection {
+            sender,
+            origin: format!("{scheme}://{}", cluster.name),
+        })
+    }
+
+    /// Starts a gRPC call to `path`; its request messages go into the returned
+    /// sender (the call's request ends when the sender is dropped). None when the
+    /// connection is gone.
+    async fn call(&mut self, path: &str) -> Option<mpsc::Sender<BodyFrame>> {
+        self.sender.ready().await.ok()?;
+        let (tx, rx) = mpsc::channel(STREAM_MESSAGES);
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{scheme}://{}{METHOD_PATH}", cluster.name))
+            .uri(format!("{}{path}", self.origin))
             .body(ChannelBody(rx))
             .ok()?;
         let h = req.headers_mut();
@@ -560,9 +714,9 @@ impl LogStream {
             HeaderValue::from_static("application/grpc"),
         );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        let response = sender.send_request(req);
-        // The receiver answers only when the call ends; reading the answer keeps
-        // the stream open until then.
+        let response = self.sender.send_request(req);
+        // The answer is read to its end (an ALS answers only when the call ends),
+        // which keeps the call open until then.
         tokio::spawn(async move {
             if let Ok(resp) = response.await {
                 use http_body_util::BodyExt;
@@ -570,16 +724,55 @@ impl LogStream {
                 while let Some(Ok(_)) = body.frame().await {}
             }
         });
-        Some(LogStream {
-            body: tx,
-            _sender: sender,
-        })
+        Some(tx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_otlp_batch_decodes_as_an_export_request() {
+        let otel = crate::config::OtelLogConfig {
+            resource_attributes: vec![("svc".into(), "edge".into())],
+            disable_builtin_labels: true,
+            ..Default::default()
+        };
+        let formats = OtelFormats {
+            body: Some(super::super::Format::parse("%REQ(:METHOD)% %RESPONSE_CODE%").unwrap()),
+            attributes: vec![(
+                "path".into(),
+                super::super::Format::parse("%REQ(:PATH)%").unwrap(),
+            )],
+        };
+        let record = LogRecord {
+            method: "GET".into(),
+            path: "/p".into(),
+            response_code: 204,
+            start: Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(1_500)),
+            ..Default::default()
+        };
+        let entry = otel_entry(&formats, &record);
+        assert_eq!(entry.time_unix_nano, 1_500);
+        assert_eq!(
+            entry.body.as_ref().unwrap().string_value.as_deref(),
+            Some("GET 204")
+        );
+        let framed = encode_otlp(
+            &resource("l", &otel),
+            &[Entry::Otel(Box::new(entry.clone()))],
+        );
+        let len = u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize;
+        assert_eq!(framed.len(), 5 + len);
+        let req = pb::ExportLogsServiceRequest::decode(&framed[5..]).unwrap();
+        let rl = &req.resource_logs[0];
+        assert_eq!(
+            rl.resource.as_ref().unwrap().attributes,
+            vec![pb::KeyValue::string("svc", "edge".into())]
+        );
+        assert_eq!(rl.scope_logs[0].log_records, vec![entry]);
+    }
 
     #[test]
     fn response_flags_of_the_short_form() {
@@ -609,6 +802,7 @@ mod tests {
             buffer_flush_interval: Duration::from_secs(1),
             request_headers: vec![":method".into()],
             response_headers: vec![],
+            otel: None,
         };
         let e = http_entry(&config, &record);
         let bytes = e.encode_to_vec();

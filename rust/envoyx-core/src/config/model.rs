@@ -789,6 +789,22 @@ pub enum AccessLogSink {
 pub enum GrpcLogKind {
     Http,
     Tcp,
+    /// `envoy.access_loggers.open_telemetry`: OTLP `LogsService/Export`.
+    OpenTelemetry,
+}
+
+/// What `OpenTelemetryAccessLogConfig` adds to the common config.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OtelLogConfig {
+    /// `body.string_value`: a format string (None: no body).
+    pub body: Option<String>,
+    /// `attributes.values`: keys and format strings of `string_value`s.
+    pub attributes: Vec<(String, String)>,
+    /// `resource_attributes.values`: keys and plain `string_value`s.
+    pub resource_attributes: Vec<(String, String)>,
+    /// `disable_builtin_labels`: no `log_name`, `zone_name`, `cluster_name`,
+    /// `node_name` resource attributes.
+    pub disable_builtin_labels: bool,
 }
 
 /// `HttpGrpcAccessLogConfig` / `TcpGrpcAccessLogConfig` and their `common_config`.
@@ -808,6 +824,8 @@ pub struct GrpcAccessLogConfig {
     /// lower-cased (pseudo-headers such as `:method` included).
     pub request_headers: Vec<String>,
     pub response_headers: Vec<String>,
+    /// The OpenTelemetry logger's own fields.
+    pub otel: Option<OtelLogConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -680,6 +680,14 @@ pub fn map_access_log(al: &Obj<'_>) -> Option<AccessLogConfig> {
                 format: AccessLogFormat::Text(String::new()),
             });
         }
+        OTEL_LOG_TYPE => {
+            return Some(AccessLogConfig {
+                sink: AccessLogSink::Grpc(
+                    map_grpc_access_log(&tc, GrpcLogKind::OpenTelemetry)?.into(),
+                ),
+                format: AccessLogFormat::Text(String::new()),
+            });
+        }
         TCP_GRPC_LOG_TYPE => {
             return Some(AccessLogConfig {
                 sink: AccessLogSink::Grpc(map_grpc_access_log(&tc, GrpcLogKind::Tcp)?.into()),
@@ -777,8 +785,9 @@ fn map_grpc_access_log(tc: &Obj<'_>, kind: GrpcLogKind) -> Option<GrpcAccessLogC
             headers("additional_request_headers_to_log"),
             headers("additional_response_headers_to_log"),
         ),
-        GrpcLogKind::Tcp => (Vec::new(), Vec::new()),
+        GrpcLogKind::Tcp | GrpcLogKind::OpenTelemetry => (Vec::new(), Vec::new()),
     };
+    let otel = (kind == GrpcLogKind::OpenTelemetry).then(|| map_otel_log(tc));
     Some(GrpcAccessLogConfig {
         kind,
         log_name: log_name.to_string(),
@@ -787,7 +796,47 @@ fn map_grpc_access_log(tc: &Obj<'_>, kind: GrpcLogKind) -> Option<GrpcAccessLogC
         buffer_flush_interval,
         request_headers,
         response_headers,
+        otel,
     })
+}
+
+/// `OpenTelemetryAccessLogConfig`'s own fields. Values are `string_value`s (a
+/// `kvlist_value`, `array_value` or another kind stays unread, so refused by
+/// name); `stat_prefix` and `formatters` are refused.
+fn map_otel_log(tc: &Obj<'_>) -> OtelLogConfig {
+    let check = |o: &Obj<'_>, key: &str, format: &str| {
+        if let Err(e) = crate::access_log::Format::parse(format) {
+            o.errors().push(&o.field_path(key), e);
+        }
+    };
+    let body = tc.obj("body").and_then(|b| {
+        let s = b.str("string_value")?;
+        check(&b, "string_value", s);
+        Some(s.to_string())
+    });
+    let key_values = |key: &'static str, formatted: bool| -> Vec<(String, String)> {
+        let Some(list) = tc.obj(key) else {
+            return Vec::new();
+        };
+        list.list("values")
+            .iter()
+            .filter_map(|kv| {
+                let k = kv.str("key").unwrap_or_default().to_string();
+                let v = kv.obj("value")?;
+                let s = v.str("string_value")?;
+                if formatted {
+                    check(&v, "string_value", s);
+                }
+                Some((k, s.to_string()))
+            })
+            .collect()
+    };
+    OtelLogConfig {
+        body,
+        attributes: key_values("attributes", true),
+        resource_attributes: key_values("resource_attributes", false),
+        disable_builtin_labels: tc.bool("disable_builtin_labels").unwrap_or(false),
+    }
 }
 
 /// `envoy.config.core.v3.SubstitutionFormatString`.

@@ -15,6 +15,8 @@ pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.Std
 pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
 pub const HTTP_GRPC_LOG_TYPE: &str =
     "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig";
+pub const OTEL_LOG_TYPE: &str =
+    "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig";
 pub const TCP_GRPC_LOG_TYPE: &str =
     "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig";
 pub const FAULT_TYPE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
