@@ -45,6 +45,13 @@ from support.bootstrap import (
 from support.differential import Ctx, Environment, Http, Json, Tcp, _normalize, _send_all
 from support.envoy import EnvoyProcess, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
+from support.tls import (
+    client_context,
+    downstream_tls,
+    https_request,
+    shared_pki,
+    validation_context,
+)
 from support.wait import free_port, until
 
 pytestmark = pytest.mark.envoy
@@ -474,6 +481,9 @@ def _mask(entry: Json, ports: dict[str, str]) -> Json:
                 value = "<uuid>" if UUID_RE.match(value) else value
             elif name in ("downstream_remote_address", "downstream_direct_remote_address"):
                 value = {"socket_address": {**value["socket_address"], "port_value": "<eph>"}}
+            elif name == "tls_properties":
+                # The session id differs per handshake; envoyx leaves it empty.
+                value = {k: v for k, v in value.items() if k != "tls_session_id"}
             elif name == "downstream_local_address":
                 port = str(value["socket_address"].get("port_value"))
                 value = {
@@ -866,3 +876,66 @@ def test_open_telemetry_records_match_envoys(
     ours, stats = _otel_run("envoyx", envoy_binary, environment, receiver, tmp_path, not builtin)
     assert ours == envoy_records
     assert stats == envoy_stats
+
+
+# ---------------------------------------------------------------------------------
+# A TLS downstream: tls_properties
+# ---------------------------------------------------------------------------------
+
+
+def _tls_run(
+    target: str,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+) -> list[Json]:
+    pki = shared_pki()
+    receiver.reset()
+    ctx = _ctx(environment)
+    doc = http_bootstrap(ctx, receiver.port, grpc_logger(flush="0.2s"))
+    chain = doc["static_resources"]["listeners"][0]["filter_chains"][0]
+    chain["transport_socket"] = downstream_tls(
+        [pki.server_rsa],
+        validation=validation_context(pki.ca_path),
+        require_client_certificate=True,
+    )
+    proxy = _start(target, envoy_binary, doc, tmp_path)
+    try:
+        client = client_context(pki, cert=pki.client_web)
+        resp, _ = https_request(
+            ("127.0.0.1", ctx.port), client, "/tls", server_name="server.example.com"
+        )
+        assert resp.status == 200
+        until(lambda: len(receiver.entries()) >= 1, timeout=10, what="the TLS entry")
+    finally:
+        proxy.stop()
+    return [_mask(e, {str(ctx.port): "{port}"}) for e in receiver.entries()]
+
+
+_TLS_ENVOY: list[list[Json]] = []
+
+
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+def test_tls_properties_match_envoys(
+    target: str,
+    envoy_binary: Path,
+    environment: Environment,
+    receiver: AlsReceiver,
+    tmp_path: Path,
+) -> None:
+    """An mTLS request's entry: TLS version, cipher suite, SNI, the local and the
+    peer certificate's subject and URI SANs, as Envoy logs them."""
+    if not _TLS_ENVOY:
+        _TLS_ENVOY.append(_tls_run("envoy", envoy_binary, environment, receiver, tmp_path))
+    envoy = _TLS_ENVOY[0]
+    tls = envoy[0]["common_properties"]["tls_properties"]
+    if target == "envoy":
+        assert tls["tls_version"] == "TLSv1_3", tls
+        assert "tls_sni_hostname" not in tls, "Envoy logs the SNI a tls_inspector found"
+        assert tls["peer_certificate_properties"]["issuer"] == "CN=root-ca,O=envoyx tests"
+        assert tls["peer_certificate_properties"]["subject_alt_name"], tls
+        assert envoy[0]["request"]["scheme"] == "https"
+        return
+    ours = _tls_run("envoyx", envoy_binary, environment, receiver, tmp_path)
+    assert ours == envoy

@@ -229,6 +229,8 @@ pub struct AccessLogCommon {
     pub downstream_remote_address: Option<Address>,
     #[prost(message, optional, tag = "3")]
     pub downstream_local_address: Option<Address>,
+    #[prost(message, optional, tag = "4")]
+    pub tls_properties: Option<TlsProperties>,
     #[prost(message, optional, tag = "5")]
     pub start_time: Option<Timestamp>,
     #[prost(message, optional, tag = "9")]
@@ -257,6 +259,39 @@ pub struct AccessLogCommon {
 }
 
 pub const TCP_CONNECTION_END: i32 = 3;
+
+/// `envoy.data.accesslog.v3.TLSProperties` (no session id, no JA3).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TlsProperties {
+    /// `TLSVersion`: TLSv1_2 3, TLSv1_3 4.
+    #[prost(int32, tag = "1")]
+    pub tls_version: i32,
+    #[prost(message, optional, tag = "2")]
+    pub tls_cipher_suite: Option<UInt32Value>,
+    #[prost(string, tag = "3")]
+    pub tls_sni_hostname: String,
+    #[prost(message, optional, tag = "4")]
+    pub local_certificate_properties: Option<CertificateProperties>,
+    #[prost(message, optional, tag = "5")]
+    pub peer_certificate_properties: Option<CertificateProperties>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CertificateProperties {
+    #[prost(message, repeated, tag = "1")]
+    pub subject_alt_name: Vec<SubjectAltName>,
+    #[prost(string, tag = "2")]
+    pub subject: String,
+    #[prost(string, tag = "3")]
+    pub issuer: String,
+}
+
+/// `CertificateProperties.SubjectAltName` with its `uri` (the only kind Envoy logs).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SubjectAltName {
+    #[prost(string, optional, tag = "1")]
+    pub uri: Option<String>,
+}
 pub const DOWNSTREAM_END: i32 = 6;
 
 /// `envoy.data.accesslog.v3.ResponseFlags`.

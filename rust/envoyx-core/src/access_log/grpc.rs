@@ -261,6 +261,7 @@ fn common(record: &LogRecord, log_type: i32) -> pb::AccessLogCommon {
         downstream_remote_address: record.downstream_remote.map(pb::Address::of),
         downstream_direct_remote_address: record.downstream_remote.map(pb::Address::of),
         downstream_local_address: record.downstream_local.map(pb::Address::of),
+        tls_properties: record.downstream_tls.as_deref().map(tls_properties),
         start_time: record.start.and_then(since_epoch).map(pb::Timestamp::of),
         duration: Some(pb::Timestamp::of(record.duration)),
         time_to_first_upstream_rx_byte: record.response_duration.map(pb::Timestamp::of),
@@ -275,6 +276,49 @@ fn common(record: &LogRecord, log_type: i32) -> pb::AccessLogCommon {
         upstream_request_attempt_count: 0,
         stream_id: String::new(),
         access_log_type: log_type,
+    }
+}
+
+/// The downstream TLS session as Envoy 1.40 logs it: version, suite, the SNI a
+/// `tls_inspector` found, of each certificate its subject and URI SANs, and the
+/// peer's issuer.
+fn tls_properties(tls: &crate::tls::PeerTls) -> pb::TlsProperties {
+    let cert = |c: Option<&crate::tls::peer::CertInfo>, issuer: bool| {
+        c.map(|c| pb::CertificateProperties {
+            subject_alt_name: c
+                .uri_sans
+                .iter()
+                .map(|u| pb::SubjectAltName {
+                    uri: Some(u.clone()),
+                })
+                .collect(),
+            subject: c.subject.clone(),
+            issuer: if issuer {
+                c.issuer.clone()
+            } else {
+                String::new()
+            },
+        })
+    };
+    pb::TlsProperties {
+        tls_version: match tls.version {
+            Some("TLSv1") => 1,
+            Some("TLSv1.1") => 2,
+            Some("TLSv1.2") => 3,
+            Some("TLSv1.3") => 4,
+            _ => 0,
+        },
+        tls_cipher_suite: tls
+            .cipher
+            .and_then(crate::tls::params::suite_id)
+            .map(|id| pb::UInt32Value { value: id.into() }),
+        tls_sni_hostname: tls
+            .requested_server_name
+            .as_deref()
+            .unwrap_or_default()
+            .to_string(),
+        local_certificate_properties: cert(tls.local(), false),
+        peer_certificate_properties: cert(tls.peer(), true),
     }
 }
 
