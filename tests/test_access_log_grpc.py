@@ -596,6 +596,12 @@ def test_scenario(
 # ---------------------------------------------------------------------------------
 
 
+def _replace(typed: Json, **fields: Any) -> None:
+    """Makes ``typed`` an OpenTelemetry logger's config with ``fields`` set."""
+    typed.clear()
+    typed.update(otel_logger()["typed_config"], **fields)
+
+
 def _paths(receiver: AlsReceiver) -> list[str]:
     return [e.get("request", {}).get("path", "") for e in receiver.entries()]
 
@@ -729,14 +735,11 @@ BAD: dict[str, tuple[Callable[[Json], None], str]] = {
     ),
     # OpenTelemetry: only string values are formatted.
     "otel_kvlist_body": (
-        lambda t: (
-            t.clear(),
-            t.update(otel_logger()["typed_config"], body={"kvlist_value": {"values": []}}),
-        ),
+        lambda t: _replace(t, body={"kvlist_value": {"values": []}}),
         "typed_config.body.kvlist_value: not supported by envoyx",
     ),
     "otel_stat_prefix": (
-        lambda t: (t.clear(), t.update(otel_logger()["typed_config"], stat_prefix="p")),
+        lambda t: _replace(t, stat_prefix="p"),
         "typed_config.stat_prefix: not supported by envoyx",
     ),
     "v2_transport": (
@@ -796,6 +799,13 @@ OTEL_REQUESTS = (
 )
 
 
+@dataclass(frozen=True)
+class _Requests:
+    """What ``_send_all`` reads of a scenario: its requests."""
+
+    requests: tuple[Http | Tcp, ...]
+
+
 def _otel_run(
     target: str,
     envoy_binary: Path,
@@ -816,9 +826,7 @@ def _otel_run(
     started = time.time_ns()
     try:
         before = proxy.stats()
-        facts = _send_all(
-            AlsScenario("otel", http_bootstrap, OTEL_REQUESTS, 3), ("127.0.0.1", ctx.port)
-        )  # type: ignore[arg-type]
+        facts = _send_all(_Requests(OTEL_REQUESTS), ("127.0.0.1", ctx.port))  # type: ignore[arg-type]
         assert [f["status"] for f in facts] == [200, 200, 503]
         until(lambda: len(receiver.otel_records()) >= 3, timeout=10, what="3 OTLP log records")
         after = proxy.stats()
