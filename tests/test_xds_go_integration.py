@@ -9,10 +9,8 @@ snapshot (as the driver's ``callEcho``) and every response ACKed.
 
 The HTTP listeners carry an ``envoy.access_loggers.http_grpc`` logger to
 ``als_cluster`` (in the bootstrap, as in the module's ``sample/bootstrap-ads.yaml``;
-nothing listens there: a dead receiver loses log entries, never traffic). Envoy runs the
-resources as they are. envoyx runs them with the logger removed by the Go server
-(``--strip-als``) — and as they are, expected to fail until envoyx has the gRPC access
-logger (strict: the test says so once it passes).
+nothing listens there: a dead receiver loses log entries, never traffic). Both proxies
+run the resources as they are.
 """
 
 from __future__ import annotations
@@ -91,34 +89,16 @@ def _check_traffic(base: int) -> None:
         assert _get(port, host="elsewhere.example") == (404, None)
 
 
-def _cases() -> list[object]:
-    out: list[object] = []
-    for param in targets_from_env("ENVOYX_XDS_TARGETS"):
-        target, marks = (param, ()) if isinstance(param, str) else (param.values[0], param.marks)
-        for variant in ("as-is",) if target == "envoy" else ("without-als", "as-is"):
-            out.append(pytest.param(target, variant, marks=marks, id=f"{target}-{variant}"))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["ads", "delta-ads"])
-@pytest.mark.parametrize(("target", "variant"), _cases())
+@pytest.mark.parametrize("target", targets_from_env("ENVOYX_XDS_TARGETS"))
 def test_integration_snapshots(
     target: str,
-    variant: str,
     mode: str,
     request: pytest.FixtureRequest,
     xds_go_binary: Path,
     upstream: HttpUpstream,
     tmp_path: Path,
 ) -> None:
-    if target == "envoyx" and variant == "as-is":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="envoy.access_loggers.http_grpc is another branch's (als): envoyx "
-                "NACKs the HTTP listeners until it is merged",
-                strict=True,
-            )
-        )
     base = free_port_block(3 * PER_KIND)
     server = XdsGoServer(
         xds_go_binary,
@@ -132,7 +112,6 @@ def test_integration_snapshots(
             "integration",
             "--clusters",
             str(CLUSTERS),
-            *(("--strip-als",) if variant == "without-als" else ()),
         ),
     )
     try:

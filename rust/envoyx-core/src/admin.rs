@@ -28,9 +28,13 @@ pub async fn serve(shared: Arc<Instance>, listener: StdTcpListener, logs: Vec<Ac
         workers: 0,
         flush: shared.options.file_flush,
     };
+    let grpc = crate::access_log::GrpcLogContext {
+        clusters: &shared.clusters,
+        store: &shared.store,
+    };
     let loggers: Arc<Vec<Arc<AccessLogger>>> = Arc::new(
         logs.iter()
-            .filter_map(|c| AccessLogger::open(c, options).ok())
+            .filter_map(|c| AccessLogger::open(c, options, Some(grpc)).ok())
             .collect(),
     );
     let cx_total = shared.store.counter("listener.admin.downstream_cx_total");

@@ -34,6 +34,7 @@ impl Server {
     pub fn new(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self> {
         // Envoy's runtime is the process's: the last server built sets it.
         crate::runtime::install(bootstrap.runtime);
+        crate::access_log::set_local_node(&bootstrap.node);
         let store = StatStore::with_workers(options.concurrency.max(1));
         let secrets = Arc::new(SecretStore::new(bootstrap.secrets));
         let clusters =

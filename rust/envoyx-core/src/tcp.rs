@@ -51,7 +51,13 @@ impl TcpProxy {
         let access_logs = config
             .access_logs
             .iter()
-            .map(|c| AccessLogger::open(c, log_options))
+            .map(|c| {
+                let grpc = crate::access_log::GrpcLogContext {
+                    clusters: &clusters,
+                    store,
+                };
+                AccessLogger::open(c, log_options, Some(grpc))
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Arc::new(TcpProxy {
             cluster: config.cluster,

@@ -22,9 +22,12 @@ use std::time::{Duration, Instant};
 
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogSink};
 
+mod als_proto;
 mod format;
+mod grpc;
 
 pub use format::{Format, HeaderBytes, LogRecord, StreamFacts};
+pub use grpc::{GrpcLogContext, set_local_node};
 
 #[derive(Debug)]
 enum CompiledFormat {
@@ -75,15 +78,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One configured access logger.
-pub struct AccessLogger {
+/// One configured access logger: a file (stdout, stderr) of formatted lines, or
+/// a gRPC access log service ([`grpc`]).
+#[derive(Debug)]
+pub struct AccessLogger(Sink_);
+
+#[derive(Debug)]
+enum Sink_ {
+    File(FileLogger),
+    Grpc(grpc::GrpcLogger),
+}
+
+/// A logger writing lines to a file through the flusher.
+struct FileLogger {
     format: CompiledFormat,
     buffer: Arc<LogBuffer>,
 }
 
-impl std::fmt::Debug for AccessLogger {
+impl std::fmt::Debug for FileLogger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessLogger")
+        f.debug_struct("FileLogger")
             .field("format", &self.format)
             .field("shards", &self.buffer.shards.len())
             .field("flush", &self.buffer.settings)
@@ -92,7 +106,22 @@ impl std::fmt::Debug for AccessLogger {
 }
 
 impl AccessLogger {
-    pub fn open(config: &AccessLogConfig, options: AccessLogOptions) -> std::io::Result<Arc<Self>> {
+    /// `grpc`: the cluster manager and stats gRPC loggers use; a gRPC logger
+    /// configured where there is none (admin) is an error.
+    pub fn open(
+        config: &AccessLogConfig,
+        options: AccessLogOptions,
+        grpc: Option<GrpcLogContext<'_>>,
+    ) -> std::io::Result<Arc<Self>> {
+        if let AccessLogSink::Grpc(c) = &config.sink {
+            let cx = grpc.ok_or_else(|| {
+                std::io::Error::other("gRPC access loggers are not supported here by envoyx")
+            })?;
+            return Ok(Arc::new(AccessLogger(Sink_::Grpc(grpc::GrpcLogger::open(
+                c.clone(),
+                cx,
+            )?))));
+        }
         let format = match &config.format {
             AccessLogFormat::Text(s) => {
                 CompiledFormat::Text(Format::parse(s).map_err(std::io::Error::other)?)
@@ -111,23 +140,52 @@ impl AccessLogger {
             AccessLogSink::File(path) => Sink::open(path)?,
             AccessLogSink::Stdout => Sink::Stdout,
             AccessLogSink::Stderr => Sink::Stderr,
+            AccessLogSink::Grpc(_) => unreachable!("handled above"),
         };
         let buffer = LogBuffer::register(sink, options)?;
-        Ok(Arc::new(AccessLogger { format, buffer }))
+        Ok(Arc::new(AccessLogger(Sink_::File(FileLogger {
+            format,
+            buffer,
+        }))))
     }
 
     /// A file of lines its callers render themselves: Envoy's event logs (health
     /// checking, outlier detection) share its access-log files and their flushing.
     pub fn open_lines(path: &str, options: AccessLogOptions) -> std::io::Result<Arc<Self>> {
         let buffer = LogBuffer::register(Sink::open(path)?, options)?;
-        Ok(Arc::new(AccessLogger {
+        Ok(Arc::new(AccessLogger(Sink_::File(FileLogger {
             format: CompiledFormat::Lines,
             buffer,
-        }))
+        }))))
     }
 
     /// Appends `line` and a newline to the calling thread's buffer.
     pub fn log_line(&self, line: &str) {
+        if let Sink_::File(f) = &self.0 {
+            f.log_line(line);
+        }
+    }
+
+    /// Logs one request: a line rendered into the calling thread's buffer, or an
+    /// entry handed to the gRPC logger's task; never writes or sends itself.
+    pub fn log(&self, record: &LogRecord) {
+        match &self.0 {
+            Sink_::File(f) => f.log(record),
+            Sink_::Grpc(g) => g.log(record),
+        }
+    }
+
+    /// Writes this logger's buffered lines now; returns once they are written
+    /// (a gRPC logger flushes on its own schedule).
+    pub fn flush(&self) {
+        if let Sink_::File(f) = &self.0 {
+            f.buffer.flush();
+        }
+    }
+}
+
+impl FileLogger {
+    fn log_line(&self, line: &str) {
         let shard = self.shard();
         let mut lines = lock(&shard.0);
         lines.push_str(line);
@@ -156,7 +214,7 @@ impl AccessLogger {
     }
 
     /// Renders one line into the calling thread's buffer; never writes to the sink.
-    pub fn log(&self, record: &LogRecord) {
+    fn log(&self, record: &LogRecord) {
         let mut lines = lock(&self.shard().0);
         match &self.format {
             CompiledFormat::Text(f) => f.render(record, &mut lines),
@@ -173,14 +231,9 @@ impl AccessLogger {
         }
         self.wake_if_full(lines);
     }
-
-    /// Writes this logger's buffered lines now; returns once they are written.
-    pub fn flush(&self) {
-        self.buffer.flush();
-    }
 }
 
-impl Drop for AccessLogger {
+impl Drop for FileLogger {
     /// The flusher writes what is left (a removed listener's last lines) and
     /// closes the file; whichever thread drops the logger does not wait for that.
     fn drop(&mut self) {
@@ -421,7 +474,7 @@ mod tests {
             sink: AccessLogSink::File(path.to_string_lossy().into_owned()),
             format: AccessLogFormat::Text("%REQ(:PATH)% %REQ(:AUTHORITY)%\n".into()),
         };
-        AccessLogger::open(&config, AccessLogOptions { workers, flush }).unwrap()
+        AccessLogger::open(&config, AccessLogOptions { workers, flush }, None).unwrap()
     }
 
     fn record(path: String) -> LogRecord {

@@ -855,6 +855,54 @@ pub enum AccessLogSink {
     File(String),
     Stdout,
     Stderr,
+    /// `envoy.access_loggers.http_grpc` / `tcp_grpc`: entries streamed to an
+    /// access log service (the format is not used).
+    Grpc(std::sync::Arc<GrpcAccessLogConfig>),
+}
+
+/// Which entries a gRPC access logger sends (`HTTPAccessLogEntry` or
+/// `TCPAccessLogEntry`), as Envoy's `GrpcAccessLoggerType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcLogKind {
+    Http,
+    Tcp,
+    /// `envoy.access_loggers.open_telemetry`: OTLP `LogsService/Export`.
+    OpenTelemetry,
+}
+
+/// What `OpenTelemetryAccessLogConfig` adds to the common config.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OtelLogConfig {
+    /// `body.string_value`: a format string (None: no body).
+    pub body: Option<String>,
+    /// `attributes.values`: keys and format strings of `string_value`s.
+    pub attributes: Vec<(String, String)>,
+    /// `resource_attributes.values`: keys and plain `string_value`s.
+    pub resource_attributes: Vec<(String, String)>,
+    /// `disable_builtin_labels`: no `log_name`, `zone_name`, `cluster_name`,
+    /// `node_name` resource attributes.
+    pub disable_builtin_labels: bool,
+}
+
+/// `HttpGrpcAccessLogConfig` / `TcpGrpcAccessLogConfig` and their `common_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcAccessLogConfig {
+    pub kind: GrpcLogKind,
+    /// `common_config.log_name`: sent in the stream's identifier.
+    pub log_name: String,
+    /// `common_config.grpc_service.envoy_grpc.cluster_name`.
+    pub cluster: String,
+    /// `common_config.buffer_size_bytes` (Envoy's default 16384; 0: every entry
+    /// is sent at once).
+    pub buffer_size_bytes: u32,
+    /// `common_config.buffer_flush_interval` (Envoy's default 1 s).
+    pub buffer_flush_interval: std::time::Duration,
+    /// `additional_request_headers_to_log` / `additional_response_headers_to_log`,
+    /// lower-cased (pseudo-headers such as `:method` included).
+    pub request_headers: Vec<String>,
+    pub response_headers: Vec<String>,
+    /// The OpenTelemetry logger's own fields.
+    pub otel: Option<OtelLogConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -13,6 +13,12 @@ pub const PYTHON_FILTER_TYPE: &str = "envoyx.filters.http.python";
 pub const FILE_LOG_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 pub const STDOUT_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 pub const STDERR_LOG_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+pub const HTTP_GRPC_LOG_TYPE: &str =
+    "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig";
+pub const OTEL_LOG_TYPE: &str =
+    "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig";
+pub const TCP_GRPC_LOG_TYPE: &str =
+    "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig";
 pub const FAULT_TYPE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
 pub const CORS_TYPE: &str = "envoy.extensions.filters.http.cors.v3.Cors";
 pub const CORS_POLICY_TYPE: &str = "envoy.extensions.filters.http.cors.v3.CorsPolicy";

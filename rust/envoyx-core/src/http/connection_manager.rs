@@ -224,7 +224,13 @@ impl HttpConnectionManager {
         let access_logs = config
             .access_logs
             .iter()
-            .map(|c| AccessLogger::open(c, log_options))
+            .map(|c| {
+                let grpc = crate::access_log::GrpcLogContext {
+                    clusters: &clusters,
+                    store,
+                };
+                AccessLogger::open(c, log_options, Some(grpc))
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         let options = *config.options;
         let header = |v: Option<String>| v.and_then(|v| HeaderValue::from_str(&v).ok());

@@ -44,6 +44,15 @@ const SUITES: &[(&str, SupportedCipherSuite)] = &[
     ),
 ];
 
+/// The IANA id of a suite by its OpenSSL name (the access log's
+/// `tls_cipher_suite`).
+pub fn suite_id(name: &str) -> Option<u16> {
+    SUITES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| u16::from(s.suite()))
+}
+
 const CURVES: &[(&str, &dyn SupportedKxGroup)] = &[
     ("X25519", kx_group::X25519),
     ("P-256", kx_group::SECP256R1),
