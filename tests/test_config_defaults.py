@@ -19,7 +19,6 @@ import copy
 import difflib
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,15 +33,13 @@ from support.bootstrap import socket_address as _address
 from support.config_fields import Place, _at, _base, fields_of, probe
 from support.differential import (
     Ctx,
-    Environment,
     H2Settings,
     Http,
     Json,
     Raw,
     Scenario,
-    run_differential,
+    differential_tests,
 )
-from support.envoy import targets_from_env
 from support.envoy_defaults import (
     ABSENT,
     DEFAULT_PLACES,
@@ -279,17 +276,7 @@ DEFAULT_SCENARIOS = [
 ]
 
 
-@pytest.mark.envoy
-@pytest.mark.parametrize("scenario", DEFAULT_SCENARIOS, ids=[s.name for s in DEFAULT_SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_defaults_behave_as_envoys(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_defaults_behave_as_envoys = pytest.mark.envoy(differential_tests(DEFAULT_SCENARIOS))
 
 
 def _ads_bootstrap(xds_cluster: Json) -> Bootstrap:

@@ -42,7 +42,6 @@ from support.bootstrap import (
 )
 from support.differential import (
     Ctx,
-    Environment,
     Grpc,
     Http,
     Json,
@@ -50,10 +49,9 @@ from support.differential import (
     Scenario,
     Tcp,
     connection_pattern,
-    run_differential,
+    differential_tests,
     upstream_pattern,
 )
-from support.envoy import targets_from_env
 from support.upstreams import STREAM_METHOD, UNARY_METHOD, GrpcUpstream, pattern_sha256
 
 pytestmark = pytest.mark.envoy
@@ -921,16 +919,7 @@ SCENARIOS: list[Scenario] = [
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 def test_table_is_large_enough() -> None:

@@ -8,15 +8,13 @@ counted gRPC failure. Configuration errors name their field.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import envoyx
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Grpc, Http, Json, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Grpc, Http, Json, Scenario, differential_tests
 from support.upstreams import GRPC_SERVICE, STREAM_METHOD, UNARY_METHOD
 
 pytestmark = pytest.mark.envoy
@@ -168,16 +166,7 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 HCM = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"

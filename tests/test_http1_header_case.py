@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Json, RawHead, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Json, RawHead, Scenario, differential_tests
 
 pytestmark = pytest.mark.envoy
 
@@ -377,7 +376,4 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_header_case(target, scenario, envoy_binary, environment, tmp_path):
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_header_case = differential_tests(SCENARIOS)

@@ -29,13 +29,12 @@ import envoyx
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
 from support.differential import (
     Ctx,
-    Environment,
     Http,
     Json,
     Scenario,
-    run_differential,
+    differential_tests,
 )
-from support.envoy import EnvoyProcess, targets_from_env
+from support.envoy import EnvoyProcess
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import HttpUpstream
 from support.wait import RefusedPort, free_port
@@ -987,16 +986,7 @@ SCENARIOS: list[Scenario] = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 def test_table_names_are_unique() -> None:

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Http, Json, Raw, RawSeq, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Http, Json, Raw, RawSeq, Scenario, differential_tests
 
 pytestmark = pytest.mark.envoy
 
@@ -563,7 +562,4 @@ LOCAL_REPLY_SCENARIOS: list[Scenario] = [
 SCENARIOS += LOCAL_REPLY_SCENARIOS
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(target, scenario, envoy_binary, environment, tmp_path):
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)

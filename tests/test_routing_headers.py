@@ -28,14 +28,12 @@ from envoyx.errors import ConfigError
 from support.bootstrap import bootstrap, cluster, http_listener
 from support.differential import (
     Ctx,
-    Environment,
     Http,
     Json,
     Raw,
     Scenario,
-    run_differential,
+    differential_tests,
 )
-from support.envoy import targets_from_env
 
 pytestmark = pytest.mark.envoy
 
@@ -1069,16 +1067,7 @@ def envoyx_errors(document: Json) -> list[str]:
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,10 @@ from support.differential import (
     Http,
     Json,
     Scenario,
-    run_differential,
+    differential_tests,
     run_scenario,
 )
-from support.envoy import EnvoyProcess, targets_from_env
+from support.envoy import EnvoyProcess
 from support.proxy import EnvoyxProcess
 from support.wait import free_port
 
@@ -599,16 +599,7 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 def build_logged(ctx: Ctx) -> Json:

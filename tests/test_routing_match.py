@@ -24,8 +24,7 @@ import pytest
 
 import envoyx
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Http, Json, Scenario, differential_tests
 
 pytestmark = pytest.mark.envoy
 
@@ -922,16 +921,7 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 # ---------------------------------------------------------------------------------

@@ -8,15 +8,13 @@ request's route timeout from its ``grpc-timeout``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import envoyx
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Http, Json, Raw, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Http, Json, Raw, Scenario, differential_tests
 
 pytestmark = pytest.mark.envoy
 
@@ -201,16 +199,7 @@ SCENARIOS: list[Scenario] = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 def test_table_names_are_unique() -> None:

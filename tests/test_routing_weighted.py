@@ -41,8 +41,7 @@ from test_routing_headers import HCM_PATH, dummy_ctx, envoy_refusal, envoyx_erro
 
 import envoyx
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Http, Json, Scenario, differential_tests
 from support.proxy import ProxyProcess
 from support.tls import (
     Pki,
@@ -501,16 +500,7 @@ def serve() -> Iterator[Serve]:
         server.stop()
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", FILTER_SCENARIOS, ids=[s.name for s in FILTER_SCENARIOS])

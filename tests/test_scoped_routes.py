@@ -34,7 +34,7 @@ from support.bootstrap import (
     file_access_log,
     socket_address,
 )
-from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
+from support.differential import Ctx, Http, Json, Scenario, differential_tests
 from support.envoy import targets_from_env
 from support.proxy import ProxyProcess
 from support.upstreams import HttpUpstream
@@ -294,16 +294,7 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS)
 
 
 # ---------------------------------------------------------------------------------

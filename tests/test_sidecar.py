@@ -12,15 +12,13 @@ iptables: tests/test_sidecar_redirect.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from envoyx import _core
 from envoyx.config import bootstrap_to_json, load_bootstrap
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
-from support.differential import Ctx, Environment, Http, Json, Scenario, run_differential
-from support.envoy import targets_from_env
+from support.differential import Ctx, Http, Json, Scenario, differential_tests
 
 pytestmark = pytest.mark.envoy
 
@@ -189,16 +187,7 @@ SCENARIOS = [
 NAMES = tuple(s.name for s in SCENARIOS)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=NAMES)
-@pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
-def test_scenario(
-    target: str,
-    scenario: Scenario,
-    envoy_binary: Path,
-    environment: Environment,
-    tmp_path: Path,
-) -> None:
-    run_differential(target, scenario, envoy_binary, environment, tmp_path)
+test_scenario = differential_tests(SCENARIOS, ids=NAMES)
 
 
 def _errors(c: Json) -> list[str]:

@@ -33,16 +33,17 @@ import json
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+import pytest
 
 from support.clients import RawResponse, _Reader, raw_exchange, read_response
-from support.envoy import EnvoyProcess
+from support.envoy import EnvoyProcess, targets_from_env
 from support.proxy import EnvoyxProcess, ProxyProcess
 from support.upstreams import (
     UNARY_METHOD,
@@ -909,6 +910,28 @@ RUN_SPECIFIC = ("up.connection",)
 
 def _drop(facts: Facts, keys: tuple[str, ...]) -> Facts:
     return {k: v for k, v in facts.items() if k not in keys and k not in RUN_SPECIFIC}
+
+
+def differential_tests(
+    scenarios: list[Scenario], ids: Iterable[str] | None = None
+) -> Callable[..., None]:
+    """The test of a table of scenarios, to assign to a ``test_`` name of a module:
+    each scenario runs as ``[envoy-NAME]`` (the table against Envoy alone) and
+    ``[envoyx-NAME]`` (envoyx beside Envoy's result); ``ENVOYX_DIFF_TARGETS`` picks."""
+    names = list(ids) if ids is not None else [s.name for s in scenarios]
+
+    @pytest.mark.parametrize("scenario", scenarios, ids=names)
+    @pytest.mark.parametrize("target", targets_from_env("ENVOYX_DIFF_TARGETS"))
+    def test_scenario(
+        target: str,
+        scenario: Scenario,
+        envoy_binary: Path,
+        environment: Environment,
+        tmp_path: Path,
+    ) -> None:
+        run_differential(target, scenario, envoy_binary, environment, tmp_path)
+
+    return test_scenario
 
 
 def run_differential(
