@@ -133,6 +133,12 @@ def _peer_ip(sock: socket.socket) -> str:
         return ""
 
 
+# Connection ids start here so that they keep their width for the whole session: the
+# echo's size (and a logged byte count) must not change when an id gains a digit
+# between the Envoy and the envoyx run of a differential scenario.
+CONNECTION_ID_BASE = 1_000_000
+
+
 class _Gates:
     """Hold points keyed by a token (x-test-hold) and byte counters for them."""
 
@@ -240,7 +246,7 @@ class _UpstreamBase:
     def _next_connection_id(self) -> int:
         with self._lock:
             self.connections_total += 1
-            return self.connections_total
+            return CONNECTION_ID_BASE + self.connections_total
 
     def _echo_body(self, req: ReceivedRequest) -> bytes:
         return json.dumps(req.to_json(), sort_keys=True).encode()
@@ -508,7 +514,7 @@ class H2cUpstream(_UpstreamBase):
         key = (scope["http_version"], tuple(client) if client else None)
         with self._lock:
             if key not in self._conn_ids:
-                self._conn_ids[key] = len(self._conn_ids) + 1
+                self._conn_ids[key] = CONNECTION_ID_BASE + len(self._conn_ids) + 1
                 self.connections_total += 1
             conn_id = self._conn_ids[key]
         path = scope["raw_path"].decode("latin-1")

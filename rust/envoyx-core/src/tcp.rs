@@ -25,7 +25,7 @@ pub struct TcpProxyStats {
 }
 
 pub struct TcpProxy {
-    cluster: String,
+    cluster: Arc<str>,
     clusters: Arc<ClusterManager>,
     stats: TcpProxyStats,
     access_logs: Vec<Arc<AccessLogger>>,
@@ -60,7 +60,7 @@ impl TcpProxy {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Arc::new(TcpProxy {
-            cluster: config.cluster,
+            cluster: config.cluster.as_str().into(),
             clusters,
             stats,
             access_logs,

@@ -253,7 +253,8 @@ pub struct LogRecord {
     pub response_duration: Option<Duration>,
     pub protocol: &'static str,
     pub upstream_host: Option<SocketAddr>,
-    pub upstream_cluster: Option<String>,
+    /// Shared with the cluster: recording it costs a reference count, not a copy.
+    pub upstream_cluster: Option<std::sync::Arc<str>>,
     pub upstream_failure: Option<String>,
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,

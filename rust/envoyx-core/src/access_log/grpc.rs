@@ -268,7 +268,7 @@ fn common(record: &LogRecord, log_type: i32) -> pb::AccessLogCommon {
         upstream_remote_address: host.map(pb::Address::of),
         // Envoy names the cluster of the upstream host, so only with a host.
         upstream_cluster: host
-            .and(record.upstream_cluster.clone())
+            .and(record.upstream_cluster.as_deref().map(str::to_string))
             .unwrap_or_default(),
         upstream_transport_failure_reason: record.upstream_failure.clone().unwrap_or_default(),
         route_name: record.route_name.clone(),

@@ -81,10 +81,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One configured access logger: a file (stdout, stderr) of formatted lines, or
 /// a gRPC access log service ([`grpc`]).
 #[derive(Debug)]
-pub struct AccessLogger(Sink_);
+pub struct AccessLogger(LoggerOutput);
 
 #[derive(Debug)]
-enum Sink_ {
+enum LoggerOutput {
     File(FileLogger),
     Grpc(grpc::GrpcLogger),
 }
@@ -117,10 +117,9 @@ impl AccessLogger {
             let cx = grpc.ok_or_else(|| {
                 std::io::Error::other("gRPC access loggers are not supported here by envoyx")
             })?;
-            return Ok(Arc::new(AccessLogger(Sink_::Grpc(grpc::GrpcLogger::open(
-                c.clone(),
-                cx,
-            )?))));
+            return Ok(Arc::new(AccessLogger(LoggerOutput::Grpc(
+                grpc::GrpcLogger::open(c.clone(), cx)?,
+            ))));
         }
         let format = match &config.format {
             AccessLogFormat::Text(s) => {
@@ -143,7 +142,7 @@ impl AccessLogger {
             AccessLogSink::Grpc(_) => unreachable!("handled above"),
         };
         let buffer = LogBuffer::register(sink, options)?;
-        Ok(Arc::new(AccessLogger(Sink_::File(FileLogger {
+        Ok(Arc::new(AccessLogger(LoggerOutput::File(FileLogger {
             format,
             buffer,
         }))))
@@ -153,7 +152,7 @@ impl AccessLogger {
     /// checking, outlier detection) share its access-log files and their flushing.
     pub fn open_lines(path: &str, options: AccessLogOptions) -> std::io::Result<Arc<Self>> {
         let buffer = LogBuffer::register(Sink::open(path)?, options)?;
-        Ok(Arc::new(AccessLogger(Sink_::File(FileLogger {
+        Ok(Arc::new(AccessLogger(LoggerOutput::File(FileLogger {
             format: CompiledFormat::Lines,
             buffer,
         }))))
@@ -161,7 +160,7 @@ impl AccessLogger {
 
     /// Appends `line` and a newline to the calling thread's buffer.
     pub fn log_line(&self, line: &str) {
-        if let Sink_::File(f) = &self.0 {
+        if let LoggerOutput::File(f) = &self.0 {
             f.log_line(line);
         }
     }
@@ -170,15 +169,15 @@ impl AccessLogger {
     /// entry handed to the gRPC logger's task; never writes or sends itself.
     pub fn log(&self, record: &LogRecord) {
         match &self.0 {
-            Sink_::File(f) => f.log(record),
-            Sink_::Grpc(g) => g.log(record),
+            LoggerOutput::File(f) => f.log(record),
+            LoggerOutput::Grpc(g) => g.log(record),
         }
     }
 
     /// Writes this logger's buffered lines now; returns once they are written
     /// (a gRPC logger flushes on its own schedule).
     pub fn flush(&self) {
-        if let Sink_::File(f) = &self.0 {
+        if let LoggerOutput::File(f) = &self.0 {
             f.buffer.flush();
         }
     }

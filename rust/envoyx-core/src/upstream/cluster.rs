@@ -161,7 +161,7 @@ pub struct Cluster {
     pub id: usize,
     pub name: String,
     /// `alt_stat_name`, else the name: what stats and access logs call the cluster.
-    pub observability_name: String,
+    pub observability_name: Arc<str>,
     /// `metadata` (`%CLUSTER_METADATA%`).
     pub metadata: Option<Arc<crate::config::metadata::Metadata>>,
     pub discovery: DiscoveryType,
@@ -313,7 +313,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
-            observability_name: config.stat_name.clone(),
+            observability_name: config.stat_name.as_str().into(),
             metadata: config.metadata.clone(),
             discovery: config.discovery,
             protocol: config.protocol,
