@@ -21,12 +21,14 @@ import json
 import re
 from typing import Any
 
+import grpc
 import pytest
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from envoyx import ConfigError, _core
+from envoyx.xds.client import _make_channel
 from envoyx.xds.settings import parse_dynamic_resources
 from support.bootstrap import bootstrap, cluster, http_listener, route, virtual_host
 from support.bootstrap import socket_address as _address
@@ -296,7 +298,7 @@ def _ads_bootstrap(xds_cluster: Json) -> Bootstrap:
 
 @pytest.mark.parametrize(("written", "seconds"), [(None, 5.0), ("1.5s", 1.5)])
 def test_the_management_servers_cluster_takes_the_cluster_defaults(
-    written: str | None, seconds: float
+    written: str | None, seconds: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # go-control-plane's sample bootstrap: no type (STATIC), no connect_timeout (5 s),
     # which bounds each connection attempt of the xDS channel as in Envoy.
@@ -322,6 +324,18 @@ def test_the_management_servers_cluster_takes_the_cluster_defaults(
     assert settings is not None and settings.ads is not None
     assert settings.ads.target.target == "127.0.0.1:18000"
     assert settings.ads.target.connect_timeout == seconds
+    # ... and the channel's connect deadline is set from it (gRPC core's minimum connect
+    # timeout is the option min_reconnect_backoff_ms).
+    made: dict[str, Any] = {}
+
+    def insecure_channel(target: str, options: Any) -> object:
+        made.update(target=target, options=dict(options))
+        return object()
+
+    monkeypatch.setattr(grpc, "insecure_channel", insecure_channel)
+    _make_channel(settings.ads.target)
+    assert made["target"] == "127.0.0.1:18000"
+    assert made["options"]["grpc.min_reconnect_backoff_ms"] == int(seconds * 1000)
 
 
 def _zero(field: FieldDescriptor) -> Any:
